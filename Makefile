@@ -1,0 +1,40 @@
+# fleetlora: `make demo` (set up + run the main job) and `make test` (set up + run every test).
+# Each setup step is idempotent and quick when already done.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+
+# Flower: project-local home, no telemetry, never build a runtime env (it would pull CUDA torch).
+export FLWR_HOME := $(CURDIR)/.flwr
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export PATH := $(BIN):$(PATH)
+
+.PHONY: demo test setup model lint clean
+
+demo: setup model
+	$(BIN)/python -m simulations.demo $(ARGS)
+
+test: setup model lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+setup: $(VENV)/.installed
+
+# torch first, from the CPU wheel: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+model: setup
+	$(BIN)/fleetlora model fetch
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .flwr outputs

@@ -1,0 +1,117 @@
+"""Local LoRA training and held-out evaluation on a device's private data.
+
+Pure functions over a peft model, a tokenizer and encoded examples: no Flower here, so they
+are testable on their own. The base is frozen; peft keeps the LoRA factors in fp32 and
+AdamW updates only those.
+
+The loss projects hidden states through the output layer only at response positions: with a
+49k vocabulary the (B, T, V) logits of every position dominate memory, and prompt positions
+(system prompt + question, ~75% of the tokens in the demo data) carry no label anyway.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shared.config import EvalConfig, TrainConfig
+from shared.data import IGNORE_INDEX, Encoded, collate
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one round of local training reports."""
+
+    mean_loss: float
+    """Mean training loss (response tokens) over the round's steps."""
+    steps: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Held-out loss: mean cross-entropy per response token."""
+
+    loss: float
+    tokens: int
+    examples: int
+
+
+def train_adapter(model: Any, data: list[Encoded], cfg: TrainConfig, pad_id: int, seed: int) -> TrainResult:
+    """Run ``cfg.steps`` AdamW steps on the trainable (LoRA) parameters.
+
+    Batches are drawn by walking a shuffled order of ``data`` (reshuffled at each epoch)
+    seeded by ``seed``, so a client's round is reproducible. A fresh optimizer is built
+    every round: no optimizer state travels between rounds or devices.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: attach a LoRA adapter first")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    order = _batches(len(data), cfg.batch_size, seed)
+    model.train()
+    losses = []
+    t0 = time.perf_counter()
+    for _ in range(cfg.steps):
+        batch = collate([data[i] for i in next(order)], pad_id)
+        nll, count = response_nll(model, batch)
+        loss = nll / max(count, 1)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return TrainResult(mean_loss=sum(losses) / len(losses), steps=cfg.steps, seconds=time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def evaluate(model: Any, data: list[Encoded], cfg: EvalConfig, pad_id: int) -> EvalResult:
+    """Token-weighted mean cross-entropy over the response tokens of ``data[:cfg.max_examples]``."""
+    model.eval()
+    subset = data[: cfg.max_examples]
+    total, tokens = 0.0, 0
+    for start in range(0, len(subset), cfg.batch_size):
+        nll, count = response_nll(model, collate(subset[start : start + cfg.batch_size], pad_id))
+        total += nll.item()
+        tokens += count
+    if tokens == 0:
+        raise ValueError("held-out data has no response tokens to score")
+    loss = total / tokens
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"held-out loss is {loss}")
+    return EvalResult(loss=loss, tokens=tokens, examples=len(subset))
+
+
+def response_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over labelled tokens, and their count.
+
+    Runs the decoder stack on every position, then the output layer on labelled positions only:
+    ``logits = lm_head(h[keep])`` is (N, V) for N response tokens instead of (B, T, V).
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    keep = targets != IGNORE_INDEX
+    count = int(keep.sum())
+    if count == 0:
+        return hidden.sum() * 0.0, 0
+    logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()  # (N, V)
+    return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum"), count
+
+
+def _batches(n: int, batch_size: int, seed: int) -> Any:
+    """Yield index batches forever, reshuffling at each pass over the data."""
+    rng = random.Random(seed)
+    size = min(batch_size, n)
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        for start in range(0, n - size + 1, size):
+            yield order[start : start + size]

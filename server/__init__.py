@@ -1,0 +1,1 @@
+"""The coordinator: initial adapter, aggregation, round log (never imported by devices)."""

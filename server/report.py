@@ -1,0 +1,94 @@
+"""The round log: what each round did, per client, written as the run progresses.
+
+``rounds.json`` in the run's output folder is rewritten after every round (atomically), so
+a run that stops early still leaves every finished round on disk. :func:`format_table`
+renders it for an operator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+class RoundLog:
+    """Accumulates per-round, per-client results and persists them after each change."""
+
+    def __init__(self, path: str | Path, run: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.data: dict[str, Any] = {"run": {**run, "started": time.time()}, "rounds": []}
+        self._save()
+
+    def round(self, server_round: int) -> dict[str, Any]:
+        """The record of ``server_round``, created on first use."""
+        for rec in self.data["rounds"]:
+            if rec["round"] == server_round:
+                return rec
+        rec = {"round": server_round, "clients": {}, "started": time.time()}
+        self.data["rounds"].append(rec)
+        return rec
+
+    def client(self, server_round: int, name: str, **values: Any) -> None:
+        """Merge ``values`` into client ``name``'s entry for the round and persist."""
+        self.round(server_round)["clients"].setdefault(name, {}).update(values)
+        self._save()
+
+    def close_round(self, server_round: int, **values: Any) -> dict[str, Any]:
+        """Finish a round: derive its means and totals, record extra ``values``, persist."""
+        rec = self.round(server_round)
+        clients = rec["clients"].values()
+        for key in ("train_loss", "heldout_loss"):
+            vals = [c[key] for c in clients if key in c]
+            if vals:
+                rec[f"mean_{key}"] = sum(vals) / len(vals)  # each client counts once
+        for key in ("bytes_up", "bytes_down"):
+            rec[key] = sum(c.get(key, 0) for c in clients)
+        rec["seconds"] = time.time() - rec["started"]
+        rec.update(values)
+        self._save()
+        return rec
+
+    def finish(self, **values: Any) -> None:
+        """Record the end of the run (final adapter path, wall time)."""
+        self.data["run"].update(values, finished=time.time())
+        self._save()
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+
+
+def format_table(data: dict[str, Any]) -> str:
+    """Render the round log as a fixed-width table (round 0 = before any training)."""
+    rounds = sorted(data["rounds"], key=lambda r: r["round"])
+    names = sorted({n for r in rounds for n in r["clients"]})
+    head = ["round", "clients", "train loss"] + [f"held-out {n}" for n in names] + ["held-out mean", "MB up", "MB down"]
+    rows = []
+    for r in rounds:
+        trained = [c for c in r["clients"].values() if "train_loss" in c]
+        row = [
+            "before" if r["round"] == 0 else str(r["round"]),
+            str(len(trained) if r["round"] else len(r["clients"])),
+            _num(r.get("mean_train_loss")),
+        ]
+        row += [_num(r["clients"].get(n, {}).get("heldout_loss")) for n in names]
+        row += [_num(r.get("mean_heldout_loss")), _mb(r.get("bytes_up")), _mb(r.get("bytes_down"))]
+        rows.append(row)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _mb(value: int | None) -> str:
+    return "-" if not value else f"{value / 1e6:.2f}"

@@ -1,0 +1,102 @@
+"""Flower strategy that aggregates LoRA adapter *deltas* and keeps the round log.
+
+Clients receive the global adapter and reply with ``delta_i = local_i - global``; the new
+global is ``global + aggregate(delta_1..delta_n)``. For FedAvg this equals averaging the
+local adapters themselves (the weights sum to one), but deltas are what a device uploads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from server.aggregate import apply_update, fedavg
+from server.report import RoundLog
+from shared.adapter import from_wire, to_wire, wire_bytes
+
+INFO, WARNING = 20, 30
+
+
+class AdapterFedAvg(FedAvg):
+    """FedAvg over adapter deltas, weighted by each client's example count."""
+
+    def __init__(self, round_log: RoundLog, min_clients: int) -> None:
+        super().__init__(min_train_nodes=min_clients, min_evaluate_nodes=min_clients, min_available_nodes=min_clients)
+        self.round_log = round_log
+        self._global: dict[str, Any] = {}
+        self._bytes_down = 0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Remember the global adapter this round starts from, then sample and send."""
+        self._global = from_wire(arrays)
+        self._bytes_down = wire_bytes(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Fold every valid delta into the weighted mean and apply it to the global adapter."""
+        replies = list(replies)
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        for msg in self._failed(replies):
+            log(WARNING, "round %d: node %d sent no update (%s); the round goes on with the others", server_round, msg.metadata.src_node_id, msg.error.reason)
+        if not valid:
+            log(WARNING, "round %d: no client update arrived; the global adapter stays as it was", server_round)
+            return None, None
+
+        def stream() -> Iterable[tuple[dict[str, Any], float]]:
+            for msg in valid:
+                name, metrics = _name(msg), msg.content["metrics"]
+                self.round_log.client(
+                    server_round, name,
+                    node_id=msg.metadata.src_node_id,
+                    num_examples=int(metrics["num-examples"]),
+                    train_loss=float(metrics["train-loss"]),
+                    train_seconds=float(metrics["train-seconds"]),
+                    bytes_up=wire_bytes(msg.content["arrays"]),
+                    bytes_down=self._bytes_down,
+                )
+                yield from_wire(msg.content["arrays"]), float(metrics["num-examples"])
+
+        new_global = apply_update(self._global, fedavg(stream()))
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        rec = self.round_log.round(server_round)
+        log(INFO, "round %d: aggregated %d client updates (fedavg), mean train loss %.4f", server_round, len(valid),
+            sum(c["train_loss"] for c in rec["clients"].values()) / len(rec["clients"]))
+        return to_wire(new_global), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Record each client's held-out loss and close the round in the log."""
+        replies = list(replies)
+        valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
+        for msg in self._failed(replies):
+            log(WARNING, "round %d: node %d could not evaluate (%s)", server_round, msg.metadata.src_node_id, msg.error.reason)
+        for msg in valid:
+            self.round_log.client(server_round, _name(msg), heldout_loss=float(msg.content["metrics"]["heldout-loss"]))
+        rec = self.round_log.close_round(server_round)
+        if "mean_heldout_loss" in rec:
+            per_client = ", ".join(f"{n} {c['heldout_loss']:.4f}" for n, c in sorted(rec["clients"].items()) if "heldout_loss" in c)
+            log(INFO, "round %d: mean held-out loss %.4f (%s)", server_round, rec["mean_heldout_loss"], per_client)
+        if not valid:
+            return None
+        return self.evaluate_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+
+    def evaluate_initial(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> None:
+        """Federated evaluation of the initial adapter (round 0: the base model's held-out loss)."""
+        replies = grid.send_and_receive(self.configure_evaluate(0, arrays, ConfigRecord(), grid), timeout=timeout)
+        self.aggregate_evaluate(0, replies)
+
+    @staticmethod
+    def _failed(replies: Iterable[Message]) -> list[Message]:
+        return [m for m in replies if m.has_error()]
+
+
+def _name(msg: Message) -> str:
+    """The client's reported name (its topic or node-config name), else its node id."""
+    try:
+        return str(msg.content["client"]["name"])
+    except KeyError:
+        return f"node-{msg.metadata.src_node_id}"

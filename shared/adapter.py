@@ -1,0 +1,119 @@
+"""LoRA adapters: building them with peft, their state, and their wire and disk formats.
+
+An adapter's state is a ``dict[str, Tensor]`` keyed exactly as in PEFT's
+``adapter_model.safetensors`` (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``),
+so what travels, what the server averages and what lands on disk use one naming.
+
+On the wire (Flower ``ArrayRecord``) tensors are fp16: Flower rejects bf16, and fp16 halves
+the bytes of fp32 with ample precision for LoRA factors and their updates. Arithmetic on the
+server is done in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.config import LoraConfig
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file names
+ADAPTER_CONFIG = "adapter_config.json"
+WIRE_DTYPE = torch.float16
+
+State = dict[str, torch.Tensor]
+
+
+def attach_lora(model: Any, cfg: LoraConfig, seed: int) -> Any:
+    """Wrap a base model with a fresh LoRA adapter (A ~ Kaiming-uniform from ``seed``, B = 0).
+
+    Every party that calls this with the same base, config and seed gets the same initial
+    adapter, bit for bit.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, peft_cfg)
+    return peft_model
+
+
+def adapter_state(peft_model: Any) -> State:
+    """The adapter's tensors in fp32, keyed as in PEFT's saved files."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to(torch.float32).clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def load_adapter_state(peft_model: Any, state: Mapping[str, torch.Tensor]) -> None:
+    """Overwrite the adapter's tensors with ``state``; every key must match (no silent partial load).
+
+    Raises
+    ------
+    ValueError
+        Naming missing or unexpected keys, or the first shape mismatch.
+    """
+    from peft import set_peft_model_state_dict
+
+    expected = adapter_state_shapes(peft_model)
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(f"adapter keys do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"adapter tensor {key} has shape {tuple(state[key].shape)}, model expects {shape}")
+    set_peft_model_state_dict(peft_model, dict(state))
+
+
+def adapter_state_shapes(peft_model: Any) -> dict[str, tuple[int, ...]]:
+    """Shapes of the adapter's tensors, keyed as in :func:`adapter_state`."""
+    from peft import get_peft_model_state_dict
+
+    return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def to_wire(state: Mapping[str, torch.Tensor]) -> Any:
+    """Pack a state into a Flower ``ArrayRecord`` of fp16 arrays."""
+    from flwr.app import ArrayRecord
+
+    return ArrayRecord({k: _array(v) for k, v in state.items()})
+
+
+def from_wire(record: Any) -> State:
+    """Unpack a Flower ``ArrayRecord`` into fp32 tensors."""
+    return {k: torch.from_numpy(arr.numpy().copy()).to(torch.float32) for k, arr in record.items()}
+
+
+def wire_bytes(record: Any) -> int:
+    """Payload bytes of an ``ArrayRecord`` (what the round moves per client, per direction)."""
+    return sum(len(arr.data) for arr in record.values())
+
+
+def save_peft_folder(peft_model: Any, state: Mapping[str, torch.Tensor], folder: str | Path, base: str) -> Path:
+    """Write ``state`` as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    ``base`` is recorded as ``base_model_name_or_path`` so ``PeftModel.from_pretrained`` users
+    know which base it belongs to.
+    """
+    load_adapter_state(peft_model, state)
+    peft_model.peft_config["default"].base_model_name_or_path = base
+    folder = Path(folder)
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _array(tensor: torch.Tensor) -> Any:
+    from flwr.app import Array
+
+    return Array(tensor.detach().to(WIRE_DTYPE).contiguous().numpy())

@@ -1,0 +1,97 @@
+"""The main job: a real federated LoRA run of SmolLM2-135M-Instruct over WordNet topics.
+
+Starts a local simulation SuperLink, runs ``flwr run`` on this project (one virtual device
+per topic), stops the SuperLink by PID, and prints the round table and where the final
+adapter is. Usage::
+
+    python -m simulations.demo [--run-config KEY=VALUE ...] [--output-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from server.report import format_table
+from shared.config import ConfigError, FleetConfig
+from simulations.flower_local import ROOT, local_superlink, run_app
+
+
+def app_defaults() -> dict[str, Any]:
+    """``[tool.flwr.app.config]`` of pyproject.toml, flattened as Flower flattens it."""
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    return dict(_flatten(cfg))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> Any:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; values are TOML scalars (``5``, ``1e-3``, ``"text"``) or bare strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--run-config '{item}' is not KEY=VALUE")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def run_demo(overrides: dict[str, Any], output_dir: Path, flwr_home: Path) -> dict[str, Any]:
+    """Validate the config, run the simulation, return the round log."""
+    merged = {**app_defaults(), **overrides}
+    merged["data-dir"] = str((ROOT / str(merged["data-dir"])).resolve())
+    merged["output-dir"] = str(output_dir.resolve())
+    cfg = FleetConfig.from_run_config(merged)  # fails here, before anything starts, on a bad key or value
+    if cfg.min_clients > len(cfg.topics):
+        raise ConfigError(f"min-clients = {cfg.min_clients} but only {len(cfg.topics)} topics (one virtual device each)")
+    rounds_file = Path(cfg.output_dir) / cfg.run_name / "rounds.json"
+    rounds_file.unlink(missing_ok=True)
+    log_file = Path(cfg.output_dir) / cfg.run_name / "flower.log"
+    federation = {"num-supernodes": len(cfg.topics), "client-resources-num-cpus": 2}  # one device trains at a time
+    with local_superlink(flwr_home, log_file):
+        code = run_app(flwr_home, {k: merged[k] for k in ("data-dir", "output-dir") } | overrides, federation, log_file)
+    if code != 0 or not rounds_file.is_file():
+        raise RuntimeError(f"flwr run failed (exit {code}); see {log_file}")
+    data = json.loads(rounds_file.read_text())
+    if "finished" not in data["run"]:
+        raise RuntimeError(f"the run stopped before its last round; see {log_file} and {rounds_file}")
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE", help="override a run-config key")
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "outputs")
+    parser.add_argument("--flwr-home", type=Path, default=ROOT / ".flwr")
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    try:
+        data = run_demo(parse_overrides(args.run_config), args.output_dir, args.flwr_home)
+    except (ConfigError, RuntimeError) as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return 2
+    wall = time.time() - t0
+    print("\n" + format_table(data))
+    print(f"\nfinal adapter (PEFT folder): {data['run']['adapter']}")
+    print(f"round log: {Path(data['run']['adapter']).parent / 'rounds.json'}")
+    print(f"wall time: {wall:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
