@@ -11,7 +11,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test setup model lint clean
+.PHONY: demo test setup model lint bench clean
 
 demo: setup model
 	$(BIN)/python -m simulations.demo $(ARGS)
@@ -38,3 +38,6 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .flwr outputs
+
+bench: setup model
+	$(BIN)/python -m simulations.bench $(ARGS)

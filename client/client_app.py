@@ -31,7 +31,9 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter on local data; reply with the delta only."""
     cfg = FleetConfig.from_run_config(context.run_config)
     part = partition_for(context.node_config, cfg)
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = msg.content["config"]["server-round"]
+    if not isinstance(server_round, int):
+        raise TypeError(f"train message carries server-round {server_round!r}, expected an integer")
     model, tok = _runtime(cfg.model, cfg.lora, cfg.seed, cfg.train.dtype)
     start = from_wire(msg.content["arrays"])
     load_adapter_state(model, start)
@@ -39,7 +41,15 @@ def train(msg: Message, context: Context) -> Message:
     seed = zlib.crc32(f"{cfg.seed}/{server_round}/{part.name}".encode())  # stable across processes
     result = train_adapter(model, data, cfg.train, tok.pad_token_id, seed)
     delta = {k: v - start[k] for k, v in adapter_state(model).items()}
-    log(INFO, "client %s round %d: %d steps, train loss %.4f, %.1f s", part.name, server_round, result.steps, result.mean_loss, result.seconds)
+    log(
+        INFO,
+        "client %s round %d: %d steps, train loss %.4f, %.1f s",
+        part.name,
+        server_round,
+        result.steps,
+        result.mean_loss,
+        result.seconds,
+    )
     metrics = MetricRecord({"num-examples": len(data), "train-loss": result.mean_loss, "train-seconds": result.seconds})
     return _reply(msg, part, metrics, arrays=to_wire(delta))
 
@@ -53,7 +63,9 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     load_adapter_state(model, from_wire(msg.content["arrays"]))
     data = _encoded(part.heldout_file, cfg.model, cfg.train.max_seq_len)
     result = evaluate(model, data, cfg.eval, tok.pad_token_id)
-    metrics = MetricRecord({"num-examples": result.examples, "heldout-loss": result.loss, "heldout-tokens": result.tokens})
+    metrics = MetricRecord(
+        {"num-examples": result.examples, "heldout-loss": result.loss, "heldout-tokens": result.tokens}
+    )
     return _reply(msg, part, metrics)
 
 
@@ -66,7 +78,7 @@ def _reply(msg: Message, part: Partition, metrics: MetricRecord, arrays: Any = N
 
 @functools.lru_cache(maxsize=1)
 def _runtime(model_spec: str, lora: LoraConfig, seed: int, dtype: str) -> tuple[Any, Any]:
-    """Base model with a LoRA adapter attached, kept for the life of the process."""
+    """Return the base model with a LoRA adapter attached, kept for the life of the process."""
     model = attach_lora(load_model(model_spec, compute_dtype(dtype)), lora, seed)
     return model, _tokenizer(model_spec)
 

@@ -90,7 +90,7 @@ def evaluate(model: Any, data: list[Encoded], cfg: EvalConfig, pad_id: int) -> E
 
 
 def response_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over labelled tokens, and their count.
+    """Return the summed cross-entropy over labelled tokens, and their count.
 
     Runs the decoder stack on every position, then the output layer on labelled positions only:
     ``logits = lm_head(h[keep])`` is (N, V) for N response tokens instead of (B, T, V).

@@ -40,7 +40,7 @@ class RunningWeightedMean:
         self.count += 1
 
     def mean(self) -> State:
-        """The weighted mean, sum_i w_i x_i / sum_i w_i."""
+        """Return the weighted mean, sum_i w_i x_i / sum_i w_i."""
         if not self.count:
             raise ValueError("no updates to aggregate")
         return {k: v / self._weight for k, v in self._sum.items()}
@@ -67,5 +67,5 @@ def fedavg(updates: Iterable[tuple[Mapping[str, torch.Tensor], float]]) -> State
 
 
 def apply_update(global_state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> State:
-    """New global adapter: ``global + delta`` for every key (fp32)."""
+    """Return the new global adapter, ``global + delta`` for every key (fp32)."""
     return {k: global_state[k].to(torch.float32) + delta[k].to(torch.float32) for k in global_state}

@@ -23,7 +23,7 @@ class RoundLog:
         self._save()
 
     def round(self, server_round: int) -> dict[str, Any]:
-        """The record of ``server_round``, created on first use."""
+        """Return the record of ``server_round``, created on first use."""
         for rec in self.data["rounds"]:
             if rec["round"] == server_round:
                 return rec
@@ -83,6 +83,11 @@ def format_table(data: dict[str, Any]) -> str:
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    per_client = [c for r in rounds if r["round"] for c in r["clients"].values() if "bytes_up" in c]
+    if per_client:
+        up = sum(c["bytes_up"] for c in per_client) / len(per_client)
+        down = sum(c["bytes_down"] for c in per_client) / len(per_client)
+        lines.append(f"(MB: per round, all clients. Per client-round: {up:,.0f} bytes up, {down:,.0f} bytes down)")
     return "\n".join(lines)
 
 

@@ -35,14 +35,29 @@ def main(grid: Grid, context: Context) -> None:
     initial = to_wire(adapter_state(peft_model))
     round_log = RoundLog(
         out / "rounds.json",
-        run={"model": cfg.model, "base_digest": model_digest(cfg.model), "method": cfg.aggregation.method,
-             "rounds": cfg.num_server_rounds, "min_clients": cfg.min_clients, "config": dict(context.run_config)},
+        run={
+            "model": cfg.model,
+            "base_digest": model_digest(cfg.model),
+            "method": cfg.aggregation.method,
+            "rounds": cfg.num_server_rounds,
+            "min_clients": cfg.min_clients,
+            "config": dict(context.run_config),
+        },
     )
-    log(INFO, "fleetlora: %d rounds of %s over >= %d clients, LoRA r=%d; round log in %s",
-        cfg.num_server_rounds, cfg.aggregation.method, cfg.min_clients, cfg.lora.rank, round_log.path)
+    log(
+        INFO,
+        "fleetlora: %d rounds of %s over >= %d clients, LoRA r=%d; round log in %s",
+        cfg.num_server_rounds,
+        cfg.aggregation.method,
+        cfg.min_clients,
+        cfg.lora.rank,
+        round_log.path,
+    )
     strategy = AdapterFedAvg(round_log, min_clients=cfg.min_clients)
     strategy.evaluate_initial(grid, initial, timeout=ROUND_TIMEOUT_S)
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds, timeout=ROUND_TIMEOUT_S)
+    result = strategy.start(
+        grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds, timeout=ROUND_TIMEOUT_S
+    )
     folder = save_peft_folder(peft_model, from_wire(result.arrays), out / "adapter", base=resolve_model(cfg.model))
     round_log.finish(adapter=str(folder), wall_seconds=time.time() - t0)
     log(INFO, "fleetlora: final adapter saved as a PEFT folder in %s\n%s", folder, format_table(round_log.data))

@@ -31,41 +31,57 @@ class AdapterFedAvg(FedAvg):
         self._global: dict[str, Any] = {}
         self._bytes_down = 0
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Remember the global adapter this round starts from, then sample and send."""
         self._global = from_wire(arrays)
         self._bytes_down = wire_bytes(arrays)
         return super().configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Fold every valid delta into the weighted mean and apply it to the global adapter."""
         replies = list(replies)
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         for msg in self._failed(replies):
-            log(WARNING, "round %d: node %d sent no update (%s); the round goes on with the others", server_round, msg.metadata.src_node_id, msg.error.reason)
+            log(
+                WARNING,
+                "round %d: node %d sent no update (%s); the round goes on with the others",
+                server_round,
+                msg.metadata.src_node_id,
+                msg.error.reason,
+            )
         if not valid:
             log(WARNING, "round %d: no client update arrived; the global adapter stays as it was", server_round)
             return None, None
 
         def stream() -> Iterable[tuple[dict[str, Any], float]]:
             for msg in valid:
-                name, metrics = _name(msg), msg.content["metrics"]
+                name, weight = _name(msg), _metric(msg, "num-examples")
                 self.round_log.client(
-                    server_round, name,
+                    server_round,
+                    name,
                     node_id=msg.metadata.src_node_id,
-                    num_examples=int(metrics["num-examples"]),
-                    train_loss=float(metrics["train-loss"]),
-                    train_seconds=float(metrics["train-seconds"]),
+                    num_examples=int(weight),
+                    train_loss=_metric(msg, "train-loss"),
+                    train_seconds=_metric(msg, "train-seconds"),
                     bytes_up=wire_bytes(msg.content["arrays"]),
                     bytes_down=self._bytes_down,
                 )
-                yield from_wire(msg.content["arrays"]), float(metrics["num-examples"])
+                yield from_wire(msg.content["arrays"]), weight
 
         new_global = apply_update(self._global, fedavg(stream()))
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         rec = self.round_log.round(server_round)
-        log(INFO, "round %d: aggregated %d client updates (fedavg), mean train loss %.4f", server_round, len(valid),
-            sum(c["train_loss"] for c in rec["clients"].values()) / len(rec["clients"]))
+        log(
+            INFO,
+            "round %d: aggregated %d client updates (fedavg), mean train loss %.4f",
+            server_round,
+            len(valid),
+            sum(c["train_loss"] for c in rec["clients"].values()) / len(rec["clients"]),
+        )
         return to_wire(new_global), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -73,12 +89,20 @@ class AdapterFedAvg(FedAvg):
         replies = list(replies)
         valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
         for msg in self._failed(replies):
-            log(WARNING, "round %d: node %d could not evaluate (%s)", server_round, msg.metadata.src_node_id, msg.error.reason)
+            log(
+                WARNING,
+                "round %d: node %d could not evaluate (%s)",
+                server_round,
+                msg.metadata.src_node_id,
+                msg.error.reason,
+            )
         for msg in valid:
-            self.round_log.client(server_round, _name(msg), heldout_loss=float(msg.content["metrics"]["heldout-loss"]))
+            self.round_log.client(server_round, _name(msg), heldout_loss=_metric(msg, "heldout-loss"))
         rec = self.round_log.close_round(server_round)
         if "mean_heldout_loss" in rec:
-            per_client = ", ".join(f"{n} {c['heldout_loss']:.4f}" for n, c in sorted(rec["clients"].items()) if "heldout_loss" in c)
+            per_client = ", ".join(
+                f"{n} {c['heldout_loss']:.4f}" for n, c in sorted(rec["clients"].items()) if "heldout_loss" in c
+            )
             log(INFO, "round %d: mean held-out loss %.4f (%s)", server_round, rec["mean_heldout_loss"], per_client)
         if not valid:
             return None
@@ -94,8 +118,16 @@ class AdapterFedAvg(FedAvg):
         return [m for m in replies if m.has_error()]
 
 
+def _metric(msg: Message, key: str) -> float:
+    """Return a numeric metric from a client reply, refusing a missing or non-numeric one."""
+    value = msg.content["metrics"].get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"node {msg.metadata.src_node_id} sent metric '{key}' = {value!r}, expected a number")
+    return float(value)
+
+
 def _name(msg: Message) -> str:
-    """The client's reported name (its topic or node-config name), else its node id."""
+    """Return the client's reported name (its topic or node-config name), else its node id."""
     try:
         return str(msg.content["client"]["name"])
     except KeyError:

@@ -50,7 +50,7 @@ def attach_lora(model: Any, cfg: LoraConfig, seed: int) -> Any:
 
 
 def adapter_state(peft_model: Any) -> State:
-    """The adapter's tensors in fp32, keyed as in PEFT's saved files."""
+    """Return the adapter's tensors in fp32, keyed as in PEFT's saved files."""
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().to(torch.float32).clone() for k, v in get_peft_model_state_dict(peft_model).items()}

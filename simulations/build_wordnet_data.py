@@ -10,7 +10,7 @@ Two kinds of records per synset, both human-written by WordNet's lexicographers:
 * ``What kind of thing is "X"?`` -> ``"X" is a kind of Y.`` (Y = first hypernym lemma),
   only for nouns that have a hypernym.
 
-The train and held-out files are split *by synset* (no gloss appears in both).
+The train and held-out files are split *by synset*, and no record appears twice.
 
 This is a development-time script: it needs Debian's ``wordnet-base``
 (``apt-get install wordnet-base``) and writes the processed files that are
@@ -95,9 +95,7 @@ def records_for(synset: dict, all_synsets: dict[str, dict]) -> list[dict]:
     if synset["pos"] == "n" and synset["hypernyms"]:
         parent = all_synsets.get(synset["hypernyms"][0])
         if parent is not None:
-            out.append(
-                _chat(f'What kind of thing is "{word}"?', f'"{word}" is a kind of {parent["words"][0]}.')
-            )
+            out.append(_chat(f'What kind of thing is "{word}"?', f'"{word}" is a kind of {parent["words"][0]}.'))
     return out
 
 
@@ -112,18 +110,21 @@ def build(wordnet_dir: Path, out_dir: Path) -> None:
         synsets.update({f"{pos}:{k}": v for k, v in parse_data_file(wordnet_dir / f"data.{pos}").items()})
     # hypernym pointers are offsets within the same part of speech
     by_offset = {k.split(":")[1] + ("n" if k.startswith("noun") else "v"): v for k, v in synsets.items()}
-    resolved = {
-        k: {**v, "hypernyms": [h + v["pos"] for h in v["hypernyms"]]} for k, v in synsets.items()
-    }
+    resolved = {k: {**v, "hypernyms": [h + v["pos"] for h in v["hypernyms"]]} for k, v in synsets.items()}
     rng = random.Random(SEED)
     for lexfile, topic in TOPICS.items():
         members = sorted(k for k, v in resolved.items() if v["lexfile"] == lexfile)
         rng.shuffle(members)
         train: list[dict] = []
         heldout: list[dict] = []
+        seen: set[str] = set()  # distinct synsets can yield the same record ("Gregory" is a kind of pope, x16)
         for key in members:
             target = heldout if len(heldout) < HELDOUT_PER_TOPIC else train
-            target.extend(records_for(resolved[key], by_offset))
+            for record in records_for(resolved[key], by_offset):
+                text = json.dumps(record, sort_keys=True)
+                if text not in seen:
+                    seen.add(text)
+                    target.append(record)
             if len(train) >= TRAIN_PER_TOPIC:
                 break
         topic_dir = out_dir / topic

@@ -57,13 +57,15 @@ def run_demo(overrides: dict[str, Any], output_dir: Path, flwr_home: Path) -> di
     merged["output-dir"] = str(output_dir.resolve())
     cfg = FleetConfig.from_run_config(merged)  # fails here, before anything starts, on a bad key or value
     if cfg.min_clients > len(cfg.topics):
-        raise ConfigError(f"min-clients = {cfg.min_clients} but only {len(cfg.topics)} topics (one virtual device each)")
+        raise ConfigError(
+            f"min-clients = {cfg.min_clients} but only {len(cfg.topics)} topics (one virtual device each)"
+        )
     rounds_file = Path(cfg.output_dir) / cfg.run_name / "rounds.json"
     rounds_file.unlink(missing_ok=True)
     log_file = Path(cfg.output_dir) / cfg.run_name / "flower.log"
     federation = {"num-supernodes": len(cfg.topics), "client-resources-num-cpus": 2}  # one device trains at a time
     with local_superlink(flwr_home, log_file):
-        code = run_app(flwr_home, {k: merged[k] for k in ("data-dir", "output-dir") } | overrides, federation, log_file)
+        code = run_app(flwr_home, {k: merged[k] for k in ("data-dir", "output-dir")} | overrides, federation, log_file)
     if code != 0 or not rounds_file.is_file():
         raise RuntimeError(f"flwr run failed (exit {code}); see {log_file}")
     data = json.loads(rounds_file.read_text())
@@ -75,7 +77,9 @@ def run_demo(overrides: dict[str, Any], output_dir: Path, flwr_home: Path) -> di
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE", help="override a run-config key")
+    parser.add_argument(
+        "--run-config", action="append", default=[], metavar="KEY=VALUE", help="override a run-config key"
+    )
     parser.add_argument("--output-dir", type=Path, default=ROOT / "outputs")
     parser.add_argument("--flwr-home", type=Path, default=ROOT / ".flwr")
     args = parser.parse_args(argv)

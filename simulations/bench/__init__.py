@@ -1,0 +1,44 @@
+"""Benchmark harness: every registered benchmark, one table each, written to BENCHMARKS.md.
+
+Run all of them with ``python -m simulations.bench`` (``--only NAME`` for one, ``--no-write``
+to print without rewriting BENCHMARKS.md). A benchmark is a function returning a
+:class:`Table`; register it with :func:`register`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Table:
+    """One benchmark's result: a title, the command that reproduces it, rows, notes."""
+
+    title: str
+    command: str
+    header: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        """Render as a Markdown section."""
+        lines = [f"## {self.title}", "", f"Reproduce: `{self.command}`", ""]
+        lines.append("| " + " | ".join(self.header) + " |")
+        lines.append("|" + "---|" * len(self.header))
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        lines += [""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+
+REGISTRY: dict[str, Callable[[], Table]] = {}
+
+
+def register(name: str) -> Callable[[Callable[[], Table]], Callable[[], Table]]:
+    """Register the decorated benchmark under ``name``."""
+
+    def wrap(fn: Callable[[], Table]) -> Callable[[], Table]:
+        REGISTRY[name] = fn
+        return fn
+
+    return wrap

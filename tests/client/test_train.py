@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from client.partition import partition_for
+from client.train import evaluate, response_nll, train_adapter
+from shared.adapter import adapter_state, attach_lora, from_wire, load_adapter_state, to_wire
+from shared.config import EvalConfig, FleetConfig, LoraConfig, TrainConfig
+from shared.data import DataError, collate, encode, load_jsonl
+from shared.model import load_model
+from tests.conftest import DATA
+
+
+@pytest.fixture
+def tiny_lora(tiny_model_dir):
+    return attach_lora(load_model(str(tiny_model_dir), torch.float32), LoraConfig(rank=4), seed=0)
+
+
+@pytest.fixture
+def food(tokenizer):
+    return [encode(ex, tokenizer, 96) for ex in load_jsonl(DATA / "noun.food" / "train.jsonl")[:64]]
+
+
+def test_response_nll_equals_transformers_loss(tiny_lora, food, tokenizer):
+    batch = collate(food[:4], tokenizer.pad_token_id)
+    with torch.no_grad():
+        nll, count = response_nll(tiny_lora, batch)
+        reference = tiny_lora(**batch).loss  # mean over labelled tokens, full-vocab logits everywhere
+    assert count == int((batch["labels"][:, 1:] != -100).sum())
+    assert nll.item() / count == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_training_lowers_loss_and_touches_only_lora(tiny_lora, food, tokenizer):
+    base_before = {k: v.clone() for k, v in tiny_lora.named_parameters() if "lora_" not in k}
+    before = evaluate(tiny_lora, food, EvalConfig(max_examples=16), tokenizer.pad_token_id).loss
+    result = train_adapter(
+        tiny_lora, food, TrainConfig(steps=25, batch_size=8, lr=5e-3), tokenizer.pad_token_id, seed=1
+    )
+    after = evaluate(tiny_lora, food, EvalConfig(max_examples=16), tokenizer.pad_token_id).loss
+    assert after < before - 0.1
+    assert result.steps == 25
+    for name, param in tiny_lora.named_parameters():
+        if name in base_before:
+            assert torch.equal(param, base_before[name]), f"frozen base weight {name} changed"
+
+
+def test_same_seed_gives_the_same_initial_adapter(tiny_model_dir):
+    a = adapter_state(attach_lora(load_model(str(tiny_model_dir), torch.float32), LoraConfig(rank=4), seed=7))
+    b = adapter_state(attach_lora(load_model(str(tiny_model_dir), torch.float32), LoraConfig(rank=4), seed=7))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.count_nonzero(v) == 0 for k, v in a.items() if "lora_B" in k)  # B = 0: starts as the base
+
+
+def test_wire_round_trip_is_fp16_and_keyed_like_peft(tiny_lora):
+    state = adapter_state(tiny_lora)
+    record = to_wire(state)
+    back = from_wire(record)
+    assert all(k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in back)
+    assert all(torch.equal(back[k], state[k].half().float()) for k in state)
+
+
+def test_loading_a_mismatched_adapter_is_refused(tiny_lora):
+    state = adapter_state(tiny_lora)
+    key = next(iter(state))
+    with pytest.raises(ValueError, match="missing"):
+        load_adapter_state(tiny_lora, {k: v for k, v in state.items() if k != key})
+    with pytest.raises(ValueError, match="has shape"):
+        load_adapter_state(tiny_lora, {**state, key: torch.zeros(3, 3)})
+
+
+def test_partition_comes_from_node_config_or_simulation_topic(tmp_path):
+    cfg = FleetConfig(data_dir=str(DATA), topics=("noun.food", "verb.motion"))
+    assert partition_for({"partition-id": 3, "num-partitions": 4}, cfg).name == "verb.motion"
+    own = partition_for({"train-file": str(tmp_path / "t.jsonl"), "name": "clinic-7"}, cfg)
+    assert own.name == "clinic-7" and own.train_file == tmp_path / "t.jsonl"
+    with pytest.raises(DataError, match="no data folder for topic 'noun.nothing'"):
+        partition_for({"partition-id": 0}, FleetConfig(data_dir=str(DATA), topics=("noun.nothing",)))

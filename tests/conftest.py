@@ -1,0 +1,61 @@
+"""Shared fixtures: the real tokenizer, a tiny llama built from a config, seeded RNG."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.model import embedded_model_dir, load_tokenizer, resolve_model
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "simulations" / "data" / "wordnet"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """The embedded SmolLM2 folder (``make test`` fetches it before running pytest)."""
+    return Path(resolve_model("smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(real_model_dir: Path):
+    return load_tokenizer(str(real_model_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, real_model_dir: Path) -> Path:
+    """A 2-layer llama with SmolLM2's real tokenizer, saved as a Hugging Face folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (real_model_dir / name).is_file():
+            shutil.copy(real_model_dir / name, folder / name)
+    return folder
+
+
+@pytest.fixture
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point fleetlora's cache at an empty folder."""
+    monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / "cache"))
+    assert not embedded_model_dir().exists()
+    return tmp_path / "cache"

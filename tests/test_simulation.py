@@ -1,0 +1,69 @@
+"""Real Flower simulations (``flwr run`` through a SuperLink we start and stop by PID)."""
+
+import json
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from shared.config import ConfigError
+from simulations.demo import run_demo
+
+
+def _flower_processes() -> list[str]:
+    names = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp", "raylet", "gcs_server")
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if any(n in cmd for n in names):
+            found.append(cmd)
+    return found
+
+
+@pytest.mark.slow
+def test_two_round_simulation_with_a_tiny_model(tmp_path, tiny_model_dir):
+    assert not _flower_processes(), "a Flower process was already running"
+    data = run_demo(
+        {
+            "model": str(tiny_model_dir),
+            "num-server-rounds": 2,
+            "train.steps": 3,
+            "train.lr": 5e-3,
+            "eval.max-examples": 16,
+            "run-name": "tiny",
+        },
+        output_dir=tmp_path / "out",
+        flwr_home=tmp_path / "flwr",
+    )
+    rounds = {r["round"]: r for r in data["rounds"]}
+    assert sorted(rounds) == [0, 1, 2]
+    topics = {"noun.animal", "noun.food", "noun.artifact", "verb.motion"}
+    for n in (1, 2):
+        assert set(rounds[n]["clients"]) == topics
+        for c in rounds[n]["clients"].values():
+            assert c["num_examples"] == 500 and c["train_loss"] > 0 and c["heldout_loss"] > 0
+            assert 0 < c["bytes_up"] < 1_000_000  # only the tiny adapter's fp16 delta travels
+    assert rounds[2]["mean_heldout_loss"] < rounds[0]["mean_heldout_loss"]
+    adapter = tmp_path / "out" / "tiny" / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    on_disk = json.loads((tmp_path / "out" / "tiny" / "rounds.json").read_text())
+    assert on_disk["run"]["finished"] > on_disk["run"]["started"]
+    assert not _flower_processes(), "the SuperLink (or a child) outlived the run"
+
+
+def test_unknown_config_key_fails_before_anything_starts(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown run-config key 'train\.stepz'"):
+        run_demo({"train.stepz": 2}, output_dir=tmp_path, flwr_home=tmp_path / "flwr")
+    assert not (tmp_path / "flwr").exists()
+
+
+def test_demo_cli_reports_a_bad_value_and_exits_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.demo", "--run-config", "lora.rank=0", "--output-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "run-config 'lora.rank' = 0 must be >= 1" in proc.stderr
