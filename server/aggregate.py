@@ -13,6 +13,10 @@ import torch
 State = dict[str, torch.Tensor]
 
 
+class NoUpdatesError(ValueError):
+    """Nothing was left to aggregate (no update arrived, or every one was rejected)."""
+
+
 class RunningWeightedMean:
     """Streaming weighted mean: fold ``(state, weight)`` pairs, read the mean at the end.
 
@@ -42,7 +46,7 @@ class RunningWeightedMean:
     def mean(self) -> State:
         """Return the weighted mean, sum_i w_i x_i / sum_i w_i."""
         if not self.count:
-            raise ValueError("no updates to aggregate")
+            raise NoUpdatesError("no updates to aggregate")
         return {k: v / self._weight for k, v in self._sum.items()}
 
 

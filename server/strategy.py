@@ -15,8 +15,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from server.aggregate import apply_update, fedavg
+from server.aggregate import NoUpdatesError, apply_update, fedavg
 from server.report import RoundLog
+from server.validate import check_update
 from shared.adapter import from_wire, to_wire, wire_bytes
 
 INFO, WARNING = 20, 30
@@ -57,12 +58,26 @@ class AdapterFedAvg(FedAvg):
             log(WARNING, "round %d: no client update arrived; the global adapter stays as it was", server_round)
             return None, None
 
+        accepted: list[Message] = []
+
         def stream() -> Iterable[tuple[dict[str, Any], float]]:
             for msg in valid:
-                name, weight = _name(msg), _metric(msg, "num-examples")
+                try:
+                    update, weight = self._parse_update(msg)
+                except (KeyError, TypeError, ValueError) as exc:
+                    log(
+                        WARNING,
+                        "round %d: rejected the update of %s (node %d): %s",
+                        server_round,
+                        _name(msg),
+                        msg.metadata.src_node_id,
+                        exc,
+                    )
+                    self.round_log.client(server_round, _name(msg), node_id=msg.metadata.src_node_id, rejected=str(exc))
+                    continue
                 self.round_log.client(
                     server_round,
-                    name,
+                    _name(msg),
                     node_id=msg.metadata.src_node_id,
                     num_examples=int(weight),
                     train_loss=_metric(msg, "train-loss"),
@@ -70,19 +85,35 @@ class AdapterFedAvg(FedAvg):
                     bytes_up=wire_bytes(msg.content["arrays"]),
                     bytes_down=self._bytes_down,
                 )
-                yield from_wire(msg.content["arrays"]), weight
+                accepted.append(msg)
+                yield update, weight
 
-        new_global = apply_update(self._global, fedavg(stream()))
-        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
-        rec = self.round_log.round(server_round)
+        try:
+            mean_delta = fedavg(stream())  # folds one update at a time
+        except NoUpdatesError:
+            log(WARNING, "round %d: every update was rejected; the global adapter stays as it was", server_round)
+            return None, None
+        new_global = apply_update(self._global, mean_delta)
+        metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
+        losses = [_metric(m, "train-loss") for m in accepted]
         log(
             INFO,
-            "round %d: aggregated %d client updates (fedavg), mean train loss %.4f",
+            "round %d: aggregated %d of %d client updates (fedavg), mean train loss %.4f",
             server_round,
-            len(valid),
-            sum(c["train_loss"] for c in rec["clients"].values()) / len(rec["clients"]),
+            len(accepted),
+            len(replies),
+            sum(losses) / len(losses),
         )
         return to_wire(new_global), metrics
+
+    def _parse_update(self, msg: Message) -> tuple[dict[str, Any], float]:
+        """Return a reply's delta and weight, or raise with the reason it cannot count."""
+        weight = _metric(msg, "num-examples")
+        _metric(msg, "train-loss")
+        _metric(msg, "train-seconds")
+        delta = from_wire(msg.content["arrays"])
+        check_update(delta, self._global, weight)
+        return delta, weight
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record each client's held-out loss and close the round in the log."""
