@@ -17,7 +17,15 @@ from flwr.common.logger import log
 
 from client.partition import Partition, partition_for
 from client.train import evaluate, train_adapter
-from shared.adapter import adapter_state, attach_lora, from_wire, load_adapter_state, to_wire
+from shared.adapter import (
+    adapter_state,
+    attach_lora,
+    from_wire,
+    load_adapter_state,
+    set_trainable_factors,
+    to_wire,
+    uploaded_keys,
+)
 from shared.config import FleetConfig, LoraConfig
 from shared.data import Encoded, encode, load_jsonl
 from shared.model import compute_dtype, load_model, load_tokenizer
@@ -37,10 +45,12 @@ def train(msg: Message, context: Context) -> Message:
     model, tok = _runtime(cfg.model, cfg.lora, cfg.seed, cfg.train.dtype)
     start = from_wire(msg.content["arrays"])
     load_adapter_state(model, start)
+    set_trainable_factors(model, cfg.aggregation.method)
     data = _encoded(part.train_file, cfg.model, cfg.train.max_seq_len)
     seed = zlib.crc32(f"{cfg.seed}/{server_round}/{part.name}".encode())  # stable across processes
     result = train_adapter(model, data, cfg.train, tok.pad_token_id, seed)
-    delta = {k: v - start[k] for k, v in adapter_state(model).items()}
+    trained = adapter_state(model)
+    delta = {k: trained[k] - start[k] for k in uploaded_keys(cfg.aggregation.method, trained)}
     log(
         INFO,
         "client %s round %d: %d steps, train loss %.4f, %.1f s",

@@ -15,7 +15,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from server.report import RoundLog, format_table
-from server.strategy import AdapterFedAvg
+from server.strategy import AdapterStrategy
 from shared.adapter import adapter_state, attach_lora, from_wire, save_peft_folder, to_wire
 from shared.config import FleetConfig
 from shared.model import load_model, model_digest, resolve_model
@@ -53,7 +53,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg.lora.rank,
         round_log.path,
     )
-    strategy = AdapterFedAvg(round_log, min_clients=cfg.min_clients)
+    strategy = AdapterStrategy(round_log, cfg.min_clients, cfg.aggregation, cfg.lora)
     strategy.evaluate_initial(grid, initial, timeout=ROUND_TIMEOUT_S)
     result = strategy.start(
         grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds, timeout=ROUND_TIMEOUT_S

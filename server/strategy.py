@@ -1,8 +1,8 @@
-"""Flower strategy that aggregates LoRA adapter *deltas* and keeps the round log.
+"""Flower strategy that aggregates LoRA adapters from their *deltas* and keeps the round log.
 
-Clients receive the global adapter and reply with ``delta_i = local_i - global``; the new
-global is ``global + aggregate(delta_1..delta_n)``. For FedAvg this equals averaging the
-local adapters themselves (the weights sum to one), but deltas are what a device uploads.
+Clients receive the global adapter and reply with ``delta_i = local_i - global`` (under FFA-LoRA,
+for B only). The server rebuilds ``local_i = global + delta_i`` one reply at a time and folds it
+into the configured streaming aggregator (``server/aggregate.py``), which yields the new global.
 """
 
 from __future__ import annotations
@@ -15,20 +15,25 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from server.aggregate import NoUpdatesError, apply_update, fedavg
+from server.aggregate import NoUpdatesError, make_aggregator
 from server.report import RoundLog
 from server.validate import check_update
-from shared.adapter import from_wire, to_wire, wire_bytes
+from shared.adapter import from_wire, to_wire, uploaded_keys, wire_bytes
+from shared.config import AggregationConfig, LoraConfig
 
 INFO, WARNING = 20, 30
 
 
-class AdapterFedAvg(FedAvg):
-    """FedAvg over adapter deltas, weighted by each client's example count."""
+class AdapterStrategy(FedAvg):
+    """Adapter aggregation by ``aggregation.method``, weighted by each client's example count.
 
-    def __init__(self, round_log: RoundLog, min_clients: int) -> None:
+    Flower's FedAvg supplies node sampling and message plumbing; aggregation is ours.
+    """
+
+    def __init__(self, round_log: RoundLog, min_clients: int, agg: AggregationConfig, lora: LoraConfig) -> None:
         super().__init__(min_train_nodes=min_clients, min_evaluate_nodes=min_clients, min_available_nodes=min_clients)
         self.round_log = round_log
+        self.agg, self.lora = agg, lora
         self._global: dict[str, Any] = {}
         self._bytes_down = 0
 
@@ -59,49 +64,43 @@ class AdapterFedAvg(FedAvg):
             return None, None
 
         accepted: list[Message] = []
-
-        def stream() -> Iterable[tuple[dict[str, Any], float]]:
-            for msg in valid:
-                try:
-                    update, weight = self._parse_update(msg)
-                except (KeyError, TypeError, ValueError) as exc:
-                    log(
-                        WARNING,
-                        "round %d: rejected the update of %s (node %d): %s",
-                        server_round,
-                        _name(msg),
-                        msg.metadata.src_node_id,
-                        exc,
-                    )
-                    self.round_log.client(server_round, _name(msg), node_id=msg.metadata.src_node_id, rejected=str(exc))
-                    continue
-                self.round_log.client(
-                    server_round,
-                    _name(msg),
-                    node_id=msg.metadata.src_node_id,
-                    num_examples=int(weight),
-                    train_loss=_metric(msg, "train-loss"),
-                    train_seconds=_metric(msg, "train-seconds"),
-                    bytes_up=wire_bytes(msg.content["arrays"]),
-                    bytes_down=self._bytes_down,
-                )
-                accepted.append(msg)
-                yield update, weight
-
+        aggregator = make_aggregator(
+            self.agg.method, self._global, self.lora.rank, self.lora.alpha, self.agg.ties_density, self.agg.ties_lambda
+        )
+        for msg in valid:  # one client adapter in memory at a time
+            name, node = _name(msg), msg.metadata.src_node_id
+            try:
+                update, weight = self._parse_update(msg)
+                aggregator.add({**self._global, **{k: self._global[k] + d for k, d in update.items()}}, weight)
+            except (KeyError, TypeError, ValueError) as exc:
+                log(WARNING, "round %d: rejected the update of %s (node %d): %s", server_round, name, node, exc)
+                self.round_log.client(server_round, name, node_id=node, rejected=str(exc))
+                continue
+            accepted.append(msg)
+            self.round_log.client(
+                server_round,
+                name,
+                node_id=node,
+                num_examples=int(weight),
+                train_loss=_metric(msg, "train-loss"),
+                train_seconds=_metric(msg, "train-seconds"),
+                bytes_up=wire_bytes(msg.content["arrays"]),
+                bytes_down=self._bytes_down,
+            )
         try:
-            mean_delta = fedavg(stream())  # folds one update at a time
+            new_global = aggregator.result()
         except NoUpdatesError:
             log(WARNING, "round %d: every update was rejected; the global adapter stays as it was", server_round)
             return None, None
-        new_global = apply_update(self._global, mean_delta)
         metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
         losses = [_metric(m, "train-loss") for m in accepted]
         log(
             INFO,
-            "round %d: aggregated %d of %d client updates (fedavg), mean train loss %.4f",
+            "round %d: aggregated %d of %d client updates (%s), mean train loss %.4f",
             server_round,
             len(accepted),
             len(replies),
+            self.agg.method,
             sum(losses) / len(losses),
         )
         return to_wire(new_global), metrics
@@ -112,7 +111,8 @@ class AdapterFedAvg(FedAvg):
         _metric(msg, "train-loss")
         _metric(msg, "train-seconds")
         delta = from_wire(msg.content["arrays"])
-        check_update(delta, self._global, weight)
+        expected = {k: self._global[k] for k in uploaded_keys(self.agg.method, self._global)}
+        check_update(delta, expected, weight)
         return delta, weight
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

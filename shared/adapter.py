@@ -11,7 +11,7 @@ server is done in fp32.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,20 @@ def adapter_state_shapes(peft_model: Any) -> dict[str, tuple[int, ...]]:
     from peft import get_peft_model_state_dict
 
     return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def uploaded_keys(method: str, keys: Iterable[str]) -> set[str]:
+    """Keys a client uploads under aggregation ``method``: FFA-LoRA trains and sends B only."""
+    return {k for k in keys if method != "ffa" or k.endswith(".lora_B.weight")}
+
+
+def set_trainable_factors(peft_model: Any, method: str) -> None:
+    """Train A and B, or only B under FFA-LoRA (A stays at the shared seed's initialization)."""
+    for name, param in peft_model.named_parameters():
+        if "lora_A" in name:
+            param.requires_grad = method != "ffa"
+        elif "lora_B" in name:
+            param.requires_grad = True
 
 
 def to_wire(state: Mapping[str, torch.Tensor]) -> Any:

@@ -81,23 +81,26 @@ class EvalConfig:
         _check(self.batch_size >= 1, "eval.batch-size", self.batch_size, "must be >= 1")
 
 
-AGGREGATION_METHODS = ("fedavg",)
+AGGREGATION_METHODS = ("fedavg", "exact", "ffa", "ties")
 
 
 @dataclass(frozen=True)
 class AggregationConfig:
-    """Server-side aggregation."""
+    """Server-side aggregation (formulas and papers in ``server/aggregate.py``)."""
 
     method: str = "fedavg"
-    """How client updates are merged; see ``server/aggregate.py``."""
+    """``fedavg`` (A and B averaged separately), ``exact`` (mean of B@A, SVD to rank r), ``ffa``
+    (A frozen, only B trained and sent) or ``ties`` (TIES-merging of the round's B@A updates)."""
+    ties_density: float = 0.2
+    """TIES: fraction of each client's update entries kept (largest magnitudes), as in the paper."""
+    ties_lambda: float = 1.0
+    """TIES: scale of the merged update."""
 
     def __post_init__(self) -> None:
-        _check(
-            self.method in AGGREGATION_METHODS,
-            "aggregation.method",
-            self.method,
-            f"must be one of {AGGREGATION_METHODS}",
-        )
+        methods = AGGREGATION_METHODS
+        _check(self.method in methods, "aggregation.method", self.method, f"must be one of {methods}")
+        _check(0 < self.ties_density <= 1, "aggregation.ties-density", self.ties_density, "must be in (0, 1]")
+        _check(self.ties_lambda > 0, "aggregation.ties-lambda", self.ties_lambda, "must be > 0")
 
 
 @dataclass(frozen=True)

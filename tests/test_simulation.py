@@ -22,10 +22,12 @@ def _flower_processes() -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_round_simulation_with_a_tiny_model(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("method", ["fedavg", "ffa"])
+def test_two_round_simulation_with_a_tiny_model(tmp_path, tiny_model_dir, method):
     assert not _flower_processes(), "a Flower process was already running"
     data = run_demo(
         {
+            "aggregation.method": method,
             "model": str(tiny_model_dir),
             "num-server-rounds": 2,
             "train.steps": 3,
@@ -44,6 +46,10 @@ def test_two_round_simulation_with_a_tiny_model(tmp_path, tiny_model_dir):
         for c in rounds[n]["clients"].values():
             assert c["num_examples"] == 500 and c["train_loss"] > 0 and c["heldout_loss"] > 0
             assert 0 < c["bytes_up"] < 1_000_000  # only the tiny adapter's fp16 delta travels
+            if method == "ffa":  # B only: half of the adapter for this model (A and B have equal sizes)
+                assert c["bytes_up"] < 0.55 * c["bytes_down"]
+            else:
+                assert c["bytes_up"] == c["bytes_down"]
     assert rounds[2]["mean_heldout_loss"] < rounds[0]["mean_heldout_loss"]
     adapter = tmp_path / "out" / "tiny" / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()

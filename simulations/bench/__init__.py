@@ -1,8 +1,8 @@
 """Benchmark harness: every registered benchmark, one table each, written to BENCHMARKS.md.
 
 Run all of them with ``python -m simulations.bench`` (``--only NAME`` for one, ``--no-write``
-to print without rewriting BENCHMARKS.md). A benchmark is a function returning a
-:class:`Table`; register it with :func:`register`.
+to print without rewriting BENCHMARKS.md). A benchmark is a function returning one
+:class:`Table` or a list of them; register it with :func:`register`.
 """
 
 from __future__ import annotations
@@ -31,13 +31,16 @@ class Table:
         return "\n".join(lines) + "\n"
 
 
-REGISTRY: dict[str, Callable[[], Table]] = {}
+REGISTRY: dict[str, Callable[[], Table | list[Table]]] = {}
 
 
-def register(name: str) -> Callable[[Callable[[], Table]], Callable[[], Table]]:
+Bench = Callable[[], "Table | list[Table]"]
+
+
+def register(name: str) -> Callable[[Bench], Bench]:
     """Register the decorated benchmark under ``name``."""
 
-    def wrap(fn: Callable[[], Table]) -> Callable[[], Table]:
+    def wrap(fn: Bench) -> Bench:
         REGISTRY[name] = fn
         return fn
 

@@ -8,7 +8,7 @@ import os
 import platform
 import subprocess
 
-import simulations.bench.demo_run  # noqa: F401  (registers)
+import simulations.bench.federated  # noqa: F401  (registers)
 from simulations.bench import REGISTRY
 from simulations.flower_local import ROOT
 
@@ -30,9 +30,10 @@ def main() -> None:
     names = args.only or sorted(REGISTRY)
     sections = []
     for name in names:
-        table = REGISTRY[name]()
-        print(table.markdown(), flush=True)
-        sections.append(table.markdown())
+        result = REGISTRY[name]()
+        for table in result if isinstance(result, list) else [result]:
+            print(table.markdown(), flush=True)
+            sections.append(table.markdown())
     if args.no_write:
         return
     commit = subprocess.run(
