@@ -135,7 +135,8 @@ def _quality_table(
     topics = list(cfg.topics)
     c_mean = sum(central.values()) / len(central)
     table = Table(
-        title="Aggregation quality: held-out loss after the same training (4 non-IID clients, 3 rounds)",
+        title=f"Aggregation quality: held-out loss after the same training ({len(topics)} non-IID clients, "
+        f"{cfg.num_server_rounds} rounds)",
         command="python -m simulations.bench --only federated",
         header=["adapter", *topics, "mean", "x centralized", "up / client-round (MB)", "run s"],
     )
