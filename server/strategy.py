@@ -50,15 +50,7 @@ class AdapterStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Fold every valid delta into the weighted mean and apply it to the global adapter."""
         replies = list(replies)
-        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
-        for msg in self._failed(replies):
-            log(
-                WARNING,
-                "round %d: node %d sent no update (%s); the round goes on with the others",
-                server_round,
-                msg.metadata.src_node_id,
-                msg.error.reason,
-            )
+        valid = self._valid_replies(server_round, replies, "sent no update", is_train=True)
         if not valid:
             log(WARNING, "round %d: no client update arrived; the global adapter stays as it was", server_round)
             return None, None
@@ -93,6 +85,8 @@ class AdapterStrategy(FedAvg):
             log(WARNING, "round %d: every update was rejected; the global adapter stays as it was", server_round)
             return None, None
         metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
+        metrics["rejected-updates"] = len(valid) - len(accepted)
+        metrics["failed-replies"] = len(replies) - len(valid)
         losses = [_metric(m, "train-loss") for m in accepted]
         log(
             INFO,
@@ -117,16 +111,7 @@ class AdapterStrategy(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record each client's held-out loss and close the round in the log."""
-        replies = list(replies)
-        valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
-        for msg in self._failed(replies):
-            log(
-                WARNING,
-                "round %d: node %d could not evaluate (%s)",
-                server_round,
-                msg.metadata.src_node_id,
-                msg.error.reason,
-            )
+        valid = self._valid_replies(server_round, list(replies), "could not evaluate", is_train=False)
         for msg in valid:
             self.round_log.client(server_round, _name(msg), heldout_loss=_metric(msg, "heldout-loss"))
         rec = self.round_log.close_round(server_round)
@@ -144,9 +129,19 @@ class AdapterStrategy(FedAvg):
         replies = grid.send_and_receive(self.configure_evaluate(0, arrays, ConfigRecord(), grid), timeout=timeout)
         self.aggregate_evaluate(0, replies)
 
-    @staticmethod
-    def _failed(replies: Iterable[Message]) -> list[Message]:
-        return [m for m in replies if m.has_error()]
+    def _valid_replies(self, server_round: int, replies: list[Message], failure: str, is_train: bool) -> list[Message]:
+        """Return the replies that carry content; log each failed one with its node and reason."""
+        valid, failed = self._check_and_log_replies(replies, is_train=is_train, validate=False)
+        for msg in failed:
+            log(
+                WARNING,
+                "round %d: node %d %s (%s); the round goes on with the others",
+                server_round,
+                msg.metadata.src_node_id,
+                failure,
+                msg.error.reason,
+            )
+        return valid
 
 
 def _metric(msg: Message, key: str) -> float:
