@@ -73,8 +73,6 @@ class RunningWeightedMean:
             raise NoUpdatesError("no updates to aggregate")
         return {k: v / self._weight for k, v in self._sum.items()}
 
-    mean = result
-
 
 def fedavg(updates: Iterable[tuple[Mapping[str, torch.Tensor], float]]) -> State:
     """FedAvg (McMahan et al., 2017, arXiv 1602.05629) of LoRA factors, as FedIT does (arXiv 2305.05644).
@@ -97,8 +95,8 @@ def fedavg(updates: Iterable[tuple[Mapping[str, torch.Tensor], float]]) -> State
 
 
 def apply_update(global_state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> State:
-    """Return the new global adapter, ``global + delta`` for every key (fp32)."""
-    return {k: global_state[k].to(torch.float32) + delta[k].to(torch.float32) for k in global_state}
+    """Return ``global + delta`` (fp32); keys the delta lacks (A under FFA-LoRA) stay as they are."""
+    return {k: v.to(torch.float32) + delta[k].to(torch.float32) if k in delta else v for k, v in global_state.items()}
 
 
 def modules(state: Mapping[str, torch.Tensor]) -> list[str]:

@@ -15,7 +15,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from server.aggregate import NoUpdatesError, make_aggregator
+from server.aggregate import NoUpdatesError, apply_update, make_aggregator
 from server.report import RoundLog
 from server.validate import check_update
 from shared.adapter import from_wire, to_wire, uploaded_keys, wire_bytes
@@ -63,7 +63,7 @@ class AdapterStrategy(FedAvg):
             name, node = _name(msg), msg.metadata.src_node_id
             try:
                 update, weight = self._parse_update(msg)
-                aggregator.add({**self._global, **{k: self._global[k] + d for k, d in update.items()}}, weight)
+                aggregator.add(apply_update(self._global, update), weight)
             except (KeyError, TypeError, ValueError) as exc:
                 log(WARNING, "round %d: rejected the update of %s (node %d): %s", server_round, name, node, exc)
                 self.round_log.client(server_round, name, node_id=node, rejected=str(exc))

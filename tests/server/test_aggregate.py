@@ -49,9 +49,14 @@ def test_running_mean_refuses_mismatched_keys_and_bad_weights():
     with pytest.raises(ValueError, match="weight must be > 0"):
         running.add({"w": torch.zeros(1)}, 0)
     with pytest.raises(ValueError, match="no updates"):
-        RunningWeightedMean().mean()
+        RunningWeightedMean().result()
 
 
 def test_apply_update_adds_the_delta():
     out = apply_update({"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([0.5, -2.0], dtype=torch.float16)})
     assert torch.equal(out["w"], torch.tensor([1.5, -1.0]))
+
+
+def test_apply_update_keeps_keys_the_delta_lacks():
+    out = apply_update({"a": torch.tensor([1.0]), "b": torch.tensor([2.0])}, {"b": torch.tensor([1.0])})
+    assert torch.equal(out["a"], torch.tensor([1.0])) and torch.equal(out["b"], torch.tensor([3.0]))
