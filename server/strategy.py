@@ -56,26 +56,26 @@ class AdapterStrategy(FedAvg):
             return None, None
 
         accepted: list[Message] = []
+        losses: list[float] = []
         aggregator = make_aggregator(
             self.agg.method, self._global, self.lora.rank, self.lora.alpha, self.agg.ties_density, self.agg.ties_lambda
         )
         for msg in valid:  # one client adapter in memory at a time
             name, node = _name(msg), msg.metadata.src_node_id
             try:
-                update, weight = self._parse_update(msg)
+                update, weight, entry = self._parse_update(msg)
                 aggregator.add(apply_update(self._global, update), weight)
             except (KeyError, TypeError, ValueError) as exc:
                 log(WARNING, "round %d: rejected the update of %s (node %d): %s", server_round, name, node, exc)
                 self.round_log.client(server_round, name, node_id=node, rejected=str(exc))
                 continue
             accepted.append(msg)
+            losses.append(entry["train_loss"])
             self.round_log.client(
                 server_round,
                 name,
                 node_id=node,
-                num_examples=int(weight),
-                train_loss=_metric(msg, "train-loss"),
-                train_seconds=_metric(msg, "train-seconds"),
+                **entry,
                 bytes_up=wire_bytes(msg.content["arrays"]),
                 bytes_down=self._bytes_down,
             )
@@ -87,7 +87,6 @@ class AdapterStrategy(FedAvg):
         metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
         metrics["rejected-updates"] = len(valid) - len(accepted)
         metrics["failed-replies"] = len(replies) - len(valid)
-        losses = [_metric(m, "train-loss") for m in accepted]
         log(
             INFO,
             "round %d: aggregated %d of %d client updates (%s), mean train loss %.4f",
@@ -99,15 +98,18 @@ class AdapterStrategy(FedAvg):
         )
         return to_wire(new_global), metrics
 
-    def _parse_update(self, msg: Message) -> tuple[dict[str, Any], float]:
-        """Return a reply's delta and weight, or raise with the reason it cannot count."""
+    def _parse_update(self, msg: Message) -> tuple[dict[str, Any], float, dict[str, Any]]:
+        """Return a reply's delta, weight and round-log entry, or raise with the reason it cannot count."""
         weight = _metric(msg, "num-examples")
-        _metric(msg, "train-loss")
-        _metric(msg, "train-seconds")
+        entry = {
+            "num_examples": int(weight),
+            "train_loss": _metric(msg, "train-loss"),
+            "train_seconds": _metric(msg, "train-seconds"),
+        }
         delta = from_wire(msg.content["arrays"])
         expected = {k: self._global[k] for k in uploaded_keys(self.agg.method, self._global)}
         check_update(delta, expected, weight)
-        return delta, weight
+        return delta, weight, entry
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record each client's held-out loss and close the round in the log."""
