@@ -1,7 +1,7 @@
 """Flower ClientApp: one edge device. Thin glue over ``client/train.py``.
 
 Each message carries the global adapter; the device loads it on its cached base, then
-either trains and replies with the adapter *delta* (fp16) and its metrics, or evaluates
+either trains and replies with the adapter *delta* (``aggregation.delta-encoding``) and its metrics, or evaluates
 it on its held-out file. The base model never travels in a round message.
 """
 
@@ -17,18 +17,11 @@ from flwr.common.logger import log
 
 from client.partition import Partition, partition_for
 from client.train import evaluate, train_adapter
-from shared.adapter import (
-    adapter_state,
-    attach_lora,
-    from_wire,
-    load_adapter_state,
-    set_trainable_factors,
-    to_wire,
-    uploaded_keys,
-)
+from shared.adapter import adapter_state, attach_lora, load_adapter_state, set_trainable_factors, uploaded_keys
 from shared.config import FleetConfig, LoraConfig
 from shared.data import Encoded, encode, load_jsonl
 from shared.model import compute_dtype, load_model, load_tokenizer
+from shared.wire import from_wire, pack
 
 app = ClientApp()
 INFO = 20
@@ -61,7 +54,7 @@ def train(msg: Message, context: Context) -> Message:
         result.seconds,
     )
     metrics = MetricRecord({"num-examples": len(data), "train-loss": result.mean_loss, "train-seconds": result.seconds})
-    return _reply(msg, part, metrics, arrays=to_wire(delta))
+    return _reply(msg, part, metrics, arrays=pack(delta, cfg.aggregation.delta_encoding))
 
 
 @app.evaluate()

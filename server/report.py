@@ -67,13 +67,15 @@ def format_table(data: dict[str, Any]) -> str:
     """Render the round log as a fixed-width table (round 0 = before any training)."""
     rounds = sorted(data["rounds"], key=lambda r: r["round"])
     names = sorted({n for r in rounds for n in r["clients"]})
-    head = ["round", "clients", "train loss"] + [f"held-out {n}" for n in names] + ["held-out mean", "MB up", "MB down"]
+    head = ["round", "clients", "rejected", "train loss"] + [f"held-out {n}" for n in names]
+    head += ["held-out mean", "MB up", "MB down"]
     rows = []
     for r in rounds:
         trained = [c for c in r["clients"].values() if "train_loss" in c]
         row = [
             "before" if r["round"] == 0 else str(r["round"]),
             str(len(trained) if r["round"] else len(r["clients"])),
+            str(sum("rejected" in c for c in r["clients"].values())),
             _num(r.get("mean_train_loss")),
         ]
         row += [_num(r["clients"].get(n, {}).get("heldout_loss")) for n in names]
@@ -88,6 +90,10 @@ def format_table(data: dict[str, Any]) -> str:
         up = sum(c["bytes_up"] for c in per_client) / len(per_client)
         down = sum(c["bytes_down"] for c in per_client) / len(per_client)
         lines.append(f"(MB: per round, all clients. Per client-round: {up:,.0f} bytes up, {down:,.0f} bytes down)")
+    for r in rounds:
+        for name, c in sorted(r["clients"].items()):
+            if "rejected" in c:
+                lines.append(f"round {r['round']}: the update of {name} was rejected: {c['rejected']}")
     return "\n".join(lines)
 
 

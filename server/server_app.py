@@ -16,9 +16,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.report import RoundLog, format_table
 from server.strategy import AdapterStrategy
-from shared.adapter import adapter_state, attach_lora, from_wire, save_peft_folder, to_wire
+from shared.adapter import adapter_state, attach_lora, save_peft_folder
 from shared.config import FleetConfig
 from shared.model import load_model, model_digest, resolve_model
+from shared.wire import from_wire, to_wire
 
 app = ServerApp()
 INFO = 20

@@ -15,11 +15,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from server.aggregate import NoUpdatesError, apply_update, make_aggregator
+from server.aggregate import apply_update, make_aggregator
 from server.report import RoundLog
-from server.validate import check_update
-from shared.adapter import from_wire, to_wire, uploaded_keys, wire_bytes
+from server.validate import check_size, check_update, norm_outliers, update_norm
+from shared.adapter import uploaded_keys
 from shared.config import AggregationConfig, LoraConfig
+from shared.wire import from_wire, to_wire, unpack, wire_bytes
 
 INFO, WARNING = 20, 30
 
@@ -48,55 +49,77 @@ class AdapterStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Fold every valid delta into the weighted mean and apply it to the global adapter."""
+        """Validate every delta, fold the accepted ones into the aggregator, return the new global.
+
+        Two passes, one decoded update in memory at a time: the first checks each update alone
+        and takes its norm, the norm-outlier rule then needs the whole round; the second folds.
+        """
         replies = list(replies)
         valid = self._valid_replies(server_round, replies, "sent no update", is_train=True)
-        if not valid:
-            log(WARNING, "round %d: no client update arrived; the global adapter stays as it was", server_round)
-            return None, None
+        parsed: dict[int, tuple[Message, float, dict[str, Any]]] = {}
+        norms: dict[int, float] = {}
+        for i, msg in enumerate(valid):
+            try:
+                delta, weight, entry = self._parse_update(msg)
+            except (KeyError, TypeError, ValueError) as exc:
+                self._reject(server_round, msg, str(exc))
+                continue
+            parsed[i], norms[i] = (msg, weight, entry), update_norm(delta)
+        for i, reason in norm_outliers(norms, self.agg.max_norm_ratio).items():
+            self._reject(server_round, parsed.pop(i)[0], reason)
 
-        accepted: list[Message] = []
-        losses: list[float] = []
+        metrics = MetricRecord(
+            {
+                "rejected-updates": len(valid) - len(parsed),
+                "failed-replies": len(replies) - len(valid),
+                "bytes-down": self._bytes_down * len(replies),
+            }
+        )
+        if len(parsed) < self.agg.min_accepted:
+            log(
+                WARNING,
+                "round %d: %d of %d client updates passed validation, fewer than aggregation.min-accepted = %d; "
+                "the global adapter stays as it was",
+                server_round,
+                len(parsed),
+                len(replies),
+                self.agg.min_accepted,
+            )
+            return None, metrics
+
         aggregator = make_aggregator(
             self.agg.method, self._global, self.lora.rank, self.lora.alpha, self.agg.ties_density, self.agg.ties_lambda
         )
-        for msg in valid:  # one client adapter in memory at a time
-            name, node = _name(msg), msg.metadata.src_node_id
-            try:
-                update, weight, entry = self._parse_update(msg)
-                aggregator.add(apply_update(self._global, update), weight)
-            except (KeyError, TypeError, ValueError) as exc:
-                log(WARNING, "round %d: rejected the update of %s (node %d): %s", server_round, name, node, exc)
-                self.round_log.client(server_round, name, node_id=node, rejected=str(exc))
-                continue
-            accepted.append(msg)
-            losses.append(entry["train_loss"])
+        bytes_up = 0
+        for i, (msg, weight, entry) in parsed.items():
+            delta, _, _ = self._parse_update(msg)  # decoded again: one update in memory at a time
+            aggregator.add(apply_update(self._global, delta), weight)
+            nbytes = wire_bytes(msg.content["arrays"])
+            bytes_up += nbytes
             self.round_log.client(
                 server_round,
-                name,
-                node_id=node,
+                _name(msg),
+                node_id=msg.metadata.src_node_id,
                 **entry,
-                bytes_up=wire_bytes(msg.content["arrays"]),
+                update_norm=norms[i],
+                bytes_up=nbytes,
                 bytes_down=self._bytes_down,
             )
-        try:
-            new_global = aggregator.result()
-        except NoUpdatesError:
-            log(WARNING, "round %d: every update was rejected; the global adapter stays as it was", server_round)
-            return None, None
-        metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
-        metrics["rejected-updates"] = len(valid) - len(accepted)
-        metrics["failed-replies"] = len(replies) - len(valid)
+        accepted = [msg for msg, _, _ in parsed.values()]
+        for key, value in self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key).items():
+            metrics[key] = value
+        metrics["bytes-up"] = bytes_up
         log(
             INFO,
-            "round %d: aggregated %d of %d client updates (%s), mean train loss %.4f",
+            "round %d: aggregated %d of %d client updates (%s, %s deltas), mean train loss %.4f",
             server_round,
             len(accepted),
             len(replies),
             self.agg.method,
-            sum(losses) / len(losses),
+            self.agg.delta_encoding,
+            sum(e["train_loss"] for _, _, e in parsed.values()) / len(parsed),
         )
-        return to_wire(new_global), metrics
+        return to_wire(aggregator.result()), metrics
 
     def _parse_update(self, msg: Message) -> tuple[dict[str, Any], float, dict[str, Any]]:
         """Return a reply's delta, weight and round-log entry, or raise with the reason it cannot count."""
@@ -106,10 +129,19 @@ class AdapterStrategy(FedAvg):
             "train_loss": _metric(msg, "train-loss"),
             "train_seconds": _metric(msg, "train-seconds"),
         }
-        delta = from_wire(msg.content["arrays"])
         expected = {k: self._global[k] for k in uploaded_keys(self.agg.method, self._global)}
+        shapes = {k: tuple(v.shape) for k, v in expected.items()}
+        record = msg.content["arrays"]
+        check_size(wire_bytes(record), shapes, self.agg.delta_encoding)
+        delta = unpack(record, shapes, self.agg.delta_encoding)
         check_update(delta, expected, weight)
         return delta, weight, entry
+
+    def _reject(self, server_round: int, msg: Message, reason: str) -> None:
+        """Log and record an update that does not count, with its client, node, round and reason."""
+        name, node = _name(msg), msg.metadata.src_node_id
+        log(WARNING, "round %d: rejected the update of %s (node %d): %s", server_round, name, node, reason)
+        self.round_log.client(server_round, name, node_id=node, rejected=reason)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record each client's held-out loss and close the round in the log."""

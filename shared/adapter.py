@@ -4,9 +4,7 @@ An adapter's state is a ``dict[str, Tensor]`` keyed exactly as in PEFT's
 ``adapter_model.safetensors`` (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``),
 so what travels, what the server averages and what lands on disk use one naming.
 
-On the wire (Flower ``ArrayRecord``) tensors are fp16: Flower rejects bf16, and fp16 halves
-the bytes of fp32 with ample precision for LoRA factors and their updates. Arithmetic on the
-server is done in fp32.
+How they travel is ``shared/wire.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ from shared.config import LoraConfig
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file names
 ADAPTER_CONFIG = "adapter_config.json"
-WIRE_DTYPE = torch.float16
 
 State = dict[str, torch.Tensor]
 
@@ -97,23 +94,6 @@ def set_trainable_factors(peft_model: Any, method: str) -> None:
             param.requires_grad = True
 
 
-def to_wire(state: Mapping[str, torch.Tensor]) -> Any:
-    """Pack a state into a Flower ``ArrayRecord`` of fp16 arrays."""
-    from flwr.app import ArrayRecord
-
-    return ArrayRecord({k: _array(v) for k, v in state.items()})
-
-
-def from_wire(record: Any) -> State:
-    """Unpack a Flower ``ArrayRecord`` into fp32 tensors."""
-    return {k: torch.from_numpy(arr.numpy().copy()).to(torch.float32) for k, arr in record.items()}
-
-
-def wire_bytes(record: Any) -> int:
-    """Payload bytes of an ``ArrayRecord`` (what the round moves per client, per direction)."""
-    return sum(len(arr.data) for arr in record.values())
-
-
 def save_peft_folder(peft_model: Any, state: Mapping[str, torch.Tensor], folder: str | Path, base: str) -> Path:
     """Write ``state`` as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``).
 
@@ -125,9 +105,3 @@ def save_peft_folder(peft_model: Any, state: Mapping[str, torch.Tensor], folder:
     folder = Path(folder)
     peft_model.save_pretrained(folder, safe_serialization=True)
     return folder
-
-
-def _array(tensor: torch.Tensor) -> Any:
-    from flwr.app import Array
-
-    return Array(tensor.detach().to(WIRE_DTYPE).contiguous().numpy())

@@ -82,6 +82,7 @@ class EvalConfig:
 
 
 AGGREGATION_METHODS = ("fedavg", "exact", "ffa", "ties")
+DELTA_ENCODINGS = ("fp16", "q8", "q4")  # shared/wire.py
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,25 @@ class AggregationConfig:
     """TIES: fraction of each client's update entries kept (largest magnitudes), as in the paper."""
     ties_lambda: float = 1.0
     """TIES: scale of the merged update."""
+    delta_encoding: str = "fp16"
+    """How clients upload their delta: ``fp16``, or block-quantized ``q8`` / ``q4`` (``shared/wire.py``)."""
+    max_norm_ratio: float = 5.0
+    """Refuse an update whose L2 norm exceeds this many times the median of the round's update
+    norms (checked when at least 3 updates arrive): one runaway or malicious client cannot drag
+    the global adapter."""
+    min_accepted: int = 2
+    """A round updates the global adapter only if at least this many updates pass validation;
+    otherwise the adapter stays as it was. 2, so no round's global is one device's own update."""
 
     def __post_init__(self) -> None:
         methods = AGGREGATION_METHODS
         _check(self.method in methods, "aggregation.method", self.method, f"must be one of {methods}")
         _check(0 < self.ties_density <= 1, "aggregation.ties-density", self.ties_density, "must be in (0, 1]")
         _check(self.ties_lambda > 0, "aggregation.ties-lambda", self.ties_lambda, "must be > 0")
+        encoding, encodings = self.delta_encoding, DELTA_ENCODINGS
+        _check(encoding in encodings, "aggregation.delta-encoding", encoding, f"must be one of {encodings}")
+        _check(self.max_norm_ratio > 1, "aggregation.max-norm-ratio", self.max_norm_ratio, "must be > 1")
+        _check(self.min_accepted >= 1, "aggregation.min-accepted", self.min_accepted, "must be >= 1")
 
 
 @dataclass(frozen=True)

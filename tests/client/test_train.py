@@ -3,10 +3,11 @@ import torch
 
 from client.partition import partition_for
 from client.train import evaluate, response_nll, train_adapter
-from shared.adapter import adapter_state, attach_lora, from_wire, load_adapter_state, to_wire
+from shared.adapter import adapter_state, attach_lora, load_adapter_state
 from shared.config import EvalConfig, FleetConfig, LoraConfig, TrainConfig
 from shared.data import DataError, collate, encode, load_jsonl
 from shared.model import load_model
+from shared.wire import from_wire, to_wire
 from tests.conftest import DATA
 
 

@@ -26,5 +26,15 @@ def test_table_has_a_before_row_and_one_column_per_client(tmp_path):
     log.close_round(1)
     lines = format_table(log.data).splitlines()
     assert "held-out food" in lines[0] and "MB up" in lines[0]
-    assert lines[2].split()[:2] == ["before", "1"] and lines[2].split()[3] == "3.0000"
-    assert lines[3].split() == ["1", "1", "2.0000", "1.5000", "1.5000", "2.00", "4.00"]
+    assert lines[2].split()[:3] == ["before", "1", "0"] and lines[2].split()[4] == "3.0000"
+    assert lines[3].split() == ["1", "1", "0", "2.0000", "1.5000", "1.5000", "2.00", "4.00"]
+
+
+def test_table_counts_and_explains_rejections(tmp_path):
+    log = RoundLog(tmp_path / "r.json", run={})
+    log.client(1, "food", train_loss=2.0, bytes_up=10, bytes_down=10)
+    log.client(1, "<b>x</b>", rejected="update norm 9 is more than 5x the round's median 1")
+    log.close_round(1)
+    text = format_table(log.data)
+    assert text.splitlines()[2].split()[:3] == ["1", "1", "1"]
+    assert "round 1: the update of <b>x</b> was rejected: update norm 9 is more than 5x" in text

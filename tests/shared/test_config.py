@@ -25,6 +25,9 @@ def test_unknown_key_is_named_with_a_suggestion():
         ("train.lr", 3, r"'train\.lr' = 3\.0 must be in \(0, 1\)"),
         ("aggregation.method", "median", r"'aggregation\.method' = 'median' must be one of"),
         ("train.dtype", "fp8", r"'train\.dtype' = 'fp8' must be one of"),
+        ("aggregation.delta-encoding", "q2", r"'aggregation\.delta-encoding' = 'q2' must be one of"),
+        ("aggregation.max-norm-ratio", 1, r"'aggregation\.max-norm-ratio' = 1\.0 must be > 1"),
+        ("aggregation.min-accepted", 0, r"'aggregation\.min-accepted' = 0 must be >= 1"),
     ],
 )
 def test_bad_values_are_refused_with_the_key(key, value, message):

@@ -1,0 +1,130 @@
+"""AdapterStrategy.aggregate_train on real Flower reply messages: validation rules and metrics."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+
+from server.report import RoundLog
+from server.strategy import AdapterStrategy
+from shared.config import AggregationConfig, LoraConfig
+from shared.wire import from_wire, pack, wire_bytes
+
+torch.manual_seed(0)
+GLOBAL = {
+    f"l{i}.{n}.lora_{f}.weight": torch.randn(*shape) * 0.1
+    for i in range(2)
+    for n in ("q", "v")
+    for f, shape in (("A", (4, 64)), ("B", (64, 4)))
+}
+
+
+def _reply(node: int, delta, encoding="fp16", examples=100, record=None) -> Message:
+    content = RecordDict(
+        {
+            "arrays": record if record is not None else pack(delta, encoding),
+            "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0, "train-seconds": 2.0}),
+            "client": ConfigRecord({"name": f"client-{node}"}),
+        }
+    )
+    meta = Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id=f"q{node}",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60,
+        message_type="train",
+    )
+    return Message(content, metadata=meta)
+
+
+def _honest(scale=0.01, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g) * scale for k, v in GLOBAL.items()}
+
+
+def _strategy(tmp_path, **agg) -> AdapterStrategy:
+    strategy = AdapterStrategy(RoundLog(tmp_path / "rounds.json", {}), 2, AggregationConfig(**agg), LoraConfig(rank=4))
+    record = pack(GLOBAL, "fp16")
+    strategy._global, strategy._bytes_down = from_wire(record), wire_bytes(record)  # what configure_train sets
+    return strategy
+
+
+def _clients(tmp_path):
+    return json.loads((tmp_path / "rounds.json").read_text())["rounds"][0]["clients"]
+
+
+def test_a_norm_outlier_is_rejected_and_the_round_goes_on(tmp_path):
+    strategy = _strategy(tmp_path)
+    replies = [_reply(n, _honest(seed=n)) for n in range(1, 5)] + [_reply(9, _honest(scale=1.0, seed=9))]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    assert metrics["rejected-updates"] == 1 and metrics["failed-replies"] == 0
+    assert metrics["bytes-up"] == sum(wire_bytes(r.content["arrays"]) for r in replies[:4])
+    assert metrics["bytes-down"] == 5 * wire_bytes(pack(GLOBAL))
+    clients = _clients(tmp_path)
+    assert "more than 5x the round's median" in clients["client-9"]["rejected"]
+    assert all("rejected" not in clients[f"client-{n}"] for n in range(1, 5))
+    # the outlier had no say: the result is the mean of the four honest updates
+    mean = {k: GLOBAL[k] + sum(_honest(seed=n)[k] for n in range(1, 5)) / 4 for k in GLOBAL}
+    got = from_wire(arrays)
+    assert all(torch.allclose(got[k], mean[k], atol=2e-3) for k in GLOBAL)
+
+
+def test_an_oversized_update_is_rejected_before_decoding(tmp_path):
+    strategy = _strategy(tmp_path)
+    padded = {k: arr for k, arr in pack(_honest()).items()}
+    key = next(iter(padded))
+    padded[key] = Array(np.zeros(1_000_000, np.float16))
+    replies = [_reply(n, _honest(seed=n)) for n in range(1, 3)] + [_reply(7, None, record=ArrayRecord(padded))]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["rejected-updates"] == 1
+    assert "more than the" in _clients(tmp_path)["client-7"]["rejected"]
+
+
+def test_a_wrong_dtype_or_non_finite_update_is_rejected_with_its_reason(tmp_path):
+    strategy = _strategy(tmp_path)
+    bad = _honest()
+    bad[next(iter(bad))][0, 0] = float("nan")
+    as_int16 = ArrayRecord({k: Array(v.half().numpy().view(np.int16)) for k, v in _honest().items()})  # same size
+    replies = [_reply(1, _honest(seed=1)), _reply(2, _honest(seed=2)), _reply(3, bad), _reply(4, None, record=as_int16)]
+    _, metrics = strategy.aggregate_train(1, replies)
+    clients = _clients(tmp_path)
+    assert metrics["rejected-updates"] == 2
+    assert "non-finite" in clients["client-3"]["rejected"]
+    assert "arrived as int16" in clients["client-4"]["rejected"]
+
+
+def test_too_few_accepted_updates_keep_the_global_adapter(tmp_path):
+    strategy = _strategy(tmp_path, min_accepted=2)
+    bad = _honest()
+    bad[next(iter(bad))][0, 0] = float("inf")
+    arrays, metrics = strategy.aggregate_train(1, [_reply(1, _honest()), _reply(2, bad)])
+    assert arrays is None  # Flower keeps the previous global adapter
+    assert metrics["rejected-updates"] == 1
+
+
+@pytest.mark.parametrize("encoding", ["q8", "q4"])
+def test_quantized_deltas_aggregate_close_to_fp16(tmp_path, encoding):
+    deltas = [_honest(seed=n) for n in range(1, 4)]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    fp16, fp16_metrics = _strategy(tmp_path / "a").aggregate_train(1, [_reply(n, d) for n, d in enumerate(deltas, 1)])
+    replies = [_reply(n, d, encoding) for n, d in enumerate(deltas, 1)]
+    quant, metrics = _strategy(tmp_path / "b", delta_encoding=encoding).aggregate_train(1, replies)
+    err = max((from_wire(quant)[k] - from_wire(fp16)[k]).abs().max().item() for k in GLOBAL)
+    assert metrics["rejected-updates"] == 0
+    assert err < (0.01 * 4 / 127 if encoding == "q8" else 0.01 * 4 / 7)  # half a step of a 4-sigma block max
+    assert metrics["bytes-up"] == sum(wire_bytes(r.content["arrays"]) for r in replies) < fp16_metrics["bytes-up"]
+
+
+def test_an_update_in_another_encoding_than_configured_is_rejected(tmp_path):
+    strategy = _strategy(tmp_path, delta_encoding="q8")
+    _, metrics = strategy.aggregate_train(1, [_reply(n, _honest(seed=n), "q4") for n in range(1, 4)])
+    assert metrics["rejected-updates"] == 3
+    assert "expected int8" in _clients(tmp_path)["client-1"]["rejected"]
