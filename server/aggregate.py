@@ -18,6 +18,7 @@ Methods (select with run-config ``aggregation.method``):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
@@ -25,6 +26,7 @@ import torch
 
 State = dict[str, torch.Tensor]
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+TRIM_SAMPLE = 1 << 16
 
 
 class NoUpdatesError(ValueError):
@@ -59,11 +61,9 @@ class RunningWeightedMean:
         if self._sum and set(state) != set(self._sum):
             raise ValueError("update keys differ from the first update's keys")
         for key, tensor in state.items():
-            contrib = tensor.to(torch.float32) * weight
-            if key in self._sum:
-                self._sum[key].add_(contrib)
-            else:
-                self._sum[key] = contrib.clone()
+            if key not in self._sum:
+                self._sum[key] = torch.zeros(tensor.shape)
+            self._sum[key].add_(tensor, alpha=weight)  # one pass; fp16 inputs accumulate in fp32
         self._weight += weight
         self.count += 1
 
@@ -137,8 +137,10 @@ class ExactAggregator:
     def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
         """Fold one client's dW_i, weighted."""
         for m in modules(state):
-            dw = delta_w(state, m, self.scale) * weight
-            self._sum[m] = self._sum[m].add_(dw) if m in self._sum else dw
+            b, a = state[m + LORA_B].float(), state[m + LORA_A].float()
+            if m not in self._sum:
+                self._sum[m] = torch.zeros(b.shape[0], a.shape[1])
+            self._sum[m].addmm_(b, a, alpha=self.scale * weight)  # one pass over (d_out, d_in)
         self._weight += weight
 
     def result(self) -> State:
@@ -207,13 +209,17 @@ class TiesAggregator:
     def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
         """Trim one client's task vector and fold it into the signed running sums."""
         for m, base in self._base.items():
-            tau = delta_w(state, m, self.scale) - base  # (d_out, d_in)
+            if m not in self._pos:
+                for acc in (self._pos, self._neg, self._pos_w, self._neg_w):
+                    acc[m] = torch.zeros_like(base)
+            b, a = state[m + LORA_B].float(), state[m + LORA_A].float()
+            tau = torch.addmm(base, b, a, beta=-1, alpha=self.scale)  # s B A - dW_global, (d_out, d_in)
             tau = _trim(tau, self.density)  # sparsify
-            pos, neg = (tau > 0).float(), (tau < 0).float()
-            for acc, val in ((self._pos, tau.clamp(min=0)), (self._neg, tau.clamp(max=0))):
-                acc[m] = acc[m].add_(val, alpha=weight) if m in acc else val * weight
-            for acc, mask in ((self._pos_w, pos), (self._neg_w, neg)):
-                acc[m] = acc[m].add_(mask, alpha=weight) if m in acc else mask * weight
+            pos = tau.clamp(min=0)
+            self._pos[m].add_(pos, alpha=weight)
+            self._neg[m].add_(tau.sub_(pos), alpha=weight)  # tau now holds its negative part
+            self._pos_w[m].add_(pos.sign_(), alpha=weight)
+            self._neg_w[m].sub_(tau.sign_(), alpha=weight)
         self.count += 1
 
     def result(self) -> State:
@@ -231,12 +237,28 @@ class TiesAggregator:
 
 
 def _trim(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``density`` fraction of entries with the largest magnitude (ties at the cut kept)."""
+    """Keep the ``density`` fraction of entries with the largest magnitude (ties at the cut kept), in place.
+
+    Above ``TRIM_SAMPLE`` entries the cut is the same quantile of a fixed random sample of that
+    many magnitudes: the kept fraction is then ``density`` within ~0.2% (binomial standard error
+    sqrt(d(1 - d) / 65536) = 0.0016 at d = 0.2), and trimming costs O(n) instead of a full selection.
+    """
     if density >= 1:
         return tau
-    k = max(1, int(round(density * tau.numel())))
-    cut = tau.abs().flatten().kthvalue(tau.numel() - k + 1).values
-    return torch.where(tau.abs() >= cut, tau, torch.zeros_like(tau))
+    magnitude = tau.abs()
+    pool = magnitude.flatten()
+    if pool.numel() > TRIM_SAMPLE:
+        pool = pool.index_select(0, _sample_index(pool.numel()))
+    k = max(1, int(round(density * pool.numel())))
+    cut = pool.kthvalue(pool.numel() - k + 1).values
+    return tau.mul_(magnitude >= cut)
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_index(numel: int) -> torch.Tensor:
+    """``TRIM_SAMPLE`` sorted random positions in ``range(numel)``, the same on every call."""
+    gen = torch.Generator().manual_seed(numel)
+    return torch.randint(numel, (TRIM_SAMPLE,), generator=gen).sort().values
 
 
 def make_aggregator(

@@ -8,7 +8,8 @@ import os
 import platform
 import subprocess
 
-import simulations.bench.federated  # noqa: F401  (registers)
+import simulations.bench.aggregation  # noqa: F401  (registers)
+import simulations.bench.federated  # noqa: F401
 from simulations.bench import REGISTRY
 from simulations.flower_local import ROOT
 
@@ -28,29 +29,35 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md as it is")
     args = parser.parse_args()
     names = args.only or sorted(REGISTRY)
-    sections = []
-    for name in names:
-        result = REGISTRY[name]()
-        for table in result if isinstance(result, list) else [result]:
-            print(table.markdown(), flush=True)
-            sections.append(table.markdown())
-    if args.no_write:
-        return
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
-    head = [
-        "# Benchmarks",
-        "",
-        "Written by `python -m simulations.bench` (all of them: `make bench`). Machines are shared and noisy:",
-        "compare figures within one run, not across runs.",
-        "",
-        f"- machine: {machine()}",
-        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, commit {commit}",
-        "",
-    ]
-    (ROOT / "BENCHMARKS.md").write_text("\n".join(head) + "\n" + "\n".join(sections))
-    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+    stamp = f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, commit {commit}, {machine()}"
+    path = ROOT / "BENCHMARKS.md"
+    sections = _sections(path.read_text()) if path.exists() else {}
+    for name in names:
+        result = REGISTRY[name]()
+        text = "".join(t.markdown() for t in (result if isinstance(result, list) else [result]))
+        print(text, flush=True)
+        sections[name] = f"<!-- bench:{name} -->\n_Measured {stamp}._\n\n{text}"
+        if not args.no_write:  # after each benchmark, so a long run that stops keeps what it measured
+            path.write_text(HEAD + "\n".join(sections[n] for n in sorted(sections)))
+            print(f"wrote the '{name}' section of {path}")
+
+
+HEAD = """# Benchmarks
+
+Written by `python -m simulations.bench` (all of them: `make bench`; one: `--only NAME`, which
+rewrites only that section). Machines are shared and noisy: compare figures within one table,
+not across tables.
+
+"""
+
+
+def _sections(text: str) -> dict[str, str]:
+    """Split BENCHMARKS.md into its per-benchmark sections (kept when another one is re-run)."""
+    parts = text.split("<!-- bench:")[1:]
+    return {part.split(" -->", 1)[0]: "<!-- bench:" + part for part in parts}
 
 
 if __name__ == "__main__":
