@@ -1,6 +1,8 @@
 """Flower ClientApp: one edge device. Thin glue over ``client/train.py``.
 
-Each message carries the global adapter; the device loads it on its cached base, then
+Each message carries the global adapter as a signed release; the device verifies it
+(``client/verify.py``; a refused release is reported and the last good adapter stays), loads
+it on its cached base, then
 either trains and replies with the adapter *delta* (``aggregation.delta-encoding``) and its metrics, or evaluates
 it on its held-out file. The base model never travels in a round message.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import zlib
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -17,14 +20,17 @@ from flwr.common.logger import log
 
 from client.partition import Partition, partition_for
 from client.train import evaluate, train_adapter
-from shared.adapter import adapter_state, attach_lora, load_adapter_state, set_trainable_factors, uploaded_keys
+from client.verify import install_release
+from shared.adapter import adapter_state, attach_lora, set_trainable_factors, uploaded_keys
 from shared.config import FleetConfig, LoraConfig
 from shared.data import Encoded, encode, load_jsonl
-from shared.model import compute_dtype, load_model, load_tokenizer
-from shared.wire import from_wire, pack
+from shared.model import cache_dir, compute_dtype, load_model, load_tokenizer, model_digest
+from shared.release import AcceptedReleases, ReleaseError
+from shared.sign import SignatureError, TrustList
+from shared.wire import WireError, pack, release_from_records
 
 app = ClientApp()
-INFO = 20
+INFO, WARNING = 20, 30
 
 
 @app.train()
@@ -36,8 +42,11 @@ def train(msg: Message, context: Context) -> Message:
     if not isinstance(server_round, int):
         raise TypeError(f"train message carries server-round {server_round!r}, expected an integer")
     model, tok = _runtime(cfg.model, cfg.lora, cfg.seed, cfg.train.dtype)
-    start = from_wire(msg.content["arrays"])
-    load_adapter_state(model, start)
+    try:
+        _install(msg, context, cfg, part, model)
+    except (ReleaseError, WireError, SignatureError, OSError) as exc:
+        return _refuse(msg, part, server_round, exc)
+    start = adapter_state(model)
     set_trainable_factors(model, cfg.aggregation.method)
     data = _encoded(part.train_file, cfg.model, cfg.train.max_seq_len)
     seed = zlib.crc32(f"{cfg.seed}/{server_round}/{part.name}".encode())  # stable across processes
@@ -63,13 +72,42 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     cfg = FleetConfig.from_run_config(context.run_config)
     part = partition_for(context.node_config, cfg)
     model, tok = _runtime(cfg.model, cfg.lora, cfg.seed, cfg.train.dtype)
-    load_adapter_state(model, from_wire(msg.content["arrays"]))
+    try:
+        _install(msg, context, cfg, part, model)
+    except (ReleaseError, WireError, SignatureError, OSError) as exc:
+        return _refuse(msg, part, msg.content["config"].get("server-round", -1), exc)
     data = _encoded(part.heldout_file, cfg.model, cfg.train.max_seq_len)
     result = evaluate(model, data, cfg.eval, tok.pad_token_id)
     metrics = MetricRecord(
         {"num-examples": result.examples, "heldout-loss": result.loss, "heldout-tokens": result.tokens}
     )
     return _reply(msg, part, metrics)
+
+
+def _install(msg: Message, context: Context, cfg: FleetConfig, part: Partition, model: Any) -> None:
+    """Verify the message's signed release against this device's trust list, base and history; load it."""
+    release = release_from_records(msg.content["arrays"], msg.content["config"])
+    trust = TrustList.load(Path(str(context.node_config.get("trust-file", cfg.signing.trust_file))).expanduser())
+    state_dir = Path(str(context.node_config.get("state-dir", cache_dir() / "devices" / part.name))).expanduser()
+    install_release(model, release, trust, _base_digest(cfg.model), AcceptedReleases(state_dir / "accepted.json"))
+
+
+def _refuse(msg: Message, part: Partition, server_round: Any, exc: Exception) -> Message:
+    """Reply that this device refused the release; its last good adapter stays active."""
+    log(
+        WARNING,
+        "client %s round %s: refused the release, keeping the last good adapter: %s",
+        part.name,
+        server_round,
+        exc,
+    )
+    content = RecordDict(
+        {
+            "metrics": MetricRecord({"refused-release": 1}),
+            "client": ConfigRecord({"name": part.name, "refused-release": str(exc)}),
+        }
+    )
+    return Message(content, reply_to=msg)
 
 
 def _reply(msg: Message, part: Partition, metrics: MetricRecord, arrays: Any = None) -> Message:
@@ -84,6 +122,11 @@ def _runtime(model_spec: str, lora: LoraConfig, seed: int, dtype: str) -> tuple[
     """Return the base model with a LoRA adapter attached, kept for the life of the process."""
     model = attach_lora(load_model(model_spec, compute_dtype(dtype)), lora, seed)
     return model, _tokenizer(model_spec)
+
+
+@functools.lru_cache(maxsize=4)
+def _base_digest(model_spec: str) -> str:
+    return model_digest(model_spec)
 
 
 @functools.lru_cache(maxsize=1)

@@ -36,6 +36,11 @@ class RoundLog:
         self.round(server_round)["clients"].setdefault(name, {}).update(values)
         self._save()
 
+    def note(self, server_round: int, **values: Any) -> None:
+        """Record round-level ``values`` (e.g. the signed release) and persist."""
+        self.round(server_round).update(values)
+        self._save()
+
     def close_round(self, server_round: int, **values: Any) -> dict[str, Any]:
         """Finish a round: derive its means and totals, record extra ``values``, persist."""
         rec = self.round(server_round)
@@ -64,11 +69,15 @@ class RoundLog:
 
 
 def format_table(data: dict[str, Any]) -> str:
-    """Render the round log as a fixed-width table (round 0 = before any training)."""
+    """Render the round log as a fixed-width table (round 0 = before any training).
+
+    ``key id`` and ``manifest`` name the signed release each round ended with (the manifest's
+    SHA-256, first 16 hex digits; ``fleetlora verify`` prints it whole).
+    """
     rounds = sorted(data["rounds"], key=lambda r: r["round"])
     names = sorted({n for r in rounds for n in r["clients"]})
     head = ["round", "clients", "rejected", "train loss"] + [f"held-out {n}" for n in names]
-    head += ["held-out mean", "MB up", "MB down"]
+    head += ["held-out mean", "MB up", "MB down", "key id", "manifest"]
     rows = []
     for r in rounds:
         trained = [c for c in r["clients"].values() if "train_loss" in c]
@@ -80,6 +89,8 @@ def format_table(data: dict[str, Any]) -> str:
         ]
         row += [_num(r["clients"].get(n, {}).get("heldout_loss")) for n in names]
         row += [_num(r.get("mean_heldout_loss")), _mb(r.get("bytes_up")), _mb(r.get("bytes_down"))]
+        release = r.get("release", {})
+        row += [release.get("key_id", "-"), release.get("manifest", "-")[:16]]
         rows.append(row)
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
@@ -94,6 +105,8 @@ def format_table(data: dict[str, Any]) -> str:
         for name, c in sorted(r["clients"].items()):
             if "rejected" in c:
                 lines.append(f"round {r['round']}: the update of {name} was rejected: {c['rejected']}")
+            if "refused_release" in c:
+                lines.append(f"round {r['round']}: {name} refused the signed release: {c['refused_release']}")
     return "\n".join(lines)
 
 

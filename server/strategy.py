@@ -1,13 +1,15 @@
-"""Flower strategy that aggregates LoRA adapters from their *deltas* and keeps the round log.
+"""Flower strategy that aggregates LoRA adapters from their *deltas*, signs each result, keeps the round log.
 
-Clients receive the global adapter and reply with ``delta_i = local_i - global`` (under FFA-LoRA,
-for B only). The server rebuilds ``local_i = global + delta_i`` one reply at a time and folds it
-into the configured streaming aggregator (``server/aggregate.py``), which yields the new global.
+Clients receive the global adapter as a signed release (``server/registry.py``), verify it, and
+reply with ``delta_i = local_i - global`` (under FFA-LoRA, for B only). The server validates each
+delta, rebuilds ``local_i = global + delta_i`` one reply at a time and folds it into the
+configured streaming aggregator (``server/aggregate.py``); the new global is signed and stored
+before it is sent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -16,11 +18,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from server.aggregate import apply_update, make_aggregator
+from server.registry import Registry
 from server.report import RoundLog
 from server.validate import check_size, check_update, norm_outliers, update_norm
-from shared.adapter import uploaded_keys
+from shared.adapter import ADAPTER_WEIGHTS, uploaded_keys
 from shared.config import AggregationConfig, LoraConfig
-from shared.wire import from_wire, to_wire, unpack, wire_bytes
+from shared.manifest import Manifest
+from shared.release import Release, load_tensors
+from shared.wire import release_to_records, unpack, wire_bytes
 
 INFO, WARNING = 20, 30
 
@@ -31,20 +36,37 @@ class AdapterStrategy(FedAvg):
     Flower's FedAvg supplies node sampling and message plumbing; aggregation is ours.
     """
 
-    def __init__(self, round_log: RoundLog, min_clients: int, agg: AggregationConfig, lora: LoraConfig) -> None:
+    def __init__(
+        self, round_log: RoundLog, min_clients: int, agg: AggregationConfig, lora: LoraConfig, registry: Registry
+    ) -> None:
         super().__init__(min_train_nodes=min_clients, min_evaluate_nodes=min_clients, min_available_nodes=min_clients)
         self.round_log = round_log
         self.agg, self.lora = agg, lora
+        self.registry = registry
         self._global: dict[str, Any] = {}
         self._bytes_down = 0
+        self._refusals = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the global adapter this round starts from, then sample and send."""
-        self._global = from_wire(arrays)
-        self._bytes_down = wire_bytes(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
+        """Remember the global adapter this round starts from, attach its signature, sample and send."""
+        release = self._release_of(arrays)
+        self._global = load_tensors(release.files[ADAPTER_WEIGHTS])
+        self._bytes_down = wire_bytes(arrays) + len(release.manifest_bytes) + len(release.signature)
+        return super().configure_train(server_round, arrays, self._signed(config, release), grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the round's release, with its signature, for federated evaluation."""
+        return super().configure_evaluate(server_round, arrays, self._signed(config, self._release_of(arrays)), grid)
+
+    def initial_arrays(self, state: Mapping[str, Any]) -> ArrayRecord:
+        """Sign the initial adapter as release 0 and return what the first messages carry."""
+        release, manifest = self.registry.publish(0, state)
+        self._record_release(0, manifest)
+        return release_to_records(release)[0]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -55,7 +77,7 @@ class AdapterStrategy(FedAvg):
         and takes its norm, the norm-outlier rule then needs the whole round; the second folds.
         """
         replies = list(replies)
-        valid = self._valid_replies(server_round, replies, "sent no update", is_train=True)
+        valid = self._refused_release(server_round, self._valid_replies(server_round, replies, "sent no update", True))
         parsed: dict[int, tuple[Message, float, dict[str, Any]]] = {}
         norms: dict[int, float] = {}
         for i, msg in enumerate(valid):
@@ -71,7 +93,8 @@ class AdapterStrategy(FedAvg):
         metrics = MetricRecord(
             {
                 "rejected-updates": len(valid) - len(parsed),
-                "failed-replies": len(replies) - len(valid),
+                "refused-releases": self._refusals,
+                "failed-replies": len(replies) - len(valid) - self._refusals,
                 "bytes-down": self._bytes_down * len(replies),
             }
         )
@@ -119,7 +142,9 @@ class AdapterStrategy(FedAvg):
             self.agg.delta_encoding,
             sum(e["train_loss"] for _, _, e in parsed.values()) / len(parsed),
         )
-        return to_wire(aggregator.result()), metrics
+        release, manifest = self.registry.publish(server_round, aggregator.result())
+        self._record_release(server_round, manifest)
+        return release_to_records(release)[0], metrics
 
     def _parse_update(self, msg: Message) -> tuple[dict[str, Any], float, dict[str, Any]]:
         """Return a reply's delta, weight and round-log entry, or raise with the reason it cannot count."""
@@ -146,6 +171,7 @@ class AdapterStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record each client's held-out loss and close the round in the log."""
         valid = self._valid_replies(server_round, list(replies), "could not evaluate", is_train=False)
+        valid = self._refused_release(server_round, valid)
         for msg in valid:
             self.round_log.client(server_round, _name(msg), heldout_loss=_metric(msg, "heldout-loss"))
         rec = self.round_log.close_round(server_round)
@@ -157,6 +183,41 @@ class AdapterStrategy(FedAvg):
         if not valid:
             return None
         return self.evaluate_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+
+    def _refused_release(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Log and record the replies of devices that refused the release; return the others."""
+        kept = []
+        self._refusals = 0
+        for msg in replies:
+            reason = msg.content["client"].get("refused-release") if "client" in msg.content else None
+            if reason is None:
+                kept.append(msg)
+                continue
+            self._refusals += 1
+            name, node = _name(msg), msg.metadata.src_node_id
+            log(WARNING, "round %d: %s (node %d) refused the signed release: %s", server_round, name, node, reason)
+            self.round_log.client(server_round, name, node_id=node, refused_release=str(reason))
+        return kept
+
+    def _release_of(self, arrays: ArrayRecord) -> Release:
+        """Return the signed release whose files ``arrays`` carries (always the registry's latest)."""
+        if self.registry.latest is None:
+            raise RuntimeError("no release published yet: start with initial_arrays()")
+        release = self.registry.latest[0]
+        if release_to_records(release)[0].keys() != arrays.keys():
+            raise RuntimeError("the arrays to send are not the latest signed release")
+        return release
+
+    @staticmethod
+    def _signed(config: ConfigRecord, release: Release) -> ConfigRecord:
+        signed = ConfigRecord(dict(config))
+        for key, value in release_to_records(release)[1].items():
+            signed[key] = value
+        return signed
+
+    def _record_release(self, server_round: int, manifest: Manifest) -> None:
+        release = {"key_id": manifest.key_id, "manifest": manifest.digest(), "created": manifest.created}
+        self.round_log.note(server_round, release=release)
 
     def evaluate_initial(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> None:
         """Federated evaluation of the initial adapter (round 0: the base model's held-out loss)."""

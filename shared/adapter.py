@@ -94,6 +94,17 @@ def set_trainable_factors(peft_model: Any, method: str) -> None:
             param.requires_grad = True
 
 
+def adapter_config_bytes(peft_model: Any, base: str) -> bytes:
+    """PEFT's ``adapter_config.json`` for this adapter, as ``save_pretrained`` writes it."""
+    import tempfile
+
+    cfg = peft_model.peft_config["default"]
+    cfg.base_model_name_or_path = base
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.save_pretrained(tmp)
+        return (Path(tmp) / ADAPTER_CONFIG).read_bytes()
+
+
 def save_peft_folder(peft_model: Any, state: Mapping[str, torch.Tensor], folder: str | Path, base: str) -> Path:
     """Write ``state`` as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``).
 

@@ -118,6 +118,16 @@ class AggregationConfig:
 
 
 @dataclass(frozen=True)
+class SigningConfig:
+    """Signed releases (``shared/release.py``); relative paths are resolved against the project folder."""
+
+    key: str = ".fleetlora/keys/server.key"
+    """Server: the Ed25519 private key (mode 0600; ``fleetlora keys generate`` creates it)."""
+    trust_file: str = ".fleetlora/keys/server.key.pub"
+    """Devices: the trust list (a device's node-config ``trust-file`` takes precedence)."""
+
+
+@dataclass(frozen=True)
 class FleetConfig:
     """The whole run configuration, as both the server and the clients see it."""
 
@@ -141,6 +151,7 @@ class FleetConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    signing: SigningConfig = field(default_factory=SigningConfig)
 
     def __post_init__(self) -> None:
         _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "must be >= 1")
@@ -179,6 +190,7 @@ _SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "aggregation": AggregationConfig,
+    "signing": SigningConfig,
 }
 
 

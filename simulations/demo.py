@@ -2,7 +2,7 @@
 
 Starts a local simulation SuperLink, runs ``flwr run`` on this project (one virtual device
 per topic), stops the SuperLink by PID, and prints the round table and where the final
-adapter is. Usage::
+adapter is. Creates the server's signing key (``signing.key``) on first use. Usage::
 
     python -m simulations.demo [--run-config KEY=VALUE ...] [--output-dir DIR]
 """
@@ -19,6 +19,7 @@ from typing import Any
 
 from server.report import format_table
 from shared.config import ConfigError, FleetConfig
+from shared.sign import generate_key, key_id
 from simulations.flower_local import ROOT, local_superlink, run_app
 
 
@@ -55,17 +56,23 @@ def run_demo(overrides: dict[str, Any], output_dir: Path, flwr_home: Path) -> di
     merged = {**app_defaults(), **overrides}
     merged["data-dir"] = str((ROOT / str(merged["data-dir"])).resolve())
     merged["output-dir"] = str(output_dir.resolve())
+    for key in ("signing.key", "signing.trust-file"):
+        merged[key] = str((ROOT / Path(str(merged[key])).expanduser()).resolve())
     cfg = FleetConfig.from_run_config(merged)  # fails here, before anything starts, on a bad key or value
     if cfg.min_clients > len(cfg.topics):
         raise ConfigError(
             f"min-clients = {cfg.min_clients} but only {len(cfg.topics)} topics (one virtual device each)"
         )
+    if not Path(cfg.signing.key).exists():
+        created = generate_key(cfg.signing.key)
+        print(f"demo: created signing key {cfg.signing.key} (key id {key_id(created.public_key())})", file=sys.stderr)
     rounds_file = Path(cfg.output_dir) / cfg.run_name / "rounds.json"
     rounds_file.unlink(missing_ok=True)
     log_file = Path(cfg.output_dir) / cfg.run_name / "flower.log"
     federation = {"num-supernodes": len(cfg.topics), "client-resources-num-cpus": 2}  # one device trains at a time
     with local_superlink(flwr_home, log_file):
-        code = run_app(flwr_home, {k: merged[k] for k in ("data-dir", "output-dir")} | overrides, federation, log_file)
+        paths = {k: merged[k] for k in ("data-dir", "output-dir", "signing.key", "signing.trust-file")}
+        code = run_app(flwr_home, paths | overrides, federation, log_file)
     if code != 0 or not rounds_file.is_file():
         raise RuntimeError(f"flwr run failed (exit {code}); see {log_file}")
     data = json.loads(rounds_file.read_text())
@@ -92,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.time() - t0
     print("\n" + format_table(data))
     print(f"\nfinal adapter (PEFT folder): {data['run']['adapter']}")
-    print(f"round log: {Path(data['run']['adapter']).parent / 'rounds.json'}")
+    run_dir = Path(data["run"]["adapter"]).parent
+    print(f"round log: {run_dir / 'rounds.json'}")
+    print(f"signed releases: {run_dir / 'releases'} (check one: fleetlora verify <folder> --trust <key>.pub)")
     print(f"wall time: {wall:.0f} s")
     return 0
 

@@ -8,6 +8,8 @@ import psutil
 import pytest
 
 from shared.config import ConfigError
+from shared.release import read_release, verify_release
+from shared.sign import TrustList, generate_key
 from simulations.demo import run_demo
 
 
@@ -27,6 +29,8 @@ def test_two_round_simulation_with_a_tiny_model(tmp_path, tiny_model_dir, method
     assert not _flower_processes(), "a Flower process was already running"
     data = run_demo(
         {
+            "signing.key": str(tmp_path / "keys" / "server.key"),
+            "signing.trust-file": str(tmp_path / "keys" / "server.key.pub"),
             "aggregation.method": method,
             "aggregation.delta-encoding": encoding,
             "model": str(tiny_model_dir),
@@ -49,14 +53,50 @@ def test_two_round_simulation_with_a_tiny_model(tmp_path, tiny_model_dir, method
             assert 0 < c["bytes_up"] < 1_000_000  # only the tiny adapter's delta travels
             if method == "ffa":  # B only, 8-bit: ~1/4 of the fp16 adapter, plus each small array's .npy header
                 assert c["bytes_up"] < 0.35 * c["bytes_down"]
-            else:
-                assert c["bytes_up"] == c["bytes_down"]
+            else:  # fp16 delta up; down, the signed release: fp16 safetensors + config + manifest + signature
+                assert 0.9 * c["bytes_down"] < c["bytes_up"] < c["bytes_down"]
     assert rounds[2]["mean_heldout_loss"] < rounds[0]["mean_heldout_loss"]
     adapter = tmp_path / "out" / "tiny" / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     on_disk = json.loads((tmp_path / "out" / "tiny" / "rounds.json").read_text())
     assert on_disk["run"]["finished"] > on_disk["run"]["started"]
+    # every round's adapter was signed, chained and is verifiable from the registry
+    trust = TrustList.load(tmp_path / "keys" / "server.key.pub")
+    releases = tmp_path / "out" / "tiny" / "releases"
+    manifests = [
+        verify_release(read_release(releases / f"round-{n:04d}"), trust, data["run"]["base_digest"]) for n in range(3)
+    ]
+    assert [m.previous for m in manifests[1:]] == [m.digest() for m in manifests[:2]]
+    assert [rounds[n]["release"]["manifest"] for n in range(3)] == [m.digest() for m in manifests]
+    for n in (1, 2):
+        assert all("refused_release" not in c for c in rounds[n]["clients"].values())
     assert not _flower_processes(), "the SuperLink (or a child) outlived the run"
+
+
+@pytest.mark.slow
+def test_devices_refuse_releases_signed_by_a_key_they_do_not_trust(tmp_path, tiny_model_dir):
+    generate_key(tmp_path / "other.key")
+    data = run_demo(
+        {
+            "signing.key": str(tmp_path / "server.key"),
+            "signing.trust-file": str(tmp_path / "other.key.pub"),  # the devices trust another key
+            "model": str(tiny_model_dir),
+            "num-server-rounds": 1,
+            "train.steps": 1,
+            "eval.max-examples": 4,
+            "run-name": "untrusted",
+        },
+        output_dir=tmp_path / "out",
+        flwr_home=tmp_path / "flwr",
+    )
+    rounds = {r["round"]: r for r in data["rounds"]}
+    for n in (0, 1):  # the initial evaluation and the round: every device refused, none trained or scored
+        assert len(rounds[n]["clients"]) == 4
+        for c in rounds[n]["clients"].values():
+            assert "not in the trust list" in c["refused_release"]
+            assert "train_loss" not in c and "heldout_loss" not in c
+    assert "finished" in data["run"]  # the server went on; the global adapter stayed release 0
+    assert not (tmp_path / "out" / "untrusted" / "releases" / "round-0001").exists()
 
 
 def test_unknown_config_key_fails_before_anything_starts(tmp_path):

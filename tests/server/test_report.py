@@ -23,11 +23,23 @@ def test_table_has_a_before_row_and_one_column_per_client(tmp_path):
     log.client(0, "food", heldout_loss=3.0)
     log.close_round(0)
     log.client(1, "food", train_loss=2.0, heldout_loss=1.5, bytes_up=2_000_000, bytes_down=4_000_000)
+    log.note(1, release={"key_id": "0123456789abcdef", "manifest": "f" * 64})
     log.close_round(1)
     lines = format_table(log.data).splitlines()
     assert "held-out food" in lines[0] and "MB up" in lines[0]
     assert lines[2].split()[:3] == ["before", "1", "0"] and lines[2].split()[4] == "3.0000"
-    assert lines[3].split() == ["1", "1", "0", "2.0000", "1.5000", "1.5000", "2.00", "4.00"]
+    assert lines[3].split() == [
+        "1",
+        "1",
+        "0",
+        "2.0000",
+        "1.5000",
+        "1.5000",
+        "2.00",
+        "4.00",
+        "0123456789abcdef",
+        "f" * 16,
+    ]
 
 
 def test_table_counts_and_explains_rejections(tmp_path):

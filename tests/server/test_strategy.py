@@ -8,11 +8,16 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
+from server.registry import Registry
 from server.report import RoundLog
 from server.strategy import AdapterStrategy
+from shared.adapter import ADAPTER_WEIGHTS
 from shared.config import AggregationConfig, LoraConfig
-from shared.wire import from_wire, pack, wire_bytes
+from shared.release import load_tensors, read_release, verify_release
+from shared.sign import TrustList, generate_key
+from shared.wire import pack, wire_bytes
 
+BASE = "b" * 64
 torch.manual_seed(0)
 GLOBAL = {
     f"l{i}.{n}.lora_{f}.weight": torch.randn(*shape) * 0.1
@@ -50,14 +55,24 @@ def _honest(scale=0.01, seed=0):
 
 
 def _strategy(tmp_path, **agg) -> AdapterStrategy:
-    strategy = AdapterStrategy(RoundLog(tmp_path / "rounds.json", {}), 2, AggregationConfig(**agg), LoraConfig(rank=4))
-    record = pack(GLOBAL, "fp16")
-    strategy._global, strategy._bytes_down = from_wire(record), wire_bytes(record)  # what configure_train sets
+    generate_key(tmp_path / "server.key")
+    registry = Registry(tmp_path / "releases", tmp_path / "server.key", "run-1", BASE, "fedavg", b"{}")
+    strategy = AdapterStrategy(
+        RoundLog(tmp_path / "rounds.json", {}), 2, AggregationConfig(**agg), LoraConfig(rank=4), registry
+    )
+    record = strategy.initial_arrays(GLOBAL)  # signed release 0
+    strategy._global = _tensors(record)  # what configure_train sets from the release it sends
+    strategy._bytes_down = wire_bytes(record)
     return strategy
 
 
+def _tensors(arrays):
+    return load_tensors(arrays[ADAPTER_WEIGHTS].numpy().tobytes())
+
+
 def _clients(tmp_path):
-    return json.loads((tmp_path / "rounds.json").read_text())["rounds"][0]["clients"]
+    rounds = json.loads((tmp_path / "rounds.json").read_text())["rounds"]
+    return next(r for r in rounds if r["round"] == 1)["clients"]
 
 
 def test_a_norm_outlier_is_rejected_and_the_round_goes_on(tmp_path):
@@ -67,13 +82,13 @@ def test_a_norm_outlier_is_rejected_and_the_round_goes_on(tmp_path):
     assert arrays is not None
     assert metrics["rejected-updates"] == 1 and metrics["failed-replies"] == 0
     assert metrics["bytes-up"] == sum(wire_bytes(r.content["arrays"]) for r in replies[:4])
-    assert metrics["bytes-down"] == 5 * wire_bytes(pack(GLOBAL))
+    assert metrics["bytes-down"] == 5 * strategy._bytes_down
     clients = _clients(tmp_path)
     assert "more than 5x the round's median" in clients["client-9"]["rejected"]
     assert all("rejected" not in clients[f"client-{n}"] for n in range(1, 5))
     # the outlier had no say: the result is the mean of the four honest updates
     mean = {k: GLOBAL[k] + sum(_honest(seed=n)[k] for n in range(1, 5)) / 4 for k in GLOBAL}
-    got = from_wire(arrays)
+    got = _tensors(arrays)
     assert all(torch.allclose(got[k], mean[k], atol=2e-3) for k in GLOBAL)
 
 
@@ -117,7 +132,7 @@ def test_quantized_deltas_aggregate_close_to_fp16(tmp_path, encoding):
     fp16, fp16_metrics = _strategy(tmp_path / "a").aggregate_train(1, [_reply(n, d) for n, d in enumerate(deltas, 1)])
     replies = [_reply(n, d, encoding) for n, d in enumerate(deltas, 1)]
     quant, metrics = _strategy(tmp_path / "b", delta_encoding=encoding).aggregate_train(1, replies)
-    err = max((from_wire(quant)[k] - from_wire(fp16)[k]).abs().max().item() for k in GLOBAL)
+    err = max((_tensors(quant)[k] - _tensors(fp16)[k]).abs().max().item() for k in GLOBAL)
     assert metrics["rejected-updates"] == 0
     assert err < (0.01 * 4 / 127 if encoding == "q8" else 0.01 * 4 / 7)  # half a step of a 4-sigma block max
     assert metrics["bytes-up"] == sum(wire_bytes(r.content["arrays"]) for r in replies) < fp16_metrics["bytes-up"]
@@ -128,3 +143,17 @@ def test_an_update_in_another_encoding_than_configured_is_rejected(tmp_path):
     _, metrics = strategy.aggregate_train(1, [_reply(n, _honest(seed=n), "q4") for n in range(1, 4)])
     assert metrics["rejected-updates"] == 3
     assert "expected int8" in _clients(tmp_path)["client-1"]["rejected"]
+
+
+def test_each_aggregate_is_signed_chained_and_kept_in_the_registry(tmp_path):
+    strategy = _strategy(tmp_path)
+    arrays, _ = strategy.aggregate_train(1, [_reply(n, _honest(seed=n)) for n in range(1, 4)])
+    trust = TrustList.load(tmp_path / "server.key.pub")
+    r0 = verify_release(read_release(tmp_path / "releases" / "round-0000"), trust, BASE)
+    r1 = verify_release(read_release(tmp_path / "releases" / "round-0001"), trust, BASE)
+    assert (tmp_path / "releases" / "LATEST").read_text().strip() == "round-0001"
+    assert r1.round == 1 and r1.previous == r0.digest() and r0.previous == ""
+    sent = read_release(tmp_path / "releases" / "round-0001").files[ADAPTER_WEIGHTS]
+    assert arrays[ADAPTER_WEIGHTS].numpy().tobytes() == sent  # what goes out is what was signed
+    logged = json.loads((tmp_path / "rounds.json").read_text())["rounds"]
+    assert [r["release"]["manifest"] for r in logged] == [r0.digest(), r1.digest()]

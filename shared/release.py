@@ -1,0 +1,197 @@
+"""Signed releases: a set of files, their manifest and its signature; made by the server, verified by devices.
+
+On disk a release is a folder::
+
+    adapter_config.json, adapter_model.safetensors   (a plain PEFT folder: what users load)
+    manifest.json                                    (canonical manifest bytes, shared/manifest.py)
+    manifest.sig                                     (Ed25519 signature of manifest.json, 64 bytes)
+
+In a Flower round the same bytes travel in the message (``shared/wire.py`` packs them), so
+what a device verifies is exactly what it loads. :func:`verify_release` is the one verifier:
+signature by a trusted, unrevoked key; every file present, none extra, every SHA-256 equal;
+the base digest equal to the device's base; and no replay or rollback against the last release
+the device accepted for that run (:class:`AcceptedReleases`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse
+from shared.sign import SignatureError, TrustList, key_id, sign
+
+MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
+MAX_FILE_BYTES = 2 << 30  # no single release file is larger (a 4-bit base of a 1B model is < 1 GB)
+
+
+class ReleaseError(ValueError):
+    """A release failed verification; the message names the check and the file or field."""
+
+
+@dataclass(frozen=True)
+class Release:
+    """A release in memory: its files (name -> bytes), manifest bytes and signature."""
+
+    files: Mapping[str, bytes]
+    manifest_bytes: bytes
+    signature: bytes
+
+
+def make_release(
+    files: Mapping[str, bytes],
+    *,
+    kind: str,
+    run_id: str,
+    round: int,
+    base_digest: str,
+    method: str,
+    key: Any,
+    previous: str = "",
+) -> tuple[Release, Manifest]:
+    """Hash ``files``, write their manifest, sign it with ``key`` (an Ed25519 private key)."""
+    manifest = Manifest(
+        kind=kind,
+        run_id=run_id,
+        round=round,
+        files={name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
+        base_digest=base_digest,
+        method=method,
+        created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        key_id=key_id(key.public_key()),
+        previous=previous,
+    )
+    data = manifest.canonical()
+    return Release(dict(files), data, sign(key, data)), manifest
+
+
+def write_release(release: Release, folder: str | Path) -> Path:
+    """Write a release folder atomically (a reader never sees half a release)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, data in {**release.files, MANIFEST: release.manifest_bytes, SIGNATURE: release.signature}.items():
+        (tmp / name).write_bytes(data)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def read_release(folder: str | Path) -> Release:
+    """Read a release folder; every regular file besides the manifest and signature is a release file."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file() or not (folder / SIGNATURE).is_file():
+        raise ReleaseError(f"{folder} is not a release: {MANIFEST} or {SIGNATURE} is missing")
+    files: dict[str, bytes] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name in (MANIFEST, SIGNATURE):
+            continue
+        if path.is_symlink() or not path.is_file():
+            raise ReleaseError(f"{path} is not a regular file; a release holds plain files only")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ReleaseError(f"{path} is larger than {MAX_FILE_BYTES:,} bytes")
+        files[path.name] = path.read_bytes()
+    manifest_bytes = (folder / MANIFEST).read_bytes()[: MAX_MANIFEST_BYTES + 1]
+    return Release(files, manifest_bytes, (folder / SIGNATURE).read_bytes()[:1024])
+
+
+def verify_release(
+    release: Release, trust: TrustList, base_digest: str | None, accepted: AcceptedReleases | None = None
+) -> Manifest:
+    """Return the release's manifest if every check passes; else raise :class:`ReleaseError` naming the failed one.
+
+    ``base_digest`` None skips the base check (``fleetlora verify`` without ``--base``);
+    ``accepted`` None skips the replay check.
+    """
+    try:
+        manifest = parse(release.manifest_bytes)
+        trust.verify(manifest.key_id, release.manifest_bytes, release.signature)
+    except (ManifestError, SignatureError) as exc:
+        raise ReleaseError(str(exc)) from None
+    missing = sorted(set(manifest.files) - set(release.files))
+    extra = sorted(set(release.files) - set(manifest.files))
+    if missing or extra:
+        raise ReleaseError(f"release files differ from the manifest: missing {missing}, unexpected {extra}")
+    for name, expected in sorted(manifest.files.items()):
+        got = hashlib.sha256(release.files[name]).hexdigest()
+        if got != expected:
+            raise ReleaseError(f"{name}: SHA-256 {got[:16]}… does not match the manifest's {expected[:16]}…")
+    if base_digest is not None and manifest.base_digest != base_digest:
+        raise ReleaseError(
+            f"release is for base model {manifest.base_digest[:16]}…, this device has {base_digest[:16]}…"
+        )
+    if accepted is not None:
+        accepted.check(manifest)
+    return manifest
+
+
+def load_tensors(data: bytes, name: str = "adapter_model.safetensors") -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes into fp32 tensors, refusing anything malformed with a clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
+        raise ReleaseError(f"{name} is not valid safetensors: {exc}") from None
+    return {k: v.to(torch.float32) for k, v in tensors.items()}
+
+
+def save_tensors(state: Mapping[str, torch.Tensor]) -> bytes:
+    """Serialize tensors as fp16 safetensors bytes (what an adapter release carries)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().to(torch.float16).contiguous() for k, v in sorted(state.items())})
+
+
+class AcceptedReleases:
+    """The last release a device accepted per run: refuses replays, rollbacks and forks.
+
+    The release in use may come again (each round sends it with the train and evaluate
+    messages); an older round, or a different release for the same round, is refused.
+
+    Stored as JSON (``{run_id: {"round": r, "digest": d}}``) so it survives restarts.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.runs: dict[str, dict[str, Any]] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        except (OSError, json.JSONDecodeError):
+            self.runs = {}  # a damaged record only loses replay history, never a release
+
+    def check(self, manifest: Manifest) -> None:
+        """Refuse a release not newer than the last accepted one of its run, or off its chain."""
+        last = self.runs.get(f"{manifest.kind}:{manifest.run_id}")
+        if last is None:
+            return
+        if manifest.round == last["round"] and manifest.digest() == last["digest"]:
+            return  # the release already in use, delivered again (a train message after an evaluate one)
+        if manifest.round <= last["round"]:
+            raise ReleaseError(
+                f"replay: round {manifest.round} of run {manifest.run_id} is not newer than the accepted "
+                f"round {last['round']}"
+            )
+        if manifest.round == last["round"] + 1 and manifest.previous != last["digest"]:
+            raise ReleaseError(
+                f"chain broken: round {manifest.round} names previous manifest {manifest.previous[:16] or '(none)'}…, "
+                f"the accepted round {last['round']} is {last['digest'][:16]}…"
+            )
+
+    def accept(self, manifest: Manifest) -> None:
+        """Record ``manifest`` as the run's latest accepted release (atomically)."""
+        self.runs[f"{manifest.kind}:{manifest.run_id}"] = {"round": manifest.round, "digest": manifest.digest()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.runs, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)

@@ -1,0 +1,141 @@
+"""Ed25519 signing keys, trust lists, and signatures over manifest bytes (``cryptography``).
+
+* The **private key** (server only) is a PKCS#8 PEM file readable by its owner alone: a key
+  file any other user can read is refused, as ssh does.
+* A **key id** is the first 16 hex digits of SHA-256 of the raw 32-byte public key.
+* A **trust list** (devices) is a text file, one key per line, in the form ``fleetlora keys
+  show`` prints::
+
+      ed25519 <base64 raw public key> [comment]
+      revoked ed25519 <base64 raw public key> [comment]
+
+  Several trusted keys allow rotation; a revoked line distrusts a key even if it is also
+  listed as trusted. Blank lines and ``#`` comments are ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+SIGNATURE_BYTES = 64
+
+
+class SignatureError(ValueError):
+    """A signature or key check failed; the message says which and why."""
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """First 16 hex digits of SHA-256 of the raw public key."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def public_line(public_key: Ed25519PublicKey, comment: str = "") -> str:
+    """Return the trust-list line of a public key."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return f"ed25519 {base64.b64encode(raw).decode()} {comment}".rstrip()
+
+
+def generate_key(path: str | Path, force: bool = False) -> Ed25519PrivateKey:
+    """Create a private key file (mode 0600) and ``<path>.pub`` with its trust-list line.
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``force`` is not set (a signing key is never overwritten silently).
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; refusing to overwrite a signing key (use --force)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    os.replace(tmp, path)
+    Path(str(path) + ".pub").write_text(public_line(key.public_key(), f"fleetlora {key_id(key.public_key())}") + "\n")
+    return key
+
+
+def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+    """Read a signing key, refusing one that other users can read or that is not Ed25519."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"signing key {path} not found; create one with `fleetlora keys generate {path}`")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise SignatureError(f"signing key {path} has mode {mode:04o}: other users can read it; run `chmod 600 {path}`")
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise SignatureError(f"signing key {path} is not a readable PEM private key: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SignatureError(f"signing key {path} is {type(key).__name__}, expected Ed25519")
+    return key
+
+
+def sign(key: Ed25519PrivateKey, data: bytes) -> bytes:
+    """Ed25519 signature (64 bytes) of ``data``."""
+    return key.sign(data)
+
+
+@dataclass
+class TrustList:
+    """Trusted and revoked public keys, by key id."""
+
+    trusted: dict[str, Ed25519PublicKey] = field(default_factory=dict)
+    revoked: set[str] = field(default_factory=set)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrustList:
+        """Parse a trust-list file (format in the module docstring); a bad line is named by number."""
+        trust = cls()
+        for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+            words = line.split("#", 1)[0].split()
+            if not words:
+                continue
+            revoked = words[0] == "revoked"
+            words = words[1:] if revoked else words
+            if len(words) < 2 or words[0] != "ed25519":
+                raise SignatureError(f"{path}:{number}: expected '[revoked] ed25519 <base64 key> [comment]'")
+            try:
+                raw = base64.b64decode(words[1], validate=True)
+                public = Ed25519PublicKey.from_public_bytes(raw)
+            except (binascii.Error, ValueError):
+                raise SignatureError(f"{path}:{number}: not a base64 32-byte Ed25519 public key") from None
+            if revoked:
+                trust.revoked.add(key_id(public))
+            else:
+                trust.trusted[key_id(public)] = public
+        return trust
+
+    def verify(self, signer: str, data: bytes, signature: bytes) -> None:
+        """Check that ``signature`` over ``data`` is by trusted, unrevoked key ``signer``.
+
+        Raises
+        ------
+        SignatureError
+            Naming why: revoked key, unknown key, malformed or invalid signature.
+        """
+        if signer in self.revoked:
+            raise SignatureError(f"signed by key {signer}, which the trust list revokes")
+        if signer not in self.trusted:
+            raise SignatureError(f"signed by key {signer}, which is not in the trust list")
+        if len(signature) != SIGNATURE_BYTES:
+            raise SignatureError(f"signature is {len(signature)} bytes, expected {SIGNATURE_BYTES}")
+        try:
+            self.trusted[signer].verify(signature, data)
+        except InvalidSignature:
+            raise SignatureError(f"signature does not match the manifest for key {signer}") from None

@@ -1,0 +1,68 @@
+"""A device installs a release only after verification; a refused one leaves the active adapter as it was."""
+
+import dataclasses
+
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from client.verify import install_release
+from shared.adapter import ADAPTER_WEIGHTS, adapter_state, attach_lora
+from shared.config import LoraConfig
+from shared.model import load_model
+from shared.release import AcceptedReleases, ReleaseError, make_release, save_tensors
+from shared.sign import TrustList, key_id
+
+BASE = "a" * 64
+KEY = Ed25519PrivateKey.generate()
+TRUST = TrustList({key_id(KEY.public_key()): KEY.public_key()})
+
+
+@pytest.fixture
+def device(tiny_model_dir, tmp_path):
+    model = attach_lora(load_model(str(tiny_model_dir), torch.float32), LoraConfig(rank=4), seed=0)
+    return model, AcceptedReleases(tmp_path / "accepted.json")
+
+
+def _release(state, round=1, key=KEY, base=BASE, previous=""):
+    files = {"adapter_config.json": b"{}", ADAPTER_WEIGHTS: save_tensors(state)}
+    return make_release(
+        files, kind="adapter", run_id="r", round=round, base_digest=base, method="fedavg", key=key, previous=previous
+    )
+
+
+def _shifted(model, by):
+    return {k: v + by for k, v in adapter_state(model).items()}
+
+
+def _refused_keeps_the_adapter(model, accepted, release, reason):
+    before = adapter_state(model)
+    with pytest.raises(ReleaseError, match=reason):
+        install_release(model, release, TRUST, BASE, accepted)
+    after = adapter_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_good_release_is_loaded_and_bad_ones_leave_it_active(device):
+    model, accepted = device
+    good, m1 = _release(_shifted(model, 0.5))
+    install_release(model, good, TRUST, BASE, accepted)
+    loaded = adapter_state(model)
+    next_state = {k: v + 0.25 for k, v in loaded.items()}
+
+    blob = _release(next_state, round=2, previous=m1.digest())[0]
+    corrupted = dataclasses.replace(blob, files={**blob.files, ADAPTER_WEIGHTS: blob.files[ADAPTER_WEIGHTS][:-7]})
+    _refused_keeps_the_adapter(model, accepted, corrupted, "SHA-256")
+    _refused_keeps_the_adapter(model, accepted, dataclasses.replace(blob, signature=bytes(64)), "signature")
+    rogue = _release(next_state, round=2, key=Ed25519PrivateKey.generate(), previous=m1.digest())[0]
+    _refused_keeps_the_adapter(model, accepted, rogue, "not in the trust list")
+    other_base = _release(next_state, round=2, base="c" * 64, previous=m1.digest())[0]
+    _refused_keeps_the_adapter(model, accepted, other_base, "for base model")
+    replay = _release(_shifted(model, 9.0), round=1)[0]
+    _refused_keeps_the_adapter(model, accepted, replay, "replay")
+    wrong_shape = {k: torch.zeros(3, 3) for k in next_state}
+    _refused_keeps_the_adapter(model, accepted, _release(wrong_shape, 2, previous=m1.digest())[0], "does not fit")
+    assert all(torch.allclose(adapter_state(model)[k], loaded[k]) for k in loaded)
+
+    install_release(model, blob, TRUST, BASE, accepted)  # the genuine round 2 still installs afterwards
+    assert all(torch.allclose(adapter_state(model)[k], next_state[k], atol=1e-2) for k in next_state)
