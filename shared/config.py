@@ -99,7 +99,7 @@ DELTA_ENCODINGS = ("fp16", "q8", "q4")  # shared/wire.py
 class AggregationConfig:
     """Server-side aggregation (formulas and papers in ``server/aggregate.py``)."""
 
-    method: str = "fedavg"
+    method: str = "ties"
     """``fedavg`` (A and B averaged separately), ``exact`` (mean of B@A, SVD to rank r), ``ffa``
     (A frozen, only B trained and sent) or ``ties`` (TIES-merging of the round's B@A updates)."""
     ties_density: float = 0.2
