@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from client.fetch import FetchError, fetch_release
 from client.partition import Partition, partition_for
 from client.train import evaluate, train_adapter
 from client.verify import install_release
@@ -41,14 +43,15 @@ def train(msg: Message, context: Context) -> Message:
     server_round = msg.content["config"]["server-round"]
     if not isinstance(server_round, int):
         raise TypeError(f"train message carries server-round {server_round!r}, expected an integer")
-    model, tok = _runtime(cfg.model, cfg.lora, cfg.seed, cfg.train.dtype)
     try:
-        _install(msg, context, cfg, part, model)
-    except (ReleaseError, WireError, SignatureError, OSError) as exc:
+        base = _base(cfg, context)
+        model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype)
+        _install(msg, context, cfg, part, model, base.digest)
+    except (ReleaseError, WireError, SignatureError, FetchError, OSError) as exc:
         return _refuse(msg, part, server_round, exc)
     start = adapter_state(model)
     set_trainable_factors(model, cfg.aggregation.method)
-    data = _encoded(part.train_file, cfg.model, cfg.train.max_seq_len)
+    data = _encoded(part.train_file, base.spec, cfg.train.max_seq_len)
     seed = zlib.crc32(f"{cfg.seed}/{server_round}/{part.name}".encode())  # stable across processes
     result = train_adapter(model, data, cfg.train, tok.pad_token_id, seed)
     trained = adapter_state(model)
@@ -62,7 +65,15 @@ def train(msg: Message, context: Context) -> Message:
         result.mean_loss,
         result.seconds,
     )
-    metrics = MetricRecord({"num-examples": len(data), "train-loss": result.mean_loss, "train-seconds": result.seconds})
+    metrics = MetricRecord(
+        {
+            "num-examples": len(data),
+            "train-loss": result.mean_loss,
+            "train-seconds": result.seconds,
+            "base-download-bytes": base.downloaded,
+        }
+    )
+    base.downloaded = 0  # reported once
     return _reply(msg, part, metrics, arrays=pack(delta, cfg.aggregation.delta_encoding))
 
 
@@ -71,12 +82,13 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     """Score the received global adapter on the local held-out file."""
     cfg = FleetConfig.from_run_config(context.run_config)
     part = partition_for(context.node_config, cfg)
-    model, tok = _runtime(cfg.model, cfg.lora, cfg.seed, cfg.train.dtype)
     try:
-        _install(msg, context, cfg, part, model)
-    except (ReleaseError, WireError, SignatureError, OSError) as exc:
+        base = _base(cfg, context)
+        model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype)
+        _install(msg, context, cfg, part, model, base.digest)
+    except (ReleaseError, WireError, SignatureError, FetchError, OSError) as exc:
         return _refuse(msg, part, msg.content["config"].get("server-round", -1), exc)
-    data = _encoded(part.heldout_file, cfg.model, cfg.train.max_seq_len)
+    data = _encoded(part.heldout_file, base.spec, cfg.train.max_seq_len)
     result = evaluate(model, data, cfg.eval, tok.pad_token_id)
     metrics = MetricRecord(
         {"num-examples": result.examples, "heldout-loss": result.loss, "heldout-tokens": result.tokens}
@@ -84,12 +96,39 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     return _reply(msg, part, metrics)
 
 
-def _install(msg: Message, context: Context, cfg: FleetConfig, part: Partition, model: Any) -> None:
+def _install(msg: Message, context: Context, cfg: FleetConfig, part: Partition, model: Any, base_digest: str) -> None:
     """Verify the message's signed release against this device's trust list, base and history; load it."""
     release = release_from_records(msg.content["arrays"], msg.content["config"])
-    trust = TrustList.load(Path(str(context.node_config.get("trust-file", cfg.signing.trust_file))).expanduser())
     state_dir = Path(str(context.node_config.get("state-dir", cache_dir() / "devices" / part.name))).expanduser()
-    install_release(model, release, trust, _base_digest(cfg.model), AcceptedReleases(state_dir / "accepted.json"))
+    install_release(model, release, _trust(cfg, context), base_digest, AcceptedReleases(state_dir / "accepted.json"))
+
+
+def _trust(cfg: FleetConfig, context: Context) -> TrustList:
+    return TrustList.load(Path(str(context.node_config.get("trust-file", cfg.signing.trust_file))).expanduser())
+
+
+@dataclass
+class _Base:
+    spec: str  # what load_model gets: the fetched 4-bit folder, or the float model spec
+    digest: str  # what adapter releases must name
+    downloaded: int  # bytes of base this process downloaded (reported once)
+
+
+_BASES: dict[tuple[str, ...], _Base] = {}
+
+
+def _base(cfg: FleetConfig, context: Context) -> _Base:
+    """Return the base this device trains on: fetched once from the artifact service (int4), or ``model``."""
+    cache = Path(str(context.node_config.get("cache-dir", cache_dir() / "releases"))).expanduser()
+    key = (cfg.base.format, cfg.base.address, cfg.model, str(cache))
+    if key not in _BASES:
+        if cfg.base.format == "float":
+            _BASES[key] = _Base(cfg.model, model_digest(cfg.model), 0)
+        else:
+            got = fetch_release(cfg.base.address, "base", cache, _trust(cfg, context))
+            log(INFO, "device base: %s (%d bytes downloaded)", got.folder, got.bytes_downloaded)
+            _BASES[key] = _Base(str(got.folder), got.manifest.base_digest, got.bytes_downloaded)
+    return _BASES[key]
 
 
 def _refuse(msg: Message, part: Partition, server_round: Any, exc: Exception) -> Message:
@@ -122,11 +161,6 @@ def _runtime(model_spec: str, lora: LoraConfig, seed: int, dtype: str) -> tuple[
     """Return the base model with a LoRA adapter attached, kept for the life of the process."""
     model = attach_lora(load_model(model_spec, compute_dtype(dtype)), lora, seed)
     return model, _tokenizer(model_spec)
-
-
-@functools.lru_cache(maxsize=4)
-def _base_digest(model_spec: str) -> str:
-    return model_digest(model_spec)
 
 
 @functools.lru_cache(maxsize=1)

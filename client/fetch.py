@@ -17,6 +17,7 @@ error. Nothing unverified is ever returned.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import logging
 import os
@@ -84,6 +85,22 @@ def fetch_release(
     """
     policy = policy or FetchPolicy()
     cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:  # one fetcher per cache at a time (devices sharing a disk)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _fetch(address, artifact, cache, trust, base_digest, policy, credentials, sleep)
+
+
+def _fetch(
+    address: str,
+    artifact: str,
+    cache: Path,
+    trust: TrustList,
+    base_digest: str | None,
+    policy: FetchPolicy,
+    credentials: grpc.ChannelCredentials | None,
+    sleep: Callable[[float], None],
+) -> FetchResult:
     channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
     with channel:
         stub = artifact_pb2_grpc.ArtifactServiceStub(channel)

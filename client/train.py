@@ -54,19 +54,28 @@ def train_adapter(model: Any, data: list[Encoded], cfg: TrainConfig, pad_id: int
         raise ValueError("the model has no trainable parameters: attach a LoRA adapter first")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     order = _batches(len(data), cfg.batch_size, seed)
+    micro = cfg.micro_batch_size or cfg.batch_size
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     losses = []
     t0 = time.perf_counter()
     for _ in range(cfg.steps):
-        batch = collate([data[i] for i in next(order)], pad_id)
-        nll, count = response_nll(model, batch)
-        loss = nll / max(count, 1)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr")
-        loss.backward()
+        examples = [data[i] for i in next(order)]
+        count = max(1, sum(_labelled(e) for e in examples))  # normalize by the whole batch's tokens
+        total = 0.0
+        for start in range(0, len(examples), micro):  # gradients accumulate over micro-batches
+            nll, _ = response_nll(model, collate(examples[start : start + micro], pad_id))
+            loss = nll / count
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr")
+            loss.backward()
+            total += loss.item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(total)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
     model.eval()
     return TrainResult(mean_loss=sum(losses) / len(losses), steps=cfg.steps, seconds=time.perf_counter() - t0)
 
@@ -104,6 +113,11 @@ def response_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
         return hidden.sum() * 0.0, 0
     logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()  # (N, V)
     return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum"), count
+
+
+def _labelled(example: Encoded) -> int:
+    """Tokens whose next token is scored (what ``response_nll`` counts)."""
+    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
 
 
 def _batches(n: int, batch_size: int, seed: int) -> Any:

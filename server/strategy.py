@@ -154,6 +154,9 @@ class AdapterStrategy(FedAvg):
             "train_loss": _metric(msg, "train-loss"),
             "train_seconds": _metric(msg, "train-seconds"),
         }
+        downloaded = msg.content["metrics"].get("base-download-bytes")
+        if isinstance(downloaded, int | float) and not isinstance(downloaded, bool):
+            entry["base_download_bytes"] = int(downloaded)  # the 4-bit base, fetched once per device
         expected = {k: self._global[k] for k in uploaded_keys(self.agg.method, self._global)}
         shapes = {k: tuple(v.shape) for k, v in expected.items()}
         record = msg.content["arrays"]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from shared.config import LoraConfig
+from shared.int4_layer import Int4Linear, register_with_peft
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file names
 ADAPTER_CONFIG = "adapter_config.json"
@@ -40,6 +41,8 @@ def attach_lora(model: Any, cfg: LoraConfig, seed: int) -> Any:
         bias="none",
         task_type="CAUSAL_LM",
     )
+    if any(isinstance(m, Int4Linear) for m in model.modules()):
+        register_with_peft(peft_cfg)  # LoRA on the frozen 4-bit layers, as on nn.Linear
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, peft_cfg)

@@ -52,6 +52,12 @@ class TrainConfig:
     """AdamW learning rate (fresh optimizer each round: no optimizer state travels)."""
     max_seq_len: int = 128
     """Longer examples are cut to this many tokens."""
+    micro_batch_size: int = 0
+    """Split each step's batch into micro-batches of this many examples and accumulate their
+    gradients (same update, less activation memory); 0 = the whole batch at once."""
+    gradient_checkpointing: int = 0
+    """1: recompute each block's activations in the backward pass instead of keeping them (less
+    memory, ~30% more compute); 0: keep them."""
     dtype: str = "auto"
     """Compute dtype of the frozen base: ``auto`` takes bfloat16 only on CPUs with native bf16
     (AVX512-BF16 / AMX); elsewhere bf16 is emulated and measured 6x (forward) to 70x (backward)
@@ -61,6 +67,10 @@ class TrainConfig:
         _check(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
         _check(self.batch_size >= 1, "train.batch-size", self.batch_size, "must be >= 1")
         _check(0 < self.lr < 1, "train.lr", self.lr, "must be in (0, 1)")
+        _check(self.micro_batch_size >= 0, "train.micro-batch-size", self.micro_batch_size, "must be >= 0")
+        _check(
+            self.gradient_checkpointing in (0, 1), "train.gradient-checkpointing", self.gradient_checkpointing, "0 or 1"
+        )
         _check(self.max_seq_len >= 16, "train.max-seq-len", self.max_seq_len, "must be >= 16")
         _check(self.dtype in DTYPES, "train.dtype", self.dtype, f"must be one of {DTYPES}")
 
@@ -89,7 +99,7 @@ DELTA_ENCODINGS = ("fp16", "q8", "q4")  # shared/wire.py
 class AggregationConfig:
     """Server-side aggregation (formulas and papers in ``server/aggregate.py``)."""
 
-    method: str = "fedavg"
+    method: str = "ties"
     """``fedavg`` (A and B averaged separately), ``exact`` (mean of B@A, SVD to rank r), ``ffa``
     (A frozen, only B trained and sent) or ``ties`` (TIES-merging of the round's B@A updates)."""
     ties_density: float = 0.2
@@ -115,6 +125,28 @@ class AggregationConfig:
         _check(encoding in encodings, "aggregation.delta-encoding", encoding, f"must be one of {encodings}")
         _check(self.max_norm_ratio > 1, "aggregation.max-norm-ratio", self.max_norm_ratio, "must be > 1")
         _check(self.min_accepted >= 1, "aggregation.min-accepted", self.min_accepted, "must be >= 1")
+
+
+BASE_FORMATS = ("int4", "float")
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """How devices get the base model (``server/quantize.py``, ``server/distribute.py``, ``client/fetch.py``)."""
+
+    format: str = "int4"
+    """``int4``: the server quantizes the base once and devices download it from the artifact
+    service, then train LoRA on the frozen 4-bit layers; ``float``: every device loads ``model`` itself."""
+    address: str = "127.0.0.1:50061"
+    """The artifact service: the server listens here, devices fetch from here (HOST:PORT)."""
+    store: str = ""
+    """Server: the artifact store (base + adapter releases); empty means ``<output-dir>/store``."""
+
+    def __post_init__(self) -> None:
+        _check(self.format in BASE_FORMATS, "base.format", self.format, f"must be one of {BASE_FORMATS}")
+        host, _, port = self.address.rpartition(":")
+        valid = bool(host) and port.isdigit() and 0 < int(port) < 65536
+        _check(valid, "base.address", self.address, "must be HOST:PORT")
 
 
 @dataclass(frozen=True)
@@ -152,6 +184,7 @@ class FleetConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     signing: SigningConfig = field(default_factory=SigningConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
 
     def __post_init__(self) -> None:
         _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "must be >= 1")
@@ -191,6 +224,7 @@ _SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "aggregation": AggregationConfig,
     "signing": SigningConfig,
+    "base": BaseConfig,
 }
 
 

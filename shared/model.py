@@ -5,6 +5,8 @@ A model *spec* is one of:
 * ``"smollm2-135m-instruct"``: the embedded default, converted once into the user's cache
   (``fleetlora model fetch``, run by ``make demo`` / ``make test``);
 * a Hugging Face folder (``config.json`` + safetensors);
+* a 4-bit base artifact folder (``quantization.json``; ``server/quantize.py``), loaded with
+  frozen 4-bit linear layers (``shared/int4_layer.py``);
 * a ``.gguf`` file (loaded through transformers' GGUF support, dequantized);
 * a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (only for users who are online).
 
@@ -135,8 +137,12 @@ def load_model(spec: str, dtype: Any = None) -> Any:
     """
     from transformers import AutoModelForCausalLM
 
+    from shared.int4_layer import build_int4_model, is_int4_folder
+
     resolved = resolve_model(spec)
     try:
+        if is_int4_folder(resolved):  # the 4-bit base artifact (server/quantize.py)
+            return build_int4_model(resolved, dtype or compute_dtype())
         where, extra = _location(resolved)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or compute_dtype(), **extra)
     except Exception as exc:  # safetensors/transformers raise many kinds on corrupt files

@@ -20,7 +20,7 @@ from typing import Any
 from server.report import format_table
 from shared.config import ConfigError, FleetConfig
 from shared.sign import generate_key, key_id
-from simulations.flower_local import ROOT, local_superlink, run_app
+from simulations.flower_local import ROOT, free_port, local_superlink, run_app
 
 
 def app_defaults() -> dict[str, Any]:
@@ -58,6 +58,8 @@ def run_demo(overrides: dict[str, Any], output_dir: Path, flwr_home: Path) -> di
     merged["output-dir"] = str(output_dir.resolve())
     for key in ("signing.key", "signing.trust-file"):
         merged[key] = str((ROOT / Path(str(merged[key])).expanduser()).resolve())
+    if "base.address" not in overrides:  # the artifact service takes a free loopback port
+        merged["base.address"] = f"127.0.0.1:{free_port()}"
     cfg = FleetConfig.from_run_config(merged)  # fails here, before anything starts, on a bad key or value
     if cfg.min_clients > len(cfg.topics):
         raise ConfigError(
@@ -71,7 +73,7 @@ def run_demo(overrides: dict[str, Any], output_dir: Path, flwr_home: Path) -> di
     log_file = Path(cfg.output_dir) / cfg.run_name / "flower.log"
     federation = {"num-supernodes": len(cfg.topics), "client-resources-num-cpus": 2}  # one device trains at a time
     with local_superlink(flwr_home, log_file):
-        paths = {k: merged[k] for k in ("data-dir", "output-dir", "signing.key", "signing.trust-file")}
+        paths = {k: merged[k] for k in ("data-dir", "output-dir", "signing.key", "signing.trust-file", "base.address")}
         code = run_app(flwr_home, paths | overrides, federation, log_file)
     if code != 0 or not rounds_file.is_file():
         raise RuntimeError(f"flwr run failed (exit {code}); see {log_file}")

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -25,8 +26,9 @@ def _flower_processes() -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("method", "encoding"), [("fedavg", "fp16"), ("ffa", "q8")])
-def test_two_round_simulation_with_a_tiny_model(tmp_path, tiny_model_dir, method, encoding):
+def test_two_round_simulation_with_a_tiny_model(tmp_path, tiny_model_dir, method, encoding, monkeypatch):
     assert not _flower_processes(), "a Flower process was already running"
+    monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / "device-cache"))  # the devices' caches (base, releases)
     data = run_demo(
         {
             "signing.key": str(tmp_path / "keys" / "server.key"),
@@ -60,9 +62,16 @@ def test_two_round_simulation_with_a_tiny_model(tmp_path, tiny_model_dir, method
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     on_disk = json.loads((tmp_path / "out" / "tiny" / "rounds.json").read_text())
     assert on_disk["run"]["finished"] > on_disk["run"]["started"]
+    # the 4-bit base travelled once, through the artifact service, never in a round message
+    base = Path(data["run"]["releases"]).parents[1] / "base"
+    base_bytes = sum(p.stat().st_size for p in base.iterdir() if not p.name.startswith("manifest"))
+    assert data["run"]["base_format"] == "int4"
+    assert sum(c.get("base_download_bytes", 0) for c in rounds[1]["clients"].values()) == base_bytes
+    assert all(c.get("base_download_bytes", 0) == 0 for c in rounds[2]["clients"].values())
+    assert all(c["bytes_down"] < base_bytes / 2 for n in (1, 2) for c in rounds[n]["clients"].values())
     # every round's adapter was signed, chained and is verifiable from the registry
     trust = TrustList.load(tmp_path / "keys" / "server.key.pub")
-    releases = tmp_path / "out" / "tiny" / "releases"
+    releases = Path(data["run"]["releases"])
     manifests = [
         verify_release(read_release(releases / f"round-{n:04d}"), trust, data["run"]["base_digest"]) for n in range(3)
     ]
@@ -96,7 +105,7 @@ def test_devices_refuse_releases_signed_by_a_key_they_do_not_trust(tmp_path, tin
             assert "not in the trust list" in c["refused_release"]
             assert "train_loss" not in c and "heldout_loss" not in c
     assert "finished" in data["run"]  # the server went on; the global adapter stayed release 0
-    assert not (tmp_path / "out" / "untrusted" / "releases" / "round-0001").exists()
+    assert not (Path(data["run"]["releases"]) / "round-0001").exists()
 
 
 def test_unknown_config_key_fails_before_anything_starts(tmp_path):

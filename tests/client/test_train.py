@@ -75,3 +75,15 @@ def test_partition_comes_from_node_config_or_simulation_topic(tmp_path):
     assert own.name == "clinic-7" and own.train_file == tmp_path / "t.jsonl"
     with pytest.raises(DataError, match="no data folder for topic 'noun.nothing'"):
         partition_for({"partition-id": 0}, FleetConfig(data_dir=str(DATA), topics=("noun.nothing",)))
+
+
+def test_micro_batches_and_checkpointing_give_the_same_update(tiny_model_dir, food, tokenizer):
+    def one_step(**kw):
+        model = attach_lora(load_model(str(tiny_model_dir), torch.float32), LoraConfig(rank=4), seed=0)
+        train_adapter(model, food, TrainConfig(steps=2, batch_size=8, lr=1e-2, **kw), tokenizer.pad_token_id, seed=3)
+        return adapter_state(model)
+
+    full = one_step()
+    for kw in ({"micro_batch_size": 3}, {"micro_batch_size": 1, "gradient_checkpointing": 1}):
+        other = one_step(**kw)
+        assert all(torch.allclose(full[k], other[k], atol=1e-5) for k in full), kw

@@ -58,7 +58,11 @@ def _strategy(tmp_path, **agg) -> AdapterStrategy:
     generate_key(tmp_path / "server.key")
     registry = Registry(tmp_path / "releases", tmp_path / "server.key", "run-1", BASE, "fedavg", b"{}")
     strategy = AdapterStrategy(
-        RoundLog(tmp_path / "rounds.json", {}), 2, AggregationConfig(**agg), LoraConfig(rank=4), registry
+        RoundLog(tmp_path / "rounds.json", {}),
+        2,
+        AggregationConfig(**{"method": "fedavg", **agg}),
+        LoraConfig(rank=4),
+        registry,
     )
     record = strategy.initial_arrays(GLOBAL)  # signed release 0
     strategy._global = _tensors(record)  # what configure_train sets from the release it sends
