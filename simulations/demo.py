@@ -22,6 +22,8 @@ from shared.config import ConfigError, FleetConfig
 from shared.sign import generate_key, key_id
 from simulations.flower_local import ROOT, free_port, local_superlink, run_app
 
+RAY_STARTUP_FAILURE = "The current node timed out during startup"
+
 
 def app_defaults() -> dict[str, Any]:
     """``[tool.flwr.app.config]`` of pyproject.toml, flattened as Flower flattens it."""
@@ -72,9 +74,16 @@ def run_demo(overrides: dict[str, Any], output_dir: Path, flwr_home: Path) -> di
     rounds_file.unlink(missing_ok=True)
     log_file = Path(cfg.output_dir) / cfg.run_name / "flower.log"
     federation = {"num-supernodes": len(cfg.topics), "client-resources-num-cpus": 2}  # one device trains at a time
-    with local_superlink(flwr_home, log_file):
-        paths = {k: merged[k] for k in ("data-dir", "output-dir", "signing.key", "signing.trust-file", "base.address")}
-        code = run_app(flwr_home, paths | overrides, federation, log_file)
+    paths = {k: merged[k] for k in ("data-dir", "output-dir", "signing.key", "signing.trust-file", "base.address")}
+    for attempt in (1, 2):
+        with local_superlink(flwr_home, log_file):
+            code = run_app(flwr_home, paths | overrides, federation, log_file)
+        if attempt == 1 and RAY_STARTUP_FAILURE in log_file.read_text(errors="replace"):
+            # Ray's local node sometimes fails to come up on a loaded machine; nothing of ours ran yet
+            print("demo: Ray's node timed out during startup; starting the run once more", file=sys.stderr)
+            rounds_file.unlink(missing_ok=True)
+            continue
+        break
     if code != 0 or not rounds_file.is_file():
         raise RuntimeError(f"flwr run failed (exit {code}); see {log_file}")
     data = json.loads(rounds_file.read_text())
