@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nfinal adapter (PEFT folder): {data['run']['adapter']}")
     run_dir = Path(data["run"]["adapter"]).parent
     print(f"round log: {run_dir / 'rounds.json'}")
-    print(f"signed releases: {run_dir / 'releases'} (check one: fleetlora verify <folder> --trust <key>.pub)")
+    print(f"signed releases: {data['run']['releases']} (check one: fleetlora verify <folder> --trust <key>.pub)")
     print(f"wall time: {wall:.0f} s")
     return 0
 
