@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from shared.int4 import BLOCK, quantize4, quantize8
 from shared.int4_layer import INT4_WEIGHTS, QUANT_CONFIG
 from shared.manifest import Manifest, parse
+from shared.model import model_digest
 from shared.progress import Progress
 from shared.release import Release, make_release, read_release, write_release
 
@@ -100,23 +101,12 @@ def publish_base(source: str | Path, source_digest: str, store: str | Path, key:
     with tempfile.TemporaryDirectory() as tmp:
         quantize_model(source, tmp, source_digest)
         files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir())}
-    digest = _files_digest(files)
+        digest = model_digest(tmp)  # what devices compute on the folder they fetch
     release, manifest = make_release(
         files, kind="base", run_id="base", round=0, base_digest=digest, method=SCHEME, key=key
     )
     write_release(release, folder)
     return release, manifest
-
-
-def _files_digest(files: dict[str, bytes]) -> str:
-    """Digest of an in-memory INT4 folder, equal to ``model_digest`` of the folder once written."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in sorted(n for n in files if n.endswith(".safetensors")):
-        digest.update(name.encode())
-        digest.update(hashlib.sha256(files[name]).hexdigest().encode())
-    return digest.hexdigest()
 
 
 def _is_block_linear(key: str, w: torch.Tensor) -> bool:

@@ -25,7 +25,7 @@ from shared.adapter import ADAPTER_WEIGHTS, uploaded_keys
 from shared.config import AggregationConfig, LoraConfig
 from shared.manifest import Manifest
 from shared.release import Release, load_tensors
-from shared.wire import release_to_records, unpack, wire_bytes
+from shared.wire import release_config, release_to_records, unpack, wire_bytes
 
 INFO, WARNING = 20, 30
 
@@ -207,14 +207,14 @@ class AdapterStrategy(FedAvg):
         if self.registry.latest is None:
             raise RuntimeError("no release published yet: start with initial_arrays()")
         release = self.registry.latest[0]
-        if release_to_records(release)[0].keys() != arrays.keys():
+        if set(release.files) != set(arrays.keys()):
             raise RuntimeError("the arrays to send are not the latest signed release")
         return release
 
     @staticmethod
     def _signed(config: ConfigRecord, release: Release) -> ConfigRecord:
         signed = ConfigRecord(dict(config))
-        for key, value in release_to_records(release)[1].items():
+        for key, value in release_config(release).items():
             signed[key] = value
         return signed
 

