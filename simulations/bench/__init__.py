@@ -7,8 +7,12 @@ to print without rewriting BENCHMARKS.md). A benchmark is a function returning o
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -29,6 +33,13 @@ class Table:
         lines += ["| " + " | ".join(row) + " |" for row in self.rows]
         lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
+
+
+def run_child(module: str, *args: str) -> dict[str, Any]:
+    """Run ``python -m module args`` in a fresh process (its own peak RSS); return the JSON of its last line."""
+    out = subprocess.run([sys.executable, "-m", module, *args], check=True, capture_output=True, text=True).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
 
 
 REGISTRY: dict[str, Callable[[], Table | list[Table]]] = {}

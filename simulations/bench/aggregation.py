@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import resource
-import subprocess
 import sys
 import time
 
@@ -21,7 +20,7 @@ import psutil
 import torch
 
 from server.aggregate import make_aggregator
-from simulations.bench import Table, register
+from simulations.bench import Table, register, run_child
 
 METHODS = ("fedavg", "exact", "ffa", "ties")
 COUNTS = (10, 100, 1000)
@@ -85,13 +84,7 @@ def aggregation(counts: tuple[int, ...] = COUNTS, methods: tuple[str, ...] = MET
         for count in counts:
             if method == "ties" and count > TIES_MAX:
                 continue
-            out = subprocess.run(
-                [sys.executable, "-m", "simulations.bench.aggregation", method, str(count)],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            results.append((method, count, json.loads(out.strip().splitlines()[-1])))
+            results.append((method, count, run_child("simulations.bench.aggregation", method, str(count))))
             print(method, count, results[-1][2], flush=True)
     return table(results)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 
-from simulations.bench import Table, register
+from simulations.bench import Table, register, run_child
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "wordnet" / "noun.food"
 SEQ, BATCH, STEPS = 256, 4, 20
@@ -130,13 +129,7 @@ def int4() -> list[Table]:
     for name, (*_, steps) in VARIANTS.items():
         if "bfloat16" in name and compute_dtype("auto") != torch.bfloat16:
             continue  # emulated bf16 (AVX2-only CPUs) did not finish 2 steps in 6 min: see BENCHMARKS.md
-        out = subprocess.run(
-            [sys.executable, "-m", "simulations.bench.int4", name, str(steps)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        results[name] = json.loads(out.strip().splitlines()[-1])
+        results[name] = run_child("simulations.bench.int4", name, str(steps))
         print(name, results[name], flush=True)
     ref = results["float32 base"]["s_per_step"]
     for name, r in results.items():
