@@ -1,0 +1,192 @@
+"""Export the device's 4-bit base to an ONNX Runtime model that serves the very codes it trained on.
+
+onnxruntime-genai's model builder lays out the decoder graph (GroupQueryAttention, rotary
+caches, KV-cache inputs, ``genai_config.json``, tokenizer files) from a float copy of the base;
+we then swap every linear layer and the embedding for our own quantized weights:
+
+* **Linear layers** hold the base's 4-bit codes ``q`` (fp16 scale ``s`` and min ``m`` per block
+  of 32 along K, ``W = s*q + m``, see ``shared/int4.py``). ONNX Runtime's fast ``MatMulNBits``
+  kernel takes integer zero points only (a float zero point ``-m/s`` falls back to a path ~50x
+  slower at decode: measured), so the layer is written as the symmetric kernel plus an exact
+  block-sum correction::
+
+      x @ W.T = MatMulNBits(x; q, s)                 # (q - 8) * s, codes untouched
+              + blocksum(x) @ (m + 8*s).T            # (..., K/32) @ (K/32, N)
+
+  Algebraically equal to ``s*q + m``; the correction is a (K/32)-wide matmul, ~3% of the layer.
+  The builder packs q/k/v into one ``qkv_proj``: their codes are concatenated along N.
+* **Embedding and output layer** (tied; symmetric 8-bit, ``W = s*q``) become
+  ``GatherBlockQuantized`` and an 8-bit ``MatMulNBits`` over one copy of the codes.
+* **LoRA** (Hu et al., 2021): for each layer, graph inputs ``<layer>.lora_A`` (K, r) and
+  ``<layer>.lora_B`` (r, N) add ``x @ A @ B`` to the output. Their defaults are empty (r = 0),
+  so the base runs alone; an adapter file (:func:`write_onnx_adapter`) feeds them at run time
+  (onnxruntime-genai ``og.Adapters``), so a new adapter never rebuilds the base.
+
+The export is cached under ``<cache>/onnx/<digest>``, keyed by the base's digest and
+:data:`EXPORT_VERSION`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.int4_layer import INT4_WEIGHTS, QUANT_CONFIG
+from shared.model import model_digest
+
+EXPORT_VERSION = 1
+"""Bump when the exported graph changes: old cached exports are then rebuilt."""
+ONNX_MODEL = "model.onnx"
+DONE = "export.json"
+ACCURACY_LEVEL = 4
+"""MatMulNBits ``accuracy_level`` 4: int8 activations (ONNX Runtime's fast CPU path)."""
+# builder layer name -> the base's module names whose outputs it concatenates along N
+_PACKED = {"attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+_LINEAR = re.compile(r"model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.MatMul\.weight")
+
+
+class ExportError(RuntimeError):
+    """The base cannot be exported (unsupported layout, builder failure)."""
+
+
+def export_base(int4_folder: str | Path, cache: str | Path, accuracy_level: int = ACCURACY_LEVEL) -> Path:
+    """Return the ONNX Runtime model folder for the 4-bit base in ``int4_folder``, exporting it once.
+
+    Parameters
+    ----------
+    int4_folder
+        A 4-bit base as the server publishes it (``quantization.json`` + ``model.int4.safetensors``).
+    cache
+        Folder under which exports are kept, one per base digest and accuracy level.
+    accuracy_level
+        ``MatMulNBits`` compute: 4 = int8 activations (fast; the default), 0 = float32
+        activations (several times slower; what the exactness tests use).
+    """
+    src = Path(int4_folder)
+    if not (src / QUANT_CONFIG).is_file():
+        raise ExportError(f"{src} is not a 4-bit base folder (no {QUANT_CONFIG})")
+    digest = model_digest(str(src))
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise ExportError(f"accuracy_level {accuracy_level} is not one of MatMulNBits' 0..4")
+    out = Path(cache) / "onnx" / f"{digest[:32]}-v{EXPORT_VERSION}-acc{accuracy_level}"
+    if (out / DONE).is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
+    try:
+        float_dir, built = work / "float", work / "built"
+        _write_float_copy(src, float_dir)
+        _run_builder(float_dir, built, work / "hf-cache")
+        model, lora = _quantized_graph(built / ONNX_MODEL, src, accuracy_level)
+        final = work / "final"
+        final.mkdir()
+        _save(model, final / ONNX_MODEL)
+        for f in built.iterdir():
+            if f.suffix not in (".onnx", ".data"):
+                shutil.copy2(f, final / f.name)
+        info = {"base_digest": digest, "export_version": EXPORT_VERSION, "accuracy_level": accuracy_level}
+        info["lora_layers"] = lora
+        (final / DONE).write_text(json.dumps(info, indent=1, sort_keys=True))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(final, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _write_float_copy(src: Path, dst: Path) -> None:
+    """Dequantize the base into a float HF folder: the builder's input (its weights are then replaced)."""
+    from shared.int4_layer import Int4Linear, build_int4_model
+
+    model = build_int4_model(src, torch.float32)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Int4Linear):
+            parent, _, child = name.rpartition(".")
+            weight = module.dequantized(torch.float32)  # (N, K)
+            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+            linear.weight.data = weight
+            setattr(model.get_submodule(parent), child, linear)
+    model.save_pretrained(dst)
+    for f in src.iterdir():
+        if f.is_file() and not (dst / f.name).exists() and f.name not in (INT4_WEIGHTS, QUANT_CONFIG):
+            shutil.copy2(f, dst / f.name)
+
+
+def _run_builder(float_dir: Path, out: Path, hf_cache: Path) -> None:
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(float_dir), "-o", str(out)]
+    cmd += ["-p", "fp32", "-e", "cpu", "-c", str(hf_cache)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0 or not (out / ONNX_MODEL).is_file():
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+        raise ExportError(f"onnxruntime-genai's model builder failed (exit {done.returncode}):\n{tail}")
+
+
+def _quantized_graph(built: Path, src: Path, accuracy_level: int) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """Load the builder's float graph and replace its linear layers and embedding with the base's codes."""
+    import onnx
+    from safetensors.torch import load_file
+
+    from client.onnx_graph import GraphEditor
+
+    model = onnx.load(str(built))
+    tensors = load_file(src / INT4_WEIGHTS)
+    edit = GraphEditor(model.graph, accuracy_level)
+    for node in [n for n in model.graph.node if n.op_type == "MatMul"]:
+        weight = node.input[1]
+        match = _LINEAR.fullmatch(weight)
+        if match:
+            layer, kind, name = match.groups()
+            modules = _PACKED.get(f"{kind}.{name}", (f"{'self_attn' if kind == 'attn' else 'mlp'}.{name}",))
+            parts = [f"model.layers.{layer}.{m}" for m in modules]
+            codes, scales, mins = (
+                torch.cat([tensors[f"{p}.{t}"] for p in parts]) for t in ("qweight", "scales", "mins")
+            )
+            outs = [int(tensors[f"{p}.qweight"].shape[0]) for p in parts]
+            edit.int4_linear(node, codes.numpy(), scales.float().numpy(), mins.float().numpy(), parts, outs)
+        elif weight == "lm_head.MatMul.weight":
+            edit.int8_lm_head(node, *_embedding_codes(tensors))
+        else:
+            raise ExportError(f"unexpected float MatMul {node.name} on {weight}: the export would not be 4-bit")
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.name.startswith("/model/embed_tokens")]
+    if len(gathers) != 1:
+        raise ExportError(f"expected one embedding Gather in the builder's graph, found {len(gathers)}")
+    edit.int8_embedding(gathers[0], *_embedding_codes(tensors))
+    edit.drop_unused()
+    return model, edit.lora
+
+
+def _embedding_codes(tensors: Mapping[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """Return the tied embedding's 8-bit codes as unsigned (q + 128: the default zero point) and scales."""
+    key = "model.embed_tokens"
+    if f"{key}.qweight8" not in tensors:
+        raise ExportError("the 4-bit base has no 8-bit embedding (model.embed_tokens.qweight8)")
+    if "lm_head.qweight8" in tensors or "lm_head.weight" in tensors:
+        raise ExportError("an output layer separate from the embedding is not supported yet")
+    codes = (tensors[f"{key}.qweight8"].to(torch.int16) + 128).to(torch.uint8)  # (V, K/32, 32)
+    return codes.numpy(), tensors[f"{key}.scales"].float().numpy()
+
+
+def _save(model: Any, path: Path) -> None:
+    import onnx
+
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data"
+    )
+
+
+def lora_input_names(module: str) -> tuple[str, str]:
+    """Graph input names of the LoRA factors of a builder layer (e.g. ``model.layers.0.attn.qkv_proj``)."""
+    return f"{module}.lora_A", f"{module}.lora_B"

@@ -1,0 +1,166 @@
+"""On-device inference: the 4-bit base in ONNX Runtime, with the latest verified federated adapter.
+
+:class:`EdgeModel` verifies the signed base, exports it once (``client/export.py``) and loads
+it with onnxruntime-genai. :meth:`EdgeModel.apply_release` verifies a signed adapter release
+(signature, file hashes, base digest, not older than the active one), converts it to an
+``.onnx_adapter`` file and makes it active; the base is never rebuilt, and any failure leaves
+the previous adapter active. :meth:`EdgeModel.generate` streams a greedy answer to a chat
+prompt, with or without the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client.export import DONE, export_base
+from client.onnx_adapter import AdapterError, lora_scale, onnx_lora_tensors, write_onnx_adapter
+from shared.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from shared.manifest import Manifest
+from shared.release import ReleaseError, load_tensors, read_release, verify_release
+from shared.sign import TrustList
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActiveAdapter:
+    """The adapter in use: its ONNX Runtime name and the signed manifest it came from."""
+
+    name: str
+    manifest: Manifest
+
+
+class EdgeModel:
+    """The exported 4-bit base in ONNX Runtime plus at most one active adapter.
+
+    Parameters
+    ----------
+    base_folder
+        The signed 4-bit base release (what ``fleetlora fetch base`` caches).
+    trust
+        Keys the device trusts for the base and for adapter releases.
+    cache
+        Where exports and converted adapters are kept.
+    threads
+        Intra-op threads for ONNX Runtime (0 = one per core).
+    accuracy_level
+        ``MatMulNBits`` compute (``client/export.py``): 4 int8 activations, 0 float32.
+    """
+
+    def __init__(
+        self, base_folder: str | Path, trust: TrustList, cache: str | Path, threads: int = 0, accuracy_level: int = 4
+    ) -> None:
+        import onnxruntime_genai as og
+
+        base = read_release(base_folder)
+        manifest = verify_release(base, trust, None)
+        if manifest.kind != "base":
+            raise ReleaseError(f"{base_folder} holds a {manifest.kind} release, not a base model")
+        self.base_digest = manifest.base_digest
+        self.trust = trust
+        self.folder = export_base(base_folder, cache, accuracy_level)
+        self.lora_layers = json.loads((self.folder / DONE).read_text())["lora_layers"]
+        self._adapter_dir = Path(cache) / "onnx-adapters"
+        config = og.Config(str(self.folder))
+        if threads:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(config)
+        self.tokenizer = _hf_tokenizer(self.folder)
+        self.adapters = og.Adapters(self.model)
+        self.active: ActiveAdapter | None = None
+        self._lock = threading.Lock()  # apply_release may run while another thread generates
+
+    def apply_release(self, folder: str | Path) -> Manifest:
+        """Verify the adapter release in ``folder`` and make it the active adapter.
+
+        Raises
+        ------
+        ReleaseError
+            Naming the failed check (signature, hash, base, older than the active adapter) or
+            why the adapter does not fit the exported model; the active adapter is unchanged.
+        """
+        release = read_release(folder)
+        manifest = verify_release(release, self.trust, self.base_digest)
+        if manifest.kind != "adapter":
+            raise ReleaseError(f"{folder} holds a {manifest.kind} release, not an adapter")
+        active = self.active
+        if active and active.manifest.run_id == manifest.run_id and manifest.round < active.manifest.round:
+            raise ReleaseError(
+                f"round {manifest.round} of run {manifest.run_id} is older than the active round "
+                f"{active.manifest.round}"
+            )
+        if active and active.manifest.digest() == manifest.digest():
+            return manifest
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            if name not in release.files:
+                raise ReleaseError(f"adapter release has no {name}")
+        try:
+            scale = lora_scale(release.files[ADAPTER_CONFIG])
+            tensors = onnx_lora_tensors(load_tensors(release.files[ADAPTER_WEIGHTS]), scale, self.lora_layers)
+        except AdapterError as exc:
+            raise ReleaseError(f"the adapter does not fit the exported model: {exc}") from None
+        self._adapter_dir.mkdir(parents=True, exist_ok=True)
+        name = manifest.digest()
+        path = write_onnx_adapter(tensors, self._adapter_dir / f"{name[:32]}.onnx_adapter")
+        with self._lock:
+            self.adapters.load(str(path), name)
+            self.active = ActiveAdapter(name, manifest)
+            if active:
+                self.adapters.unload(active.name)
+        log.info("adapter of run %s round %d active (manifest %s)", manifest.run_id, manifest.round, name[:16])
+        return manifest
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of ``prompt`` as a user turn in the model's chat template, ready for the answer."""
+        ids = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, adapter: bool = True) -> Iterator[str]:
+        """Stream the greedy answer to ``prompt`` as text pieces; ``adapter=False`` uses the base alone."""
+        for piece, _ in self.generate_tokens(self.prompt_ids(prompt), max_new_tokens, adapter):
+            yield piece
+
+    def generate_tokens(self, ids: list[int], max_new_tokens: int, adapter: bool = True) -> Iterator[tuple[str, int]]:
+        """Greedy decoding from token ids: yields (text piece, token id) until end of turn or the limit."""
+        import onnxruntime_genai as og
+
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+        gen = og.Generator(self.model, params)
+        with self._lock:
+            if adapter and self.active is not None:
+                gen.set_active_adapter(self.adapters, self.active.name)
+        gen.append_tokens(ids)
+        stream = og.Tokenizer(self.model).create_stream()
+        while not gen.is_done():
+            gen.generate_next_token()
+            token = int(gen.get_next_tokens()[0])
+            yield stream.decode(token), token
+
+    def logits(self, ids: list[int], adapter: bool = True) -> Any:
+        """Next-token logits after ``ids`` (numpy, vocabulary-sized)."""
+        import numpy as np
+        import onnxruntime_genai as og
+
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids) + 1, do_sample=False)
+        gen = og.Generator(self.model, params)
+        with self._lock:
+            if adapter and self.active is not None:
+                gen.set_active_adapter(self.adapters, self.active.name)
+        gen.append_tokens(ids)
+        return np.asarray(gen.get_logits()).reshape(-1)
+
+
+def _hf_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))

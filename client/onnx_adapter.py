@@ -1,0 +1,102 @@
+"""A PEFT LoRA adapter as an ONNX Runtime adapter file (``.onnx_adapter``) for the exported base.
+
+The exported graph (``client/export.py``) adds ``x @ A @ B`` to each quantized layer, with
+``A`` (K, r) and ``B`` (r, N) graph inputs. PEFT stores ``lora_A.weight`` (r, K) and
+``lora_B.weight`` (N, r) and computes ``y = W x + (alpha / r) * B_peft A_peft x`` (Hu et al.,
+2021, arXiv 2106.09685), so::
+
+    A = A_peft.T,      B = (alpha / r) * B_peft.T
+
+A layer the builder packs (q, k, v in one ``qkv_proj``) gets ``A = [A_q | A_k | A_v]``
+(K, 3r) and a block-diagonal ``B`` (3r, N_q + N_k + N_v): the same three products.
+A module the adapter does not target contributes zeros. Conversion refuses, naming the
+cause, an adapter this graph cannot serve exactly (DoRA, per-module ranks or alphas, a
+module the graph has no LoRA input for, a shape that does not fit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PEFT_PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """The adapter cannot be served by this exported model."""
+
+
+def lora_scale(adapter_config: bytes) -> float:
+    """Return the LoRA scale of PEFT's ``adapter_config.json``; refuse options the graph does not implement."""
+    try:
+        cfg = json.loads(adapter_config)
+        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AdapterError(f"adapter_config.json is not a PEFT LoRA config: {exc}") from None
+    for option in ("use_dora", "rank_pattern", "alpha_pattern"):
+        if cfg.get(option):
+            raise AdapterError(f"adapter_config.json sets {option}; the ONNX export serves plain LoRA only")
+    if r < 1:
+        raise AdapterError(f"adapter_config.json has r = {r}")
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def onnx_lora_tensors(
+    state: Mapping[str, torch.Tensor], scale: float, layers: Mapping[str, Mapping[str, Any]]
+) -> dict[str, np.ndarray]:
+    """Map PEFT tensors onto the graph's LoRA inputs (``layers``: ``export.json``'s ``lora_layers``)."""
+    modules = _by_module(state)
+    known = {m for info in layers.values() for m in info["modules"]}
+    unknown = sorted(set(modules) - known)
+    if unknown:
+        raise AdapterError(f"the adapter targets {unknown[:3]}, which the ONNX model has no LoRA input for")
+    out: dict[str, np.ndarray] = {}
+    for layer, info in layers.items():
+        a_parts, b_parts = [], []
+        for module, n in zip(info["modules"], info["out"], strict=True):
+            a, b = modules.get(module, (torch.zeros(1, info["in"]), torch.zeros(n, 1)))
+            if a.shape[1] != info["in"] or b.shape[0] != n or a.shape[0] != b.shape[1]:
+                raise AdapterError(
+                    f"{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit a "
+                    f"{info['in']} -> {n} layer"
+                )
+            a_parts.append(a.T)  # (K, r)
+            b_parts.append(scale * b.T)  # (r, N)
+        out[f"{layer}.lora_A"] = torch.cat(a_parts, dim=1).numpy().astype(np.float32)
+        out[f"{layer}.lora_B"] = torch.block_diag(*b_parts).numpy().astype(np.float32)
+    return out
+
+
+def write_onnx_adapter(tensors: Mapping[str, np.ndarray], path: str | Path) -> Path:
+    """Write ``tensors`` as an ONNX Runtime adapter file (flatbuffers; what ``og.Adapters.load`` reads)."""
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fmt.export_adapter(str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def _by_module(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Group PEFT tensors as ``{module: (lora_A (r, K), lora_B (N, r))}``, refusing anything else."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        stem, dot, factor = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        if not dot or factor not in ("A.weight", "B.weight") or value.ndim != 2:
+            raise AdapterError(f"adapter tensor {key!r} is not a LoRA factor (….lora_A.weight / ….lora_B.weight)")
+        pairs.setdefault(stem, {})[factor[0]] = value.to(torch.float32)
+    incomplete = sorted(m for m, p in pairs.items() if set(p) != {"A", "B"})
+    if incomplete:
+        raise AdapterError(f"adapter has only one LoRA factor for {incomplete[:3]}")
+    return {m: (p["A"], p["B"]) for m, p in pairs.items()}
