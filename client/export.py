@@ -28,6 +28,7 @@ The export is cached under ``<cache>/onnx/<digest>``, keyed by the base's digest
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -45,7 +46,7 @@ import torch
 from shared.int4_layer import INT4_WEIGHTS, QUANT_CONFIG
 from shared.model import model_digest
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 """Bump when the exported graph changes: old cached exports are then rebuilt."""
 ONNX_MODEL = "model.onnx"
 DONE = "export.json"
@@ -80,9 +81,21 @@ def export_base(int4_folder: str | Path, cache: str | Path, accuracy_level: int 
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ExportError(f"accuracy_level {accuracy_level} is not one of MatMulNBits' 0..4")
     out = Path(cache) / "onnx" / f"{digest[:32]}-v{EXPORT_VERSION}-acc{accuracy_level}"
-    if (out / DONE).is_file():
-        return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".lock", "w") as lock:  # one exporter per cache at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / DONE).is_file():
+            # in a child process: the float copy and the graph (~1 GB) never stay in the device's memory
+            cmd = [sys.executable, "-m", "client.export", str(src), str(out), str(accuracy_level)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0 or not (out / DONE).is_file():
+                tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+                raise ExportError(f"exporting {src} to ONNX failed (exit {done.returncode}):\n{tail}")
+    return out
+
+
+def _export(src: Path, out: Path, accuracy_level: int) -> None:
+    """Build the export in a scratch folder next to ``out`` and move it into place when complete."""
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
         float_dir, built = work / "float", work / "built"
@@ -95,15 +108,15 @@ def export_base(int4_folder: str | Path, cache: str | Path, accuracy_level: int 
         for f in built.iterdir():
             if f.suffix not in (".onnx", ".data"):
                 shutil.copy2(f, final / f.name)
-        info = {"base_digest": digest, "export_version": EXPORT_VERSION, "accuracy_level": accuracy_level}
-        info["lora_layers"] = lora
+        _quiet(final / "genai_config.json")
+        info = {"base_digest": model_digest(str(src)), "export_version": EXPORT_VERSION}
+        info.update(accuracy_level=accuracy_level, lora_layers=lora)
         (final / DONE).write_text(json.dumps(info, indent=1, sort_keys=True))
         if out.exists():
             shutil.rmtree(out)
         os.replace(final, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return out
 
 
 def _write_float_copy(src: Path, dst: Path) -> None:
@@ -168,6 +181,13 @@ def _quantized_graph(built: Path, src: Path, accuracy_level: int) -> tuple[Any, 
     return model, edit.lora
 
 
+def _quiet(genai_config: Path) -> None:
+    """Log ONNX Runtime errors only: it warns once per LoRA input that an overridable initializer is not folded."""
+    cfg = json.loads(genai_config.read_text())
+    cfg["model"]["decoder"].setdefault("session_options", {})["log_severity_level"] = 3
+    genai_config.write_text(json.dumps(cfg, indent=4))
+
+
 def _embedding_codes(tensors: Mapping[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     """Return the tied embedding's 8-bit codes as unsigned (q + 128: the default zero point) and scales."""
     key = "model.embed_tokens"
@@ -190,3 +210,7 @@ def _save(model: Any, path: Path) -> None:
 def lora_input_names(module: str) -> tuple[str, str]:
     """Graph input names of the LoRA factors of a builder layer (e.g. ``model.layers.0.attn.qkv_proj``)."""
     return f"{module}.lora_A", f"{module}.lora_B"
+
+
+if __name__ == "__main__":  # the child process export_base starts
+    _export(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))

@@ -20,6 +20,7 @@ from typing import Any
 from server.report import format_table
 from shared.config import ConfigError, FleetConfig
 from shared.sign import generate_key, key_id
+from simulations.demo_infer import answer_per_domain
 from simulations.flower_local import ROOT, free_port, local_superlink, run_app
 
 RAY_STARTUP_FAILURE = "The current node timed out during startup"
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"round log: {run_dir / 'rounds.json'}")
     print(f"signed releases: {data['run']['releases']} (check one: fleetlora verify <folder> --trust <key>.pub)")
     print(f"wall time: {wall:.0f} s")
+    if data["run"].get("base_format") == "int4":  # the devices' edge runtime, on the run's final signed adapter
+        print("\n" + answer_per_domain(data["run"]), flush=True)
     return 0
 
 

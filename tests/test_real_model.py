@@ -1,18 +1,28 @@
 """The real SmolLM2-135M-Instruct through a real Flower round, then plain peft on the result."""
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from simulations.demo import run_demo
 
 
-@pytest.mark.slow
-def test_one_real_round_and_the_adapter_loads_with_plain_peft(tmp_path, real_model_dir, tokenizer):
-    data = run_demo(
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """One real federated round of SmolLM2 on the 4-bit base (the demo's code path, shortened)."""
+    tmp = tmp_path_factory.mktemp("real")
+    return run_demo(
         {"num-server-rounds": 1, "train.steps": 3, "eval.max-examples": 12, "run-name": "real"},
-        output_dir=tmp_path / "out",
-        flwr_home=tmp_path / "flwr",
+        output_dir=tmp / "out",
+        flwr_home=tmp / "flwr",
     )
+
+
+@pytest.mark.slow
+def test_one_real_round_and_the_adapter_loads_with_plain_peft(real_run, real_model_dir, tokenizer):
+    data = real_run
     rounds = {r["round"]: r for r in data["rounds"]}
     assert len(rounds[1]["clients"]) == 4
     # 2.44M LoRA parameters (r=8, all 7 linear kinds) in fp16 = ~4.9 MB up per client
@@ -34,3 +44,39 @@ def test_one_real_round_and_the_adapter_loads_with_plain_peft(tmp_path, real_mod
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     text = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert len(text.split()) >= 2, text
+
+
+@pytest.mark.slow
+def test_the_edge_runtime_serves_the_federated_adapter_like_pytorch(real_run, monkeypatch, tmp_path):
+    """ONNX Runtime INT4 (int8 activations) + the run's signed adapter vs PyTorch on the same 4-bit codes."""
+    from client.infer import EdgeModel
+    from client.infer_cli import release_folder
+    from shared.adapter import attach_lora, load_adapter_state
+    from shared.config import LoraConfig
+    from shared.model import load_model
+    from shared.release import load_tensors
+    from shared.sign import TrustList
+    from simulations.demo_infer import answer_per_domain
+
+    monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / "cache"))  # a device's fresh cache: exports once
+    run = real_run["run"]
+    text = answer_per_domain(run)  # what make demo prints last
+    for topic in ("noun.animal", "noun.food", "noun.artifact", "verb.motion"):
+        assert f"[{topic}]" in text
+    assert text.count("  base     : ") == 4 and text.count("  federated: ") == 4 and "round 1" in text
+
+    releases = Path(run["releases"])
+    base = releases.parents[1] / "base"
+    edge = EdgeModel(base, TrustList.load(run["config"]["signing.trust-file"]), tmp_path / "cache")
+    release = edge.apply_release(release_folder(releases))
+    model = attach_lora(load_model(str(base), torch.float32), LoraConfig(), seed=0).eval()
+    load_adapter_state(model, load_tensors((release_folder(releases) / "adapter_model.safetensors").read_bytes()))
+    assert release.round == 1
+    for prompt in ('Define "otter".', 'What kind of thing is "a bagel"?', 'Define the verb "stroll".'):
+        ids = edge.prompt_ids(prompt)
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0, -1].numpy()
+        got = edge.logits(ids)
+        # int8 activations (the fast path) move logits by < 1 on a scale of ~30 (measured 0.56-0.89)
+        assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+        assert int(got.argmax()) == int(ref.argmax())

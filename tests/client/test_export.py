@@ -201,3 +201,25 @@ def test_adapters_the_graph_cannot_serve_exactly_are_refused(config, reason):
 def test_export_refuses_a_folder_that_is_not_a_4bit_base(tiny_model_dir, tmp_path):
     with pytest.raises(ExportError, match="not a 4-bit base"):
         export_base(tiny_model_dir, tmp_path)
+
+
+def test_fleetlora_infer_answers_with_the_latest_release_and_refuses_a_bad_one(edge_base, tmp_path, capsys):
+    from shared.cli import main
+    from shared.sign import public_line
+
+    trust = tmp_path / "trust.pub"
+    trust.write_text(public_line(KEY.public_key()) + "\n")
+    model = device_model(edge_base.base)
+    run = tmp_path / "run"
+    signed_adapter(run / "round-0001", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest)
+    (run / "LATEST").write_text("round-0001\n")
+    common = ["--base", str(edge_base.base), "--trust", str(trust), "--cache", str(edge_base.root / "cache")]
+    assert main(["infer", *common, "--adapter", str(run), "--max-new-tokens", "4", "Define 'otter'."]) == 0
+    out = capsys.readouterr()
+    assert "run run round 1" in out.err and out.out.strip()  # the release in use is named; an answer printed
+
+    (run / "round-0001" / ADAPTER_WEIGHTS).write_bytes(b"\0" * 64)
+    assert main(["infer", *common, "--adapter", str(run), "Define 'otter'."]) == 2
+    assert "SHA-256" in capsys.readouterr().err  # refused with its reason, nothing answered with it
+    assert main(["infer", *common, "Define 'otter'."]) == 2
+    assert "--no-adapter" in capsys.readouterr().err
