@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +51,41 @@ EXPORT_VERSION = 2
 """Bump when the exported graph changes: old cached exports are then rebuilt."""
 ONNX_MODEL = "model.onnx"
 DONE = "export.json"
-ACCURACY_LEVEL = 4
-"""MatMulNBits ``accuracy_level`` 4: int8 activations (ONNX Runtime's fast CPU path)."""
-# builder layer name -> the base's module names whose outputs it concatenates along N
-_PACKED = {"attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
-_LINEAR = re.compile(r"model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.MatMul\.weight")
 
 
 class ExportError(RuntimeError):
     """The base cannot be exported (unsupported layout, builder failure)."""
 
 
-def export_base(int4_folder: str | Path, cache: str | Path, accuracy_level: int = ACCURACY_LEVEL) -> Path:
+@dataclass(frozen=True)
+class ExportOptions:
+    """How the base is exported; each combination is cached separately."""
+
+    accuracy_level: int = 4
+    """``MatMulNBits`` compute: 4 = int8 activations (ONNX Runtime's fast CPU path, the default),
+    0 = float32 activations (several times slower; what the exactness tests use)."""
+    output_bits: int = 8
+    """The output layer: 8 = the tied embedding's own 8-bit codes (what the device trained with:
+    exact, the default); 4 = re-quantized to symmetric 4-bit blocks of 32 (faster decode, not
+    the trained weights: the inference benchmark reports the cost)."""
+
+    def __post_init__(self) -> None:
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ExportError(f"accuracy_level {self.accuracy_level} is not one of MatMulNBits' 0..4")
+        if self.output_bits not in (4, 8):
+            raise ExportError(f"output_bits {self.output_bits} is not 4 or 8")
+
+    def key(self) -> str:
+        """Return the part of the cache folder's name that names these options."""
+        return f"acc{self.accuracy_level}-out{self.output_bits}"
+
+
+# builder layer name -> the base's module names whose outputs it concatenates along N
+_PACKED = {"attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+_LINEAR = re.compile(r"model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.MatMul\.weight")
+
+
+def export_base(int4_folder: str | Path, cache: str | Path, options: ExportOptions | None = None) -> Path:
     """Return the ONNX Runtime model folder for the 4-bit base in ``int4_folder``, exporting it once.
 
     Parameters
@@ -69,24 +93,22 @@ def export_base(int4_folder: str | Path, cache: str | Path, accuracy_level: int 
     int4_folder
         A 4-bit base as the server publishes it (``quantization.json`` + ``model.int4.safetensors``).
     cache
-        Folder under which exports are kept, one per base digest and accuracy level.
-    accuracy_level
-        ``MatMulNBits`` compute: 4 = int8 activations (fast; the default), 0 = float32
-        activations (several times slower; what the exactness tests use).
+        Folder under which exports are kept, one per base digest and options.
+    options
+        See :class:`ExportOptions`; the defaults serve exactly the trained weights, fast.
     """
     src = Path(int4_folder)
     if not (src / QUANT_CONFIG).is_file():
         raise ExportError(f"{src} is not a 4-bit base folder (no {QUANT_CONFIG})")
     digest = model_digest(str(src))
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise ExportError(f"accuracy_level {accuracy_level} is not one of MatMulNBits' 0..4")
-    out = Path(cache) / "onnx" / f"{digest[:32]}-v{EXPORT_VERSION}-acc{accuracy_level}"
+    options = options or ExportOptions()
+    out = Path(cache) / "onnx" / f"{digest[:32]}-v{EXPORT_VERSION}-{options.key()}"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / ".lock", "w") as lock:  # one exporter per cache at a time
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / DONE).is_file():
             # in a child process: the float copy and the graph (~1 GB) never stay in the device's memory
-            cmd = [sys.executable, "-m", "client.export", str(src), str(out), str(accuracy_level)]
+            cmd = [sys.executable, "-m", "client.export", str(src), str(out), json.dumps(asdict(options))]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0 or not (out / DONE).is_file():
                 tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
@@ -94,14 +116,14 @@ def export_base(int4_folder: str | Path, cache: str | Path, accuracy_level: int 
     return out
 
 
-def _export(src: Path, out: Path, accuracy_level: int) -> None:
+def _export(src: Path, out: Path, options: ExportOptions) -> None:
     """Build the export in a scratch folder next to ``out`` and move it into place when complete."""
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
         float_dir, built = work / "float", work / "built"
         _write_float_copy(src, float_dir)
         _run_builder(float_dir, built, work / "hf-cache")
-        model, lora = _quantized_graph(built / ONNX_MODEL, src, accuracy_level)
+        model, lora = _quantized_graph(built / ONNX_MODEL, src, options)
         final = work / "final"
         final.mkdir()
         _save(model, final / ONNX_MODEL)
@@ -110,7 +132,7 @@ def _export(src: Path, out: Path, accuracy_level: int) -> None:
                 shutil.copy2(f, final / f.name)
         _quiet(final / "genai_config.json")
         info = {"base_digest": model_digest(str(src)), "export_version": EXPORT_VERSION}
-        info.update(accuracy_level=accuracy_level, lora_layers=lora)
+        info.update(options=asdict(options), lora_layers=lora)
         (final / DONE).write_text(json.dumps(info, indent=1, sort_keys=True))
         if out.exists():
             shutil.rmtree(out)
@@ -147,7 +169,7 @@ def _run_builder(float_dir: Path, out: Path, hf_cache: Path) -> None:
         raise ExportError(f"onnxruntime-genai's model builder failed (exit {done.returncode}):\n{tail}")
 
 
-def _quantized_graph(built: Path, src: Path, accuracy_level: int) -> tuple[Any, dict[str, dict[str, Any]]]:
+def _quantized_graph(built: Path, src: Path, options: ExportOptions) -> tuple[Any, dict[str, dict[str, Any]]]:
     """Load the builder's float graph and replace its linear layers and embedding with the base's codes."""
     import onnx
     from safetensors.torch import load_file
@@ -156,7 +178,7 @@ def _quantized_graph(built: Path, src: Path, accuracy_level: int) -> tuple[Any, 
 
     model = onnx.load(str(built))
     tensors = load_file(src / INT4_WEIGHTS)
-    edit = GraphEditor(model.graph, accuracy_level)
+    edit = GraphEditor(model.graph, options.accuracy_level)
     for node in [n for n in model.graph.node if n.op_type == "MatMul"]:
         weight = node.input[1]
         match = _LINEAR.fullmatch(weight)
@@ -170,7 +192,10 @@ def _quantized_graph(built: Path, src: Path, accuracy_level: int) -> tuple[Any, 
             outs = [int(tensors[f"{p}.qweight"].shape[0]) for p in parts]
             edit.int4_linear(node, codes.numpy(), scales.float().numpy(), mins.float().numpy(), parts, outs)
         elif weight == "lm_head.MatMul.weight":
-            edit.int8_lm_head(node, *_embedding_codes(tensors))
+            if options.output_bits == 8:
+                edit.int8_lm_head(node, *_embedding_codes(tensors))
+            else:
+                edit.int4_lm_head(node, *_requantized4(*_embedding_codes(tensors)))
         else:
             raise ExportError(f"unexpected float MatMul {node.name} on {weight}: the export would not be 4-bit")
     gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.name.startswith("/model/embed_tokens")]
@@ -199,6 +224,15 @@ def _embedding_codes(tensors: Mapping[str, torch.Tensor]) -> tuple[np.ndarray, n
     return codes.numpy(), tensors[f"{key}.scales"].float().numpy()
 
 
+def _requantized4(codes8: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Re-quantize the 8-bit output layer to symmetric 4-bit blocks of 32: codes (V, K/32, 16), scales (V, K/32)."""
+    w = (codes8.astype(np.float32) - 128) * scales[..., None]  # (V, K/32, 32), the trained weights
+    step = np.abs(w).max(axis=2) / 7
+    step[step == 0] = 1.0
+    q = (np.clip(np.round(w / step[..., None]), -8, 7) + 8).astype(np.uint8)  # MatMulNBits' zero point is 8
+    return q[..., 0::2] | (q[..., 1::2] << 4), step.astype(np.float32)
+
+
 def _save(model: Any, path: Path) -> None:
     import onnx
 
@@ -213,4 +247,4 @@ def lora_input_names(module: str) -> tuple[str, str]:
 
 
 if __name__ == "__main__":  # the child process export_base starts
-    _export(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))
+    _export(Path(sys.argv[1]), Path(sys.argv[2]), ExportOptions(**json.loads(sys.argv[3])))

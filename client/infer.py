@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.export import DONE, export_base
+from client.export import DONE, ExportOptions, export_base
 from client.onnx_adapter import AdapterError, lora_scale, onnx_lora_tensors, write_onnx_adapter
 from shared.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from shared.manifest import Manifest
@@ -49,12 +49,17 @@ class EdgeModel:
         Where exports and converted adapters are kept.
     threads
         Intra-op threads for ONNX Runtime (0 = one per core).
-    accuracy_level
-        ``MatMulNBits`` compute (``client/export.py``): 4 int8 activations, 0 float32.
+    options
+        How the base is exported (``client/export.py``'s ``ExportOptions``; default: exact, fast).
     """
 
     def __init__(
-        self, base_folder: str | Path, trust: TrustList, cache: str | Path, threads: int = 0, accuracy_level: int = 4
+        self,
+        base_folder: str | Path,
+        trust: TrustList,
+        cache: str | Path,
+        threads: int = 0,
+        options: ExportOptions | None = None,
     ) -> None:
         import onnxruntime_genai as og
 
@@ -64,7 +69,7 @@ class EdgeModel:
             raise ReleaseError(f"{base_folder} holds a {manifest.kind} release, not a base model")
         self.base_digest = manifest.base_digest
         self.trust = trust
-        self.folder = export_base(base_folder, cache, accuracy_level)
+        self.folder = export_base(base_folder, cache, options)
         self.lora_layers = json.loads((self.folder / DONE).read_text())["lora_layers"]
         self._adapter_dir = Path(cache) / "onnx-adapters"
         config = og.Config(str(self.folder))

@@ -33,17 +33,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", type=Path, help="where exports are kept (default: ~/.cache/fleetlora)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
+    p.add_argument(
+        "--output-bits", type=int, choices=(4, 8), default=8,
+        help="output layer: 8 = the trained 8-bit weights (exact), 4 = re-quantized to 4 bits (faster)",
+    )  # fmt: skip
     p.set_defaults(func=_infer)
 
 
 def _infer(args: argparse.Namespace) -> int:
+    from client.export import ExportOptions
     from client.infer import EdgeModel
 
     if args.adapter is None and not args.no_adapter:
         raise ValueError("give --adapter <release folder> or --no-adapter")
     cache = args.cache or cache_dir()
     base = args.base or newest_base(cache / "releases")
-    model = EdgeModel(base, TrustList.load(args.trust), cache, threads=args.threads)
+    options = ExportOptions(output_bits=args.output_bits)
+    model = EdgeModel(base, TrustList.load(args.trust), cache, threads=args.threads, options=options)
     prompts = [args.prompt] if args.prompt else (line.strip() for line in sys.stdin)
     for prompt in prompts:
         if not prompt:

@@ -71,6 +71,19 @@ class GraphEditor:
             )
         ]  # fmt: skip
 
+    def int4_lm_head(self, node: Any, codes: np.ndarray, scales: np.ndarray) -> None:
+        """Replace the output layer's float ``MatMul`` with a symmetric 4-bit ``MatMulNBits`` (codes (V, K/32, 16))."""
+        v, kb, _ = codes.shape
+        self._init("lm_head.q4", codes)
+        self._init("lm_head.scales", scales)
+        self._splice[node.name] = [
+            helper.make_node(
+                "MatMulNBits", [node.input[0], "lm_head.q4", "lm_head.scales"], [node.output[0]],
+                name="/lm_head/MatMulNBits", domain=MS, K=kb * BLOCK, N=v, bits=4, block_size=BLOCK,
+                accuracy_level=self.accuracy_level,
+            )
+        ]  # fmt: skip
+
     def int8_embedding(self, node: Any, codes: np.ndarray, scales: np.ndarray) -> None:
         """Replace the embedding ``Gather`` with ``GatherBlockQuantized`` over the same 8-bit codes."""
         v, kb, _ = codes.shape

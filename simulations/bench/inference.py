@@ -35,12 +35,15 @@ TOPICS = ("noun.animal", "noun.food", "noun.artifact", "verb.motion")
 ADAPTER = ROOT / "outputs" / "demo" / "adapter"
 TRUST = ROOT / ".fleetlora" / "keys" / "server.key.pub"
 THREADS, NEW_TOKENS, REPEATS, PER_TOPIC = 2, 128, 5, 8
-VARIANTS = ("pytorch-fp32", "pytorch-bf16", "onnx-int4", "onnx-int4-adapter", "genai-int4-builder")
+VARIANTS = (
+    "pytorch-fp32", "pytorch-bf16", "onnx-int4", "onnx-int4-adapter", "onnx-int4-adapter-out4", "genai-int4-builder",
+)  # fmt: skip
 LABELS = {
     "pytorch-fp32": "PyTorch float32 + adapter",
     "pytorch-bf16": "PyTorch bfloat16 + adapter",
     "onnx-int4": "ONNX INT4 (ours), no adapter",
     "onnx-int4-adapter": "ONNX INT4 (ours) + federated adapter",
+    "onnx-int4-adapter-out4": "ONNX INT4 (ours, output layer re-quantized to 4 bits) + federated adapter",
     "genai-int4-builder": "ONNX INT4 (onnxruntime-genai builder, re-quantized), no adapter",
 }
 
@@ -140,6 +143,7 @@ def measure_onnx(variant: str) -> dict[str, Any]:
     """Our export (or the builder's own INT4 model): decode and prompt speed via onnxruntime-genai, RSS, perplexity."""
     import onnxruntime_genai as og
 
+    from client.export import ExportOptions
     from client.infer import EdgeModel
     from client.onnx_adapter import lora_scale, onnx_lora_tensors
     from shared.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -148,14 +152,15 @@ def measure_onnx(variant: str) -> dict[str, Any]:
     from shared.sign import TrustList
 
     tok = load_tokenizer("smollm2-135m-instruct")
-    adapter = variant == "onnx-int4-adapter"
+    adapter = variant.startswith("onnx-int4-adapter")
+    options = ExportOptions(output_bits=4 if variant.endswith("out4") else 8)
     lora = None
     if variant == "genai-int4-builder":
         folder = _builder_int4()
         model = og.Model(_threads(og, folder))
         adapters, name = None, ""
     else:
-        edge = EdgeModel(_base_release(), TrustList.load(TRUST), _cache(), threads=THREADS)
+        edge = EdgeModel(_base_release(), TrustList.load(TRUST), _cache(), threads=THREADS, options=options)
         folder, model = edge.folder, edge.model
         adapters, name = edge.adapters, ""
         if adapter:
@@ -242,9 +247,10 @@ def _builder_int4() -> Path:
 @register("inference")
 def bench() -> Table:
     """All variants side by side, each in its own process."""
-    from client.export import export_base
+    from client.export import ExportOptions, export_base
 
-    export_base(_base_release(), _cache())  # once, before the timed processes (its own child process)
+    for bits in (8, 4):  # once, before the timed processes (in a child process of its own)
+        export_base(_base_release(), _cache(), ExportOptions(output_bits=bits))
     _builder_int4()
     res = {v: run_child("simulations.bench.inference", v) for v in VARIANTS}
     fp32 = res["pytorch-fp32"]
@@ -264,7 +270,7 @@ def bench() -> Table:
     )
     for v in VARIANTS:
         r = res[v]
-        with_adapter = v in ("pytorch-fp32", "pytorch-bf16", "onnx-int4-adapter")
+        with_adapter = "adapter" in v or v.startswith("pytorch")
         ppl = r.get("ppl", r.get("ppl_adapter"))
         ref = fp32["ppl_adapter"] if with_adapter else fp32["ppl_base"]
         size = r.get("bytes")

@@ -10,7 +10,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import numpy_helper
 
-from client.export import DONE, ExportError, export_base
+from client.export import DONE, ExportError, ExportOptions, export_base
 from client.onnx_adapter import AdapterError, lora_scale, onnx_lora_tensors
 from server.quantize import publish_base
 from shared.adapter import ADAPTER_WEIGHTS, adapter_config_bytes, adapter_state, attach_lora, load_adapter_state
@@ -22,6 +22,7 @@ from shared.sign import TrustList, key_id
 
 KEY = Ed25519PrivateKey.generate()
 TRUST = TrustList({key_id(KEY.public_key()): KEY.public_key()})
+EXACT = ExportOptions(accuracy_level=0)  # float32 activations: compared with PyTorch closely
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_onnx_with_the_adapter_matches_pytorch_on_the_same_4bit_base(edge_base, 
     state = trained_state(model, 1)
     folder, _ = signed_adapter(edge_base.root / "r1", model, state, edge_base.base, base_digest=edge_base.digest)
     load_adapter_state(model, state)
-    edge = EdgeModel(edge_base.base, TRUST, edge_base.root / "cache", threads=1, accuracy_level=0)
+    edge = EdgeModel(edge_base.base, TRUST, edge_base.root / "cache", threads=1, options=EXACT)
     edge.apply_release(folder)
     for prompt in ("Define 'otter'.", "What kind of thing is a bagel?", "Define 'to stroll'."):
         ids = edge.prompt_ids(prompt)
@@ -104,7 +105,7 @@ def test_refused_adapters_leave_the_active_one_and_a_new_one_swaps_in_without_a_
     from shared.release import ReleaseError
 
     model = device_model(edge_base.base)
-    edge = EdgeModel(edge_base.base, TRUST, edge_base.root / "cache", threads=1, accuracy_level=0)
+    edge = EdgeModel(edge_base.base, TRUST, edge_base.root / "cache", threads=1, options=EXACT)
     good, m1 = signed_adapter(
         edge_base.root / "a1", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest
     )
@@ -223,3 +224,21 @@ def test_fleetlora_infer_answers_with_the_latest_release_and_refuses_a_bad_one(e
     assert "SHA-256" in capsys.readouterr().err  # refused with its reason, nothing answered with it
     assert main(["infer", *common, "Define 'otter'."]) == 2
     assert "--no-adapter" in capsys.readouterr().err
+
+
+def test_a_4bit_output_layer_is_the_trained_8bit_one_rounded_to_4_bits(edge_base):
+    from safetensors.torch import load_file
+
+    folder = export_base(edge_base.base, edge_base.root / "cache", ExportOptions(accuracy_level=0, output_bits=4))
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    head = next(n for n in graph.node if n.name == "/lm_head/MatMulNBits")
+    assert next(a.i for a in head.attribute if a.name == "bits") == 4
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    packed, step = inits["lm_head.q4"], inits["lm_head.scales"]
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:2], 32).astype(np.float32)
+    served = (codes - 8) * step[..., None]  # MatMulNBits' symmetric dequantization
+    t = load_file(edge_base.base / INT4_WEIGHTS)
+    trained = (t["model.embed_tokens.qweight8"].float() * t["model.embed_tokens.scales"].float()[..., None]).numpy()
+    assert np.all(np.abs(served - trained) <= step[..., None] / 2 + 1e-6)  # within half a 4-bit step
+    assert np.abs(served - trained).max() > 0  # and not the trained weights: the benchmark reports the cost
+    assert np.array_equal(inits["embed.q8"], (t["model.embed_tokens.qweight8"].to(torch.int16) + 128).numpy())
