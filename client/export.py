@@ -13,14 +13,17 @@ we then swap every linear layer and the embedding for our own quantized weights:
       x @ W.T = MatMulNBits(x; q, s)                 # (q - 8) * s, codes untouched
               + blocksum(x) @ (m + 8*s).T            # (..., K/32) @ (K/32, N)
 
-  Algebraically equal to ``s*q + m``; the correction is a (K/32)-wide matmul, ~3% of the layer.
+  Algebraically equal to ``s*q + m``; the correction is a (K/32)-wide matmul, ~3% of the layer,
+  computed as ``(x @ S) @ C`` in the same low-rank branch as LoRA (below).
   The builder packs q/k/v into one ``qkv_proj``: their codes are concatenated along N.
 * **Embedding and output layer** (tied; symmetric 8-bit, ``W = s*q``) become
   ``GatherBlockQuantized`` and an 8-bit ``MatMulNBits`` over one copy of the codes.
-* **LoRA** (Hu et al., 2021): for each layer, graph inputs ``<layer>.lora_A`` (K, r) and
-  ``<layer>.lora_B`` (r, N) add ``x @ A @ B`` to the output. Their defaults are empty (r = 0),
-  so the base runs alone; an adapter file (:func:`write_onnx_adapter`) feeds them at run time
-  (onnxruntime-genai ``og.Adapters``), so a new adapter never rebuilds the base.
+* **LoRA** (Hu et al., 2021): for each layer, graph inputs ``<layer>.lora_A`` = ``[S | A]``
+  (K, K/32 + r) and ``<layer>.lora_B`` = ``[C ; B]`` add correction and update in one branch.
+  Their defaults are ``S`` and ``C`` (the base alone, exact, for plain ONNX Runtime); an
+  adapter file (``client/onnx_adapter.py``) feeds them at run time (onnxruntime-genai
+  ``og.Adapters``), so a new adapter never rebuilds the base. ``base.onnx_adapter`` holds the
+  base's own; one adapter must always be active under GenAI, which feeds empty factors otherwise.
 
 The export is cached under ``<cache>/onnx/<digest>``, keyed by the base's digest and
 :data:`EXPORT_VERSION`.
@@ -44,13 +47,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.onnx_adapter import base_tensors, write_onnx_adapter
 from shared.int4_layer import INT4_WEIGHTS, QUANT_CONFIG
 from shared.model import model_digest
 
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
 """Bump when the exported graph changes: old cached exports are then rebuilt."""
 ONNX_MODEL = "model.onnx"
 DONE = "export.json"
+CORRECTIONS = "correction.safetensors"  # per layer C = (m + 8 s).T: every adapter file carries it
+BASE_ADAPTER = "base.onnx_adapter"  # the base alone (exact); activate it for generations without an adapter
 
 
 class ExportError(RuntimeError):
@@ -123,7 +129,7 @@ def _export(src: Path, out: Path, options: ExportOptions) -> None:
         float_dir, built = work / "float", work / "built"
         _write_float_copy(src, float_dir)
         _run_builder(float_dir, built, work / "hf-cache")
-        model, lora = _quantized_graph(built / ONNX_MODEL, src, options)
+        model, lora, corrections = _quantized_graph(built / ONNX_MODEL, src, options)
         final = work / "final"
         final.mkdir()
         _save(model, final / ONNX_MODEL)
@@ -131,6 +137,10 @@ def _export(src: Path, out: Path, options: ExportOptions) -> None:
             if f.suffix not in (".onnx", ".data"):
                 shutil.copy2(f, final / f.name)
         _quiet(final / "genai_config.json")
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v) for k, v in corrections.items()}, str(final / CORRECTIONS))
+        write_onnx_adapter(base_tensors(corrections), final / BASE_ADAPTER)
         info = {"base_digest": model_digest(str(src)), "export_version": EXPORT_VERSION}
         info.update(options=asdict(options), lora_layers=lora)
         (final / DONE).write_text(json.dumps(info, indent=1, sort_keys=True))
@@ -169,7 +179,9 @@ def _run_builder(float_dir: Path, out: Path, hf_cache: Path) -> None:
         raise ExportError(f"onnxruntime-genai's model builder failed (exit {done.returncode}):\n{tail}")
 
 
-def _quantized_graph(built: Path, src: Path, options: ExportOptions) -> tuple[Any, dict[str, dict[str, Any]]]:
+def _quantized_graph(
+    built: Path, src: Path, options: ExportOptions
+) -> tuple[Any, dict[str, dict[str, Any]], dict[str, np.ndarray]]:
     """Load the builder's float graph and replace its linear layers and embedding with the base's codes."""
     import onnx
     from safetensors.torch import load_file
@@ -203,7 +215,7 @@ def _quantized_graph(built: Path, src: Path, options: ExportOptions) -> tuple[An
         raise ExportError(f"expected one embedding Gather in the builder's graph, found {len(gathers)}")
     edit.int8_embedding(gathers[0], *_embedding_codes(tensors))
     edit.drop_unused()
-    return model, edit.lora
+    return model, edit.lora, edit.corrections
 
 
 def _quiet(genai_config: Path) -> None:

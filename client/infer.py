@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.export import DONE, ExportOptions, export_base
+from client.export import BASE_ADAPTER, CORRECTIONS, DONE, ExportOptions, export_base
 from client.onnx_adapter import AdapterError, lora_scale, onnx_lora_tensors, write_onnx_adapter
 from shared.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from shared.manifest import Manifest
@@ -26,6 +26,7 @@ from shared.release import ReleaseError, load_tensors, read_release, verify_rele
 from shared.sign import TrustList
 
 log = logging.getLogger(__name__)
+BASE = "base"  # the adapter name of the base alone
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class EdgeModel:
         self.trust = trust
         self.folder = export_base(base_folder, cache, options)
         self.lora_layers = json.loads((self.folder / DONE).read_text())["lora_layers"]
+        from safetensors.numpy import load_file
+
+        self.corrections = load_file(str(self.folder / CORRECTIONS))
         self._adapter_dir = Path(cache) / "onnx-adapters"
         config = og.Config(str(self.folder))
         if threads:
@@ -78,6 +82,7 @@ class EdgeModel:
         self.model = og.Model(config)
         self.tokenizer = _hf_tokenizer(self.folder)
         self.adapters = og.Adapters(self.model)
+        self.adapters.load(str(self.folder / BASE_ADAPTER), BASE)  # the base alone (exact correction, no LoRA)
         self.active: ActiveAdapter | None = None
         self._lock = threading.Lock()  # apply_release may run while another thread generates
 
@@ -107,7 +112,8 @@ class EdgeModel:
                 raise ReleaseError(f"adapter release has no {name}")
         try:
             scale = lora_scale(release.files[ADAPTER_CONFIG])
-            tensors = onnx_lora_tensors(load_tensors(release.files[ADAPTER_WEIGHTS]), scale, self.lora_layers)
+            state = load_tensors(release.files[ADAPTER_WEIGHTS])
+            tensors = onnx_lora_tensors(state, scale, self.lora_layers, self.corrections)
         except AdapterError as exc:
             raise ReleaseError(f"the adapter does not fit the exported model: {exc}") from None
         self._adapter_dir.mkdir(parents=True, exist_ok=True)
@@ -141,8 +147,7 @@ class EdgeModel:
         params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
         gen = og.Generator(self.model, params)
         with self._lock:
-            if adapter and self.active is not None:
-                gen.set_active_adapter(self.adapters, self.active.name)
+            gen.set_active_adapter(self.adapters, self.active.name if adapter and self.active else BASE)
         gen.append_tokens(ids)
         stream = og.Tokenizer(self.model).create_stream()
         while not gen.is_done():
@@ -159,8 +164,7 @@ class EdgeModel:
         params.set_search_options(max_length=len(ids) + 1, do_sample=False)
         gen = og.Generator(self.model, params)
         with self._lock:
-            if adapter and self.active is not None:
-                gen.set_active_adapter(self.adapters, self.active.name)
+            gen.set_active_adapter(self.adapters, self.active.name if adapter and self.active else BASE)
         gen.append_tokens(ids)
         return np.asarray(gen.get_logits()).reshape(-1)
 

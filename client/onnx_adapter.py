@@ -1,15 +1,18 @@
 """A PEFT LoRA adapter as an ONNX Runtime adapter file (``.onnx_adapter``) for the exported base.
 
-The exported graph (``client/export.py``) adds ``x @ A @ B`` to each quantized layer, with
-``A`` (K, r) and ``B`` (r, N) graph inputs. PEFT stores ``lora_A.weight`` (r, K) and
-``lora_B.weight`` (N, r) and computes ``y = W x + (alpha / r) * B_peft A_peft x`` (Hu et al.,
-2021, arXiv 2106.09685), so::
+The exported graph (``client/export.py``, ``client/onnx_graph.py``) adds ``(x @ A') @ B'`` to
+each quantized layer, where ``A' = [S | A]`` and ``B' = [C ; B]`` carry the base's exact
+correction (``S`` block sums, ``C`` per-block offsets) followed by the LoRA factors. PEFT stores
+``lora_A.weight`` (r, K) and ``lora_B.weight`` (N, r) and computes
+``y = W x + (alpha / r) * B_peft A_peft x`` (Hu et al., 2021, arXiv 2106.09685), so::
 
     A = A_peft.T,      B = (alpha / r) * B_peft.T
 
 A layer the builder packs (q, k, v in one ``qkv_proj``) gets ``A = [A_q | A_k | A_v]``
 (K, 3r) and a block-diagonal ``B`` (3r, N_q + N_k + N_v): the same three products.
-A module the adapter does not target contributes zeros. Conversion refuses, naming the
+A module the adapter does not target contributes zeros. Every adapter file, and the base's own
+(``S``, ``C`` alone, :func:`base_tensors`), carries the correction: ONNX Runtime GenAI feeds
+*empty* factors to a generation with no adapter active, so one must always be active. Conversion refuses, naming the
 cause, an adapter this graph cannot serve exactly (DoRA, per-module ranks or alphas, a
 module the graph has no LoRA input for, a shape that does not fit).
 """
@@ -47,10 +50,27 @@ def lora_scale(adapter_config: bytes) -> float:
     return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
+def base_tensors(corrections: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Return the graph's branch inputs for the base alone: ``A' = S``, ``B' = C`` (exact, no LoRA)."""
+    from client.onnx_graph import block_indicator
+
+    out: dict[str, np.ndarray] = {}
+    for layer, c in corrections.items():
+        out[f"{layer}.lora_A"] = block_indicator(c.shape[0] * 32)
+        out[f"{layer}.lora_B"] = np.ascontiguousarray(c, dtype=np.float32)
+    return out
+
+
 def onnx_lora_tensors(
-    state: Mapping[str, torch.Tensor], scale: float, layers: Mapping[str, Mapping[str, Any]]
+    state: Mapping[str, torch.Tensor],
+    scale: float,
+    layers: Mapping[str, Mapping[str, Any]],
+    corrections: Mapping[str, np.ndarray],
 ) -> dict[str, np.ndarray]:
-    """Map PEFT tensors onto the graph's LoRA inputs (``layers``: ``export.json``'s ``lora_layers``)."""
+    """Map PEFT tensors onto the graph's branch inputs after the base's correction.
+
+    ``layers`` is ``export.json``'s ``lora_layers``; ``corrections`` the export's per-layer ``C``.
+    """
     modules = _by_module(state)
     known = {m for info in layers.values() for m in info["modules"]}
     unknown = sorted(set(modules) - known)
@@ -68,8 +88,11 @@ def onnx_lora_tensors(
                 )
             a_parts.append(a.T)  # (K, r)
             b_parts.append(scale * b.T)  # (r, N)
-        out[f"{layer}.lora_A"] = torch.cat(a_parts, dim=1).numpy().astype(np.float32)
-        out[f"{layer}.lora_B"] = torch.block_diag(*b_parts).numpy().astype(np.float32)
+        base = base_tensors({layer: corrections[layer]})
+        a_full = np.concatenate([base[f"{layer}.lora_A"], torch.cat(a_parts, dim=1).numpy()], axis=1)  # (K, K/32+r)
+        b_full = np.concatenate([base[f"{layer}.lora_B"], torch.block_diag(*b_parts).numpy()], axis=0)  # (K/32+r, N)
+        out[f"{layer}.lora_A"] = np.ascontiguousarray(a_full, dtype=np.float32)
+        out[f"{layer}.lora_B"] = np.ascontiguousarray(b_full, dtype=np.float32)
     return out
 
 

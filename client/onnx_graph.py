@@ -23,41 +23,46 @@ class GraphEditor:
         self.accuracy_level = accuracy_level
         self.lora: dict[str, dict[str, Any]] = {}
         """LoRA inputs added, by layer: ``{"in": K, "out": [N of each packed module], "modules": [...]}``."""
+        self.corrections: dict[str, np.ndarray] = {}
+        """Per layer, ``C = (m + 8 s).T`` (K/32, N): the exact correction, which every adapter file carries."""
         self._splice: dict[str, list[Any]] = {}
-        self._blocksums: dict[str, str] = {}
 
     def int4_linear(
         self, node: Any, codes: np.ndarray, scales: np.ndarray, mins: np.ndarray, lora: list[str], outs: list[int]
     ) -> None:
-        """Replace float ``MatMul`` ``node`` with ``W = s*q + m`` (codes (N, K/32, 16)) plus a LoRA branch.
+        """Replace float ``MatMul`` ``node`` with ``W = s*q + m`` (codes (N, K/32, 16)) and a low-rank branch.
 
-        ``y = MatMulNBits(x; q, s) + blocksum(x) @ (m + 8 s).T + x @ A @ B``: the symmetric
-        kernel computes ``(q - 8) * s``; the (K/32)-wide correction restores ``+ 8 s + m`` exactly.
+        ``y = MatMulNBits(x; q, s) + (x @ A') @ B'``. The symmetric kernel computes ``(q - 8) * s``;
+        the low-rank branch carries both the exact correction and the LoRA update::
+
+            A' = [S | A]   (K, K/32 + r),   S[k, b] = 1 if k // 32 == b   (x @ S = block sums of x)
+            B' = [C ; B]   (K/32 + r, N),   C = (m + 8 s).T
+
+        ``A'``, ``B'`` are graph inputs whose defaults are ``S``, ``C`` (the base alone, exact);
+        an adapter file (``client/onnx_adapter.py``) supplies them with its LoRA columns appended.
+        One branch instead of two keeps the node count (ONNX Runtime's per-node cost) down.
         """
         x, y = node.input[0], node.output[0]
         layer = node.input[1].removesuffix(".MatMul.weight")  # e.g. model.layers.0.attn.qkv_proj
         n, kb, _ = codes.shape
         k = kb * BLOCK
-        new = self._blocksum(x, kb)
         self._init(f"{layer}.q4", codes)
         self._init(f"{layer}.scales", scales)  # (N, K/32)
-        self._init(f"{layer}.correction", np.ascontiguousarray((mins + 8 * scales).T))  # (K/32, N)
-        new.append(
+        correction = np.ascontiguousarray((mins + 8 * scales).T)  # (K/32, N)
+        a, b = f"{layer}.lora_A", f"{layer}.lora_B"
+        self._branch_input(a, block_indicator(k), (k, None))
+        self._branch_input(b, correction, (None, n))
+        self._splice[node.name] = [
             helper.make_node(
                 "MatMulNBits", [x, f"{layer}.q4", f"{layer}.scales"], [f"{layer}/base"], name=f"{layer}/MatMulNBits",
                 domain=MS, K=k, N=n, bits=4, block_size=BLOCK, accuracy_level=self.accuracy_level,
-            )
-        )  # fmt: skip
-        new.append(helper.make_node("MatMul", [self._blocksums[x], f"{layer}.correction"], [f"{layer}/corr"]))
-        new.append(helper.make_node("Add", [f"{layer}/base", f"{layer}/corr"], [f"{layer}/exact"]))
-        a, b = f"{layer}.lora_A", f"{layer}.lora_B"
-        self._lora_input(a, (k, 0))
-        self._lora_input(b, (0, n))
-        new.append(helper.make_node("MatMul", [x, a], [f"{layer}/lora_xa"]))  # (B, S, r)
-        new.append(helper.make_node("MatMul", [f"{layer}/lora_xa", b], [f"{layer}/lora"]))  # (B, S, N)
-        new.append(helper.make_node("Add", [f"{layer}/exact", f"{layer}/lora"], [y]))
-        self._splice[node.name] = new
+            ),
+            helper.make_node("MatMul", [x, a], [f"{layer}/xa"], name=f"{layer}/lowrank_A"),  # (B, S, K/32 + r)
+            helper.make_node("MatMul", [f"{layer}/xa", b], [f"{layer}/lowrank"], name=f"{layer}/lowrank_B"),  # (B,S,N)
+            helper.make_node("Add", [f"{layer}/base", f"{layer}/lowrank"], [y], name=f"{layer}/add"),
+        ]  # fmt: skip
         self.lora[layer] = {"in": k, "out": outs, "modules": lora}
+        self.corrections[layer] = correction
 
     def int8_lm_head(self, node: Any, codes: np.ndarray, scales: np.ndarray) -> None:
         """Replace the output layer's float ``MatMul`` with an 8-bit ``MatMulNBits`` on the embedding's codes."""
@@ -116,29 +121,20 @@ class GraphEditor:
         del self.graph.initializer[:]
         self.graph.initializer.extend(inits)
 
-    def _blocksum(self, x: str, kb: int) -> list[Any]:
-        """Nodes computing x's per-block sums (B, S, K/32), once per input."""
-        if x in self._blocksums:
-            return []
-        out = f"{x}/blocksum"
-        self._blocksums[x] = out
-        self._init(f"{x}/blocks_shape", np.array([0, 0, kb, BLOCK], dtype=np.int64))
-        self._init(f"{x}/last_axis", np.array([-1], dtype=np.int64))
-        return [
-            helper.make_node("Reshape", [x, f"{x}/blocks_shape"], [f"{x}/blocks"]),  # (B, S, K/32, 32)
-            helper.make_node("ReduceSum", [f"{x}/blocks", f"{x}/last_axis"], [out], keepdims=0),  # (B, S, K/32)
-        ]
-
     def _embedding_tensors(self, codes: np.ndarray, scales: np.ndarray) -> None:
         if not any(i.name == "embed.q8" for i in self.graph.initializer):
             self._init("embed.q8", codes)  # (V, K/32, 32) uint8, q + 128
             self._init("embed.scales", scales)  # (V, K/32)
 
-    def _lora_input(self, name: str, empty: tuple[int, int]) -> None:
-        """Add a graph input whose default (an initializer of the same name) is an empty factor: no adapter."""
-        dims: list[int | None] = [empty[0] or None, empty[1] or None]
-        self.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
-        self._init(name, np.zeros(empty, dtype=np.float32))
+    def _branch_input(self, name: str, default: np.ndarray, dims: tuple[int | None, int | None]) -> None:
+        """Add a graph input whose default is an initializer of the same name (overridable per run)."""
+        self.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(dims)))
+        self._init(name, default.astype(np.float32))
 
     def _init(self, name: str, array: np.ndarray) -> None:
         self.graph.initializer.append(numpy_helper.from_array(array, name))
+
+
+def block_indicator(k: int) -> np.ndarray:
+    """Return S (K, K/32) with ``S[k, b] = 1`` where ``k // 32 == b``: ``x @ S`` sums each block of 32."""
+    return np.kron(np.eye(k // BLOCK, dtype=np.float32), np.ones((BLOCK, 1), dtype=np.float32))

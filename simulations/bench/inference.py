@@ -162,14 +162,17 @@ def measure_onnx(variant: str) -> dict[str, Any]:
     else:
         edge = EdgeModel(_base_release(), TrustList.load(TRUST), _cache(), threads=THREADS, options=options)
         folder, model = edge.folder, edge.model
-        adapters, name = edge.adapters, ""
+        adapters, name = edge.adapters, ""  # "" = the base alone (its own adapter, client/infer.py)
         if adapter:
             edge.apply_release(_latest_release())
             assert edge.active is not None
             name = edge.active.name
             files = {n: (ADAPTER / n).read_bytes() for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
             lora = onnx_lora_tensors(
-                load_tensors(files[ADAPTER_WEIGHTS]), lora_scale(files[ADAPTER_CONFIG]), edge.lora_layers
+                load_tensors(files[ADAPTER_WEIGHTS]),
+                lora_scale(files[ADAPTER_CONFIG]),
+                edge.lora_layers,
+                edge.corrections,
             )
     short, long = _prompt_ids(tok)
     decode, prompt = [], []
@@ -179,8 +182,8 @@ def measure_onnx(variant: str) -> dict[str, Any]:
             n = NEW_TOKENS if sink is decode else 1
             params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
             gen = og.Generator(model, params)
-            if name:
-                gen.set_active_adapter(adapters, name)
+            if adapters is not None:
+                gen.set_active_adapter(adapters, name or "base")  # our export: an adapter is always active
             t0 = time.perf_counter()
             gen.append_tokens(ids)
             if sink is prompt:

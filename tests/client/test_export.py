@@ -151,7 +151,7 @@ def test_refused_adapters_leave_the_active_one_and_a_new_one_swaps_in_without_a_
 
 
 def test_packed_qkv_adapter_computes_each_modules_own_update():
-    k, r, outs = 8, 2, [4, 2, 2]
+    k, r, outs = 64, 2, [4, 2, 2]
     mods = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
     g = torch.Generator().manual_seed(0)
     state = {}
@@ -159,7 +159,8 @@ def test_packed_qkv_adapter_computes_each_modules_own_update():
         state[f"base_model.model.{m}.lora_A.weight"] = torch.randn(r, k, generator=g)
         state[f"base_model.model.{m}.lora_B.weight"] = torch.randn(n, r, generator=g)
     layers = {"model.layers.0.attn.qkv_proj": {"in": k, "out": outs, "modules": mods}}
-    t = onnx_lora_tensors(state, 2.0, layers)
+    corr = {"model.layers.0.attn.qkv_proj": np.zeros((k // 32, sum(outs)), np.float32)}  # the base's part: 0 here
+    t = onnx_lora_tensors(state, 2.0, layers, corr)
     x = torch.randn(3, k, generator=g)
     got = x.numpy() @ t["model.layers.0.attn.qkv_proj.lora_A"] @ t["model.layers.0.attn.qkv_proj.lora_B"]
     a, b = (
@@ -168,7 +169,7 @@ def test_packed_qkv_adapter_computes_each_modules_own_update():
     )
     want = torch.cat([2.0 * x @ a(m).T @ b(m).T for m in mods], dim=1)  # PEFT: (alpha / r) * B A x per module
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
-    partial = onnx_lora_tensors({k_: v for k_, v in state.items() if "v_proj" not in k_}, 2.0, layers)
+    partial = onnx_lora_tensors({k_: v for k_, v in state.items() if "v_proj" not in k_}, 2.0, layers, corr)
     got = x.numpy() @ partial["model.layers.0.attn.qkv_proj.lora_A"] @ partial["model.layers.0.attn.qkv_proj.lora_B"]
     np.testing.assert_allclose(got[:, 6:], 0.0)  # an adapter without v_proj: zeros there
     np.testing.assert_allclose(got[:, :6], want[:, :6].numpy(), rtol=1e-5, atol=1e-5)
@@ -177,9 +178,9 @@ def test_packed_qkv_adapter_computes_each_modules_own_update():
             "base_model.model.lm_head.lora_A.weight": torch.ones(r, k),
             "base_model.model.lm_head.lora_B.weight": torch.ones(3, r),
         }
-        onnx_lora_tensors({**state, **head}, 2.0, layers)
+        onnx_lora_tensors({**state, **head}, 2.0, layers, corr)
     with pytest.raises(AdapterError, match="only one LoRA factor"):
-        onnx_lora_tensors({f"base_model.model.{mods[0]}.lora_A.weight": torch.ones(r, k)}, 2.0, layers)
+        onnx_lora_tensors({f"base_model.model.{mods[0]}.lora_A.weight": torch.ones(r, k)}, 2.0, layers, corr)
 
 
 @pytest.mark.parametrize(
