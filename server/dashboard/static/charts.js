@@ -23,9 +23,11 @@ const Charts = (() => {
     return ticks;
   }
 
-  // The frame: y grid + labels, x labels (one per category); returns scale functions.
-  function frame(root, xs, lo, hi, yFormat, band) {
+  // The frame: y grid + labels (as many decimals as the tick step needs), x labels; returns scale functions.
+  function frame(root, xs, lo, hi, band) {
     const ticks = niceTicks(lo, hi, 4), y0 = ticks[0], y1 = ticks[ticks.length - 1];
+    const decimals = Math.max(0, -Math.floor(Math.log10(ticks[1] - ticks[0] || 1)));
+    const yFormat = (v) => v.toFixed(decimals);
     const plotW = W - M.left - M.right, plotH = H - M.top - M.bottom;
     const y = (v) => M.top + plotH - ((v - y0) / (y1 - y0)) * plotH;
     const step = band ? plotW / Math.max(xs.length, 1) : plotW / Math.max(xs.length - 1, 1);
@@ -75,7 +77,7 @@ const Charts = (() => {
     const root = svg("svg", { class: "chart line", viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img" });
     root.append(svg("title", {}, title));
     const [lo, hi] = extent(series, false), pad = (hi - lo) * 0.05 || 0.5;
-    const f = frame(root, xs, lo - pad, hi + pad, yFormat || ((v) => v.toFixed(2)), false);
+    const f = frame(root, xs, lo - pad, hi + pad, false);
     series.forEach((s, i) => {
       const color = s.color || PALETTE[i % PALETTE.length];
       const pts = s.values.map((v, j) => (typeof v === "number" ? [f.x(j), f.y(v), v, j] : null)).filter(Boolean);
@@ -100,7 +102,7 @@ const Charts = (() => {
     root.append(svg("title", {}, title));
     const [, hi] = extent(series, stacked);
     const fmt = yFormat || ((v) => String(v));
-    const f = frame(root, xs, 0, hi, fmt, true);
+    const f = frame(root, xs, 0, hi, true);
     const width = (f.step * 0.7) / (stacked ? 1 : series.length);
     xs.forEach((label, j) => {
       let top = 0;

@@ -75,7 +75,7 @@ function runCharts(data) {
     Charts.barChart("MB per round, all clients", txs, [
       { name: "up", values: trained.map((r) => (r.bytes_up ?? 0) / 1e6), color: "#2f6fde" },
       { name: "down", values: trained.map((r) => (r.bytes_down ?? 0) / 1e6), color: "#e0741f" },
-    ], false, (v) => v.toFixed(1)),
+    ], false, (v) => v.toFixed(3)),
     Charts.barChart("Participation per round", xs, [
       { name: "accepted", values: rounds.map((r) => r.accepted), color: "#2a9d4b" },
       { name: "evaluated only", values: rounds.map((r) => r.evaluated), color: "#9aa5b1" },
