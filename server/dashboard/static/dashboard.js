@@ -27,7 +27,8 @@ const roundHref = (id, n) => `${runHref(id)}/rounds/${encodeURIComponent(n)}`;
 
 function table(head, rows, textColumns = []) {
   const t = el("table", {});
-  t.append(el("thead", {}, el("tr", {}, ...head.map((h, i) => el("th", { class: textColumns.includes(i) ? "text" : null }, h)))));
+  const th = (h, i) => el("th", { class: textColumns.includes(i) ? "text" : null }, h);
+  t.append(el("thead", {}, el("tr", {}, ...head.map(th))));
   const body = el("tbody", {});
   for (const row of rows) {
     body.append(el("tr", {}, ...row.map((c, i) => {
@@ -99,7 +100,8 @@ function renderRun(data) {
     : el("p", { class: "empty" }, "No update was rejected and no device refused a release.");
   main.replaceChildren(
     el("h1", {}, `Run ${run.run_id}`),
-    facts([["model", run.model], ["aggregation", run.method], ["rounds", `${data.rounds.filter((r) => r.round > 0 && r.closed).length} of ${run.num_rounds ?? "?"} done`],
+    facts([["model", run.model], ["aggregation", run.method],
+      ["rounds", `${data.rounds.filter((r) => r.round > 0 && r.closed).length} of ${run.num_rounds ?? "?"} done`],
       ["base digest", short(run.base_digest, 64), "mono"], ["started", when(run.started)],
       ["finished", run.finished ? when(run.finished) : "not yet (updates live)"]]),
     runCharts(data),
@@ -111,7 +113,9 @@ function renderRun(data) {
 
 // ---------------------------------------------------------------- round view
 function releaseSection(release, rec) {
-  if (!release) return [el("p", { class: "empty" }, "This round published no signed release (the adapter stayed as it was).")];
+  if (!release) {
+    return [el("p", { class: "empty" }, "This round published no signed release (the adapter stayed as it was).")];
+  }
   const out = [facts([["manifest SHA-256", rec.manifest_digest, "mono"], ["key id", rec.key_id, "mono"],
     ["signed at", rec.signed_at], ["release folder", release.folder, "mono"]])];
   if (release.error) return out.concat(el("p", { class: "empty" }, release.error));
@@ -132,15 +136,18 @@ function renderRound(data) {
     c.num_examples ?? "-", num(c.train_loss), num(c.heldout_loss), num(c.train_seconds, 1), num(c.update_norm, 3),
     kb(c.bytes_up), kb(c.bytes_down),
   ]);
-  const settings = Object.entries(data.aggregation).filter(([k]) => k !== "aggregation.method").map(([k, v]) => [k, String(v)]);
+  const settings = Object.entries(data.aggregation)
+    .filter(([k]) => k !== "aggregation.method").map(([k, v]) => [k, String(v)]);
+  const counts = `${rec.participants} replied: ${rec.accepted} accepted, ${rec.rejected} rejected, `
+    + `${rec.refused} refused the release, ${rec.evaluated} evaluated only`;
   main.replaceChildren(
     el("h1", {}, `Round ${rec.round} of run ${run.run_id}`),
     el("h2", {}, "Clients"),
     table(["client", "node", "status", "reason", "examples", "train loss", "held-out", "train s", "update norm",
       "KB up", "KB down"], rows, [0, 3]),
     el("h2", {}, "Aggregation"),
-    facts([["method", rec.method ?? run.method], ["state", rec.closed ? `closed after ${num(rec.seconds, 1)} s` : "in progress"],
-      ["clients", `${rec.participants} replied: ${rec.accepted} accepted, ${rec.rejected} rejected, ${rec.refused} refused the release, ${rec.evaluated} evaluated only`],
+    facts([["method", rec.method ?? run.method],
+      ["state", rec.closed ? `closed after ${num(rec.seconds, 1)} s` : "in progress"], ["clients", counts],
       ["mean train loss", num(rec.mean_train_loss)], ["mean held-out loss", num(rec.mean_heldout_loss)],
       ["MB up / down", `${mb(rec.bytes_up)} / ${mb(rec.bytes_down)}`], ...settings]),
     el("h2", {}, "Signed release"), ...releaseSection(data.release, rec));
@@ -149,9 +156,10 @@ function renderRound(data) {
 // ---------------------------------------------------------------- routing and polling
 function route() {
   const parts = location.pathname.split("/").filter(Boolean).map(decodeURIComponent);
-  if (parts[0] === "runs" && parts.length === 2) return { api: `/api/runs/${encodeURIComponent(parts[1])}`, render: renderRun };
+  const run = `/api/runs/${encodeURIComponent(parts[1])}`;
+  if (parts[0] === "runs" && parts.length === 2) return { api: run, render: renderRun };
   if (parts[0] === "runs" && parts[2] === "rounds" && parts.length === 4) {
-    return { api: `/api/runs/${encodeURIComponent(parts[1])}/rounds/${encodeURIComponent(parts[3])}`, render: renderRound };
+    return { api: `${run}/rounds/${encodeURIComponent(parts[3])}`, render: renderRound };
   }
   return { api: "/api/runs", render: renderRuns };
 }
