@@ -68,6 +68,7 @@ def start(db: str | Path, address: str = DEFAULT_ADDRESS, token: str | None = No
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host.strip("[]"), int(port_text)))  # fails here, with the address, if it is taken
+    sock.listen(128)  # connections queue from now on, before uvicorn accepts them
     port = int(sock.getsockname()[1])
     token = token or new_token()
     store = StateStore(db, read_only=True)
