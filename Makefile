@@ -11,13 +11,19 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test setup model lint bench clean
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: demo test setup model lint bench clean browser
 
 demo: setup model
 	$(BIN)/python -m simulations.demo $(ARGS)
 
-test: setup model lint
+test: setup model lint browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Debian's chromium, which Playwright drives in the dashboard's browser tests (Playwright's own download cannot work here).
+browser:
+	test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 setup: $(VENV)/.installed
 

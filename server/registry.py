@@ -50,10 +50,13 @@ class Registry:
             key=self._key,
             previous=self.latest[1].digest() if self.latest else "",
         )
-        name = f"round-{server_round:04d}"
-        write_release(release, self.folder / name)
+        folder = write_release(release, self.release_folder(server_round))
         tmp = self.folder / "LATEST.tmp"
-        tmp.write_text(name + "\n")
+        tmp.write_text(folder.name + "\n")
         os.replace(tmp, self.folder / "LATEST")
         self.latest = (release, manifest)
         return release, manifest
+
+    def release_folder(self, server_round: int) -> Path:
+        """Return the folder of the release of ``server_round`` (it exists once published)."""
+        return self.folder / f"round-{server_round:04d}"

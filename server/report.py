@@ -1,8 +1,9 @@
 """The round log: what each round did, per client, written as the run progresses.
 
-``rounds.json`` in the run's output folder is rewritten after every round (atomically), so
-a run that stops early still leaves every finished round on disk. :func:`format_table`
-renders it for an operator.
+``rounds.json`` in the run's output folder is rewritten after every change (atomically), so
+a run that stops early still leaves every finished round on disk; with a state store
+(``server/state/``), every change is also committed there, which the dashboard reads.
+:func:`format_table` renders the log for an operator.
 """
 
 from __future__ import annotations
@@ -10,15 +11,31 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from server.state import StateStore
+
 
 class RoundLog:
-    """Accumulates per-round, per-client results and persists them after each change."""
+    """Accumulates per-round, per-client results and persists them after each change.
 
-    def __init__(self, path: str | Path, run: dict[str, Any]) -> None:
+    Parameters
+    ----------
+    path
+        The JSON file (``rounds.json``), rewritten after every change.
+    run
+        The run's facts (``run_id``, model, method, config, ...); ``run_id`` is required with a store.
+    store
+        Also commit every change to this state store (the run, then each round and client entry).
+    """
+
+    def __init__(self, path: str | Path, run: dict[str, Any], store: StateStore | None = None) -> None:
+        if store is not None and "run_id" not in run:
+            raise ValueError("a round log that writes a state store needs the run's 'run_id'")
         self.path = Path(path)
+        self.store = store
         self.data: dict[str, Any] = {"run": {**run, "started": time.time()}, "rounds": []}
         self._save()
 
@@ -34,12 +51,12 @@ class RoundLog:
     def client(self, server_round: int, name: str, **values: Any) -> None:
         """Merge ``values`` into client ``name``'s entry for the round and persist."""
         self.round(server_round)["clients"].setdefault(name, {}).update(values)
-        self._save()
+        self._save(server_round, [name])
 
     def note(self, server_round: int, **values: Any) -> None:
         """Record round-level ``values`` (e.g. the signed release) and persist."""
         self.round(server_round).update(values)
-        self._save()
+        self._save(server_round, [])
 
     def close_round(self, server_round: int, **values: Any) -> dict[str, Any]:
         """Finish a round: derive its means and totals, record extra ``values``, persist."""
@@ -53,7 +70,7 @@ class RoundLog:
             rec[key] = sum(c.get(key, 0) for c in clients)
         rec["seconds"] = time.time() - rec["started"]
         rec.update(values)
-        self._save()
+        self._save(server_round)
         return rec
 
     def finish(self, **values: Any) -> None:
@@ -61,11 +78,20 @@ class RoundLog:
         self.data["run"].update(values, finished=time.time())
         self._save()
 
-    def _save(self) -> None:
+    def _save(self, server_round: int | None = None, clients: Iterable[str] | None = None) -> None:
+        """Rewrite the JSON file; commit the run (no round given) or the round's changed clients to the store."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1))
         os.replace(tmp, self.path)
+        if self.store is None:
+            return
+        run = self.data["run"]
+        if server_round is None:
+            self.store.save_run(run)
+        else:
+            rec = {"method": run.get("method"), **self.round(server_round)}
+            self.store.save_round(run["run_id"], rec, clients)
 
 
 def format_table(data: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from server.distribute import serve
 from server.quantize import publish_base
 from server.registry import Registry
 from server.report import RoundLog, format_table
+from server.state import StateStore
 from server.strategy import AdapterStrategy
 from shared.adapter import ADAPTER_WEIGHTS, adapter_config_bytes, adapter_state, attach_lora, save_peft_folder
 from shared.config import FleetConfig
@@ -51,6 +52,7 @@ def main(grid: Grid, context: Context) -> None:
         method=cfg.aggregation.method,
         config=adapter_config_bytes(peft_model, base=resolve_model(cfg.model)),
     )
+    state = StateStore(Path(cfg.state.db).expanduser() if cfg.state.db else out.parent / "state.sqlite")
     round_log = RoundLog(
         out / "rounds.json",
         run={
@@ -64,15 +66,20 @@ def main(grid: Grid, context: Context) -> None:
             "min_clients": cfg.min_clients,
             "config": dict(context.run_config),
         },
+        store=state,
     )
     log(
         INFO,
-        "fleetlora: %d rounds of %s over >= %d clients, LoRA r=%d; round log in %s",
+        "fleetlora: %d rounds of %s over >= %d clients, LoRA r=%d; round log in %s; run %s in the state store %s "
+        "(watch it: fleetlora dashboard --db %s)",
         cfg.num_server_rounds,
         cfg.aggregation.method,
         cfg.min_clients,
         cfg.lora.rank,
         round_log.path,
+        run_id,
+        state.path,
+        state.path,
     )
     strategy = AdapterStrategy(round_log, cfg.min_clients, cfg.aggregation, cfg.lora, registry)
     try:
@@ -86,6 +93,7 @@ def main(grid: Grid, context: Context) -> None:
     final = load_tensors(registry.latest[0].files[ADAPTER_WEIGHTS])  # the last signed release
     folder = save_peft_folder(peft_model, final, out / "adapter", base=resolve_model(cfg.model))
     round_log.finish(adapter=str(folder), wall_seconds=time.time() - t0)
+    state.close()
     log(INFO, "fleetlora: final adapter saved as a PEFT folder in %s\n%s", folder, format_table(round_log.data))
 
 

@@ -219,7 +219,12 @@ class AdapterStrategy(FedAvg):
         return signed
 
     def _record_release(self, server_round: int, manifest: Manifest) -> None:
-        release = {"key_id": manifest.key_id, "manifest": manifest.digest(), "created": manifest.created}
+        release = {
+            "key_id": manifest.key_id,
+            "manifest": manifest.digest(),
+            "created": manifest.created,
+            "path": str(self.registry.release_folder(server_round)),
+        }
         self.round_log.note(server_round, release=release)
 
     def evaluate_initial(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> None:

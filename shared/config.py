@@ -160,6 +160,18 @@ class SigningConfig:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    """The coordinator's state store (``server/state/``), which the dashboard reads."""
+
+    db: str = ""
+    """Server: the SQLite file of runs, rounds and client results, written as the run goes (one
+    file serves many runs); empty means ``<output-dir>/state.sqlite``."""
+
+    def __post_init__(self) -> None:
+        _check(not self.db.endswith(("/", "\\")), "state.db", self.db, "must name a file, not a folder")
+
+
+@dataclass(frozen=True)
 class FleetConfig:
     """The whole run configuration, as both the server and the clients see it."""
 
@@ -185,6 +197,7 @@ class FleetConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     signing: SigningConfig = field(default_factory=SigningConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
+    state: StateConfig = field(default_factory=StateConfig)
 
     def __post_init__(self) -> None:
         _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "must be >= 1")
@@ -225,6 +238,7 @@ _SECTIONS: dict[str, type] = {
     "aggregation": AggregationConfig,
     "signing": SigningConfig,
     "base": BaseConfig,
+    "state": StateConfig,
 }
 
 

@@ -4,7 +4,10 @@ Starts a local simulation SuperLink, runs ``flwr run`` on this project (one virt
 per topic), stops the SuperLink by PID, and prints the round table and where the final
 adapter is. Creates the server's signing key (``signing.key``) on first use. Usage::
 
-    python -m simulations.demo [--run-config KEY=VALUE ...] [--output-dir DIR]
+    python -m simulations.demo [--run-config KEY=VALUE ...] [--output-dir DIR] [--dashboard HOST:PORT|off]
+
+While it runs, the dashboard of the run is served on ``--dashboard`` (default 127.0.0.1:8050);
+the address to open, with its token, is printed first.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from server.dashboard.cli import Dashboard, read_token, start
 from server.report import format_table
 from shared.config import ConfigError, FleetConfig
 from shared.sign import generate_key, key_id
@@ -61,6 +65,7 @@ def run_demo(overrides: dict[str, Any], output_dir: Path, flwr_home: Path) -> di
     merged["output-dir"] = str(output_dir.resolve())
     for key in ("signing.key", "signing.trust-file"):
         merged[key] = str((ROOT / Path(str(merged[key])).expanduser()).resolve())
+    merged["state.db"] = str(state_db(overrides, output_dir))
     if "base.address" not in overrides:  # the artifact service takes a free loopback port
         merged["base.address"] = f"127.0.0.1:{free_port()}"
     cfg = FleetConfig.from_run_config(merged)  # fails here, before anything starts, on a bad key or value
@@ -76,6 +81,7 @@ def run_demo(overrides: dict[str, Any], output_dir: Path, flwr_home: Path) -> di
     log_file = Path(cfg.output_dir) / cfg.run_name / "flower.log"
     federation = {"num-supernodes": len(cfg.topics), "client-resources-num-cpus": 2}  # one device trains at a time
     paths = {k: merged[k] for k in ("data-dir", "output-dir", "signing.key", "signing.trust-file", "base.address")}
+    paths["state.db"] = merged["state.db"]
     for attempt in (1, 2):
         with local_superlink(flwr_home, log_file):
             code = run_app(flwr_home, paths | overrides, federation, log_file)
@@ -93,6 +99,25 @@ def run_demo(overrides: dict[str, Any], output_dir: Path, flwr_home: Path) -> di
     return data
 
 
+def state_db(overrides: dict[str, Any], output_dir: Path) -> Path:
+    """Return the state store: ``state.db`` if given (relative to the project), else ``<output-dir>/state.sqlite``."""
+    given = str(overrides.get("state.db") or app_defaults().get("state.db") or "")
+    return (ROOT / Path(given).expanduser()).resolve() if given else output_dir.resolve() / "state.sqlite"
+
+
+def start_dashboard(address: str, db: Path) -> Dashboard | None:
+    """Serve the dashboard of ``db`` during the run (``off``: none); a taken port is reported, not fatal."""
+    if address == "off":
+        return None
+    try:
+        dashboard = start(db, address, read_token(None))
+    except OSError as exc:
+        print(f"demo: no dashboard on {address} ({exc}); watch with: fleetlora dashboard --db {db}", file=sys.stderr)
+        return None
+    print(f"demo: watch the rounds live at {dashboard.url}", file=sys.stderr)
+    return dashboard
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -101,10 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output-dir", type=Path, default=ROOT / "outputs")
     parser.add_argument("--flwr-home", type=Path, default=ROOT / ".flwr")
+    parser.add_argument(
+        "--dashboard", default="127.0.0.1:8050", metavar="HOST:PORT", help="serve the dashboard there during the run"
+    )
     args = parser.parse_args(argv)
     t0 = time.time()
     try:
-        data = run_demo(parse_overrides(args.run_config), args.output_dir, args.flwr_home)
+        overrides = parse_overrides(args.run_config)
+        dashboard = start_dashboard(args.dashboard, state_db(overrides, args.output_dir))
+        try:
+            data = run_demo(overrides, args.output_dir, args.flwr_home)
+        finally:
+            if dashboard is not None:
+                dashboard.stop()
     except (ConfigError, RuntimeError) as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2
@@ -114,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(data["run"]["adapter"]).parent
     print(f"round log: {run_dir / 'rounds.json'}")
     print(f"signed releases: {data['run']['releases']} (check one: fleetlora verify <folder> --trust <key>.pub)")
+    print(f"browse this run and earlier ones: fleetlora dashboard --db {state_db(overrides, args.output_dir)}")
     print(f"wall time: {wall:.0f} s")
     if data["run"].get("base_format") == "int4":  # the devices' edge runtime, on the run's final signed adapter
         print("\n" + answer_per_domain(data["run"]), flush=True)

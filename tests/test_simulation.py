@@ -123,3 +123,18 @@ def test_demo_cli_reports_a_bad_value_and_exits_2(tmp_path):
     )
     assert proc.returncode == 2
     assert "run-config 'lora.rank' = 0 must be >= 1" in proc.stderr
+
+
+def test_the_demo_serves_the_dashboard_and_runs_on_without_it_if_its_port_is_taken(tmp_path, capsys):
+    from simulations.demo import start_dashboard
+
+    db = tmp_path / "state.sqlite"
+    served = start_dashboard("127.0.0.1:0", db)
+    assert served is not None
+    try:
+        assert f"watch the rounds live at {served.url}" in capsys.readouterr().err
+        assert start_dashboard(f"127.0.0.1:{served.port}", db) is None  # taken: the demo goes on without it
+        assert f"watch with: fleetlora dashboard --db {db}" in capsys.readouterr().err
+    finally:
+        served.stop()
+    assert start_dashboard("off", db) is None

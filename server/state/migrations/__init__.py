@@ -1,0 +1,1 @@
+"""Alembic migrations of the state store, applied by :class:`server.state.StateStore` on open."""

@@ -1,0 +1,93 @@
+"""The state store's tables (SQLAlchemy Core); ``migrations/`` creates and evolves them.
+
+One row per run, per round of a run, and per client of a round::
+
+    runs            run_id | name, model, method, base digest, config (JSON), started, finished, ...
+    rounds          (run_id, round) | started, closed, seconds, losses, bytes, signed release
+    client_results  (run_id, round, client) | status, reason, examples, losses, bytes, seconds, ...
+
+Times are Unix seconds (float). A client result's ``status`` is one of :data:`STATUSES`.
+Round counts (participants, accepted, rejected) are derived from the client rows when read,
+so they can never disagree with them.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Float,
+    ForeignKeyConstraint,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+STATUSES = ("accepted", "rejected", "refused", "evaluated")
+"""``accepted``: its update counted in the aggregate; ``rejected``: the server refused its update
+(``reason``); ``refused``: the device refused the signed release (``reason``); ``evaluated``:
+it only reported a held-out loss (round 0, or a round that kept the previous adapter)."""
+
+metadata = MetaData()
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("run_id", String, primary_key=True),
+    Column("name", String, nullable=False),
+    Column("model", String),
+    Column("method", String),
+    Column("base_digest", String),
+    Column("base_format", String),
+    Column("num_rounds", Integer),
+    Column("min_clients", Integer),
+    Column("releases", String),  # folder of the run's signed releases
+    Column("config", JSON, nullable=False),  # the whole run config
+    Column("started", Float, nullable=False),
+    Column("finished", Float),
+    Column("wall_seconds", Float),
+    Column("adapter", String),  # the final adapter's PEFT folder
+)
+
+rounds = Table(
+    "rounds",
+    metadata,
+    Column("run_id", String, primary_key=True),
+    Column("round", Integer, primary_key=True),
+    Column("method", String),
+    Column("started", Float, nullable=False),
+    Column("closed", Float),  # set when the round's evaluation is in
+    Column("seconds", Float),
+    Column("mean_train_loss", Float),
+    Column("mean_heldout_loss", Float),
+    Column("bytes_up", BigInteger),
+    Column("bytes_down", BigInteger),
+    Column("manifest_digest", String),  # SHA-256 of the signed manifest the round ended with
+    Column("key_id", String),
+    Column("signed_at", String),  # the manifest's creation time (UTC, ISO 8601)
+    Column("release_path", String),  # the release folder (files, manifest.json, manifest.sig)
+    ForeignKeyConstraint(["run_id"], ["runs.run_id"], ondelete="CASCADE"),
+)
+
+client_results = Table(
+    "client_results",
+    metadata,
+    Column("run_id", String, primary_key=True),
+    Column("round", Integer, primary_key=True),
+    Column("client", String, primary_key=True),
+    Column("node_id", String),  # Flower node ids are unsigned 64-bit: kept as text
+    Column("status", String, nullable=False),
+    Column("reason", Text),
+    Column("num_examples", Integer),
+    Column("train_loss", Float),
+    Column("heldout_loss", Float),
+    Column("train_seconds", Float),
+    Column("update_norm", Float),
+    Column("bytes_up", BigInteger),
+    Column("bytes_down", BigInteger),
+    Column("base_download_bytes", BigInteger),
+    ForeignKeyConstraint(["run_id", "round"], ["rounds.run_id", "rounds.round"], ondelete="CASCADE"),
+)
