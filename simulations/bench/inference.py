@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import statistics
 import sys
@@ -255,7 +256,9 @@ def bench() -> Table:
     for bits in (8, 4):  # once, before the timed processes (in a child process of its own)
         export_base(_base_release(), _cache(), ExportOptions(output_bits=bits))
     _builder_int4()
+    load_before = os.getloadavg()[0]
     res = {v: run_child("simulations.bench.inference", v) for v in VARIANTS}
+    load_after = os.getloadavg()[0]
     fp32 = res["pytorch-fp32"]
     table = Table(
         "On-device inference: PyTorch vs ONNX Runtime INT4, with the federated adapter",
@@ -291,6 +294,8 @@ def bench() -> Table:
         "'× float ppl' divides by PyTorch float32 with the same adapter (or none).",
         "ours = the device's own 4-bit codes (the ones it trained on), block-sum correction for the min, "
         "8-bit embedding/output layer; int8 activations (MatMulNBits accuracy level 4).",
+        f"1-minute load average {load_before:.1f} before, {load_after:.1f} after (2 cores): speeds are only "
+        "comparable when it stayed below ~2.",
     ]
     return table
 
