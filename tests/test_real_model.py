@@ -78,5 +78,7 @@ def test_the_edge_runtime_serves_the_federated_adapter_like_pytorch(real_run, mo
             ref = model(torch.tensor([ids])).logits[0, -1].numpy()
         got = edge.logits(ids)
         # int8 activations (the fast path) move logits by < 1 on a scale of ~30 (measured 0.56-0.89)
-        assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
-        assert int(got.argmax()) == int(ref.argmax())
+        diff = float(np.abs(got - ref).max())
+        assert diff < 0.05 * np.abs(ref).max()
+        # the token ONNX picks is PyTorch's best, or tied with it within that error (seen: a near-tie flips)
+        assert ref[int(got.argmax())] >= ref.max() - 2 * diff
