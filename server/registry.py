@@ -50,10 +50,17 @@ class Registry:
             key=self._key,
             previous=self.latest[1].digest() if self.latest else "",
         )
-        name = f"round-{server_round:04d}"
-        write_release(release, self.folder / name)
-        tmp = self.folder / "LATEST.tmp"
-        tmp.write_text(name + "\n")
-        os.replace(tmp, self.folder / "LATEST")
+        write_release(release, self.folder / f"round-{server_round:04d}")
+        self._point_latest(server_round)
         self.latest = (release, manifest)
         return release, manifest
+
+    def resume(self, release: Release, manifest: Manifest) -> None:
+        """Continue the chain after ``release`` (``server/resume.py`` found and verified it)."""
+        self._point_latest(manifest.round)  # a coordinator killed between the two writes left LATEST behind
+        self.latest = (release, manifest)
+
+    def _point_latest(self, server_round: int) -> None:
+        tmp = self.folder / "LATEST.tmp"
+        tmp.write_text(f"round-{server_round:04d}\n")
+        os.replace(tmp, self.folder / "LATEST")
