@@ -1,4 +1,5 @@
 # fleetlora: `make demo` (set up + run the main job) and `make test` (set up + run every test).
+# `make fleet`: a local fleet on loopback (TLS, SuperNode auth), 2 rounds, every process stopped at the end.
 # Each setup step is idempotent and quick when already done.
 PYTHON ?= python3
 VENV := .venv
@@ -11,10 +12,13 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test setup model lint bench clean
+.PHONY: demo test setup model lint bench clean fleet
 
 demo: setup model
 	$(BIN)/python -m simulations.demo $(ARGS)
+
+fleet: setup model
+	$(BIN)/fleetlora fleet up $(ARGS)
 
 test: setup model lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

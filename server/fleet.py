@@ -71,6 +71,7 @@ class LocalFleet:
         self.link_port = free_port()
         self.artifact_port = free_port()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.node_ids: dict[str, int] = {}  # Flower's node id of each device, given at registration
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> LocalFleet:
@@ -92,7 +93,9 @@ class LocalFleet:
         self.start_superlink()
         self._write_connection()
         for name in self.devices:
-            self._cli("supernode", "register", str(self.certs.node_pub(name)), CONNECTION, "--name", name)
+            args = ("supernode", "register", str(self.certs.node_pub(name)), CONNECTION, "--name", name)
+            out = self._cli(*args, "--format", "json")
+            self.node_ids[name] = int(json.loads(out[out.index("{") :])["node-id"])
         self.start_artifacts()
         for name in self.devices:
             self.start_device(name)

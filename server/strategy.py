@@ -61,7 +61,7 @@ class AdapterStrategy(FedAvg):
         self._global: dict[str, Any] = {}
         self._bytes_down = 0
         self._refusals = 0
-        self._sent: set[int] = set()  # the nodes the current phase's messages went to
+        self._sent: list[Message] = []  # the current phase's messages (their ids are set once sent)
         self._names: dict[int, str] = {}  # node id -> the name it reported
 
     def configure_train(
@@ -83,21 +83,26 @@ class AdapterStrategy(FedAvg):
 
     def _sending(self, messages: Iterable[Message]) -> list[Message]:
         """Remember which nodes this phase waits for (to name the ones that do not reply in time)."""
-        sent = list(messages)
-        self._sent = {m.metadata.dst_node_id for m in sent}
-        return sent
+        self._sent = list(messages)
+        return self._sent
+
+    def _node_of(self, reply: Message) -> int:
+        """Return the node a reply is about (the SuperLink's own error replies, e.g. node unavailable, name itself)."""
+        for sent in self._sent:
+            if sent.metadata.message_id == reply.metadata.reply_to_message_id:
+                return sent.metadata.dst_node_id
+        return reply.metadata.src_node_id
 
     def _log_silent(self, server_round: int, replies: list[Message], phase: str) -> None:
         """Log and record every node sent a message this phase that did not reply within the round timeout."""
-        for node in sorted(self._sent - {m.metadata.src_node_id for m in replies}):
+        for node in sorted({m.metadata.dst_node_id for m in self._sent} - {self._node_of(m) for m in replies}):
             name = self._names.get(node, f"node-{node}")
             log(
                 WARNING,
-                "round %d: %s (node %d) sent no %s reply before the round timeout; the round goes on without it "
+                "round %d: %s sent no %s reply before the round timeout; the round goes on without it "
                 "(a slow or disconnected device; raise run-config round-timeout if it is merely slow)",
                 server_round,
-                name,
-                node,
+                f"{name} (node {node})" if node in self._names else f"node {node}",
                 phase,
             )
             self.round_log.client(server_round, name, node_id=node, timed_out=phase)
@@ -286,7 +291,7 @@ class AdapterStrategy(FedAvg):
                 WARNING,
                 "round %d: node %d %s (%s); the round goes on with the others",
                 server_round,
-                msg.metadata.src_node_id,
+                self._node_of(msg),
                 failure,
                 msg.error.reason,
             )
