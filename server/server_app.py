@@ -121,7 +121,8 @@ def _resume(
     round_log.note(point.round, resumed=time.time())
     log(
         INFO,
-        "fleetlora: resuming run %s after its signed round %d (manifest %s, chain of %d verified releases)",
+        "fleetlora: resuming run %s after its signed round %d (manifest %s, chain of %d verified releases); "
+        "Flower's [ROUND i/n] banners count this start's rounds from 1",
         registry.run_id,
         point.round,
         point.manifest.digest()[:16],
