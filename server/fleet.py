@@ -99,6 +99,7 @@ class LocalFleet:
         self.start_artifacts()
         for name in self.devices:
             self.start_device(name)
+        self.wait_online()
 
     def down(self) -> None:
         """Stop every process this fleet started (devices first, the SuperLink last), by PID."""
@@ -220,6 +221,21 @@ class LocalFleet:
         if check and "finished" not in data["run"]:
             raise RuntimeError(f"the run stopped before its last round; see {self.folder / 'logs'} and {path}")
         return data
+
+    def online(self) -> set[str]:
+        """Return the devices the SuperLink sees online now (``flwr supernode list``)."""
+        out = self._cli("supernode", "list", CONNECTION, "--format", "json")
+        data = json.loads(out[out.index("{") :])
+        online = {int(n["node-id"]) for n in data.get("nodes", []) if n.get("status") == "online"}
+        return {name for name, node in self.node_ids.items() if node in online}
+
+    def wait_online(self, timeout: float = 120) -> None:
+        """Wait until every running device is online on the SuperLink (after a start or a SuperLink restart)."""
+        deadline = time.monotonic() + timeout
+        while (missing := {n for n in self.devices if f"device-{n}" in self.procs} - self.online()) != set():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"devices {sorted(missing)} not online after {timeout:.0f} s; see {self.folder}")
+            time.sleep(1)
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -29,7 +29,8 @@ from shared.sign import TrustList
 DATA = Path(__file__).resolve().parents[2] / "simulations" / "data" / "wordnet"
 TOPICS = ["noun.animal", "noun.food", "verb.motion"]
 VICTIM = "verb.motion"
-RUN_TIMEOUT = 420  # seconds: the hard bound of one run on a loaded 2-core machine
+RUN_TIMEOUT = 900  # seconds: the hard bound of one run (measured 3-5 min on a 2-core machine at load 10)
+ROUND_TIMEOUT = 240  # seconds: long enough for a healthy device at that load, far below RUN_TIMEOUT
 
 
 def _overrides(tiny_model_dir: Path, **extra: object) -> dict[str, object]:
@@ -85,7 +86,7 @@ def _apps(fleet: LocalFleet, device: str) -> list[psutil.Process]:
 
 @contextlib.contextmanager
 def _throttled(fleet: LocalFleet, device: str) -> Iterator[None]:
-    """Make ``device`` ~10x slower: its ClientApp processes get 50 ms of every 500 ms (SIGSTOP / SIGCONT).
+    """Make ``device`` ~20x slower: its ClientApp processes get 25 ms of every 500 ms (SIGSTOP / SIGCONT).
 
     The device stays alive (its SuperNode and the app's task heartbeats go on); it is just slow.
     """
@@ -95,9 +96,9 @@ def _throttled(fleet: LocalFleet, device: str) -> Iterator[None]:
         while not stop.is_set():
             apps = _apps(fleet, device)
             _signal(apps, "suspend")
-            stop.wait(0.45)
+            stop.wait(0.475)
             _signal(apps, "resume")
-            stop.wait(0.05)
+            stop.wait(0.025)
 
     thread = threading.Thread(target=duty_cycle, daemon=True)
     thread.start()
@@ -132,7 +133,7 @@ def _finish(fleet: LocalFleet, run, overrides: dict[str, object]) -> dict:
 
 @pytest.mark.slow
 def test_a_device_killed_mid_round_is_left_out_then_rejoins_on_the_latest_release(fleet, tiny_model_dir):
-    overrides = _overrides(tiny_model_dir, **{"run-id": "killed-device", "round-timeout": 90})
+    overrides = _overrides(tiny_model_dir, **{"run-id": "killed-device", "round-timeout": ROUND_TIMEOUT})
     run = fleet.start_run(overrides)
     _wait("the victim's round-1 training", lambda: bool(_apps(fleet, VICTIM)), RUN_TIMEOUT, fleet)
     fleet.stop(f"device-{VICTIM}", sig=signal.SIGKILL)  # kill -9 the SuperNode and its app mid-round
@@ -158,7 +159,7 @@ def test_a_device_killed_mid_round_is_left_out_then_rejoins_on_the_latest_releas
 
 @pytest.mark.slow
 def test_a_slow_device_is_timed_out_logged_and_the_round_goes_on(fleet, tiny_model_dir):
-    overrides = _overrides(tiny_model_dir, **{"run-id": "slow-device", "round-timeout": 60, "num-server-rounds": 2})
+    overrides = _overrides(tiny_model_dir, **{"run-id": "slow-device", "round-timeout": 120, "num-server-rounds": 1})
     with _throttled(fleet, VICTIM):
         run = fleet.start_run(overrides)
         _wait("round 1's aggregate", lambda: "round 1: aggregated" in _run_log(fleet), RUN_TIMEOUT, fleet)
@@ -169,12 +170,13 @@ def test_a_slow_device_is_timed_out_logged_and_the_round_goes_on(fleet, tiny_mod
     assert rounds[1]["clients"][f"node-{victim}"]["timed_out"] == "train"
     assert {n for n, c in rounds[1]["clients"].items() if "train_loss" in c} == set(TOPICS) - {VICTIM}
     assert f"round 1: node {victim} sent no train reply before the round timeout" in _run_log(fleet)
-    assert (Path(data["run"]["releases"]) / "round-0002").is_dir()
+    assert (Path(data["run"]["releases"]) / "round-0001").is_dir()  # the round's aggregate was signed
 
 
 @pytest.mark.slow
 def test_a_killed_coordinator_resumes_from_the_last_signed_round(fleet, tiny_model_dir):
-    overrides = _overrides(tiny_model_dir, **{"run-id": "resumed", "round-timeout": 120})
+    overrides = _overrides(tiny_model_dir, **{"run-id": "resumed", "round-timeout": ROUND_TIMEOUT})
+    overrides["num-server-rounds"] = 2
     releases = fleet.folder / "store" / "adapter" / "resumed"
     run = fleet.start_run(overrides)
     _wait("round 2 in flight", lambda: "[ROUND 2/" in _run_log(fleet), RUN_TIMEOUT, fleet)
@@ -183,21 +185,22 @@ def test_a_killed_coordinator_resumes_from_the_last_signed_round(fleet, tiny_mod
     fleet.stop("superlink", sig=signal.SIGKILL)  # kill -9 the coordinator: SuperLink, ServerApp, all of it
     fleet.stop(f"run-{run.pid}")
     fleet.start_superlink()  # restarted on the same port and state database; the devices reconnect
+    fleet.wait_online()
     data = fleet.run(overrides, timeout=RUN_TIMEOUT)
 
     names = sorted(p.name for p in releases.iterdir() if p.is_dir())
-    assert names == [f"round-{n:04d}" for n in range(4)]  # none lost, none duplicated, no partial folder
+    assert names == [f"round-{n:04d}" for n in range(3)]  # none lost, none duplicated, no partial folder
     for name, manifest in before.items():
         assert (releases / name / "manifest.json").read_bytes() == manifest  # signed rounds were not redone
     trust = TrustList.load(fleet.signing_key.with_name("server.key.pub"))
     point = resume_point(releases, trust, "resumed", data["run"]["base_digest"], "fedavg")
-    assert point is not None and point.round == 3 and len(point.chain) == 4  # the whole chain verifies
+    assert point is not None and point.round == 2 and len(point.chain) == 3  # the whole chain verifies
     rounds = sorted(r["round"] for r in data["rounds"])
-    assert rounds == [0, 1, 2, 3]
+    assert rounds == [0, 1, 2]
     by_round = {r["round"]: r for r in data["rounds"]}
     assert "resumed" in by_round[1]
-    assert [by_round[n]["release"]["manifest"] for n in range(4)] == list(point.chain)
+    assert [by_round[n]["release"]["manifest"] for n in range(3)] == list(point.chain)
     assert all("refused_release" not in c for r in data["rounds"] for c in r["clients"].values())
     for device in TOPICS:  # every device followed the chain across the restart (it checks round r+1 names r)
         state = json.loads((fleet.folder / "nodes" / device / "state" / "accepted.json").read_text())
-        assert state["adapter:resumed"]["round"] == 2
+        assert state["adapter:resumed"] == {"round": 1, "digest": point.chain[1]}  # round 2 started from it
