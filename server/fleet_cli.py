@@ -23,7 +23,13 @@ from shared.config import FleetConfig
 
 DEFAULT_DIR = Path("outputs/fleet")
 # A quick demonstration: the pyproject defaults, fewer rounds and steps (each message starts a fresh app process).
-FLEET_DEFAULTS: dict[str, Any] = {"num-server-rounds": 2, "min-clients": 2, "train.steps": 5, "eval.max-examples": 16}
+FLEET_DEFAULTS: dict[str, Any] = {
+    "num-server-rounds": 2,
+    "min-clients": 2,
+    "train.steps": 3,
+    "train.max-seq-len": 64,
+    "eval.max-examples": 16,
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
