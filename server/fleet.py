@@ -60,10 +60,20 @@ def topic_devices(data_dir: Path, topics: list[str], count: int) -> list[Device]
 
 
 class LocalFleet:
-    """A SuperLink, SuperNodes and the artifact service on loopback; a context manager that stops them all."""
+    """A SuperLink, SuperNodes and the artifact service on loopback; a context manager that stops them all.
 
-    def __init__(self, folder: str | Path, devices: list[Device], app_dir: Path = APP_DIR) -> None:
+    ``persistent``: the SuperLink keeps its state (registered devices, runs, messages) in a SQLite
+    file, so it can be killed and restarted with the devices still admitted (what a real
+    coordinator does). Off (default), it keeps its state in memory: Flower 1.41's SQLite state
+    has a 5 s busy timeout that 4.7 MB SmolLM2 deltas pushed by 3 devices at once overran on
+    this 2-core machine (``database is locked``, the run stops); a restart then needs ``up()``.
+    """
+
+    def __init__(
+        self, folder: str | Path, devices: list[Device], app_dir: Path = APP_DIR, persistent: bool = False
+    ) -> None:
         self.folder = Path(folder).resolve()
+        self.persistent = persistent
         self.devices = {d.name: d for d in devices}
         self.app_dir = app_dir
         self.certs = FleetCerts(self.folder / "certs")
@@ -120,14 +130,14 @@ class LocalFleet:
 
     # ------------------------------------------------------------------ processes
     def start_superlink(self) -> None:
-        """Start the SuperLink (TLS, SuperNode authentication); its state survives a restart (database file)."""
+        """Start the SuperLink (TLS, SuperNode authentication); ``persistent``: its state survives a restart."""
         home = self.folder / "superlink"
         cmd = [
             "flower-superlink",
             *("--ssl-certfile", str(self.certs.server_cert), "--ssl-keyfile", str(self.certs.server_key)),
             *("--ssl-ca-certfile", str(self.certs.ca), "--enable-supernode-auth"),
-            *("--host", "127.0.0.1", "--port", str(self.link_port), "--database", str(home / "state.db")),
-            "--disable-runtime-dependency-installation",
+            *("--host", "127.0.0.1", "--port", str(self.link_port), "--disable-runtime-dependency-installation"),
+            *(("--database", str(home / "state.db")) if self.persistent else ()),
         ]
         self._start("superlink", cmd, home / "flwr", self.superlink_address)
 

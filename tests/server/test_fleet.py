@@ -50,7 +50,7 @@ def _overrides(tiny_model_dir: Path, **extra: object) -> dict[str, object]:
 def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / "cache"))
     devices = topic_devices(DATA, TOPICS, len(TOPICS))
-    with LocalFleet(tmp_path / "fleet", devices) as f:
+    with LocalFleet(tmp_path / "fleet", devices, persistent=True) as f:  # a coordinator that can restart
         yield f
     assert not _our_processes(tmp_path), "a fleet process outlived the test"
 
