@@ -69,12 +69,22 @@ def wait_for_port(address: str, proc: subprocess.Popen[bytes], timeout: float, l
 
 
 def tree(pid: int) -> list[psutil.Process]:
-    """Return the process ``pid`` and its living descendants (empty if it is gone)."""
+    """Return the process ``pid``, its living descendants and the rest of its process group.
+
+    A descendant whose parent died is re-parented to init and no longer looks like one; the
+    process group we started ``pid`` in still holds it (a ServerApp left behind by its SuperExec).
+    """
+    found: dict[int, psutil.Process] = {}
     try:
         root = psutil.Process(pid)
-        return [*root.children(recursive=True), root]
+        found = {p.pid: p for p in [*root.children(recursive=True), root]}
     except psutil.NoSuchProcess:
-        return []
+        pass
+    for p in psutil.process_iter():
+        with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
+            if p.pid not in found and os.getpgid(p.pid) == pid:
+                found[p.pid] = p
+    return list(found.values())
 
 
 def signal_tree(pid: int, sig: int) -> list[psutil.Process]:
