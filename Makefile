@@ -1,4 +1,5 @@
 # fleetlora: `make demo` (set up + run the main job) and `make test` (set up + run every test).
+# `make fleet`: a local fleet on loopback (TLS, SuperNode auth), 2 rounds, every process stopped at the end.
 # Each setup step is idempotent and quick when already done.
 PYTHON ?= python3
 VENV := .venv
@@ -13,10 +14,13 @@ export PATH := $(BIN):$(PATH)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: demo test setup model lint bench clean browser
+.PHONY: demo test setup model lint bench clean browser fleet
 
 demo: setup model
 	$(BIN)/python -m simulations.demo $(ARGS)
+
+fleet: setup model
+	$(BIN)/fleetlora fleet up $(ARGS)
 
 test: setup model lint browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

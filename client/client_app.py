@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
@@ -107,6 +108,12 @@ def _trust(cfg: FleetConfig, context: Context) -> TrustList:
     return TrustList.load(Path(str(context.node_config.get("trust-file", cfg.signing.trust_file))).expanduser())
 
 
+def _tls(context: Context) -> grpc.ChannelCredentials | None:
+    """TLS to the artifact service when the node config names the fleet's CA (``ca-file``), else plaintext."""
+    ca = context.node_config.get("ca-file")
+    return grpc.ssl_channel_credentials(Path(str(ca)).expanduser().read_bytes()) if ca else None
+
+
 @dataclass
 class _Base:
     spec: str  # what load_model gets: the fetched 4-bit folder, or the float model spec
@@ -125,7 +132,7 @@ def _base(cfg: FleetConfig, context: Context) -> _Base:
         if cfg.base.format == "float":
             _BASES[key] = _Base(cfg.model, model_digest(cfg.model), 0)
         else:
-            got = fetch_release(cfg.base.address, "base", cache, _trust(cfg, context))
+            got = fetch_release(cfg.base.address, "base", cache, _trust(cfg, context), credentials=_tls(context))
             log(INFO, "device base: %s (%d bytes downloaded)", got.folder, got.bytes_downloaded)
             _BASES[key] = _Base(str(got.folder), got.manifest.base_digest, got.bytes_downloaded)
     return _BASES[key]

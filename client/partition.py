@@ -3,7 +3,9 @@
 A real device names its files in its node config (``flower-supernode --node-config
 "train-file='/data/train.jsonl' heldout-file='/data/heldout.jsonl' name='clinic-7'"``).
 In a simulation, virtual node ``partition-id`` i takes topic ``topics[i % len(topics)]``
-of the run config's ``data-dir``.
+of the run config's ``data-dir``, and reports as that topic (``<topic>-<i>`` beyond the first
+``len(topics)`` devices, so a thousand virtual devices keep a thousand names, state folders and
+round-log entries).
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ def partition_for(node_config: Mapping[str, Any], cfg: FleetConfig) -> Partition
         return Partition(name=name, train_file=train, heldout_file=heldout)
     if "partition-id" not in node_config:
         raise DataError("node config names no data: give 'train-file' (and 'heldout-file'), or run in simulation")
-    topic = cfg.topics[int(node_config["partition-id"]) % len(cfg.topics)]
+    pid = int(node_config["partition-id"])
+    topic = cfg.topics[pid % len(cfg.topics)]
     folder = Path(cfg.data_dir).expanduser() / topic
     if not folder.is_dir():
         raise DataError(f"{folder}: no data folder for topic '{topic}' (check run-config 'data-dir' and 'topics')")
-    return Partition(name=topic, train_file=folder / "train.jsonl", heldout_file=folder / "heldout.jsonl")
+    name = topic if pid < len(cfg.topics) else f"{topic}-{pid}"  # more devices than topics: each keeps its own name
+    return Partition(name=name, train_file=folder / "train.jsonl", heldout_file=folder / "heldout.jsonl")

@@ -9,7 +9,9 @@ An artifact name is its folder relative to the root; a final ``latest`` segment 
 the ``LATEST`` file next to it. Only files the signed manifest lists are served, in chunks that
 each carry their SHA-256, from any byte offset (resume). The service reads; it never signs.
 
-Start it with ``fleetlora serve-artifacts --root DIR --address HOST:PORT`` (see the README).
+Start it with ``fleetlora serve-artifacts --root DIR --address HOST:PORT [--tls-cert PEM --tls-key PEM]``
+(see the README); with a certificate it speaks TLS only, and devices name the CA in their
+node config ``ca-file``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
-import time
+import signal
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -131,20 +134,33 @@ def serve(
     return server, port
 
 
+def server_credentials(cert: str | Path, key: str | Path) -> grpc.ServerCredentials:
+    """TLS credentials of the artifact service from a PEM certificate (chain) and its private key."""
+    return grpc.ssl_server_credentials([(Path(key).expanduser().read_bytes(), Path(cert).expanduser().read_bytes())])
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``serve-artifacts`` subcommand."""
     p = sub.add_parser("serve-artifacts", help="serve signed releases (base model, adapters) to devices over gRPC")
     p.add_argument("--root", type=Path, required=True, help="folder of release folders (base/, adapter/<run>/...)")
     p.add_argument("--address", default="127.0.0.1:50061", help="HOST:PORT to listen on (default 127.0.0.1:50061)")
+    p.add_argument("--tls-cert", type=Path, help="PEM server certificate: serve over TLS only (needs --tls-key)")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.set_defaults(func=_serve_cli)
 
 
 def _serve_cli(args: argparse.Namespace) -> int:
-    server, port = serve(args.root, args.address)
-    print(f"serving artifacts from {args.root.resolve()} on port {port}; Ctrl-C stops", flush=True)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    credentials = server_credentials(args.tls_cert, args.tls_key) if args.tls_cert else None
+    server, port = serve(args.root, args.address, credentials=credentials)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # `fleetlora fleet down` and process managers stop it so
+    mode = "TLS" if credentials else "plaintext"
+    print(f"serving artifacts from {args.root.resolve()} on port {port} ({mode}); Ctrl-C stops", flush=True)
     try:
-        while True:
-            time.sleep(3600)
+        stop.wait()
     except KeyboardInterrupt:
-        server.stop(grace=2).wait()
+        pass
+    server.stop(grace=2).wait()
     return 0

@@ -50,13 +50,21 @@ class Registry:
             key=self._key,
             previous=self.latest[1].digest() if self.latest else "",
         )
-        folder = write_release(release, self.release_folder(server_round))
-        tmp = self.folder / "LATEST.tmp"
-        tmp.write_text(folder.name + "\n")
-        os.replace(tmp, self.folder / "LATEST")
+        write_release(release, self.release_folder(server_round))
+        self._point_latest(server_round)
         self.latest = (release, manifest)
         return release, manifest
 
     def release_folder(self, server_round: int) -> Path:
         """Return the folder of the release of ``server_round`` (it exists once published)."""
         return self.folder / f"round-{server_round:04d}"
+
+    def resume(self, release: Release, manifest: Manifest) -> None:
+        """Continue the chain after ``release`` (``server/resume.py`` found and verified it)."""
+        self._point_latest(manifest.round)  # a coordinator killed between the two writes left LATEST behind
+        self.latest = (release, manifest)
+
+    def _point_latest(self, server_round: int) -> None:
+        tmp = self.folder / "LATEST.tmp"
+        tmp.write_text(self.release_folder(server_round).name + "\n")
+        os.replace(tmp, self.folder / "LATEST")

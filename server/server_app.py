@@ -5,6 +5,9 @@ Quantizes the base to 4 bits once and serves it on the artifact service (``base.
 evaluation before round 1, then ``num-server-rounds`` rounds of train + evaluate (each
 aggregate signed and stored in ``releases/``), and saves the final adapter as a PEFT folder
 next to the round log.
+
+A run with a run-config ``run-id`` whose release folder already holds signed rounds is a
+restart: it resumes after the last one (``server/resume.py``) instead of starting over.
 """
 
 from __future__ import annotations
@@ -17,31 +20,32 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from server.distribute import serve
+from server.distribute import serve, server_credentials
 from server.quantize import publish_base
 from server.registry import Registry
 from server.report import RoundLog, format_table
+from server.resume import carried_rounds, resume_point, unrecorded_rounds
 from server.state import StateStore
 from server.strategy import AdapterStrategy
 from shared.adapter import ADAPTER_WEIGHTS, adapter_config_bytes, adapter_state, attach_lora, save_peft_folder
 from shared.config import FleetConfig
 from shared.model import load_model, model_digest, resolve_model
 from shared.release import load_tensors
-from shared.sign import load_private_key
+from shared.sign import TrustList, key_id, load_private_key
+from shared.wire import release_to_records
 
 app = ServerApp()
 INFO = 20
-ROUND_TIMEOUT_S = 3600.0
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the federated rounds and save the final adapter."""
+    """Run the federated rounds (or resume them) and save the final adapter."""
     t0 = time.time()
     cfg = FleetConfig.from_run_config(context.run_config)
     out = Path(cfg.output_dir).expanduser().resolve() / cfg.run_name
     store = Path(cfg.base.store).expanduser() if cfg.base.store else out.parent / "store"
-    key_path, run_id = Path(cfg.signing.key).expanduser(), f"{cfg.run_name}-{context.run_id}"
+    key_path, run_id = Path(cfg.signing.key).expanduser(), cfg.run_id or f"{cfg.run_name}-{context.run_id}"
     base_digest, service = _distribute_base(cfg, store, key_path)
     peft_model = attach_lora(load_model(cfg.model), cfg.lora, cfg.seed)  # the float reference: same adapter shapes
     registry = Registry(
@@ -53,39 +57,18 @@ def main(grid: Grid, context: Context) -> None:
         config=adapter_config_bytes(peft_model, base=resolve_model(cfg.model)),
     )
     state = StateStore(Path(cfg.state.db).expanduser() if cfg.state.db else out.parent / "state.sqlite")
-    round_log = RoundLog(
-        out / "rounds.json",
-        run={
-            "run_id": run_id,
-            "model": cfg.model,
-            "base_digest": base_digest,
-            "base_format": cfg.base.format,
-            "releases": str(registry.folder),
-            "method": cfg.aggregation.method,
-            "rounds": cfg.num_server_rounds,
-            "min_clients": cfg.min_clients,
-            "config": dict(context.run_config),
-        },
-        store=state,
-    )
-    log(
-        INFO,
-        "fleetlora: %d rounds of %s over >= %d clients, LoRA r=%d; round log in %s; run %s in the state store %s "
-        "(watch it: fleetlora dashboard --db %s)",
-        cfg.num_server_rounds,
-        cfg.aggregation.method,
-        cfg.min_clients,
-        cfg.lora.rank,
-        round_log.path,
-        run_id,
-        state.path,
-        state.path,
-    )
-    strategy = AdapterStrategy(round_log, cfg.min_clients, cfg.aggregation, cfg.lora, registry)
+    earlier = carried_rounds(out / "rounds.json")  # a restarted run keeps the rounds it had signed
+    round_log = _round_log(out / "rounds.json", cfg, context, registry, state)
+    fractions = (cfg.fraction_train, cfg.fraction_evaluate)
+    strategy = AdapterStrategy(round_log, cfg.min_clients, cfg.aggregation, cfg.lora, registry, fractions)
     try:
-        initial = strategy.initial_arrays(adapter_state(peft_model))  # signed release 0
-        strategy.evaluate_initial(grid, initial, timeout=ROUND_TIMEOUT_S)
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds, timeout=ROUND_TIMEOUT_S)
+        initial = _resume(registry, strategy, round_log, state, earlier, key_path)
+        if initial is None:
+            initial = strategy.initial_arrays(adapter_state(peft_model))  # signed release 0
+            strategy.evaluate_initial(grid, initial, timeout=cfg.round_timeout)
+        remaining = cfg.num_server_rounds - strategy.round_offset
+        if remaining > 0:
+            strategy.start(grid=grid, initial_arrays=initial, num_rounds=remaining, timeout=cfg.round_timeout)
     finally:
         if service is not None:
             service.stop(grace=1)
@@ -97,6 +80,83 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fleetlora: final adapter saved as a PEFT folder in %s\n%s", folder, format_table(round_log.data))
 
 
+def _round_log(path: Path, cfg: FleetConfig, context: Context, registry: Registry, state: StateStore) -> RoundLog:
+    """Start the run's round log (the JSON file and the state store) and tell the operator what the run will do."""
+    round_log = RoundLog(
+        path,
+        run={
+            "run_id": registry.run_id,
+            "model": cfg.model,
+            "base_digest": registry.base_digest,
+            "base_format": cfg.base.format,
+            "releases": str(registry.folder),
+            "method": cfg.aggregation.method,
+            "rounds": cfg.num_server_rounds,
+            "min_clients": cfg.min_clients,
+            "config": dict(context.run_config),
+        },
+        store=state,
+    )
+    log(
+        INFO,
+        "fleetlora: %d rounds of %s over >= %d clients, LoRA r=%d, round timeout %.0f s; round log in %s; "
+        "run %s in the state store %s (watch it: fleetlora dashboard --db %s)",
+        cfg.num_server_rounds,
+        cfg.aggregation.method,
+        cfg.min_clients,
+        cfg.lora.rank,
+        cfg.round_timeout,
+        round_log.path,
+        registry.run_id,
+        state.path,
+        state.path,
+    )
+    return round_log
+
+
+def _resume(
+    registry: Registry,
+    strategy: AdapterStrategy,
+    round_log: RoundLog,
+    state: StateStore,
+    earlier: list[dict[str, Any]],
+    key_path: Path,
+) -> Any:
+    """If the run already signed rounds, continue its chain; return what round N + 1 sends, else None.
+
+    The state store says where the run stood (its last signed round), the signed releases what
+    devices can verify; ``server.resume.unrecorded_rounds`` checks that both agree. Rounds the
+    store holds after the resume point were in flight, never signed: they are dropped, run again.
+    """
+    public = load_private_key(key_path).public_key()
+    trust = TrustList(trusted={key_id(public): public})  # the releases this server signed
+    run_id = registry.run_id
+    signed = state.last_signed_round(run_id)
+    point = resume_point(registry.folder, trust, run_id, registry.base_digest, registry.method)
+    unrecorded = unrecorded_rounds(point, signed, state.path)  # raises if the store and the releases disagree
+    if point is None:
+        return None
+    registry.resume(point.release, point.manifest)
+    strategy.round_offset = point.round
+    round_log.data["rounds"] = [r for r in earlier if r["round"] <= point.round]
+    for number in unrecorded:  # signed and written by a coordinator killed before it recorded them
+        strategy.record_release(number, point.manifests[number])
+    dropped = state.drop_rounds_after(run_id, point.round)
+    round_log.note(point.round, resumed=time.time())
+    log(
+        INFO,
+        "fleetlora: resuming run %s after its signed round %d (manifest %s, chain of %d verified releases; "
+        "the state store had it %s%s); Flower's [ROUND i/n] banners count this start's rounds from 1",
+        run_id,
+        point.round,
+        point.manifest.digest()[:16],
+        len(point.chain),
+        f"up to round {signed.round}" if signed is not None else "not at all",
+        f", {dropped} unsigned round(s) in flight dropped" if dropped else "",
+    )
+    return release_to_records(point.release)[0]
+
+
 def _distribute_base(cfg: FleetConfig, store: Path, key_path: Path) -> tuple[str, Any]:
     """Return the digest of the base devices train on, and the artifact service serving it (``int4``)."""
     if cfg.base.format == "float":
@@ -104,7 +164,12 @@ def _distribute_base(cfg: FleetConfig, store: Path, key_path: Path) -> tuple[str
     t0 = time.time()
     source = resolve_model(cfg.model)
     _, manifest = publish_base(source, model_digest(cfg.model), store, load_private_key(key_path))
-    service, port = serve(store, cfg.base.address)
+    if not cfg.base.serve:
+        digest = manifest.digest()[:16]
+        log(INFO, "fleetlora: 4-bit base %s published in %s, served by a separate artifact service", digest, store)
+        return manifest.base_digest, None
+    credentials = server_credentials(cfg.base.tls_cert, cfg.base.tls_key) if cfg.base.tls_cert else None
+    service, port = serve(store, cfg.base.address, credentials=credentials)
     log(
         INFO,
         "fleetlora: 4-bit base %s (%.0f MB, signed by %s) ready in %.0f s; artifact service on port %d",

@@ -34,18 +34,35 @@ class AdapterStrategy(FedAvg):
     """Adapter aggregation by ``aggregation.method``, weighted by each client's example count.
 
     Flower's FedAvg supplies node sampling and message plumbing; aggregation is ours.
+    ``round_offset`` is the number of rounds a resumed run had already signed (``server/resume.py``):
+    Flower counts the rounds of this start from 1, the releases and the round log go on from there.
     """
 
     def __init__(
-        self, round_log: RoundLog, min_clients: int, agg: AggregationConfig, lora: LoraConfig, registry: Registry
+        self,
+        round_log: RoundLog,
+        min_clients: int,
+        agg: AggregationConfig,
+        lora: LoraConfig,
+        registry: Registry,
+        fractions: tuple[float, float] = (1.0, 1.0),
     ) -> None:
-        super().__init__(min_train_nodes=min_clients, min_evaluate_nodes=min_clients, min_available_nodes=min_clients)
+        super().__init__(
+            fraction_train=fractions[0],
+            fraction_evaluate=fractions[1],
+            min_train_nodes=min_clients,
+            min_evaluate_nodes=min_clients,
+            min_available_nodes=min_clients,
+        )
         self.round_log = round_log
         self.agg, self.lora = agg, lora
         self.registry = registry
+        self.round_offset = 0
         self._global: dict[str, Any] = {}
         self._bytes_down = 0
         self._refusals = 0
+        self._sent: list[Message] = []  # the current phase's messages (their ids are set once sent)
+        self._names: dict[int, str] = {}  # node id -> the name it reported
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -54,18 +71,46 @@ class AdapterStrategy(FedAvg):
         release = self._release_of(arrays)
         self._global = load_tensors(release.files[ADAPTER_WEIGHTS])
         self._bytes_down = wire_bytes(arrays) + len(release.manifest_bytes) + len(release.signature)
-        return super().configure_train(server_round, arrays, self._signed(config, release), grid)
+        server_round += self.round_offset
+        return self._sending(super().configure_train(server_round, arrays, self._signed(config, release), grid))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the round's release, with its signature, for federated evaluation."""
-        return super().configure_evaluate(server_round, arrays, self._signed(config, self._release_of(arrays)), grid)
+        signed = self._signed(config, self._release_of(arrays))
+        return self._sending(super().configure_evaluate(server_round + self.round_offset, arrays, signed, grid))
+
+    def _sending(self, messages: Iterable[Message]) -> list[Message]:
+        """Remember which nodes this phase waits for (to name the ones that do not reply in time)."""
+        self._sent = list(messages)
+        return self._sent
+
+    def _node_of(self, reply: Message) -> int:
+        """Return the node a reply is about (the SuperLink's own error replies, e.g. node unavailable, name itself)."""
+        for sent in self._sent:
+            if sent.metadata.message_id == reply.metadata.reply_to_message_id:
+                return sent.metadata.dst_node_id
+        return reply.metadata.src_node_id
+
+    def _log_silent(self, server_round: int, replies: list[Message], phase: str) -> None:
+        """Log and record every node sent a message this phase that did not reply within the round timeout."""
+        for node in sorted({m.metadata.dst_node_id for m in self._sent} - {self._node_of(m) for m in replies}):
+            name = self._names.get(node, f"node-{node}")
+            log(
+                WARNING,
+                "round %d: %s sent no %s reply before the round timeout; the round goes on without it "
+                "(a slow or disconnected device; raise run-config round-timeout if it is merely slow)",
+                server_round,
+                f"{name} (node {node})" if node in self._names else f"node {node}",
+                phase,
+            )
+            self.round_log.client(server_round, name, node_id=node, timed_out=phase)
 
     def initial_arrays(self, state: Mapping[str, Any]) -> ArrayRecord:
         """Sign the initial adapter as release 0 and return what the first messages carry."""
         release, manifest = self.registry.publish(0, state)
-        self._record_release(0, manifest)
+        self.record_release(0, manifest)
         return release_to_records(release)[0]
 
     def aggregate_train(
@@ -76,7 +121,9 @@ class AdapterStrategy(FedAvg):
         Two passes, one decoded update in memory at a time: the first checks each update alone
         and takes its norm, the norm-outlier rule then needs the whole round; the second folds.
         """
+        server_round += self.round_offset
         replies = list(replies)
+        self._log_silent(server_round, replies, "train")
         valid = self._refused_release(server_round, self._valid_replies(server_round, replies, "sent no update", True))
         parsed: dict[int, tuple[Message, float, dict[str, Any]]] = {}
         norms: dict[int, float] = {}
@@ -121,7 +168,7 @@ class AdapterStrategy(FedAvg):
             bytes_up += nbytes
             self.round_log.client(
                 server_round,
-                _name(msg),
+                self.name_of(msg),
                 node_id=msg.metadata.src_node_id,
                 **entry,
                 update_norm=norms[i],
@@ -143,7 +190,7 @@ class AdapterStrategy(FedAvg):
             sum(e["train_loss"] for _, _, e in parsed.values()) / len(parsed),
         )
         release, manifest = self.registry.publish(server_round, aggregator.result())
-        self._record_release(server_round, manifest)
+        self.record_release(server_round, manifest)
         return release_to_records(release)[0], metrics
 
     def _parse_update(self, msg: Message) -> tuple[dict[str, Any], float, dict[str, Any]]:
@@ -167,16 +214,19 @@ class AdapterStrategy(FedAvg):
 
     def _reject(self, server_round: int, msg: Message, reason: str) -> None:
         """Log and record an update that does not count, with its client, node, round and reason."""
-        name, node = _name(msg), msg.metadata.src_node_id
+        name, node = self.name_of(msg), msg.metadata.src_node_id
         log(WARNING, "round %d: rejected the update of %s (node %d): %s", server_round, name, node, reason)
         self.round_log.client(server_round, name, node_id=node, rejected=reason)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record each client's held-out loss and close the round in the log."""
-        valid = self._valid_replies(server_round, list(replies), "could not evaluate", is_train=False)
+        server_round += self.round_offset
+        replies = list(replies)
+        self._log_silent(server_round, replies, "evaluate")
+        valid = self._valid_replies(server_round, replies, "could not evaluate", is_train=False)
         valid = self._refused_release(server_round, valid)
         for msg in valid:
-            self.round_log.client(server_round, _name(msg), heldout_loss=_metric(msg, "heldout-loss"))
+            self.round_log.client(server_round, self.name_of(msg), heldout_loss=_metric(msg, "heldout-loss"))
         rec = self.round_log.close_round(server_round)
         if "mean_heldout_loss" in rec:
             per_client = ", ".join(
@@ -197,7 +247,7 @@ class AdapterStrategy(FedAvg):
                 kept.append(msg)
                 continue
             self._refusals += 1
-            name, node = _name(msg), msg.metadata.src_node_id
+            name, node = self.name_of(msg), msg.metadata.src_node_id
             log(WARNING, "round %d: %s (node %d) refused the signed release: %s", server_round, name, node, reason)
             self.round_log.client(server_round, name, node_id=node, refused_release=str(reason))
         return kept
@@ -218,7 +268,8 @@ class AdapterStrategy(FedAvg):
             signed[key] = value
         return signed
 
-    def _record_release(self, server_round: int, manifest: Manifest) -> None:
+    def record_release(self, server_round: int, manifest: Manifest) -> None:
+        """Record in the round log (and its state store) that ``server_round`` ended with this signed release."""
         release = {
             "key_id": manifest.key_id,
             "manifest": manifest.digest(),
@@ -232,6 +283,12 @@ class AdapterStrategy(FedAvg):
         replies = grid.send_and_receive(self.configure_evaluate(0, arrays, ConfigRecord(), grid), timeout=timeout)
         self.aggregate_evaluate(0, replies)
 
+    def name_of(self, msg: Message) -> str:
+        """Return the reply's client name, remembered for the node (to name it if it later goes silent)."""
+        name = _name(msg)
+        self._names[msg.metadata.src_node_id] = name
+        return name
+
     def _valid_replies(self, server_round: int, replies: list[Message], failure: str, is_train: bool) -> list[Message]:
         """Return the replies that carry content; log each failed one with its node and reason."""
         valid, failed = self._check_and_log_replies(replies, is_train=is_train, validate=False)
@@ -240,7 +297,7 @@ class AdapterStrategy(FedAvg):
                 WARNING,
                 "round %d: node %d %s (%s); the round goes on with the others",
                 server_round,
-                msg.metadata.src_node_id,
+                self._node_of(msg),
                 failure,
                 msg.error.reason,
             )

@@ -141,8 +141,18 @@ class BaseConfig:
     """The artifact service: the server listens here, devices fetch from here (HOST:PORT)."""
     store: str = ""
     """Server: the artifact store (base + adapter releases); empty means ``<output-dir>/store``."""
+    serve: int = 1
+    """Server: 1, the ServerApp serves the store on ``address`` for the run; 0, a separate
+    ``fleetlora serve-artifacts`` process serves it (a fleet: it outlives a coordinator restart)."""
+    tls_cert: str = ""
+    """Server: PEM certificate of the artifact service (with ``tls-key``: TLS on); devices then
+    need the CA in their node config ``ca-file``. Empty: plaintext (simulation on loopback)."""
+    tls_key: str = ""
+    """Server: the PEM private key of ``tls-cert``."""
 
     def __post_init__(self) -> None:
+        _check(self.serve in (0, 1), "base.serve", self.serve, "must be 0 or 1")
+        _check(bool(self.tls_cert) == bool(self.tls_key), "base.tls-cert", self.tls_cert, "needs base.tls-key too")
         _check(self.format in BASE_FORMATS, "base.format", self.format, f"must be one of {BASE_FORMATS}")
         host, _, port = self.address.rpartition(":")
         valid = bool(host) and port.isdigit() and 0 < int(port) < 65536
@@ -185,6 +195,17 @@ class FleetConfig:
     """Where the server writes the final adapter and the round log."""
     run_name: str = "demo"
     """Sub-folder of ``output_dir`` for this run."""
+    run_id: str = ""
+    """Stable identity of the run: its releases live in ``<store>/adapter/<run-id>/``. Empty: a
+    new id per ``flwr run`` (``<run-name>-<Flower run id>``). Set, a restarted ``flwr run`` with
+    the same ``run-id`` resumes after the last signed release of that folder (``server/resume.py``)."""
+    round_timeout: float = 3600.0
+    """Seconds the server waits for replies in each train or evaluate phase; a device that has
+    not replied by then is logged and left out of that round, which goes on with the others."""
+    fraction_train: float = 1.0
+    """Fraction of the connected devices sampled to train each round (at least ``min-clients``)."""
+    fraction_evaluate: float = 1.0
+    """Fraction of the connected devices sampled to evaluate each round; 0 skips federated evaluation."""
     seed: int = 0
     """Seeds the initial adapter and each client's data order."""
     num_server_rounds: int = 3
@@ -202,6 +223,10 @@ class FleetConfig:
     def __post_init__(self) -> None:
         _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "must be >= 1")
         _check(self.min_clients >= 1, "min-clients", self.min_clients, "must be >= 1")
+        _check(self.round_timeout > 0, "round-timeout", self.round_timeout, "must be > 0 seconds")
+        _check(0 < self.fraction_train <= 1, "fraction-train", self.fraction_train, "must be in (0, 1]")
+        _check(0 <= self.fraction_evaluate <= 1, "fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
+        _check(all(c.isalnum() or c in "._-" for c in self.run_id), "run-id", self.run_id, "must be [A-Za-z0-9._-]")
         _check(len(self.topics) >= 1, "topics", self.topics, "must name at least one topic")
 
     @classmethod

@@ -58,8 +58,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def run_demo(overrides: dict[str, Any], output_dir: Path, flwr_home: Path) -> dict[str, Any]:
-    """Validate the config, run the simulation, return the round log."""
+def run_demo(
+    overrides: dict[str, Any], output_dir: Path, flwr_home: Path, num_supernodes: int = 0
+) -> dict[str, Any]:
+    """Validate the config, run the simulation, return the round log.
+
+    ``num_supernodes``: virtual devices (0: one per topic); device i trains on topic i mod topics.
+    """
     merged = {**app_defaults(), **overrides}
     merged["data-dir"] = str((ROOT / str(merged["data-dir"])).resolve())
     merged["output-dir"] = str(output_dir.resolve())
@@ -69,17 +74,16 @@ def run_demo(overrides: dict[str, Any], output_dir: Path, flwr_home: Path) -> di
     if "base.address" not in overrides:  # the artifact service takes a free loopback port
         merged["base.address"] = f"127.0.0.1:{free_port()}"
     cfg = FleetConfig.from_run_config(merged)  # fails here, before anything starts, on a bad key or value
-    if cfg.min_clients > len(cfg.topics):
-        raise ConfigError(
-            f"min-clients = {cfg.min_clients} but only {len(cfg.topics)} topics (one virtual device each)"
-        )
+    num_supernodes = num_supernodes or len(cfg.topics)
+    if cfg.min_clients > num_supernodes:
+        raise ConfigError(f"min-clients = {cfg.min_clients} but only {num_supernodes} virtual devices")
     if not Path(cfg.signing.key).exists():
         created = generate_key(cfg.signing.key)
         print(f"demo: created signing key {cfg.signing.key} (key id {key_id(created.public_key())})", file=sys.stderr)
     rounds_file = Path(cfg.output_dir) / cfg.run_name / "rounds.json"
     rounds_file.unlink(missing_ok=True)
     log_file = Path(cfg.output_dir) / cfg.run_name / "flower.log"
-    federation = {"num-supernodes": len(cfg.topics), "client-resources-num-cpus": 2}  # one device trains at a time
+    federation = {"num-supernodes": num_supernodes, "client-resources-num-cpus": 2}  # one device trains at a time
     paths = {k: merged[k] for k in ("data-dir", "output-dir", "signing.key", "signing.trust-file", "base.address")}
     paths["state.db"] = merged["state.db"]
     for attempt in (1, 2):

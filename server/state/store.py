@@ -24,7 +24,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, select
+from sqlalchemy import Connection, Engine, create_engine, delete, event, inspect, select
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.exc import DatabaseError
 
@@ -194,6 +194,18 @@ class StateStore:
             release_path=row["release_path"] or "",
             evaluated=row["closed"] is not None,
         )
+
+    def drop_rounds_after(self, run_id: str, server_round: int) -> int:
+        """Delete the rounds of ``run_id`` after ``server_round`` and their client results; return how many.
+
+        A resumed run calls this with its resume point: later rounds were in flight when the
+        coordinator stopped (never signed) and are run again, so their partial records go.
+        """
+        with self.engine.begin() as conn:
+            later = (client_results.c.run_id == run_id, client_results.c.round > server_round)
+            conn.execute(delete(client_results).where(*later))
+            gone = conn.execute(delete(rounds).where(rounds.c.run_id == run_id, rounds.c.round > server_round))
+        return int(gone.rowcount or 0)
 
 
 def migrate(engine: Engine, path: Path) -> str:

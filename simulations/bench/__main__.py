@@ -12,6 +12,7 @@ import simulations.bench.aggregation  # noqa: F401  (registers)
 import simulations.bench.federated  # noqa: F401
 import simulations.bench.inference  # noqa: F401
 import simulations.bench.int4  # noqa: F401
+import simulations.bench.scale  # noqa: F401
 import simulations.bench.variants  # noqa: F401
 from simulations.bench import REGISTRY
 from simulations.flower_local import ROOT

@@ -70,7 +70,9 @@ def test_loading_a_mismatched_adapter_is_refused(tiny_lora):
 
 def test_partition_comes_from_node_config_or_simulation_topic(tmp_path):
     cfg = FleetConfig(data_dir=str(DATA), topics=("noun.food", "verb.motion"))
-    assert partition_for({"partition-id": 3, "num-partitions": 4}, cfg).name == "verb.motion"
+    assert partition_for({"partition-id": 1, "num-partitions": 4}, cfg).name == "verb.motion"
+    fourth = partition_for({"partition-id": 3, "num-partitions": 4}, cfg)  # more devices than topics
+    assert fourth.name == "verb.motion-3" and fourth.train_file == DATA / "verb.motion" / "train.jsonl"
     own = partition_for({"train-file": str(tmp_path / "t.jsonl"), "name": "clinic-7"}, cfg)
     assert own.name == "clinic-7" and own.train_file == tmp_path / "t.jsonl"
     with pytest.raises(DataError, match="no data folder for topic 'noun.nothing'"):

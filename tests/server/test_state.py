@@ -96,6 +96,28 @@ def test_last_signed_round_is_the_newest_release_even_before_its_evaluation(tmp_
     assert signed is not None and signed.round == 1 and signed.evaluated and signed.key_id == "0123456789abcdef"
 
 
+def test_a_resumed_run_drops_the_unsigned_rounds_that_were_in_flight(tmp_path):
+    db = tmp_path / "s.sqlite"
+    store = StateStore(db)
+    log = RoundLog(tmp_path / "rounds.json", run=RUN, store=store)
+    other = RoundLog(tmp_path / "other.json", run={**RUN, "run_id": "other"}, store=store)
+    for n in (0, 1):
+        log.note(n, release=_release(n))
+        log.client(n, "food", heldout_loss=3.0 - n)
+        other.client(n, "food", heldout_loss=1.0)
+    log.client(2, "food", train_loss=2.0)  # round 2 in flight when the coordinator died
+    assert store.drop_rounds_after("demo-7", 1) == 1
+    assert _rows(db, "select run_id, round from rounds order by run_id, round") == [
+        ("demo-7", 0),
+        ("demo-7", 1),
+        ("other", 0),
+        ("other", 1),
+    ]
+    assert _rows(db, "select count(*) from client_results where run_id = 'demo-7' and round = 2") == [(0,)]
+    assert store.last_signed_round("demo-7").round == 1
+    assert store.drop_rounds_after("demo-7", 1) == 0
+
+
 def test_a_store_needs_the_run_id():
     with pytest.raises(ValueError, match="run_id"):
         RoundLog("unused.json", run={"model": "m"}, store=object())  # type: ignore[arg-type]

@@ -1,0 +1,140 @@
+"""Where a restarted coordinator picks up a run: after its last signed release, chain checked.
+
+A run is identified by its run-config ``run-id`` (``shared/config.py``): its releases live in
+``<store>/adapter/<run-id>/round-NNNN/``, each signed, each naming the digest of the previous
+one. Those folders are the record of what the run has done: a round counts once its
+aggregate is signed and written (``server/registry.py`` writes a release folder atomically,
+then ``LATEST``). A coordinator killed at any moment therefore leaves either round N's
+release complete or no round-N folder at all, and on restart :func:`resume_point` returns the
+last release of the unbroken chain; the run goes on with round N + 1. No signed round is lost
+or repeated, and round N + 1's manifest names round N's digest, so the chain devices check
+(``shared.release.AcceptedReleases``) stays unbroken across the restart.
+
+What a restart does not keep: a round that was in flight (sent, not yet signed) is run again
+from the start, and a round whose aggregate was refused (fewer than ``aggregation.min-accepted``
+valid updates: no release) is not recorded here. The dashboard's state store records rounds as
+they happen; ``server/server_app.py`` resumes from its last signed round after checking it
+against this chain (:func:`resume_point`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shared.manifest import Manifest
+from shared.release import Release, ReleaseError, read_release, verify_release
+from shared.sign import TrustList
+
+if TYPE_CHECKING:
+    from server.state import SignedRound
+
+_ROUND_FOLDER = re.compile(r"round-(\d{4,})")
+
+
+class ResumeError(ReleaseError):
+    """The run's release folder cannot be resumed from; the message names the release and the check."""
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The last signed release of a run: the next round to run is ``round + 1``."""
+
+    round: int
+    release: Release
+    manifest: Manifest
+    chain: tuple[str, ...]
+    """Manifest digests of every release from round 0 up to ``round``, in order."""
+    manifests: tuple[Manifest, ...]
+    """The verified manifests of those releases, in the same order."""
+
+
+def resume_point(
+    folder: str | Path, trust: TrustList, run_id: str, base_digest: str, method: str
+) -> ResumePoint | None:
+    """Return the last release of the run stored in ``folder``, or None if it holds no release yet.
+
+    Every ``round-NNNN`` folder is verified in round order: signature by a trusted key, file
+    hashes, ``run_id``, ``base_digest``, ``method``, round number equal to the folder's, and
+    ``previous`` equal to the digest of the release before it (empty for the first, round 0).
+
+    Raises
+    ------
+    ResumeError
+        A release fails a check, or the chain is broken: resuming would sign a round on top of
+        a history devices cannot verify. Move the folder away to start the run anew.
+    """
+    folder = Path(folder)
+    rounds = sorted(
+        (int(m.group(1)), p) for p in folder.glob("round-*") if (m := _ROUND_FOLDER.fullmatch(p.name)) and p.is_dir()
+    )
+    chain: list[str] = []
+    manifests: list[Manifest] = []
+    point: ResumePoint | None = None
+    for number, path in rounds:
+        try:
+            release = read_release(path)
+            manifest = verify_release(release, trust, base_digest)
+        except ReleaseError as exc:
+            raise ResumeError(f"cannot resume run {run_id} from {path}: {exc}") from None
+        expected = {"kind": "adapter", "run_id": run_id, "round": number, "method": method}
+        for field, value in expected.items():
+            got = getattr(manifest, field)
+            if got != value:
+                raise ResumeError(f"cannot resume from {path}: its {field} is {got!r}, not {value!r}")
+        previous = chain[-1] if chain else ""
+        if manifest.previous != previous:
+            named = manifest.previous[:16] or "(none)"
+            raise ResumeError(
+                f"cannot resume from {path}: the chain is broken (it names previous {named}, "
+                f"the release before it is {previous[:16] or '(none)'})"
+            )
+        chain.append(manifest.digest())
+        manifests.append(manifest)
+        point = ResumePoint(number, release, manifest, tuple(chain), tuple(manifests))
+    return point
+
+
+def unrecorded_rounds(point: ResumePoint | None, signed: SignedRound | None, store: str | Path) -> range:
+    """Check the state store's last signed round against the verified chain; return the rounds it lacks.
+
+    ``signed`` is the store's record (``StateStore.last_signed_round``), ``point`` what
+    :func:`resume_point` verified on disk. The registry writes a release before the round log
+    commits it to the store, so a coordinator killed in between leaves the disk one release
+    ahead: that release is complete, signed, and devices may hold it, so it is returned here
+    to be recorded, never signed again (a second round-N release would fork the chain).
+
+    Raises
+    ------
+    ResumeError
+        The store records a round the release folder does not hold, or a different manifest for
+        it: the store and the releases belong to different deployments (or one was restored from
+        an older backup); resuming would sign on top of a history the two disagree about.
+    """
+    if signed is not None:
+        on_disk = "none" if point is None else f"only up to round {point.round}"
+        if point is None or point.round < signed.round:
+            raise ResumeError(
+                f"the state store {store} records run {signed.run_id} signed up to round {signed.round}, but its "
+                f"release folder holds {on_disk}: the store and the releases belong to different deployments"
+            )
+        if point.chain[signed.round] != signed.manifest_digest:
+            raise ResumeError(
+                f"the state store {store} records round {signed.round} of run {signed.run_id} as manifest "
+                f"{signed.manifest_digest[:16]}, but its signed release is {point.chain[signed.round][:16]}"
+            )
+    if point is None:
+        return range(0)
+    return range(0 if signed is None else signed.round + 1, point.round + 1)
+
+
+def carried_rounds(round_log: str | Path) -> list[dict[str, Any]]:
+    """Return the round records of an earlier attempt's round log (none if there is none or it is unreadable)."""
+    try:
+        data = json.loads(Path(round_log).read_text())
+        return [r for r in data.get("rounds", []) if isinstance(r, dict) and isinstance(r.get("round"), int)]
+    except (OSError, ValueError, AttributeError):
+        return []

@@ -1,0 +1,215 @@
+"""Resilience of a real fleet on loopback (SuperLink with TLS + SuperNode auth, 3 SuperNodes, TLS artifact service).
+
+Each test starts its own :class:`LocalFleet` in a temp folder with the tiny model, breaks
+something on purpose (kills a device, freezes one, kills the coordinator), and checks the run
+from its round log and its signed releases. Every wait is bounded; the fleet's context manager
+stops every process it started, also when an assertion fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from server.fleet import LocalFleet, topic_devices
+from server.processes import tree
+from server.resume import resume_point
+from server.state import StateStore
+from server.state.queries import run_view
+from shared.release import AcceptedReleases, read_release
+from shared.sign import TrustList
+
+DATA = Path(__file__).resolve().parents[2] / "simulations" / "data" / "wordnet"
+TOPICS = ["noun.animal", "noun.food", "verb.motion"]
+VICTIM = "verb.motion"
+RUN_TIMEOUT = 900  # seconds: the hard bound of one run (measured 3-5 min on a 2-core machine at load 10)
+ROUND_TIMEOUT = 240  # seconds: long enough for a healthy device at that load, far below RUN_TIMEOUT
+
+
+def _overrides(tiny_model_dir: Path, **extra: object) -> dict[str, object]:
+    return {
+        "model": str(tiny_model_dir),
+        "num-server-rounds": 3,
+        "min-clients": 2,
+        "train.steps": 2,
+        "eval.max-examples": 8,
+        "fraction-evaluate": 0.0,  # train only: halves the app processes each round starts
+        "aggregation.method": "fedavg",
+        **extra,
+    }
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / "cache"))
+    devices = topic_devices(DATA, TOPICS, len(TOPICS))
+    with LocalFleet(tmp_path / "fleet", devices, persistent=True) as f:  # a coordinator that can restart
+        yield f
+    assert not _our_processes(tmp_path), "a fleet process outlived the test"
+
+
+def _our_processes(tmp_path: Path) -> list[str]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if str(tmp_path) in cmd:
+            found.append(cmd)
+    return found
+
+
+def _wait(what: str, ok: Callable[[], bool], timeout: float, fleet: LocalFleet) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > deadline:
+            log = (fleet.folder / "logs" / "run.log").read_text(errors="replace")[-3000:]
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; run log tail:\n{log}")
+        time.sleep(0.3)
+
+
+def _run_log(fleet: LocalFleet) -> str:
+    path = fleet.folder / "logs" / "run.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _apps(fleet: LocalFleet, device: str) -> list[psutil.Process]:
+    """The device's ClientApp processes (evaluation is off: the first one of a run trains round 1)."""
+    proc = fleet.procs.get(f"device-{device}")
+    return [p for p in tree(proc.pid) if any("flwr-clientapp" in part for part in _cmdline(p))] if proc else []
+
+
+@contextlib.contextmanager
+def _throttled(fleet: LocalFleet, device: str) -> Iterator[None]:
+    """Make ``device`` ~20x slower: its ClientApp processes get 25 ms of every 500 ms (SIGSTOP / SIGCONT).
+
+    The device stays alive (its SuperNode and the app's task heartbeats go on); it is just slow.
+    """
+    stop = threading.Event()
+
+    def duty_cycle() -> None:
+        while not stop.is_set():
+            apps = _apps(fleet, device)
+            _signal(apps, "suspend")
+            stop.wait(0.475)
+            _signal(apps, "resume")
+            stop.wait(0.025)
+
+    thread = threading.Thread(target=duty_cycle, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        _signal(_apps(fleet, device), "resume")
+
+
+def _signal(procs: list[psutil.Process], action: str) -> None:
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            getattr(p, action)()
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _finish(fleet: LocalFleet, run, overrides: dict[str, object]) -> dict:
+    try:
+        run.wait(timeout=RUN_TIMEOUT)
+    finally:
+        fleet.stop(f"run-{run.pid}")
+    return fleet.round_log(overrides, check=True)
+
+
+@pytest.mark.slow
+def test_a_device_killed_mid_round_is_left_out_then_rejoins_on_the_latest_release(fleet, tiny_model_dir):
+    overrides = _overrides(tiny_model_dir, **{"run-id": "killed-device", "round-timeout": ROUND_TIMEOUT})
+    run = fleet.start_run(overrides)
+    _wait("the victim's round-1 training", lambda: bool(_apps(fleet, VICTIM)), RUN_TIMEOUT, fleet)
+    fleet.stop(f"device-{VICTIM}", sig=signal.SIGKILL)  # kill -9 the SuperNode and its app mid-round
+    _wait("round 1's aggregate", lambda: "round 1: aggregated" in _run_log(fleet), RUN_TIMEOUT, fleet)
+    fleet.start_device(VICTIM)  # it comes back: same identity, cache and state
+    data = _finish(fleet, run, overrides)
+
+    rounds = {r["round"]: r for r in data["rounds"]}
+    assert sorted(rounds) == [0, 1, 2, 3]
+    trained_1 = {n for n, c in rounds[1]["clients"].items() if "train_loss" in c}
+    assert trained_1 == set(TOPICS) - {VICTIM}  # the round went on with the other two
+    assert (Path(data["run"]["releases"]) / "round-0001").is_dir()
+    rejoined = [n for n in (2, 3) if "train_loss" in rounds[n]["clients"].get(VICTIM, {})]
+    assert rejoined, f"{VICTIM} never trained again: {rounds[2]['clients']} {rounds[3]['clients']}"
+    # it verified and installed the latest release it was sent (skipping the one it missed), chain-checked
+    accepted = AcceptedReleases(fleet.folder / "nodes" / VICTIM / "state" / "accepted.json")
+    last = accepted.runs["adapter:killed-device"]
+    sent = read_release(Path(data["run"]["releases"]) / f"round-{rejoined[-1] - 1:04d}")
+    assert last["round"] == rejoined[-1] - 1
+    assert last["digest"] == hashlib.sha256(sent.manifest_bytes).hexdigest()
+    assert all("refused_release" not in c for r in rounds.values() for c in r["clients"].values())
+
+
+@pytest.mark.slow
+def test_a_slow_device_is_timed_out_logged_and_the_round_goes_on(fleet, tiny_model_dir):
+    overrides = _overrides(tiny_model_dir, **{"run-id": "slow-device", "round-timeout": 120, "num-server-rounds": 1})
+    with _throttled(fleet, VICTIM):
+        run = fleet.start_run(overrides)
+        _wait("round 1's aggregate", lambda: "round 1: aggregated" in _run_log(fleet), RUN_TIMEOUT, fleet)
+    data = _finish(fleet, run, overrides)
+
+    rounds = {r["round"]: r for r in data["rounds"]}
+    victim = fleet.node_ids[VICTIM]  # it never replied, so the server knows it by node id only
+    assert rounds[1]["clients"][f"node-{victim}"]["timed_out"] == "train"
+    assert {n for n, c in rounds[1]["clients"].items() if "train_loss" in c} == set(TOPICS) - {VICTIM}
+    assert f"round 1: node {victim} sent no train reply before the round timeout" in _run_log(fleet)
+    assert (Path(data["run"]["releases"]) / "round-0001").is_dir()  # the round's aggregate was signed
+
+
+@pytest.mark.slow
+def test_a_killed_coordinator_resumes_from_the_last_signed_round(fleet, tiny_model_dir):
+    overrides = _overrides(tiny_model_dir, **{"run-id": "resumed", "round-timeout": ROUND_TIMEOUT})
+    overrides["num-server-rounds"] = 2
+    releases = fleet.folder / "store" / "adapter" / "resumed"
+    run = fleet.start_run(overrides)
+    _wait("round 2 in flight", lambda: "[ROUND 2/" in _run_log(fleet), RUN_TIMEOUT, fleet)
+    before = {p.name: (p / "manifest.json").read_bytes() for p in releases.glob("round-*")}
+    assert sorted(before) == ["round-0000", "round-0001"]
+    fleet.stop("superlink", sig=signal.SIGKILL)  # kill -9 the coordinator: SuperLink, ServerApp, all of it
+    fleet.stop(f"run-{run.pid}")
+    fleet.start_superlink()  # restarted on the same port and state database; the devices reconnect
+    fleet.wait_online()
+    data = fleet.run(overrides, timeout=RUN_TIMEOUT)
+
+    names = sorted(p.name for p in releases.iterdir() if p.is_dir())
+    assert names == [f"round-{n:04d}" for n in range(3)]  # none lost, none duplicated, no partial folder
+    for name, manifest in before.items():
+        assert (releases / name / "manifest.json").read_bytes() == manifest  # signed rounds were not redone
+    trust = TrustList.load(fleet.signing_key.with_name("server.key.pub"))
+    point = resume_point(releases, trust, "resumed", data["run"]["base_digest"], "fedavg")
+    assert point is not None and point.round == 2 and len(point.chain) == 3  # the whole chain verifies
+    rounds = sorted(r["round"] for r in data["rounds"])
+    assert rounds == [0, 1, 2]
+    by_round = {r["round"]: r for r in data["rounds"]}
+    assert "resumed" in by_round[1]
+    assert [by_round[n]["release"]["manifest"] for n in range(3)] == list(point.chain)
+    assert all("refused_release" not in c for r in data["rounds"] for c in r["clients"].values())
+    store = StateStore(fleet.folder / "outputs" / "state.sqlite", read_only=True)  # the dashboard's record
+    signed = store.last_signed_round("resumed")
+    assert signed is not None and (signed.round, signed.manifest_digest) == (2, point.chain[2])
+    with store.read() as conn:
+        view = run_view(conn, "resumed")
+    assert view is not None and [r["round"] for r in view["rounds"]] == [0, 1, 2]  # round 2 once, not twice
+    assert [r["manifest_digest"] for r in view["rounds"]] == list(point.chain)
+    for device in TOPICS:  # every device followed the chain across the restart (it checks round r+1 names r)
+        state = json.loads((fleet.folder / "nodes" / device / "state" / "accepted.json").read_text())
+        assert state["adapter:resumed"] == {"round": 1, "digest": point.chain[1]}  # round 2 started from it

@@ -1,0 +1,72 @@
+"""AdapterStrategy across restarts and slow devices: round numbers after a resume, silent nodes named."""
+
+import json
+import time
+
+from flwr.app import Error, Message, Metadata, RecordDict
+
+from server.strategy import AdapterStrategy
+from tests.server.test_strategy import _honest, _reply, _strategy
+
+
+def _sent(node: int) -> Message:
+    meta = Metadata(
+        run_id=1,
+        message_id=f"q{node}",  # what the Grid sets when it pushes the message
+        src_node_id=1,
+        dst_node_id=node,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60,
+        message_type="train",
+    )
+    return Message(metadata=meta, content=RecordDict())
+
+
+def _unavailable(node: int) -> Message:
+    """The SuperLink's own error reply for a node that stopped heartbeating: it names the SuperLink as sender."""
+    meta = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=1,
+        dst_node_id=1,
+        reply_to_message_id=f"q{node}",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60,
+        message_type="train",
+    )
+    return Message(metadata=meta, error=Error(code=3, reason="Node Unavailable"))
+
+
+def _round(tmp_path, n):
+    rounds = json.loads((tmp_path / "rounds.json").read_text())["rounds"]
+    return next(r for r in rounds if r["round"] == n)
+
+
+def test_a_node_that_never_replies_is_recorded_as_timed_out(tmp_path):
+    strategy: AdapterStrategy = _strategy(tmp_path)
+    strategy._sent = [_sent(n) for n in (2, 3, 4)]
+    arrays, _ = strategy.aggregate_train(1, [_reply(2, _honest(seed=2)), _reply(3, _honest(seed=3))])
+    assert arrays is not None
+    clients = _round(tmp_path, 1)["clients"]
+    assert clients["node-4"] == {"node_id": 4, "timed_out": "train"}
+    assert "timed_out" not in clients["client-2"] and "timed_out" not in clients["client-3"]
+
+
+def test_an_unavailable_error_reply_counts_for_its_node_not_as_silence(tmp_path):
+    strategy: AdapterStrategy = _strategy(tmp_path)
+    strategy._sent = [_sent(n) for n in (2, 3, 4)]
+    _, metrics = strategy.aggregate_train(1, [_reply(2, _honest(seed=2)), _reply(3, _honest(seed=3)), _unavailable(4)])
+    assert metrics["failed-replies"] == 1
+    assert "node-4" not in _round(tmp_path, 1)["clients"]
+
+
+def test_a_resumed_strategy_numbers_rounds_after_the_last_signed_one(tmp_path):
+    strategy: AdapterStrategy = _strategy(tmp_path)
+    strategy.round_offset = 2  # rounds 1 and 2 were signed before the restart
+    strategy.aggregate_train(1, [_reply(n, _honest(seed=n)) for n in (2, 3)])  # Flower's first round of this start
+    assert (tmp_path / "releases" / "round-0003").is_dir()
+    assert strategy.registry.latest[1].round == 3
+    assert "clients" in _round(tmp_path, 3)
