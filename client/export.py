@@ -191,6 +191,7 @@ def _quantized_graph(
     model = onnx.load(str(built))
     tensors = load_file(src / INT4_WEIGHTS)
     edit = GraphEditor(model.graph, options.accuracy_level)
+    embedding = _embedding_codes(tensors)  # the tied embedding / output layer, used twice below
     for node in [n for n in model.graph.node if n.op_type == "MatMul"]:
         weight = node.input[1]
         match = _LINEAR.fullmatch(weight)
@@ -205,15 +206,15 @@ def _quantized_graph(
             edit.int4_linear(node, codes.numpy(), scales.float().numpy(), mins.float().numpy(), parts, outs)
         elif weight == "lm_head.MatMul.weight":
             if options.output_bits == 8:
-                edit.int8_lm_head(node, *_embedding_codes(tensors))
+                edit.int8_lm_head(node, *embedding)
             else:
-                edit.int4_lm_head(node, *_requantized4(*_embedding_codes(tensors)))
+                edit.int4_lm_head(node, *_requantized4(*embedding))
         else:
             raise ExportError(f"unexpected float MatMul {node.name} on {weight}: the export would not be 4-bit")
     gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.name.startswith("/model/embed_tokens")]
     if len(gathers) != 1:
         raise ExportError(f"expected one embedding Gather in the builder's graph, found {len(gathers)}")
-    edit.int8_embedding(gathers[0], *_embedding_codes(tensors))
+    edit.int8_embedding(gathers[0], *embedding)
     edit.drop_unused()
     return model, edit.lora, edit.corrections
 

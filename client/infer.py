@@ -80,7 +80,8 @@ class EdgeModel:
         if threads:
             config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
         self.model = og.Model(config)
-        self.tokenizer = _hf_tokenizer(self.folder)
+        self.tokenizer = _hf_tokenizer(self.folder)  # the chat template, as in training
+        self._stream_tokenizer = og.Tokenizer(self.model)  # incremental decoding of the streamed answer
         self.adapters = og.Adapters(self.model)
         self.adapters.load(str(self.folder / BASE_ADAPTER), BASE)  # the base alone (exact correction, no LoRA)
         self.active: ActiveAdapter | None = None
@@ -141,15 +142,8 @@ class EdgeModel:
 
     def generate_tokens(self, ids: list[int], max_new_tokens: int, adapter: bool = True) -> Iterator[tuple[str, int]]:
         """Greedy decoding from token ids: yields (text piece, token id) until end of turn or the limit."""
-        import onnxruntime_genai as og
-
-        params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
-        gen = og.Generator(self.model, params)
-        with self._lock:
-            gen.set_active_adapter(self.adapters, self.active.name if adapter and self.active else BASE)
-        gen.append_tokens(ids)
-        stream = og.Tokenizer(self.model).create_stream()
+        gen = self._generator(ids, max_new_tokens, adapter)
+        stream = self._stream_tokenizer.create_stream()
         while not gen.is_done():
             gen.generate_next_token()
             token = int(gen.get_next_tokens()[0])
@@ -158,15 +152,20 @@ class EdgeModel:
     def logits(self, ids: list[int], adapter: bool = True) -> Any:
         """Next-token logits after ``ids`` (numpy, vocabulary-sized)."""
         import numpy as np
+
+        return np.asarray(self._generator(ids, 1, adapter).get_logits()).reshape(-1)
+
+    def _generator(self, ids: list[int], max_new_tokens: int, adapter: bool) -> Any:
+        """Return a greedy generator that has read ``ids``, with the active adapter (or the base's own) set."""
         import onnxruntime_genai as og
 
         params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + 1, do_sample=False)
+        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
         gen = og.Generator(self.model, params)
-        with self._lock:
+        with self._lock:  # always one adapter: the base's own carries the exact correction
             gen.set_active_adapter(self.adapters, self.active.name if adapter and self.active else BASE)
         gen.append_tokens(ids)
-        return np.asarray(gen.get_logits()).reshape(-1)
+        return gen
 
 
 def _hf_tokenizer(folder: Path) -> Any:

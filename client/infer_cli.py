@@ -13,11 +13,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.manifest import parse
 from shared.model import cache_dir
 from shared.release import MANIFEST, ReleaseError
 from shared.sign import TrustList
+
+if TYPE_CHECKING:
+    from client.infer import EdgeModel
 
 LATEST = "LATEST"
 
@@ -83,11 +87,8 @@ def newest_base(releases: Path) -> Path:
     return max(bases)[1]
 
 
-def _follow(model: object, adapter: Path) -> None:
+def _follow(model: EdgeModel, adapter: Path) -> None:
     """Apply the release ``adapter`` names if it is not the active one; report a refusal and go on."""
-    from client.infer import EdgeModel
-
-    assert isinstance(model, EdgeModel)
     folder = release_folder(adapter)
     before = model.active.name if model.active else None
     try:

@@ -28,6 +28,8 @@ from simulations.demo_infer import answer_per_domain
 from simulations.flower_local import ROOT, free_port, local_superlink, run_app
 
 RAY_STARTUP_FAILURE = "The current node timed out during startup"
+RAY_STARTUP_ATTEMPTS = 3
+RAY_RETRY_PAUSE_S = 10
 
 
 def app_defaults() -> dict[str, Any]:
@@ -86,15 +88,26 @@ def run_demo(
     federation = {"num-supernodes": num_supernodes, "client-resources-num-cpus": 2}  # one device trains at a time
     paths = {k: merged[k] for k in ("data-dir", "output-dir", "signing.key", "signing.trust-file", "base.address")}
     paths["state.db"] = merged["state.db"]
-    for attempt in (1, 2):
+    for attempt in range(1, RAY_STARTUP_ATTEMPTS + 1):
+        log_start = log_file.stat().st_size if log_file.exists() else 0
         with local_superlink(flwr_home, log_file):
             code = run_app(flwr_home, paths | overrides, federation, log_file)
-        if attempt == 1 and RAY_STARTUP_FAILURE in log_file.read_text(errors="replace"):
-            # Ray's local node sometimes fails to come up on a loaded machine; nothing of ours ran yet
-            print("demo: Ray's node timed out during startup; starting the run once more", file=sys.stderr)
-            rounds_file.unlink(missing_ok=True)
-            continue
-        break
+        with log_file.open("rb") as log:
+            log.seek(log_start)
+            ray_failed = RAY_STARTUP_FAILURE in log.read().decode(errors="replace")
+        if not ray_failed:
+            break
+        if attempt == RAY_STARTUP_ATTEMPTS:
+            raise RuntimeError(f"Ray's local node did not start in {attempt} attempts; see {log_file} and /tmp/ray")
+        # Ray's local node (its raylet) sometimes misses Ray's fixed 30 s startup window on a loaded or cold
+        # machine; nothing of ours ran yet, so the run starts again from scratch
+        print(
+            f"demo: Ray's node timed out during startup (attempt {attempt} of {RAY_STARTUP_ATTEMPTS});"
+            f" starting the run again in {RAY_RETRY_PAUSE_S} s",
+            file=sys.stderr,
+        )
+        rounds_file.unlink(missing_ok=True)
+        time.sleep(RAY_RETRY_PAUSE_S)
     if code != 0 or not rounds_file.is_file():
         raise RuntimeError(f"flwr run failed (exit {code}); see {log_file}")
     data = json.loads(rounds_file.read_text())

@@ -165,10 +165,11 @@ def measure_onnx(variant: str) -> dict[str, Any]:
         folder, model = edge.folder, edge.model
         adapters, name = edge.adapters, ""  # "" = the base alone (its own adapter, client/infer.py)
         if adapter:
-            edge.apply_release(_latest_release())
+            release = _demo_release()
+            edge.apply_release(release)
             assert edge.active is not None
             name = edge.active.name
-            files = {n: (ADAPTER / n).read_bytes() for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+            files = {n: (release / n).read_bytes() for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}  # what was applied
             lora = onnx_lora_tensors(
                 load_tensors(files[ADAPTER_WEIGHTS]),
                 lora_scale(files[ADAPTER_CONFIG]),
@@ -227,11 +228,12 @@ def _base_release() -> Path:
     return base
 
 
-def _latest_release() -> Path:
+def _demo_release() -> Path:
+    """Return the demo run's final signed release: the one its PEFT folder ``ADAPTER`` was saved from."""
     from client.infer_cli import release_folder
 
-    runs = sorted((ROOT / "outputs" / "store" / "adapter").iterdir(), key=lambda p: p.stat().st_mtime)
-    return release_folder(runs[-1])
+    run = json.loads((ADAPTER.parent / "rounds.json").read_text())["run"]
+    return release_folder(Path(run["releases"]))
 
 
 def _builder_int4() -> Path:
