@@ -60,9 +60,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def run_demo(
-    overrides: dict[str, Any], output_dir: Path, flwr_home: Path, num_supernodes: int = 0
-) -> dict[str, Any]:
+def run_demo(overrides: dict[str, Any], output_dir: Path, flwr_home: Path, num_supernodes: int = 0) -> dict[str, Any]:
     """Validate the config, run the simulation, return the round log.
 
     ``num_supernodes``: virtual devices (0: one per topic); device i trains on topic i mod topics.
