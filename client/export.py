@@ -15,7 +15,9 @@ we then swap every linear layer and the embedding for our own quantized weights:
 
   Algebraically equal to ``s*q + m``; the correction is a (K/32)-wide matmul, ~3% of the layer,
   computed as ``(x @ S) @ C`` in the same low-rank branch as LoRA (below).
-  The builder packs q/k/v into one ``qkv_proj``: their codes are concatenated along N.
+  The builder packs q/k/v into one ``qkv_proj``: their codes are concatenated along N. We pack
+  gate and up the same way (``gate_up_proj``, one kernel, one branch, then a ``Split``), and
+  write SiLU as one ``QuickGelu(alpha=1)``: ONNX Runtime pays per node at decode.
 * **Embedding and output layer** (tied; symmetric 8-bit, ``W = s*q``) become
   ``GatherBlockQuantized`` and an 8-bit ``MatMulNBits`` over one copy of the codes.
 * **LoRA** (Hu et al., 2021): for each layer, graph inputs ``<layer>.lora_A`` = ``[S | A]``
@@ -51,7 +53,7 @@ from client.onnx_adapter import base_tensors, write_onnx_adapter
 from shared.int4_layer import INT4_WEIGHTS, QUANT_CONFIG
 from shared.model import model_digest
 
-EXPORT_VERSION = 3
+EXPORT_VERSION = 4
 """Bump when the exported graph changes: old cached exports are then rebuilt."""
 ONNX_MODEL = "model.onnx"
 DONE = "export.json"
@@ -87,7 +89,12 @@ class ExportOptions:
 
 
 # builder layer name -> the base's module names whose outputs it concatenates along N
-_PACKED = {"attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+_PACKED: dict[str, tuple[str, ...]] = {"attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+# builder node -> (our layer name, its partner node, the base's modules) for nodes we pack ourselves
+_PACKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "mlp.gate_proj": ("mlp.gate_up_proj", "mlp.up_proj", ("mlp.gate_proj", "mlp.up_proj"))
+}
+_PACKED_INTO = {"mlp.up_proj"}
 _LINEAR = re.compile(r"model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.MatMul\.weight")
 
 
@@ -192,18 +199,30 @@ def _quantized_graph(
     tensors = load_file(src / INT4_WEIGHTS)
     edit = GraphEditor(model.graph, options.accuracy_level)
     embedding = _embedding_codes(tensors)  # the tied embedding / output layer, used twice below
-    for node in [n for n in model.graph.node if n.op_type == "MatMul"]:
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    by_weight = {n.input[1]: n for n in matmuls}
+    for node in matmuls:
         weight = node.input[1]
         match = _LINEAR.fullmatch(weight)
         if match:
             layer, kind, name = match.groups()
-            modules = _PACKED.get(f"{kind}.{name}", (f"{'self_attn' if kind == 'attn' else 'mlp'}.{name}",))
+            if f"{kind}.{name}" in _PACKED_INTO:
+                continue  # computed by the layer it is packed into
+            target, nodes = weight.removesuffix(".MatMul.weight"), [node]
+            modules: tuple[str, ...] = (f"{'self_attn' if kind == 'attn' else 'mlp'}.{name}",)
+            modules = _PACKED.get(f"{kind}.{name}", modules)
+            if f"{kind}.{name}" in _PACKS:  # gate and up read the same input: one kernel and one branch for both
+                packed_name, partner, modules = _PACKS[f"{kind}.{name}"]
+                other = by_weight.get(f"model.layers.{layer}.{partner}.MatMul.weight")
+                if other is None:
+                    raise ExportError(f"layer {layer}: {name} without its partner {partner} in the builder's graph")
+                target, nodes = f"model.layers.{layer}.{packed_name}", [node, other]
             parts = [f"model.layers.{layer}.{m}" for m in modules]
             codes, scales, mins = (
                 torch.cat([tensors[f"{p}.{t}"] for p in parts]) for t in ("qweight", "scales", "mins")
             )
             outs = [int(tensors[f"{p}.qweight"].shape[0]) for p in parts]
-            edit.int4_linear(node, codes.numpy(), scales.float().numpy(), mins.float().numpy(), parts, outs)
+            edit.int4_linear(nodes, target, codes.numpy(), scales.float().numpy(), mins.float().numpy(), parts, outs)
         elif weight == "lm_head.MatMul.weight":
             if options.output_bits == 8:
                 edit.int8_lm_head(node, *embedding)
@@ -215,6 +234,14 @@ def _quantized_graph(
     if len(gathers) != 1:
         raise ExportError(f"expected one embedding Gather in the builder's graph, found {len(gathers)}")
     edit.int8_embedding(gathers[0], *embedding)
+    consumers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for sigmoid in [n for n in model.graph.node if n.op_type == "Sigmoid"]:  # SiLU = x * Sigmoid(x)
+        muls = [m for m in consumers.get(sigmoid.output[0], []) if m.op_type == "Mul"]
+        if len(muls) == 1 and sorted(muls[0].input) == sorted([sigmoid.input[0], sigmoid.output[0]]):
+            edit.silu(sigmoid, muls[0])
     edit.drop_unused()
     return model, edit.lora, edit.corrections
 

@@ -28,22 +28,33 @@ class GraphEditor:
         self._splice: dict[str, list[Any]] = {}
 
     def int4_linear(
-        self, node: Any, codes: np.ndarray, scales: np.ndarray, mins: np.ndarray, lora: list[str], outs: list[int]
+        self,
+        nodes: list[Any],
+        layer: str,
+        codes: np.ndarray,
+        scales: np.ndarray,
+        mins: np.ndarray,
+        lora: list[str],
+        outs: list[int],
     ) -> None:
-        """Replace float ``MatMul`` ``node`` with ``W = s*q + m`` (codes (N, K/32, 16)) and a low-rank branch.
+        """Replace float ``MatMul`` ``nodes`` (one, or several on the same input: packed along N) with one layer.
 
-        ``y = MatMulNBits(x; q, s) + (x @ A') @ B'``. The symmetric kernel computes ``(q - 8) * s``;
-        the low-rank branch carries both the exact correction and the LoRA update::
+        ``W = s*q + m`` (codes (N, K/32, 16)) becomes ``y = MatMulNBits(x; q, s) + (x @ A') @ B'``.
+        The symmetric kernel computes ``(q - 8) * s``; the low-rank branch carries both the exact
+        correction and the LoRA update::
 
             A' = [S | A]   (K, K/32 + r),   S[k, b] = 1 if k // 32 == b   (x @ S = block sums of x)
             B' = [C ; B]   (K/32 + r, N),   C = (m + 8 s).T
 
         ``A'``, ``B'`` are graph inputs whose defaults are ``S``, ``C`` (the base alone, exact);
         an adapter file (``client/onnx_adapter.py``) supplies them with its LoRA columns appended.
-        One branch instead of two keeps the node count (ONNX Runtime's per-node cost) down.
+        One branch instead of two keeps the node count (ONNX Runtime's per-node cost) down; for the
+        same reason several nodes on one input (gate and up) share one kernel and one branch, and a
+        ``Split`` along N hands each its own output.
         """
-        x, y = node.input[0], node.output[0]
-        layer = node.input[1].removesuffix(".MatMul.weight")  # e.g. model.layers.0.attn.qkv_proj
+        x = nodes[0].input[0]
+        if any(n.input[0] != x for n in nodes):
+            raise ValueError(f"{layer}: packed MatMul nodes must share their input")
         n, kb, _ = codes.shape
         k = kb * BLOCK
         self._init(f"{layer}.q4", codes)
@@ -52,7 +63,8 @@ class GraphEditor:
         a, b = f"{layer}.lora_A", f"{layer}.lora_B"
         self._branch_input(a, block_indicator(k), (k, None))
         self._branch_input(b, correction, (None, n))
-        self._splice[node.name] = [
+        y = nodes[0].output[0] if len(nodes) == 1 else f"{layer}/output"
+        ops = [
             helper.make_node(
                 "MatMulNBits", [x, f"{layer}.q4", f"{layer}.scales"], [f"{layer}/base"], name=f"{layer}/MatMulNBits",
                 domain=MS, K=k, N=n, bits=4, block_size=BLOCK, accuracy_level=self.accuracy_level,
@@ -61,8 +73,25 @@ class GraphEditor:
             helper.make_node("MatMul", [f"{layer}/xa", b], [f"{layer}/lowrank"], name=f"{layer}/lowrank_B"),  # (B,S,N)
             helper.make_node("Add", [f"{layer}/base", f"{layer}/lowrank"], [y], name=f"{layer}/add"),
         ]  # fmt: skip
+        if len(nodes) > 1:
+            self._init(f"{layer}.split", np.array(outs, dtype=np.int64))
+            outputs = [node.output[0] for node in nodes]
+            ops.append(helper.make_node("Split", [y, f"{layer}.split"], outputs, name=f"{layer}/split", axis=-1))
+        self._splice[nodes[0].name] = ops
+        for node in nodes[1:]:
+            self._splice[node.name] = []  # computed above, at the first node's place (same input: already there)
         self.lora[layer] = {"in": k, "out": outs, "modules": lora}
         self.corrections[layer] = correction
+
+    def silu(self, sigmoid: Any, mul: Any) -> None:
+        """Replace ``x * Sigmoid(x)`` (two nodes) with ``QuickGelu(x, alpha=1)``, the same function in one node."""
+        x = sigmoid.input[0]
+        if sorted(mul.input) != sorted([x, sigmoid.output[0]]):
+            raise ValueError(f"{mul.name} is not {x} * Sigmoid({x})")
+        self._splice[sigmoid.name] = [
+            helper.make_node("QuickGelu", [x], [mul.output[0]], name=f"{sigmoid.name}/QuickGelu", domain=MS, alpha=1.0)
+        ]
+        self._splice[mul.name] = []
 
     def int8_lm_head(self, node: Any, codes: np.ndarray, scales: np.ndarray) -> None:
         """Replace the output layer's float ``MatMul`` with an 8-bit ``MatMulNBits`` on the embedding's codes."""

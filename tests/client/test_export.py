@@ -63,7 +63,7 @@ def test_the_onnx_model_holds_the_codes_the_device_trained_on(edge_base):
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     codes = load_file(edge_base.base / INT4_WEIGHTS)
     layers = json.loads((edge_base.export / DONE).read_text())["lora_layers"]
-    assert len(layers) == 2 * 5  # per block: packed qkv, o, gate, up, down
+    assert len(layers) == 2 * 4  # per block: packed qkv, o, packed gate+up, down
     for layer, info in layers.items():
         for t, name in (("qweight", "q4"), ("scales", "scales")):
             ours = torch.cat([codes[f"{m}.{t}"] for m in info["modules"]]).float().numpy()
@@ -72,6 +72,7 @@ def test_the_onnx_model_holds_the_codes_the_device_trained_on(edge_base):
     assert np.array_equal(inits["embed.q8"], embed)  # embedding and tied output layer: the 8-bit codes
     ops = [n.op_type for n in graph.node]
     assert ops.count("MatMulNBits") == len(layers) + 1  # every linear layer and the output layer
+    assert ops.count("Split") == ops.count("QuickGelu") == 2 and "Sigmoid" not in ops  # gate+up packed, SiLU fused
     weights = [n for n in graph.node if n.op_type in ("MatMul", "Gemm", "Gather") and n.input[1] in inits]
     assert all(inits[n.input[1]].size < 64 * 128 for n in weights), "a float weight matrix is left in the graph"
 
