@@ -15,6 +15,7 @@ round are the gaps between consecutive rounds' first results in the round log.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
@@ -137,6 +138,7 @@ def scale() -> Table:
         command="python -m simulations.bench --only scale",
         header=HEADER,
     )
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         tiny = tiny_model(Path(tmp) / "tiny")
         run = {**TINY_RUN, "model": str(tiny), "num-server-rounds": 3, "fraction-train": 0.01}
@@ -155,7 +157,15 @@ def scale() -> Table:
         "virtual device i trains on WordNet topic i mod 4; devices share the machine's 2 cores "
         "(client-resources-num-cpus = 2: one trains at a time); the server quantizes SmolLM2 to 4 bits once per run"
     )
+    table.notes.append(_load_note(load_before))
     return table
+
+
+def _load_note(before: float) -> str:
+    return (
+        f"1-minute load average {before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores): on a shared "
+        "machine, read the wall times as upper bounds and compare rows of one run"
+    )
 
 
 @register("deployment")
@@ -169,6 +179,7 @@ def deployment() -> Table:
         header=HEADER,
     )
     topics = ["noun.animal", "noun.food", "noun.artifact"]
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         tiny = tiny_model(Path(tmp) / "tiny")
         run = {**TINY_RUN, "model": str(tiny), "num-server-rounds": 2, "topics": ",".join(topics)}
@@ -185,4 +196,5 @@ def deployment() -> Table:
         "fleet wall time includes making certificates, registering the SuperNodes and starting every process; "
         "each fleet message starts a fresh ClientApp process (imports torch), a simulation reuses its Ray worker"
     )
+    table.notes.append(_load_note(load_before))
     return table
