@@ -27,7 +27,9 @@ from shared.sign import generate_key, key_id
 from simulations.demo_infer import answer_per_domain
 from simulations.flower_local import ROOT, free_port, local_superlink, run_app
 
-RAY_STARTUP_FAILURE = "The current node timed out during startup"
+# Flower's Ray backend failed to start Ray (a traceback through its ``init_ray``): seen on this 2-core machine as
+# "The current node timed out during startup" (raylet) and "Timed out waiting for file .../gcs_server_port_..."
+RAY_STARTUP_FAILURE = "in init_ray"
 RAY_STARTUP_ATTEMPTS = 3
 RAY_RETRY_PAUSE_S = 10
 
@@ -97,10 +99,10 @@ def run_demo(overrides: dict[str, Any], output_dir: Path, flwr_home: Path, num_s
             break
         if attempt == RAY_STARTUP_ATTEMPTS:
             raise RuntimeError(f"Ray's local node did not start in {attempt} attempts; see {log_file} and /tmp/ray")
-        # Ray's local node (its raylet) sometimes misses Ray's fixed 30 s startup window on a loaded or cold
-        # machine; nothing of ours ran yet, so the run starts again from scratch
+        # Ray's own processes (raylet, GCS server) sometimes do not come up within Ray's fixed startup windows;
+        # no device ran: the run starts again from scratch, as a new Flower run (its own run id and releases)
         print(
-            f"demo: Ray's node timed out during startup (attempt {attempt} of {RAY_STARTUP_ATTEMPTS});"
+            f"demo: Ray did not start (attempt {attempt} of {RAY_STARTUP_ATTEMPTS}; its traceback is in {log_file});"
             f" starting the run again in {RAY_RETRY_PAUSE_S} s",
             file=sys.stderr,
         )
