@@ -8,7 +8,10 @@ Steps (``fetch_release``):
    already there (also after a crash or a restart), checking each chunk's SHA-256 (a damaged
    chunk is fetched again) and then the file's SHA-256 against the manifest (a mismatch deletes
    the file and is refused, naming it);
-4. verify the whole release (``shared.release.verify_release``) and only then move it into place.
+4. verify the whole release (``shared.release.verify_release``) and only then move it into place;
+5. for an adapter, index it as the server does: ``<cache>/adapter/<run-id>/round-NNNN`` links to
+   the release and ``LATEST`` names the newest round fetched, so ``fleetlora infer --adapter
+   <cache>/adapter/<run-id>`` follows each new release that a later fetch brings.
 
 An unreachable or failing server is retried with exponential backoff, then refused with a clear
 error. Nothing unverified is ever returned.
@@ -33,7 +36,17 @@ import grpc
 from shared.manifest import Manifest, parse, sha256_file
 from shared.progress import Progress
 from shared.proto import artifact_pb2, artifact_pb2_grpc
-from shared.release import MAX_FILE_BYTES, ReleaseError, read_release, verify_release
+from shared.release import (
+    FOLDER_NAME,
+    MAX_FILE_BYTES,
+    ReleaseError,
+    folder_round,
+    latest_name,
+    point_latest,
+    read_release,
+    round_folder,
+    verify_release,
+)
 from shared.sign import TrustList
 
 log = logging.getLogger(__name__)
@@ -63,6 +76,8 @@ class FetchResult:
     bytes_downloaded: int = 0
     resumed_from: dict[str, int] = field(default_factory=dict)
     chunks_refetched: int = 0
+    run_folder: Path | None = None
+    """For an adapter: ``<cache>/adapter/<run-id>``, whose LATEST names the newest round fetched."""
 
 
 def fetch_release(
@@ -119,7 +134,7 @@ def _fetch(
         if final.is_dir():
             try:
                 verify_release(read_release(final), trust, base_digest)
-                return FetchResult(final, manifest)
+                return FetchResult(final, manifest, run_folder=_index(cache, manifest, final))
             except ReleaseError as exc:
                 log.warning("cached %s failed verification (%s); fetching it again", final, exc)
                 shutil.rmtree(final)
@@ -135,7 +150,37 @@ def _fetch(
         except ReleaseError as exc:
             raise FetchError(f"{artifact} from {address}: release refused: {exc}") from None
         os.replace(partial, final)
+        result.run_folder = _index(cache, manifest, final)
         return result
+
+
+def _index(cache: Path, manifest: Manifest, folder: Path) -> Path | None:
+    """Link an adapter release into ``<cache>/adapter/<run-id>/`` and advance that folder's LATEST.
+
+    Returns the run folder (None for a base, or a run id that is not a plain folder name). LATEST
+    never moves back: fetching an older round keeps the newest one named.
+    """
+    if manifest.kind != "adapter":
+        return None
+    if not FOLDER_NAME.fullmatch(manifest.run_id):
+        log.warning("run id %r is not a plain folder name; %s is not indexed by run", manifest.run_id, folder)
+        return None
+    run = cache / "adapter" / manifest.run_id
+    run.mkdir(parents=True, exist_ok=True)
+    name = round_folder(manifest.round)
+    tmp = run / f".{name}.link"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(os.path.relpath(folder, run), target_is_directory=True)
+    os.replace(tmp, run / name)
+    try:
+        current = latest_name(run)
+    except ReleaseError as exc:
+        log.warning("%s; pointing it at %s", exc, name)
+        current = None
+    newest = folder_round(current) if current else None
+    if newest is None or manifest.round >= newest:
+        point_latest(run, name)
+    return run
 
 
 def _fetch_file(
@@ -243,6 +288,8 @@ def _fetch_cli(args: argparse.Namespace) -> int:
         f"{result.folder}  ({m.kind} of run {m.run_id}, round {m.round}, key {m.key_id}; "
         f"{result.bytes_downloaded:,} bytes downloaded)"
     )
+    if result.run_folder is not None:
+        print(f"newest fetched release of the run: {result.run_folder} (fleetlora infer --adapter follows it)")
     return 0
 
 

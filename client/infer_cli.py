@@ -2,8 +2,9 @@
 
 One prompt on the command line answers it and exits; without one, every line on stdin is a
 prompt (an interactive session). ``--adapter`` takes a signed release folder, or a run's
-release folder with a ``LATEST`` file (``outputs/store/adapter/<run-id>``, or one that
-``fleetlora fetch`` keeps up to date): then, before each prompt, a newer release is verified
+release folder with a ``LATEST`` file (the server's ``outputs/store/adapter/<run-id>``, or a
+device's ``<cache>/adapter/<run-id>``, which each ``fleetlora fetch`` of that run advances): then,
+before each prompt, a newer release is verified
 and applied to the running session. A refused release is reported and the previous adapter
 stays active.
 """
@@ -17,13 +18,11 @@ from typing import TYPE_CHECKING
 
 from shared.manifest import parse
 from shared.model import cache_dir
-from shared.release import MANIFEST, ReleaseError
+from shared.release import MANIFEST, ReleaseError, follow_latest
 from shared.sign import TrustList
 
 if TYPE_CHECKING:
     from client.infer import EdgeModel
-
-LATEST = "LATEST"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,12 +65,6 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def release_folder(path: Path) -> Path:
-    """Return the release ``path`` names: itself, or the one its ``LATEST`` file names."""
-    latest = path / LATEST
-    return path / latest.read_text().strip() if latest.is_file() else path
-
-
 def newest_base(releases: Path) -> Path:
     """Return the most recently created base release in a device's release cache."""
     bases = []
@@ -89,9 +82,9 @@ def newest_base(releases: Path) -> Path:
 
 def _follow(model: EdgeModel, adapter: Path) -> None:
     """Apply the release ``adapter`` names if it is not the active one; report a refusal and go on."""
-    folder = release_folder(adapter)
-    before = model.active.name if model.active else None
+    folder, before = adapter, (model.active.name if model.active else None)
     try:
+        folder = follow_latest(adapter)
         manifest = model.apply_release(folder)
     except (ReleaseError, OSError) as exc:
         if model.active is None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -30,10 +29,9 @@ import grpc
 
 from shared.manifest import ManifestError, parse
 from shared.proto import artifact_pb2, artifact_pb2_grpc
-from shared.release import MANIFEST, SIGNATURE
+from shared.release import FOLDER_NAME, MANIFEST, SIGNATURE, ReleaseError, latest_name
 
 CHUNK_BYTES = 1 << 20
-_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class ArtifactNotFoundError(LookupError):
@@ -49,16 +47,16 @@ class ArtifactStore:
     def resolve(self, artifact: str) -> tuple[str, Path]:
         """Return the artifact's resolved name and folder (``latest`` followed), refusing names outside the root."""
         parts = artifact.split("/")
-        if not artifact or not all(_SEGMENT.fullmatch(p) for p in parts):
+        if not artifact or not all(FOLDER_NAME.fullmatch(p) for p in parts):
             raise ArtifactNotFoundError(f"'{artifact:.100}' is not an artifact name (segments of [A-Za-z0-9._-])")
         if parts[-1] == "latest":
-            pointer = self.root.joinpath(*parts[:-1], "LATEST")
             try:
-                parts[-1] = pointer.read_text().strip()
-            except OSError:
-                raise ArtifactNotFoundError(f"'{artifact}': no LATEST release yet") from None
-            if not _SEGMENT.fullmatch(parts[-1]):
-                raise ArtifactNotFoundError(f"'{artifact}': LATEST names an invalid release")
+                latest = latest_name(self.root.joinpath(*parts[:-1]))
+            except (ReleaseError, OSError):
+                raise ArtifactNotFoundError(f"'{artifact}': LATEST names an invalid release") from None
+            if latest is None:
+                raise ArtifactNotFoundError(f"'{artifact}': no LATEST release yet")
+            parts[-1] = latest
         folder = self.root.joinpath(*parts)
         if not (folder / MANIFEST).is_file():
             raise ArtifactNotFoundError(f"no artifact '{'/'.join(parts)}'")

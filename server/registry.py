@@ -12,7 +12,6 @@ or rolled-back adapter from the next one. The signing key is read once and never
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 
 from shared.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from shared.manifest import Manifest
-from shared.release import Release, make_release, save_tensors, write_release
+from shared.release import Release, make_release, point_latest, round_folder, save_tensors, write_release
 from shared.sign import load_private_key
 
 
@@ -51,20 +50,16 @@ class Registry:
             previous=self.latest[1].digest() if self.latest else "",
         )
         write_release(release, self.release_folder(server_round))
-        self._point_latest(server_round)
+        point_latest(self.folder, round_folder(server_round))
         self.latest = (release, manifest)
         return release, manifest
 
     def release_folder(self, server_round: int) -> Path:
         """Return the folder of the release of ``server_round`` (it exists once published)."""
-        return self.folder / f"round-{server_round:04d}"
+        return self.folder / round_folder(server_round)
 
     def resume(self, release: Release, manifest: Manifest) -> None:
         """Continue the chain after ``release`` (``server/resume.py`` found and verified it)."""
-        self._point_latest(manifest.round)  # a coordinator killed between the two writes left LATEST behind
+        # a coordinator killed between the two writes left LATEST one behind
+        point_latest(self.folder, round_folder(manifest.round))
         self.latest = (release, manifest)
-
-    def _point_latest(self, server_round: int) -> None:
-        tmp = self.folder / "LATEST.tmp"
-        tmp.write_text(self.release_folder(server_round).name + "\n")
-        os.replace(tmp, self.folder / "LATEST")

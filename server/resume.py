@@ -20,19 +20,16 @@ against this chain (:func:`resume_point`).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.manifest import Manifest
-from shared.release import Release, ReleaseError, read_release, verify_release
+from shared.release import Release, ReleaseError, folder_round, read_release, verify_release
 from shared.sign import TrustList
 
 if TYPE_CHECKING:
     from server.state import SignedRound
-
-_ROUND_FOLDER = re.compile(r"round-(\d{4,})")
 
 
 class ResumeError(ReleaseError):
@@ -68,9 +65,7 @@ def resume_point(
         a history devices cannot verify. Move the folder away to start the run anew.
     """
     folder = Path(folder)
-    rounds = sorted(
-        (int(m.group(1)), p) for p in folder.glob("round-*") if (m := _ROUND_FOLDER.fullmatch(p.name)) and p.is_dir()
-    )
+    rounds = sorted((r, p) for p in folder.glob("round-*") if (r := folder_round(p.name)) is not None and p.is_dir())
     chain: list[str] = []
     manifests: list[Manifest] = []
     point: ResumePoint | None = None

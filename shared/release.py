@@ -11,6 +11,10 @@ what a device verifies is exactly what it loads. :func:`verify_release` is the o
 signature by a trusted, unrevoked key; every file present, none extra, every SHA-256 equal;
 the base digest equal to the device's base; and no replay or rollback against the last release
 the device accepted for that run (:class:`AcceptedReleases`).
+
+A run's releases sit side by side in its run folder, ``round-NNNN/`` each, with a ``LATEST``
+file naming the newest (:func:`point_latest`, :func:`follow_latest`): the server's registry,
+its artifact service and a device's fetch cache all use this one layout.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +37,9 @@ from shared.sign import SignatureError, TrustList, key_id, sign
 
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 MAX_FILE_BYTES = 2 << 30  # no single release file is larger (a 4-bit base of a 1B model is < 1 GB)
+LATEST = "LATEST"
+_ROUND_FOLDER = re.compile(r"round-(\d{4,})")
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # one plain path segment: no '/', no '..'
 
 
 class ReleaseError(ValueError):
@@ -103,6 +111,49 @@ def read_release(folder: str | Path) -> Release:
         files[path.name] = path.read_bytes()
     manifest_bytes = (folder / MANIFEST).read_bytes()[: MAX_MANIFEST_BYTES + 1]
     return Release(files, manifest_bytes, (folder / SIGNATURE).read_bytes()[:1024])
+
+
+def round_folder(server_round: int) -> str:
+    """Return the name of a round's release folder in its run folder (``round-0003``)."""
+    return f"round-{server_round:04d}"
+
+
+def folder_round(name: str) -> int | None:
+    """Return the round a release folder name stands for (``round-0003`` → 3), None for any other name."""
+    m = _ROUND_FOLDER.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def point_latest(run_folder: str | Path, name: str) -> None:
+    """Make ``run_folder/LATEST`` name the release folder ``name`` (written aside, then renamed: never half)."""
+    if not FOLDER_NAME.fullmatch(name):
+        raise ReleaseError(f"{name!r:.80} is not a release folder name")
+    tmp = Path(run_folder) / f"{LATEST}.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, Path(run_folder) / LATEST)
+
+
+def latest_name(run_folder: str | Path) -> str | None:
+    """Return the release folder name ``run_folder/LATEST`` holds (None: no LATEST file).
+
+    Raises
+    ------
+    ReleaseError
+        LATEST holds something other than one plain folder name (a path could leave the folder).
+    """
+    try:
+        name = (Path(run_folder) / LATEST).read_text(errors="replace").strip()
+    except FileNotFoundError:
+        return None
+    if not FOLDER_NAME.fullmatch(name):
+        raise ReleaseError(f"{Path(run_folder) / LATEST} names {name!r:.80}, not a release folder")
+    return name
+
+
+def follow_latest(path: str | Path) -> Path:
+    """Return ``path`` itself, or, for a run folder, the release its ``LATEST`` names."""
+    name = latest_name(path)
+    return Path(path) if name is None else Path(path) / name
 
 
 def verify_release(

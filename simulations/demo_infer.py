@@ -21,9 +21,9 @@ MAX_NEW_TOKENS = 48
 def answer_per_domain(run: dict[str, Any]) -> str:
     """Return a printable before/after comparison for a finished run (its round log's ``run`` record)."""
     from client.infer import EdgeModel
-    from client.infer_cli import release_folder
     from shared.config import FleetConfig
     from shared.model import cache_dir
+    from shared.release import follow_latest
     from shared.sign import TrustList
 
     cfg = FleetConfig.from_run_config(run["config"])
@@ -31,7 +31,7 @@ def answer_per_domain(run: dict[str, Any]) -> str:
     base = releases.parents[1] / "base"
     t0 = time.time()
     edge = EdgeModel(base, TrustList.load(cfg.signing.trust_file), cache_dir())
-    manifest = edge.apply_release(release_folder(releases))
+    manifest = edge.apply_release(follow_latest(releases))
     ready = time.time() - t0
     lines = [
         f"Edge inference (ONNX Runtime INT4, {edge.folder}; ready in {ready:.0f} s), "

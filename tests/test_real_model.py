@@ -50,11 +50,10 @@ def test_one_real_round_and_the_adapter_loads_with_plain_peft(real_run, real_mod
 def test_the_edge_runtime_serves_the_federated_adapter_like_pytorch(real_run, monkeypatch, tmp_path):
     """ONNX Runtime INT4 (int8 activations) + the run's signed adapter vs PyTorch on the same 4-bit codes."""
     from client.infer import EdgeModel
-    from client.infer_cli import release_folder
     from shared.adapter import attach_lora, load_adapter_state
     from shared.config import LoraConfig
     from shared.model import load_model
-    from shared.release import load_tensors
+    from shared.release import follow_latest, load_tensors
     from shared.sign import TrustList
     from simulations.demo_infer import answer_per_domain
 
@@ -68,9 +67,9 @@ def test_the_edge_runtime_serves_the_federated_adapter_like_pytorch(real_run, mo
     releases = Path(run["releases"])
     base = releases.parents[1] / "base"
     edge = EdgeModel(base, TrustList.load(run["config"]["signing.trust-file"]), tmp_path / "cache")
-    release = edge.apply_release(release_folder(releases))
+    release = edge.apply_release(follow_latest(releases))
     model = attach_lora(load_model(str(base), torch.float32), LoraConfig(), seed=0).eval()
-    load_adapter_state(model, load_tensors((release_folder(releases) / "adapter_model.safetensors").read_bytes()))
+    load_adapter_state(model, load_tensors((follow_latest(releases) / "adapter_model.safetensors").read_bytes()))
     assert release.round == 1
     for prompt in ('Define "otter".', 'What kind of thing is "a bagel"?', 'Define the verb "stroll".'):
         ids = edge.prompt_ids(prompt)

@@ -230,10 +230,10 @@ def _base_release() -> Path:
 
 def _demo_release() -> Path:
     """Return the demo run's final signed release: the one its PEFT folder ``ADAPTER`` was saved from."""
-    from client.infer_cli import release_folder
+    from shared.release import follow_latest
 
     run = json.loads((ADAPTER.parent / "rounds.json").read_text())["run"]
-    return release_folder(Path(run["releases"]))
+    return follow_latest(Path(run["releases"]))
 
 
 def _builder_int4() -> Path:

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.fetch import FetchError, FetchPolicy, fetch_release
 from server.distribute import ArtifactServicer, ArtifactStore, serve
-from shared.release import make_release, read_release, verify_release, write_release
+from shared.release import follow_latest, make_release, read_release, verify_release, write_release
 from shared.sign import TrustList, key_id
 
 KEY = Ed25519PrivateKey.generate()
@@ -169,8 +169,30 @@ def test_latest_resolves_through_the_latest_file(root, tmp_path):
         write_release(release, root / "adapter" / "r" / f"round-{n:04d}")
     (root / "adapter" / "r" / "LATEST").write_text("round-0002\n")
     server, address = _serve(root)
+    cache = tmp_path / "cache"
     try:
-        result = fetch_release(address, "adapter/r/latest", tmp_path / "cache", TRUST, BASE)
+        result = fetch_release(address, "adapter/r/latest", cache, TRUST, BASE)
+        older = fetch_release(address, "adapter/r/round-0001", cache, TRUST, BASE)
+        (root / "adapter" / "r" / "LATEST").write_text("../../base\n")  # a pointer out of the run folder
+        with pytest.raises(FetchError, match="LATEST names an invalid release"):
+            fetch_release(address, "adapter/r/latest", cache, TRUST, BASE, FetchPolicy(retries=0))
     finally:
         server.stop(None)
     assert result.manifest.round == 2
+    # the device's cache mirrors the server's run folder: LATEST names the newest round fetched, and
+    # fetching an older round afterwards does not move it back
+    assert result.run_folder == older.run_folder == cache / "adapter" / "r"
+    assert (result.run_folder / "LATEST").read_text() == "round-0002\n"
+    newest = read_release(follow_latest(result.run_folder))
+    assert newest.files["adapter_model.safetensors"] == bytes([2]) * 10
+    assert verify_release(newest, TRUST, BASE).round == 2
+    assert read_release(result.run_folder / "round-0001").files["adapter_model.safetensors"] == bytes([1]) * 10
+
+
+def test_a_base_is_not_indexed_by_run(root, tmp_path):
+    server, address = _serve(root)
+    try:
+        result, _ = _fetch(address, tmp_path / "cache")
+    finally:
+        server.stop(None)
+    assert result.run_folder is None and not (tmp_path / "cache" / "adapter").exists()

@@ -14,8 +14,10 @@ from shared.manifest import Manifest, ManifestError, parse
 from shared.release import (
     AcceptedReleases,
     ReleaseError,
+    follow_latest,
     load_tensors,
     make_release,
+    point_latest,
     read_release,
     save_tensors,
     verify_release,
@@ -152,6 +154,21 @@ def test_replays_rollbacks_and_forks_are_refused(tmp_path):
     verify_release(r5, _trust(KEY), BASE, accepted)
     other_run, _ = _release(round=1, run_id="run-2")
     verify_release(other_run, _trust(KEY), BASE, accepted)  # each run has its own history
+
+
+def test_latest_names_one_release_folder_of_its_run(tmp_path):
+    for n in (1, 2):
+        write_release(_release(round=n)[0], tmp_path / f"round-{n:04d}")
+    assert follow_latest(tmp_path / "round-0001") == tmp_path / "round-0001"  # a release folder is itself
+    assert follow_latest(tmp_path) == tmp_path  # no LATEST yet: the folder as given (read_release refuses it)
+    point_latest(tmp_path, "round-0002")
+    assert verify_release(read_release(follow_latest(tmp_path)), _trust(KEY), BASE).round == 2
+    for bad in ("../round-0001", "/etc", ""):
+        with pytest.raises(ReleaseError, match="not a release folder name"):
+            point_latest(tmp_path, bad)
+        (tmp_path / "LATEST").write_text(bad + "\n")  # written by hand or by someone else
+        with pytest.raises(ReleaseError, match="not a release folder"):
+            follow_latest(tmp_path)
 
 
 def test_key_files(tmp_path):
