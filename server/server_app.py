@@ -12,6 +12,7 @@ restart: it resumes after the last one (``server/resume.py``) instead of startin
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from server.registry import Registry
 from server.report import RoundLog, format_table
 from server.resume import carried_rounds, resume_point, unrecorded_rounds
 from server.state import StateStore
+from server.state.heartbeat import Heartbeat
 from server.strategy import AdapterStrategy
 from shared.adapter import ADAPTER_WEIGHTS, adapter_config_bytes, adapter_state, attach_lora, save_peft_folder
 from shared.config import FleetConfig
@@ -61,7 +63,10 @@ def main(grid: Grid, context: Context) -> None:
     round_log = _round_log(out / "rounds.json", cfg, context, registry, state)
     fractions = (cfg.fraction_train, cfg.fraction_evaluate)
     strategy = AdapterStrategy(round_log, cfg.min_clients, cfg.aggregation, cfg.lora, registry, fractions)
-    try:
+    with contextlib.ExitStack() as running:  # on the way out, however: stop the service, then the heartbeat
+        running.callback(Heartbeat(state, run_id).start().stop)  # lets the dashboard tell running from stopped
+        if service is not None:
+            running.callback(service.stop, grace=1)
         initial = _resume(registry, strategy, round_log, state, earlier, key_path)
         if initial is None:
             initial = strategy.initial_arrays(adapter_state(peft_model))  # signed release 0
@@ -69,13 +74,10 @@ def main(grid: Grid, context: Context) -> None:
         remaining = cfg.num_server_rounds - strategy.round_offset
         if remaining > 0:
             strategy.start(grid=grid, initial_arrays=initial, num_rounds=remaining, timeout=cfg.round_timeout)
-    finally:
-        if service is not None:
-            service.stop(grace=1)
-    assert registry.latest is not None  # release 0 at least
-    final = load_tensors(registry.latest[0].files[ADAPTER_WEIGHTS])  # the last signed release
-    folder = save_peft_folder(peft_model, final, out / "adapter", base=resolve_model(cfg.model))
-    round_log.finish(adapter=str(folder), wall_seconds=time.time() - t0)
+        assert registry.latest is not None  # release 0 at least
+        final = load_tensors(registry.latest[0].files[ADAPTER_WEIGHTS])  # the last signed release
+        folder = save_peft_folder(peft_model, final, out / "adapter", base=resolve_model(cfg.model))
+        round_log.finish(adapter=str(folder), wall_seconds=time.time() - t0)
     state.close()
     log(INFO, "fleetlora: final adapter saved as a PEFT folder in %s\n%s", folder, format_table(round_log.data))
 

@@ -11,11 +11,16 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
+from server.state.heartbeat import run_state
 from server.state.schema import STATUSES, client_results, rounds, runs
 
 
 def list_runs(conn: Connection) -> list[dict[str, Any]]:
-    """Every run, newest first, with its progress: rounds done and the last mean held-out loss."""
+    """Every run, newest first, with its progress: rounds done, the last mean held-out loss, and its state.
+
+    ``state`` is ``finished``, ``running`` or ``stopped`` (unfinished and its coordinator silent:
+    killed, crashed, or never got going; ``server/state/heartbeat.py``).
+    """
     out = []
     for run in conn.execute(select(runs).order_by(runs.c.started.desc())).mappings():
         closed = conn.execute(
@@ -24,6 +29,7 @@ def list_runs(conn: Connection) -> list[dict[str, Any]]:
             .order_by(rounds.c.round)
         ).all()
         summary = {k: run[k] for k in ("run_id", "name", "model", "method", "num_rounds", "started", "finished")}
+        summary["heard"], summary["state"] = run["heard"], run_state(run["finished"], run["heard"])
         summary["rounds_done"] = sum(1 for r in closed if r.round > 0)
         summary["last_heldout_loss"] = closed[-1].mean_heldout_loss if closed else None
         out.append(summary)
@@ -52,7 +58,8 @@ def run_view(conn: Connection, run_id: str) -> dict[str, Any] | None:
         if c["status"] in ("rejected", "refused")
     ]
     clients = sorted({c["client"] for cs in per_round.values() for c in cs})
-    return {"run": dict(run), "rounds": out_rounds, "clients": clients, "rejections": rejections}
+    state = run_state(run["finished"], run["heard"])
+    return {"run": {**run, "state": state}, "rounds": out_rounds, "clients": clients, "rejections": rejections}
 
 
 def round_view(conn: Connection, run_id: str, server_round: int) -> dict[str, Any] | None:

@@ -50,6 +50,7 @@ runs = Table(
     Column("finished", Float),
     Column("wall_seconds", Float),
     Column("adapter", String),  # the final adapter's PEFT folder
+    Column("heard", Float),  # the coordinator's last heartbeat (server/state/heartbeat.py); NULL before 0002
 )
 
 rounds = Table(

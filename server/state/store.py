@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, delete, event, inspect, select
+from sqlalchemy import Connection, Engine, create_engine, delete, event, inspect, select, update
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.exc import DatabaseError
 
@@ -164,6 +165,11 @@ class StateStore:
             for name in names:
                 client_row = {"run_id": run_id, "round": row["round"], **_client_row(name, rec["clients"][name])}
                 conn.execute(_upsert(client_results, client_row, ["run_id", "round", "client"]))
+
+    def heard(self, run_id: str, at: float | None = None) -> None:
+        """Record that the coordinator of ``run_id`` is alive (now, or at ``at``): its heartbeat."""
+        with self.engine.begin() as conn:
+            conn.execute(update(runs).where(runs.c.run_id == run_id).values(heard=time.time() if at is None else at))
 
     def last_signed_round(self, run_id: str) -> SignedRound | None:
         """Return the newest signed adapter release of ``run_id``, or None if it has none (or no such run).

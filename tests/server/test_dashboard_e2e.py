@@ -39,14 +39,16 @@ TOPICS = ["noun.animal", "noun.artifact", "noun.food", "verb.motion"]
 XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
 
 
-def _watch(db: Path, seen: list[tuple[int, bool]], stop: threading.Event) -> None:
-    """Record (closed rounds, run finished) as another process writes the store."""
+def _watch(db: Path, seen: list[tuple[int, bool]], heard: set[float], stop: threading.Event) -> None:
+    """Record (closed rounds, run finished), and the heartbeats, as another process writes the store."""
     while not stop.is_set():
         if db.exists():
             try:
                 with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
                     closed = conn.execute("select count(*) from rounds where closed is not null").fetchone()[0]
                     finished = conn.execute("select count(*) from runs where finished is not null").fetchone()[0]
+                    if not finished:
+                        heard.update(r[0] for r in conn.execute("select heard from runs where heard is not null"))
                 seen.append((closed, bool(finished)))
             except sqlite3.Error:
                 pass  # the schema is not there yet
@@ -57,8 +59,8 @@ def _watch(db: Path, seen: list[tuple[int, bool]], stop: threading.Event) -> Non
 def tiny_run(tmp_path_factory, tiny_model_dir):
     """A real 2-round Flower simulation of the tiny model; the store is watched as the run writes it."""
     tmp = tmp_path_factory.mktemp("dashboard-run")
-    db, seen, stop = tmp / "out" / "state.sqlite", [], threading.Event()
-    watcher = threading.Thread(target=_watch, args=(db, seen, stop), daemon=True)
+    db, seen, heard, stop = tmp / "out" / "state.sqlite", [], set(), threading.Event()
+    watcher = threading.Thread(target=_watch, args=(db, seen, heard, stop), daemon=True)
     watcher.start()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLEETLORA_CACHE", str(tmp / "device-cache"))
@@ -78,7 +80,7 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
         )
     stop.set()
     watcher.join()
-    return {"db": db, "data": data, "seen": seen, "tmp": tmp}
+    return {"db": db, "data": data, "seen": seen, "heard": heard, "tmp": tmp}
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +137,8 @@ def test_the_store_is_written_as_the_real_run_progresses(tiny_run):
     seen = tiny_run["seen"]
     assert any(closed >= 2 and not finished for closed, finished in seen), seen[-5:]  # round 0 and 1, run going on
     assert seen[-1] == (3, True)
+    # the coordinator's heartbeat was written while the run went on (the dashboard's "running")
+    assert len(tiny_run["heard"]) >= 1, "no heartbeat seen while the run was unfinished"
     store = StateStore(tiny_run["db"], read_only=True)
     signed = store.last_signed_round(_run_id(tiny_run))
     assert signed is not None and signed.round == 2 and signed.evaluated
@@ -148,6 +152,8 @@ def test_runs_list_and_run_view_show_the_real_rounds_and_charts(page, cli_dashbo
     run_id = _run_id(tiny_run)
     page.goto(f"{cli_dashboard}?token={TOKEN}")
     assert page.url == cli_dashboard  # the token went into a cookie and left the address
+    row = page.locator("tbody tr", has=page.get_by_role("link", name=run_id))
+    assert row.locator("td").last.inner_text() == "finished"
     page.get_by_role("link", name=run_id).click()
     page.wait_for_selector("svg.chart.line polyline.series")
     rows = page.locator("h2:text('Rounds') + table tbody tr")
@@ -238,3 +244,22 @@ def test_a_client_id_with_html_is_shown_as_text(page, copy_dashboard, tiny_run):
     assert page.locator("main img, main script, main b").count() == 0
     assert page.evaluate("window.__xss") is None
     _shot(page, "html-as-text")
+
+
+def test_a_run_whose_coordinator_went_silent_shows_as_stopped(page, copy_dashboard, tiny_run):
+    dashboard, store = copy_dashboard
+    run_id = _run_id(tiny_run)
+    with sqlite3.connect(store.path) as conn:  # as if the coordinator had been killed an hour ago, mid-run
+        conn.execute("update runs set finished = null, heard = ? where run_id = ?", (time.time() - 3600, run_id))
+    page.goto(dashboard.url)
+    row = page.locator("tbody tr", has=page.get_by_role("link", name=run_id))
+    assert re.fullmatch(r"stopped \(last heard .+\)", row.locator("td").last.inner_text())
+    _shot(page, "stopped")
+    store.heard(run_id)  # restarted, it beats again: running, without a reload
+    page.wait_for_function(
+        "id => [...document.querySelectorAll('tbody tr')].some(r => r.innerText.includes(id) && "
+        "r.lastElementChild.innerText === 'running')",
+        arg=run_id,
+        timeout=15_000,
+    )
+    _shot(page, "stopped-then-running")

@@ -3,6 +3,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from alembic import command
@@ -14,6 +15,7 @@ from sqlalchemy.exc import OperationalError
 
 from server.report import RoundLog
 from server.state import StateStore, StateStoreError
+from server.state.heartbeat import STALE_S, Heartbeat, run_state
 from server.state.queries import list_runs, round_view, run_view
 from server.state.schema import metadata
 from server.state.store import MIGRATIONS
@@ -149,7 +151,7 @@ def test_an_empty_file_is_migrated_to_the_schema_of_schema_py(tmp_path):
     db = tmp_path / "state.sqlite"
     db.touch()  # e.g. created by hand, or by a process killed before its first write
     StateStore(db).close()
-    assert _rows(db, "select version_num from alembic_version") == [("0001",)]
+    assert _rows(db, "select version_num from alembic_version") == [("0002",)]
     with create_engine(f"sqlite:///{db}").connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
 
@@ -169,9 +171,58 @@ def test_a_store_at_an_older_revision_is_upgraded_on_open(tmp_path):
     assert _rows(db, "select count(*) from alembic_version") == [(0,)]
     assert "runs" not in {r[0] for r in _rows(db, "select name from sqlite_master")}
     store = StateStore(db)
-    assert _rows(db, "select version_num from alembic_version") == [("0001",)]
+    assert _rows(db, "select version_num from alembic_version") == [("0002",)]
     store.save_run({**RUN, "started": 2.0})  # the upgraded tables take rows again
     assert _rows(db, "select run_id from runs") == [("demo-7",)]
+
+
+def test_a_store_written_before_heartbeats_keeps_its_runs_and_calls_the_unfinished_stopped(tmp_path):
+    db = tmp_path / "state.sqlite"
+    store = StateStore(db)
+    store.save_run({**RUN, "started": 1.0})
+    store.close()
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:  # the schema of revision 0001, its run row kept
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0001")
+    engine.dispose()
+    assert "heard" not in {r[1] for r in _rows(db, "pragma table_info(runs)")}
+    store = StateStore(db, read_only=True)
+    assert _rows(db, "select version_num from alembic_version") == [("0002",)]
+    with store.read() as conn:  # never heard from: an unfinished run of an older fleetlora is not "running"
+        assert [(r["run_id"], r["heard"], r["state"]) for r in list_runs(conn)] == [("demo-7", None, "stopped")]
+
+
+def test_the_heartbeat_tells_a_running_run_from_a_stopped_one(tmp_path):
+    store = StateStore(tmp_path / "state.sqlite")
+    log = RoundLog(tmp_path / "rounds.json", run=RUN, store=store)
+    beat = Heartbeat(store, "demo-7", every=0.05).start()
+    try:
+        with store.read() as conn:
+            first = run_view(conn, "demo-7")["run"]
+        assert first["state"] == "running" and first["heard"] >= log.data["run"]["started"]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # it keeps beating in the background
+            with store.read() as conn:
+                if run_view(conn, "demo-7")["run"]["heard"] > first["heard"]:
+                    break
+            time.sleep(0.05)
+        else:
+            pytest.fail("no second heartbeat within 10 s")
+    finally:
+        beat.stop()
+    with store.read() as conn:
+        heard = run_view(conn, "demo-7")["run"]["heard"]
+    # a killed coordinator stops beating: some time later the same row reads as stopped
+    assert run_state(None, heard, now=heard + STALE_S - 1) == "running"
+    assert run_state(None, heard, now=heard + STALE_S + 1) == "stopped"
+    log.finish(wall_seconds=1.0)  # a finished run is finished, however long ago it was heard from
+    with store.read() as conn:
+        assert [r["state"] for r in list_runs(conn)] == ["finished"]
+    assert run_state(1.0, None) == "finished"
+    store.close()
 
 
 def test_reopening_a_store_keeps_its_runs(tmp_path):

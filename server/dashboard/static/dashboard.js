@@ -52,12 +52,19 @@ function crumbs(...parts) {
 }
 
 // ---------------------------------------------------------------- runs list
+const STATE_CLASS = { finished: "evaluated", running: "accepted", stopped: "rejected" };
+
+function runState(run) {  // "stopped": unfinished, and its coordinator has gone silent (killed, crashed)
+  const text = run.state === "stopped" ? `stopped (last heard ${run.heard ? when(run.heard) : "never"})` : run.state;
+  return { value: text, cls: STATE_CLASS[run.state] };
+}
+
 function renderRuns(data) {
   crumbs(["runs"]);
   const rows = data.runs.map((r) => [
     el("a", { href: runHref(r.run_id) }, r.run_id), r.model, r.method,
     `${r.rounds_done} / ${r.num_rounds ?? "?"}`, num(r.last_heldout_loss), when(r.started),
-    { value: r.finished ? "finished" : "running", cls: r.finished ? "evaluated" : "accepted" },
+    runState(r),
   ]);
   const body = rows.length
     ? table(["run", "model", "method", "rounds", "held-out (last)", "started", "state"], rows, [0, 1, 2])
@@ -103,7 +110,8 @@ function renderRun(data) {
     facts([["model", run.model], ["aggregation", run.method],
       ["rounds", `${data.rounds.filter((r) => r.round > 0 && r.closed).length} of ${run.num_rounds ?? "?"} done`],
       ["base digest", short(run.base_digest, 64), "mono"], ["started", when(run.started)],
-      ["finished", run.finished ? when(run.finished) : "not yet (updates live)"]]),
+      ["finished", run.finished ? when(run.finished) : "not yet (updates live)"],
+      ["state", runState(run).value, STATE_CLASS[run.state]]]),
     runCharts(data),
     el("h2", {}, "Rounds"),
     table(["round", "state", "seconds", "clients", "accepted", "rejected", "train loss", "held-out mean",
