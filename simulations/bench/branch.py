@@ -10,6 +10,11 @@ turn (alternating, so machine noise hits all alike):
 - ``block sums by ReduceSum``: the same numbers with ``Reshape + ReduceSum`` in place of ``x @ S``;
 - ``base alone``: the branch carries S and C only (no LoRA columns);
 - ``no branch``: the branch removed; inexact (the minimum is lost: its text is garbage), a ceiling;
+- ``integer zero points``: the branch removed and MatMulNBits given uint8 zero points (all 8: the
+  same numbers as the symmetric kernel) — the speed a base format with integer zero points would
+  have (no correction branch), a ceiling;
+- ``integer zero points + LoRA``: the same with a LoRA-only branch ``(x @ A) @ B``: that format's
+  speed with an adapter (its numbers are not ours: only the speed is the point);
 - onnxruntime-genai's own INT4 build of the float model, no adapter.
 """
 
@@ -35,6 +40,8 @@ VARIANTS = {
     "reducesum": "ours + adapter, block sums by ReduceSum",
     "base": "ours, base alone (exact correction only)",
     "nobranch": "ours, branch removed (inexact ceiling)",
+    "zeropoints": "integer zero points, no branch (ceiling of that format)",
+    "zeropoints_lora": "integer zero points + LoRA-only branch (that format with an adapter)",
     "builder": "onnxruntime-genai builder INT4, no adapter",
 }
 
@@ -59,20 +66,21 @@ def build_variants() -> dict[str, Path]:
         edge.corrections,
     )
     out: dict[str, Path] = {"base": edge.folder, "builder": _builder_int4()}
-    for name in ("adapter", "reducesum", "nobranch"):
+    for name in ("adapter", "reducesum", "nobranch", "zeropoints", "zeropoints_lora"):
         model = onnx.load(str(edge.folder / "model.onnx"))
         graph = model.graph
-        if name == "nobranch":
+        if name in ("nobranch", "zeropoints"):
             _drop_branch(graph, helper)
         else:
             for init in graph.initializer:
                 if init.name in lora:
-                    value = lora[init.name]
-                    if name == "reducesum" and init.name.endswith(".lora_A"):
-                        value = value[:, value.shape[0] // 32 :]  # the LoRA columns only: S is computed
+                    layer, is_a = init.name.rsplit(".", 1)[0], init.name.endswith(".lora_A")
+                    value = _branch_value(name, lora[init.name], is_a, edge.corrections[layer].shape[0])
                     init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), init.name))
             if name == "reducesum":
                 _block_sums_by_reducesum(graph, helper, numpy_helper)
+        if name.startswith("zeropoints"):
+            _zero_points(graph, numpy_helper)
         folder = _cache() / "branch" / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -82,6 +90,29 @@ def build_variants() -> dict[str, Path]:
                 shutil.copy2(f, folder / f.name)
         out[name] = folder
     return out
+
+
+def _branch_value(variant: str, value: np.ndarray, is_a: bool, blocks: int) -> np.ndarray:
+    """Return the branch input of ``variant`` from ``[S | A]`` (``is_a``) or ``[C ; B]``; ``blocks`` = K/32."""
+    if variant == "reducesum" and is_a:
+        return value[:, blocks:]  # the LoRA columns only: the block sums are computed
+    if variant == "zeropoints_lora":
+        return value[:, blocks:] if is_a else value[blocks:]  # LoRA only, no correction
+    return value
+
+
+def _zero_points(graph: Any, numpy_helper: Any) -> None:
+    """Give every 4-bit MatMulNBits (not the output layer) uint8 zero points of 8, packed two per byte."""
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or len(node.input) != 3 or "lm_head" in node.name:
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        if attrs.get("bits") != 4:
+            continue
+        per_row = (attrs["K"] // attrs["block_size"] + 1) // 2
+        zero_points = np.full(attrs["N"] * per_row, 0x88, dtype=np.uint8)
+        graph.initializer.append(numpy_helper.from_array(zero_points, f"{node.name}.zero_points"))
+        node.input.append(f"{node.name}.zero_points")
 
 
 def _block_sums_by_reducesum(graph: Any, helper: Any, numpy_helper: Any) -> None:
