@@ -94,7 +94,7 @@ _PACKED: dict[str, tuple[str, ...]] = {"attn.qkv_proj": ("self_attn.q_proj", "se
 _PACKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "mlp.gate_proj": ("mlp.gate_up_proj", "mlp.up_proj", ("mlp.gate_proj", "mlp.up_proj"))
 }
-_PACKED_INTO = {"mlp.up_proj"}
+_PACKED_INTO = {partner for _, partner, _ in _PACKS.values()}  # computed by the node they are packed with
 _LINEAR = re.compile(r"model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.MatMul\.weight")
 
 
@@ -206,13 +206,13 @@ def _quantized_graph(
         match = _LINEAR.fullmatch(weight)
         if match:
             layer, kind, name = match.groups()
-            if f"{kind}.{name}" in _PACKED_INTO:
+            key = f"{kind}.{name}"
+            if key in _PACKED_INTO:
                 continue  # computed by the layer it is packed into
             target, nodes = weight.removesuffix(".MatMul.weight"), [node]
-            modules: tuple[str, ...] = (f"{'self_attn' if kind == 'attn' else 'mlp'}.{name}",)
-            modules = _PACKED.get(f"{kind}.{name}", modules)
-            if f"{kind}.{name}" in _PACKS:  # gate and up read the same input: one kernel and one branch for both
-                packed_name, partner, modules = _PACKS[f"{kind}.{name}"]
+            modules = _PACKED.get(key, (f"{'self_attn' if kind == 'attn' else 'mlp'}.{name}",))
+            if key in _PACKS:  # gate and up read the same input: one kernel and one branch for both
+                packed_name, partner, modules = _PACKS[key]
                 other = by_weight.get(f"model.layers.{layer}.{partner}.MatMul.weight")
                 if other is None:
                     raise ExportError(f"layer {layer}: {name} without its partner {partner} in the builder's graph")
@@ -240,8 +240,8 @@ def _quantized_graph(
             consumers.setdefault(i, []).append(n)
     for sigmoid in [n for n in model.graph.node if n.op_type == "Sigmoid"]:  # SiLU = x * Sigmoid(x)
         muls = [m for m in consumers.get(sigmoid.output[0], []) if m.op_type == "Mul"]
-        if len(muls) == 1 and sorted(muls[0].input) == sorted([sigmoid.input[0], sigmoid.output[0]]):
-            edit.silu(sigmoid, muls[0])
+        if len(muls) == 1:
+            edit.silu(sigmoid, muls[0])  # only if that Mul is x * Sigmoid(x)
     edit.drop_unused()
     return model, edit.lora, edit.corrections
 

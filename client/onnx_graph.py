@@ -83,15 +83,19 @@ class GraphEditor:
         self.lora[layer] = {"in": k, "out": outs, "modules": lora}
         self.corrections[layer] = correction
 
-    def silu(self, sigmoid: Any, mul: Any) -> None:
-        """Replace ``x * Sigmoid(x)`` (two nodes) with ``QuickGelu(x, alpha=1)``, the same function in one node."""
+    def silu(self, sigmoid: Any, mul: Any) -> bool:
+        """Replace ``x * Sigmoid(x)`` (two nodes) with ``QuickGelu(x, alpha=1)``, the same function in one node.
+
+        Returns False, changing nothing, if ``mul`` multiplies the sigmoid by anything but its own input.
+        """
         x = sigmoid.input[0]
         if sorted(mul.input) != sorted([x, sigmoid.output[0]]):
-            raise ValueError(f"{mul.name} is not {x} * Sigmoid({x})")
+            return False
         self._splice[sigmoid.name] = [
             helper.make_node("QuickGelu", [x], [mul.output[0]], name=f"{sigmoid.name}/QuickGelu", domain=MS, alpha=1.0)
         ]
         self._splice[mul.name] = []
+        return True
 
     def int8_lm_head(self, node: Any, codes: np.ndarray, scales: np.ndarray) -> None:
         """Replace the output layer's float ``MatMul`` with an 8-bit ``MatMulNBits`` on the embedding's codes."""

@@ -117,6 +117,8 @@ def _zero_points(graph: Any, numpy_helper: Any) -> None:
 
 def _block_sums_by_reducesum(graph: Any, helper: Any, numpy_helper: Any) -> None:
     """``x @ [S | A]`` → ``Concat(ReduceSum(Reshape(x, (B, S, K/32, 32)), -1), x @ A)``."""
+    from client.onnx_graph import BLOCK
+
     nodes = []
     graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "bench.last_axis"))
     for node in graph.node:
@@ -125,7 +127,8 @@ def _block_sums_by_reducesum(graph: Any, helper: Any, numpy_helper: Any) -> None
             continue
         layer, x = node.name[: -len("/lowrank_A")], node.input[0]
         k = next(i for i in graph.input if i.name == node.input[1]).type.tensor_type.shape.dim[0].dim_value
-        graph.initializer.append(numpy_helper.from_array(np.array([0, 0, k // 32, 32], np.int64), f"{layer}.blocks"))
+        blocks = np.array([0, 0, k // BLOCK, BLOCK], np.int64)  # (B, S, K) -> (B, S, K/32, 32)
+        graph.initializer.append(numpy_helper.from_array(blocks, f"{layer}.blocks"))
         nodes += [
             helper.make_node("Reshape", [x, f"{layer}.blocks"], [f"{layer}/xb"], name=f"{layer}/blocks"),
             helper.make_node("ReduceSum", [f"{layer}/xb", "bench.last_axis"], [f"{layer}/xs"], keepdims=0),

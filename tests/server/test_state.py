@@ -156,7 +156,8 @@ def test_an_empty_file_is_migrated_to_the_schema_of_schema_py(tmp_path):
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
 
 
-def test_a_store_at_an_older_revision_is_upgraded_on_open(tmp_path):
+def _store_at_revision(tmp_path, revision):
+    """A store holding one run, then migrated down to ``revision`` (as an older fleetlora left it)."""
     db = tmp_path / "state.sqlite"
     store = StateStore(db)
     store.save_run({**RUN, "started": 1.0})
@@ -164,10 +165,15 @@ def test_a_store_at_an_older_revision_is_upgraded_on_open(tmp_path):
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     engine = create_engine(f"sqlite:///{db}")
-    with engine.begin() as conn:  # back to the base revision (no tables), as an older schema would be
+    with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "base")
+        command.downgrade(cfg, revision)
     engine.dispose()
+    return db
+
+
+def test_a_store_at_an_older_revision_is_upgraded_on_open(tmp_path):
+    db = _store_at_revision(tmp_path, "base")  # no tables, as an older schema would be
     assert _rows(db, "select count(*) from alembic_version") == [(0,)]
     assert "runs" not in {r[0] for r in _rows(db, "select name from sqlite_master")}
     store = StateStore(db)
@@ -177,17 +183,7 @@ def test_a_store_at_an_older_revision_is_upgraded_on_open(tmp_path):
 
 
 def test_a_store_written_before_heartbeats_keeps_its_runs_and_calls_the_unfinished_stopped(tmp_path):
-    db = tmp_path / "state.sqlite"
-    store = StateStore(db)
-    store.save_run({**RUN, "started": 1.0})
-    store.close()
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    engine = create_engine(f"sqlite:///{db}")
-    with engine.begin() as conn:  # the schema of revision 0001, its run row kept
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0001")
-    engine.dispose()
+    db = _store_at_revision(tmp_path, "0001")  # its run row kept
     assert "heard" not in {r[1] for r in _rows(db, "pragma table_info(runs)")}
     store = StateStore(db, read_only=True)
     assert _rows(db, "select version_num from alembic_version") == [("0002",)]

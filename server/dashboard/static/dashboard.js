@@ -93,7 +93,7 @@ function runCharts(data) {
 }
 
 function renderRun(data) {
-  const run = data.run;
+  const run = data.run, state = runState(run);
   crumbs(["runs", "/"], [run.run_id]);
   const rows = data.rounds.map((r) => [
     el("a", { href: roundHref(run.run_id, r.round) }, r.round === 0 ? "0 (before)" : String(r.round)),
@@ -111,7 +111,7 @@ function renderRun(data) {
       ["rounds", `${data.rounds.filter((r) => r.round > 0 && r.closed).length} of ${run.num_rounds ?? "?"} done`],
       ["base digest", short(run.base_digest, 64), "mono"], ["started", when(run.started)],
       ["finished", run.finished ? when(run.finished) : "not yet (updates live)"],
-      ["state", runState(run).value, STATE_CLASS[run.state]]]),
+      ["state", state.value, state.cls]]),
     runCharts(data),
     el("h2", {}, "Rounds"),
     table(["round", "state", "seconds", "clients", "accepted", "rejected", "train loss", "held-out mean",
