@@ -102,15 +102,21 @@ def compute_dtype(name: str = "auto") -> Any:
     import torch
 
     if name == "auto":
-        return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def _cpu_has_native_bf16() -> bool:
+def cpu_flags() -> set[str]:
+    """Return the CPU's feature flags as ``/proc/cpuinfo`` lists them (empty where it cannot be read)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        return set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
+        return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Tell whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere torch emulates it."""
+    flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -9,11 +9,15 @@ run ends, however it ends, with every process it started.
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from server.processes import flower_env, free_port, stop_process_tree, toml_value, wait_for_port
 
@@ -62,11 +66,27 @@ def local_superlink(flwr_home: Path, log_file: Path) -> Iterator[str]:
 
 
 def write_connection(flwr_home: Path, address: str) -> None:
-    """Write ``$FLWR_HOME/config.toml`` with one insecure connection to ``address``."""
+    """Add (or update) our insecure connection ``fleetlora-sim`` to ``$FLWR_HOME/config.toml``.
+
+    Every other entry is kept, and so is the default connection: a by-hand ``flwr run .`` after
+    the demo still uses Flower's own ``local`` SuperLink, not ours (stopped once the demo ends).
+    A config an older demo left with ``fleetlora-sim`` as the default gets Flower's default back.
+    The file is replaced atomically.
+    """
+    from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
+
     flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\ninsecure = true\n'
-    )
+    path = flwr_home / "config.toml"
+    flower = tomllib.loads(DEFAULT_FLOWER_CONFIG_TOML)["superlink"]  # default = "local", local = {":local:"}
+    config = tomllib.loads(path.read_text()) if path.is_file() else {"superlink": flower}
+    superlink = config.setdefault("superlink", {})
+    if superlink.get("default", CONNECTION) == CONNECTION:
+        superlink["default"] = flower["default"]
+        superlink.setdefault(flower["default"], flower[flower["default"]])
+    superlink[CONNECTION] = {"address": address, "insecure": True}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(tomli_w.dumps(config))
+    os.replace(tmp, path)
 
 
 def run_app(

@@ -1,33 +1,30 @@
 """Real Flower simulations (``flwr run`` through a SuperLink we start and stop by PID)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
+from server.processes import config_arg, free_port, stop_pid
 from shared.config import ConfigError
 from shared.release import read_release, verify_release
 from shared.sign import TrustList, generate_key
 from simulations.demo import run_demo
+from simulations.flower_local import ROOT
+from tests.processes import processes_with_env
 
 
-def _flower_processes() -> list[str]:
-    names = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp", "raylet", "gcs_server")
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if any(n in cmd for n in names):
-            found.append(cmd)
-    return found
+def _flower_processes(flwr_home: Path) -> dict[int, str]:
+    """The processes of the run this test started: every Flower process (and Ray's) inherits its ``FLWR_HOME``."""
+    return processes_with_env("FLWR_HOME", str(flwr_home))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("method", "encoding"), [("fedavg", "fp16"), ("ffa", "q8")])
 def test_two_round_simulation_with_a_tiny_model(tmp_path, tiny_model_dir, method, encoding, monkeypatch):
-    assert not _flower_processes(), "a Flower process was already running"
     monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / "device-cache"))  # the devices' caches (base, releases)
     data = run_demo(
         {
@@ -79,7 +76,7 @@ def test_two_round_simulation_with_a_tiny_model(tmp_path, tiny_model_dir, method
     assert [rounds[n]["release"]["manifest"] for n in range(3)] == [m.digest() for m in manifests]
     for n in (1, 2):
         assert all("refused_release" not in c for c in rounds[n]["clients"].values())
-    assert not _flower_processes(), "the SuperLink (or a child) outlived the run"
+    assert not _flower_processes(tmp_path / "flwr"), "the SuperLink (or a child) outlived the run"
 
 
 @pytest.mark.slow
@@ -138,3 +135,55 @@ def test_the_demo_serves_the_dashboard_and_runs_on_without_it_if_its_port_is_tak
     finally:
         served.stop()
     assert start_dashboard("off", db) is None
+
+
+def _readme_by_hand_commands() -> str:
+    """The bash block of the README's "Running Flower yourself" section, continuation lines joined."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Running Flower yourself", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return block.replace("\\\n", " ")
+
+
+@pytest.mark.slow
+def test_the_readmes_by_hand_flwr_run_works_after_the_demo(tmp_path, tiny_model_dir, monkeypatch):
+    flwr_home, cache = tmp_path / "flwr", tmp_path / "device-cache"
+    monkeypatch.setenv("FLEETLORA_CACHE", str(cache))
+    tiny = {
+        "signing.key": str(tmp_path / "keys" / "server.key"),
+        "signing.trust-file": str(tmp_path / "keys" / "server.key.pub"),
+        "model": str(tiny_model_dir),
+        "num-server-rounds": 1,
+        "train.steps": 1,
+        "eval.max-examples": 4,
+        "aggregation.method": "fedavg",
+    }
+    run_demo({**tiny, "run-name": "demo"}, output_dir=tmp_path / "demo", flwr_home=flwr_home)  # `make demo` first
+
+    commands = _readme_by_hand_commands()
+    assert "FLWR_HOME=$PWD/.flwr" in commands and "flwr run . --stream" in commands
+    commands = commands.replace("FLWR_HOME=$PWD/.flwr", f"FLWR_HOME={flwr_home}")  # this test's Flower home
+    # the same command with the tiny model, this test's folders and a free artifact port (a user changes nothing)
+    extra = {**tiny, "run-name": "by-hand", "output-dir": str(tmp_path / "by-hand")}
+    extra["base.address"] = f"127.0.0.1:{free_port()}"
+    commands = commands.rstrip() + f" --run-config '{config_arg(extra)}'"
+    env = {
+        **os.environ,
+        # Flower's local SuperLink listens on fixed ports unless told otherwise: free ones, so no other SuperLink
+        # on this machine is used or disturbed
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+    }
+    try:
+        proc = subprocess.run(["bash", "-c", commands], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        output = proc.stdout + proc.stderr
+        assert "Connection to the SuperLink is unavailable" not in output
+        assert proc.returncode == 0, output[-3000:]
+        data = json.loads((tmp_path / "by-hand" / "by-hand" / "rounds.json").read_text())
+        assert "finished" in data["run"], output[-3000:]
+        assert sorted(r["round"] for r in data["rounds"]) == [0, 1]
+        assert "Starting local SuperLink" in output  # Flower's own local SuperLink, as the README says
+    finally:  # that SuperLink is detached and keeps running, as the README says: stop the one this test started
+        for pid in _flower_processes(flwr_home):
+            stop_pid(pid)
+    assert not _flower_processes(flwr_home)

@@ -15,17 +15,35 @@ import simulations.bench.inference  # noqa: F401
 import simulations.bench.int4  # noqa: F401
 import simulations.bench.scale  # noqa: F401
 import simulations.bench.variants  # noqa: F401
+from shared.model import cpu_flags, cpu_has_native_bf16
 from simulations.bench import REGISTRY
 from simulations.flower_local import ROOT
 
 
+def cpu_model() -> str:
+    """Return the CPU's model name (``/proc/cpuinfo``)."""
+    with open("/proc/cpuinfo") as info:
+        return next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), platform.processor())
+
+
+def cpu_kind() -> str:
+    """Name the CPU's class in short: figures measured on two classes are not comparable.
+
+    The vendor and the widest vector / matrix unit torch and ONNX Runtime use: AVX2 only (AMD EPYC
+    here), AVX-512, or AVX-512 + AMX; and whether bfloat16 is native (AVX512-BF16 / AMX) or emulated.
+    """
+    flags = cpu_flags()
+    vendor = "amd" if "AMD" in cpu_model() else "intel"
+    isa = "amx" if "amx_tile" in flags else "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "x86"
+    return f"{vendor}-{isa}{'-bf16' if cpu_has_native_bf16() else ''}"
+
+
 def machine() -> str:
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-        platform.processor(),
-    )
+    """Return one line naming the machine a table was measured on: CPU, vector units, bf16, cores, memory."""
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, Python {platform.python_version()}"
+    bf16 = "native bf16" if cpu_has_native_bf16() else "bf16 emulated"
+    cores = os.cpu_count()
+    return f"{cpu_model()} [{cpu_kind()}: {bf16}], {cores} cores, {mem:.0f} GiB, Python {platform.python_version()}"
 
 
 def main() -> None:
@@ -44,10 +62,11 @@ def main() -> None:
         result = REGISTRY[name]()
         text = "".join(t.markdown() for t in (result if isinstance(result, list) else [result]))
         print(text, flush=True)
-        sections[name] = f"<!-- bench:{name} -->\n_Measured {stamp}._\n\n{text}"
+        key = f"{name}@{cpu_kind()}"  # one section per benchmark and CPU class: the others' rows stay
+        sections[key] = f"<!-- bench:{key} -->\n_Measured {stamp}._\n\n{text}"
         if not args.no_write:  # after each benchmark, so a long run that stops keeps what it measured
             path.write_text(HEAD + "\n".join(sections[n] for n in sorted(sections)))
-            print(f"wrote the '{name}' section of {path}")
+            print(f"wrote the '{key}' section of {path}")
 
 
 HEAD = """# Benchmarks
@@ -55,6 +74,11 @@ HEAD = """# Benchmarks
 Written by `python -m simulations.bench` (all of them: `make bench`; one: `--only NAME`, which
 rewrites only that section). Machines are shared and noisy: compare figures within one table,
 not across tables.
+
+Each section is kept per CPU class (`NAME@CLASS`, e.g. `amd-avx2`: AVX2 only, bf16 emulated;
+`intel-avx512`: AVX-512 without bf16; `intel-amx-bf16`: AVX-512 + AMX, native bf16): our machines
+change CPU between sessions, and figures of two classes are not comparable (bf16 alone is ~70x
+apart in a backward pass). A re-run replaces only the section of the CPU it ran on.
 
 """
 

@@ -46,7 +46,17 @@ def federated(overrides: dict[str, Any] | None = None) -> list[Table]:
             runs[method] = (data, time.time() - t0)
     cfg = FleetConfig.from_run_config({**app_defaults(), **overrides, "data-dir": str(_data_dir())})
     central, local = _baselines(cfg)
-    return [_demo_table(*runs[cfg.aggregation.method]), _quality_table(runs, central, local, cfg)]
+    demo_run = _demo_table(*runs[cfg.aggregation.method], "python -m simulations.bench --only federated")
+    return [demo_run, _quality_table(runs, central, local, cfg)]
+
+
+@register("demo")
+def demo() -> Table:
+    """Run the main job alone, as ``make demo`` runs it (its default method and settings); return its table."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.time()
+        data = run_demo({"run-name": "demo"}, output_dir=Path(tmp) / "out", flwr_home=Path(tmp) / "flwr")
+        return _demo_table(data, time.time() - t0, "python -m simulations.bench --only demo")
 
 
 def _data_dir() -> Path:
@@ -92,10 +102,10 @@ def _final(data: dict[str, Any]) -> dict[str, Any]:
     return max(data["rounds"], key=lambda r: r["round"])
 
 
-def _demo_table(data: dict[str, Any], wall: float) -> Table:
+def _demo_table(data: dict[str, Any], wall: float, command: str) -> Table:
     table = Table(
         title=f"Main job (make demo, {data['run']['method']}): wall time and bytes per client-round",
-        command="python -m simulations.bench --only federated",
+        command=command,
         header=[
             "round",
             "clients",

@@ -139,8 +139,13 @@ def int4() -> list[Table]:
         )
     train.notes = [
         "s / step: median over the steps after the first; peak RSS: the whole process (Python, torch, model, data)",
-        "this CPU (AMD EPYC, AVX2 only) emulates bfloat16: it is far slower than float32 here, so float32 is the "
-        "reference and the compute dtype of the 4-bit layers (they dequantize to the input's dtype)",
+        (
+            "this CPU computes bfloat16 natively (AVX512-BF16 / AMX): train.dtype=auto takes bf16 here"
+            if compute_dtype("auto") == torch.bfloat16
+            else "this CPU emulates bfloat16 (no AVX512-BF16 / AMX): it is far slower than float32 here, so the "
+            "bf16 row is skipped, and float32 is the compute dtype of the 4-bit layers (they dequantize to the "
+            "input's dtype)"
+        ),
         "held-out: noun.food heldout.jsonl, first 64 examples, cross-entropy per response token",
     ]
     artifact, first, second = _downloads()

@@ -9,10 +9,10 @@ stops every process it started, also when an assertion fails.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,12 +27,14 @@ from server.state import StateStore
 from server.state.queries import run_view
 from shared.release import AcceptedReleases, read_release
 from shared.sign import TrustList
+from tests.processes import processes_with_env
 
 DATA = Path(__file__).resolve().parents[2] / "simulations" / "data" / "wordnet"
 TOPICS = ["noun.animal", "noun.food", "verb.motion"]
 VICTIM = "verb.motion"
 RUN_TIMEOUT = 900  # seconds: the hard bound of one run (measured 3-5 min on a 2-core machine at load 10)
 ROUND_TIMEOUT = 240  # seconds: long enough for a healthy device at that load, far below RUN_TIMEOUT
+SLOW_ROUND_TIMEOUT = 150  # the slow-device round lasts exactly this long; a healthy tiny round is ~20 s quiet
 
 
 def _overrides(tiny_model_dir: Path, **extra: object) -> dict[str, object]:
@@ -57,13 +59,9 @@ def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert not _our_processes(tmp_path), "a fleet process outlived the test"
 
 
-def _our_processes(tmp_path: Path) -> list[str]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if str(tmp_path) in cmd:
-            found.append(cmd)
-    return found
+def _our_processes(tmp_path: Path) -> dict[int, str]:
+    """Every process of this test's fleet: all of them inherit the test's ``FLEETLORA_CACHE``."""
+    return processes_with_env("FLEETLORA_CACHE", str(tmp_path / "cache"))
 
 
 def _wait(what: str, ok: Callable[[], bool], timeout: float, fleet: LocalFleet) -> None:
@@ -87,35 +85,26 @@ def _apps(fleet: LocalFleet, device: str) -> list[psutil.Process]:
 
 
 @contextlib.contextmanager
-def _throttled(fleet: LocalFleet, device: str) -> Iterator[None]:
-    """Make ``device`` ~20x slower: its ClientApp processes get 25 ms of every 500 ms (SIGSTOP / SIGCONT).
+def _busy_cache(fleet: LocalFleet, device: str) -> Iterator[None]:
+    """Make ``device`` slow by construction: hold its release cache's lock until the block ends.
 
-    The device stays alive (its SuperNode and the app's task heartbeats go on); it is just slow.
+    Every ClientApp process of the device starts by fetching the base into that cache under
+    ``fetch_release``'s exclusive lock (one fetcher per cache), so it waits there, before any
+    work, however fast the CPU is: what a device busy with another download looks like. The
+    device stays alive meanwhile (its SuperNode's and its app's task heartbeats go on).
     """
-    stop = threading.Event()
+    cache = fleet.folder / "nodes" / device / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
 
-    def duty_cycle() -> None:
-        while not stop.is_set():
-            apps = _apps(fleet, device)
-            _signal(apps, "suspend")
-            stop.wait(0.475)
-            _signal(apps, "resume")
-            stop.wait(0.025)
 
-    thread = threading.Thread(target=duty_cycle, daemon=True)
-    thread.start()
+def _alive(procs: list[psutil.Process]) -> bool:
     try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        _signal(_apps(fleet, device), "resume")
-
-
-def _signal(procs: list[psutil.Process], action: str) -> None:
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            getattr(p, action)()
+        return bool(procs) and all(p.status() != psutil.STATUS_ZOMBIE for p in procs)
+    except psutil.Error:
+        return False
 
 
 def _cmdline(p: psutil.Process) -> list[str]:
@@ -161,10 +150,14 @@ def test_a_device_killed_mid_round_is_left_out_then_rejoins_on_the_latest_releas
 
 @pytest.mark.slow
 def test_a_slow_device_is_timed_out_logged_and_the_round_goes_on(fleet, tiny_model_dir):
-    overrides = _overrides(tiny_model_dir, **{"run-id": "slow-device", "round-timeout": 120, "num-server-rounds": 1})
-    with _throttled(fleet, VICTIM):
+    overrides = _overrides(
+        tiny_model_dir, **{"run-id": "slow-device", "round-timeout": SLOW_ROUND_TIMEOUT, "num-server-rounds": 1}
+    )
+    with _busy_cache(fleet, VICTIM):  # the victim cannot reply before the round timeout, whatever the CPU
         run = fleet.start_run(overrides)
+        _wait("the victim's round-1 task", lambda: bool(_apps(fleet, VICTIM)), RUN_TIMEOUT, fleet)
         _wait("round 1's aggregate", lambda: "round 1: aggregated" in _run_log(fleet), RUN_TIMEOUT, fleet)
+        assert _alive(_apps(fleet, VICTIM)), "the slow device's app died instead of being slow"
     data = _finish(fleet, run, overrides)
 
     rounds = {r["round"]: r for r in data["rounds"]}
