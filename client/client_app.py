@@ -29,8 +29,9 @@ from shared.config import FleetConfig, LoraConfig
 from shared.data import Encoded, encode, load_jsonl
 from shared.model import cache_dir, compute_dtype, load_model, load_tokenizer, model_digest
 from shared.release import AcceptedReleases, ReleaseError
+from shared.release_records import release_from_records
 from shared.sign import SignatureError, TrustList
-from shared.wire import WireError, pack, release_from_records
+from shared.wire import WireError, pack
 
 app = ClientApp()
 INFO, WARNING = 20, 30

@@ -33,8 +33,8 @@ from shared.adapter import ADAPTER_WEIGHTS, adapter_config_bytes, adapter_state,
 from shared.config import FleetConfig
 from shared.model import load_model, model_digest, resolve_model
 from shared.release import load_tensors
+from shared.release_records import release_to_records
 from shared.sign import TrustList, key_id, load_private_key
-from shared.wire import release_to_records
 
 app = ServerApp()
 INFO = 20

@@ -25,7 +25,8 @@ from shared.adapter import ADAPTER_WEIGHTS, uploaded_keys
 from shared.config import AggregationConfig, LoraConfig
 from shared.manifest import Manifest
 from shared.release import Release, load_tensors
-from shared.wire import release_config, release_to_records, unpack, wire_bytes
+from shared.release_records import release_config, release_to_records
+from shared.wire import unpack, wire_bytes
 
 INFO, WARNING = 20, 30
 

@@ -1,6 +1,6 @@
 """Adapter tensors on the wire: Flower ``ArrayRecord`` encodings both sides agree on.
 
-* Down, the global adapter travels as its signed release (:func:`release_to_records`): the
+* Down, the global adapter travels as its signed release (``shared/release_records.py``): the
   exact bytes of its PEFT files, with the manifest and signature in the message's config.
 * ``fp16`` (the default for a client's delta): one fp16 array per tensor.
   Flower rejects bf16; fp16 halves fp32 with ample precision for LoRA factors and updates.
@@ -23,15 +23,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from shared.config import DELTA_ENCODINGS as ENCODINGS
-from shared.release import Release
 
 BLOCK = 64
 SCALE_SUFFIX = "#scale"
-RELEASE_MANIFEST, RELEASE_SIGNATURE = "release-manifest", "release-signature"  # keys in the message's config
 NPY_HEADER_MAX = 192  # numpy pads the v1 header to a multiple of 64 bytes; 128 for any adapter shape
 _QMAX = {"q8": 127, "q4": 7}
 
@@ -106,38 +103,6 @@ def from_wire(record: Any) -> State:
         if arr.dtype != "float16":
             raise WireError(f"{key} arrived as {arr.dtype}, expected float16")
     return {k: torch.from_numpy(arr.numpy().copy()).to(torch.float32) for k, arr in record.items()}
-
-
-def release_to_records(release: Release) -> tuple[Any, dict[str, bytes]]:
-    """Pack a release as a Flower message carries it: files as uint8 arrays, manifest and signature as config.
-
-    The bytes are the release's own, so the device verifies exactly what it then loads.
-    """
-    from flwr.app import Array, ArrayRecord
-
-    arrays = ArrayRecord({name: Array(np.frombuffer(data, dtype=np.uint8)) for name, data in release.files.items()})
-    return arrays, release_config(release)
-
-
-def release_config(release: Release) -> dict[str, bytes]:
-    """Return the config entries of a release in a message: its manifest and signature."""
-    return {RELEASE_MANIFEST: release.manifest_bytes, RELEASE_SIGNATURE: release.signature}
-
-
-def release_from_records(arrays: Any, config: Any) -> Release:
-    """Inverse of :func:`release_to_records`; a missing part or a non-byte array is a :class:`WireError`."""
-    parts = []
-    for key in (RELEASE_MANIFEST, RELEASE_SIGNATURE):
-        value = config.get(key) if config is not None else None
-        if not isinstance(value, bytes):
-            raise WireError(f"the message carries no '{key}' (bytes); the adapter is unsigned")
-        parts.append(value)
-    files = {}
-    for name, arr in arrays.items():
-        if arr.dtype != "uint8" or len(arr.shape) != 1:
-            raise WireError(f"release file {name} arrived as {arr.dtype} {tuple(arr.shape)}, expected uint8 bytes")
-        files[name] = arr.numpy().tobytes()
-    return Release(files, parts[0], parts[1])
 
 
 def wire_bytes(record: Any) -> int:
