@@ -48,10 +48,19 @@ class RoundLog:
         self.data["rounds"].append(rec)
         return rec
 
-    def client(self, server_round: int, name: str, **values: Any) -> None:
-        """Merge ``values`` into client ``name``'s entry for the round and persist."""
-        self.round(server_round)["clients"].setdefault(name, {}).update(values)
-        self._save(server_round, [name])
+    def client(self, server_round: int, node_id: int, name: str | None = None, **values: Any) -> None:
+        """Merge ``values`` into the entry of node ``node_id`` for the round and persist.
+
+        Entries are keyed by the node id the SuperLink authenticated (``str(node_id)``), never by
+        what a device says of itself: ``name``, the name it reported, is display text only
+        (``node-<id>`` until it reports one), so two devices claiming one name stay two entries.
+        """
+        key = str(node_id)
+        entry = self.round(server_round)["clients"].setdefault(key, {"node_id": node_id, "name": f"node-{node_id}"})
+        if name is not None:
+            entry["name"] = name
+        entry.update(values)
+        self._save(server_round, [key])
 
     def note(self, server_round: int, **values: Any) -> None:
         """Record round-level ``values`` (e.g. the signed release) and persist."""
@@ -101,8 +110,9 @@ def format_table(data: dict[str, Any]) -> str:
     SHA-256, first 16 hex digits; ``fleetlora verify`` prints it whole).
     """
     rounds = sorted(data["rounds"], key=lambda r: r["round"])
-    names = sorted({n for r in rounds for n in r["clients"]})
-    head = ["round", "clients", "rejected", "train loss"] + [f"held-out {n}" for n in names]
+    labels = _labels(rounds)
+    keys = sorted(labels, key=lambda k: (labels[k], k))
+    head = ["round", "clients", "rejected", "train loss"] + [f"held-out {labels[k]}" for k in keys]
     head += ["held-out mean", "MB up", "MB down", "key id", "manifest"]
     rows = []
     for r in rounds:
@@ -113,7 +123,7 @@ def format_table(data: dict[str, Any]) -> str:
             str(sum("rejected" in c for c in r["clients"].values())),
             _num(r.get("mean_train_loss")),
         ]
-        row += [_num(r["clients"].get(n, {}).get("heldout_loss")) for n in names]
+        row += [_num(r["clients"].get(k, {}).get("heldout_loss")) for k in keys]
         row += [_num(r.get("mean_heldout_loss")), _mb(r.get("bytes_up")), _mb(r.get("bytes_down"))]
         release = r.get("release", {})
         row += [release.get("key_id", "-"), release.get("manifest", "-")[:16]]
@@ -128,12 +138,29 @@ def format_table(data: dict[str, Any]) -> str:
         down = sum(c["bytes_down"] for c in per_client) / len(per_client)
         lines.append(f"(MB: per round, all clients. Per client-round: {up:,.0f} bytes up, {down:,.0f} bytes down)")
     for r in rounds:
-        for name, c in sorted(r["clients"].items()):
+        for key, c in sorted(r["clients"].items(), key=lambda kc: (labels[kc[0]], kc[0])):
             if "rejected" in c:
-                lines.append(f"round {r['round']}: the update of {name} was rejected: {c['rejected']}")
+                lines.append(f"round {r['round']}: the update of {labels[key]} was rejected: {c['rejected']}")
+            if "evaluation_rejected" in c:
+                reason = c["evaluation_rejected"]
+                lines.append(f"round {r['round']}: the evaluation of {labels[key]} was rejected: {reason}")
             if "refused_release" in c:
-                lines.append(f"round {r['round']}: {name} refused the signed release: {c['refused_release']}")
+                lines.append(f"round {r['round']}: {labels[key]} refused the signed release: {c['refused_release']}")
     return "\n".join(lines)
+
+
+def clients_by_name(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Return a round record's client entries by their reported name (for reading a log whose names are unique)."""
+    return {str(c.get("name", key)): c for key, c in rec["clients"].items()}
+
+
+def _labels(rounds: list[dict[str, Any]]) -> dict[str, str]:
+    """Label each node by its reported name; a name two nodes report is told apart by the node id."""
+    names = {key: str(c.get("name", key)) for r in rounds for key, c in r["clients"].items()}
+    taken: dict[str, int] = {}
+    for name in names.values():
+        taken[name] = taken.get(name, 0) + 1
+    return {key: name if taken[name] == 1 else f"{name} (node {key})" for key, name in names.items()}
 
 
 def _num(value: float | None) -> str:

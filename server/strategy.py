@@ -1,14 +1,18 @@
-"""Flower strategy that aggregates LoRA adapters from their *deltas*, signs each result, keeps the round log.
+"""Flower strategy that aggregates LoRA adapters from their *deltas* and signs each result.
 
 Clients receive the global adapter as a signed release (``server/registry.py``), verify it, and
-reply with ``delta_i = local_i - global`` (under FFA-LoRA, for B only). The server validates each
-delta, rebuilds ``local_i = global + delta_i`` one reply at a time and folds it into the
-configured streaming aggregator (``server/aggregate.py``); the new global is signed and stored
-before it is sent.
+reply with ``delta_i = local_i - global`` (under FFA-LoRA, for B only). Every reply is parsed at
+the trust boundary (``server/replies.py``) before anything uses it; a reply that cannot count is
+rejected with its reason and the round goes on with the others. The server rebuilds
+``local_i = global + delta_i`` one reply at a time and folds it into the configured streaming
+aggregator (``server/aggregate.py``); the new global is checked finite and in range
+(``server/validate.py``), then signed and stored before it is sent. Who answered and who stayed
+silent is ``server/roster.py``; the round log is ``server/report.py``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -19,22 +23,31 @@ from flwr.serverapp.strategy import FedAvg
 
 from server.aggregate import apply_update, make_aggregator
 from server.registry import Registry
+from server.replies import (
+    EvalReply,
+    Refusal,
+    TrainReply,
+    UpdateSpec,
+    decode_update,
+    parse_evaluate,
+    parse_train,
+    reported_name,
+)
 from server.report import RoundLog
-from server.validate import check_size, check_update, norm_outliers, update_norm
+from server.roster import Roster
+from server.validate import check_aggregate, contribution_norms, norm_outliers, update_norm
 from shared.adapter import ADAPTER_WEIGHTS, uploaded_keys
 from shared.config import AggregationConfig, LoraConfig
 from shared.manifest import Manifest
 from shared.release import Release, load_tensors
 from shared.release_records import release_config, release_to_records
-from shared.wire import unpack, wire_bytes
-
-INFO, WARNING = 20, 30
+from shared.wire import wire_bytes
 
 
 class AdapterStrategy(FedAvg):
     """Adapter aggregation by ``aggregation.method``, weighted by each client's example count.
 
-    Flower's FedAvg supplies node sampling and message plumbing; aggregation is ours.
+    Flower's FedAvg supplies node sampling and message plumbing; parsing and aggregation are ours.
     ``round_offset`` is the number of rounds a resumed run had already signed (``server/resume.py``):
     Flower counts the rounds of this start from 1, the releases and the round log go on from there.
     """
@@ -59,11 +72,9 @@ class AdapterStrategy(FedAvg):
         self.agg, self.lora = agg, lora
         self.registry = registry
         self.round_offset = 0
+        self.roster = Roster()
         self._global: dict[str, Any] = {}
         self._bytes_down = 0
-        self._refusals = 0
-        self._sent: list[Message] = []  # the current phase's messages (their ids are set once sent)
-        self._names: dict[int, str] = {}  # node id -> the name it reported
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -73,40 +84,14 @@ class AdapterStrategy(FedAvg):
         self._global = load_tensors(release.files[ADAPTER_WEIGHTS])
         self._bytes_down = wire_bytes(arrays) + len(release.manifest_bytes) + len(release.signature)
         server_round += self.round_offset
-        return self._sending(super().configure_train(server_round, arrays, self._signed(config, release), grid))
+        return self.roster.sending(super().configure_train(server_round, arrays, self._signed(config, release), grid))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the round's release, with its signature, for federated evaluation."""
         signed = self._signed(config, self._release_of(arrays))
-        return self._sending(super().configure_evaluate(server_round + self.round_offset, arrays, signed, grid))
-
-    def _sending(self, messages: Iterable[Message]) -> list[Message]:
-        """Remember which nodes this phase waits for (to name the ones that do not reply in time)."""
-        self._sent = list(messages)
-        return self._sent
-
-    def _node_of(self, reply: Message) -> int:
-        """Return the node a reply is about (the SuperLink's own error replies, e.g. node unavailable, name itself)."""
-        for sent in self._sent:
-            if sent.metadata.message_id == reply.metadata.reply_to_message_id:
-                return sent.metadata.dst_node_id
-        return reply.metadata.src_node_id
-
-    def _log_silent(self, server_round: int, replies: list[Message], phase: str) -> None:
-        """Log and record every node sent a message this phase that did not reply within the round timeout."""
-        for node in sorted({m.metadata.dst_node_id for m in self._sent} - {self._node_of(m) for m in replies}):
-            name = self._names.get(node, f"node-{node}")
-            log(
-                WARNING,
-                "round %d: %s sent no %s reply before the round timeout; the round goes on without it "
-                "(a slow or disconnected device; raise run-config round-timeout if it is merely slow)",
-                server_round,
-                f"{name} (node {node})" if node in self._names else f"node {node}",
-                phase,
-            )
-            self.round_log.client(server_round, name, node_id=node, timed_out=phase)
+        return self.roster.sending(super().configure_evaluate(server_round + self.round_offset, arrays, signed, grid))
 
     def initial_arrays(self, state: Mapping[str, Any]) -> ArrayRecord:
         """Sign the initial adapter as release 0 and return what the first messages carry."""
@@ -117,7 +102,7 @@ class AdapterStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate every delta, fold the accepted ones into the aggregator, return the new global.
+        """Parse every reply, fold the accepted deltas into the aggregator, sign and return the new global.
 
         Two passes, one decoded update in memory at a time: the first checks each update alone
         and takes its norm, the norm-outlier rule then needs the whole round; the second folds.
@@ -125,133 +110,183 @@ class AdapterStrategy(FedAvg):
         server_round += self.round_offset
         replies = list(replies)
         self._log_silent(server_round, replies, "train")
-        valid = self._refused_release(server_round, self._valid_replies(server_round, replies, "sent no update", True))
-        parsed: dict[int, tuple[Message, float, dict[str, Any]]] = {}
-        norms: dict[int, float] = {}
-        for i, msg in enumerate(valid):
-            try:
-                delta, weight, entry = self._parse_update(msg)
-            except (KeyError, TypeError, ValueError) as exc:
-                self._reject(server_round, msg, str(exc))
-                continue
-            parsed[i], norms[i] = (msg, weight, entry), update_norm(delta)
-        for i, reason in norm_outliers(norms, self.agg.max_norm_ratio).items():
-            self._reject(server_round, parsed.pop(i)[0], reason)
-
-        metrics = MetricRecord(
-            {
-                "rejected-updates": len(valid) - len(parsed),
-                "refused-releases": self._refusals,
-                "failed-replies": len(replies) - len(valid) - self._refusals,
-                "bytes-down": self._bytes_down * len(replies),
-            }
+        spec = UpdateSpec(
+            {k: self._global[k] for k in uploaded_keys(self.agg.method, self._global)},
+            self.agg.delta_encoding,
+            self.agg.max_examples,
         )
-        if len(parsed) < self.agg.min_accepted:
+        parsed, tally = self._parse_replies(server_round, replies, lambda m, n: parse_train(m, n, spec))
+        updates: dict[int, TrainReply] = {}
+        norms: dict[int, float] = {}
+        for reply in parsed:
+            assert isinstance(reply, TrainReply)
+            try:
+                norms[reply.node_id] = update_norm(decode_update(reply, spec))
+            except Exception as exc:  # noqa: BLE001 (one device's payload: a rejection, never a crash)
+                self._reject(server_round, reply.node_id, reply.name, _reason(exc))
+                continue
+            updates[reply.node_id] = reply
+        weights = {n: float(u.num_examples) for n, u in updates.items()}
+        contributions = contribution_norms(norms, weights) if updates else {}
+        for node, reason in norm_outliers(contributions, self.agg.max_norm_ratio).items():
+            self._reject(server_round, node, updates.pop(node).name, reason)
+        tally["rejected-updates"] += len(parsed) - len(updates)
+        metrics = self._train_metrics(tally, replies, updates)
+        if len(updates) < self.agg.min_accepted:
             log(
-                WARNING,
+                logging.WARNING,
                 "round %d: %d of %d client updates passed validation, fewer than aggregation.min-accepted = %d; "
                 "the global adapter stays as it was",
                 server_round,
-                len(parsed),
+                len(updates),
                 len(replies),
                 self.agg.min_accepted,
             )
             return None, metrics
+        published = self._aggregate(server_round, updates, spec, norms)
+        return published, metrics
 
+    def _aggregate(
+        self, server_round: int, updates: Mapping[int, TrainReply], spec: UpdateSpec, norms: Mapping[int, float]
+    ) -> ArrayRecord | None:
+        """Fold the accepted updates, check the aggregate, sign and store it; None if it is refused."""
+        for reply in updates.values():
+            entry = {"num_examples": reply.num_examples, "train_loss": reply.train_loss}
+            entry |= {"train_seconds": reply.train_seconds, "update_norm": norms[reply.node_id]}
+            if reply.base_download_bytes:
+                entry["base_download_bytes"] = reply.base_download_bytes  # the 4-bit base, fetched once per device
+            self.round_log.client(
+                server_round, reply.node_id, reply.name, **entry, bytes_up=reply.nbytes, bytes_down=self._bytes_down
+            )
         aggregator = make_aggregator(
             self.agg.method, self._global, self.lora.rank, self.lora.alpha, self.agg.ties_density, self.agg.ties_lambda
         )
-        bytes_up = 0
-        for i, (msg, weight, entry) in parsed.items():
-            delta, _, _ = self._parse_update(msg)  # decoded again: one update in memory at a time
-            aggregator.add(apply_update(self._global, delta), weight)
-            nbytes = wire_bytes(msg.content["arrays"])
-            bytes_up += nbytes
-            self.round_log.client(
+        try:
+            for reply in updates.values():  # decoded again: one update in memory at a time
+                aggregator.add(apply_update(self._global, decode_update(reply, spec)), float(reply.num_examples))
+            state = aggregator.result()
+            check_aggregate(state)
+        except Exception as exc:  # noqa: BLE001 (whatever went wrong, nothing unchecked is signed)
+            log(
+                logging.ERROR,
+                "round %d: the aggregate of %d updates was refused (%s); nothing is signed this round and the "
+                "global adapter stays as it was",
                 server_round,
-                self.name_of(msg),
-                node_id=msg.metadata.src_node_id,
-                **entry,
-                update_norm=norms[i],
-                bytes_up=nbytes,
-                bytes_down=self._bytes_down,
+                len(updates),
+                _reason(exc),
             )
-        accepted = [msg for msg, _, _ in parsed.values()]
-        for key, value in self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key).items():
-            metrics[key] = value
-        metrics["bytes-up"] = bytes_up
+            return None
         log(
-            INFO,
-            "round %d: aggregated %d of %d client updates (%s, %s deltas), mean train loss %.4f",
+            logging.INFO,
+            "round %d: aggregated %d client updates (%s, %s deltas), mean train loss %.4f",
             server_round,
-            len(accepted),
-            len(replies),
+            len(updates),
             self.agg.method,
             self.agg.delta_encoding,
-            sum(e["train_loss"] for _, _, e in parsed.values()) / len(parsed),
+            sum(u.train_loss for u in updates.values()) / len(updates),
         )
-        release, manifest = self.registry.publish(server_round, aggregator.result())
+        release, manifest = self.registry.publish(server_round, state)
         self.record_release(server_round, manifest)
-        return release_to_records(release)[0], metrics
+        return release_to_records(release)[0]
 
-    def _parse_update(self, msg: Message) -> tuple[dict[str, Any], float, dict[str, Any]]:
-        """Return a reply's delta, weight and round-log entry, or raise with the reason it cannot count."""
-        weight = _metric(msg, "num-examples")
-        entry = {
-            "num_examples": int(weight),
-            "train_loss": _metric(msg, "train-loss"),
-            "train_seconds": _metric(msg, "train-seconds"),
-        }
-        downloaded = msg.content["metrics"].get("base-download-bytes")
-        if isinstance(downloaded, int | float) and not isinstance(downloaded, bool):
-            entry["base_download_bytes"] = int(downloaded)  # the 4-bit base, fetched once per device
-        expected = {k: self._global[k] for k in uploaded_keys(self.agg.method, self._global)}
-        shapes = {k: tuple(v.shape) for k, v in expected.items()}
-        record = msg.content["arrays"]
-        check_size(wire_bytes(record), shapes, self.agg.delta_encoding)
-        delta = unpack(record, shapes, self.agg.delta_encoding)
-        check_update(delta, expected, weight)
-        return delta, weight, entry
-
-    def _reject(self, server_round: int, msg: Message, reason: str) -> None:
-        """Log and record an update that does not count, with its client, node, round and reason."""
-        name, node = self.name_of(msg), msg.metadata.src_node_id
-        log(WARNING, "round %d: rejected the update of %s (node %d): %s", server_round, name, node, reason)
-        self.round_log.client(server_round, name, node_id=node, rejected=reason)
+    def _train_metrics(
+        self, tally: dict[str, int], replies: list[Message], updates: Mapping[int, TrainReply]
+    ) -> MetricRecord:
+        """Return the round's train metrics, computed from parsed values only."""
+        metrics: dict[str, int | float | list[int] | list[float]] = {**tally}
+        metrics["bytes-down"] = self._bytes_down * len(replies)
+        metrics["bytes-up"] = sum(u.nbytes for u in updates.values())
+        total = sum(u.num_examples for u in updates.values())
+        if updates:
+            metrics["num-examples"] = total
+            metrics["train-loss"] = sum(u.train_loss * u.num_examples for u in updates.values()) / total
+        return MetricRecord(metrics)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record each client's held-out loss and close the round in the log."""
         server_round += self.round_offset
         replies = list(replies)
         self._log_silent(server_round, replies, "evaluate")
-        valid = self._valid_replies(server_round, replies, "could not evaluate", is_train=False)
-        valid = self._refused_release(server_round, valid)
-        for msg in valid:
-            self.round_log.client(server_round, self.name_of(msg), heldout_loss=_metric(msg, "heldout-loss"))
+        parsed, _ = self._parse_replies(
+            server_round, replies, lambda m, n: parse_evaluate(m, n, self.agg.max_examples), phase="evaluation"
+        )
+        scored = [r for r in parsed if isinstance(r, EvalReply)]
+        for reply in scored:
+            self.round_log.client(server_round, reply.node_id, reply.name, heldout_loss=reply.heldout_loss)
         rec = self.round_log.close_round(server_round)
         if "mean_heldout_loss" in rec:
-            per_client = ", ".join(
-                f"{n} {c['heldout_loss']:.4f}" for n, c in sorted(rec["clients"].items()) if "heldout_loss" in c
-            )
-            log(INFO, "round %d: mean held-out loss %.4f (%s)", server_round, rec["mean_heldout_loss"], per_client)
-        if not valid:
+            per_client = ", ".join(f"{r.name} {r.heldout_loss:.4f}" for r in sorted(scored, key=lambda r: r.name))
+            mean = rec["mean_heldout_loss"]
+            log(logging.INFO, "round %d: mean held-out loss %.4f (%s)", server_round, mean, per_client)
+        if not scored:
             return None
-        return self.evaluate_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        total = sum(r.num_examples for r in scored)
+        loss = sum(r.heldout_loss * r.num_examples for r in scored) / total
+        return MetricRecord({"num-examples": total, "heldout-loss": loss})
 
-    def _refused_release(self, server_round: int, replies: list[Message]) -> list[Message]:
-        """Log and record the replies of devices that refused the release; return the others."""
-        kept = []
-        self._refusals = 0
+    def _parse_replies(
+        self, server_round: int, replies: list[Message], parse: Any, phase: str = "update"
+    ) -> tuple[list[TrainReply | EvalReply], dict[str, int]]:
+        """Parse each reply at the trust boundary; log and record every failure, refusal and rejection.
+
+        Returns the parsed replies that count and the tally (``failed-replies``,
+        ``refused-releases``, ``rejected-updates``). Any exception from one reply is its rejection.
+        """
+        tally = {"failed-replies": 0, "refused-releases": 0, "rejected-updates": 0}
+        kept: list[TrainReply | EvalReply] = []
+        seen: set[int] = set()
         for msg in replies:
-            reason = msg.content["client"].get("refused-release") if "client" in msg.content else None
-            if reason is None:
-                kept.append(msg)
+            node = self.roster.node_of(msg)
+            if msg.has_error():
+                tally["failed-replies"] += 1
+                log(
+                    logging.WARNING,
+                    "round %d: %s sent no %s (%s); the round goes on with the others",
+                    server_round,
+                    self.roster.label(node),
+                    phase,
+                    msg.error.reason,
+                )
                 continue
-            self._refusals += 1
-            name, node = self.name_of(msg), msg.metadata.src_node_id
-            log(WARNING, "round %d: %s (node %d) refused the signed release: %s", server_round, name, node, reason)
-            self.round_log.client(server_round, name, node_id=node, refused_release=str(reason))
-        return kept
+            try:
+                if node in seen:
+                    raise ValueError(f"a second reply from node {node} in this round")
+                seen.add(node)
+                reply = parse(msg, node)
+            except Exception as exc:  # noqa: BLE001 (a device's reply: a rejection, never a crash)
+                tally["rejected-updates"] += 1
+                name = reported_name(msg, node) or self.roster.names.get(node)
+                self._reject(server_round, node, name, _reason(exc), phase)
+                continue
+            self.roster.names[node] = reply.name
+            if isinstance(reply, Refusal):
+                tally["refused-releases"] += 1
+                label = self.roster.label(node)
+                log(logging.WARNING, "round %d: %s refused the signed release: %s", server_round, label, reply.reason)
+                self.round_log.client(server_round, node, reply.name, refused_release=reply.reason)
+                continue
+            kept.append(reply)
+        return kept, tally
+
+    def _reject(self, server_round: int, node: int, name: str | None, reason: str, phase: str = "update") -> None:
+        """Log and record a reply that does not count, with its client, node, round and reason."""
+        label = f"{name} (node {node})" if name else f"node {node}"
+        log(logging.WARNING, "round %d: rejected the %s of %s: %s", server_round, phase, label, reason)
+        key = "rejected" if phase == "update" else "evaluation_rejected"
+        self.round_log.client(server_round, node, name, **{key: reason})
+
+    def _log_silent(self, server_round: int, replies: list[Message], phase: str) -> None:
+        """Log and record every node sent a message this phase that did not reply within the round timeout."""
+        for node in self.roster.silent(replies):
+            log(
+                logging.WARNING,
+                "round %d: %s sent no %s reply before the round timeout; the round goes on without it "
+                "(a slow or disconnected device; raise run-config round-timeout if it is merely slow)",
+                server_round,
+                self.roster.label(node),
+                phase,
+            )
+            self.round_log.client(server_round, node, self.roster.names.get(node), timed_out=phase)
 
     def _release_of(self, arrays: ArrayRecord) -> Release:
         """Return the signed release whose files ``arrays`` carries (always the registry's latest)."""
@@ -284,38 +319,10 @@ class AdapterStrategy(FedAvg):
         replies = grid.send_and_receive(self.configure_evaluate(0, arrays, ConfigRecord(), grid), timeout=timeout)
         self.aggregate_evaluate(0, replies)
 
-    def name_of(self, msg: Message) -> str:
-        """Return the reply's client name, remembered for the node (to name it if it later goes silent)."""
-        name = _name(msg)
-        self._names[msg.metadata.src_node_id] = name
-        return name
 
-    def _valid_replies(self, server_round: int, replies: list[Message], failure: str, is_train: bool) -> list[Message]:
-        """Return the replies that carry content; log each failed one with its node and reason."""
-        valid, failed = self._check_and_log_replies(replies, is_train=is_train, validate=False)
-        for msg in failed:
-            log(
-                WARNING,
-                "round %d: node %d %s (%s); the round goes on with the others",
-                server_round,
-                self._node_of(msg),
-                failure,
-                msg.error.reason,
-            )
-        return valid
-
-
-def _metric(msg: Message, key: str) -> float:
-    """Return a numeric metric from a client reply, refusing a missing or non-numeric one."""
-    value = msg.content["metrics"].get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"node {msg.metadata.src_node_id} sent metric '{key}' = {value!r}, expected a number")
-    return float(value)
-
-
-def _name(msg: Message) -> str:
-    """Return the client's reported name (its topic or node-config name), else its node id."""
-    try:
-        return str(msg.content["client"]["name"])
-    except KeyError:
-        return f"node-{msg.metadata.src_node_id}"
+def _reason(exc: BaseException) -> str:
+    """Return an exception as a rejection reason: its message, with its type where the type says more."""
+    text = str(exc)
+    if isinstance(exc, ValueError) and text:
+        return text[:500]
+    return f"malformed reply ({type(exc).__name__}: {text[:300]})"

@@ -109,12 +109,16 @@ class AggregationConfig:
     delta_encoding: str = "fp16"
     """How clients upload their delta: ``fp16``, or block-quantized ``q8`` / ``q4`` (``shared/wire.py``)."""
     max_norm_ratio: float = 5.0
-    """Refuse an update whose L2 norm exceeds this many times the median of the round's update
-    norms (checked when at least 3 updates arrive): one runaway or malicious client cannot drag
-    the global adapter."""
+    """Refuse an update whose weighted contribution (its example count over the round's median
+    count, times its L2 norm) exceeds this many times the median of the other updates' (checked
+    from 2 updates on): one runaway or malicious client, by its delta or by its claimed example
+    count, cannot drag the global adapter."""
     min_accepted: int = 2
     """A round updates the global adapter only if at least this many updates pass validation;
     otherwise the adapter stays as it was. 2, so no round's global is one device's own update."""
+    max_examples: int = 1_000_000
+    """A reply's example count (its weight) must be an integer in [1, this]; a larger claim is
+    refused. Weights are also bounded relative to the round: see ``max-norm-ratio``."""
 
     def __post_init__(self) -> None:
         methods = AGGREGATION_METHODS
@@ -125,6 +129,7 @@ class AggregationConfig:
         _check(encoding in encodings, "aggregation.delta-encoding", encoding, f"must be one of {encodings}")
         _check(self.max_norm_ratio > 1, "aggregation.max-norm-ratio", self.max_norm_ratio, "must be > 1")
         _check(self.min_accepted >= 1, "aggregation.min-accepted", self.min_accepted, "must be >= 1")
+        _check(self.max_examples >= 1, "aggregation.max-examples", self.max_examples, "must be >= 1")
 
 
 BASE_FORMATS = ("int4", "float")

@@ -23,6 +23,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from shared.config import DELTA_ENCODINGS as ENCODINGS
@@ -111,18 +112,15 @@ def wire_bytes(record: Any) -> int:
 
 
 def _decode_one(record: Any, key: str, shape: tuple[int, ...], encoding: str) -> torch.Tensor:
-    arr = record[key]
     n = math.prod(shape)
     blocks = -(-n // BLOCK)
     if encoding == "fp16":
-        _expect(key, arr, "float16", shape)
-        return torch.from_numpy(arr.numpy().copy()).to(torch.float32)
-    _expect(key, arr, "int8" if encoding == "q8" else "uint8", (blocks, BLOCK if encoding == "q8" else BLOCK // 2))
-    _expect(key + SCALE_SUFFIX, record[key + SCALE_SUFFIX], "float16", (blocks,))
-    scales = torch.from_numpy(record[key + SCALE_SUFFIX].numpy().copy()).to(torch.float32)
+        return torch.from_numpy(_array(record, key, "float16", shape)).to(torch.float32)
+    code_shape = (blocks, BLOCK if encoding == "q8" else BLOCK // 2)
+    codes = torch.from_numpy(_array(record, key, "int8" if encoding == "q8" else "uint8", code_shape))
+    scales = torch.from_numpy(_array(record, key + SCALE_SUFFIX, "float16", (blocks,))).to(torch.float32)
     if not (torch.isfinite(scales).all() and (scales >= 0).all()):
         raise WireError(f"{key}{SCALE_SUFFIX} holds negative or non-finite scales")
-    codes = torch.from_numpy(arr.numpy().copy())
     if encoding == "q4":
         codes = _unpack_nibbles(codes)
     if codes.to(torch.int16).abs().max() > _QMAX[encoding]:
@@ -131,9 +129,26 @@ def _decode_one(record: Any, key: str, shape: tuple[int, ...], encoding: str) ->
     return values.flatten()[:n].reshape(shape)
 
 
-def _expect(key: str, arr: Any, dtype: str, shape: tuple[int, ...]) -> None:
+def _array(record: Any, key: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Decode ``record[key]`` as a ``dtype`` array of exactly ``shape``, or raise :class:`WireError`.
+
+    Flower's ``Array`` carries declared metadata (dtype, shape) beside ``.npy`` bytes that a sender
+    writes freely: both are checked, the bytes' size before they are parsed, and the parsed array
+    again, so a payload whose bytes disagree with its metadata is refused, never half-decoded.
+    """
+    arr = record[key]
     if arr.dtype != dtype or tuple(arr.shape) != shape:
         raise WireError(f"{key} arrived as {arr.dtype} {tuple(arr.shape)}, expected {dtype} {shape}")
+    limit = math.prod(shape) * np.dtype(dtype).itemsize + NPY_HEADER_MAX
+    if len(arr.data) > limit:
+        raise WireError(f"{key} carries {len(arr.data):,} bytes, more than the {limit:,} of {dtype} {shape}")
+    try:
+        values = arr.numpy()
+    except Exception as exc:  # noqa: BLE001 (numpy's .npy reader raises many kinds on hostile bytes)
+        raise WireError(f"{key} is not a valid .npy array ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if values.dtype != np.dtype(dtype) or values.shape != shape:
+        raise WireError(f"{key}'s bytes hold {values.dtype} {values.shape}, not the declared {dtype} {shape}")
+    return np.ascontiguousarray(values).copy()
 
 
 def _quantize(flat: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from client.train import evaluate, train_adapter
+from server.report import clients_by_name
 from shared.adapter import attach_lora
 from shared.config import FleetConfig
 from shared.data import encode, load_jsonl
@@ -154,7 +155,7 @@ def _quality_table(
     table.rows.append(
         [
             "base model (no adapter)",
-            *(f"{before['clients'][t]['heldout_loss']:.4f}" for t in topics),
+            *(f"{clients_by_name(before)[t]['heldout_loss']:.4f}" for t in topics),
             f"{before['mean_heldout_loss']:.4f}",
             f"{before['mean_heldout_loss'] / c_mean:.3f}",
             "-",
@@ -167,7 +168,7 @@ def _quality_table(
         table.rows.append(
             [
                 f"federated {method}",
-                *(f"{last['clients'][t]['heldout_loss']:.4f}" for t in topics),
+                *(f"{clients_by_name(last)[t]['heldout_loss']:.4f}" for t in topics),
                 f"{last['mean_heldout_loss']:.4f}",
                 f"{last['mean_heldout_loss'] / c_mean:.3f}",
                 f"{sum(ups) / len(ups) / 1e6:.3f}",

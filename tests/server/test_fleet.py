@@ -22,6 +22,7 @@ import pytest
 
 from server.fleet import LocalFleet, topic_devices
 from server.processes import tree
+from server.report import clients_by_name
 from server.resume import resume_point
 from server.state import StateStore
 from server.state.queries import run_view
@@ -134,10 +135,10 @@ def test_a_device_killed_mid_round_is_left_out_then_rejoins_on_the_latest_releas
 
     rounds = {r["round"]: r for r in data["rounds"]}
     assert sorted(rounds) == [0, 1, 2, 3]
-    trained_1 = {n for n, c in rounds[1]["clients"].items() if "train_loss" in c}
+    trained_1 = {n for n, c in clients_by_name(rounds[1]).items() if "train_loss" in c}
     assert trained_1 == set(TOPICS) - {VICTIM}  # the round went on with the other two
     assert (Path(data["run"]["releases"]) / "round-0001").is_dir()
-    rejoined = [n for n in (2, 3) if "train_loss" in rounds[n]["clients"].get(VICTIM, {})]
+    rejoined = [n for n in (2, 3) if "train_loss" in clients_by_name(rounds[n]).get(VICTIM, {})]
     assert rejoined, f"{VICTIM} never trained again: {rounds[2]['clients']} {rounds[3]['clients']}"
     # it verified and installed the latest release it was sent (skipping the one it missed), chain-checked
     accepted = AcceptedReleases(fleet.folder / "nodes" / VICTIM / "state" / "accepted.json")
@@ -162,8 +163,8 @@ def test_a_slow_device_is_timed_out_logged_and_the_round_goes_on(fleet, tiny_mod
 
     rounds = {r["round"]: r for r in data["rounds"]}
     victim = fleet.node_ids[VICTIM]  # it never replied, so the server knows it by node id only
-    assert rounds[1]["clients"][f"node-{victim}"]["timed_out"] == "train"
-    assert {n for n, c in rounds[1]["clients"].items() if "train_loss" in c} == set(TOPICS) - {VICTIM}
+    assert rounds[1]["clients"][str(victim)]["timed_out"] == "train"
+    assert {n for n, c in clients_by_name(rounds[1]).items() if "train_loss" in c} == set(TOPICS) - {VICTIM}
     assert f"round 1: node {victim} sent no train reply before the round timeout" in _run_log(fleet)
     assert (Path(data["run"]["releases"]) / "round-0001").is_dir()  # the round's aggregate was signed
 

@@ -47,20 +47,21 @@ def _round(tmp_path, n):
 
 def test_a_node_that_never_replies_is_recorded_as_timed_out(tmp_path):
     strategy: AdapterStrategy = _strategy(tmp_path)
-    strategy._sent = [_sent(n) for n in (2, 3, 4)]
+    strategy.roster.sending([_sent(n) for n in (2, 3, 4)])
     arrays, _ = strategy.aggregate_train(1, [_reply(2, _honest(seed=2)), _reply(3, _honest(seed=3))])
     assert arrays is not None
     clients = _round(tmp_path, 1)["clients"]
-    assert clients["node-4"] == {"node_id": 4, "timed_out": "train"}
-    assert "timed_out" not in clients["client-2"] and "timed_out" not in clients["client-3"]
+    assert clients["4"] == {"node_id": 4, "name": "node-4", "timed_out": "train"}  # keyed by node id
+    assert "timed_out" not in clients["2"] and "timed_out" not in clients["3"]
+    assert (clients["2"]["name"], clients["3"]["name"]) == ("client-2", "client-3")
 
 
 def test_an_unavailable_error_reply_counts_for_its_node_not_as_silence(tmp_path):
     strategy: AdapterStrategy = _strategy(tmp_path)
-    strategy._sent = [_sent(n) for n in (2, 3, 4)]
+    strategy.roster.sending([_sent(n) for n in (2, 3, 4)])
     _, metrics = strategy.aggregate_train(1, [_reply(2, _honest(seed=2)), _reply(3, _honest(seed=3)), _unavailable(4)])
     assert metrics["failed-replies"] == 1
-    assert "node-4" not in _round(tmp_path, 1)["clients"]
+    assert "4" not in _round(tmp_path, 1)["clients"]
 
 
 def test_a_resumed_strategy_numbers_rounds_after_the_last_signed_one(tmp_path):

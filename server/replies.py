@@ -1,0 +1,217 @@
+"""The coordinator's trust boundary: every device reply is parsed here, once, before anything uses it.
+
+A reply is a Flower ``Message`` whose content a device wrote: nothing in it is trusted. Each
+parser below turns one reply into a typed, bounded value (:class:`TrainReply`,
+:class:`EvalReply`, :class:`Refusal`) or raises :class:`ReplyError` naming the first thing that
+is wrong. What a reply must hold:
+
+* exactly the records of its kind: ``metrics`` (MetricRecord) and ``client`` (ConfigRecord),
+  plus ``arrays`` (ArrayRecord) for a train reply; no other record;
+* ``client``: ``name`` (printable text, at most ``MAX_NAME`` characters: display only, rows are
+  keyed by the node id the SuperLink authenticated) and, in a refusal, ``refused-release``;
+* ``metrics``: only keys of the phase's allow-list (:data:`TRAIN_METRICS`, :data:`EVAL_METRICS`),
+  each a finite scalar of its type within its bounds; the example count an integer in
+  ``[1, aggregation.max-examples]``;
+* ``arrays``: decoded later, by :func:`decode_update`, which bounds the payload before decoding
+  and checks keys, dtypes, shapes and finiteness (``shared/wire.py``, ``server/validate.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+
+from server.validate import check_size, check_update
+from shared.wire import unpack, wire_bytes
+
+MAX_NAME = 128
+MAX_REASON = 1000  # characters of a device's refusal reason kept in the round log
+MAX_LOSS = 1e3  # a cross-entropy in nats; ln(49152) = 10.8 is a uniform guess over SmolLM2's vocabulary
+MAX_SECONDS = 1e7
+MAX_BYTES = 1 << 40
+# key -> (type, low, high, required)
+TRAIN_METRICS: dict[str, tuple[type, float, float, bool]] = {
+    "num-examples": (int, 1, math.inf, True),  # high: aggregation.max-examples
+    "train-loss": (float, 0.0, MAX_LOSS, True),
+    "train-seconds": (float, 0.0, MAX_SECONDS, True),
+    "base-download-bytes": (int, 0, MAX_BYTES, False),
+}
+EVAL_METRICS: dict[str, tuple[type, float, float, bool]] = {
+    "num-examples": (int, 1, math.inf, True),
+    "heldout-loss": (float, 0.0, MAX_LOSS, True),
+    "heldout-tokens": (int, 0, MAX_BYTES, False),
+}
+REFUSAL_METRICS: dict[str, tuple[type, float, float, bool]] = {"refused-release": (int, 1, 1, False)}
+
+
+class ReplyError(ValueError):
+    """A device's reply cannot count; the message says what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class UpdateSpec:
+    """What a round's train replies must hold: the global adapter's uploaded tensors and the wire encoding."""
+
+    expected: Mapping[str, torch.Tensor]
+    encoding: str
+    max_examples: int
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A parsed train reply; its delta is decoded on demand (:func:`decode_update`), one at a time."""
+
+    node_id: int
+    name: str
+    num_examples: int
+    train_loss: float
+    train_seconds: float
+    base_download_bytes: int
+    arrays: ArrayRecord
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class EvalReply:
+    """A parsed evaluate reply."""
+
+    node_id: int
+    name: str
+    num_examples: int
+    heldout_loss: float
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A device refused the signed release it was sent (its reason, as it reported it)."""
+
+    node_id: int
+    name: str
+    reason: str
+
+
+def parse_train(msg: Message, node_id: int, spec: UpdateSpec) -> TrainReply | Refusal:
+    """Parse a train reply (or a refusal of the release); raise :class:`ReplyError` if it cannot count."""
+    client = _client(msg)
+    name = _name(client, node_id)
+    if "refused-release" in client:
+        return _refusal(msg, client, node_id, name)
+    _records(msg, {"arrays": ArrayRecord, "metrics": MetricRecord, "client": ConfigRecord})
+    metrics = _metrics(msg.content.metric_records["metrics"], TRAIN_METRICS, spec.max_examples)
+    arrays = msg.content.array_records["arrays"]
+    return TrainReply(
+        node_id=node_id,
+        name=name,
+        num_examples=int(metrics["num-examples"]),
+        train_loss=float(metrics["train-loss"]),
+        train_seconds=float(metrics["train-seconds"]),
+        base_download_bytes=int(metrics.get("base-download-bytes", 0)),
+        arrays=arrays,
+        nbytes=wire_bytes(arrays),
+    )
+
+
+def parse_evaluate(msg: Message, node_id: int, max_examples: int) -> EvalReply | Refusal:
+    """Parse an evaluate reply (or a refusal of the release); raise :class:`ReplyError` if it cannot count."""
+    client = _client(msg)
+    name = _name(client, node_id)
+    if "refused-release" in client:
+        return _refusal(msg, client, node_id, name)
+    _records(msg, {"metrics": MetricRecord, "client": ConfigRecord})
+    metrics = _metrics(msg.content.metric_records["metrics"], EVAL_METRICS, max_examples)
+    return EvalReply(node_id, name, int(metrics["num-examples"]), float(metrics["heldout-loss"]))
+
+
+def decode_update(reply: TrainReply, spec: UpdateSpec) -> dict[str, torch.Tensor]:
+    """Return the reply's delta in fp32, or raise naming why it is not a valid delta of ``spec``.
+
+    The payload size is bounded before anything is decoded; then keys, dtypes, shapes, codes,
+    scales and finiteness are checked.
+    """
+    shapes = {k: tuple(v.shape) for k, v in spec.expected.items()}
+    check_size(reply.nbytes, shapes, spec.encoding)
+    delta = unpack(reply.arrays, shapes, spec.encoding)
+    check_update(delta, spec.expected, float(reply.num_examples))
+    return delta
+
+
+def reported_name(msg: Message, node_id: int) -> str | None:
+    """Return the name a reply reports, if it is well-formed (to name a rejected reply in the log), else None."""
+    try:
+        return _name(_client(msg), node_id) if "client" in msg.content else None
+    except ReplyError:
+        return None
+
+
+def _client(msg: Message) -> ConfigRecord:
+    if "client" not in msg.content:
+        raise ReplyError("the reply has no 'client' record")
+    client = msg.content["client"]
+    if not isinstance(client, ConfigRecord):
+        raise ReplyError(f"the reply's 'client' record is a {type(client).__name__}, expected a ConfigRecord")
+    extra = sorted(set(client) - {"name", "refused-release"})
+    if extra:
+        raise ReplyError(f"the reply's 'client' record holds unexpected keys {extra[:3]}")
+    return client
+
+
+def _name(client: ConfigRecord, node_id: int) -> str:
+    name = client.get("name", f"node-{node_id}")
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or not name.isprintable():
+        raise ReplyError(f"the client name {name!r:.60} is not 1 to {MAX_NAME} printable characters")
+    return name
+
+
+def _refusal(msg: Message, client: ConfigRecord, node_id: int, name: str) -> Refusal:
+    _records(msg, {"metrics": MetricRecord, "client": ConfigRecord})
+    _metrics(msg.content.metric_records["metrics"], REFUSAL_METRICS, 1)
+    reason = client["refused-release"]
+    if not isinstance(reason, str):
+        raise ReplyError(f"the refusal reason is a {type(reason).__name__}, expected text")
+    return Refusal(node_id, name, reason[:MAX_REASON])
+
+
+def _records(msg: Message, expected: Mapping[str, type]) -> None:
+    """Refuse a reply whose records are not exactly ``expected`` (name -> record type)."""
+    names = set(msg.content.keys())
+    missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+    if missing or extra:
+        raise ReplyError(f"the reply's records: missing {missing}, unexpected {extra[:3]}")
+    for name, kind in expected.items():
+        if not isinstance(msg.content[name], kind):
+            got = type(msg.content[name]).__name__
+            raise ReplyError(f"the reply's '{name}' record is a {got}, expected a {kind.__name__}")
+
+
+def _metrics(
+    record: MetricRecord, allowed: Mapping[str, tuple[type, float, float, bool]], max_examples: int
+) -> dict[str, int | float]:
+    """Return the record's metrics, each checked against the allow-list: type, finiteness, bounds."""
+    extra = sorted(set(record) - set(allowed))
+    if extra:
+        raise ReplyError(f"the reply's metrics hold unexpected keys {extra[:3]}")
+    out: dict[str, int | float] = {}
+    for key, (kind, low, high, required) in allowed.items():
+        if key not in record:
+            if required:
+                raise ReplyError(f"the reply's metrics lack '{key}'")
+            continue
+        high = min(high, max_examples) if key == "num-examples" else high
+        out[key] = _scalar(key, record[key], kind, low, high)
+    return out
+
+
+def _scalar(key: str, value: Any, kind: type, low: float, high: float) -> int | float:
+    """Return ``value`` as a ``kind`` in ``[low, high]``; refuse lists, bools, non-finite and out-of-range values."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
+        raise ReplyError(f"metric '{key}' = {value!r:.60} is not {'an integer' if kind is int else 'a number'}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ReplyError(f"metric '{key}' = {value!r} is not finite")
+    if not low <= value <= high:  # compared exactly: an int of any size, a float of any magnitude
+        raise ReplyError(f"metric '{key}' = {value!r:.60} is outside [{low:g}, {high:g}]")
+    return int(value) if kind is int else float(value)
