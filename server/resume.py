@@ -44,9 +44,15 @@ class ResumePoint:
     release: Release
     manifest: Manifest
     chain: tuple[str, ...]
-    """Manifest digests of every release from round 0 up to ``round``, in order."""
+    """Manifest digests of every published release from round 0 up to ``round``, in order. A round
+    whose aggregate was refused published nothing: the chain skips it (each release names the
+    previous *published* one), so the chain is indexed by position, not by round number."""
     manifests: tuple[Manifest, ...]
     """The verified manifests of those releases, in the same order."""
+
+    def manifest_of(self, server_round: int) -> Manifest | None:
+        """Return the manifest of ``server_round``'s release, or None if that round published none."""
+        return next((m for m in self.manifests if m.round == server_round), None)
 
 
 def resume_point(
@@ -93,14 +99,15 @@ def resume_point(
     return point
 
 
-def unrecorded_rounds(point: ResumePoint | None, signed: SignedRound | None, store: str | Path) -> range:
-    """Check the state store's last signed round against the verified chain; return the rounds it lacks.
+def unrecorded_rounds(point: ResumePoint | None, signed: SignedRound | None, store: str | Path) -> list[int]:
+    """Check the state store's last signed round against the verified chain; return the signed rounds it lacks.
 
     ``signed`` is the store's record (``StateStore.last_signed_round``), ``point`` what
     :func:`resume_point` verified on disk. The registry writes a release before the round log
     commits it to the store, so a coordinator killed in between leaves the disk one release
-    ahead: that release is complete, signed, and devices may hold it, so it is returned here
-    to be recorded, never signed again (a second round-N release would fork the chain).
+    ahead: that release is complete, signed, and devices may hold it, so its round is returned
+    here to be recorded, never signed again (a second round-N release would fork the chain).
+    Rounds that published no release are neither on disk nor returned.
 
     Raises
     ------
@@ -116,14 +123,16 @@ def unrecorded_rounds(point: ResumePoint | None, signed: SignedRound | None, sto
                 f"the state store {store} records run {signed.run_id} signed up to round {signed.round}, but its "
                 f"release folder holds {on_disk}: the store and the releases belong to different deployments"
             )
-        if point.chain[signed.round] != signed.manifest_digest:
+        manifest = point.manifest_of(signed.round)
+        if manifest is None or manifest.digest() != signed.manifest_digest:
+            held = "no release" if manifest is None else f"the signed release {manifest.digest()[:16]}"
             raise ResumeError(
                 f"the state store {store} records round {signed.round} of run {signed.run_id} as manifest "
-                f"{signed.manifest_digest[:16]}, but its signed release is {point.chain[signed.round][:16]}"
+                f"{signed.manifest_digest[:16]}, but its release folder holds {held} for that round"
             )
     if point is None:
-        return range(0)
-    return range(0 if signed is None else signed.round + 1, point.round + 1)
+        return []
+    return [m.round for m in point.manifests if signed is None or m.round > signed.round]
 
 
 def carried_rounds(round_log: str | Path) -> list[dict[str, Any]]:

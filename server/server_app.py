@@ -142,7 +142,9 @@ def _resume(
     strategy.round_offset = point.round
     round_log.data["rounds"] = [r for r in earlier if r["round"] <= point.round]
     for number in unrecorded:  # signed and written by a coordinator killed before it recorded them
-        strategy.record_release(number, point.manifests[number])
+        manifest = point.manifest_of(number)
+        assert manifest is not None  # unrecorded_rounds returns only rounds with a verified release
+        strategy.record_release(number, manifest)
     dropped = state.drop_rounds_after(run_id, point.round)
     round_log.note(point.round, resumed=time.time())
     log(

@@ -87,5 +87,23 @@ def test_the_store_and_the_releases_must_agree_on_the_last_signed_round(tmp_path
         unrecorded_rounds(point, _signed("run-a", 3, "f" * 64), db)
     with pytest.raises(ResumeError, match=r"signed up to round 0, but its release folder holds none"):
         unrecorded_rounds(None, _signed("run-a", 0, digests[0]), db)
-    with pytest.raises(ResumeError, match=rf"round 1 of run run-a as manifest {'e' * 16}, but its signed release is"):
+    disagree = rf"round 1 of run run-a as manifest {'e' * 16}, but its release folder holds the signed release"
+    with pytest.raises(ResumeError, match=disagree):
         unrecorded_rounds(point, _signed("run-a", 1, "e" * 64), db)
+
+
+def test_a_round_that_published_nothing_does_not_break_the_resume(tmp_path):
+    registry = _registry(tmp_path)
+    manifests = {n: registry.publish(n, _state(n))[1] for n in (0, 1, 3)}  # round 2's aggregate was refused
+    assert manifests[3].previous == manifests[1].digest()  # each release names the previous *published* one
+    point = resume_point(registry.folder, _trust(tmp_path), "run-a", BASE, "fedavg")
+    assert point is not None and point.round == 3
+    assert point.chain == tuple(m.digest() for m in manifests.values())
+    assert point.manifest_of(2) is None and point.manifest_of(3) == manifests[3]
+    db = tmp_path / "state.sqlite"
+    assert unrecorded_rounds(point, _signed("run-a", 3, manifests[3].digest()), db) == []
+    # killed after round 3's release was written, before the store recorded it: round 3 is recorded, as round 3
+    assert unrecorded_rounds(point, _signed("run-a", 1, manifests[1].digest()), db) == [3]
+    assert unrecorded_rounds(point, None, db) == [0, 1, 3]
+    with pytest.raises(ResumeError, match="holds no release for that round"):  # the store and the disk disagree
+        unrecorded_rounds(point, _signed("run-a", 2, "f" * 64), db)
