@@ -24,6 +24,7 @@ from shared.data import encode, load_jsonl
 from shared.model import compute_dtype, load_model, load_tokenizer
 from simulations.bench import Table, register
 from simulations.demo import app_defaults, run_demo
+from simulations.flower_local import ROOT
 
 METHODS = ("fedavg", "exact", "ffa", "ties")
 
@@ -53,11 +54,13 @@ def federated(overrides: dict[str, Any] | None = None) -> list[Table]:
 
 @register("demo")
 def demo() -> Table:
-    """Run the main job alone, as ``make demo`` runs it (its default method and settings); return its table."""
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.time()
-        data = run_demo({"run-name": "demo"}, output_dir=Path(tmp) / "out", flwr_home=Path(tmp) / "flwr")
-        return _demo_table(data, time.time() - t0, "python -m simulations.bench --only demo")
+    """Run the main job as ``make demo`` runs it (defaults, into ``outputs/``); return its table.
+
+    Its signed base and final adapter are what ``--only inference`` then serves.
+    """
+    t0 = time.time()
+    data = run_demo({}, output_dir=ROOT / "outputs", flwr_home=ROOT / ".flwr")
+    return _demo_table(data, time.time() - t0, "python -m simulations.bench --only demo")
 
 
 def _data_dir() -> Path:
