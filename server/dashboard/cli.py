@@ -1,7 +1,10 @@
 """``fleetlora dashboard``: serve the dashboard of a state store, in the foreground or in a thread.
 
 The token comes from ``--token-file``, else ``$FLEETLORA_DASHBOARD_TOKEN``, else a fresh random
-one; the address to open, token included, is printed at start.
+one; the address to open, token included, is printed at start. With ``--tls-cert`` and
+``--tls-key`` (e.g. ``server.pem`` / ``server.key`` of ``fleetlora certs``) it serves HTTPS and
+its login cookie is ``Secure``. The store is opened read-only (``reader.py``): the dashboard never
+creates or migrates it, except once on request with ``--migrate``.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import argparse
 import ipaddress
 import os
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -20,7 +24,8 @@ import uvicorn
 
 from server.dashboard.app import create_app
 from server.dashboard.auth import new_token
-from server.state import StateStore
+from server.dashboard.reader import StoreReader
+from server.state import StateStore, StateStoreError
 
 DEFAULT_ADDRESS = "127.0.0.1:8050"
 DEFAULT_DB = Path("outputs") / "state.sqlite"
@@ -36,7 +41,7 @@ class Dashboard:
     port: int
     server: uvicorn.Server
     sock: socket.socket
-    store: StateStore
+    reader: StoreReader
     thread: threading.Thread | None = None
 
     def serve_forever(self) -> None:
@@ -48,34 +53,55 @@ class Dashboard:
         self.server.should_exit = True
         if self.thread is not None:
             self.thread.join(timeout=10)
-        self.store.close()
+        self.reader.close()
 
 
-def start(db: str | Path, address: str = DEFAULT_ADDRESS, token: str | None = None, thread: bool = True) -> Dashboard:
-    """Open ``db`` read-only and serve its dashboard on ``address`` (HOST:PORT, port 0: any free one).
+def start(
+    db: str | Path,
+    address: str = DEFAULT_ADDRESS,
+    token: str | None = None,
+    thread: bool = True,
+    tls: tuple[Path, Path] | None = None,
+) -> Dashboard:
+    """Serve the dashboard of the store ``db`` (read-only) on ``address`` (HOST:PORT, port 0: any free one).
 
-    With ``thread`` it serves in a daemon thread and this returns once it listens; otherwise
-    call ``serve_forever()`` on the result.
+    The store need not be readable yet (see ``reader.py``). With ``tls`` (certificate, key; PEM)
+    it serves HTTPS. With ``thread`` it serves in a daemon thread and this returns once it
+    listens; otherwise call ``serve_forever()`` on the result.
 
     Raises
     ------
     OSError
         If the address cannot be bound (e.g. the port is taken).
+    ValueError
+        If the address is not HOST:PORT, the token too short, or the TLS pair unusable.
     """
     host, _, port_text = address.rpartition(":")
     if not host or not port_text.isdigit():
         raise ValueError(f"dashboard address '{address}' must be HOST:PORT")
+    token = token or new_token()
+    reader = StoreReader(db)
+    app = create_app(reader, token, secure=tls is not None)  # refuses a short token before binding
+    cert, key = (None, None) if tls is None else _checked_tls(*tls)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host.strip("[]"), int(port_text)))  # fails here, with the address, if it is taken
     sock.listen(128)  # connections queue from now on, before uvicorn accepts them
     port = int(sock.getsockname()[1])
-    token = token or new_token()
-    store = StateStore(db, read_only=True)
-    config = uvicorn.Config(create_app(store, token), log_level="warning", access_log=False, lifespan="off")
+    # proxy_headers off: no proxy is in front, so no client may rewrite its address or scheme
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        proxy_headers=False,
+        ssl_certfile=cert,
+        ssl_keyfile=key,
+    )
     server = uvicorn.Server(config)
-    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/?token={token}"
-    dashboard = Dashboard(url=url, port=port, server=server, sock=sock, store=store)
+    scheme = "http" if tls is None else "https"
+    url = f"{scheme}://{host if ':' not in host else f'[{host}]'}:{port}/?token={token}"
+    dashboard = Dashboard(url=url, port=port, server=server, sock=sock, reader=reader)
     if thread:
         dashboard.thread = threading.Thread(target=dashboard.serve_forever, daemon=True, name="dashboard")
         dashboard.thread.start()
@@ -86,6 +112,15 @@ def start(db: str | Path, address: str = DEFAULT_ADDRESS, token: str | None = No
             dashboard.stop()
             raise OSError(f"the dashboard did not start on {address}")
     return dashboard
+
+
+def _checked_tls(cert: Path, key: Path) -> tuple[str, str]:
+    """Return ``cert`` and ``key`` once they load as a TLS server pair (an error now, not a dead server thread)."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot serve TLS with certificate {cert} and key {key}: {exc}") from None
+    return str(cert), str(key)
 
 
 def read_token(token_file: Path | None) -> str | None:
@@ -106,24 +141,47 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--token-file", type=Path, help=f"read the token from this file (default: ${TOKEN_ENV}, else a random one)"
     )
+    p.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM; with --tls-key)")
+    p.add_argument("--tls-key", type=Path, help="the private key of --tls-cert (PEM)")
+    p.add_argument(
+        "--migrate",
+        action="store_true",
+        help="first upgrade the store to this fleetlora's schema (the one write the dashboard can make)",
+    )
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    dashboard = start(args.db, args.address, read_token(args.token_file), thread=False)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    tls = None if args.tls_cert is None else (args.tls_cert, args.tls_key)
+    if args.migrate:
+        _migrate(args.db)
+    dashboard = start(args.db, args.address, read_token(args.token_file), thread=False, tls=tls)
     host = args.address.rpartition(":")[0].strip("[]")
     if not _is_loopback(host):
+        clear = "" if tls else ", and plain HTTP carries the token in clear (serve TLS: --tls-cert/--tls-key)"
         print(
             f"dashboard: listening on {host}, not loopback: anyone who reaches this port with the token can read "
-            "every run, and plain HTTP carries the token in clear; prefer 127.0.0.1 and an SSH tunnel",
+            f"every run{clear}; prefer 127.0.0.1 and an SSH tunnel",
             file=sys.stderr,
         )
-    print(f"dashboard of {dashboard.store.path} (read-only): open {dashboard.url}  (Ctrl-C stops)", flush=True)
+    problem = dashboard.reader.problem()
+    if problem is not None:
+        print(f"dashboard: {problem}; its pages say so until the store can be read", file=sys.stderr)
+    print(f"dashboard of {dashboard.reader.path} (read-only): open {dashboard.url}  (Ctrl-C stops)", flush=True)
     try:
         dashboard.serve_forever()
     finally:
-        dashboard.store.close()
+        dashboard.reader.close()
     return 0
+
+
+def _migrate(db: Path) -> None:
+    """Upgrade an existing store to this fleetlora's schema (never creates one: a typo stays an error)."""
+    if not db.is_file():
+        raise StateStoreError(f"--migrate: no state store at {db}")
+    StateStore(db).close()
 
 
 def _is_loopback(host: str) -> bool:

@@ -2,17 +2,24 @@
 
 Each function takes a connection from :meth:`server.state.StateStore.read` and returns plain
 ``dict`` / ``list`` values (JSON-ready), or None for a run or round the store does not hold.
+Every row is parsed on the way out (``rows.py``): a value that is not what its column says
+(``inf``, text in a number column, invalid JSON) reads as None, a row whose key is unusable is
+left out, so one damaged or hostile row never stops a view.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import Connection, select
 
 from server.state.heartbeat import run_state
+from server.state.rows import ClientRow, RoundRow, RunRow, parse_client, parse_round, parse_run, raw
 from server.state.schema import STATUSES, client_results, rounds, runs
+
+_SUMMARY = ("run_id", "name", "model", "method", "num_rounds", "started", "finished", "heard")
 
 
 def list_runs(conn: Connection) -> list[dict[str, Any]]:
@@ -22,83 +29,104 @@ def list_runs(conn: Connection) -> list[dict[str, Any]]:
     killed, crashed, or never got going; ``server/state/heartbeat.py``).
     """
     out = []
-    for run in conn.execute(select(runs).order_by(runs.c.started.desc())).mappings():
-        closed = conn.execute(
-            select(rounds.c.round, rounds.c.mean_heldout_loss)
-            .where(rounds.c.run_id == run["run_id"], rounds.c.closed.is_not(None))
-            .order_by(rounds.c.round)
-        ).all()
-        summary = {k: run[k] for k in ("run_id", "name", "model", "method", "num_rounds", "started", "finished")}
-        summary["heard"], summary["state"] = run["heard"], run_state(run["finished"], run["heard"])
-        summary["rounds_done"] = sum(1 for r in closed if r.round > 0)
-        summary["last_heldout_loss"] = closed[-1].mean_heldout_loss if closed else None
+    for run in sorted(_runs(conn), key=lambda r: r["started"] or 0.0, reverse=True):
+        closed = [r for r in _rounds(conn, run["run_id"]) if r["closed"] is not None]
+        summary = _pick(run, _SUMMARY)
+        summary["state"] = run_state(run["finished"], run["heard"])
+        summary["rounds_done"] = sum(1 for r in closed if r["round"] > 0)
+        summary["last_heldout_loss"] = closed[-1]["mean_heldout_loss"] if closed else None
         out.append(summary)
     return out
 
 
 def run_view(conn: Connection, run_id: str) -> dict[str, Any] | None:
-    """Return a run, its rounds (counts by status, each client's held-out loss) and its rejections."""
-    run = conn.execute(select(runs).where(runs.c.run_id == run_id)).mappings().first()
+    """Return a run, its rounds (counts by status, each client's held-out loss), its clients and rejections.
+
+    ``clients`` lists each client once (key, the name it reported last, node id); ``heldout``
+    of a round maps a client's key to its held-out loss.
+    """
+    run = _run(conn, run_id)
     if run is None:
         return None
-    results = conn.execute(
-        select(client_results).where(client_results.c.run_id == run_id).order_by(client_results.c.client)
-    ).mappings()
-    per_round: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for r in results:
-        per_round[r["round"]].append(dict(r))
+    per_round: dict[int, list[ClientRow]] = defaultdict(list)
+    for c in _clients(conn, run_id):
+        per_round[c["round"]].append(c)
     out_rounds = []
-    for rec in conn.execute(select(rounds).where(rounds.c.run_id == run_id).order_by(rounds.c.round)).mappings():
+    for rec in _rounds(conn, run_id):
         clients = per_round.get(rec["round"], [])
-        out_rounds.append({**_round_fields(rec), **_counts(clients), "heldout": _heldout(clients)})
+        out_rounds.append({**rec, **_counts(clients), "heldout": _heldout(clients)})
     rejections = [
-        {k: c[k] for k in ("round", "client", "node_id", "status", "reason")}
+        _pick(c, ("round", "client", "name", "node_id", "status", "reason"))
         for n in sorted(per_round)
         for c in per_round[n]
         if c["status"] in ("rejected", "refused")
     ]
-    clients = sorted({c["client"] for cs in per_round.values() for c in cs})
+    latest = {c["client"]: c for n in sorted(per_round) for c in per_round[n]}  # the last round's name wins
+    names = sorted((_pick(c, ("client", "name", "node_id")) for c in latest.values()), key=_by_name)
     state = run_state(run["finished"], run["heard"])
-    return {"run": {**run, "state": state}, "rounds": out_rounds, "clients": clients, "rejections": rejections}
+    return {"run": {**run, "state": state}, "rounds": out_rounds, "clients": names, "rejections": rejections}
 
 
 def round_view(conn: Connection, run_id: str, server_round: int) -> dict[str, Any] | None:
     """One round: its fields, counts, every client result, and the run's aggregation settings."""
-    run = conn.execute(select(runs).where(runs.c.run_id == run_id)).mappings().first()
-    rec = (
-        conn.execute(select(rounds).where(rounds.c.run_id == run_id, rounds.c.round == server_round)).mappings().first()
-    )
+    run = _run(conn, run_id)
+    rec = next((r for r in _rounds(conn, run_id, server_round)), None)
     if run is None or rec is None:
         return None
-    clients = [
-        dict(c)
-        for c in conn.execute(
-            select(client_results)
-            .where(client_results.c.run_id == run_id, client_results.c.round == server_round)
-            .order_by(client_results.c.client)
-        ).mappings()
-    ]
-    config = run["config"] or {}
-    aggregation = {k: v for k, v in config.items() if k.startswith("aggregation.")}
+    clients = _clients(conn, run_id, server_round)
+    aggregation = {k: v for k, v in run["config"].items() if k.startswith("aggregation.")}
     return {
-        "run": {k: run[k] for k in ("run_id", "name", "method", "base_digest", "num_rounds", "releases")},
+        "run": _pick(run, ("run_id", "name", "method", "base_digest", "num_rounds", "releases")),
         "aggregation": aggregation,
-        "round": {**_round_fields(rec), **_counts(clients)},
+        "round": {**rec, **_counts(clients)},
         "clients": clients,
     }
 
 
-def _round_fields(rec: Any) -> dict[str, Any]:
-    return {k: v for k, v in dict(rec).items() if k != "run_id"}
+def _pick(row: Mapping[str, object], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: row[k] for k in keys}
 
 
-def _counts(clients: list[dict[str, Any]]) -> dict[str, int]:
+def _by_name(client: Mapping[str, Any]) -> tuple[str, str]:
+    return client["name"], client["client"]
+
+
+def _runs(conn: Connection, run_id: str | None = None) -> list[RunRow]:
+    query = select(*raw(runs))
+    if run_id is not None:
+        query = query.where(runs.c.run_id == run_id)
+    parsed = (parse_run(row) for row in conn.execute(query).mappings())
+    return [r for r in parsed if r is not None]
+
+
+def _run(conn: Connection, run_id: str) -> RunRow | None:
+    return next(iter(_runs(conn, run_id)), None)
+
+
+def _rounds(conn: Connection, run_id: str, server_round: int | None = None) -> list[RoundRow]:
+    query = select(*raw(rounds)).where(rounds.c.run_id == run_id)
+    if server_round is not None:
+        query = query.where(rounds.c.round == server_round)
+    parsed = (parse_round(row) for row in conn.execute(query).mappings())
+    return sorted((r for r in parsed if r is not None), key=lambda r: r["round"])
+
+
+def _clients(conn: Connection, run_id: str, server_round: int | None = None) -> list[ClientRow]:
+    query = select(*raw(client_results)).where(client_results.c.run_id == run_id)
+    if server_round is not None:
+        query = query.where(client_results.c.round == server_round)
+    parsed = (parse_client(row) for row in conn.execute(query).mappings())
+    return sorted((c for c in parsed if c is not None), key=lambda c: (c["round"], *_by_name(c)))
+
+
+def _counts(clients: list[ClientRow]) -> dict[str, int]:
     """How many clients replied, and how many per status (see ``schema.STATUSES``)."""
     counts = {status: 0 for status in STATUSES}
     for c in clients:
-        counts[c["status"]] += 1
+        if c["status"] is not None:
+            counts[c["status"]] += 1
     return {"participants": len(clients), **counts}
 
 
-def _heldout(clients: list[dict[str, Any]]) -> dict[str, float]:
+def _heldout(clients: list[ClientRow]) -> dict[str, float]:
     return {c["client"]: c["heldout_loss"] for c in clients if c["heldout_loss"] is not None}

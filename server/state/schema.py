@@ -4,8 +4,11 @@ One row per run, per round of a run, and per client of a round::
 
     runs            run_id | name, model, method, base digest, config (JSON), started, finished, ...
     rounds          (run_id, round) | started, closed, seconds, losses, bytes, signed release
-    client_results  (run_id, round, client) | status, reason, examples, losses, bytes, seconds, ...
+    client_results  (run_id, round, client) | name, node id, status, reason, examples, losses, bytes, ...
 
+A client result is keyed by the client's Flower node id (decimal text; rows recorded before 0003
+by the name the client reported); ``name`` is that self-reported name, display text only, so a
+client reporting another's name gets a row of its own instead of overwriting the other's.
 Times are Unix seconds (float). A client result's ``status`` is one of :data:`STATUSES`.
 Round counts (participants, accepted, rejected) are derived from the client rows when read,
 so they can never disagree with them.
@@ -78,8 +81,9 @@ client_results = Table(
     metadata,
     Column("run_id", String, primary_key=True),
     Column("round", Integer, primary_key=True),
-    Column("client", String, primary_key=True),
+    Column("client", String, primary_key=True),  # the node id (decimal); before 0003 the reported name
     Column("node_id", String),  # Flower node ids are unsigned 64-bit: kept as text
+    Column("name", String, nullable=False),  # the name the client reported: display text only (0003)
     Column("status", String, nullable=False),
     Column("reason", Text),
     Column("num_examples", Integer),

@@ -4,8 +4,12 @@ The round log (``server/report.py``) writes here after every change, so the stor
 every round up to the last event; the dashboard (``server/dashboard/``) reads it, live or after
 the run. The file is in WAL mode with ``synchronous=FULL``: every write is one committed
 transaction, and a killed coordinator loses nothing that was committed; readers (the dashboard,
-another process) never block the writer. Opening a store creates the file if needed and applies
-the pending Alembic migrations (``server/state/migrations/``) first.
+another process) never block the writer. The writer creates the file if needed and applies the
+pending Alembic migrations (``revision.py``) first; a read-only handle opens the file with
+SQLite's ``mode=ro`` and never creates, migrates or writes it.
+
+Every value is cleaned before it is written (``rows.py``): a non-finite float, an integer SQLite
+cannot hold or a value of the wrong type is stored as NULL, never a crash of the coordinator.
 
 To resume a crashed coordinator, :meth:`StateStore.last_signed_round` names the newest signed
 release of a run and where its folder is.
@@ -14,39 +18,28 @@ release of a run and where its folder is.
 from __future__ import annotations
 
 import contextlib
-import json
+import re
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, delete, event, inspect, select, update
+from sqlalchemy import Connection, Engine, create_engine, delete, event, select, update
 from sqlalchemy.dialects.sqlite import insert
-from sqlalchemy.exc import DatabaseError
+from sqlalchemy.pool import QueuePool
 
+from server.state.revision import StateStoreError, check_revision, migrate
+from server.state.rows import MAX_ID, MAX_NAME, MAX_ROUND, finite, integer, node_id, parse_round, plain, raw, text
 from server.state.schema import client_results, rounds, runs
 
-MIGRATIONS = Path(__file__).with_name("migrations")
 BUSY_TIMEOUT_MS = 10_000  # a reader or writer waits this long for another's lock before failing
-_CLIENT_NUMBERS = (
-    "num_examples",
-    "train_loss",
-    "heldout_loss",
-    "train_seconds",
-    "update_norm",
-    "bytes_up",
-    "bytes_down",
-    "base_download_bytes",
-)
-
-
-class StateStoreError(RuntimeError):
-    """The file is not a fleetlora state store, or one written by a newer fleetlora."""
+_CLIENT_FLOATS = ("train_loss", "heldout_loss", "train_seconds", "update_norm")
+_CLIENT_COUNTS = ("num_examples", "bytes_up", "bytes_down", "base_download_bytes")
+_SHA256_HEX = re.compile("[0-9a-f]{64}")
+_RUN_TEXT = ("model", "method", "base_digest", "base_format", "releases", "adapter")
 
 
 @dataclass(frozen=True)
@@ -74,27 +67,47 @@ class StateStore:
     Parameters
     ----------
     path
-        The SQLite file; created (with its folder) if missing.
+        The SQLite file. The writer creates it (with its folder) if missing and migrates it.
     read_only
-        Refuse every write on this handle (``PRAGMA query_only``), as the dashboard opens it.
-        Migrations still run first, on a separate connection.
+        Open the file as the dashboard does: SQLite ``mode=ro`` plus ``PRAGMA query_only``, no
+        file created, no migration; the schema revision is checked on open and on every
+        :meth:`read`. Every write on this handle fails.
 
     Raises
     ------
     StateStoreError
         If the file is not SQLite, holds tables but no fleetlora schema, or was migrated by a
-        newer fleetlora (a schema revision this one does not know).
+        newer fleetlora (a schema revision this one does not know). Read-only, also if the file
+        is missing or at another revision than this fleetlora's newest.
     """
 
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path).expanduser().resolve()
+        self.read_only = read_only
+        if read_only:
+            if not self.path.is_file():
+                raise StateStoreError(
+                    f"no state store at {self.path}: the coordinator creates it when a run starts (run config "
+                    "state.db); check the path"
+                )
+            self.engine = _reader_engine(self.path)
+            try:
+                with self.read():
+                    pass  # checks the revision, says why the file cannot be read
+            except StateStoreError:
+                self.engine.dispose()
+                raise
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        writer = _engine(self.path, read_only=False)
+        writer = _writer_engine(self.path)
         try:
             migrate(writer, self.path)
-        finally:
+        except StateStoreError:
             writer.dispose()
-        self.engine = _engine(self.path, read_only=read_only)
+            raise
+        with writer.connect() as conn:  # only once it is ours: a refused file is left exactly as it was
+            conn.exec_driver_sql("PRAGMA journal_mode = WAL")  # persistent in the file
+        self.engine = writer
 
     def close(self) -> None:
         """Close every pooled connection (the file stays consistent whether or not this is called)."""
@@ -102,28 +115,32 @@ class StateStore:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
-        """Yield a connection for queries (one consistent snapshot while it is open)."""
+        """Yield a connection for queries (one consistent snapshot while it is open).
+
+        Raises
+        ------
+        StateStoreError
+            On a read-only handle, if the file is no longer at this fleetlora's schema revision
+            (a newer coordinator migrated it) or no longer SQLite.
+        """
         with self.engine.connect() as conn:
+            if self.read_only:
+                check_revision(conn, self.path)
             yield conn
 
     def save_run(self, run: Mapping[str, Any]) -> None:
         """Insert or update a run from the round log's ``run`` record (``run_id`` required)."""
-        config = dict(run.get("config", {}))
+        config = plain(dict(run.get("config") or {}))
         row = {
             "run_id": str(run["run_id"]),
-            "name": str(run.get("name") or config.get("run-name") or run["run_id"]),
-            "model": run.get("model"),
-            "method": run.get("method"),
-            "base_digest": run.get("base_digest"),
-            "base_format": run.get("base_format"),
-            "num_rounds": run.get("rounds"),
-            "min_clients": run.get("min_clients"),
-            "releases": run.get("releases"),
-            "config": json.loads(json.dumps(config, default=str)),  # plain JSON values only
-            "started": float(run["started"]),
-            "finished": run.get("finished"),
-            "wall_seconds": run.get("wall_seconds"),
-            "adapter": run.get("adapter"),
+            "name": text(str(run.get("name") or config.get("run-name") or run["run_id"]), MAX_NAME),
+            **{k: _text(run.get(k)) for k in _RUN_TEXT},
+            "num_rounds": integer(run.get("rounds"), 0, MAX_ROUND),
+            "min_clients": integer(run.get("min_clients"), 0, MAX_ROUND),
+            "config": config,
+            "started": _time(run.get("started")),
+            "finished": finite(run.get("finished")),
+            "wall_seconds": finite(run.get("wall_seconds")),
         }
         with self.engine.begin() as conn:
             conn.execute(_upsert(runs, row, ["run_id"]))
@@ -136,40 +153,41 @@ class StateStore:
         run_id
             A run saved before with :meth:`save_run`.
         rec
-            The round log's record of the round: ``round``, ``started``, ``clients`` (name ->
-            entry), and once known ``seconds``, ``mean_*``, ``bytes_*``, ``release``.
+            The round log's record of the round: ``round``, ``started``, ``clients`` (key ->
+            entry; the key is the client's node id, each entry's ``name`` what it reported),
+            and once known ``seconds``, ``mean_*``, ``bytes_*``, ``release``.
         clients
-            The clients whose entries changed (default: all of them).
+            The keys of the clients whose entries changed (default: all of them).
         """
-        seconds = rec.get("seconds")
-        release = rec.get("release", {})
+        started, seconds = _time(rec.get("started")), finite(rec.get("seconds"))
+        release = rec.get("release") or {}
         row = {
             "run_id": run_id,
             "round": int(rec["round"]),
-            "method": rec.get("method"),
-            "started": float(rec["started"]),
-            "closed": None if seconds is None else float(rec["started"]) + float(seconds),
+            "method": _text(rec.get("method")),
+            "started": started,
+            "closed": None if seconds is None else finite(started + seconds),
             "seconds": seconds,
-            "mean_train_loss": rec.get("mean_train_loss"),
-            "mean_heldout_loss": rec.get("mean_heldout_loss"),
-            "bytes_up": rec.get("bytes_up"),
-            "bytes_down": rec.get("bytes_down"),
-            "manifest_digest": release.get("manifest"),
-            "key_id": release.get("key_id"),
-            "signed_at": release.get("created"),
-            "release_path": release.get("path"),
+            "mean_train_loss": finite(rec.get("mean_train_loss")),
+            "mean_heldout_loss": finite(rec.get("mean_heldout_loss")),
+            "bytes_up": integer(rec.get("bytes_up")),
+            "bytes_down": integer(rec.get("bytes_down")),
+            "manifest_digest": _text(release.get("manifest")),
+            "key_id": _text(release.get("key_id")),
+            "signed_at": _text(release.get("created")),
+            "release_path": _text(release.get("path")),
         }
-        names = list(rec["clients"]) if clients is None else list(clients)
+        keys = list(rec["clients"]) if clients is None else list(clients)
         with self.engine.begin() as conn:
             conn.execute(_upsert(rounds, row, ["run_id", "round"]))
-            for name in names:
-                client_row = {"run_id": run_id, "round": row["round"], **_client_row(name, rec["clients"][name])}
+            for key in keys:
+                client_row = {"run_id": run_id, "round": row["round"], **_client_row(key, rec["clients"][key])}
                 conn.execute(_upsert(client_results, client_row, ["run_id", "round", "client"]))
 
     def heard(self, run_id: str, at: float | None = None) -> None:
         """Record that the coordinator of ``run_id`` is alive (now, or at ``at``): its heartbeat."""
         with self.engine.begin() as conn:
-            conn.execute(update(runs).where(runs.c.run_id == run_id).values(heard=time.time() if at is None else at))
+            conn.execute(update(runs).where(runs.c.run_id == run_id).values(heard=_time(at)))
 
     def last_signed_round(self, run_id: str) -> SignedRound | None:
         """Return the newest signed adapter release of ``run_id``, or None if it has none (or no such run).
@@ -182,7 +200,7 @@ class StateStore:
         from round ``round + 1``, and chains its next manifest to ``manifest_digest``.
         """
         query = (
-            select(rounds)
+            select(*raw(rounds))
             .where(rounds.c.run_id == run_id, rounds.c.manifest_digest.is_not(None))
             .order_by(rounds.c.round.desc())
             .limit(1)
@@ -191,14 +209,21 @@ class StateStore:
             row = conn.execute(query).mappings().first()
         if row is None:
             return None
+        parsed = parse_round(row)
+        digest = None if parsed is None else parsed["manifest_digest"]
+        if parsed is None or digest is None or not _SHA256_HEX.fullmatch(digest):  # fail closed: never guess
+            raise StateStoreError(
+                f"{self.path}: the newest signed round of run {run_id} is unreadable (round {row['round']!r}, "
+                f"manifest {row['manifest_digest']!r}): the file was edited or damaged; restore it from a backup"
+            )
         return SignedRound(
             run_id=run_id,
-            round=row["round"],
-            manifest_digest=row["manifest_digest"],
-            key_id=row["key_id"] or "",
-            signed_at=row["signed_at"] or "",
-            release_path=row["release_path"] or "",
-            evaluated=row["closed"] is not None,
+            round=parsed["round"],
+            manifest_digest=digest,
+            key_id=parsed["key_id"] or "",
+            signed_at=parsed["signed_at"] or "",
+            release_path=parsed["release_path"] or "",
+            evaluated=parsed["closed"] is not None,
         )
 
     def drop_rounds_after(self, run_id: str, server_round: int) -> int:
@@ -214,47 +239,42 @@ class StateStore:
         return int(gone.rowcount or 0)
 
 
-def migrate(engine: Engine, path: Path) -> str:
-    """Bring the schema of ``engine``'s database to the newest revision; return that revision."""
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    script = ScriptDirectory.from_config(cfg)
-    head = script.get_current_head()
-    assert head is not None
-    try:
-        with engine.begin() as conn:
-            current = MigrationContext.configure(conn).get_current_revision()
-            if current is None and set(inspect(conn).get_table_names()) - {"alembic_version"}:
-                raise StateStoreError(f"{path} holds tables but no fleetlora state: not a state store")
-            if current is not None and current not in {r.revision for r in script.walk_revisions()}:
-                raise StateStoreError(
-                    f"{path} is at schema revision {current}, which this fleetlora does not know "
-                    "(a newer fleetlora wrote it): upgrade fleetlora to read it"
-                )
-            if current != head:
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
-    except DatabaseError as exc:
-        raise StateStoreError(f"{path} is not a SQLite state store: {exc.orig}") from None
-    return head
+def _decode(data: bytes) -> str:
+    """Decode TEXT that is not valid UTF-8 with replacement characters instead of failing the whole query."""
+    return data.decode("utf-8", "replace")
 
 
-def _engine(path: Path, read_only: bool) -> Engine:
-    engine = create_engine(f"sqlite:///{path}")
+def _writer_engine(path: Path) -> Engine:
+    # a creator, not "sqlite:///{path}": SQLAlchemy would read a '?' in the path as the URL's query
+    engine = create_engine(
+        "sqlite://", creator=lambda: sqlite3.connect(path, check_same_thread=False), poolclass=QueuePool
+    )
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.text_factory = _decode
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        if not read_only:
-            cur.execute("PRAGMA journal_mode = WAL")  # persistent in the file: set by the first writer
         cur.execute("PRAGMA synchronous = FULL")
         cur.execute("PRAGMA foreign_keys = ON")
-        if read_only:
-            cur.execute("PRAGMA query_only = ON")
         cur.close()
 
     return engine
+
+
+def _reader_engine(path: Path) -> Engine:
+    """Return an engine whose connections open ``path`` with ``mode=ro``: SQLite never creates or writes it."""
+    uri = f"file:{quote(str(path))}?mode=ro"  # quote: a '?', '#' or '%' in the path is not URI syntax
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)  # the pool hands it to other threads
+        conn.text_factory = _decode
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA query_only = ON")  # a second lock: even a bug here cannot write
+        return conn
+
+    # "sqlite://" only names the dialect; without an explicit pool SQLAlchemy would treat it as :memory:
+    return create_engine("sqlite://", creator=connect, poolclass=QueuePool)
 
 
 def _upsert(table: Any, row: Mapping[str, Any], keys: list[str]) -> Any:
@@ -262,21 +282,38 @@ def _upsert(table: Any, row: Mapping[str, Any], keys: list[str]) -> Any:
     return stmt.on_conflict_do_update(index_elements=keys, set_={k: v for k, v in row.items() if k not in keys})
 
 
-def _client_row(name: str, entry: Mapping[str, Any]) -> dict[str, Any]:
-    """Map a round-log client entry to a ``client_results`` row (status from what the entry holds)."""
+def _text(value: Any) -> str | None:
+    return None if value is None else text(str(value))
+
+
+def _time(value: Any) -> float:
+    """Return a required timestamp: ``value`` if finite, else now (the closest time known; NOT NULL columns)."""
+    parsed = finite(value)
+    return time.time() if parsed is None else parsed
+
+
+def _client_row(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Map a round-log client entry to a ``client_results`` row (status from what the entry holds).
+
+    ``key`` is the round log's key of the entry (the node id); ``entry["name"]`` the name the
+    client reported, stored as display text (the key when the entry has none).
+    """
     if "rejected" in entry:
-        status, reason = "rejected", str(entry["rejected"])
+        status, reason = "rejected", _text(entry["rejected"])
     elif "refused_release" in entry:
-        status, reason = "refused", str(entry["refused_release"])
+        status, reason = "refused", _text(entry["refused_release"])
     elif "train_loss" in entry:
         status, reason = "accepted", None
     else:
         status, reason = "evaluated", None
-    node = entry.get("node_id")
+    client = str(key)[:MAX_ID]
+    name = entry.get("name")
     return {
-        "client": name,
-        "node_id": None if node is None else str(node),
+        "client": client,
+        "name": text(name if isinstance(name, str) and name else client, MAX_NAME),
+        "node_id": node_id(entry.get("node_id")),
         "status": status,
         "reason": reason,
-        **{k: entry.get(k) for k in _CLIENT_NUMBERS},
+        **{k: finite(entry.get(k)) for k in _CLIENT_FLOATS},
+        **{k: integer(entry.get(k)) for k in _CLIENT_COUNTS},
     }

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -209,6 +210,12 @@ def copy_dashboard(tiny_run, tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+def _key_of(store, name: str) -> str:
+    """The store's key (node id) of the client that reported ``name``."""
+    with sqlite3.connect(store.path) as conn:
+        return conn.execute("select client from client_results where name = ? limit 1", (name,)).fetchone()[0]
+
+
 def test_a_new_round_shows_up_without_a_reload(page, copy_dashboard, tiny_run):
     dashboard, store = copy_dashboard
     run_id = _run_id(tiny_run)
@@ -216,8 +223,8 @@ def test_a_new_round_shows_up_without_a_reload(page, copy_dashboard, tiny_run):
     page.goto(dashboard.url.replace("/?", f"/runs/{run_id}?"))
     page.wait_for_selector("h2:text('Rounds') + table tbody tr >> nth=2")
     page.evaluate("window.__same_page = true")
-    rec = {"round": 3, "started": time.time(), "clients": {"noun.food": {"train_loss": 1.5, "heldout_loss": 1.25}}}
-    store.save_round(run_id, rec)
+    food = {"name": "noun.food", "train_loss": 1.5, "heldout_loss": 1.25}
+    store.save_round(run_id, {"round": 3, "started": time.time(), "clients": {_key_of(store, "noun.food"): food}})
     row = page.locator("h2:text('Rounds') + table tbody tr >> nth=3")
     row.wait_for(timeout=15_000)
     assert row.locator("td").first.inner_text() == "3"
@@ -230,7 +237,11 @@ def test_a_new_round_shows_up_without_a_reload(page, copy_dashboard, tiny_run):
 def test_a_client_id_with_html_is_shown_as_text(page, copy_dashboard, tiny_run):
     dashboard, store = copy_dashboard
     run_id = _run_id(tiny_run)
-    rec = {"round": 3, "started": time.time(), "clients": {XSS: {"node_id": 1, "rejected": f"<b>{XSS}</b>"}}}
+    rec = {
+        "round": 3,
+        "started": time.time(),
+        "clients": {"1": {"node_id": 1, "name": XSS, "rejected": f"<b>{XSS}</b>"}},
+    }
     store.save_round(run_id, rec)
     page.goto(dashboard.url.replace("/?", f"/runs/{run_id}/rounds/3?"))
     cell = page.locator("h2:text('Clients') + table tbody tr td").first
@@ -263,3 +274,64 @@ def test_a_run_whose_coordinator_went_silent_shows_as_stopped(page, copy_dashboa
         timeout=15_000,
     )
     _shot(page, "stopped-then-running")
+
+
+@pytest.fixture
+def fresh_dashboard(tmp_path):
+    """A dashboard over a store of its own, written as a round log would (no Flower run needed): 3 rounds, 3 clients."""
+    store = StateStore(tmp_path / "state.sqlite")
+    store.save_run({"run_id": "r", "rounds": 2, "started": time.time(), "config": {"aggregation.method": "fedavg"}})
+    for n in range(3):
+        clients = {str(k): {"node_id": k, "name": f"c{k}", "heldout_loss": 3.0 - n / k} for k in (1, 2, 3)}
+        if n:
+            clients = {key: {**c, "train_loss": 2.0, "num_examples": 10} for key, c in clients.items()}
+        store.save_round("r", {"round": n, "started": time.time(), "seconds": 1.0, "clients": clients})
+    store.close()
+    dashboard = start(tmp_path / "state.sqlite", "127.0.0.1:0", token=TOKEN)
+    yield dashboard
+    dashboard.stop()
+
+
+def test_hostile_rows_leave_every_page_working(page, fresh_dashboard):
+    """Values no coordinator should write, written straight into SQLite: the pages show them as missing."""
+    with sqlite3.connect(fresh_dashboard.reader.path) as conn:
+        conn.execute("update rounds set mean_heldout_loss = ?, seconds = 'soon' where round = 1", (float("inf"),))
+        conn.execute("update runs set config = '{broken', model = cast(x'ff' as text), started = ?", (float("-inf"),))
+        conn.execute(
+            "update client_results set status = 'pwned', train_loss = 'x', name = ? where round = 1", ("é" * 999,)
+        )
+        # finite but extreme: the held-out chart's tick labels would need toFixed(201), which throws
+        conn.execute("update client_results set heldout_loss = 1e-200 * cast(client as integer)")
+        conn.execute("update rounds set mean_heldout_loss = 2e-200 where round != 1")
+    for path in ("/", "/runs/r", "/runs/r/rounds/1", "/runs/r/rounds/2"):
+        page.goto(fresh_dashboard.url.replace("/?", f"{path}?"))
+        page.wait_for_selector("main table tbody tr")
+        assert "live: updated" in page.inner_text("#status"), (path, page.inner_text("#status"))
+    page.goto(fresh_dashboard.url.replace("/?", "/runs/r?"))
+    page.wait_for_selector("svg.chart.line polyline.series", state="attached")  # flat lines: no height
+    rows = page.locator("h2:text('Rounds') + table tbody tr")
+    assert rows.nth(1).locator("td").nth(7).inner_text() == "-"  # the inf held-out mean: missing
+    assert page.errors == []
+    _shot(page, "hostile-rows")
+
+
+@pytest.mark.parametrize("trick", ["//localhost:{port}/x", "/\\localhost:{port}/x", "/%2F%2Flocalhost:{port}/x"])
+def test_the_browser_is_never_sent_to_another_origin_by_the_login(page, fresh_dashboard, trick):
+    """Chromium decides what a Location means; ``localhost`` is another origin than 127.0.0.1 (and loopback)."""
+    here = f"127.0.0.1:{fresh_dashboard.port}"
+    page.goto(f"http://{here}{trick.format(port=fresh_dashboard.port)}?token={TOKEN}")
+    assert urlsplit(page.url).netloc == here, page.url
+
+
+def test_a_dashboard_started_before_its_store_says_why_and_creates_nothing(page, tmp_path):
+    db = tmp_path / "out" / "state.sqlite"
+    dashboard = start(db, "127.0.0.1:0", token=TOKEN)
+    try:
+        page.goto(dashboard.url)
+        page.wait_for_function("document.getElementById('status').innerText.includes('503')")
+        assert "no state store at" in page.inner_text("#status")
+        assert not (tmp_path / "out").exists()
+        StateStore(db).save_run({"run_id": "appeared", "started": time.time(), "config": {}})
+        page.get_by_role("link", name="appeared").wait_for(timeout=15_000)  # picked up by the next poll
+    finally:
+        dashboard.stop()

@@ -14,19 +14,24 @@ const Charts = (() => {
     return e;
   }
 
+  // Round ticks covering [lo, hi]. Any finite data ends the loop: where the step is not a positive finite
+  // number (1e17 + 1 === 1e17, or a range that overflows) the ends alone are the ticks.
   function niceTicks(lo, hi, count) {
     if (!(hi > lo)) { hi = lo + 1; }
     const raw = (hi - lo) / count, mag = Math.pow(10, Math.floor(Math.log10(raw)));
     const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw);
+    if (!(step > 0 && Number.isFinite(step) && hi > lo)) return [lo, hi > lo ? hi : lo + Math.abs(lo) + 1];
     const ticks = [];
-    for (let v = Math.floor(lo / step) * step; v <= hi + step / 2; v += step) ticks.push(Number(v.toPrecision(12)));
-    return ticks;
+    for (let v = Math.floor(lo / step) * step; v <= hi + step / 2 && ticks.length < 2 * count + 4; v += step) {
+      ticks.push(Number(v.toPrecision(12)));
+    }
+    return ticks.length > 1 ? ticks : [lo, hi];
   }
 
   // The frame: y grid + labels (as many decimals as the tick step needs), x labels; returns scale functions.
   function frame(root, xs, lo, hi, band) {
     const ticks = niceTicks(lo, hi, 4), y0 = ticks[0], y1 = ticks[ticks.length - 1];
-    const decimals = Math.max(0, -Math.floor(Math.log10(ticks[1] - ticks[0] || 1)));
+    const decimals = Math.min(20, Math.max(0, -Math.floor(Math.log10(ticks[1] - ticks[0] || 1))));  // toFixed: <= 100
     const yFormat = (v) => v.toFixed(decimals);
     const plotW = W - M.left - M.right, plotH = H - M.top - M.bottom;
     const y = (v) => M.top + plotH - ((v - y0) / (y1 - y0)) * plotH;

@@ -73,10 +73,23 @@ function renderRuns(data) {
 }
 
 // ---------------------------------------------------------------- run view
+// A client is its node id (c.client); its name is what it reported, so two may report the same one:
+// then each label carries its node id too.
+function clientLabels(clients) {
+  const seen = new Map();
+  for (const c of clients) seen.set(c.name, (seen.get(c.name) || 0) + 1);
+  const label = (c) => (seen.get(c.name) > 1 ? `${c.name} (node ${c.node_id ?? c.client})` : c.name);
+  return new Map(clients.map((c) => [c.client, label(c)]));
+}
+
+// hasOwn: a client keyed "constructor" must not read Object's
+const lossOf = (round, c) => (Object.hasOwn(round.heldout, c.client) ? round.heldout[c.client] : null);
+
 function runCharts(data) {
   const rounds = data.rounds, xs = rounds.map((r) => (r.round === 0 ? "0" : String(r.round)));
+  const labels = clientLabels(data.clients);
   const heldout = [{ name: "mean", values: rounds.map((r) => r.mean_heldout_loss), emphasis: true }]
-    .concat(data.clients.map((c) => ({ name: c, values: rounds.map((r) => r.heldout[c] ?? null) })));
+    .concat(data.clients.map((c) => ({ name: labels.get(c.client), values: rounds.map((r) => lossOf(r, c)) })));
   const trained = rounds.filter((r) => r.round > 0), txs = trained.map((r) => String(r.round));
   return el("div", { class: "charts" },
     Charts.lineChart("Held-out loss per round (0 = before training)", xs, heldout),
@@ -103,7 +116,7 @@ function renderRun(data) {
   ]);
   const rejections = data.rejections.length
     ? table(["round", "client", "node", "what", "reason"], data.rejections.map((e) => [
-      e.round, e.client, e.node_id ?? "-", { value: e.status, cls: e.status }, e.reason]), [1, 4])
+      e.round, e.name, { value: e.node_id ?? "-", cls: "mono" }, { value: e.status, cls: e.status }, e.reason]), [1, 4])
     : el("p", { class: "empty" }, "No update was rejected and no device refused a release.");
   main.replaceChildren(
     el("h1", {}, `Run ${run.run_id}`),
@@ -140,7 +153,7 @@ function renderRound(data) {
   const run = data.run, rec = data.round;
   crumbs(["runs", "/"], [run.run_id, runHref(run.run_id)], [`round ${rec.round}`]);
   const rows = data.clients.map((c) => [
-    c.client, { value: c.node_id ?? "-", cls: "mono" }, { value: c.status, cls: c.status }, c.reason ?? "",
+    c.name, { value: c.node_id ?? "-", cls: "mono" }, { value: c.status ?? "?", cls: c.status }, c.reason ?? "",
     c.num_examples ?? "-", num(c.train_loss), num(c.heldout_loss), num(c.train_seconds, 1), num(c.update_norm, 3),
     kb(c.bytes_up), kb(c.bytes_down),
   ]);

@@ -1,0 +1,63 @@
+"""What the state-store tests share: a run record, a signed-release note, raw SQLite access."""
+
+import sqlite3
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine
+
+from server.state import StateStore
+from server.state.revision import MIGRATIONS
+
+RUN = {"run_id": "demo-7", "model": "m", "method": "ties", "rounds": 2, "config": {"run-name": "demo"}}
+
+# values a damaged or hostile file can hold in a column, whatever the column's declared type
+HOSTILE = [float("inf"), float("-inf"), "2.5", "", b"\xff\x00", 2**63 - 1, -(2**63), 1e308, -1.0, "x" * 10_000]
+
+
+def release(n):
+    """The round log's note of round ``n``'s signed release."""
+    return {"key_id": "0123456789abcdef", "manifest": f"{n:064x}", "created": "2026-11-24T10:00:00Z", "path": f"/r/{n}"}
+
+
+def rows(path, sql, params=()):
+    """Run ``sql`` on the file directly (not through the store) and return every row."""
+    with sqlite3.connect(path) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def execute(path, sql, params=()):
+    """Write to the file directly, as anything that can write it could."""
+    with sqlite3.connect(path) as conn:
+        conn.execute(sql, params)
+
+
+def alembic(db, step, revision):
+    """Run the project's migrations on the file: ``step`` is ``command.upgrade`` or ``command.downgrade``."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        step(cfg, revision)
+    engine.dispose()
+
+
+def store_at_revision(tmp_path, revision):
+    """A store holding one run, then migrated down to ``revision`` (as an older fleetlora left it)."""
+    db = tmp_path / "state.sqlite"
+    store = StateStore(db)
+    store.save_run({**RUN, "started": 1.0})
+    store.close()
+    alembic(db, command.downgrade, revision)
+    return db
+
+
+def report(log, server_round, key, **values):
+    """``log.client(server_round, key, **values)``, ``values`` may hold ``name`` (the client's reported name).
+
+    ``RoundLog.client``'s second parameter is itself called ``name`` today, so the entry is merged
+    first through the public ``round()`` record, then ``client()`` persists it.
+    """
+    log.round(server_round)["clients"].setdefault(key, {}).update(values)
+    log.client(server_round, key)

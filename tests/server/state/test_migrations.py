@@ -1,0 +1,122 @@
+import sqlite3
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine
+
+from server.state import StateStore, StateStoreError
+from server.state.queries import list_runs, run_view
+from server.state.revision import head
+from server.state.schema import metadata
+from tests.server.state.records import RUN, alembic, execute, rows, store_at_revision
+
+
+def _unchanged(db, before):
+    """The file holds the same bytes, and nothing was written to its write-ahead log.
+
+    (SQLite's read-only open of a WAL file may create an empty ``-wal`` and the ``-shm`` index
+    beside it: that is how a reader takes its place next to a live writer.)
+    """
+    wal = db.with_name(db.name + "-wal")
+    return db.read_bytes() == before and (not wal.exists() or wal.stat().st_size == 0)
+
+
+def test_an_empty_file_is_migrated_to_the_schema_of_schema_py(tmp_path):
+    db = tmp_path / "state.sqlite"
+    db.touch()  # e.g. created by hand, or by a process killed before its first write
+    StateStore(db).close()
+    assert rows(db, "select version_num from alembic_version") == [(head(),)] == [("0003",)]
+    with create_engine(f"sqlite:///{db}").connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+
+
+def test_a_store_at_an_older_revision_is_upgraded_by_the_writer(tmp_path):
+    db = store_at_revision(tmp_path, "base")  # no tables, as an older schema would be
+    assert rows(db, "select count(*) from alembic_version") == [(0,)]
+    assert "runs" not in {r[0] for r in rows(db, "select name from sqlite_master")}
+    store = StateStore(db)
+    assert rows(db, "select version_num from alembic_version") == [("0003",)]
+    store.save_run({**RUN, "started": 2.0})  # the upgraded tables take rows again
+    assert rows(db, "select run_id from runs") == [("demo-7",)]
+
+
+def test_0003_keeps_the_client_rows_and_names_them_by_their_old_key(tmp_path):
+    db = store_at_revision(tmp_path, "0002")
+    execute(db, "insert into rounds (run_id, round, started) values ('demo-7', 1, 1.0)")
+    for client, node in (("food", "5"), ("motion", None)):
+        execute(
+            db,
+            "insert into client_results (run_id, round, client, node_id, status, train_loss) "
+            "values ('demo-7', 1, ?, ?, 'accepted', 2.0)",
+            (client, node),
+        )
+    StateStore(db).close()  # the coordinator's open migrates
+    assert rows(db, "select client, name, node_id, status, train_loss from client_results order by client") == [
+        ("food", "food", "5", "accepted", 2.0),
+        ("motion", "motion", None, "accepted", 2.0),
+    ]
+    with StateStore(db, read_only=True).read() as conn:
+        assert [c["name"] for c in run_view(conn, "demo-7")["clients"]] == ["food", "motion"]
+    alembic(db, command.downgrade, "0002")  # and back: the rows stay, without their name
+    assert rows(db, "select client, node_id from client_results order by client") == [("food", "5"), ("motion", None)]
+
+
+def test_a_store_written_before_heartbeats_keeps_its_runs_and_calls_the_unfinished_stopped(tmp_path):
+    db = store_at_revision(tmp_path, "0001")  # its run row kept
+    assert "heard" not in {r[1] for r in rows(db, "pragma table_info(runs)")}
+    StateStore(db).close()  # the coordinator migrates it
+    with StateStore(db, read_only=True).read() as conn:  # never heard from: not "running"
+        assert [(r["run_id"], r["heard"], r["state"]) for r in list_runs(conn)] == [("demo-7", None, "stopped")]
+
+
+@pytest.mark.parametrize("revision", ["0001", "0002"])
+def test_the_read_only_open_never_migrates_an_older_store(tmp_path, revision):
+    db = store_at_revision(tmp_path, revision)
+    before = db.read_bytes()
+    with pytest.raises(StateStoreError, match=f"at schema revision {revision}, older than this fleetlora's 0003"):
+        StateStore(db, read_only=True)
+    assert _unchanged(db, before)  # no migration
+    assert rows(db, "select version_num from alembic_version") == [(revision,)]
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (
+            "create table alembic_version (version_num varchar(32) primary key);"
+            "insert into alembic_version values ('9z')",
+            "schema revision 9z, which this fleetlora does not know",
+        ),
+        ("create table notes (text varchar)", "holds tables but no fleetlora state"),
+    ],
+)
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_store_of_a_newer_fleetlora_or_another_app_is_refused(tmp_path, setup, message, read_only):
+    db = tmp_path / "state.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(setup)
+    before = db.read_bytes()
+    with pytest.raises(StateStoreError, match=message):
+        StateStore(db, read_only=read_only)
+    assert _unchanged(db, before)  # not even switched to WAL
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_file_that_is_not_sqlite_is_refused(tmp_path, read_only):
+    db = tmp_path / "state.sqlite"
+    db.write_bytes(b"not a database" * 100)
+    with pytest.raises(StateStoreError, match="is not a SQLite state store"):
+        StateStore(db, read_only=read_only)
+    assert db.read_bytes() == b"not a database" * 100
+
+
+def test_a_reader_notices_when_a_newer_coordinator_migrates_the_store_under_it(tmp_path):
+    db = tmp_path / "state.sqlite"
+    StateStore(db).save_run({**RUN, "started": 1.0})
+    reader = StateStore(db, read_only=True)
+    execute(db, "update alembic_version set version_num = '0099'")  # as a newer fleetlora would
+    with pytest.raises(StateStoreError, match="revision 0099, which this fleetlora does not know"):
+        with reader.read():
+            pass
