@@ -54,10 +54,6 @@ def store_at_revision(tmp_path, revision):
 
 
 def report(log, server_round, key, **values):
-    """``log.client(server_round, key, **values)``, ``values`` may hold ``name`` (the client's reported name).
-
-    ``RoundLog.client``'s second parameter is itself called ``name`` today, so the entry is merged
-    first through the public ``round()`` record, then ``client()`` persists it.
-    """
-    log.round(server_round)["clients"].setdefault(key, {}).update(values)
-    log.client(server_round, key)
+    """Record a client entry as the coordinator does: ``key`` is the node id (text), ``values`` may hold ``name``."""
+    node_id = values.pop("node_id", int(key))
+    log.client(server_round, node_id, values.pop("name", None), **values)

@@ -178,7 +178,7 @@ def test_the_store_is_in_wal_mode_and_a_killed_writer_loses_nothing_committed(tm
         from server.report import RoundLog
         from server.state import StateStore
         log = RoundLog({str(tmp_path / "rounds.json")!r}, run={RUN!r}, store=StateStore({str(db)!r}))
-        log.client(1, "3", node_id=3, train_loss=2.0)
+        log.client(1, 3, train_loss=2.0)
         log.note(1, release={release(1)!r})
         os.kill(os.getpid(), signal.SIGKILL)  # no close, no checkpoint: committed pages are still in the WAL
         """
