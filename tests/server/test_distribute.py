@@ -6,6 +6,7 @@ The first part tests the fetcher against the service; the second (below the rule
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import time
 
@@ -13,9 +14,10 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from client.channel import device_credentials
+from client.channel import device_credentials, node_credentials
 from client.fetch import FetchError, FetchPolicy, fetch_release
 from server.distribute import ArtifactServicer, ArtifactStore, ServiceLimits, serve, server_credentials
+from server.fleet import Device, LocalFleet
 from shared.certs import make_fleet_certs
 from shared.manifest import parse
 from shared.proto import artifact_pb2, artifact_pb2_grpc
@@ -448,3 +450,16 @@ def test_one_device_cannot_take_every_download_slot(big_root, fleet_certs):
     finally:
         server.stop(None)
 
+
+def test_the_fleets_artifact_service_serves_its_devices_node_config_and_no_one_else(root, tmp_path):
+    fleet = LocalFleet(tmp_path / "fleet", [Device("dev-a", tmp_path / "t.jsonl", tmp_path / "h.jsonl")])
+    fleet.make_keys()
+    shutil.copytree(root, fleet.folder / "store")
+    try:
+        fleet.start_artifacts()  # the `fleetlora serve-artifacts` process `make fleet` runs
+        credentials = node_credentials(fleet.node_config("dev-a"))
+        got = fetch_release(fleet.artifact_address, "base", tmp_path / "cache", TRUST, BASE, credentials=credentials)
+        assert got.bytes_downloaded == len(PAYLOAD) + len(b'{"bits": 4}')
+        _refused(fleet.artifact_address, tmp_path / "anon", grpc.ssl_channel_credentials(fleet.certs.ca.read_bytes()))
+    finally:
+        fleet.down()
