@@ -463,3 +463,18 @@ def test_the_fleets_artifact_service_serves_its_devices_node_config_and_no_one_e
         _refused(fleet.artifact_address, tmp_path / "anon", grpc.ssl_channel_credentials(fleet.certs.ca.read_bytes()))
     finally:
         fleet.down()
+
+
+def test_a_latest_that_is_not_a_regular_file_is_not_found_without_hanging_a_thread(root):
+    run = root / "adapter" / "r"
+    run.mkdir(parents=True)
+    os.mkfifo(run / "LATEST")  # reading it would block a handler thread until someone writes
+    server, address = _serve(root)
+    try:
+        with contextlib.ExitStack() as stack, pytest.raises(grpc.RpcError) as exc:
+            _stub(stack, address).GetManifest(artifact_pb2.ManifestRequest(artifact="adapter/r/latest"), timeout=30)
+        assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        with contextlib.suppress(OSError):  # release a reader stuck on the FIFO, if any, so the test can end
+            os.close(os.open(run / "LATEST", os.O_WRONLY | os.O_NONBLOCK))
+        server.stop(None)

@@ -3,6 +3,7 @@
 The certificates in use (mutual TLS of the artifact service) are tested in tests/server/test_distribute.py.
 """
 
+import datetime as dt
 import stat
 
 import pytest
@@ -11,6 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+import shared.certs
 from shared.certs import make_fleet_certs
 
 
@@ -56,19 +58,39 @@ def test_rerun_keeps_the_ca_and_adds_nodes(tmp_path):
     assert again.node_key("b").is_file() and again.node_cert("b").is_file()
 
 
-def test_certificates_the_current_ca_did_not_sign_or_that_lost_their_key_are_issued_again(tmp_path):
-    certs = make_fleet_certs(tmp_path, ["a", "b"])
+def _issued_by(ca_path, *paths):
+    ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
+    for path in paths:
+        x509.load_pem_x509_certificate(path.read_bytes()).verify_directly_issued_by(ca)
+
+
+def test_certificates_the_current_ca_did_not_sign_are_issued_again(tmp_path):
+    certs = make_fleet_certs(tmp_path, ["a"])
     certs.ca.unlink()
     certs.ca_key.unlink()  # the operator makes a new CA: the old certificates would no longer be trusted
-    certs.node_tls_key("b").write_bytes(certs.node_tls_key("a").read_bytes())  # a key that is not b's (a crash)
     make_fleet_certs(tmp_path, ["a"])
+    _issued_by(certs.ca, certs.server_cert, certs.node_cert("a"))
+
+
+def test_a_certificate_whose_key_is_not_its_own_is_issued_again(tmp_path):
+    certs = make_fleet_certs(tmp_path, ["a", "b"])
+    certs.node_tls_key("b").write_bytes(certs.node_tls_key("a").read_bytes())  # e.g. a crash between the two writes
     make_fleet_certs(tmp_path, ["b"])
-    ca = x509.load_pem_x509_certificate(certs.ca.read_bytes())
-    for path in (certs.server_cert, certs.node_cert("a"), certs.node_cert("b")):
-        x509.load_pem_x509_certificate(path.read_bytes()).verify_directly_issued_by(ca)
     cert_b = x509.load_pem_x509_certificate(certs.node_cert("b").read_bytes())
     key_b = serialization.load_pem_private_key(certs.node_tls_key("b").read_bytes(), password=None)
     assert key_b.public_key() == cert_b.public_key()
+    _issued_by(certs.ca, certs.node_cert("b"))
+
+
+def test_a_certificate_close_to_its_end_is_issued_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(shared.certs, "VALID_DAYS", shared.certs.RENEW_DAYS - 1)
+    certs = make_fleet_certs(tmp_path, ["a"])
+    short = certs.node_cert("a").read_bytes()
+    monkeypatch.setattr(shared.certs, "VALID_DAYS", 365)
+    make_fleet_certs(tmp_path, ["a"])
+    renewed = x509.load_pem_x509_certificate(certs.node_cert("a").read_bytes())
+    assert certs.node_cert("a").read_bytes() != short
+    assert renewed.not_valid_after_utc - renewed.not_valid_before_utc > dt.timedelta(days=300)
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", ""])
@@ -76,3 +98,12 @@ def test_a_node_name_that_is_not_a_plain_name_is_refused_before_anything_is_writ
     with pytest.raises(ValueError, match="not a plain name"):
         make_fleet_certs(tmp_path / "certs", [name])
     assert not (tmp_path / "certs").exists() and not (tmp_path / "escape.key").exists()
+
+
+def test_a_link_planted_where_a_key_is_written_does_not_receive_the_key(tmp_path):
+    bait = tmp_path / "bait"
+    bait.write_bytes(b"")
+    (tmp_path / "certs" / "nodes").mkdir(parents=True)
+    (tmp_path / "certs" / "nodes" / ".a.tls.key.tmp").symlink_to(bait)  # where the key is first written
+    certs = make_fleet_certs(tmp_path / "certs", ["a"])
+    assert bait.read_bytes() == b"" and certs.node_tls_key("a").is_file() and not certs.node_tls_key("a").is_symlink()
