@@ -234,6 +234,7 @@ class _Stream:
     started: float = field(default_factory=time.monotonic)
     last: float = field(default_factory=time.monotonic)
     released: bool = False
+    cut: bool = False
 
 
 class _Streams:
@@ -293,9 +294,11 @@ class _Streams:
                 late = [
                     s
                     for s in self._running.values()
-                    if now - s.last > self.limits.progress_timeout or now - s.started > self.limits.stream_deadline
+                    if not s.cut
+                    and (now - s.last > self.limits.progress_timeout or now - s.started > self.limits.stream_deadline)
                 ]
             for s in late:
+                s.cut = True  # once: its slot comes back when the RPC ends (add_callback in open)
                 stalled = now - s.last > self.limits.progress_timeout
                 log.warning(
                     "artifact service: cut off %s after %.0f s: %s",
