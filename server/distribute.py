@@ -63,7 +63,7 @@ class ServiceLimits:
 
     download_streams: int = 8
     """Concurrent ``Download`` streams in all. Each holds a handler thread while its reader reads;
-    one more is refused with RESOURCE_EXHAUSTED at once (the fetcher retries with backoff)."""
+    one more is refused with RESOURCE_EXHAUSTED at once, a status to retry with backoff."""
     streams_per_device: int = 2
     """Concurrent ``Download`` streams of one device (its client certificate's name, over mutual
     TLS): one device cannot take the whole budget. A fetcher downloads one file at a time."""
@@ -75,7 +75,7 @@ class ServiceLimits:
     (``maximum_concurrent_rpcs`` = threads + this) rather than queueing without bound."""
     progress_timeout: float = 60.0
     """Seconds a ``Download`` may wait for its reader to take the next chunk (1 MiB): slower than
-    ~17 KiB/s, or not reading at all, and the stream is cancelled; the fetcher resumes from its offset."""
+    ~17 KiB/s, or not reading at all, and the stream is cancelled (a fetcher can resume from its offset)."""
     stream_deadline: float = 1800.0
     """Seconds one ``Download`` stream may last however fast it reads (a 1 GB file at 1 MB/s takes
     1000 s); a reader trickling just above the progress rate is cut off here."""
