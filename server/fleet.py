@@ -2,20 +2,22 @@
 
 :class:`LocalFleet` starts, in one folder (``outputs/fleet`` for ``fleetlora fleet up``)::
 
-    certs/                 fleet CA, server certificate (SANs 127.0.0.1, localhost), node identity keys
+    certs/                 fleet CA, server certificate (SANs 127.0.0.1, localhost), per device an identity
+                           key and a TLS client certificate (``shared/certs.py``)
     keys/server.key(.pub)  the coordinator's Ed25519 release-signing key and the devices' trust list
     superlink/             flower-superlink: TLS, SuperNode authentication, state database, Flower home
     cli/                   the operator's Flower home: one connection, "fleet", to the SuperLink (TLS)
-    store/                 the artifact store, served by ``fleetlora serve-artifacts`` over TLS
+    store/                 the artifact store, served by ``fleetlora serve-artifacts`` over mutual TLS
     nodes/<name>/          one SuperNode each: its Flower home, release cache and state
     outputs/<run-name>/    round log and final adapter;  logs/  one log file per process
     fleet.json             what runs: every process's PID (``fleetlora fleet down`` reads it)
 
 Each SuperNode is a device: its own data partition (a topic's ``train.jsonl`` / ``heldout.jsonl``,
-through the node config keys ``client/partition.py`` reads), cache folder, state folder and
-identity key, registered on the SuperLink before it connects. Everything speaks TLS with the
-fleet's CA; only the SuperNodes' local Runtime API (SuperNode to its own app processes, on
-loopback inside the device) stays plaintext.
+through the node config keys ``client/partition.py`` reads), cache folder, state folder,
+identity key, registered on the SuperLink before it connects, and TLS client certificate, which
+its node config names (``ca-file``, ``cert-file``, ``key-file``: ``client/channel.py``) and which
+the artifact service requires. Everything speaks TLS with the fleet's CA; only the SuperNodes'
+local Runtime API (SuperNode to its own app processes, on loopback inside the device) stays plaintext.
 """
 
 from __future__ import annotations
@@ -97,9 +99,7 @@ class LocalFleet:
 
     def up(self) -> None:
         """Make the certificates and keys, start the SuperLink, register and start every device."""
-        make_fleet_certs(self.certs.folder, list(self.devices))
-        if not self.signing_key.exists():
-            generate_key(self.signing_key)
+        self.make_keys()
         self.start_superlink()
         self._write_connection()
         for name in self.devices:
@@ -110,6 +110,12 @@ class LocalFleet:
         for name in self.devices:
             self.start_device(name)
         self.wait_online()
+
+    def make_keys(self) -> None:
+        """Make what is missing of the fleet's certificates (device certificates too) and its signing key."""
+        make_fleet_certs(self.certs.folder, list(self.devices))
+        if not self.signing_key.exists():
+            generate_key(self.signing_key)
 
     def down(self) -> None:
         """Stop every process this fleet started (devices first, the SuperLink last), by PID."""
@@ -142,20 +148,21 @@ class LocalFleet:
         self._start("superlink", cmd, home / "flwr", self.superlink_address)
 
     def start_artifacts(self) -> None:
-        """Start the artifact service over TLS on the store the ServerApp publishes into."""
+        """Start the artifact service over mutual TLS (the fleet's devices only) on the store the ServerApp fills."""
         (self.folder / "store").mkdir(parents=True, exist_ok=True)
         cmd = [
             sys.executable,
             *("-m", "shared.cli", "serve-artifacts", "--root", str(self.folder / "store")),
             *("--address", self.artifact_address),
             *("--tls-cert", str(self.certs.server_cert), "--tls-key", str(self.certs.server_key)),
+            *("--tls-ca", str(self.certs.ca)),
         ]
         self._start("artifacts", cmd, self.folder / "superlink" / "flwr", self.artifact_address)
 
-    def start_device(self, name: str) -> None:
-        """Start (or restart) device ``name``'s SuperNode with its key, data, cache and state."""
+    def node_config(self, name: str) -> dict[str, str]:
+        """Return device ``name``'s node config: its data, cache, state, trust list and TLS files."""
         device, home = self.devices[name], self.folder / "nodes" / name
-        node_config = {
+        return {
             "name": name,
             "train-file": str(device.train_file.resolve()),
             "heldout-file": str(device.heldout_file.resolve()),
@@ -163,7 +170,13 @@ class LocalFleet:
             "state-dir": str(home / "state"),
             "trust-file": f"{self.signing_key}.pub",
             "ca-file": str(self.certs.ca),
+            "cert-file": str(self.certs.node_cert(name)),
+            "key-file": str(self.certs.node_tls_key(name)),
         }
+
+    def start_device(self, name: str) -> None:
+        """Start (or restart) device ``name``'s SuperNode with its key, data, cache and state."""
+        home, node_config = self.folder / "nodes" / name, self.node_config(name)
         cmd = [
             "flower-supernode",
             *("--superlink", self.superlink_address, "--root-certificates", str(self.certs.ca)),
@@ -255,7 +268,7 @@ class LocalFleet:
 
     @property
     def artifact_address(self) -> str:
-        """The artifact service (gRPC over TLS)."""
+        """The artifact service (gRPC over mutual TLS)."""
         return f"127.0.0.1:{self.artifact_port}"
 
     def _write_connection(self) -> None:

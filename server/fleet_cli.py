@@ -1,11 +1,11 @@
 """``fleetlora fleet up|down``: a local fleet on loopback (``server/fleet.py``), for operators and CI.
 
 ``up`` starts the SuperLink (TLS, SuperNode authentication), one SuperNode per device (each on
-its own topic partition, with its own identity key, cache and state), and the artifact service
-(TLS); runs ``flwr run . fleet`` to the end; prints the round table; and stops every process it
-started. ``--keep`` leaves the fleet running after the run, for ``flwr`` commands against it
-(``FLWR_HOME=<dir>/cli flwr supernode list fleet``); ``down`` then stops it by the PIDs in
-``<dir>/fleet.json``.
+its own topic partition, with its own identity key, TLS client certificate, cache and state), and
+the artifact service (mutual TLS: the fleet's devices only); runs ``flwr run . fleet`` to the end;
+prints the round table; and stops every process it started. ``--keep`` leaves the fleet running
+after the run, for ``flwr`` commands against it (``FLWR_HOME=<dir>/cli flwr supernode list fleet``);
+``down`` then stops it by the PIDs in ``<dir>/fleet.json``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import time
 import tomllib
 from pathlib import Path
 from typing import Any
+
+from flwr.common.config import flatten_dict
 
 from server.fleet import APP_DIR, LocalFleet, stop_recorded, topic_devices
 from server.report import format_table
@@ -34,7 +36,9 @@ FLEET_DEFAULTS: dict[str, Any] = {
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``fleet`` subcommand."""
-    p = sub.add_parser("fleet", help="run a local fleet on loopback: SuperLink, SuperNodes, artifact service (TLS)")
+    p = sub.add_parser(
+        "fleet", help="run a local fleet on loopback: SuperLink, SuperNodes, artifact service (mutual TLS)"
+    )
     verbs = p.add_subparsers(dest="verb", required=True)
     up = verbs.add_parser("up", help="start the fleet, run the app to the end, stop every process")
     up.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"fleet folder (default {DEFAULT_DIR})")
@@ -54,7 +58,7 @@ def _up(args: argparse.Namespace) -> int:
         raise ValueError("--nodes must be >= 1")
     overrides = {**FLEET_DEFAULTS, **_parse(args.run_config)}
     defaults = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    cfg = FleetConfig.from_run_config(_flat(defaults) | overrides)  # a bad key fails before anything starts
+    cfg = FleetConfig.from_run_config(flatten_dict(defaults) | overrides)  # a bad key fails before anything starts
     if cfg.min_clients > args.nodes:
         raise ValueError(f"min-clients = {cfg.min_clients} needs at least that many --nodes (got {args.nodes})")
     stop_recorded(args.dir)  # a fleet left running in this folder
@@ -66,7 +70,7 @@ def _up(args: argparse.Namespace) -> int:
     with fleet:
         print(
             f"fleet: SuperLink on {fleet.superlink_address} (TLS, SuperNode auth), {args.nodes} SuperNodes, "
-            f"artifact service on {fleet.artifact_address} (TLS); logs in {fleet.folder / 'logs'}",
+            f"artifact service on {fleet.artifact_address} (mutual TLS); logs in {fleet.folder / 'logs'}",
             flush=True,
         )
         data = fleet.run(overrides, timeout=args.timeout, echo=True)
@@ -97,11 +101,4 @@ def _parse(items: list[str]) -> dict[str, Any]:
             out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             out[key.strip()] = raw
-    return out
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
