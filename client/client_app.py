@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from client.channel import ChannelConfigError, node_credentials
 from client.fetch import FetchError, fetch_release
 from client.partition import Partition, partition_for
 from client.train import evaluate, train_adapter
@@ -49,7 +50,7 @@ def train(msg: Message, context: Context) -> Message:
         base = _base(cfg, context)
         model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype)
         _install(msg, context, cfg, part, model, base.digest)
-    except (ReleaseError, WireError, SignatureError, FetchError, OSError) as exc:
+    except (ReleaseError, WireError, SignatureError, FetchError, ChannelConfigError, OSError) as exc:
         return _refuse(msg, part, server_round, exc)
     start = adapter_state(model)
     set_trainable_factors(model, cfg.aggregation.method)
@@ -88,7 +89,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         base = _base(cfg, context)
         model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype)
         _install(msg, context, cfg, part, model, base.digest)
-    except (ReleaseError, WireError, SignatureError, FetchError, OSError) as exc:
+    except (ReleaseError, WireError, SignatureError, FetchError, ChannelConfigError, OSError) as exc:
         return _refuse(msg, part, msg.content["config"].get("server-round", -1), exc)
     data = _encoded(part.heldout_file, base.spec, cfg.train.max_seq_len)
     result = evaluate(model, data, cfg.eval, tok.pad_token_id)
@@ -110,9 +111,8 @@ def _trust(cfg: FleetConfig, context: Context) -> TrustList:
 
 
 def _tls(context: Context) -> grpc.ChannelCredentials | None:
-    """TLS to the artifact service when the node config names the fleet's CA (``ca-file``), else plaintext."""
-    ca = context.node_config.get("ca-file")
-    return grpc.ssl_channel_credentials(Path(str(ca)).expanduser().read_bytes()) if ca else None
+    """Mutual TLS to the artifact service from the node config (``ca-file``, ``cert-file``, ``key-file``), else none."""
+    return node_credentials(context.node_config)
 
 
 @dataclass

@@ -172,7 +172,8 @@ def _distribute_base(cfg: FleetConfig, store: Path, key_path: Path) -> tuple[str
         digest = manifest.digest()[:16]
         log(INFO, "fleetlora: 4-bit base %s published in %s, served by a separate artifact service", digest, store)
         return manifest.base_digest, None
-    credentials = server_credentials(cfg.base.tls_cert, cfg.base.tls_key) if cfg.base.tls_cert else None
+    tls = (cfg.base.tls_cert, cfg.base.tls_key, cfg.base.tls_ca or None)
+    credentials = server_credentials(*tls) if cfg.base.tls_cert else None
     service, port = serve(store, cfg.base.address, credentials=credentials)
     log(
         INFO,

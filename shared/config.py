@@ -154,6 +154,9 @@ class BaseConfig:
     need the CA in their node config ``ca-file``. Empty: plaintext (simulation on loopback)."""
     tls_key: str = ""
     """Server: the PEM private key of ``tls-cert``."""
+    tls_ca: str = ""
+    """Server: the fleet CA whose device certificates the artifact service admits (mutual TLS);
+    empty means ``ca.pem`` beside ``tls-cert``, where ``fleetlora certs`` puts it."""
 
     def __post_init__(self) -> None:
         _check(self.serve in (0, 1), "base.serve", self.serve, "must be 0 or 1")
