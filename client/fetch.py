@@ -4,10 +4,11 @@ Steps (``fetch_release``):
 
 1. ask for the manifest and check its signature against the trust list *before* downloading;
 2. if ``<cache>/<manifest digest>/`` exists, verify it and return it: a second run downloads nothing;
-3. else download each file into ``<cache>/<digest>.partial/<file>``, resuming from the bytes
-   already there (also after a crash or a restart), checking each chunk's SHA-256 (a damaged
-   chunk is fetched again) and then the file's SHA-256 against the manifest (a mismatch deletes
-   the file and is refused, naming it);
+3. else download each file into ``<cache>/<digest>.partial/<file>`` (``client/download.py``),
+   never past the size the manifest signs (what the service announces is not trusted), resuming
+   from the bytes already there (also after a crash or a restart), checking each chunk's SHA-256
+   (a damaged chunk is fetched again) and then the file's SHA-256 against the manifest (a
+   mismatch deletes the file and is refused, naming it);
 4. verify the whole release (``shared.release.verify_release``) and only then move it into place;
 5. for an adapter, index it as the server does: ``<cache>/adapter/<run-id>/round-NNNN`` links to
    the release and ``LATEST`` names the newest round fetched, so ``fleetlora infer --adapter
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import logging
 import os
 import shutil
@@ -33,12 +33,13 @@ from typing import Any
 
 import grpc
 
-from shared.manifest import Manifest, parse, sha256_file
-from shared.progress import Progress
+from client.download import FetchError, FetchPolicy, Transfer, download_file, retry
+from shared.manifest import Manifest, parse
 from shared.proto import artifact_pb2, artifact_pb2_grpc
 from shared.release import (
     FOLDER_NAME,
-    MAX_FILE_BYTES,
+    MANIFEST,
+    SIGNATURE,
     ReleaseError,
     folder_round,
     latest_name,
@@ -49,22 +50,8 @@ from shared.release import (
 )
 from shared.sign import TrustList
 
+__all__ = ["FetchError", "FetchPolicy", "FetchResult", "fetch_release", "register"]
 log = logging.getLogger(__name__)
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL}
-
-
-class FetchError(RuntimeError):
-    """The release could not be fetched (server unreachable after retries, or a refused release)."""
-
-
-@dataclass
-class FetchPolicy:
-    """How hard to try: ``retries`` attempts after the first, waiting ``backoff`` x 2^k seconds (capped)."""
-
-    retries: int = 5
-    backoff: float = 0.5
-    max_backoff: float = 8.0
-    rpc_timeout: float = 60.0
 
 
 @dataclass
@@ -119,7 +106,7 @@ def _fetch(
     channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
     with channel:
         stub = artifact_pb2_grpc.ArtifactServiceStub(channel)
-        reply = _retry(
+        reply = retry(
             lambda: stub.GetManifest(artifact_pb2.ManifestRequest(artifact=artifact), timeout=policy.rpc_timeout),
             policy,
             sleep,
@@ -138,20 +125,53 @@ def _fetch(
             except ReleaseError as exc:
                 log.warning("cached %s failed verification (%s); fetching it again", final, exc)
                 shutil.rmtree(final)
-        partial = cache / f"{manifest.digest()}.partial"
-        partial.mkdir(parents=True, exist_ok=True)
-        (partial / "manifest.json").write_bytes(reply.manifest)
-        (partial / "manifest.sig").write_bytes(reply.signature)
-        result = FetchResult(final, manifest)
-        for name, expected in sorted(manifest.files.items()):
-            _fetch_file(stub, reply.artifact, name, expected, reply.sizes.get(name, 0), partial, policy, sleep, result)
+        partial = _partial(cache, manifest, reply)
+        transfer = Transfer()
+        for name in sorted(manifest.files):
+            if reply.sizes.get(name, manifest.sizes[name]) != manifest.sizes[name]:
+                log.warning(
+                    "%s from %s announces %d bytes for %s, its signed manifest %d: only the signed size is fetched",
+                    artifact, address, reply.sizes[name], name, manifest.sizes[name],
+                )  # fmt: skip
+            size, sha256 = manifest.sizes[name], manifest.files[name]
+            download_file(stub, reply.artifact, name, sha256, size, partial, policy, sleep, transfer)
         try:
             verify_release(read_release(partial), trust, base_digest)
         except ReleaseError as exc:
+            shutil.rmtree(partial)  # every file matched its hash: what failed is the release as a whole
             raise FetchError(f"{artifact} from {address}: release refused: {exc}") from None
         os.replace(partial, final)
-        result.run_folder = _index(cache, manifest, final)
-        return result
+        return FetchResult(
+            final,
+            manifest,
+            transfer.bytes_downloaded,
+            transfer.resumed_from,
+            transfer.chunks_refetched,
+            run_folder=_index(cache, manifest, final),
+        )
+
+
+def _partial(cache: Path, manifest: Manifest, reply: Any) -> Path:
+    """Return ``<cache>/<digest>.partial/`` holding the signed manifest and only what a resume may use.
+
+    Raises
+    ------
+    FetchError
+        The cache's disk lacks room for the rest of the release (its signed sizes).
+    """
+    partial = cache / f"{manifest.digest()}.partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    for path in partial.iterdir():
+        if path.name not in manifest.files:  # left by another version, or not a release file at all
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    (partial / MANIFEST).write_bytes(reply.manifest)
+    (partial / SIGNATURE).write_bytes(reply.signature)
+    have = {p.name: p.stat().st_size for p in partial.iterdir() if p.is_file() and p.name in manifest.files}
+    needed = sum(size - min(have.get(name, 0), size) for name, size in manifest.sizes.items())
+    free = shutil.disk_usage(partial).free
+    if needed > free:
+        raise FetchError(f"{partial} needs {needed:,} more bytes for the release, {free:,} are free on its disk")
+    return partial
 
 
 def _index(cache: Path, manifest: Manifest, folder: Path) -> Path | None:
@@ -183,90 +203,6 @@ def _index(cache: Path, manifest: Manifest, folder: Path) -> Path | None:
     return run
 
 
-def _fetch_file(
-    stub: Any,
-    artifact: str,
-    name: str,
-    expected: str,
-    size: int,
-    folder: Path,
-    policy: FetchPolicy,
-    sleep: Callable[[float], None],
-    result: FetchResult,
-) -> None:
-    """Download one file into ``folder``, resuming, until it is complete and its SHA-256 matches."""
-    if size > MAX_FILE_BYTES:
-        raise FetchError(f"{name} of {artifact}: the server announces {size:,} bytes, more than {MAX_FILE_BYTES:,}")
-    path = folder / name
-    have = path.stat().st_size if path.exists() else 0
-    if have > size:  # a stale partial file of another size: start over
-        path.unlink()
-        have = 0
-    if 0 < have < size:
-        result.resumed_from[name] = have
-    progress = Progress(f"{artifact}/{name}", size, start=have)
-    failures = 0
-    with open(path, "ab") as out:
-        while out.tell() < size:
-            request = artifact_pb2.DownloadRequest(artifact=artifact, file=name, offset=out.tell())
-            call = stub.Download(request, timeout=policy.rpc_timeout)
-            try:
-                for chunk in call:
-                    if chunk.offset != out.tell() or out.tell() + len(chunk.data) > size:
-                        raise _DamagedChunkError(f"chunk at {chunk.offset} of {name} does not fit the file")
-                    if hashlib.sha256(chunk.data).digest() != chunk.sha256:
-                        result.chunks_refetched += 1
-                        raise _DamagedChunkError(f"chunk at {chunk.offset} of {name} is damaged (SHA-256 mismatch)")
-                    out.write(chunk.data)
-                    result.bytes_downloaded += len(chunk.data)
-                    progress.update(out.tell())
-                    failures = 0
-            except (grpc.RpcError, _DamagedChunkError) as exc:
-                call.cancel()
-                code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.INTERNAL
-                if code not in RETRYABLE or failures >= policy.retries:
-                    progress.close()
-                    raise FetchError(
-                        f"{name} of {artifact}: download failed at byte {out.tell()}: {_describe(exc)}"
-                    ) from None
-                out.flush()
-                wait = min(policy.max_backoff, policy.backoff * 2**failures)
-                failures += 1
-                log.warning("%s: %s; resuming from byte %d in %.1f s", name, _describe(exc), out.tell(), wait)
-                sleep(wait)
-        out.flush()
-        os.fsync(out.fileno())
-    progress.close()
-    got = sha256_file(path)
-    if got != expected:
-        path.unlink()
-        raise FetchError(
-            f"{name} of {artifact}: SHA-256 {got[:16]}… does not match the manifest's {expected[:16]}…; deleted"
-        )
-
-
-class _DamagedChunkError(Exception):
-    pass
-
-
-def _retry(call: Callable[[], Any], policy: FetchPolicy, sleep: Callable[[float], None], address: str) -> Any:
-    """Run an RPC, retrying retryable failures with exponential backoff."""
-    for attempt in range(policy.retries + 1):
-        try:
-            return call()
-        except grpc.RpcError as exc:
-            if exc.code() not in RETRYABLE:
-                raise FetchError(f"artifact service at {address}: {_describe(exc)}") from None
-            if attempt == policy.retries:
-                raise FetchError(
-                    f"artifact service at {address} unreachable after {policy.retries + 1} attempts: {_describe(exc)}"
-                ) from None
-            wait = min(policy.max_backoff, policy.backoff * 2**attempt)
-            log.warning("artifact service at %s: %s; retrying in %.1f s", address, _describe(exc), wait)
-            sleep(wait)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``fetch`` subcommand."""
     p = sub.add_parser("fetch", help="fetch a signed release from the artifact service into the cache, verified")
@@ -291,9 +227,3 @@ def _fetch_cli(args: argparse.Namespace) -> int:
     if result.run_folder is not None:
         print(f"newest fetched release of the run: {result.run_folder} (fleetlora infer --adapter follows it)")
     return 0
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, grpc.RpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    return str(exc)

@@ -8,7 +8,7 @@ On disk a release is a folder::
 
 In a Flower round the same bytes travel in the message (``shared/wire.py`` packs them), so
 what a device verifies is exactly what it loads. :func:`verify_release` is the one verifier:
-signature by a trusted, unrevoked key; every file present, none extra, every SHA-256 equal;
+signature by a trusted, unrevoked key; every file present, none extra, every size and SHA-256 equal;
 the base digest equal to the device's base; and no replay or rollback against the last release
 the device accepted for that run (:class:`AcceptedReleases`).
 
@@ -32,11 +32,10 @@ from typing import Any
 
 import torch
 
-from shared.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse
+from shared.manifest import MAX_FILE_BYTES, MAX_MANIFEST_BYTES, Manifest, ManifestError, parse
 from shared.sign import SignatureError, TrustList, key_id, sign
 
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
-MAX_FILE_BYTES = 2 << 30  # no single release file is larger (a 4-bit base of a 1B model is < 1 GB)
 LATEST = "LATEST"
 _ROUND_FOLDER = re.compile(r"round-(\d{4,})")
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # one plain path segment: no '/', no '..'
@@ -72,6 +71,7 @@ def make_release(
         run_id=run_id,
         round=round,
         files={name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
+        sizes={name: len(data) for name, data in sorted(files.items())},
         base_digest=base_digest,
         method=method,
         created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -177,6 +177,10 @@ def verify_release(
         got = hashlib.sha256(release.files[name]).hexdigest()
         if got != expected:
             raise ReleaseError(f"{name}: SHA-256 {got[:16]}… does not match the manifest's {expected[:16]}…")
+        if len(release.files[name]) != manifest.sizes[name]:  # a manifest whose size and hash disagree
+            raise ReleaseError(
+                f"{name}: {len(release.files[name]):,} bytes, the manifest signs {manifest.sizes[name]:,}"
+            )
     if base_digest is not None and manifest.base_digest != base_digest:
         raise ReleaseError(
             f"release is for base model {manifest.base_digest[:16]}…, this device has {base_digest[:16]}…"

@@ -1,0 +1,158 @@
+"""The device fetcher against artifact services that lie, over a real gRPC server on loopback.
+
+The signed manifest is the only source of truth: what the service announces or streams beyond
+it never reaches the disk (TUF's "endless data" attack).
+"""
+
+import os
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from client.fetch import FetchError, FetchPolicy, fetch_release
+from server.distribute import ArtifactServicer, ArtifactStore, serve
+from shared.proto import artifact_pb2
+from shared.release import make_release, read_release, verify_release, write_release
+from shared.sign import TrustList, key_id
+
+KEY = Ed25519PrivateKey.generate()
+TRUST = TrustList({key_id(KEY.public_key()): KEY.public_key()})
+BASE = "b" * 64
+CHUNK = 64 * 1024
+CONFIG = os.urandom(1206)  # the size of the adapter_config.json of the original report
+WEIGHTS = os.urandom(3 * CHUNK + 17)
+LIE = 64 << 20  # what the lying service announces (and streams) per file: 64 MiB
+
+
+@pytest.fixture
+def root(tmp_path):
+    files = {"adapter_config.json": CONFIG, "adapter_model.safetensors": WEIGHTS}
+    release, _ = make_release(files, kind="base", run_id="base", round=0, base_digest=BASE, method="int4", key=KEY)
+    write_release(release, tmp_path / "store" / "base")
+    return tmp_path / "store"
+
+
+class _Started:
+    def __init__(self, root, servicer_cls):
+        self.server, port = serve(root, "127.0.0.1:0", servicer=servicer_cls(ArtifactStore(root), chunk_bytes=CHUNK))
+        self.address = f"127.0.0.1:{port}"
+
+    def __enter__(self):
+        return self.address
+
+    def __exit__(self, *_):
+        self.server.stop(None)
+
+
+def _fetch(address, cache, **policy):
+    return fetch_release(address, "base", cache, TRUST, BASE, FetchPolicy(**policy), sleep=lambda _: None)
+
+
+def _bytes_on_disk(cache):
+    """Bytes of release files the fetcher wrote (the manifest and signature aside)."""
+    return sum(p.stat().st_size for p in cache.rglob("*") if p.is_file() and not p.name.startswith("manifest."))
+
+
+class ReplaysARealManifestButAnnouncesHugeFiles(ArtifactServicer):
+    """Replays the real signed manifest, announces 64 MiB per file, streams 16 MiB of it, then drops the stream."""
+
+    def GetManifest(self, request, context):  # noqa: N802
+        reply = super().GetManifest(request, context)
+        return artifact_pb2.ManifestReply(
+            artifact=reply.artifact,
+            manifest=reply.manifest,
+            signature=reply.signature,
+            sizes={name: LIE for name in reply.sizes},
+        )
+
+    def Download(self, request, context):  # noqa: N802
+        real = self.store.path(request.artifact, request.file).read_bytes()
+        offset = request.offset
+        while offset < LIE // 4:  # the real bytes, then junk, in well-formed chunks with correct hashes
+            data = (real[offset : offset + CHUNK] + bytes(CHUNK))[:CHUNK]
+            yield self.chunk(offset, data)
+            offset += len(data)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost")  # the device gives up: what stays on disk?
+
+
+def test_a_service_announcing_and_streaming_more_than_the_signed_sizes_is_cut_off(root, tmp_path):
+    with _Started(root, ReplaysARealManifestButAnnouncesHugeFiles) as address:
+        with pytest.raises(FetchError) as refused:
+            _fetch(address, tmp_path / "cache", retries=0)
+    assert _bytes_on_disk(tmp_path / "cache") <= len(CONFIG) + len(WEIGHTS)  # was 16 MiB of junk
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and not p.name.endswith(".partial")]
+    assert "adapter_config.json: the service sent 65,536 bytes at offset 0" in str(refused.value)
+    assert "cut off" in str(refused.value)
+
+
+class StreamsPastTheEndOfTheFile(ArtifactServicer):
+    def Download(self, request, context):  # noqa: N802
+        last = None
+        for chunk in super().Download(request, context):
+            last = chunk
+            yield chunk
+        end = (last.offset + len(last.data)) if last is not None else request.offset
+        yield self.chunk(end, b"\0" * CHUNK)  # one more chunk than the file has
+
+
+def test_a_service_streaming_past_the_end_of_a_file_never_gets_it_written(root, tmp_path):
+    with _Started(root, StreamsPastTheEndOfTheFile) as address:
+        with pytest.raises(FetchError) as refused:
+            _fetch(address, tmp_path / "cache")
+    (partial,) = (tmp_path / "cache").glob("*.partial")
+    assert (partial / "adapter_config.json").read_bytes() == CONFIG  # what a resume may use, and nothing more
+    assert "adapter_config.json: the service sent 65,536 bytes at offset 1,206" in str(refused.value)
+
+
+class EndsEveryStreamAtOnce(ArtifactServicer):
+    def Download(self, request, context):  # noqa: N802
+        yield from ()
+
+
+def test_a_service_whose_streams_end_early_is_given_up_on_after_the_retries(root, tmp_path):
+    with _Started(root, EndsEveryStreamAtOnce) as address:
+        with pytest.raises(FetchError, match=r"adapter_config\.json of base: download failed at byte 0: .*ended"):
+            _fetch(address, tmp_path / "cache", retries=2)  # before: re-asked forever
+
+
+def test_leftovers_in_the_partial_folder_are_bounded_by_the_signed_sizes_and_cleaned(root, tmp_path):
+    with _Started(root, ArtifactServicer) as address:
+        _fetch(address, tmp_path / "probe")  # learn the release's digest
+        digest = next(p.name for p in (tmp_path / "probe").iterdir() if p.is_dir())
+        partial = tmp_path / "cache" / f"{digest}.partial"
+        partial.mkdir(parents=True)
+        (partial / "junk.bin").write_bytes(b"x" * 1000)  # not a file of the release (another version, a crash)
+        (partial / "adapter_config.json").write_bytes(b"y" * (len(CONFIG) + 1))  # longer than its signed size
+        (partial / "adapter_model.safetensors").write_bytes(WEIGHTS[:CHUNK])  # a resumable prefix
+        result = _fetch(address, tmp_path / "cache")
+    assert result.resumed_from == {"adapter_model.safetensors": CHUNK}
+    assert result.bytes_downloaded == len(CONFIG) + len(WEIGHTS) - CHUNK
+    assert sorted(p.name for p in result.folder.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "manifest.json",
+        "manifest.sig",
+    ]
+    assert verify_release(read_release(result.folder), TRUST, BASE).sizes["adapter_config.json"] == len(CONFIG)
+
+
+def test_the_signed_size_not_the_announced_one_bounds_an_honest_looking_file(root, tmp_path):
+    (root / "base" / "adapter_config.json").write_bytes(CONFIG + b"tail")  # the service's copy grew on disk
+    with _Started(root, ArtifactServicer) as address:
+        with pytest.raises(FetchError) as refused:
+            _fetch(address, tmp_path / "cache", retries=0)
+    (partial,) = (tmp_path / "cache").glob("*.partial")
+    assert not (partial / "adapter_config.json").exists() or (partial / "adapter_config.json").stat().st_size <= 1206
+    assert "cut off" in str(refused.value)
+
+
+def test_grpc_status_of_a_refusing_service_is_named(root, tmp_path):
+    class Refuses(ArtifactServicer):
+        def Download(self, request, context):  # noqa: N802
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
+            yield from ()
+
+    with _Started(root, Refuses) as address:
+        with pytest.raises(FetchError, match="PERMISSION_DENIED: no"):
+            _fetch(address, tmp_path / "cache")
