@@ -112,7 +112,7 @@ def parse(data: bytes) -> Manifest:
         raise ManifestError(f"manifest is {len(data):,} bytes, more than {MAX_MANIFEST_BYTES:,}")
     try:
         obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, an integer of more than 4300 digits, deep nesting
         raise ManifestError(f"manifest is not UTF-8 JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ManifestError(f"manifest must be a JSON object, got {type(obj).__name__}")
@@ -145,10 +145,10 @@ def _check_fields(obj: Mapping[str, Any]) -> None:
     rules = [
         (obj["format"] == FORMAT, "format", f"must be {FORMAT}"),
         (obj["kind"] in KINDS, "kind", f"must be one of {KINDS}"),
-        (0 < len(obj["run_id"]) <= 200, "run_id", "must be 1 to 200 characters"),
+        (_is_text(obj["run_id"], 1, 200), "run_id", "must be 1 to 200 printable characters"),
         (0 <= obj["round"] <= MAX_ROUND, "round", f"must be 0 to {MAX_ROUND:,}"),
         (bool(_HEX64.fullmatch(obj["base_digest"])), "base_digest", "must be 64 lowercase hex digits"),
-        (len(obj["method"]) <= 64, "method", "must be at most 64 characters"),
+        (_is_text(obj["method"], 0, 64), "method", "must be at most 64 printable characters"),
         (_is_time(obj["created"]), "created", "must be UTC time as YYYY-MM-DDTHH:MM:SSZ"),
         (bool(_KEY_ID.fullmatch(obj["key_id"])), "key_id", "must be 16 lowercase hex digits"),
         (obj["previous"] == "" or bool(_HEX64.fullmatch(obj["previous"])), "previous", "must be empty or 64 hex"),
@@ -163,6 +163,11 @@ def _check_fields(obj: Mapping[str, Any]) -> None:
         if not (isinstance(digest, str) and _HEX64.fullmatch(digest)):
             raise ManifestError(f"manifest hash of '{name}' must be 64 lowercase hex digits")
     _check_sizes(obj["files"], obj["sizes"])
+
+
+def _is_text(text: str, shortest: int, longest: int) -> bool:
+    # printable: no control characters (a run id is logged and shown) and no lone surrogates (not UTF-8)
+    return shortest <= len(text) <= longest and text.isprintable()
 
 
 def _is_time(text: str) -> bool:
