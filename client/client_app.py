@@ -28,8 +28,9 @@ from shared.adapter import adapter_state, attach_lora, set_trainable_factors, up
 from shared.config import FleetConfig, LoraConfig
 from shared.data import Encoded, encode, load_jsonl
 from shared.model import cache_dir, compute_dtype, load_model, load_tokenizer, model_digest
-from shared.release import AcceptedReleases, ReleaseError
+from shared.release import ReleaseError
 from shared.release_records import release_from_records
+from shared.replay import AcceptedReleases
 from shared.sign import SignatureError, TrustList
 from shared.wire import WireError, pack
 

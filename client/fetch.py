@@ -48,6 +48,7 @@ from shared.release import (
     round_folder,
     verify_release,
 )
+from shared.replay import AcceptedReleases, default_state_file
 from shared.sign import TrustList
 
 __all__ = ["FetchError", "FetchPolicy", "FetchResult", "fetch_release", "register"]
@@ -76,8 +77,12 @@ def fetch_release(
     policy: FetchPolicy | None = None,
     credentials: grpc.ChannelCredentials | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    accepted: AcceptedReleases | None = None,
 ) -> FetchResult:
     """Fetch ``artifact`` from the service at ``address`` into ``cache``; see the module docstring.
+
+    ``accepted``: the device's replay store. A release older than (or forking from) the last one
+    it accepted of the same run is refused before any download; a fetched release is recorded.
 
     Raises
     ------
@@ -90,7 +95,13 @@ def fetch_release(
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".lock", "w") as lock:  # one fetcher per cache at a time (devices sharing a disk)
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _fetch(address, artifact, cache, trust, base_digest, policy, credentials, sleep)
+        result = _fetch(address, artifact, cache, trust, base_digest, policy, credentials, sleep, accepted)
+        if accepted is not None:
+            try:
+                accepted.accept(result.manifest)  # durable before the caller uses it
+            except ReleaseError as exc:
+                raise FetchError(f"{artifact} from {address}: {exc}") from None
+        return result
 
 
 def _fetch(
@@ -102,6 +113,7 @@ def _fetch(
     policy: FetchPolicy,
     credentials: grpc.ChannelCredentials | None,
     sleep: Callable[[float], None],
+    accepted: AcceptedReleases | None,
 ) -> FetchResult:
     channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
     with channel:
@@ -115,6 +127,8 @@ def _fetch(
         try:  # signature first: an unsigned or foreign manifest costs no download
             manifest = parse(reply.manifest)
             trust.verify(manifest.key_id, reply.manifest, reply.signature)
+            if accepted is not None:  # a replayed or rolled-back manifest costs no download either
+                accepted.check(manifest)
         except ValueError as exc:
             raise FetchError(f"{artifact} from {address}: manifest refused: {exc}") from None
         final = cache / manifest.digest()
@@ -211,6 +225,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust", type=Path, required=True, help="trust-list file")
     p.add_argument("--cache", type=Path, default=None, help="cache folder (default: ~/.cache/fleetlora/releases)")
     p.add_argument("--base", help="expected base-model digest; checked if given")
+    p.add_argument(
+        "--state", type=Path, default=None,
+        help="replay store: the releases this device accepted (default: <cache>/accepted.json, as fleetlora infer)",
+    )  # fmt: skip
     p.set_defaults(func=_fetch_cli)
 
 
@@ -218,7 +236,8 @@ def _fetch_cli(args: argparse.Namespace) -> int:
     from shared.model import cache_dir
 
     cache = args.cache or cache_dir() / "releases"
-    result = fetch_release(args.address, args.artifact, cache, TrustList.load(args.trust), args.base)
+    accepted = AcceptedReleases(args.state or default_state_file(cache))
+    result = fetch_release(args.address, args.artifact, cache, TrustList.load(args.trust), args.base, accepted=accepted)
     m = result.manifest
     print(
         f"{result.folder}  ({m.kind} of run {m.run_id}, round {m.round}, key {m.key_id}; "

@@ -10,7 +10,7 @@ In a Flower round the same bytes travel in the message (``shared/wire.py`` packs
 what a device verifies is exactly what it loads. :func:`verify_release` is the one verifier:
 signature by a trusted, unrevoked key; every file present, none extra, every size and SHA-256 equal;
 the base digest equal to the device's base; and no replay or rollback against the last release
-the device accepted for that run (:class:`AcceptedReleases`).
+the device accepted for that run (``shared.replay.AcceptedReleases``).
 
 A run's releases sit side by side in its run folder, ``round-NNNN/`` each, with a ``LATEST``
 file naming the newest (:func:`point_latest`, :func:`follow_latest`): the server's registry,
@@ -21,19 +21,21 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import os
 import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shared.manifest import MAX_FILE_BYTES, MAX_MANIFEST_BYTES, Manifest, ManifestError, parse
 from shared.sign import SignatureError, TrustList, key_id, sign
+
+if TYPE_CHECKING:
+    from shared.replay import AcceptedReleases
 
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 LATEST = "LATEST"
@@ -209,44 +211,10 @@ def save_tensors(state: Mapping[str, torch.Tensor]) -> bytes:
     return save({k: v.detach().to(torch.float16).contiguous() for k, v in sorted(state.items())})
 
 
-class AcceptedReleases:
-    """The last release a device accepted per run: refuses replays, rollbacks and forks.
+def __getattr__(name: str) -> Any:
+    """Keep ``from shared.release import AcceptedReleases`` working (tests/server/test_fleet.py); it is in replay.py."""
+    if name == "AcceptedReleases":
+        from shared.replay import AcceptedReleases
 
-    The release in use may come again (each round sends it with the train and evaluate
-    messages); an older round, or a different release for the same round, is refused.
-
-    Stored as JSON (``{run_id: {"round": r, "digest": d}}``) so it survives restarts.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        try:
-            self.runs: dict[str, dict[str, Any]] = json.loads(self.path.read_text()) if self.path.exists() else {}
-        except (OSError, json.JSONDecodeError):
-            self.runs = {}  # a damaged record only loses replay history, never a release
-
-    def check(self, manifest: Manifest) -> None:
-        """Refuse a release not newer than the last accepted one of its run, or off its chain."""
-        last = self.runs.get(f"{manifest.kind}:{manifest.run_id}")
-        if last is None:
-            return
-        if manifest.round == last["round"] and manifest.digest() == last["digest"]:
-            return  # the release already in use, delivered again (a train message after an evaluate one)
-        if manifest.round <= last["round"]:
-            raise ReleaseError(
-                f"replay: round {manifest.round} of run {manifest.run_id} is not newer than the accepted "
-                f"round {last['round']}"
-            )
-        if manifest.round == last["round"] + 1 and manifest.previous != last["digest"]:
-            raise ReleaseError(
-                f"chain broken: round {manifest.round} names previous manifest {manifest.previous[:16] or '(none)'}…, "
-                f"the accepted round {last['round']} is {last['digest'][:16]}…"
-            )
-
-    def accept(self, manifest: Manifest) -> None:
-        """Record ``manifest`` as the run's latest accepted release (atomically)."""
-        self.runs[f"{manifest.kind}:{manifest.run_id}"] = {"round": manifest.round, "digest": manifest.digest()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.runs, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        return AcceptedReleases
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

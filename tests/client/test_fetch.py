@@ -14,7 +14,7 @@ from client.fetch import FetchError, FetchPolicy, fetch_release
 from server.distribute import ArtifactServicer, ArtifactStore, serve
 from shared.proto import artifact_pb2
 from shared.release import make_release, read_release, verify_release, write_release
-from shared.sign import TrustList, key_id
+from shared.sign import TrustList, key_id, public_line
 
 KEY = Ed25519PrivateKey.generate()
 TRUST = TrustList({key_id(KEY.public_key()): KEY.public_key()})
@@ -156,3 +156,34 @@ def test_grpc_status_of_a_refusing_service_is_named(root, tmp_path):
     with _Started(root, Refuses) as address:
         with pytest.raises(FetchError, match="PERMISSION_DENIED: no"):
             _fetch(address, tmp_path / "cache")
+
+
+def _adapter_rounds(root, rounds):
+    previous = ""
+    for n in rounds:
+        files = {"adapter_model.safetensors": bytes([n]) * 10}
+        release, manifest = make_release(
+            files, kind="adapter", run_id="r", round=n, base_digest=BASE, method="fedavg", key=KEY, previous=previous
+        )
+        write_release(release, root / "adapter" / "r" / f"round-{n:04d}")
+        previous = manifest.digest()
+
+
+def test_fleetlora_fetch_keeps_replay_state_across_runs(root, tmp_path, capsys):
+    from shared.cli import main
+
+    _adapter_rounds(root, (1, 2))
+    trust = tmp_path / "trust.pub"
+    trust.write_text(public_line(KEY.public_key()) + "\n")
+    cache = tmp_path / "cache"
+    with _Started(root, ArtifactServicer) as address:
+        common = ["--address", address, "--trust", str(trust), "--cache", str(cache)]
+        assert main(["fetch", "adapter/r/round-0002", *common]) == 0
+        assert main(["fetch", "adapter/r/round-0001", *common]) == 2  # a later run of the command: still refused
+        err = capsys.readouterr().err
+        assert "replay: round 1 of run r is not newer than the accepted round 2" in err
+        (cache / "accepted.json").write_bytes(b"")  # the store damaged (a power loss)
+        assert main(["fetch", "adapter/r/round-0002", *common]) == 2
+        assert "refuses every release until an operator repairs it" in capsys.readouterr().err
+    digests = {p.name for p in cache.iterdir() if p.is_dir() and p.name != "adapter"}
+    assert len(digests) == 1  # round 1 was refused before anything of it was downloaded

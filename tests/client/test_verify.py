@@ -10,7 +10,8 @@ from client.verify import install_release
 from shared.adapter import ADAPTER_WEIGHTS, adapter_state, attach_lora
 from shared.config import LoraConfig
 from shared.model import load_model
-from shared.release import AcceptedReleases, ReleaseError, make_release, save_tensors
+from shared.release import ReleaseError, make_release, save_tensors
+from shared.replay import AcceptedReleases
 from shared.sign import TrustList, key_id
 
 BASE = "a" * 64
@@ -66,3 +67,11 @@ def test_a_good_release_is_loaded_and_bad_ones_leave_it_active(device):
 
     install_release(model, blob, TRUST, BASE, accepted)  # the genuine round 2 still installs afterwards
     assert all(torch.allclose(adapter_state(model)[k], next_state[k], atol=1e-2) for k in next_state)
+
+
+def test_a_release_the_device_cannot_record_is_not_used(device, tmp_path):
+    model, _ = device
+    (tmp_path / "full-disk").write_text("")  # the store's folder is a file: every write fails
+    unwritable = AcceptedReleases(tmp_path / "full-disk" / "accepted.json")
+    release, _ = _release(_shifted(model, 0.5))
+    _refused_keeps_the_adapter(model, unwritable, release, "replay store .* cannot be written")
