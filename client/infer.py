@@ -2,7 +2,7 @@
 
 :class:`EdgeModel` verifies the signed base, exports it once (``client/export.py``) and loads
 it with onnxruntime-genai. :meth:`EdgeModel.apply_release` verifies a signed adapter release
-(signature, file hashes, base digest, not older than the active one), converts it to an
+(signature, file hashes, base digest, not older than the active one, finite values), converts it to an
 ``.onnx_adapter`` file and makes it active; the base is never rebuilt, and any failure leaves
 the previous adapter active. :meth:`EdgeModel.generate` streams a greedy answer to a chat
 prompt, with or without the adapter.
@@ -20,6 +20,7 @@ from typing import Any
 
 from client.export import BASE_ADAPTER, CORRECTIONS, DONE, ExportOptions, export_base
 from client.onnx_adapter import AdapterError, lora_scale, onnx_lora_tensors, write_onnx_adapter
+from client.verify import check_adapter_values
 from shared.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from shared.manifest import Manifest
 from shared.release import ReleaseError, load_tensors, read_release, verify_release
@@ -123,6 +124,7 @@ class EdgeModel:
         try:
             scale = lora_scale(release.files[ADAPTER_CONFIG])
             state = load_tensors(release.files[ADAPTER_WEIGHTS])
+            check_adapter_values(state)
             tensors = onnx_lora_tensors(state, scale, self.lora_layers, self.corrections)
         except AdapterError as exc:
             raise ReleaseError(f"the adapter does not fit the exported model: {exc}") from None

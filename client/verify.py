@@ -8,13 +8,20 @@ it. Any failure leaves the adapter that was active untouched.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from shared.adapter import ADAPTER_WEIGHTS, adapter_state, load_adapter_state
 from shared.manifest import Manifest
 from shared.release import Release, ReleaseError, load_tensors, verify_release
 from shared.replay import AcceptedReleases
 from shared.sign import TrustList
+
+# No trained LoRA factor comes near this (they stay well under 10); fp16 still holds it (max 65,504), so a
+# signed release can carry it: one such entry already makes B·A swamp the base weights it corrects.
+MAX_ADAPTER_VALUE = 1e4
 
 
 def install_release(
@@ -25,8 +32,9 @@ def install_release(
     Raises
     ------
     ReleaseError
-        Naming the failed check (signature, file hash, base, replay, replay store) or why the
-        adapter does not fit this model. The model's active adapter is then unchanged.
+        Naming the failed check (signature, file hash, base, replay, replay store, non-finite or
+        absurd values) or why the adapter does not fit this model. The model's active adapter is
+        then unchanged.
     """
     manifest = verify_release(release, trust, base_digest, accepted)
     if manifest.kind != "adapter":
@@ -36,6 +44,7 @@ def install_release(
     if ADAPTER_WEIGHTS not in release.files:
         raise ReleaseError(f"release has no {ADAPTER_WEIGHTS}")
     state = load_tensors(release.files[ADAPTER_WEIGHTS])
+    check_adapter_values(state)
     before = adapter_state(peft_model)
     try:
         load_adapter_state(peft_model, state)  # checks every key and shape before it writes anything
@@ -47,3 +56,23 @@ def install_release(
         load_adapter_state(peft_model, before)  # a device that cannot record a release does not use it
         raise
     return manifest
+
+
+def check_adapter_values(state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse an adapter holding an inf, a NaN or a value beyond :data:`MAX_ADAPTER_VALUE`, naming the tensor.
+
+    A signed release is only as sound as the aggregate the coordinator signed; a device checks
+    the numbers it is about to compute with too.
+
+    Raises
+    ------
+    ReleaseError
+        Naming the first offending tensor, how many entries are not finite, or its largest magnitude.
+    """
+    for name, tensor in sorted(state.items()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ReleaseError(f"the adapter's {name} holds {bad:,} non-finite values (inf or NaN); refused")
+        peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+        if peak > MAX_ADAPTER_VALUE:
+            raise ReleaseError(f"the adapter's {name} holds {peak:.3g}, beyond {MAX_ADAPTER_VALUE:.0e}; refused")

@@ -75,3 +75,20 @@ def test_a_release_the_device_cannot_record_is_not_used(device, tmp_path):
     unwritable = AcceptedReleases(tmp_path / "full-disk" / "accepted.json")
     release, _ = _release(_shifted(model, 0.5))
     _refused_keeps_the_adapter(model, unwritable, release, "replay store .* cannot be written")
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [(float("inf"), "non-finite values"), (float("nan"), "non-finite values"), (3e4, "holds 3e\\+04, beyond 1e\\+04")],
+)
+def test_a_release_with_non_finite_or_absurd_values_is_refused(device, value, reason):
+    model, accepted = device
+    good, m1 = _release(_shifted(model, 0.5))
+    install_release(model, good, TRUST, BASE, accepted)
+    poisoned = _shifted(model, 0.0)
+    key = sorted(poisoned)[0]
+    poisoned[key] = poisoned[key].clone()
+    poisoned[key][0, 0] = value  # one entry is enough: it spreads through B·A into every logit
+    release = _release(poisoned, round=2, previous=m1.digest())[0]
+    _refused_keeps_the_adapter(model, accepted, release, reason)
+    assert accepted.runs["adapter:r"]["round"] == 1  # and it is not recorded as accepted
