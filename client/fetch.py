@@ -34,6 +34,7 @@ from typing import Any
 import grpc
 
 from client.download import FetchError, FetchPolicy, Transfer, download_file, retry
+from shared.atomic import fsync_dir, write_atomic
 from shared.manifest import Manifest, parse
 from shared.proto import artifact_pb2, artifact_pb2_grpc
 from shared.release import (
@@ -154,7 +155,8 @@ def _fetch(
         except ReleaseError as exc:
             shutil.rmtree(partial)  # every file matched its hash: what failed is the release as a whole
             raise FetchError(f"{artifact} from {address}: release refused: {exc}") from None
-        os.replace(partial, final)
+        os.replace(partial, final)  # its files were fsynced as they completed
+        fsync_dir(cache)
         return FetchResult(
             final,
             manifest,
@@ -178,8 +180,8 @@ def _partial(cache: Path, manifest: Manifest, reply: Any) -> Path:
     for path in partial.iterdir():
         if path.name not in manifest.files:  # left by another version, or not a release file at all
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    (partial / MANIFEST).write_bytes(reply.manifest)
-    (partial / SIGNATURE).write_bytes(reply.signature)
+    write_atomic(partial / MANIFEST, reply.manifest)
+    write_atomic(partial / SIGNATURE, reply.signature)
     have = {p.name: p.stat().st_size for p in partial.iterdir() if p.is_file() and p.name in manifest.files}
     needed = sum(size - min(have.get(name, 0), size) for name, size in manifest.sizes.items())
     free = shutil.disk_usage(partial).free
@@ -206,6 +208,7 @@ def _index(cache: Path, manifest: Manifest, folder: Path) -> Path | None:
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(os.path.relpath(folder, run), target_is_directory=True)
     os.replace(tmp, run / name)
+    fsync_dir(run)
     try:
         current = latest_name(run)
     except ReleaseError as exc:

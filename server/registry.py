@@ -8,13 +8,22 @@ Layout (``<output-dir>/<run-name>/releases/``)::
 
 Each manifest names the digest of the previous one (a chain), so a device can tell a replayed
 or rolled-back adapter from the next one. The signing key is read once and never leaves the server.
+
+One coordinator per run folder: a :class:`Registry` holds an exclusive ``flock`` on
+``<folder>/.lock`` for the life of its process, so a second coordinator started with the same
+run id fails at once (:class:`RunFolderLockedError`) instead of signing a second round N + 1.
+Registries of one folder inside one process share that lock (a process is one coordinator; a
+restarted coordinator is a new process, and the kernel drops the lock of a killed one).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -23,15 +32,29 @@ from shared.manifest import Manifest
 from shared.release import Release, make_release, point_latest, round_folder, save_tensors, write_release
 from shared.sign import load_private_key
 
+LOCK_FILE = ".lock"
+_HELD: dict[Path, tuple[IO[str], int]] = {}  # run folder -> (its locked file, registries of this process on it)
+
+
+class RunFolderLockedError(RuntimeError):
+    """Another coordinator process holds the run folder; the message names it and what to do."""
+
 
 class Registry:
-    """Signs and stores the releases of one run."""
+    """Signs and stores the releases of one run.
+
+    Raises
+    ------
+    RunFolderLockedError
+        From the constructor, if another process is the coordinator of ``folder``.
+    """
 
     def __init__(
         self, folder: str | Path, key_path: str | Path, run_id: str, base_digest: str, method: str, config: bytes
     ) -> None:
         self.folder = Path(folder)
         self._key: Any = load_private_key(key_path)  # refuses a key other users can read
+        self._locked: Path | None = _lock(self.folder, run_id)
         self.run_id, self.base_digest, self.method = run_id, base_digest, method
         self._config = config
         self.latest: tuple[Release, Manifest] | None = None
@@ -63,3 +86,45 @@ class Registry:
         # a coordinator killed between the two writes left LATEST one behind
         point_latest(self.folder, round_folder(manifest.round))
         self.latest = (release, manifest)
+
+    def close(self) -> None:
+        """Release this registry's hold on the run folder (the lock goes with the process's last one)."""
+        if self._locked is not None:
+            _unlock(self._locked)
+            self._locked = None
+
+
+def _lock(folder: Path, run_id: str) -> Path:
+    """Take (or share, within this process) the exclusive lock of ``folder``; return its key."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key = folder.resolve()
+    if key in _HELD:
+        held, users = _HELD[key]
+        _HELD[key] = (held, users + 1)
+        return key
+    f = open(key / LOCK_FILE, "a+")  # noqa: SIM115 (held open for the life of the process)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read(200).strip() or "another process"
+        f.close()
+        raise RunFolderLockedError(
+            f"run folder {folder} is held by another coordinator ({holder}): two coordinators of run {run_id} "
+            f"would both sign its next round. Stop that one first, or start this run with another run-id"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _HELD[key] = (f, 1)
+    return key
+
+
+def _unlock(key: Path) -> None:
+    held, users = _HELD[key]
+    if users > 1:
+        _HELD[key] = (held, users - 1)
+        return
+    del _HELD[key]
+    held.close()  # closing the file drops the flock

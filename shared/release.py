@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from shared.atomic import fsync_dir, write_atomic
 from shared.manifest import MAX_FILE_BYTES, MAX_MANIFEST_BYTES, Manifest, ManifestError, parse
 from shared.sign import SignatureError, TrustList, key_id, sign
 
@@ -85,15 +86,20 @@ def make_release(
 
 
 def write_release(release: Release, folder: str | Path) -> Path:
-    """Write a release folder atomically (a reader never sees half a release)."""
+    """Write a release folder atomically and durably (a reader, or a restart after a power loss, never sees half).
+
+    Each file is written and fsynced in ``<folder>.partial/``, that folder is fsynced, renamed
+    into place, and the parent folder fsynced: once this returns, the release survives a crash.
+    """
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, data in {**release.files, MANIFEST: release.manifest_bytes, SIGNATURE: release.signature}.items():
-        (tmp / name).write_bytes(data)
+        write_atomic(tmp / name, data)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+    fsync_dir(folder.parent)
     return folder
 
 
@@ -127,12 +133,10 @@ def folder_round(name: str) -> int | None:
 
 
 def point_latest(run_folder: str | Path, name: str) -> None:
-    """Make ``run_folder/LATEST`` name the release folder ``name`` (written aside, then renamed: never half)."""
+    """Make ``run_folder/LATEST`` name the release folder ``name`` (``shared/atomic.py``: never half, durable)."""
     if not FOLDER_NAME.fullmatch(name):
         raise ReleaseError(f"{name!r:.80} is not a release folder name")
-    tmp = Path(run_folder) / f"{LATEST}.tmp"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, Path(run_folder) / LATEST)
+    write_atomic(Path(run_folder) / LATEST, f"{name}\n".encode())
 
 
 def latest_name(run_folder: str | Path) -> str | None:
