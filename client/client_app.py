@@ -1,7 +1,8 @@
 """Flower ClientApp: one edge device. Thin glue over ``client/train.py``.
 
 Each message carries the global adapter as a signed release; the device verifies it
-(``client/verify.py``; a refused release is reported and the last good adapter stays), loads
+(``client/verify.py``; a refused release is reported and the last good adapter stays) against
+its own trust list and history (``client/device.py``: never taken from the run config), loads
 it on its cached base, then
 either trains and replies with the adapter *delta* (``aggregation.delta-encoding``) and its metrics, or evaluates
 it on its held-out file. The base model never travels in a round message.
@@ -10,16 +11,16 @@ it on its held-out file. The base model never travels in a round message.
 from __future__ import annotations
 
 import functools
+import logging
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import grpc
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from client import device
 from client.fetch import FetchError, fetch_release
 from client.partition import Partition, partition_for
 from client.train import evaluate, train_adapter
@@ -27,15 +28,14 @@ from client.verify import install_release
 from shared.adapter import adapter_state, attach_lora, set_trainable_factors, uploaded_keys
 from shared.config import FleetConfig, LoraConfig
 from shared.data import Encoded, encode, load_jsonl
-from shared.model import cache_dir, compute_dtype, load_model, load_tokenizer, model_digest
+from shared.model import compute_dtype, load_model, load_tokenizer, model_digest
 from shared.release import ReleaseError
 from shared.release_records import release_from_records
 from shared.replay import AcceptedReleases
-from shared.sign import SignatureError, TrustList
+from shared.sign import SignatureError
 from shared.wire import WireError, pack
 
 app = ClientApp()
-INFO, WARNING = 20, 30
 
 
 @app.train()
@@ -49,7 +49,7 @@ def train(msg: Message, context: Context) -> Message:
     try:
         base = _base(cfg, context)
         model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype)
-        _install(msg, context, cfg, part, model, base.digest)
+        _install(msg, context, part, model, base.digest)
     except (ReleaseError, WireError, SignatureError, FetchError, OSError) as exc:
         return _refuse(msg, part, server_round, exc)
     start = adapter_state(model)
@@ -60,7 +60,7 @@ def train(msg: Message, context: Context) -> Message:
     trained = adapter_state(model)
     delta = {k: trained[k] - start[k] for k in uploaded_keys(cfg.aggregation.method, trained)}
     log(
-        INFO,
+        logging.INFO,
         "client %s round %d: %d steps, train loss %.4f, %.1f s",
         part.name,
         server_round,
@@ -88,7 +88,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     try:
         base = _base(cfg, context)
         model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype)
-        _install(msg, context, cfg, part, model, base.digest)
+        _install(msg, context, part, model, base.digest)
     except (ReleaseError, WireError, SignatureError, FetchError, OSError) as exc:
         return _refuse(msg, part, msg.content["config"].get("server-round", -1), exc)
     data = _encoded(part.heldout_file, base.spec, cfg.train.max_seq_len)
@@ -99,21 +99,11 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     return _reply(msg, part, metrics)
 
 
-def _install(msg: Message, context: Context, cfg: FleetConfig, part: Partition, model: Any, base_digest: str) -> None:
+def _install(msg: Message, context: Context, part: Partition, model: Any, base_digest: str) -> None:
     """Verify the message's signed release against this device's trust list, base and history; load it."""
     release = release_from_records(msg.content["arrays"], msg.content["config"])
-    state_dir = Path(str(context.node_config.get("state-dir", cache_dir() / "devices" / part.name))).expanduser()
-    install_release(model, release, _trust(cfg, context), base_digest, AcceptedReleases(state_dir / "accepted.json"))
-
-
-def _trust(cfg: FleetConfig, context: Context) -> TrustList:
-    return TrustList.load(Path(str(context.node_config.get("trust-file", cfg.signing.trust_file))).expanduser())
-
-
-def _tls(context: Context) -> grpc.ChannelCredentials | None:
-    """TLS to the artifact service when the node config names the fleet's CA (``ca-file``), else plaintext."""
-    ca = context.node_config.get("ca-file")
-    return grpc.ssl_channel_credentials(Path(str(ca)).expanduser().read_bytes()) if ca else None
+    accepted = AcceptedReleases(device.state_file(context.node_config, part.name))
+    install_release(model, release, device.load_trust(context.node_config), base_digest, accepted)
 
 
 @dataclass
@@ -128,14 +118,16 @@ _BASES: dict[tuple[str, ...], _Base] = {}
 
 def _base(cfg: FleetConfig, context: Context) -> _Base:
     """Return the base this device trains on: fetched once from the artifact service (int4), or ``model``."""
-    cache = Path(str(context.node_config.get("cache-dir", cache_dir() / "releases"))).expanduser()
+    device.check_base_format(cfg.base.format, context.node_config)  # a run config cannot switch verification off
+    cache = device.release_cache(context.node_config)
     key = (cfg.base.format, cfg.base.address, cfg.model, str(cache))
     if key not in _BASES:
         if cfg.base.format == "float":
             _BASES[key] = _Base(cfg.model, model_digest(cfg.model), 0)
         else:
-            got = fetch_release(cfg.base.address, "base", cache, _trust(cfg, context), credentials=_tls(context))
-            log(INFO, "device base: %s (%d bytes downloaded)", got.folder, got.bytes_downloaded)
+            trust, tls = device.load_trust(context.node_config), device.channel_credentials(context.node_config)
+            got = fetch_release(cfg.base.address, "base", cache, trust, credentials=tls)
+            log(logging.INFO, "device base: %s (%d bytes downloaded)", got.folder, got.bytes_downloaded)
             _BASES[key] = _Base(str(got.folder), got.manifest.base_digest, got.bytes_downloaded)
     return _BASES[key]
 
@@ -143,7 +135,7 @@ def _base(cfg: FleetConfig, context: Context) -> _Base:
 def _refuse(msg: Message, part: Partition, server_round: Any, exc: Exception) -> Message:
     """Reply that this device refused the release; its last good adapter stays active."""
     log(
-        WARNING,
+        logging.WARNING,
         "client %s round %s: refused the release, keeping the last good adapter: %s",
         part.name,
         server_round,
