@@ -21,16 +21,17 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from client import device
-from client.fetch import FetchError, fetch_release
+from client.fetch import FetchError, fetch_links, fetch_release
 from client.partition import Partition, partition_for
 from client.train import evaluate, train_adapter
 from client.verify import install_release
 from shared.adapter import adapter_state, attach_lora, set_trainable_factors, uploaded_keys
+from shared.chain import ChainGapError
 from shared.config import FleetConfig, LoraConfig
 from shared.data import Encoded, encode, load_jsonl
 from shared.model import compute_dtype, load_model, load_tokenizer, model_digest
 from shared.release import ReleaseError
-from shared.release_records import release_from_records
+from shared.release_records import links_from_config, release_from_records
 from shared.replay import AcceptedReleases
 from shared.sign import SignatureError
 from shared.wire import WireError, pack
@@ -47,9 +48,9 @@ def train(msg: Message, context: Context) -> Message:
     if not isinstance(server_round, int):
         raise TypeError(f"train message carries server-round {server_round!r}, expected an integer")
     try:
-        base = _base(cfg, context)
+        base = _base(cfg, context, part)
         model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype)
-        _install(msg, context, part, model, base.digest)
+        _install(msg, context, cfg, part, model, base.digest)
     except (ReleaseError, WireError, SignatureError, FetchError, OSError) as exc:
         return _refuse(msg, part, server_round, exc)
     start = adapter_state(model)
@@ -86,9 +87,9 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     cfg = FleetConfig.from_run_config(context.run_config)
     part = partition_for(context.node_config, cfg)
     try:
-        base = _base(cfg, context)
+        base = _base(cfg, context, part)
         model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype)
-        _install(msg, context, part, model, base.digest)
+        _install(msg, context, cfg, part, model, base.digest)
     except (ReleaseError, WireError, SignatureError, FetchError, OSError) as exc:
         return _refuse(msg, part, msg.content["config"].get("server-round", -1), exc)
     data = _encoded(part.heldout_file, base.spec, cfg.train.max_seq_len)
@@ -99,11 +100,24 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     return _reply(msg, part, metrics)
 
 
-def _install(msg: Message, context: Context, part: Partition, model: Any, base_digest: str) -> None:
-    """Verify the message's signed release against this device's trust list, base and history; load it."""
+def _install(msg: Message, context: Context, cfg: FleetConfig, part: Partition, model: Any, base_digest: str) -> None:
+    """Verify the message's signed release against this device's trust list, base and history; load it.
+
+    A device that missed more published rounds than the message carries chain manifests for
+    fetches the missing ones from the artifact service (int4 base), else it refuses the release.
+    """
     release = release_from_records(msg.content["arrays"], msg.content["config"])
+    links = links_from_config(msg.content["config"])
     accepted = AcceptedReleases(device.state_file(context.node_config, part.name))
-    install_release(model, release, device.load_trust(context.node_config), base_digest, accepted)
+    trust = device.load_trust(context.node_config)
+    try:
+        install_release(model, release, trust, base_digest, accepted, links)
+    except ChainGapError as gap:
+        if cfg.base.format != "int4":
+            raise
+        tls = device.channel_credentials(context.node_config)
+        more = fetch_links(cfg.base.address, gap.manifest, gap.accepted_round, credentials=tls)
+        install_release(model, release, trust, base_digest, accepted, [*links, *more])
 
 
 @dataclass
@@ -116,8 +130,12 @@ class _Base:
 _BASES: dict[tuple[str, ...], _Base] = {}
 
 
-def _base(cfg: FleetConfig, context: Context) -> _Base:
-    """Return the base this device trains on: fetched once from the artifact service (int4), or ``model``."""
+def _base(cfg: FleetConfig, context: Context, part: Partition) -> _Base:
+    """Return the base this device trains on: fetched once from the artifact service (int4), or ``model``.
+
+    The fetched base is checked against, and pinned in, the device's replay store: an older base
+    (or another of the same age) is refused (``shared/chain.py``).
+    """
     device.check_base_format(cfg.base.format, context.node_config)  # a run config cannot switch verification off
     cache = device.release_cache(context.node_config)
     key = (cfg.base.format, cfg.base.address, cfg.model, str(cache))
@@ -126,7 +144,8 @@ def _base(cfg: FleetConfig, context: Context) -> _Base:
             _BASES[key] = _Base(cfg.model, model_digest(cfg.model), 0)
         else:
             trust, tls = device.load_trust(context.node_config), device.channel_credentials(context.node_config)
-            got = fetch_release(cfg.base.address, "base", cache, trust, credentials=tls)
+            accepted = AcceptedReleases(device.state_file(context.node_config, part.name))
+            got = fetch_release(cfg.base.address, "base", cache, trust, credentials=tls, accepted=accepted)
             log(logging.INFO, "device base: %s (%d bytes downloaded)", got.folder, got.bytes_downloaded)
             _BASES[key] = _Base(str(got.folder), got.manifest.base_digest, got.bytes_downloaded)
     return _BASES[key]

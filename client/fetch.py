@@ -35,6 +35,7 @@ import grpc
 
 from client.download import FetchError, FetchPolicy, Transfer, download_file, retry
 from shared.atomic import fsync_dir, write_atomic
+from shared.chain import MAX_LINKS, ChainGapError, SignedManifest, verify_links
 from shared.manifest import Manifest, parse
 from shared.proto import artifact_pb2, artifact_pb2_grpc
 from shared.release import (
@@ -52,7 +53,7 @@ from shared.release import (
 from shared.replay import AcceptedReleases, default_state_file
 from shared.sign import TrustList
 
-__all__ = ["FetchError", "FetchPolicy", "FetchResult", "fetch_release", "register"]
+__all__ = ["FetchError", "FetchPolicy", "FetchResult", "fetch_links", "fetch_release", "register"]
 log = logging.getLogger(__name__)
 
 
@@ -128,8 +129,8 @@ def _fetch(
         try:  # signature first: an unsigned or foreign manifest costs no download
             manifest = parse(reply.manifest)
             trust.verify(manifest.key_id, reply.manifest, reply.signature)
-            if accepted is not None:  # a replayed or rolled-back manifest costs no download either
-                accepted.check(manifest)
+            if accepted is not None:  # a replayed, rolled-back or off-chain manifest costs no download either
+                _check_follows(stub, manifest, accepted, trust, policy, sleep, address)
         except ValueError as exc:
             raise FetchError(f"{artifact} from {address}: manifest refused: {exc}") from None
         final = cache / manifest.digest()
@@ -165,6 +166,84 @@ def _fetch(
             transfer.chunks_refetched,
             run_folder=_index(cache, manifest, final),
         )
+
+
+def _check_follows(
+    stub: Any,
+    manifest: Manifest,
+    accepted: AcceptedReleases,
+    trust: TrustList,
+    policy: FetchPolicy,
+    sleep: Callable[[float], None],
+    address: str,
+) -> None:
+    """Check ``manifest`` against the replay store, fetching the run's missing chain manifests if it needs them."""
+    try:
+        accepted.check(manifest)
+    except ChainGapError as gap:
+        links = _chain_links(stub, manifest, gap.accepted_round, policy, sleep, address)
+        accepted.check(manifest, verify_links(links, trust))
+
+
+def fetch_links(
+    address: str,
+    manifest: Manifest,
+    accepted_round: int,
+    credentials: grpc.ChannelCredentials | None = None,
+    policy: FetchPolicy | None = None,
+) -> list[SignedManifest]:
+    """Fetch the signed manifests of the run's releases between ``accepted_round`` and ``manifest.round``.
+
+    For a device that missed more rounds than its round message carries links for
+    (``shared/chain.py``); rounds that published nothing are skipped. The manifests are not
+    verified here: ``verify_release`` checks each against the trust list.
+
+    Raises
+    ------
+    FetchError
+        The service is unreachable, or more than ``MAX_LINKS`` rounds are missing.
+    """
+    policy = policy or FetchPolicy()
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
+        stub = artifact_pb2_grpc.ArtifactServiceStub(channel)
+        return _chain_links(stub, manifest, accepted_round, policy, time.sleep, address)
+
+
+def _chain_links(
+    stub: Any,
+    manifest: Manifest,
+    accepted_round: int,
+    policy: FetchPolicy,
+    sleep: Callable[[float], None],
+    address: str,
+) -> list[SignedManifest]:
+    missing = range(manifest.round - 1, accepted_round, -1)
+    if len(missing) > MAX_LINKS:
+        raise FetchError(
+            f"round {manifest.round} of run {manifest.run_id}: this device accepted round {accepted_round}, "
+            f"{len(missing)} rounds behind, more than the {MAX_LINKS} it checks the chain through; refused"
+        )
+    links = []
+    for number in missing:
+        reply = _manifest_if_any(stub, f"adapter/{manifest.run_id}/{round_folder(number)}", policy, sleep, address)
+        if reply is not None:  # None: a round that published nothing
+            links.append(SignedManifest(reply.manifest, reply.signature))
+    return links
+
+
+def _manifest_if_any(
+    stub: Any, artifact: str, policy: FetchPolicy, sleep: Callable[[float], None], address: str
+) -> Any | None:
+    def call() -> Any | None:
+        try:
+            return stub.GetManifest(artifact_pb2.ManifestRequest(artifact=artifact), timeout=policy.rpc_timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+    return retry(call, policy, sleep, address)
 
 
 def _partial(cache: Path, manifest: Manifest, reply: Any) -> Path:

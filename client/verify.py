@@ -8,12 +8,13 @@ it. Any failure leaves the adapter that was active untouched.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from shared.adapter import ADAPTER_WEIGHTS, adapter_state, load_adapter_state
+from shared.chain import SignedManifest
 from shared.manifest import Manifest
 from shared.release import Release, ReleaseError, load_tensors, verify_release
 from shared.replay import AcceptedReleases
@@ -25,9 +26,17 @@ MAX_ADAPTER_VALUE = 1e4
 
 
 def install_release(
-    peft_model: Any, release: Release, trust: TrustList, base_digest: str, accepted: AcceptedReleases
+    peft_model: Any,
+    release: Release,
+    trust: TrustList,
+    base_digest: str,
+    accepted: AcceptedReleases,
+    links: Sequence[SignedManifest] = (),
 ) -> Manifest:
     """Verify ``release`` and load its adapter into ``peft_model``; record it as accepted.
+
+    ``links``: signed manifests of the run's releases before it (the round message carries
+    the last few), through which it must lead back to the release the device accepted last.
 
     Raises
     ------
@@ -36,7 +45,7 @@ def install_release(
         absurd values) or why the adapter does not fit this model. The model's active adapter is
         then unchanged.
     """
-    manifest = verify_release(release, trust, base_digest, accepted)
+    manifest = verify_release(release, trust, base_digest, accepted, links)
     if manifest.kind != "adapter":
         raise ReleaseError(
             f"release of run {manifest.run_id} round {manifest.round} is a {manifest.kind}, not an adapter"

@@ -28,11 +28,23 @@ from typing import IO, Any
 import torch
 
 from shared.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from shared.chain import MAX_LINKS, SignedManifest
 from shared.manifest import Manifest
-from shared.release import Release, make_release, point_latest, round_folder, save_tensors, write_release
+from shared.release import (
+    MANIFEST,
+    SIGNATURE,
+    Release,
+    folder_round,
+    make_release,
+    point_latest,
+    round_folder,
+    save_tensors,
+    write_release,
+)
 from shared.sign import load_private_key
 
 LOCK_FILE = ".lock"
+RECENT_LINKS = 8  # chain manifests a round message carries: a device may miss this many published rounds
 _HELD: dict[Path, tuple[IO[str], int]] = {}  # run folder -> (its locked file, registries of this process on it)
 
 
@@ -80,6 +92,25 @@ class Registry:
     def release_folder(self, server_round: int) -> Path:
         """Return the folder of the release of ``server_round`` (it exists once published)."""
         return self.folder / round_folder(server_round)
+
+    def recent_links(self, k: int = RECENT_LINKS) -> list[SignedManifest]:
+        """Return the signed manifests of the up to ``k`` releases published before the latest, newest first.
+
+        A round message carries them beside the release (``shared.release_records.links_config``):
+        a device that missed up to ``k`` published rounds then checks that the release leads back
+        to the one it accepted (``shared/chain.py``) without asking the artifact service. Read
+        from the run folder, so a resumed coordinator sends them too.
+        """
+        if self.latest is None or k <= 0:
+            return []
+        newest = self.latest[1].round
+        rounds = sorted(
+            (number, path)
+            for path in self.folder.glob("round-*")
+            if (number := folder_round(path.name)) is not None and number < newest and path.is_dir()
+        )
+        chosen = rounds[-min(k, MAX_LINKS) :]
+        return [SignedManifest((p / MANIFEST).read_bytes(), (p / SIGNATURE).read_bytes()) for _, p in reversed(chosen)]
 
     def resume(self, release: Release, manifest: Manifest) -> None:
         """Continue the chain after ``release`` (``server/resume.py`` found and verified it)."""

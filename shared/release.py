@@ -24,7 +24,7 @@ import hashlib
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,7 @@ from shared.manifest import MAX_FILE_BYTES, MAX_MANIFEST_BYTES, Manifest, Manife
 from shared.sign import SignatureError, TrustList, key_id, sign
 
 if TYPE_CHECKING:
+    from shared.chain import SignedManifest
     from shared.replay import AcceptedReleases
 
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
@@ -163,12 +164,17 @@ def follow_latest(path: str | Path) -> Path:
 
 
 def verify_release(
-    release: Release, trust: TrustList, base_digest: str | None, accepted: AcceptedReleases | None = None
+    release: Release,
+    trust: TrustList,
+    base_digest: str | None,
+    accepted: AcceptedReleases | None = None,
+    links: Sequence[SignedManifest] = (),
 ) -> Manifest:
     """Return the release's manifest if every check passes; else raise :class:`ReleaseError` naming the failed one.
 
     ``base_digest`` None skips the base check (``fleetlora verify`` without ``--base``);
-    ``accepted`` None skips the replay check.
+    ``accepted`` None skips the replay and chain checks; ``links``: signed manifests of the
+    run's releases between the accepted one and this one (``shared/chain.py``), each verified.
     """
     try:
         manifest = parse(release.manifest_bytes)
@@ -192,7 +198,9 @@ def verify_release(
             f"release is for base model {manifest.base_digest[:16]}…, this device has {base_digest[:16]}…"
         )
     if accepted is not None:
-        accepted.check(manifest)
+        from shared.chain import verify_links  # shared/chain.py imports this module
+
+        accepted.check(manifest, verify_links(links, trust))
     return manifest
 
 

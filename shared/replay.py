@@ -13,12 +13,15 @@ use, as a fresh device must.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from shared.atomic import write_atomic
+from shared.chain import check_chain, check_time
 from shared.manifest import Manifest
 from shared.release import ReleaseError
 
@@ -38,10 +41,11 @@ def default_state_file(release_cache: str | Path) -> Path:
 
 
 class AcceptedReleases:
-    """The last release a device accepted per run: refuses replays, rollbacks and forks.
+    """The last release a device accepted per run: refuses replays, rollbacks, forks and gaps off the chain.
 
     The release in use may come again (each round sends it with the train and evaluate
-    messages); an older round, or a different release for the same round, is refused.
+    messages); an older round, or a different release for the same round, is refused; a newer
+    one must lead back to it (``shared/chain.py``).
 
     Raises
     ------
@@ -53,23 +57,39 @@ class AcceptedReleases:
         self.path = Path(path)
         self.runs: dict[str, dict[str, Any]] = _load(self.path)
 
-    def check(self, manifest: Manifest) -> None:
-        """Refuse a release not newer than the last accepted one of its run, or off its chain."""
+    def check(self, manifest: Manifest, links: Sequence[Manifest] = (), now: dt.datetime | None = None) -> None:
+        """Refuse a release that does not follow the last accepted one of its run (``shared/chain.py``).
+
+        ``links``: verified intermediate manifests of the run (``shared.chain.verify_links``), for
+        a device that missed rounds. ``now``: the device's clock (default: now, UTC).
+
+        Raises
+        ------
+        ReleaseError
+            A replay or rollback (not newer), a fork, a release off the chain
+            (:class:`shared.chain.ChainGapError`), from the future, or older than the accepted one.
+        """
         last = self.runs.get(f"{manifest.kind}:{manifest.run_id}")
+        check_time(manifest, "", now)
         if last is None:
-            return
-        if manifest.round == last["round"] and manifest.digest() == last["digest"]:
+            return  # trusted on first use
+        if manifest.digest() == last["digest"]:
             return  # the release already in use, delivered again (a train message after an evaluate one)
+        if manifest.kind == "base":
+            if manifest.created > last.get("created", ""):
+                return  # a base published after the accepted one; an older one is a rollback
+            raise ReleaseError(
+                f"this device's base is pinned to manifest {last['digest'][:16]}… ({last.get('created') or 'no date'});"
+                f" base {manifest.digest()[:16]}… ({manifest.created}) is not newer: refused. To change to it on "
+                f"purpose, remove the 'base:base' record from {self.path}"
+            )
         if manifest.round <= last["round"]:
             raise ReleaseError(
                 f"replay: round {manifest.round} of run {manifest.run_id} is not newer than the accepted "
                 f"round {last['round']}"
             )
-        if manifest.round == last["round"] + 1 and manifest.previous != last["digest"]:
-            raise ReleaseError(
-                f"chain broken: round {manifest.round} names previous manifest {manifest.previous[:16] or '(none)'}…, "
-                f"the accepted round {last['round']} is {last['digest'][:16]}…"
-            )
+        check_time(manifest, last.get("created", ""), now)
+        check_chain(manifest, last["round"], last["digest"], links)
 
     def accept(self, manifest: Manifest) -> None:
         """Record ``manifest`` as the run's latest accepted release (atomically, durably).

@@ -14,6 +14,7 @@ from shared.config import FleetConfig
 from shared.model import load_model, model_digest
 from shared.release import make_release, save_tensors
 from shared.release_records import release_to_records
+from shared.replay import AcceptedReleases
 from shared.sign import generate_key, load_private_key
 
 DATA = Path(__file__).resolve().parents[2] / "simulations" / "data" / "wordnet" / "noun.animal"
@@ -41,7 +42,7 @@ def _run_config(fleet, tiny_model_dir):
     }
 
 
-def _message(fleet, tiny_model_dir, signer):
+def _release(fleet, tiny_model_dir, signer):
     cfg = FleetConfig.from_run_config(_run_config(fleet, tiny_model_dir))
     model = attach_lora(load_model(str(tiny_model_dir), torch.float32), cfg.lora, cfg.seed)
     files = {"adapter_config.json": b"{}", "adapter_model.safetensors": save_tensors(adapter_state(model))}
@@ -54,6 +55,11 @@ def _message(fleet, tiny_model_dir, signer):
         method="fedavg",
         key=load_private_key(fleet / f"{signer}.key"),
     )
+    return release
+
+
+def _send(fleet, run_config, release, node):
+    """Call the ClientApp's train as Flower does, with ``release`` in the message; return (refusal, reply)."""
     arrays, signed = release_to_records(release)
     meta = Metadata(
         run_id=1,
@@ -66,11 +72,7 @@ def _message(fleet, tiny_model_dir, signer):
         ttl=600,
         message_type="train",
     )
-    config = ConfigRecord({"server-round": 1, **signed})
-    return Message(RecordDict({"arrays": arrays, "config": config}), metadata=meta)
-
-
-def _train(fleet, tiny_model_dir, signer, **node):
+    msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1, **signed})}), metadata=meta)
     node_config = {
         "train-file": str(DATA / "train.jsonl"),
         "heldout-file": str(DATA / "heldout.jsonl"),
@@ -78,12 +80,13 @@ def _train(fleet, tiny_model_dir, signer, **node):
         "state-dir": str(fleet / "state"),
         **node,
     }
-    context = Context(
-        run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=_run_config(fleet, tiny_model_dir)
-    )
-    reply = client_app.train(_message(fleet, tiny_model_dir, signer), context)
-    client = reply.content["client"]
-    return client.get("refused-release"), reply
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+    reply = client_app.train(msg, context)
+    return reply.content["client"].get("refused-release"), reply
+
+
+def _train(fleet, tiny_model_dir, signer, **node):
+    return _send(fleet, _run_config(fleet, tiny_model_dir), _release(fleet, tiny_model_dir, signer), node)
 
 
 def test_a_run_config_cannot_choose_the_devices_trust_list(fleet, tiny_model_dir):
@@ -106,3 +109,40 @@ def test_a_run_config_cannot_switch_base_verification_off(fleet, tiny_model_dir,
     monkeypatch.setenv(TRUST_ENV, str(fleet / "honest.key.pub"))
     refused, _ = _train(fleet, tiny_model_dir, "honest")
     assert refused and "base.format=float" in refused and "allow-float-base=true" in refused
+
+
+def test_a_device_that_missed_rounds_rejoins_through_the_artifact_service(fleet, tiny_model_dir):
+    """An int4 device accepted round 1, missed round 2, and gets round 3 without chain manifests in the message."""
+    from server.distribute import serve
+    from server.quantize import publish_base
+    from shared.release import write_release
+
+    key = load_private_key(fleet / "honest.key")
+    _, base = publish_base(tiny_model_dir, model_digest(str(tiny_model_dir)), fleet / "store", key)
+    server, port = serve(fleet / "store", "127.0.0.1:0")
+    try:
+        run_config = {
+            **_run_config(fleet, tiny_model_dir),
+            "base.format": "int4",
+            "base.address": f"127.0.0.1:{port}",
+        }
+        cfg = FleetConfig.from_run_config(run_config)
+        model = attach_lora(load_model(str(fleet / "store" / "base"), torch.float32), cfg.lora, cfg.seed)
+        weights = save_tensors(adapter_state(model))
+        previous, releases = "", {}
+        for n in (1, 2, 3):
+            releases[n], manifest = make_release(
+                {"adapter_config.json": b"{}", "adapter_model.safetensors": weights},
+                kind="adapter", run_id="run-1", round=n, base_digest=base.base_digest, method="fedavg",
+                key=key, previous=previous,
+            )  # fmt: skip
+            write_release(releases[n], fleet / "store" / "adapter" / "run-1" / f"round-{n:04d}")
+            previous = manifest.digest()
+        node = {"trust-file": str(fleet / "honest.key.pub"), "cache-dir": str(fleet / "device-cache")}
+        for n in (1, 3):  # the device is away for round 2
+            refused, reply = _send(fleet, run_config, releases[n], node)
+            assert refused is None and "arrays" in reply.content, refused
+    finally:
+        server.stop(None)
+    state = AcceptedReleases(fleet / "state" / "accepted.json").runs
+    assert state["adapter:run-1"]["round"] == 3 and state["base:base"]["digest"] == base.digest()

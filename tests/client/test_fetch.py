@@ -187,3 +187,42 @@ def test_fleetlora_fetch_keeps_replay_state_across_runs(root, tmp_path, capsys):
         assert "refuses every release until an operator repairs it" in capsys.readouterr().err
     digests = {p.name for p in cache.iterdir() if p.is_dir() and p.name != "adapter"}
     assert len(digests) == 1  # round 1 was refused before anything of it was downloaded
+
+
+def _cli(address, trust, cache):
+    from shared.cli import main
+
+    return lambda artifact: main(
+        ["fetch", artifact, "--address", address, "--trust", str(trust), "--cache", str(cache)]
+    )
+
+
+def test_fleetlora_fetch_follows_the_chain_across_missed_and_empty_rounds(root, tmp_path, capsys):
+    _adapter_rounds(root, (1, 2, 4))  # round 3 published nothing; the device will miss round 2
+    trust = tmp_path / "trust.pub"
+    trust.write_text(public_line(KEY.public_key()) + "\n")
+    cache = tmp_path / "cache"
+    with _Started(root, ArtifactServicer) as address:
+        fetch = _cli(address, trust, cache)
+        assert fetch("adapter/r/round-0001") == 0
+        assert fetch("adapter/r/round-0004") == 0  # round 4: it asked the service for the manifests in between
+    assert (cache / "adapter" / "r" / "LATEST").read_text() == "round-0004\n"
+    other = tmp_path / "other-store"
+    _adapter_rounds(other, (1, 2, 3, 4, 5))  # another history, validly signed
+    with _Started(other, ArtifactServicer) as address:
+        assert _cli(address, trust, cache)("adapter/r/round-0005") == 2
+    assert "chain broken: round 5 of run r does not lead back to the accepted round 4" in capsys.readouterr().err
+    assert not (cache / "adapter" / "r" / "round-0005").exists()  # refused before anything was downloaded
+
+
+def test_a_device_too_far_behind_is_refused_with_its_reason(root, tmp_path):
+    from client.fetch import fetch_links
+    from shared.chain import MAX_LINKS
+    from shared.manifest import parse
+
+    _adapter_rounds(root, (1, MAX_LINKS + 3))
+    with _Started(root, ArtifactServicer) as address:
+        latest = parse((root / "adapter" / "r" / f"round-{MAX_LINKS + 3:04d}" / "manifest.json").read_bytes())
+        assert fetch_links(address, latest, MAX_LINKS + 1) == []  # round MAX_LINKS + 2 published nothing
+        with pytest.raises(FetchError, match=r"66 rounds behind, more than the 64 it checks the chain through"):
+            fetch_links(address, latest, 0)

@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from server.registry import Registry, RunFolderLockedError
-from shared.release import read_release, verify_release
+from server.resume import resume_point
+from shared.release import MANIFEST, read_release, verify_release
+from shared.release_records import links_config, links_from_config
+from shared.replay import AcceptedReleases
 from shared.sign import TrustList, generate_key
 
 BASE = "b" * 64
@@ -91,3 +94,26 @@ def test_each_release_and_latest_are_written_durably(tmp_path, key, monkeypatch)
     assert (folder / "LATEST").read_text() == "round-0000\n"
     assert sorted(p.name for p in folder.iterdir()) == [".lock", "LATEST", "round-0000"]  # no temp file left
     registry.close()
+
+
+def test_recent_links_let_a_device_that_missed_rounds_follow_the_chain(tmp_path, key):
+    folder = tmp_path / "releases" / "run-a"
+    registry = _registry(folder, key)
+    trust = TrustList.load(f"{key}.pub")
+    device = AcceptedReleases(tmp_path / "device" / "accepted.json")
+    for n in (0, 1, 3, 4):  # round 2 published nothing
+        release, _ = registry.publish(n, {k: v + n for k, v in STATE.items()})
+        if n == 0:
+            device.accept(verify_release(release, trust, BASE, device))  # then the device is away for rounds 1-3
+    links = registry.recent_links(8)
+    assert [link.manifest for link in links] == [(folder / f"round-{n:04d}" / MANIFEST).read_bytes() for n in (3, 1, 0)]
+    assert len(registry.recent_links(2)) == 2
+    sent = links_from_config(links_config(links))  # what the round message carries
+    device.accept(verify_release(release, trust, BASE, device, sent))
+    assert device.runs["adapter:run-a"]["round"] == 4
+    registry.close()
+    restarted = _registry(folder, key)  # a resumed coordinator reads them from the run folder
+    point = resume_point(folder, trust, "run-a", BASE, "fedavg")
+    restarted.resume(point.release, point.manifest)
+    assert restarted.recent_links(8) == links
+    restarted.close()
