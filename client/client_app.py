@@ -29,8 +29,8 @@ from shared.adapter import adapter_state, attach_lora, set_trainable_factors, up
 from shared.chain import ChainGapError
 from shared.config import FleetConfig, LoraConfig
 from shared.data import Encoded, encode, load_jsonl
+from shared.errors import ReleaseError
 from shared.model import compute_dtype, load_model, load_tokenizer, model_digest
-from shared.release import ReleaseError
 from shared.release_records import links_from_config, release_from_records
 from shared.replay import AcceptedReleases
 from shared.sign import SignatureError

@@ -29,8 +29,8 @@ from typing import Any
 
 import grpc
 
+from shared.errors import ReleaseError
 from shared.model import cache_dir
-from shared.release import ReleaseError
 from shared.replay import STATE_FILE
 from shared.sign import TrustList
 

@@ -36,20 +36,11 @@ import grpc
 from client.download import FetchError, FetchPolicy, Transfer, download_file, retry
 from shared.atomic import fsync_dir, write_atomic
 from shared.chain import MAX_LINKS, ChainGapError, SignedManifest, verify_links
+from shared.errors import ReleaseError
+from shared.layout import FOLDER_NAME, folder_round, latest_name, point_latest, round_folder
 from shared.manifest import Manifest, parse
 from shared.proto import artifact_pb2, artifact_pb2_grpc
-from shared.release import (
-    FOLDER_NAME,
-    MANIFEST,
-    SIGNATURE,
-    ReleaseError,
-    folder_round,
-    latest_name,
-    point_latest,
-    read_release,
-    round_folder,
-    verify_release,
-)
+from shared.release import MANIFEST, SIGNATURE, read_release, verify_release
 from shared.replay import AcceptedReleases, default_state_file
 from shared.sign import TrustList
 

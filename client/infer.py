@@ -22,10 +22,12 @@ from client.export import BASE_ADAPTER, CORRECTIONS, DONE, ExportOptions, export
 from client.onnx_adapter import AdapterError, lora_scale, onnx_lora_tensors, write_onnx_adapter
 from client.verify import check_adapter_values
 from shared.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from shared.errors import ReleaseError
 from shared.manifest import Manifest
-from shared.release import ReleaseError, load_tensors, read_release, verify_release
+from shared.release import read_release, verify_release
 from shared.replay import AcceptedReleases
 from shared.sign import TrustList
+from shared.tensors import load_tensors
 
 log = logging.getLogger(__name__)
 BASE = "base"  # the adapter name of the base alone

@@ -17,9 +17,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shared.errors import ReleaseError
+from shared.layout import follow_latest
 from shared.manifest import parse
 from shared.model import cache_dir
-from shared.release import MANIFEST, ReleaseError, follow_latest
+from shared.release import MANIFEST
 from shared.replay import AcceptedReleases, default_state_file
 from shared.sign import TrustList
 

@@ -15,10 +15,12 @@ import torch
 
 from shared.adapter import ADAPTER_WEIGHTS, adapter_state, load_adapter_state
 from shared.chain import SignedManifest
+from shared.errors import ReleaseError
 from shared.manifest import Manifest
-from shared.release import Release, ReleaseError, load_tensors, verify_release
+from shared.release import Release, verify_release
 from shared.replay import AcceptedReleases
 from shared.sign import TrustList
+from shared.tensors import load_tensors
 
 # No trained LoRA factor comes near this (they stay well under 10); fp16 still holds it (max 65,504), so a
 # signed release can carry it: one such entry already makes B·A swamp the base weights it corrects.

@@ -29,19 +29,11 @@ import torch
 
 from shared.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from shared.chain import MAX_LINKS, SignedManifest
+from shared.layout import folder_round, point_latest, round_folder
 from shared.manifest import Manifest
-from shared.release import (
-    MANIFEST,
-    SIGNATURE,
-    Release,
-    folder_round,
-    make_release,
-    point_latest,
-    round_folder,
-    save_tensors,
-    write_release,
-)
+from shared.release import MANIFEST, SIGNATURE, Release, make_release, write_release
 from shared.sign import load_private_key
+from shared.tensors import save_tensors
 
 LOCK_FILE = ".lock"
 RECENT_LINKS = 8  # chain manifests a round message carries: a device may miss this many published rounds

@@ -20,8 +20,8 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from shared.errors import ReleaseError
 from shared.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse
-from shared.release import ReleaseError
 from shared.sign import SignatureError, TrustList
 
 MAX_LINKS = 64  # intermediate manifests one check may walk through (a device further behind is refused)

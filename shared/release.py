@@ -6,15 +6,14 @@ On disk a release is a folder::
     manifest.json                                    (canonical manifest bytes, shared/manifest.py)
     manifest.sig                                     (Ed25519 signature of manifest.json, 64 bytes)
 
-In a Flower round the same bytes travel in the message (``shared/wire.py`` packs them), so
+In a Flower round the same bytes travel in the message (``shared/release_records.py`` packs them), so
 what a device verifies is exactly what it loads. :func:`verify_release` is the one verifier:
 signature by a trusted, unrevoked key; every file present, none extra, every size and SHA-256 equal;
 the base digest equal to the device's base; and no replay or rollback against the last release
 the device accepted for that run (``shared.replay.AcceptedReleases``).
 
-A run's releases sit side by side in its run folder, ``round-NNNN/`` each, with a ``LATEST``
-file naming the newest (:func:`point_latest`, :func:`follow_latest`): the server's registry,
-its artifact service and a device's fetch cache all use this one layout.
+A run's releases sit side by side in its run folder (``shared/layout.py``); the adapter's
+tensors are coded by ``shared/tensors.py``.
 """
 
 from __future__ import annotations
@@ -22,31 +21,46 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
-import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from shared.atomic import fsync_dir, write_atomic
+from shared.chain import SignedManifest, verify_links
+from shared.errors import ReleaseError
+from shared.layout import FOLDER_NAME, LATEST, folder_round, follow_latest, latest_name, point_latest, round_folder
 from shared.manifest import MAX_FILE_BYTES, MAX_MANIFEST_BYTES, Manifest, ManifestError, parse
 from shared.sign import SignatureError, TrustList, key_id, sign
+from shared.tensors import load_tensors, save_tensors
 
 if TYPE_CHECKING:
-    from shared.chain import SignedManifest
     from shared.replay import AcceptedReleases
 
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
-LATEST = "LATEST"
-_ROUND_FOLDER = re.compile(r"round-(\d{4,})")
-FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # one plain path segment: no '/', no '..'
-
-
-class ReleaseError(ValueError):
-    """A release failed verification; the message names the check and the file or field."""
+# Old import paths of what moved out (one concept per module), kept for the modules that still use them:
+# shared/layout.py (server/distribute.py, server/resume.py, simulations/, tests/), shared/tensors.py
+# (server/strategy.py, server/server_app.py, simulations/bench/, tests/), shared/errors.py (everywhere).
+__all__ = [
+    "FOLDER_NAME",
+    "LATEST",
+    "MANIFEST",
+    "SIGNATURE",
+    "Release",
+    "ReleaseError",
+    "folder_round",
+    "follow_latest",
+    "latest_name",
+    "load_tensors",
+    "make_release",
+    "point_latest",
+    "read_release",
+    "round_folder",
+    "save_tensors",
+    "verify_release",
+    "write_release",
+]
 
 
 @dataclass(frozen=True)
@@ -122,47 +136,6 @@ def read_release(folder: str | Path) -> Release:
     return Release(files, manifest_bytes, (folder / SIGNATURE).read_bytes()[:1024])
 
 
-def round_folder(server_round: int) -> str:
-    """Return the name of a round's release folder in its run folder (``round-0003``)."""
-    return f"round-{server_round:04d}"
-
-
-def folder_round(name: str) -> int | None:
-    """Return the round a release folder name stands for (``round-0003`` → 3), None for any other name."""
-    m = _ROUND_FOLDER.fullmatch(name)
-    return int(m.group(1)) if m else None
-
-
-def point_latest(run_folder: str | Path, name: str) -> None:
-    """Make ``run_folder/LATEST`` name the release folder ``name`` (``shared/atomic.py``: never half, durable)."""
-    if not FOLDER_NAME.fullmatch(name):
-        raise ReleaseError(f"{name!r:.80} is not a release folder name")
-    write_atomic(Path(run_folder) / LATEST, f"{name}\n".encode())
-
-
-def latest_name(run_folder: str | Path) -> str | None:
-    """Return the release folder name ``run_folder/LATEST`` holds (None: no LATEST file).
-
-    Raises
-    ------
-    ReleaseError
-        LATEST holds something other than one plain folder name (a path could leave the folder).
-    """
-    try:
-        name = (Path(run_folder) / LATEST).read_text(errors="replace").strip()
-    except FileNotFoundError:
-        return None
-    if not FOLDER_NAME.fullmatch(name):
-        raise ReleaseError(f"{Path(run_folder) / LATEST} names {name!r:.80}, not a release folder")
-    return name
-
-
-def follow_latest(path: str | Path) -> Path:
-    """Return ``path`` itself, or, for a run folder, the release its ``LATEST`` names."""
-    name = latest_name(path)
-    return Path(path) if name is None else Path(path) / name
-
-
 def verify_release(
     release: Release,
     trust: TrustList,
@@ -198,29 +171,8 @@ def verify_release(
             f"release is for base model {manifest.base_digest[:16]}…, this device has {base_digest[:16]}…"
         )
     if accepted is not None:
-        from shared.chain import verify_links  # shared/chain.py imports this module
-
         accepted.check(manifest, verify_links(links, trust))
     return manifest
-
-
-def load_tensors(data: bytes, name: str = "adapter_model.safetensors") -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes into fp32 tensors, refusing anything malformed with a clear error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:
-        tensors = load(data)
-    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
-        raise ReleaseError(f"{name} is not valid safetensors: {exc}") from None
-    return {k: v.to(torch.float32) for k, v in tensors.items()}
-
-
-def save_tensors(state: Mapping[str, torch.Tensor]) -> bytes:
-    """Serialize tensors as fp16 safetensors bytes (what an adapter release carries)."""
-    from safetensors.torch import save
-
-    return save({k: v.detach().to(torch.float16).contiguous() for k, v in sorted(state.items())})
 
 
 def __getattr__(name: str) -> Any:

@@ -22,8 +22,8 @@ from typing import Any
 
 from shared.atomic import write_atomic
 from shared.chain import check_chain, check_time
+from shared.errors import ReleaseError
 from shared.manifest import Manifest
-from shared.release import ReleaseError
 
 STATE_FILE = "accepted.json"
 MAX_STORE_BYTES = 1 << 20  # thousands of runs; a larger file is not ours

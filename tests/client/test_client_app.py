@@ -12,10 +12,11 @@ from client.device import FLOAT_BASE_ENV, TRUST_ENV
 from shared.adapter import adapter_state, attach_lora
 from shared.config import FleetConfig
 from shared.model import load_model, model_digest
-from shared.release import make_release, save_tensors
+from shared.release import make_release
 from shared.release_records import release_to_records
 from shared.replay import AcceptedReleases
 from shared.sign import generate_key, load_private_key
+from shared.tensors import save_tensors
 
 DATA = Path(__file__).resolve().parents[2] / "simulations" / "data" / "wordnet" / "noun.animal"
 

@@ -6,7 +6,7 @@ import torch
 
 from client.infer import EdgeModel
 from shared.cli import main
-from shared.release import ReleaseError
+from shared.errors import ReleaseError
 from shared.sign import public_line
 from tests.client.test_export import EXACT, KEY, TRUST, device_model, edge_base, signed_adapter, trained_state
 

@@ -9,10 +9,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from client.verify import install_release
 from shared.adapter import ADAPTER_WEIGHTS, adapter_state, attach_lora
 from shared.config import LoraConfig
+from shared.errors import ReleaseError
 from shared.model import load_model
-from shared.release import ReleaseError, make_release, save_tensors
+from shared.release import make_release
 from shared.replay import AcceptedReleases
 from shared.sign import TrustList, key_id
+from shared.tensors import save_tensors
 
 BASE = "a" * 64
 KEY = Ed25519PrivateKey.generate()

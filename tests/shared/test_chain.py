@@ -7,7 +7,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.chain import MAX_CLOCK_SKEW, ChainGapError, SignedManifest
-from shared.release import ReleaseError, make_release, verify_release
+from shared.errors import ReleaseError
+from shared.release import make_release, verify_release
 from shared.replay import AcceptedReleases
 from shared.sign import TrustList, key_id
 

@@ -7,9 +7,11 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shared.release import ReleaseError, make_release, save_tensors, verify_release
+from shared.errors import ReleaseError
+from shared.release import make_release, verify_release
 from shared.replay import AcceptedReleases, ReplayStoreError
 from shared.sign import TrustList, key_id
+from shared.tensors import save_tensors
 
 BASE = "b" * 64
 KEY = Ed25519PrivateKey.generate()
