@@ -12,15 +12,16 @@ import secrets
 from pathlib import Path
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
+def write_atomic(path: str | Path, data: bytes, mode: int = 0o666) -> None:
     """Replace ``path`` with ``data`` atomically and durably (temp file, fsync, rename, fsync of the folder).
 
     The temporary file is created with ``O_EXCL | O_NOFOLLOW`` (never through a planted link)
-    and the usual mode (0666 less the umask); it is removed if anything fails.
+    and ``mode`` less the umask (``0o600`` for a secret: it is never readable by others, not
+    even for a moment); it is removed if anything fails.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -29,6 +29,7 @@ STATE_FILE = "accepted.json"
 MAX_STORE_BYTES = 1 << 20  # thousands of runs; a larger file is not ours
 _KEY = re.compile(r"(base|adapter):[^\x00-\x1f]{1,200}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")  # as manifests write it (shared/manifest.py)
 
 
 class ReplayStoreError(ReleaseError):
@@ -143,8 +144,9 @@ def _check_entry(path: Path, key: str, entry: Any) -> None:
         raise _unusable(path, f"the round of {key!r:.80} is not a round number")
     if not (isinstance(entry["digest"], str) and _HEX64.fullmatch(entry["digest"])):
         raise _unusable(path, f"the digest of {key!r:.80} is not 64 lowercase hex digits")
-    if not isinstance(entry.get("created", ""), str):
-        raise _unusable(path, f"the creation time of {key!r:.80} is not text")
+    created = entry.get("created", "")
+    if not (isinstance(created, str) and (created == "" or _TIME.fullmatch(created))):
+        raise _unusable(path, f"the creation time of {key!r:.80} is not YYYY-MM-DDTHH:MM:SSZ")
 
 
 def _unusable(path: Path, why: str) -> ReplayStoreError:

@@ -69,6 +69,9 @@ DAMAGE = {
     "a record as a number": lambda p: p.write_text(json.dumps({"adapter:run-1": 3})),
     "an unknown field": lambda p: p.write_text(json.dumps({"adapter:run-1": {"round": 3, "digest": "a" * 64, "x": 1}})),
     "a bad key": lambda p: p.write_text(json.dumps({"run-1": {"round": 3, "digest": "a" * 64}})),
+    "a bad time": lambda p: p.write_text(
+        json.dumps({"adapter:run-1": {"round": 3, "digest": "a" * 64, "created": "9"}})
+    ),
     "a directory": lambda p: (p.unlink(), p.mkdir()),
 }
 

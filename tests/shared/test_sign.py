@@ -35,3 +35,13 @@ def test_trust_list_lines(tmp_path):
     path.write_text("ed25519 not-base64!\n")
     with pytest.raises(SignatureError, match=r"trust:1: not a base64 32-byte Ed25519 public key"):
         TrustList.load(path)
+
+
+def test_a_link_planted_at_the_keys_temp_name_never_receives_the_key(tmp_path):
+    victim = tmp_path / "readable-by-all"
+    victim.write_text("nothing secret\n")
+    os.chmod(victim, 0o644)
+    (tmp_path / "server.key.tmp").symlink_to(victim)  # the temp name the key was once written under
+    generate_key(tmp_path / "server.key")
+    assert victim.read_text() == "nothing secret\n"
+    assert oct((tmp_path / "server.key").stat().st_mode & 0o777) == "0o600"
