@@ -82,44 +82,58 @@ def download_file(
     if 0 < have < size:
         transfer.resumed_from[name] = have
     progress = Progress(f"{artifact}/{name}", size, start=have)
-    failures = 0
-    with open(path, "ab") as out:
-        while out.tell() < size:
-            start = out.tell()
-            call = stub.Download(
-                artifact_pb2.DownloadRequest(artifact=artifact, file=name, offset=start), timeout=policy.rpc_timeout
-            )
-            try:
-                _receive(call, name, size, out, transfer, progress)
-                if out.tell() < size and out.tell() == start:
-                    raise _DamagedChunkError(f"the stream of {name} ended at byte {start}, before its {size:,}")
-            except (grpc.RpcError, _DamagedChunkError) as exc:
-                call.cancel()
-                failures = 0 if out.tell() > start else failures  # progress since the last failure
-                code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.INTERNAL
-                if code not in RETRYABLE or failures >= policy.retries:
-                    progress.close()
-                    raise FetchError(
-                        f"{name} of {artifact}: download failed at byte {out.tell()}: {describe(exc)}"
-                    ) from None
-                out.flush()
-                wait = min(policy.max_backoff, policy.backoff * 2**failures)
-                failures += 1
-                log.warning("%s: %s; resuming from byte %d in %.1f s", name, describe(exc), out.tell(), wait)
-                sleep(wait)
-            except FetchError:
-                call.cancel()
-                progress.close()
-                raise
-        out.flush()
-        os.fsync(out.fileno())
-    progress.close()
+    try:
+        with open(path, "ab") as out:
+            _until_complete(stub, artifact, name, size, out, policy, sleep, transfer, progress)
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        progress.close()
     got = sha256_file(path)
     if got != sha256:
         path.unlink()
         raise FetchError(
             f"{name} of {artifact}: SHA-256 {got[:16]}… does not match the manifest's {sha256[:16]}…; deleted"
         )
+
+
+def _until_complete(
+    stub: Any,
+    artifact: str,
+    name: str,
+    size: int,
+    out: IO[bytes],
+    policy: FetchPolicy,
+    sleep: Callable[[float], None],
+    transfer: Transfer,
+    progress: Progress,
+) -> None:
+    """Ask for the rest of the file until ``out`` holds ``size`` bytes; retry with backoff while progress is made."""
+    failures = 0
+    while out.tell() < size:
+        start = out.tell()
+        request = artifact_pb2.DownloadRequest(artifact=artifact, file=name, offset=start)
+        call = stub.Download(request, timeout=policy.rpc_timeout)
+        try:
+            _receive(call, name, size, out, transfer, progress)
+            if out.tell() < size and out.tell() == start:
+                raise _DamagedChunkError(f"the stream of {name} ended at byte {start}, before its {size:,}")
+        except (grpc.RpcError, _DamagedChunkError) as exc:
+            call.cancel()
+            failures = 0 if out.tell() > start else failures  # progress since the last failure
+            code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.INTERNAL
+            if code not in RETRYABLE or failures >= policy.retries:
+                raise FetchError(
+                    f"{name} of {artifact}: download failed at byte {out.tell()}: {describe(exc)}"
+                ) from None
+            out.flush()
+            wait = min(policy.max_backoff, policy.backoff * 2**failures)
+            failures += 1
+            log.warning("%s: %s; resuming from byte %d in %.1f s", name, describe(exc), out.tell(), wait)
+            sleep(wait)
+        except FetchError:
+            call.cancel()
+            raise
 
 
 def _resumable(path: Path, size: int) -> int:

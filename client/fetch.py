@@ -133,15 +133,7 @@ def _fetch(
                 log.warning("cached %s failed verification (%s); fetching it again", final, exc)
                 shutil.rmtree(final)
         partial = _partial(cache, manifest, reply)
-        transfer = Transfer()
-        for name in sorted(manifest.files):
-            if reply.sizes.get(name, manifest.sizes[name]) != manifest.sizes[name]:
-                log.warning(
-                    "%s from %s announces %d bytes for %s, its signed manifest %d: only the signed size is fetched",
-                    artifact, address, reply.sizes[name], name, manifest.sizes[name],
-                )  # fmt: skip
-            size, sha256 = manifest.sizes[name], manifest.files[name]
-            download_file(stub, reply.artifact, name, sha256, size, partial, policy, sleep, transfer)
+        transfer = _download(stub, reply, manifest, partial, policy, sleep, address)
         try:
             verify_release(read_release(partial), trust, base_digest)
         except ReleaseError as exc:
@@ -157,6 +149,28 @@ def _fetch(
             transfer.chunks_refetched,
             run_folder=_index(cache, manifest, final),
         )
+
+
+def _download(
+    stub: Any,
+    reply: Any,
+    manifest: Manifest,
+    partial: Path,
+    policy: FetchPolicy,
+    sleep: Callable[[float], None],
+    address: str,
+) -> Transfer:
+    """Download every file of ``manifest`` into ``partial``, each bounded by its signed size."""
+    transfer = Transfer()
+    for name in sorted(manifest.files):
+        size, sha256 = manifest.sizes[name], manifest.files[name]
+        if reply.sizes.get(name, size) != size:
+            log.warning(
+                "%s from %s announces %d bytes for %s, its signed manifest %d: only the signed size is fetched",
+                reply.artifact, address, reply.sizes[name], name, size,
+            )  # fmt: skip
+        download_file(stub, reply.artifact, name, sha256, size, partial, policy, sleep, transfer)
+    return transfer
 
 
 def _check_follows(
