@@ -1,7 +1,8 @@
 """Flower ClientApp: one edge device. Thin glue over ``client/train.py``.
 
 Each message carries the global adapter as a signed release; the device verifies it
-(``client/verify.py``; a refused release is reported and the last good adapter stays), loads
+(``client/verify.py``; a refused release is reported and the last good adapter stays) against
+its own trust list and history (``client/device.py``: never taken from the run config), loads
 it on its cached base, then
 either trains and replies with the adapter *delta* (``aggregation.delta-encoding``) and its metrics, or evaluates
 it on its held-out file. The base model never travels in a round message.
@@ -10,32 +11,32 @@ it on its held-out file. The base model never travels in a round message.
 from __future__ import annotations
 
 import functools
+import logging
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import grpc
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
-from client.channel import ChannelConfigError, node_credentials
-from client.fetch import FetchError, fetch_release
+from client import device
+from client.fetch import FetchError, fetch_links, fetch_release
 from client.partition import Partition, partition_for
 from client.train import evaluate, train_adapter
 from client.verify import install_release
 from shared.adapter import adapter_state, attach_lora, set_trainable_factors, uploaded_keys
+from shared.chain import ChainGapError
 from shared.config import FleetConfig, LoraConfig
 from shared.data import Encoded, encode, load_jsonl
-from shared.model import cache_dir, compute_dtype, load_model, load_tokenizer, model_digest
-from shared.release import AcceptedReleases, ReleaseError
-from shared.release_records import release_from_records
-from shared.sign import SignatureError, TrustList
+from shared.errors import ReleaseError
+from shared.model import compute_dtype, load_model, load_tokenizer, model_digest
+from shared.release_records import links_from_config, release_from_records
+from shared.replay import AcceptedReleases
+from shared.sign import SignatureError
 from shared.wire import WireError, pack
 
 app = ClientApp()
-INFO, WARNING = 20, 30
 
 
 @app.train()
@@ -47,10 +48,10 @@ def train(msg: Message, context: Context) -> Message:
     if not isinstance(server_round, int):
         raise TypeError(f"train message carries server-round {server_round!r}, expected an integer")
     try:
-        base = _base(cfg, context)
+        base = _base(cfg, context, part)
         model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype)
         _install(msg, context, cfg, part, model, base.digest)
-    except (ReleaseError, WireError, SignatureError, FetchError, ChannelConfigError, OSError) as exc:
+    except (ReleaseError, WireError, SignatureError, FetchError, OSError) as exc:
         return _refuse(msg, part, server_round, exc)
     start = adapter_state(model)
     set_trainable_factors(model, cfg.aggregation.method)
@@ -60,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
     trained = adapter_state(model)
     delta = {k: trained[k] - start[k] for k in uploaded_keys(cfg.aggregation.method, trained)}
     log(
-        INFO,
+        logging.INFO,
         "client %s round %d: %d steps, train loss %.4f, %.1f s",
         part.name,
         server_round,
@@ -86,10 +87,10 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     cfg = FleetConfig.from_run_config(context.run_config)
     part = partition_for(context.node_config, cfg)
     try:
-        base = _base(cfg, context)
+        base = _base(cfg, context, part)
         model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype)
         _install(msg, context, cfg, part, model, base.digest)
-    except (ReleaseError, WireError, SignatureError, FetchError, ChannelConfigError, OSError) as exc:
+    except (ReleaseError, WireError, SignatureError, FetchError, OSError) as exc:
         return _refuse(msg, part, msg.content["config"].get("server-round", -1), exc)
     data = _encoded(part.heldout_file, base.spec, cfg.train.max_seq_len)
     result = evaluate(model, data, cfg.eval, tok.pad_token_id)
@@ -100,19 +101,23 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 
 
 def _install(msg: Message, context: Context, cfg: FleetConfig, part: Partition, model: Any, base_digest: str) -> None:
-    """Verify the message's signed release against this device's trust list, base and history; load it."""
+    """Verify the message's signed release against this device's trust list, base and history; load it.
+
+    A device that missed more published rounds than the message carries chain manifests for
+    fetches the missing ones from the artifact service (int4 base), else it refuses the release.
+    """
     release = release_from_records(msg.content["arrays"], msg.content["config"])
-    state_dir = Path(str(context.node_config.get("state-dir", cache_dir() / "devices" / part.name))).expanduser()
-    install_release(model, release, _trust(cfg, context), base_digest, AcceptedReleases(state_dir / "accepted.json"))
-
-
-def _trust(cfg: FleetConfig, context: Context) -> TrustList:
-    return TrustList.load(Path(str(context.node_config.get("trust-file", cfg.signing.trust_file))).expanduser())
-
-
-def _tls(context: Context) -> grpc.ChannelCredentials | None:
-    """Mutual TLS to the artifact service from the node config (``ca-file``, ``cert-file``, ``key-file``), else none."""
-    return node_credentials(context.node_config)
+    links = links_from_config(msg.content["config"])
+    accepted = AcceptedReleases(device.state_file(context.node_config, part.name))
+    trust = device.load_trust(context.node_config)
+    try:
+        install_release(model, release, trust, base_digest, accepted, links)
+    except ChainGapError as gap:
+        if cfg.base.format != "int4":
+            raise
+        tls = device.channel_credentials(context.node_config)
+        more = fetch_links(cfg.base.address, gap.manifest, gap.accepted_round, credentials=tls)
+        install_release(model, release, trust, base_digest, accepted, [*links, *more])
 
 
 @dataclass
@@ -125,16 +130,23 @@ class _Base:
 _BASES: dict[tuple[str, ...], _Base] = {}
 
 
-def _base(cfg: FleetConfig, context: Context) -> _Base:
-    """Return the base this device trains on: fetched once from the artifact service (int4), or ``model``."""
-    cache = Path(str(context.node_config.get("cache-dir", cache_dir() / "releases"))).expanduser()
+def _base(cfg: FleetConfig, context: Context, part: Partition) -> _Base:
+    """Return the base this device trains on: fetched once from the artifact service (int4), or ``model``.
+
+    The fetched base is checked against, and pinned in, the device's replay store: an older base
+    (or another of the same age) is refused (``shared/chain.py``).
+    """
+    device.check_base_format(cfg.base.format, context.node_config)  # a run config cannot switch verification off
+    cache = device.release_cache(context.node_config)
     key = (cfg.base.format, cfg.base.address, cfg.model, str(cache))
     if key not in _BASES:
         if cfg.base.format == "float":
             _BASES[key] = _Base(cfg.model, model_digest(cfg.model), 0)
         else:
-            got = fetch_release(cfg.base.address, "base", cache, _trust(cfg, context), credentials=_tls(context))
-            log(INFO, "device base: %s (%d bytes downloaded)", got.folder, got.bytes_downloaded)
+            trust, tls = device.load_trust(context.node_config), device.channel_credentials(context.node_config)
+            accepted = AcceptedReleases(device.state_file(context.node_config, part.name))
+            got = fetch_release(cfg.base.address, "base", cache, trust, credentials=tls, accepted=accepted)
+            log(logging.INFO, "device base: %s (%d bytes downloaded)", got.folder, got.bytes_downloaded)
             _BASES[key] = _Base(str(got.folder), got.manifest.base_digest, got.bytes_downloaded)
     return _BASES[key]
 
@@ -142,7 +154,7 @@ def _base(cfg: FleetConfig, context: Context) -> _Base:
 def _refuse(msg: Message, part: Partition, server_round: Any, exc: Exception) -> Message:
     """Reply that this device refused the release; its last good adapter stays active."""
     log(
-        WARNING,
+        logging.WARNING,
         "client %s round %s: refused the release, keeping the last good adapter: %s",
         part.name,
         server_round,

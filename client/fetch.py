@@ -4,10 +4,11 @@ Steps (``fetch_release``):
 
 1. ask for the manifest and check its signature against the trust list *before* downloading;
 2. if ``<cache>/<manifest digest>/`` exists, verify it and return it: a second run downloads nothing;
-3. else download each file into ``<cache>/<digest>.partial/<file>``, resuming from the bytes
-   already there (also after a crash or a restart), checking each chunk's SHA-256 (a damaged
-   chunk is fetched again) and then the file's SHA-256 against the manifest (a mismatch deletes
-   the file and is refused, naming it);
+3. else download each file into ``<cache>/<digest>.partial/<file>`` (``client/download.py``),
+   never past the size the manifest signs (what the service announces is not trusted), resuming
+   from the bytes already there (also after a crash or a restart), checking each chunk's SHA-256
+   (a damaged chunk is fetched again) and then the file's SHA-256 against the manifest (a
+   mismatch deletes the file and is refused, naming it);
 4. verify the whole release (``shared.release.verify_release``) and only then move it into place;
 5. for an adapter, index it as the server does: ``<cache>/adapter/<run-id>/round-NNNN`` links to
    the release and ``LATEST`` names the newest round fetched, so ``fleetlora infer --adapter
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import logging
 import os
 import shutil
@@ -33,38 +33,20 @@ from typing import Any
 
 import grpc
 
-from shared.manifest import Manifest, parse, sha256_file
-from shared.progress import Progress
+from client import channel
+from client.download import FetchError, FetchPolicy, Transfer, download_file, retry
+from shared.atomic import fsync_dir, write_atomic
+from shared.chain import MAX_LINKS, ChainGapError, SignedManifest, verify_links
+from shared.errors import ReleaseError
+from shared.layout import FOLDER_NAME, folder_round, latest_name, point_latest, round_folder
+from shared.manifest import Manifest, parse
 from shared.proto import artifact_pb2, artifact_pb2_grpc
-from shared.release import (
-    FOLDER_NAME,
-    MAX_FILE_BYTES,
-    ReleaseError,
-    folder_round,
-    latest_name,
-    point_latest,
-    read_release,
-    round_folder,
-    verify_release,
-)
+from shared.release import MANIFEST, SIGNATURE, read_release, verify_release
+from shared.replay import AcceptedReleases, default_state_file
 from shared.sign import TrustList
 
+__all__ = ["FetchError", "FetchPolicy", "FetchResult", "fetch_links", "fetch_release", "register"]
 log = logging.getLogger(__name__)
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL}
-
-
-class FetchError(RuntimeError):
-    """The release could not be fetched (server unreachable after retries, or a refused release)."""
-
-
-@dataclass
-class FetchPolicy:
-    """How hard to try: ``retries`` attempts after the first, waiting ``backoff`` x 2^k seconds (capped)."""
-
-    retries: int = 5
-    backoff: float = 0.5
-    max_backoff: float = 8.0
-    rpc_timeout: float = 60.0
 
 
 @dataclass
@@ -89,8 +71,12 @@ def fetch_release(
     policy: FetchPolicy | None = None,
     credentials: grpc.ChannelCredentials | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    accepted: AcceptedReleases | None = None,
 ) -> FetchResult:
     """Fetch ``artifact`` from the service at ``address`` into ``cache``; see the module docstring.
+
+    ``accepted``: the device's replay store. A release older than (or forking from) the last one
+    it accepted of the same run is refused before any download; a fetched release is recorded.
 
     Raises
     ------
@@ -103,7 +89,13 @@ def fetch_release(
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".lock", "w") as lock:  # one fetcher per cache at a time (devices sharing a disk)
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _fetch(address, artifact, cache, trust, base_digest, policy, credentials, sleep)
+        result = _fetch(address, artifact, cache, trust, base_digest, policy, credentials, sleep, accepted)
+        if accepted is not None:
+            try:
+                accepted.accept(result.manifest)  # durable before the caller uses it
+            except ReleaseError as exc:
+                raise FetchError(f"{artifact} from {address}: {exc}") from None
+        return result
 
 
 def _fetch(
@@ -115,11 +107,12 @@ def _fetch(
     policy: FetchPolicy,
     credentials: grpc.ChannelCredentials | None,
     sleep: Callable[[float], None],
+    accepted: AcceptedReleases | None,
 ) -> FetchResult:
     channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
     with channel:
         stub = artifact_pb2_grpc.ArtifactServiceStub(channel)
-        reply = _retry(
+        reply = retry(
             lambda: stub.GetManifest(artifact_pb2.ManifestRequest(artifact=artifact), timeout=policy.rpc_timeout),
             policy,
             sleep,
@@ -128,6 +121,8 @@ def _fetch(
         try:  # signature first: an unsigned or foreign manifest costs no download
             manifest = parse(reply.manifest)
             trust.verify(manifest.key_id, reply.manifest, reply.signature)
+            if accepted is not None:  # a replayed, rolled-back or off-chain manifest costs no download either
+                _check_follows(stub, manifest, accepted, trust, policy, sleep, address)
         except ValueError as exc:
             raise FetchError(f"{artifact} from {address}: manifest refused: {exc}") from None
         final = cache / manifest.digest()
@@ -138,20 +133,146 @@ def _fetch(
             except ReleaseError as exc:
                 log.warning("cached %s failed verification (%s); fetching it again", final, exc)
                 shutil.rmtree(final)
-        partial = cache / f"{manifest.digest()}.partial"
-        partial.mkdir(parents=True, exist_ok=True)
-        (partial / "manifest.json").write_bytes(reply.manifest)
-        (partial / "manifest.sig").write_bytes(reply.signature)
-        result = FetchResult(final, manifest)
-        for name, expected in sorted(manifest.files.items()):
-            _fetch_file(stub, reply.artifact, name, expected, reply.sizes.get(name, 0), partial, policy, sleep, result)
+        partial = _partial(cache, manifest, reply)
+        transfer = _download(stub, reply, manifest, partial, policy, sleep, address)
         try:
             verify_release(read_release(partial), trust, base_digest)
         except ReleaseError as exc:
+            shutil.rmtree(partial)  # every file matched its hash: what failed is the release as a whole
             raise FetchError(f"{artifact} from {address}: release refused: {exc}") from None
-        os.replace(partial, final)
-        result.run_folder = _index(cache, manifest, final)
-        return result
+        os.replace(partial, final)  # its files were fsynced as they completed
+        fsync_dir(cache)
+        return FetchResult(
+            final,
+            manifest,
+            transfer.bytes_downloaded,
+            transfer.resumed_from,
+            transfer.chunks_refetched,
+            run_folder=_index(cache, manifest, final),
+        )
+
+
+def _download(
+    stub: Any,
+    reply: Any,
+    manifest: Manifest,
+    partial: Path,
+    policy: FetchPolicy,
+    sleep: Callable[[float], None],
+    address: str,
+) -> Transfer:
+    """Download every file of ``manifest`` into ``partial``, each bounded by its signed size."""
+    transfer = Transfer()
+    for name in sorted(manifest.files):
+        size, sha256 = manifest.sizes[name], manifest.files[name]
+        if reply.sizes.get(name, size) != size:
+            log.warning(
+                "%s from %s announces %d bytes for %s, its signed manifest %d: only the signed size is fetched",
+                reply.artifact, address, reply.sizes[name], name, size,
+            )  # fmt: skip
+        download_file(stub, reply.artifact, name, sha256, size, partial, policy, sleep, transfer)
+    return transfer
+
+
+def _check_follows(
+    stub: Any,
+    manifest: Manifest,
+    accepted: AcceptedReleases,
+    trust: TrustList,
+    policy: FetchPolicy,
+    sleep: Callable[[float], None],
+    address: str,
+) -> None:
+    """Check ``manifest`` against the replay store, fetching the run's missing chain manifests if it needs them."""
+    try:
+        accepted.check(manifest)
+    except ChainGapError as gap:
+        links = _chain_links(stub, manifest, gap.accepted_round, policy, sleep, address)
+        accepted.check(manifest, verify_links(links, trust))
+
+
+def fetch_links(
+    address: str,
+    manifest: Manifest,
+    accepted_round: int,
+    credentials: grpc.ChannelCredentials | None = None,
+    policy: FetchPolicy | None = None,
+) -> list[SignedManifest]:
+    """Fetch the signed manifests of the run's releases between ``accepted_round`` and ``manifest.round``.
+
+    For a device that missed more rounds than its round message carries links for
+    (``shared/chain.py``); rounds that published nothing are skipped. The manifests are not
+    verified here: ``verify_release`` checks each against the trust list.
+
+    Raises
+    ------
+    FetchError
+        The service is unreachable, or more than ``MAX_LINKS`` rounds are missing.
+    """
+    policy = policy or FetchPolicy()
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
+        stub = artifact_pb2_grpc.ArtifactServiceStub(channel)
+        return _chain_links(stub, manifest, accepted_round, policy, time.sleep, address)
+
+
+def _chain_links(
+    stub: Any,
+    manifest: Manifest,
+    accepted_round: int,
+    policy: FetchPolicy,
+    sleep: Callable[[float], None],
+    address: str,
+) -> list[SignedManifest]:
+    missing = range(manifest.round - 1, accepted_round, -1)
+    if len(missing) > MAX_LINKS:
+        raise FetchError(
+            f"round {manifest.round} of run {manifest.run_id}: this device accepted round {accepted_round}, "
+            f"{len(missing)} rounds behind, more than the {MAX_LINKS} it checks the chain through; refused"
+        )
+    links = []
+    for number in missing:
+        reply = _manifest_if_any(stub, f"adapter/{manifest.run_id}/{round_folder(number)}", policy, sleep, address)
+        if reply is not None:  # None: a round that published nothing
+            links.append(SignedManifest(reply.manifest, reply.signature))
+    return links
+
+
+def _manifest_if_any(
+    stub: Any, artifact: str, policy: FetchPolicy, sleep: Callable[[float], None], address: str
+) -> Any | None:
+    def call() -> Any | None:
+        try:
+            return stub.GetManifest(artifact_pb2.ManifestRequest(artifact=artifact), timeout=policy.rpc_timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+    return retry(call, policy, sleep, address)
+
+
+def _partial(cache: Path, manifest: Manifest, reply: Any) -> Path:
+    """Return ``<cache>/<digest>.partial/`` holding the signed manifest and only what a resume may use.
+
+    Raises
+    ------
+    FetchError
+        The cache's disk lacks room for the rest of the release (its signed sizes).
+    """
+    partial = cache / f"{manifest.digest()}.partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    for path in partial.iterdir():
+        if path.name not in manifest.files:  # left by another version, or not a release file at all
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    write_atomic(partial / MANIFEST, reply.manifest)
+    write_atomic(partial / SIGNATURE, reply.signature)
+    have = {p.name: p.stat().st_size for p in partial.iterdir() if p.is_file() and p.name in manifest.files}
+    needed = sum(size - min(have.get(name, 0), size) for name, size in manifest.sizes.items())
+    free = shutil.disk_usage(partial).free
+    if needed > free:
+        raise FetchError(f"{partial} needs {needed:,} more bytes for the release, {free:,} are free on its disk")
+    return partial
 
 
 def _index(cache: Path, manifest: Manifest, folder: Path) -> Path | None:
@@ -172,6 +293,7 @@ def _index(cache: Path, manifest: Manifest, folder: Path) -> Path | None:
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(os.path.relpath(folder, run), target_is_directory=True)
     os.replace(tmp, run / name)
+    fsync_dir(run)
     try:
         current = latest_name(run)
     except ReleaseError as exc:
@@ -183,90 +305,6 @@ def _index(cache: Path, manifest: Manifest, folder: Path) -> Path | None:
     return run
 
 
-def _fetch_file(
-    stub: Any,
-    artifact: str,
-    name: str,
-    expected: str,
-    size: int,
-    folder: Path,
-    policy: FetchPolicy,
-    sleep: Callable[[float], None],
-    result: FetchResult,
-) -> None:
-    """Download one file into ``folder``, resuming, until it is complete and its SHA-256 matches."""
-    if size > MAX_FILE_BYTES:
-        raise FetchError(f"{name} of {artifact}: the server announces {size:,} bytes, more than {MAX_FILE_BYTES:,}")
-    path = folder / name
-    have = path.stat().st_size if path.exists() else 0
-    if have > size:  # a stale partial file of another size: start over
-        path.unlink()
-        have = 0
-    if 0 < have < size:
-        result.resumed_from[name] = have
-    progress = Progress(f"{artifact}/{name}", size, start=have)
-    failures = 0
-    with open(path, "ab") as out:
-        while out.tell() < size:
-            request = artifact_pb2.DownloadRequest(artifact=artifact, file=name, offset=out.tell())
-            call = stub.Download(request, timeout=policy.rpc_timeout)
-            try:
-                for chunk in call:
-                    if chunk.offset != out.tell() or out.tell() + len(chunk.data) > size:
-                        raise _DamagedChunkError(f"chunk at {chunk.offset} of {name} does not fit the file")
-                    if hashlib.sha256(chunk.data).digest() != chunk.sha256:
-                        result.chunks_refetched += 1
-                        raise _DamagedChunkError(f"chunk at {chunk.offset} of {name} is damaged (SHA-256 mismatch)")
-                    out.write(chunk.data)
-                    result.bytes_downloaded += len(chunk.data)
-                    progress.update(out.tell())
-                    failures = 0
-            except (grpc.RpcError, _DamagedChunkError) as exc:
-                call.cancel()
-                code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.INTERNAL
-                if code not in RETRYABLE or failures >= policy.retries:
-                    progress.close()
-                    raise FetchError(
-                        f"{name} of {artifact}: download failed at byte {out.tell()}: {_describe(exc)}"
-                    ) from None
-                out.flush()
-                wait = min(policy.max_backoff, policy.backoff * 2**failures)
-                failures += 1
-                log.warning("%s: %s; resuming from byte %d in %.1f s", name, _describe(exc), out.tell(), wait)
-                sleep(wait)
-        out.flush()
-        os.fsync(out.fileno())
-    progress.close()
-    got = sha256_file(path)
-    if got != expected:
-        path.unlink()
-        raise FetchError(
-            f"{name} of {artifact}: SHA-256 {got[:16]}… does not match the manifest's {expected[:16]}…; deleted"
-        )
-
-
-class _DamagedChunkError(Exception):
-    pass
-
-
-def _retry(call: Callable[[], Any], policy: FetchPolicy, sleep: Callable[[float], None], address: str) -> Any:
-    """Run an RPC, retrying retryable failures with exponential backoff."""
-    for attempt in range(policy.retries + 1):
-        try:
-            return call()
-        except grpc.RpcError as exc:
-            if exc.code() not in RETRYABLE:
-                raise FetchError(f"artifact service at {address}: {_describe(exc)}") from None
-            if attempt == policy.retries:
-                raise FetchError(
-                    f"artifact service at {address} unreachable after {policy.retries + 1} attempts: {_describe(exc)}"
-                ) from None
-            wait = min(policy.max_backoff, policy.backoff * 2**attempt)
-            log.warning("artifact service at %s: %s; retrying in %.1f s", address, _describe(exc), wait)
-            sleep(wait)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``fetch`` subcommand."""
     p = sub.add_parser("fetch", help="fetch a signed release from the artifact service into the cache, verified")
@@ -275,6 +313,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust", type=Path, required=True, help="trust-list file")
     p.add_argument("--cache", type=Path, default=None, help="cache folder (default: ~/.cache/fleetlora/releases)")
     p.add_argument("--base", help="expected base-model digest; checked if given")
+    p.add_argument(
+        "--state", type=Path, default=None,
+        help="replay store: the releases this device accepted (default: <cache>/accepted.json, as fleetlora infer)",
+    )  # fmt: skip
+    channel.add_arguments(p)
     p.set_defaults(func=_fetch_cli)
 
 
@@ -282,7 +325,11 @@ def _fetch_cli(args: argparse.Namespace) -> int:
     from shared.model import cache_dir
 
     cache = args.cache or cache_dir() / "releases"
-    result = fetch_release(args.address, args.artifact, cache, TrustList.load(args.trust), args.base)
+    accepted = AcceptedReleases(args.state or default_state_file(cache))
+    trust, credentials = TrustList.load(args.trust), channel.credentials_from_args(args)
+    result = fetch_release(
+        args.address, args.artifact, cache, trust, args.base, credentials=credentials, accepted=accepted
+    )
     m = result.manifest
     print(
         f"{result.folder}  ({m.kind} of run {m.run_id}, round {m.round}, key {m.key_id}; "
@@ -291,9 +338,3 @@ def _fetch_cli(args: argparse.Namespace) -> int:
     if result.run_folder is not None:
         print(f"newest fetched release of the run: {result.run_folder} (fleetlora infer --adapter follows it)")
     return 0
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, grpc.RpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    return str(exc)

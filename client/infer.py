@@ -2,7 +2,7 @@
 
 :class:`EdgeModel` verifies the signed base, exports it once (``client/export.py``) and loads
 it with onnxruntime-genai. :meth:`EdgeModel.apply_release` verifies a signed adapter release
-(signature, file hashes, base digest, not older than the active one), converts it to an
+(signature, file hashes, base digest, not older than the active one, finite values), converts it to an
 ``.onnx_adapter`` file and makes it active; the base is never rebuilt, and any failure leaves
 the previous adapter active. :meth:`EdgeModel.generate` streams a greedy answer to a chat
 prompt, with or without the adapter.
@@ -20,10 +20,14 @@ from typing import Any
 
 from client.export import BASE_ADAPTER, CORRECTIONS, DONE, ExportOptions, export_base
 from client.onnx_adapter import AdapterError, lora_scale, onnx_lora_tensors, write_onnx_adapter
+from client.verify import check_adapter_values
 from shared.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from shared.errors import ReleaseError
 from shared.manifest import Manifest
-from shared.release import ReleaseError, load_tensors, read_release, verify_release
+from shared.release import read_release, verify_release
+from shared.replay import AcceptedReleases
 from shared.sign import TrustList
+from shared.tensors import load_tensors
 
 log = logging.getLogger(__name__)
 BASE = "base"  # the adapter name of the base alone
@@ -52,6 +56,10 @@ class EdgeModel:
         Intra-op threads for ONNX Runtime (0 = one per core).
     options
         How the base is exported (``client/export.py``'s ``ExportOptions``; default: exact, fast).
+    accepted
+        The device's replay store (``shared/replay.py``): the base and every adapter applied are
+        checked against it and recorded, so no session goes back to an older release. None:
+        only this session's active adapter is compared against.
     """
 
     def __init__(
@@ -61,13 +69,17 @@ class EdgeModel:
         cache: str | Path,
         threads: int = 0,
         options: ExportOptions | None = None,
+        accepted: AcceptedReleases | None = None,
     ) -> None:
         import onnxruntime_genai as og
 
         base = read_release(base_folder)
-        manifest = verify_release(base, trust, None)
+        manifest = verify_release(base, trust, None, accepted)
         if manifest.kind != "base":
             raise ReleaseError(f"{base_folder} holds a {manifest.kind} release, not a base model")
+        self.accepted = accepted
+        if accepted is not None:
+            accepted.accept(manifest)  # pins the base: a different one is refused from now on
         self.base_digest = manifest.base_digest
         self.trust = trust
         self.folder = export_base(base_folder, cache, options)
@@ -97,7 +109,7 @@ class EdgeModel:
             why the adapter does not fit the exported model; the active adapter is unchanged.
         """
         release = read_release(folder)
-        manifest = verify_release(release, self.trust, self.base_digest)
+        manifest = verify_release(release, self.trust, self.base_digest, self.accepted)
         if manifest.kind != "adapter":
             raise ReleaseError(f"{folder} holds a {manifest.kind} release, not an adapter")
         active = self.active
@@ -114,12 +126,15 @@ class EdgeModel:
         try:
             scale = lora_scale(release.files[ADAPTER_CONFIG])
             state = load_tensors(release.files[ADAPTER_WEIGHTS])
+            check_adapter_values(state)
             tensors = onnx_lora_tensors(state, scale, self.lora_layers, self.corrections)
         except AdapterError as exc:
             raise ReleaseError(f"the adapter does not fit the exported model: {exc}") from None
         self._adapter_dir.mkdir(parents=True, exist_ok=True)
         name = manifest.digest()
         path = write_onnx_adapter(tensors, self._adapter_dir / f"{name[:32]}.onnx_adapter")
+        if self.accepted is not None:
+            self.accepted.accept(manifest)  # recorded before it is used: a restart never goes back
         with self._lock:
             self.adapters.load(str(path), name)
             self.active = ActiveAdapter(name, manifest)

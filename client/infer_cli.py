@@ -6,7 +6,8 @@ release folder with a ``LATEST`` file (the server's ``outputs/store/adapter/<run
 device's ``<cache>/adapter/<run-id>``, which each ``fleetlora fetch`` of that run advances): then,
 before each prompt, a newer release is verified
 and applied to the running session. A refused release is reported and the previous adapter
-stays active.
+stays active. Releases are checked against the device's replay store (``--state``, shared with
+``fleetlora fetch``), so a later session never goes back to an older round.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shared.errors import ReleaseError
+from shared.layout import follow_latest
 from shared.manifest import parse
 from shared.model import cache_dir
-from shared.release import MANIFEST, ReleaseError, follow_latest
+from shared.release import MANIFEST
+from shared.replay import AcceptedReleases, default_state_file
 from shared.sign import TrustList
 
 if TYPE_CHECKING:
@@ -34,6 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-adapter", action="store_true", help="answer with the base alone")
     p.add_argument("--trust", type=Path, default=Path(".fleetlora/keys/server.key.pub"), help="trust-list file")
     p.add_argument("--cache", type=Path, help="where exports are kept (default: ~/.cache/fleetlora)")
+    p.add_argument(
+        "--state", type=Path,
+        help="replay store (default: <cache>/releases/accepted.json, the one fleetlora fetch keeps)",
+    )  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
     p.add_argument(
@@ -52,7 +60,9 @@ def _infer(args: argparse.Namespace) -> int:
     cache = args.cache or cache_dir()
     base = args.base or newest_base(cache / "releases")
     options = ExportOptions(output_bits=args.output_bits)
-    model = EdgeModel(base, TrustList.load(args.trust), cache, threads=args.threads, options=options)
+    accepted = AcceptedReleases(args.state or default_state_file(cache / "releases"))
+    trust = TrustList.load(args.trust)
+    model = EdgeModel(base, trust, cache, threads=args.threads, options=options, accepted=accepted)
     prompts = [args.prompt] if args.prompt else (line.strip() for line in sys.stdin)
     for prompt in prompts:
         if not prompt:

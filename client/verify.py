@@ -2,31 +2,52 @@
 
 The one verifier is ``shared.release.verify_release``; this module adds what only the device
 knows (its trust list, its cached base, the releases it accepted before) and loads the
-adapter strictly. Any failure leaves the adapter that was active untouched.
+adapter strictly. A device that cannot record the release in its replay store does not use
+it. Any failure leaves the adapter that was active untouched.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from shared.adapter import ADAPTER_WEIGHTS, load_adapter_state
+import torch
+
+from shared.adapter import ADAPTER_WEIGHTS, adapter_state, load_adapter_state
+from shared.chain import SignedManifest
+from shared.errors import ReleaseError
 from shared.manifest import Manifest
-from shared.release import AcceptedReleases, Release, ReleaseError, load_tensors, verify_release
+from shared.release import Release, verify_release
+from shared.replay import AcceptedReleases
 from shared.sign import TrustList
+from shared.tensors import load_tensors
+
+# No trained LoRA factor comes near this (they stay well under 10); fp16 still holds it (max 65,504), so a
+# signed release can carry it: one such entry already makes B·A swamp the base weights it corrects.
+MAX_ADAPTER_VALUE = 1e4
 
 
 def install_release(
-    peft_model: Any, release: Release, trust: TrustList, base_digest: str, accepted: AcceptedReleases
+    peft_model: Any,
+    release: Release,
+    trust: TrustList,
+    base_digest: str,
+    accepted: AcceptedReleases,
+    links: Sequence[SignedManifest] = (),
 ) -> Manifest:
     """Verify ``release`` and load its adapter into ``peft_model``; record it as accepted.
+
+    ``links``: signed manifests of the run's releases before it (the round message carries
+    the last few), through which it must lead back to the release the device accepted last.
 
     Raises
     ------
     ReleaseError
-        Naming the failed check (signature, file hash, base, replay) or why the adapter does
-        not fit this model. The model's active adapter is then unchanged.
+        Naming the failed check (signature, file hash, base, replay, replay store, non-finite or
+        absurd values) or why the adapter does not fit this model. The model's active adapter is
+        then unchanged.
     """
-    manifest = verify_release(release, trust, base_digest, accepted)
+    manifest = verify_release(release, trust, base_digest, accepted, links)
     if manifest.kind != "adapter":
         raise ReleaseError(
             f"release of run {manifest.run_id} round {manifest.round} is a {manifest.kind}, not an adapter"
@@ -34,9 +55,35 @@ def install_release(
     if ADAPTER_WEIGHTS not in release.files:
         raise ReleaseError(f"release has no {ADAPTER_WEIGHTS}")
     state = load_tensors(release.files[ADAPTER_WEIGHTS])
+    check_adapter_values(state)
+    before = adapter_state(peft_model)
     try:
         load_adapter_state(peft_model, state)  # checks every key and shape before it writes anything
     except ValueError as exc:
         raise ReleaseError(f"the adapter does not fit this model: {exc}") from None
-    accepted.accept(manifest)
+    try:
+        accepted.accept(manifest)
+    except ReleaseError:
+        load_adapter_state(peft_model, before)  # a device that cannot record a release does not use it
+        raise
     return manifest
+
+
+def check_adapter_values(state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse an adapter holding an inf, a NaN or a value beyond :data:`MAX_ADAPTER_VALUE`, naming the tensor.
+
+    A signed release is only as sound as the aggregate the coordinator signed; a device checks
+    the numbers it is about to compute with too.
+
+    Raises
+    ------
+    ReleaseError
+        Naming the first offending tensor, how many entries are not finite, or its largest magnitude.
+    """
+    for name, tensor in sorted(state.items()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ReleaseError(f"the adapter's {name} holds {bad:,} non-finite values (inf or NaN); refused")
+        peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+        if peak > MAX_ADAPTER_VALUE:
+            raise ReleaseError(f"the adapter's {name} holds {peak:.3g}, beyond {MAX_ADAPTER_VALUE:.0e}; refused")

@@ -40,7 +40,7 @@ from shared.adapter import ADAPTER_WEIGHTS, uploaded_keys
 from shared.config import AggregationConfig, LoraConfig
 from shared.manifest import Manifest
 from shared.release import Release, load_tensors
-from shared.release_records import release_config, release_to_records
+from shared.release_records import links_config, release_config, release_to_records
 from shared.wire import wire_bytes
 
 
@@ -82,15 +82,16 @@ class AdapterStrategy(FedAvg):
         """Remember the global adapter this round starts from, attach its signature, sample and send."""
         release = self._release_of(arrays)
         self._global = load_tensors(release.files[ADAPTER_WEIGHTS])
-        self._bytes_down = wire_bytes(arrays) + len(release.manifest_bytes) + len(release.signature)
+        signed, signed_bytes = self._signed(config, release)
+        self._bytes_down = wire_bytes(arrays) + signed_bytes
         server_round += self.round_offset
-        return self.roster.sending(super().configure_train(server_round, arrays, self._signed(config, release), grid))
+        return self.roster.sending(super().configure_train(server_round, arrays, signed, grid))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the round's release, with its signature, for federated evaluation."""
-        signed = self._signed(config, self._release_of(arrays))
+        signed, _ = self._signed(config, self._release_of(arrays))
         return self.roster.sending(super().configure_evaluate(server_round + self.round_offset, arrays, signed, grid))
 
     def initial_arrays(self, state: Mapping[str, Any]) -> ArrayRecord:
@@ -297,12 +298,21 @@ class AdapterStrategy(FedAvg):
             raise RuntimeError("the arrays to send are not the latest signed release")
         return release
 
-    @staticmethod
-    def _signed(config: ConfigRecord, release: Release) -> ConfigRecord:
+    def _signed(self, config: ConfigRecord, release: Release) -> tuple[ConfigRecord, int]:
+        """Return ``config`` with the release's manifest and signature, and the chain links of the releases before it.
+
+        The links (the signed manifests of the last few published releases) let a device that
+        missed rounds check that this release leads back to the one it accepted (``shared/chain.py``).
+        Also returns the bytes those entries add to each message.
+        """
+        links = self.registry.recent_links()
         signed = ConfigRecord(dict(config))
         for key, value in release_config(release).items():
             signed[key] = value
-        return signed
+        for key, chain in links_config(links).items():
+            signed[key] = chain
+        extra = len(release.manifest_bytes) + len(release.signature)
+        return signed, extra + sum(len(link.manifest) + len(link.signature) for link in links)
 
     def record_release(self, server_round: int, manifest: Manifest) -> None:
         """Record in the round log (and its state store) that ``server_round`` ended with this signed release."""

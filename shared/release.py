@@ -6,44 +6,61 @@ On disk a release is a folder::
     manifest.json                                    (canonical manifest bytes, shared/manifest.py)
     manifest.sig                                     (Ed25519 signature of manifest.json, 64 bytes)
 
-In a Flower round the same bytes travel in the message (``shared/wire.py`` packs them), so
+In a Flower round the same bytes travel in the message (``shared/release_records.py`` packs them), so
 what a device verifies is exactly what it loads. :func:`verify_release` is the one verifier:
-signature by a trusted, unrevoked key; every file present, none extra, every SHA-256 equal;
+signature by a trusted, unrevoked key; every file present, none extra, every size and SHA-256 equal;
 the base digest equal to the device's base; and no replay or rollback against the last release
-the device accepted for that run (:class:`AcceptedReleases`).
+the device accepted for that run (``shared.replay.AcceptedReleases``).
 
-A run's releases sit side by side in its run folder, ``round-NNNN/`` each, with a ``LATEST``
-file naming the newest (:func:`point_latest`, :func:`follow_latest`): the server's registry,
-its artifact service and a device's fetch cache all use this one layout.
+A run's releases sit side by side in its run folder (``shared/layout.py``); the adapter's
+tensors are coded by ``shared/tensors.py``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import os
-import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from shared.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse
+from shared.atomic import fsync_dir, write_atomic
+from shared.chain import SignedManifest, verify_links
+from shared.errors import ReleaseError
+from shared.layout import FOLDER_NAME, LATEST, folder_round, follow_latest, latest_name, point_latest, round_folder
+from shared.manifest import MAX_FILE_BYTES, MAX_MANIFEST_BYTES, Manifest, ManifestError, parse
 from shared.sign import SignatureError, TrustList, key_id, sign
+from shared.tensors import load_tensors, save_tensors
+
+if TYPE_CHECKING:
+    from shared.replay import AcceptedReleases
 
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
-MAX_FILE_BYTES = 2 << 30  # no single release file is larger (a 4-bit base of a 1B model is < 1 GB)
-LATEST = "LATEST"
-_ROUND_FOLDER = re.compile(r"round-(\d{4,})")
-FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # one plain path segment: no '/', no '..'
-
-
-class ReleaseError(ValueError):
-    """A release failed verification; the message names the check and the file or field."""
+# Old import paths of what moved out (one concept per module), kept for the modules that still use them:
+# shared/layout.py (server/distribute.py, server/resume.py, simulations/, tests/), shared/tensors.py
+# (server/strategy.py, server/server_app.py, simulations/bench/, tests/), shared/errors.py (everywhere).
+__all__ = [
+    "FOLDER_NAME",
+    "LATEST",
+    "MANIFEST",
+    "SIGNATURE",
+    "Release",
+    "ReleaseError",
+    "folder_round",
+    "follow_latest",
+    "latest_name",
+    "load_tensors",
+    "make_release",
+    "point_latest",
+    "read_release",
+    "round_folder",
+    "save_tensors",
+    "verify_release",
+    "write_release",
+]
 
 
 @dataclass(frozen=True)
@@ -72,6 +89,7 @@ def make_release(
         run_id=run_id,
         round=round,
         files={name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
+        sizes={name: len(data) for name, data in sorted(files.items())},
         base_digest=base_digest,
         method=method,
         created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -83,15 +101,20 @@ def make_release(
 
 
 def write_release(release: Release, folder: str | Path) -> Path:
-    """Write a release folder atomically (a reader never sees half a release)."""
+    """Write a release folder atomically and durably (a reader, or a restart after a power loss, never sees half).
+
+    Each file is written and fsynced in ``<folder>.partial/``, that folder is fsynced, renamed
+    into place, and the parent folder fsynced: once this returns, the release survives a crash.
+    """
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, data in {**release.files, MANIFEST: release.manifest_bytes, SIGNATURE: release.signature}.items():
-        (tmp / name).write_bytes(data)
+        write_atomic(tmp / name, data)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+    fsync_dir(folder.parent)
     return folder
 
 
@@ -113,56 +136,18 @@ def read_release(folder: str | Path) -> Release:
     return Release(files, manifest_bytes, (folder / SIGNATURE).read_bytes()[:1024])
 
 
-def round_folder(server_round: int) -> str:
-    """Return the name of a round's release folder in its run folder (``round-0003``)."""
-    return f"round-{server_round:04d}"
-
-
-def folder_round(name: str) -> int | None:
-    """Return the round a release folder name stands for (``round-0003`` → 3), None for any other name."""
-    m = _ROUND_FOLDER.fullmatch(name)
-    return int(m.group(1)) if m else None
-
-
-def point_latest(run_folder: str | Path, name: str) -> None:
-    """Make ``run_folder/LATEST`` name the release folder ``name`` (written aside, then renamed: never half)."""
-    if not FOLDER_NAME.fullmatch(name):
-        raise ReleaseError(f"{name!r:.80} is not a release folder name")
-    tmp = Path(run_folder) / f"{LATEST}.tmp"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, Path(run_folder) / LATEST)
-
-
-def latest_name(run_folder: str | Path) -> str | None:
-    """Return the release folder name ``run_folder/LATEST`` holds (None: no LATEST file).
-
-    Raises
-    ------
-    ReleaseError
-        LATEST holds something other than one plain folder name (a path could leave the folder).
-    """
-    try:
-        name = (Path(run_folder) / LATEST).read_text(errors="replace").strip()
-    except FileNotFoundError:
-        return None
-    if not FOLDER_NAME.fullmatch(name):
-        raise ReleaseError(f"{Path(run_folder) / LATEST} names {name!r:.80}, not a release folder")
-    return name
-
-
-def follow_latest(path: str | Path) -> Path:
-    """Return ``path`` itself, or, for a run folder, the release its ``LATEST`` names."""
-    name = latest_name(path)
-    return Path(path) if name is None else Path(path) / name
-
-
 def verify_release(
-    release: Release, trust: TrustList, base_digest: str | None, accepted: AcceptedReleases | None = None
+    release: Release,
+    trust: TrustList,
+    base_digest: str | None,
+    accepted: AcceptedReleases | None = None,
+    links: Sequence[SignedManifest] = (),
 ) -> Manifest:
     """Return the release's manifest if every check passes; else raise :class:`ReleaseError` naming the failed one.
 
     ``base_digest`` None skips the base check (``fleetlora verify`` without ``--base``);
-    ``accepted`` None skips the replay check.
+    ``accepted`` None skips the replay and chain checks; ``links``: signed manifests of the
+    run's releases between the accepted one and this one (``shared/chain.py``), each verified.
     """
     try:
         manifest = parse(release.manifest_bytes)
@@ -177,72 +162,23 @@ def verify_release(
         got = hashlib.sha256(release.files[name]).hexdigest()
         if got != expected:
             raise ReleaseError(f"{name}: SHA-256 {got[:16]}… does not match the manifest's {expected[:16]}…")
+        if len(release.files[name]) != manifest.sizes[name]:  # a manifest whose size and hash disagree
+            raise ReleaseError(
+                f"{name}: {len(release.files[name]):,} bytes, the manifest signs {manifest.sizes[name]:,}"
+            )
     if base_digest is not None and manifest.base_digest != base_digest:
         raise ReleaseError(
             f"release is for base model {manifest.base_digest[:16]}…, this device has {base_digest[:16]}…"
         )
     if accepted is not None:
-        accepted.check(manifest)
+        accepted.check(manifest, verify_links(links, trust))
     return manifest
 
 
-def load_tensors(data: bytes, name: str = "adapter_model.safetensors") -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes into fp32 tensors, refusing anything malformed with a clear error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+def __getattr__(name: str) -> Any:
+    """Keep ``from shared.release import AcceptedReleases`` working (tests/server/test_fleet.py); it is in replay.py."""
+    if name == "AcceptedReleases":
+        from shared.replay import AcceptedReleases
 
-    try:
-        tensors = load(data)
-    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
-        raise ReleaseError(f"{name} is not valid safetensors: {exc}") from None
-    return {k: v.to(torch.float32) for k, v in tensors.items()}
-
-
-def save_tensors(state: Mapping[str, torch.Tensor]) -> bytes:
-    """Serialize tensors as fp16 safetensors bytes (what an adapter release carries)."""
-    from safetensors.torch import save
-
-    return save({k: v.detach().to(torch.float16).contiguous() for k, v in sorted(state.items())})
-
-
-class AcceptedReleases:
-    """The last release a device accepted per run: refuses replays, rollbacks and forks.
-
-    The release in use may come again (each round sends it with the train and evaluate
-    messages); an older round, or a different release for the same round, is refused.
-
-    Stored as JSON (``{run_id: {"round": r, "digest": d}}``) so it survives restarts.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        try:
-            self.runs: dict[str, dict[str, Any]] = json.loads(self.path.read_text()) if self.path.exists() else {}
-        except (OSError, json.JSONDecodeError):
-            self.runs = {}  # a damaged record only loses replay history, never a release
-
-    def check(self, manifest: Manifest) -> None:
-        """Refuse a release not newer than the last accepted one of its run, or off its chain."""
-        last = self.runs.get(f"{manifest.kind}:{manifest.run_id}")
-        if last is None:
-            return
-        if manifest.round == last["round"] and manifest.digest() == last["digest"]:
-            return  # the release already in use, delivered again (a train message after an evaluate one)
-        if manifest.round <= last["round"]:
-            raise ReleaseError(
-                f"replay: round {manifest.round} of run {manifest.run_id} is not newer than the accepted "
-                f"round {last['round']}"
-            )
-        if manifest.round == last["round"] + 1 and manifest.previous != last["digest"]:
-            raise ReleaseError(
-                f"chain broken: round {manifest.round} names previous manifest {manifest.previous[:16] or '(none)'}…, "
-                f"the accepted round {last['round']} is {last['digest'][:16]}…"
-            )
-
-    def accept(self, manifest: Manifest) -> None:
-        """Record ``manifest`` as the run's latest accepted release (atomically)."""
-        self.runs[f"{manifest.kind}:{manifest.run_id}"] = {"round": manifest.round, "digest": manifest.digest()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.runs, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        return AcceptedReleases
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

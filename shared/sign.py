@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from shared.atomic import write_atomic
 
 SIGNATURE_BYTES = 64
 
@@ -60,12 +61,9 @@ def generate_key(path: str | Path, force: bool = False) -> Ed25519PrivateKey:
     path.parent.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    os.replace(tmp, path)
-    Path(str(path) + ".pub").write_text(public_line(key.public_key(), f"fleetlora {key_id(key.public_key())}") + "\n")
+    write_atomic(path, pem, mode=0o600)  # a fresh temp file (O_EXCL | O_NOFOLLOW): never through a planted link
+    line = public_line(key.public_key(), f"fleetlora {key_id(key.public_key())}")
+    write_atomic(Path(str(path) + ".pub"), f"{line}\n".encode())
     return key
 
 

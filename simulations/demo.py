@@ -20,9 +20,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from client.device import DEFAULT_TRUST_FILE, FLOAT_BASE_ENV, TRUST_ENV
 from server.dashboard.cli import Dashboard, read_token, start
 from server.report import format_table
+from shared.atomic import write_atomic
 from shared.config import ConfigError, FleetConfig
+from shared.model import cache_dir
 from shared.sign import generate_key, key_id
 from simulations.demo_infer import answer_per_domain
 from simulations.flower_local import ROOT, free_port, local_superlink, run_app
@@ -82,6 +85,7 @@ def run_demo(overrides: dict[str, Any], output_dir: Path, flwr_home: Path, num_s
     if not Path(cfg.signing.key).exists():
         created = generate_key(cfg.signing.key)
         print(f"demo: created signing key {cfg.signing.key} (key id {key_id(created.public_key())})", file=sys.stderr)
+    devices = device_env(cfg)
     rounds_file = Path(cfg.output_dir) / cfg.run_name / "rounds.json"
     rounds_file.unlink(missing_ok=True)
     log_file = Path(cfg.output_dir) / cfg.run_name / "flower.log"
@@ -90,7 +94,7 @@ def run_demo(overrides: dict[str, Any], output_dir: Path, flwr_home: Path, num_s
     paths["state.db"] = merged["state.db"]
     for attempt in range(1, RAY_STARTUP_ATTEMPTS + 1):
         log_start = log_file.stat().st_size if log_file.exists() else 0
-        with local_superlink(flwr_home, log_file):
+        with local_superlink(flwr_home, log_file, devices):
             code = run_app(flwr_home, paths | overrides, federation, log_file)
         with log_file.open("rb") as log:
             log.seek(log_start)
@@ -114,6 +118,26 @@ def run_demo(overrides: dict[str, Any], output_dir: Path, flwr_home: Path, num_s
     if "finished" not in data["run"]:
         raise RuntimeError(f"the run stopped before its last round; see {log_file} and {rounds_file}")
     return data
+
+
+def device_env(cfg: FleetConfig) -> dict[str, str]:
+    """Return the settings of the demo's virtual devices, chosen by the demo as their operator (``client/device.py``).
+
+    They trust ``signing.trust-file`` (the run config names it for the demo; a device never reads
+    it there), through ``FLEETLORA_TRUST_FILE`` for the processes the demo starts and as their
+    default trust list in the device cache, so a by-hand ``flwr run`` afterwards finds it too. A
+    ``base.format=float`` demo opts its devices in to an unverified base.
+    """
+    trust = Path(cfg.signing.trust_file)
+    env = {TRUST_ENV: str(trust)}
+    if trust.is_file():
+        default = cache_dir() / DEFAULT_TRUST_FILE
+        default.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(default, trust.read_bytes())
+        print(f"demo: the virtual devices trust the keys in {trust} (copied to {default})", file=sys.stderr)
+    if cfg.base.format == "float":
+        env[FLOAT_BASE_ENV] = "1"
+    return env
 
 
 def state_db(overrides: dict[str, Any], output_dir: Path) -> Path:

@@ -28,10 +28,12 @@ CONNECTION = "fleetlora-sim"
 
 
 @contextlib.contextmanager
-def local_superlink(flwr_home: Path, log_file: Path) -> Iterator[str]:
+def local_superlink(flwr_home: Path, log_file: Path, device_env: Mapping[str, str] | None = None) -> Iterator[str]:
     """Start a simulation SuperLink on loopback, yield its address, stop it by PID.
 
-    Flower 1.41 serves its Control, Runtime and Fleet APIs over one HTTP port.
+    Flower 1.41 serves its Control, Runtime and Fleet APIs over one HTTP port. ``device_env``:
+    settings of the virtual devices it runs (``client/device.py``: their trust list, ...), which
+    only whoever starts the devices may choose, never a run config.
     """
     port = free_port()
     control = f"127.0.0.1:{port}"
@@ -55,7 +57,12 @@ def local_superlink(flwr_home: Path, log_file: Path) -> Iterator[str]:
     (flwr_home / "superlink-state.db").unlink(missing_ok=True)
     with log_file.open("ab") as sink:
         proc = subprocess.Popen(
-            cmd, env=flower_env(flwr_home), cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            env=flower_env(flwr_home, dict(device_env or {})),
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         wait_for_port(control, proc, timeout=60, log_file=log_file)

@@ -81,7 +81,8 @@ def test_two_round_simulation_with_a_tiny_model(tmp_path, tiny_model_dir, method
 
 
 @pytest.mark.slow
-def test_devices_refuse_releases_signed_by_a_key_they_do_not_trust(tmp_path, tiny_model_dir):
+def test_devices_refuse_releases_signed_by_a_key_they_do_not_trust(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / "cache"))  # the virtual devices' own cache and trust list
     generate_key(tmp_path / "other.key")
     data = run_demo(
         {

@@ -9,9 +9,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from client.verify import install_release
 from shared.adapter import ADAPTER_WEIGHTS, adapter_state, attach_lora
 from shared.config import LoraConfig
+from shared.errors import ReleaseError
 from shared.model import load_model
-from shared.release import AcceptedReleases, ReleaseError, make_release, save_tensors
+from shared.release import make_release
+from shared.replay import AcceptedReleases
 from shared.sign import TrustList, key_id
+from shared.tensors import save_tensors
 
 BASE = "a" * 64
 KEY = Ed25519PrivateKey.generate()
@@ -66,3 +69,28 @@ def test_a_good_release_is_loaded_and_bad_ones_leave_it_active(device):
 
     install_release(model, blob, TRUST, BASE, accepted)  # the genuine round 2 still installs afterwards
     assert all(torch.allclose(adapter_state(model)[k], next_state[k], atol=1e-2) for k in next_state)
+
+
+def test_a_release_the_device_cannot_record_is_not_used(device, tmp_path):
+    model, _ = device
+    (tmp_path / "full-disk").write_text("")  # the store's folder is a file: every write fails
+    unwritable = AcceptedReleases(tmp_path / "full-disk" / "accepted.json")
+    release, _ = _release(_shifted(model, 0.5))
+    _refused_keeps_the_adapter(model, unwritable, release, "replay store .* cannot be written")
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [(float("inf"), "non-finite values"), (float("nan"), "non-finite values"), (3e4, "holds 3e\\+04, beyond 1e\\+04")],
+)
+def test_a_release_with_non_finite_or_absurd_values_is_refused(device, value, reason):
+    model, accepted = device
+    good, m1 = _release(_shifted(model, 0.5))
+    install_release(model, good, TRUST, BASE, accepted)
+    poisoned = _shifted(model, 0.0)
+    key = sorted(poisoned)[0]
+    poisoned[key] = poisoned[key].clone()
+    poisoned[key][0, 0] = value  # one entry is enough: it spreads through B·A into every logit
+    release = _release(poisoned, round=2, previous=m1.digest())[0]
+    _refused_keeps_the_adapter(model, accepted, release, reason)
+    assert accepted.runs["adapter:r"]["round"] == 1  # and it is not recorded as accepted

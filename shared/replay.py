@@ -1,0 +1,157 @@
+"""The replay store: the last release a device accepted, per run, so that it never goes back. It fails closed.
+
+One JSON file, ``{"<kind>:<run_id>": {"round": r, "digest": "<manifest sha256>", "created": t}}``
+(``created`` is absent in records written before it was kept). It is read once, strictly: a
+file that exists but is empty, truncated, not JSON, of the wrong shape, or not a regular file
+is a :class:`ReplayStoreError`, and the device refuses every release until an operator repairs
+it. A damaged record never reads as "no history": that would accept round 1 after round 3.
+Every change is written with :func:`shared.atomic.write_atomic` (fsync of the file and its folder).
+
+A missing file is a device that has accepted nothing yet: its first release is trusted on first
+use, as a fresh device must.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from shared.atomic import write_atomic
+from shared.chain import check_chain, check_time
+from shared.errors import ReleaseError
+from shared.manifest import Manifest
+
+STATE_FILE = "accepted.json"
+MAX_STORE_BYTES = 1 << 20  # thousands of runs; a larger file is not ours
+_KEY = re.compile(r"(base|adapter):[^\x00-\x1f]{1,200}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")  # as manifests write it (shared/manifest.py)
+
+
+class ReplayStoreError(ReleaseError):
+    """The replay store cannot be read or written; every release is refused until an operator repairs it."""
+
+
+def default_state_file(release_cache: str | Path) -> Path:
+    """Return the replay store of a device's release cache (``fleetlora fetch`` and ``fleetlora infer`` share it)."""
+    return Path(release_cache) / STATE_FILE
+
+
+class AcceptedReleases:
+    """The last release a device accepted per run: refuses replays, rollbacks, forks and gaps off the chain.
+
+    The release in use may come again (each round sends it with the train and evaluate
+    messages); an older round, or a different release for the same round, is refused; a newer
+    one must lead back to it (``shared/chain.py``).
+
+    Raises
+    ------
+    ReplayStoreError
+        From the constructor, if ``path`` exists but is not a readable, well-formed store.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.runs: dict[str, dict[str, Any]] = _load(self.path)
+
+    def check(self, manifest: Manifest, links: Sequence[Manifest] = (), now: dt.datetime | None = None) -> None:
+        """Refuse a release that does not follow the last accepted one of its run (``shared/chain.py``).
+
+        ``links``: verified intermediate manifests of the run (``shared.chain.verify_links``), for
+        a device that missed rounds. ``now``: the device's clock (default: now, UTC).
+
+        Raises
+        ------
+        ReleaseError
+            A replay or rollback (not newer), a fork, a release off the chain
+            (:class:`shared.chain.ChainGapError`), from the future, or older than the accepted one.
+        """
+        last = self.runs.get(f"{manifest.kind}:{manifest.run_id}")
+        check_time(manifest, "", now)
+        if last is None:
+            return  # trusted on first use
+        if manifest.digest() == last["digest"]:
+            return  # the release already in use, delivered again (a train message after an evaluate one)
+        if manifest.kind == "base":
+            if manifest.created > last.get("created", ""):
+                return  # a base published after the accepted one; an older one is a rollback
+            raise ReleaseError(
+                f"this device's base is pinned to manifest {last['digest'][:16]}… ({last.get('created') or 'no date'});"
+                f" base {manifest.digest()[:16]}… ({manifest.created}) is not newer: refused. To change to it on "
+                f"purpose, remove the 'base:base' record from {self.path}"
+            )
+        if manifest.round <= last["round"]:
+            raise ReleaseError(
+                f"replay: round {manifest.round} of run {manifest.run_id} is not newer than the accepted "
+                f"round {last['round']}"
+            )
+        check_time(manifest, last.get("created", ""), now)
+        check_chain(manifest, last["round"], last["digest"], links)
+
+    def accept(self, manifest: Manifest) -> None:
+        """Record ``manifest`` as the run's latest accepted release (atomically, durably).
+
+        Raises
+        ------
+        ReplayStoreError
+            The record could not be written; the caller must not use the release.
+        """
+        entry = {"round": manifest.round, "digest": manifest.digest(), "created": manifest.created}
+        runs = {**self.runs, f"{manifest.kind}:{manifest.run_id}": entry}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, json.dumps(runs, indent=1, sort_keys=True).encode())
+        except OSError as exc:
+            raise _unusable(self.path, f"it cannot be written ({exc})") from None
+        self.runs = runs
+
+
+def _load(path: Path) -> dict[str, dict[str, Any]]:
+    """Read the store strictly; a missing file is an empty history, anything else unreadable an error."""
+    try:
+        if not path.exists() and not path.is_symlink():
+            return {}
+        if not path.is_file():
+            raise _unusable(path, "it is not a regular file")
+        if path.stat().st_size > MAX_STORE_BYTES:
+            raise _unusable(path, f"it is larger than {MAX_STORE_BYTES:,} bytes")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _unusable(path, f"it cannot be read ({exc})") from None
+    if not data.strip():
+        raise _unusable(path, "it is empty (a write cut short, or a power loss before it reached the disk)")
+    try:
+        runs = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise _unusable(path, f"it is not UTF-8 JSON, truncated or damaged ({exc})") from None
+    if not isinstance(runs, dict):
+        raise _unusable(path, f"it holds a JSON {type(runs).__name__}, not an object of runs")
+    for key, entry in runs.items():
+        _check_entry(path, key, entry)
+    return runs
+
+
+def _check_entry(path: Path, key: str, entry: Any) -> None:
+    if not _KEY.fullmatch(key):
+        raise _unusable(path, f"its key {key!r:.80} is not '<base|adapter>:<run id>'")
+    if not isinstance(entry, dict) or not {"round", "digest"} <= set(entry) <= {"round", "digest", "created"}:
+        raise _unusable(path, f"the record of {key!r:.80} is not {{round, digest[, created]}}")
+    if type(entry["round"]) is not int or entry["round"] < 0:
+        raise _unusable(path, f"the round of {key!r:.80} is not a round number")
+    if not (isinstance(entry["digest"], str) and _HEX64.fullmatch(entry["digest"])):
+        raise _unusable(path, f"the digest of {key!r:.80} is not 64 lowercase hex digits")
+    created = entry.get("created", "")
+    if not (isinstance(created, str) and (created == "" or _TIME.fullmatch(created))):
+        raise _unusable(path, f"the creation time of {key!r:.80} is not YYYY-MM-DDTHH:MM:SSZ")
+
+
+def _unusable(path: Path, why: str) -> ReplayStoreError:
+    return ReplayStoreError(
+        f"replay store {path} is unusable: {why}. This device refuses every release until an operator repairs "
+        f"it: restore it from a backup, or delete it if the device is known to hold no release newer than the "
+        f"next one it will be sent (that one is then trusted as the first)"
+    )

@@ -1,0 +1,149 @@
+"""The ClientApp as Flower calls it: its trust list and base verification are the device's, never the run's."""
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+from client import client_app
+from client.device import FLOAT_BASE_ENV, TRUST_ENV
+from shared.adapter import adapter_state, attach_lora
+from shared.config import FleetConfig
+from shared.model import load_model, model_digest
+from shared.release import make_release
+from shared.release_records import release_to_records
+from shared.replay import AcceptedReleases
+from shared.sign import generate_key, load_private_key
+from shared.tensors import save_tensors
+
+DATA = Path(__file__).resolve().parents[2] / "simulations" / "data" / "wordnet" / "noun.animal"
+
+
+@pytest.fixture
+def fleet(tmp_path, monkeypatch, tiny_model_dir):
+    """An honest coordinator key, an attacker's key, and a device with an empty cache and no device-side env."""
+    monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    monkeypatch.delenv(FLOAT_BASE_ENV, raising=False)
+    for name in ("honest", "attacker"):
+        generate_key(tmp_path / f"{name}.key")
+    return tmp_path
+
+
+def _run_config(fleet, tiny_model_dir):
+    # whoever submits the run writes this: it names the attacker's key list and asks for an unverified base
+    return {
+        "model": str(tiny_model_dir),
+        "base.format": "float",
+        "signing.trust-file": str(fleet / "attacker.key.pub"),
+        "train.steps": 1,
+        "train.max-seq-len": 32,
+    }
+
+
+def _release(fleet, tiny_model_dir, signer):
+    cfg = FleetConfig.from_run_config(_run_config(fleet, tiny_model_dir))
+    model = attach_lora(load_model(str(tiny_model_dir), torch.float32), cfg.lora, cfg.seed)
+    files = {"adapter_config.json": b"{}", "adapter_model.safetensors": save_tensors(adapter_state(model))}
+    release, _ = make_release(
+        files,
+        kind="adapter",
+        run_id="run-1",
+        round=0,
+        base_digest=model_digest(str(tiny_model_dir)),
+        method="fedavg",
+        key=load_private_key(fleet / f"{signer}.key"),
+    )
+    return release
+
+
+def _send(fleet, run_config, release, node):
+    """Call the ClientApp's train as Flower does, with ``release`` in the message; return (refusal, reply)."""
+    arrays, signed = release_to_records(release)
+    meta = Metadata(
+        run_id=1,
+        message_id="q1",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=600,
+        message_type="train",
+    )
+    msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1, **signed})}), metadata=meta)
+    node_config = {
+        "train-file": str(DATA / "train.jsonl"),
+        "heldout-file": str(DATA / "heldout.jsonl"),
+        "name": "dev-1",
+        "state-dir": str(fleet / "state"),
+        **node,
+    }
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+    reply = client_app.train(msg, context)
+    return reply.content["client"].get("refused-release"), reply
+
+
+def _train(fleet, tiny_model_dir, signer, **node):
+    return _send(fleet, _run_config(fleet, tiny_model_dir), _release(fleet, tiny_model_dir, signer), node)
+
+
+def test_a_run_config_cannot_choose_the_devices_trust_list(fleet, tiny_model_dir):
+    refused, _ = _train(fleet, tiny_model_dir, "attacker", **{"allow-float-base": True})
+    assert refused and "this device has no trust list" in refused  # the run config's list was not taken
+    node = {"allow-float-base": True, "trust-file": str(fleet / "node-list.pub")}
+    refused, _ = _train(fleet, tiny_model_dir, "attacker", **node)
+    assert refused and "node-list.pub" in refused  # the node config names a list (missing here): only that one counts
+
+
+def test_the_device_trusts_only_its_own_list(fleet, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv(TRUST_ENV, str(fleet / "honest.key.pub"))  # set by whoever starts the SuperNode
+    refused, _ = _train(fleet, tiny_model_dir, "attacker", **{"allow-float-base": True})
+    assert refused and "not in the trust list" in refused
+    refused, reply = _train(fleet, tiny_model_dir, "honest", **{"allow-float-base": True})
+    assert refused is None and "arrays" in reply.content  # the honest release installs and trains
+
+
+def test_a_run_config_cannot_switch_base_verification_off(fleet, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv(TRUST_ENV, str(fleet / "honest.key.pub"))
+    refused, _ = _train(fleet, tiny_model_dir, "honest")
+    assert refused and "base.format=float" in refused and "allow-float-base=true" in refused
+
+
+def test_a_device_that_missed_rounds_rejoins_through_the_artifact_service(fleet, tiny_model_dir):
+    """An int4 device accepted round 1, missed round 2, and gets round 3 without chain manifests in the message."""
+    from server.distribute import serve
+    from server.quantize import publish_base
+    from shared.release import write_release
+
+    key = load_private_key(fleet / "honest.key")
+    _, base = publish_base(tiny_model_dir, model_digest(str(tiny_model_dir)), fleet / "store", key)
+    server, port = serve(fleet / "store", "127.0.0.1:0")
+    try:
+        run_config = {
+            **_run_config(fleet, tiny_model_dir),
+            "base.format": "int4",
+            "base.address": f"127.0.0.1:{port}",
+        }
+        cfg = FleetConfig.from_run_config(run_config)
+        model = attach_lora(load_model(str(fleet / "store" / "base"), torch.float32), cfg.lora, cfg.seed)
+        weights = save_tensors(adapter_state(model))
+        previous, releases = "", {}
+        for n in (1, 2, 3):
+            releases[n], manifest = make_release(
+                {"adapter_config.json": b"{}", "adapter_model.safetensors": weights},
+                kind="adapter", run_id="run-1", round=n, base_digest=base.base_digest, method="fedavg",
+                key=key, previous=previous,
+            )  # fmt: skip
+            write_release(releases[n], fleet / "store" / "adapter" / "run-1" / f"round-{n:04d}")
+            previous = manifest.digest()
+        node = {"trust-file": str(fleet / "honest.key.pub"), "cache-dir": str(fleet / "device-cache")}
+        for n in (1, 3):  # the device is away for round 2
+            refused, reply = _send(fleet, run_config, releases[n], node)
+            assert refused is None and "arrays" in reply.content, refused
+    finally:
+        server.stop(None)
+    state = AcceptedReleases(fleet / "state" / "accepted.json").runs
+    assert state["adapter:run-1"]["round"] == 3 and state["base:base"]["digest"] == base.digest()

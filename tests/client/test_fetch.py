@@ -1,0 +1,403 @@
+"""The device fetcher against artifact services that lie, over a real gRPC server on loopback.
+
+The signed manifest is the only source of truth: what the service announces or streams beyond
+it never reaches the disk (TUF's "endless data" attack).
+"""
+
+import os
+import socket
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from client.fetch import FetchError, FetchPolicy, fetch_release
+from server.distribute import ArtifactServicer, ArtifactStore, serve
+from shared.proto import artifact_pb2
+from shared.release import follow_latest, make_release, read_release, verify_release, write_release
+from shared.sign import TrustList, key_id, public_line
+
+KEY = Ed25519PrivateKey.generate()
+TRUST = TrustList({key_id(KEY.public_key()): KEY.public_key()})
+BASE = "b" * 64
+CHUNK = 64 * 1024
+CONFIG = os.urandom(1206)  # the size of the adapter_config.json of the original report
+WEIGHTS = os.urandom(3 * CHUNK + 17)
+LIE = 64 << 20  # what the lying service announces (and streams) per file: 64 MiB
+
+
+@pytest.fixture
+def root(tmp_path):
+    files = {"adapter_config.json": CONFIG, "adapter_model.safetensors": WEIGHTS}
+    release, _ = make_release(files, kind="base", run_id="base", round=0, base_digest=BASE, method="int4", key=KEY)
+    write_release(release, tmp_path / "store" / "base")
+    return tmp_path / "store"
+
+
+class _Started:
+    def __init__(self, root, servicer_cls):
+        self.server, port = serve(root, "127.0.0.1:0", servicer=servicer_cls(ArtifactStore(root), chunk_bytes=CHUNK))
+        self.address = f"127.0.0.1:{port}"
+
+    def __enter__(self):
+        return self.address
+
+    def __exit__(self, *_):
+        self.server.stop(None)
+
+
+def _fetch(address, cache, **policy):
+    return fetch_release(address, "base", cache, TRUST, BASE, FetchPolicy(**policy), sleep=lambda _: None)
+
+
+def _bytes_on_disk(cache):
+    """Bytes of release files the fetcher wrote (the manifest and signature aside)."""
+    return sum(p.stat().st_size for p in cache.rglob("*") if p.is_file() and not p.name.startswith("manifest."))
+
+
+class ReplaysARealManifestButAnnouncesHugeFiles(ArtifactServicer):
+    """Replays the real signed manifest, announces 64 MiB per file, streams 16 MiB of it, then drops the stream."""
+
+    def GetManifest(self, request, context):  # noqa: N802
+        reply = super().GetManifest(request, context)
+        return artifact_pb2.ManifestReply(
+            artifact=reply.artifact,
+            manifest=reply.manifest,
+            signature=reply.signature,
+            sizes={name: LIE for name in reply.sizes},
+        )
+
+    def Download(self, request, context):  # noqa: N802
+        real = self.store.path(request.artifact, request.file).read_bytes()
+        offset = request.offset
+        while offset < LIE // 4:  # the real bytes, then junk, in well-formed chunks with correct hashes
+            data = (real[offset : offset + CHUNK] + bytes(CHUNK))[:CHUNK]
+            yield self.chunk(offset, data)
+            offset += len(data)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost")  # the device gives up: what stays on disk?
+
+
+def test_a_service_announcing_and_streaming_more_than_the_signed_sizes_is_cut_off(root, tmp_path):
+    with _Started(root, ReplaysARealManifestButAnnouncesHugeFiles) as address:
+        with pytest.raises(FetchError) as refused:
+            _fetch(address, tmp_path / "cache", retries=0)
+    assert _bytes_on_disk(tmp_path / "cache") <= len(CONFIG) + len(WEIGHTS)  # was 16 MiB of junk
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and not p.name.endswith(".partial")]
+    assert "adapter_config.json: the service sent 65,536 bytes at offset 0" in str(refused.value)
+    assert "cut off" in str(refused.value)
+
+
+class StreamsPastTheEndOfTheFile(ArtifactServicer):
+    def Download(self, request, context):  # noqa: N802
+        last = None
+        for chunk in super().Download(request, context):
+            last = chunk
+            yield chunk
+        end = (last.offset + len(last.data)) if last is not None else request.offset
+        yield self.chunk(end, b"\0" * CHUNK)  # one more chunk than the file has
+
+
+def test_a_service_streaming_past_the_end_of_a_file_never_gets_it_written(root, tmp_path):
+    with _Started(root, StreamsPastTheEndOfTheFile) as address:
+        with pytest.raises(FetchError) as refused:
+            _fetch(address, tmp_path / "cache")
+    (partial,) = (tmp_path / "cache").glob("*.partial")
+    assert (partial / "adapter_config.json").read_bytes() == CONFIG  # what a resume may use, and nothing more
+    assert "adapter_config.json: the service sent 65,536 bytes at offset 1,206" in str(refused.value)
+
+
+class EndsEveryStreamAtOnce(ArtifactServicer):
+    def Download(self, request, context):  # noqa: N802
+        yield from ()
+
+
+def test_a_service_whose_streams_end_early_is_given_up_on_after_the_retries(root, tmp_path):
+    with _Started(root, EndsEveryStreamAtOnce) as address:
+        with pytest.raises(FetchError, match=r"adapter_config\.json of base: download failed at byte 0: .*ended"):
+            _fetch(address, tmp_path / "cache", retries=2)  # before: re-asked forever
+
+
+def test_leftovers_in_the_partial_folder_are_bounded_by_the_signed_sizes_and_cleaned(root, tmp_path):
+    with _Started(root, ArtifactServicer) as address:
+        _fetch(address, tmp_path / "probe")  # learn the release's digest
+        digest = next(p.name for p in (tmp_path / "probe").iterdir() if p.is_dir())
+        partial = tmp_path / "cache" / f"{digest}.partial"
+        partial.mkdir(parents=True)
+        (partial / "junk.bin").write_bytes(b"x" * 1000)  # not a file of the release (another version, a crash)
+        (partial / "adapter_config.json").write_bytes(b"y" * (len(CONFIG) + 1))  # longer than its signed size
+        (partial / "adapter_model.safetensors").write_bytes(WEIGHTS[:CHUNK])  # a resumable prefix
+        result = _fetch(address, tmp_path / "cache")
+    assert result.resumed_from == {"adapter_model.safetensors": CHUNK}
+    assert result.bytes_downloaded == len(CONFIG) + len(WEIGHTS) - CHUNK
+    assert sorted(p.name for p in result.folder.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "manifest.json",
+        "manifest.sig",
+    ]
+    assert verify_release(read_release(result.folder), TRUST, BASE).sizes["adapter_config.json"] == len(CONFIG)
+
+
+def test_the_signed_size_not_the_announced_one_bounds_an_honest_looking_file(root, tmp_path):
+    (root / "base" / "adapter_config.json").write_bytes(CONFIG + b"tail")  # the service's copy grew on disk
+    with _Started(root, ArtifactServicer) as address:
+        with pytest.raises(FetchError) as refused:
+            _fetch(address, tmp_path / "cache", retries=0)
+    (partial,) = (tmp_path / "cache").glob("*.partial")
+    assert not (partial / "adapter_config.json").exists() or (partial / "adapter_config.json").stat().st_size <= 1206
+    assert "cut off" in str(refused.value)
+
+
+def test_grpc_status_of_a_refusing_service_is_named(root, tmp_path):
+    class Refuses(ArtifactServicer):
+        def Download(self, request, context):  # noqa: N802
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
+            yield from ()
+
+    with _Started(root, Refuses) as address:
+        with pytest.raises(FetchError, match="PERMISSION_DENIED: no"):
+            _fetch(address, tmp_path / "cache")
+
+
+def _adapter_rounds(root, rounds):
+    previous = ""
+    for n in rounds:
+        files = {"adapter_model.safetensors": bytes([n]) * 10}
+        release, manifest = make_release(
+            files, kind="adapter", run_id="r", round=n, base_digest=BASE, method="fedavg", key=KEY, previous=previous
+        )
+        write_release(release, root / "adapter" / "r" / f"round-{n:04d}")
+        previous = manifest.digest()
+
+
+def test_fleetlora_fetch_keeps_replay_state_across_runs(root, tmp_path, capsys):
+    from shared.cli import main
+
+    _adapter_rounds(root, (1, 2))
+    trust = tmp_path / "trust.pub"
+    trust.write_text(public_line(KEY.public_key()) + "\n")
+    cache = tmp_path / "cache"
+    with _Started(root, ArtifactServicer) as address:
+        common = ["--address", address, "--trust", str(trust), "--cache", str(cache)]
+        assert main(["fetch", "adapter/r/round-0002", *common]) == 0
+        assert main(["fetch", "adapter/r/round-0001", *common]) == 2  # a later run of the command: still refused
+        err = capsys.readouterr().err
+        assert "replay: round 1 of run r is not newer than the accepted round 2" in err
+        (cache / "accepted.json").write_bytes(b"")  # the store damaged (a power loss)
+        assert main(["fetch", "adapter/r/round-0002", *common]) == 2
+        assert "refuses every release until an operator repairs it" in capsys.readouterr().err
+    digests = {p.name for p in cache.iterdir() if p.is_dir() and p.name != "adapter"}
+    assert len(digests) == 1  # round 1 was refused before anything of it was downloaded
+
+
+def _cli(address, trust, cache):
+    from shared.cli import main
+
+    return lambda artifact: main(
+        ["fetch", artifact, "--address", address, "--trust", str(trust), "--cache", str(cache)]
+    )
+
+
+def test_fleetlora_fetch_follows_the_chain_across_missed_and_empty_rounds(root, tmp_path, capsys):
+    _adapter_rounds(root, (1, 2, 4))  # round 3 published nothing; the device will miss round 2
+    trust = tmp_path / "trust.pub"
+    trust.write_text(public_line(KEY.public_key()) + "\n")
+    cache = tmp_path / "cache"
+    with _Started(root, ArtifactServicer) as address:
+        fetch = _cli(address, trust, cache)
+        assert fetch("adapter/r/round-0001") == 0
+        assert fetch("adapter/r/round-0004") == 0  # round 4: it asked the service for the manifests in between
+    assert (cache / "adapter" / "r" / "LATEST").read_text() == "round-0004\n"
+    other = tmp_path / "other-store"
+    _adapter_rounds(other, (1, 2, 3, 4, 5))  # another history, validly signed
+    with _Started(other, ArtifactServicer) as address:
+        assert _cli(address, trust, cache)("adapter/r/round-0005") == 2
+    assert "chain broken: round 5 of run r does not lead back to the accepted round 4" in capsys.readouterr().err
+    assert not (cache / "adapter" / "r" / "round-0005").exists()  # refused before anything was downloaded
+
+
+def test_a_device_too_far_behind_is_refused_with_its_reason(root, tmp_path):
+    from client.fetch import fetch_links
+    from shared.chain import MAX_LINKS
+    from shared.manifest import parse
+
+    _adapter_rounds(root, (1, MAX_LINKS + 3))
+    with _Started(root, ArtifactServicer) as address:
+        latest = parse((root / "adapter" / "r" / f"round-{MAX_LINKS + 3:04d}" / "manifest.json").read_bytes())
+        assert fetch_links(address, latest, MAX_LINKS + 1) == []  # round MAX_LINKS + 2 published nothing
+        with pytest.raises(FetchError, match=r"66 rounds behind, more than the 64 it checks the chain through"):
+            fetch_links(address, latest, 0)
+
+
+# ---------------------------------------------------------------- resume, retry, verify: an honest service
+PAYLOAD = os.urandom(3 * 1024 * 1024 + 123)  # 3 MB + a partial last chunk: 49 chunks
+
+
+@pytest.fixture
+def base_root(tmp_path):
+    """A base release of 3 MB + 123 bytes (49 chunks) and a small config."""
+    files = {"model.int4.safetensors": PAYLOAD, "config.json": b'{"bits": 4}'}
+    release, _ = make_release(files, kind="base", run_id="base", round=0, base_digest=BASE, method="int4", key=KEY)
+    write_release(release, tmp_path / "store" / "base")
+    return tmp_path / "store"
+
+
+def _serve_base(base_root, servicer_cls=ArtifactServicer):
+    server, port = serve(base_root, "127.0.0.1:0", servicer=servicer_cls(ArtifactStore(base_root), chunk_bytes=CHUNK))
+    return server, f"127.0.0.1:{port}"
+
+
+def _fetch_counting(address, cache, **policy):
+    waits = []
+    result = fetch_release(address, "base", cache, TRUST, BASE, FetchPolicy(**policy), sleep=waits.append)
+    return result, waits
+
+
+def test_first_run_downloads_once_and_second_run_downloads_nothing(base_root, tmp_path):
+    server, address = _serve_base(base_root)
+    try:
+        first, _ = _fetch_counting(address, tmp_path / "cache")
+        assert first.bytes_downloaded == len(PAYLOAD) + len(b'{"bits": 4}')
+        assert (first.folder / "model.int4.safetensors").read_bytes() == PAYLOAD
+        verify_release(read_release(first.folder), TRUST, BASE)
+        second, _ = _fetch_counting(address, tmp_path / "cache")
+        assert second.folder == first.folder and second.bytes_downloaded == 0
+    finally:
+        server.stop(None)
+
+
+class DropsTheConnectionOnce(ArtifactServicer):
+    dropped = False
+
+    def Download(self, request, context):  # noqa: N802
+        for i, chunk in enumerate(super().Download(request, context)):
+            if i == 20 and not DropsTheConnectionOnce.dropped:
+                DropsTheConnectionOnce.dropped = True
+                context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost")
+            yield chunk
+
+
+def test_a_download_interrupted_mid_file_resumes_where_it_stopped(base_root, tmp_path):
+    server, address = _serve_base(base_root, DropsTheConnectionOnce)
+    try:
+        result, waits = _fetch_counting(address, tmp_path / "cache")
+    finally:
+        server.stop(None)
+    assert DropsTheConnectionOnce.dropped and waits == [0.5]
+    assert result.bytes_downloaded == len(PAYLOAD) + 11  # nothing fetched twice
+    assert (result.folder / "model.int4.safetensors").read_bytes() == PAYLOAD
+
+
+def test_a_partial_file_left_by_a_crash_is_resumed_by_the_next_run(base_root, tmp_path):
+    DropsTheConnectionOnce.dropped = False
+    server, address = _serve_base(base_root, DropsTheConnectionOnce)
+    try:
+        with pytest.raises(FetchError, match=r"model\.int4\.safetensors of base: download failed at byte 1310720"):
+            _fetch_counting(address, tmp_path / "cache", retries=0)
+        assert not any(p.is_dir() and not p.name.endswith(".partial") for p in (tmp_path / "cache").iterdir())
+        result, _ = _fetch_counting(address, tmp_path / "cache")
+    finally:
+        server.stop(None)
+    assert result.resumed_from == {"model.int4.safetensors": 20 * CHUNK}
+    assert result.bytes_downloaded == len(PAYLOAD) - 20 * CHUNK
+    assert (result.folder / "model.int4.safetensors").read_bytes() == PAYLOAD
+
+
+class DamagesOneChunk(ArtifactServicer):
+    damaged = 0
+
+    def chunk(self, offset, data):
+        msg = super().chunk(offset, data)
+        if offset == 5 * CHUNK and DamagesOneChunk.damaged == 0:
+            DamagesOneChunk.damaged += 1
+            msg.data = bytes([msg.data[0] ^ 0xFF]) + msg.data[1:]  # damaged after its hash was taken
+        return msg
+
+
+def test_a_corrupted_chunk_is_detected_and_fetched_again(base_root, tmp_path):
+    server, address = _serve_base(base_root, DamagesOneChunk)
+    try:
+        result, waits = _fetch_counting(address, tmp_path / "cache")
+    finally:
+        server.stop(None)
+    assert DamagesOneChunk.damaged == 1 and result.chunks_refetched == 1 and len(waits) == 1
+    assert (result.folder / "model.int4.safetensors").read_bytes() == PAYLOAD
+
+
+def test_a_file_that_does_not_match_its_manifest_is_refused_by_name(base_root, tmp_path):
+    (base_root / "base" / "model.int4.safetensors").write_bytes(PAYLOAD[:-1] + b"\x00")  # same size, other bytes
+    server, address = _serve_base(base_root)
+    try:
+        with pytest.raises(FetchError, match=r"model\.int4\.safetensors of base: SHA-256 .* does not match"):
+            _fetch_counting(address, tmp_path / "cache")
+    finally:
+        server.stop(None)
+    cache = tmp_path / "cache"
+    assert not [p for p in cache.iterdir() if p.is_dir() and not p.name.endswith(".partial")]  # nothing loadable
+    assert not list(cache.glob("*.partial/model.int4.safetensors"))
+
+
+def test_a_manifest_signed_by_an_untrusted_key_costs_no_download(base_root, tmp_path):
+    other = Ed25519PrivateKey.generate()
+    release, _ = make_release(
+        {"f": b"x"}, kind="base", run_id="base", round=0, base_digest=BASE, method="int4", key=other
+    )
+    write_release(release, base_root / "base")
+    server, address = _serve_base(base_root)
+    try:
+        with pytest.raises(FetchError, match="manifest refused: signed by key .* not in the trust list"):
+            _fetch_counting(address, tmp_path / "cache")
+    finally:
+        server.stop(None)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [".lock"]  # nothing downloaded
+
+
+def test_an_unreachable_server_is_retried_with_backoff_then_refused(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    with pytest.raises(FetchError, match=rf"127\.0\.0\.1:{port} unreachable after 4 attempts: UNAVAILABLE"):
+        _fetch_counting(f"127.0.0.1:{port}", tmp_path / "cache", retries=3, rpc_timeout=5)
+
+
+def test_latest_resolves_through_the_latest_file(base_root, tmp_path):
+    for n in (1, 2):
+        release, _ = make_release(
+            {"adapter_model.safetensors": bytes([n]) * 10},
+            kind="adapter",
+            run_id="r",
+            round=n,
+            base_digest=BASE,
+            method="fedavg",
+            key=KEY,
+        )
+        write_release(release, base_root / "adapter" / "r" / f"round-{n:04d}")
+    (base_root / "adapter" / "r" / "LATEST").write_text("round-0002\n")
+    server, address = _serve_base(base_root)
+    cache = tmp_path / "cache"
+    try:
+        result = fetch_release(address, "adapter/r/latest", cache, TRUST, BASE)
+        older = fetch_release(address, "adapter/r/round-0001", cache, TRUST, BASE)
+        (base_root / "adapter" / "r" / "LATEST").write_text("../../base\n")  # a pointer out of the run folder
+        with pytest.raises(FetchError, match="LATEST names an invalid release"):
+            fetch_release(address, "adapter/r/latest", cache, TRUST, BASE, FetchPolicy(retries=0))
+    finally:
+        server.stop(None)
+    assert result.manifest.round == 2
+    # the device's cache mirrors the server's run folder: LATEST names the newest round fetched, and
+    # fetching an older round afterwards does not move it back
+    assert result.run_folder == older.run_folder == cache / "adapter" / "r"
+    assert (result.run_folder / "LATEST").read_text() == "round-0002\n"
+    newest = read_release(follow_latest(result.run_folder))
+    assert newest.files["adapter_model.safetensors"] == bytes([2]) * 10
+    assert verify_release(newest, TRUST, BASE).round == 2
+    assert read_release(result.run_folder / "round-0001").files["adapter_model.safetensors"] == bytes([1]) * 10
+
+
+def test_a_base_is_not_indexed_by_run(base_root, tmp_path):
+    server, address = _serve_base(base_root)
+    try:
+        result, _ = _fetch_counting(address, tmp_path / "cache")
+    finally:
+        server.stop(None)
+    assert result.run_folder is None and not (tmp_path / "cache" / "adapter").exists()

@@ -1,0 +1,123 @@
+"""The replay store: replays, rollbacks and forks are refused, and a damaged store refuses everything."""
+
+import json
+import os
+
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from shared.errors import ReleaseError
+from shared.release import make_release, verify_release
+from shared.replay import AcceptedReleases, ReplayStoreError
+from shared.sign import TrustList, key_id
+from shared.tensors import save_tensors
+
+BASE = "b" * 64
+KEY = Ed25519PrivateKey.generate()
+TRUST = TrustList({key_id(KEY.public_key()): KEY.public_key()})
+FILES = {"adapter_config.json": b'{"r": 4}', "adapter_model.safetensors": save_tensors({"w": torch.ones(2, 2)})}
+
+
+def _release(round=1, previous="", files=FILES, run_id="run-1"):
+    return make_release(
+        files, kind="adapter", run_id=run_id, round=round, base_digest=BASE, method="fedavg", key=KEY, previous=previous
+    )
+
+
+def _accept(accepted, release):
+    accepted.accept(verify_release(release, TRUST, BASE, accepted))
+
+
+def test_replays_rollbacks_and_forks_are_refused(tmp_path):
+    accepted = AcceptedReleases(tmp_path / "accepted.json")
+    r1, m1 = _release(round=1)
+    _accept(accepted, r1)
+    verify_release(r1, TRUST, BASE, accepted)  # the release in use, delivered again
+    r1b, _ = _release(round=1, files={**FILES, "adapter_config.json": b'{"r": 2}'})
+    with pytest.raises(ReleaseError, match="replay: round 1 of run run-1 is not newer than the accepted round 1"):
+        verify_release(r1b, TRUST, BASE, AcceptedReleases(tmp_path / "accepted.json"))  # survives a restart
+    fork, _ = _release(round=2, previous="e" * 64)
+    with pytest.raises(ReleaseError, match="chain broken"):
+        verify_release(fork, TRUST, BASE, accepted)
+    r2, m2 = _release(round=2, previous=m1.digest())
+    _accept(accepted, r2)
+    with pytest.raises(ReleaseError, match="replay: round 1 .* accepted round 2"):
+        verify_release(r1, TRUST, BASE, accepted)  # rollback to an older, validly signed round
+    other_run, _ = _release(round=1, run_id="run-2")
+    verify_release(other_run, TRUST, BASE, accepted)  # each run has its own history
+
+
+def _round_3_accepted(path):
+    accepted = AcceptedReleases(path)
+    previous = ""
+    for n in (1, 2, 3):
+        release, manifest = _release(round=n, previous=previous)
+        _accept(accepted, release)
+        previous = manifest.digest()
+    return accepted
+
+
+DAMAGE = {
+    "empty": lambda p: p.write_bytes(b""),
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),
+    "garbage": lambda p: p.write_bytes(os.urandom(64) + b"\xff"),
+    "not utf-8": lambda p: p.write_bytes(b'{"adapter:run-1": "\xff"}'),
+    "a list": lambda p: p.write_text("[]"),
+    "a round as text": lambda p: p.write_text(json.dumps({"adapter:run-1": {"round": "3", "digest": "a" * 64}})),
+    "a bool round": lambda p: p.write_text(json.dumps({"adapter:run-1": {"round": True, "digest": "a" * 64}})),
+    "a record as a number": lambda p: p.write_text(json.dumps({"adapter:run-1": 3})),
+    "an unknown field": lambda p: p.write_text(json.dumps({"adapter:run-1": {"round": 3, "digest": "a" * 64, "x": 1}})),
+    "a bad key": lambda p: p.write_text(json.dumps({"run-1": {"round": 3, "digest": "a" * 64}})),
+    "a bad time": lambda p: p.write_text(
+        json.dumps({"adapter:run-1": {"round": 3, "digest": "a" * 64, "created": "9"}})
+    ),
+    "a directory": lambda p: (p.unlink(), p.mkdir()),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_store_refuses_every_release_and_says_what_to_do(tmp_path, damage):
+    path = tmp_path / "accepted.json"
+    _round_3_accepted(path)
+    DAMAGE[damage](path)
+    r1, _ = _release(round=1)
+    with pytest.raises(ReplayStoreError, match="refuses every release until an operator repairs it") as refused:
+        verify_release(r1, TRUST, BASE, AcceptedReleases(path))  # never "round 1 after round 3"
+    assert str(path) in str(refused.value) and "restore it from a backup, or delete it" in str(refused.value)
+    assert isinstance(refused.value, ReleaseError)  # every caller that refuses a bad release refuses this too
+
+
+def test_a_missing_store_is_a_device_that_accepted_nothing_yet(tmp_path):
+    accepted = AcceptedReleases(tmp_path / "state" / "accepted.json")
+    assert accepted.runs == {}
+    _accept(accepted, _release(round=4)[0])  # trusted on first use
+    assert AcceptedReleases(tmp_path / "state" / "accepted.json").runs["adapter:run-1"]["round"] == 4
+
+
+def test_records_from_before_creation_times_were_kept_still_load(tmp_path):
+    path = tmp_path / "accepted.json"
+    path.write_text(json.dumps({"adapter:run-1": {"round": 3, "digest": "a" * 64}}))
+    assert AcceptedReleases(path).runs["adapter:run-1"]["round"] == 3
+
+
+def test_a_record_that_cannot_be_written_refuses_the_release(tmp_path):
+    (tmp_path / "file").write_text("")
+    accepted = AcceptedReleases(tmp_path / "file" / "accepted.json")  # its folder is a file
+    with pytest.raises(ReplayStoreError, match="cannot be written"):
+        _accept(accepted, _release(round=1)[0])
+    assert accepted.runs == {}
+
+
+def test_each_record_is_written_durably(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    _accept(AcceptedReleases(tmp_path / "accepted.json"), _release(round=1)[0])
+    assert len(synced) == 2 and synced[1] == str(tmp_path)  # the temp file's bytes, then the folder's rename
+    assert os.listdir(tmp_path) == ["accepted.json"]  # no temp file left

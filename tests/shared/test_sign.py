@@ -1,0 +1,47 @@
+"""Signing keys and trust lists: a key file others can read, a bad trust line or an unknown key is refused."""
+
+import os
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from shared.sign import SignatureError, TrustList, generate_key, key_id, load_private_key, public_line
+
+
+def test_key_files(tmp_path):
+    path = tmp_path / "keys" / "server.key"
+    key = generate_key(path)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert load_private_key(path).public_key().public_bytes_raw() == key.public_key().public_bytes_raw()
+    trust = TrustList.load(str(path) + ".pub")
+    assert list(trust.trusted) == [key_id(key.public_key())]
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        generate_key(path)
+    os.chmod(path, 0o644)
+    with pytest.raises(SignatureError, match="mode 0644: other users can read it"):
+        load_private_key(path)
+    with pytest.raises(FileNotFoundError, match="fleetlora keys generate"):
+        load_private_key(tmp_path / "nope.key")
+
+
+def test_trust_list_lines(tmp_path):
+    a, b = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    path = tmp_path / "trust"
+    path.write_text(f"# fleet keys\n{public_line(a.public_key(), 'old')}\n\n{public_line(b.public_key())}\n")
+    path.write_text(path.read_text() + f"revoked {public_line(a.public_key())}\n")
+    trust = TrustList.load(path)
+    assert set(trust.trusted) == {key_id(a.public_key()), key_id(b.public_key())}
+    assert trust.revoked == {key_id(a.public_key())}
+    path.write_text("ed25519 not-base64!\n")
+    with pytest.raises(SignatureError, match=r"trust:1: not a base64 32-byte Ed25519 public key"):
+        TrustList.load(path)
+
+
+def test_a_link_planted_at_the_keys_temp_name_never_receives_the_key(tmp_path):
+    victim = tmp_path / "readable-by-all"
+    victim.write_text("nothing secret\n")
+    os.chmod(victim, 0o644)
+    (tmp_path / "server.key.tmp").symlink_to(victim)  # the temp name the key was once written under
+    generate_key(tmp_path / "server.key")
+    assert victim.read_text() == "nothing secret\n"
+    assert oct((tmp_path / "server.key").stat().st_mode & 0o777) == "0o600"
