@@ -1,14 +1,11 @@
 """The trust boundary: each device reply parsed into a typed, bounded value, or refused by name."""
 
 import math
-import time
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
-from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,34 +20,12 @@ from server.replies import (
     parse_train,
 )
 from shared.wire import SCALE_SUFFIX, pack
+from tests.server.messages import message, through_flower
 
 torch.manual_seed(0)
 GLOBAL = {"m.lora_A.weight": torch.randn(4, 64) * 0.1, "m.lora_B.weight": torch.randn(64, 4) * 0.1}
 SPEC = UpdateSpec(GLOBAL, "fp16", max_examples=10_000)
 TRAIN = {"num-examples": 500, "train-loss": 1.5, "train-seconds": 3.0}
-
-
-def through_flower(msg: Message) -> Message:
-    """What the coordinator receives: the message after Flower's own protobuf encoding and back."""
-    wire = message_to_proto(msg).SerializeToString()
-    proto = ProtoMessage()
-    proto.ParseFromString(wire)
-    return message_from_proto(proto)
-
-
-def message(records: dict, node: int = 7) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id=f"m{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id=f"q{node}",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60,
-        message_type="train",
-    )
-    return Message(RecordDict(records), metadata=meta)
 
 
 def train_reply(metrics=None, arrays=None, client=None) -> Message:

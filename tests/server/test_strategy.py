@@ -1,12 +1,11 @@
 """AdapterStrategy.aggregate_train on real Flower reply messages: validation rules and metrics."""
 
 import json
-import time
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from server.registry import Registry
 from server.report import RoundLog, clients_by_name
@@ -16,6 +15,7 @@ from shared.config import AggregationConfig, LoraConfig
 from shared.release import load_tensors, read_release, verify_release
 from shared.sign import TrustList, generate_key
 from shared.wire import pack, wire_bytes
+from tests.server.messages import message
 
 BASE = "b" * 64
 torch.manual_seed(0)
@@ -28,25 +28,12 @@ GLOBAL = {
 
 
 def _reply(node: int, delta, encoding="fp16", examples=100, record=None) -> Message:
-    content = RecordDict(
-        {
-            "arrays": record if record is not None else pack(delta, encoding),
-            "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0, "train-seconds": 2.0}),
-            "client": ConfigRecord({"name": f"client-{node}"}),
-        }
-    )
-    meta = Metadata(
-        run_id=1,
-        message_id=f"m{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id=f"q{node}",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60,
-        message_type="train",
-    )
-    return Message(content, metadata=meta)
+    records = {
+        "arrays": record if record is not None else pack(delta, encoding),
+        "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0, "train-seconds": 2.0}),
+        "client": ConfigRecord({"name": f"client-{node}"}),
+    }
+    return message(records, node)
 
 
 def _honest(scale=0.01, seed=0):

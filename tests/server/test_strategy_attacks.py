@@ -17,7 +17,7 @@ from server.state import StateStore
 from server.strategy import AdapterStrategy
 from shared.config import AggregationConfig, LoraConfig
 from shared.sign import generate_key
-from tests.server.test_replies import message, through_flower
+from tests.server.messages import message, through_flower
 from tests.server.test_strategy import BASE, GLOBAL, _honest, _reply, _tensors
 
 
