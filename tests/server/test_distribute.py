@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.channel import device_credentials, node_credentials
 from client.fetch import FetchError, FetchPolicy, fetch_release
-from server.distribute import ArtifactServicer, ArtifactStore, ServiceLimits, serve, server_credentials
+from server.artifact_limits import ServiceLimits
+from server.distribute import ArtifactServicer, ArtifactStore, serve, server_credentials
 from server.fleet import Device, LocalFleet
 from shared.certs import make_fleet_certs
 from shared.manifest import parse
