@@ -8,7 +8,6 @@ twice; every device holds the latest release; the state store agrees with the re
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import time
@@ -21,6 +20,7 @@ from server.fleet import LocalFleet, topic_devices
 from server.resume import resume_point
 from server.state import StateStore
 from server.state.queries import run_view
+from shared.replay import AcceptedReleases
 from shared.sign import TrustList
 from tests.processes import processes_with_env
 
@@ -103,8 +103,8 @@ def test_a_fleet_survives_kills_of_a_device_the_artifact_service_and_the_coordin
         assert names == sorted({f"round-{m.round:04d}" for m in point.manifests})  # no partial or doubled folder
         assert len(point.manifests) == len({m.round for m in point.manifests})  # no round signed twice
         for device in TOPICS:  # each evaluated the last release, verified and recorded it
-            state = json.loads((fleet.folder / "nodes" / device / "state" / "accepted.json").read_text())
-            assert state["adapter:chaos"] == {"round": ROUNDS, "digest": point.chain[-1]}, device
+            state = AcceptedReleases(fleet.folder / "nodes" / device / "state" / "accepted.json").runs["adapter:chaos"]
+            assert (state["round"], state["digest"]) == (ROUNDS, point.chain[-1]), device
         store = StateStore(fleet.folder / "outputs" / "state.sqlite", read_only=True)
         signed = store.last_signed_round("chaos")
         assert signed is not None and (signed.round, signed.manifest_digest) == (ROUNDS, point.chain[-1])
