@@ -36,6 +36,7 @@ class Roster:
         answered = {self.node_of(m) for m in replies}
         return sorted({int(m.metadata.dst_node_id) for m in self._sent} - answered)
 
-    def label(self, node: int) -> str:
-        """Return how an operator knows the node: ``name (node id)`` once it reported a name."""
-        return f"{self.names[node]} (node {node})" if node in self.names else f"node {node}"
+    def label(self, node: int, name: str | None = None) -> str:
+        """Return how an operator knows the node: ``name (node id)`` once it reported a name (or ``name`` is given)."""
+        name = name or self.names.get(node)
+        return f"{name} (node {node})" if name else f"node {node}"

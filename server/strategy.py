@@ -271,7 +271,7 @@ class AdapterStrategy(FedAvg):
 
     def _reject(self, server_round: int, node: int, name: str | None, reason: str, phase: str = "update") -> None:
         """Log and record a reply that does not count, with its client, node, round and reason."""
-        label = f"{name} (node {node})" if name else f"node {node}"
+        label = self.roster.label(node, name)
         log(logging.WARNING, "round %d: rejected the %s of %s: %s", server_round, phase, label, reason)
         key = "rejected" if phase == "update" else "evaluation_rejected"
         self.round_log.client(server_round, node, name, **{key: reason})

@@ -15,8 +15,9 @@ def through_flower(msg: Message) -> Message:
     return message_from_proto(proto)
 
 
-def message(records: dict, node: int = 7) -> Message:
-    meta = Metadata(
+def metadata(node: int = 7, **fields) -> Metadata:
+    """Flower metadata of a train message about ``node``: by default a reply from it to message ``q<node>``."""
+    values = dict(
         run_id=1,
         message_id=f"m{node}",
         src_node_id=node,
@@ -27,4 +28,9 @@ def message(records: dict, node: int = 7) -> Message:
         ttl=60,
         message_type="train",
     )
-    return Message(RecordDict(records), metadata=meta)
+    return Metadata(**{**values, **fields})
+
+
+def message(records: dict, node: int = 7) -> Message:
+    """A reply of ``node`` holding ``records``."""
+    return Message(RecordDict(records), metadata=metadata(node))

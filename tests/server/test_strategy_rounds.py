@@ -1,42 +1,23 @@
 """AdapterStrategy across restarts and slow devices: round numbers after a resume, silent nodes named."""
 
 import json
-import time
 
-from flwr.app import Error, Message, Metadata, RecordDict
+from flwr.app import Error, Message, RecordDict
 
 from server.strategy import AdapterStrategy
+from tests.server.messages import metadata
 from tests.server.test_strategy import _honest, _reply, _strategy
 
 
 def _sent(node: int) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id=f"q{node}",  # what the Grid sets when it pushes the message
-        src_node_id=1,
-        dst_node_id=node,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60,
-        message_type="train",
-    )
+    """A message the coordinator sent to ``node`` (its id is what the Grid sets when it pushes it)."""
+    meta = metadata(node, message_id=f"q{node}", src_node_id=1, dst_node_id=node, reply_to_message_id="")
     return Message(metadata=meta, content=RecordDict())
 
 
 def _unavailable(node: int) -> Message:
     """The SuperLink's own error reply for a node that stopped heartbeating: it names the SuperLink as sender."""
-    meta = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=1,
-        dst_node_id=1,
-        reply_to_message_id=f"q{node}",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60,
-        message_type="train",
-    )
+    meta = metadata(node, message_id="", src_node_id=1, dst_node_id=1)
     return Message(metadata=meta, error=Error(code=3, reason="Node Unavailable"))
 
 
