@@ -136,7 +136,7 @@ def format_table(data: dict[str, Any]) -> str:
         row += [_num(r["clients"].get(k, {}).get("heldout_loss")) for k in keys]
         row += [_num(r.get("mean_heldout_loss"))]
         if dp:
-            row += ["-", "-"] if p is None else [_num(p["epsilon"], 3), _percent(p["clipped_fraction"])]
+            row += ["-", "-"] if p is None else [_epsilon(p["epsilon"]), _percent(p["clipped_fraction"])]
         row += [_mb(r.get("bytes_up")), _mb(r.get("bytes_down"))]
         release = r.get("release", {})
         row += [release.get("key_id", "-"), release.get("manifest", "-")[:16]]
@@ -198,6 +198,11 @@ def _privacy_note(p: RoundPrivacy) -> str:
 
 def _num(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _epsilon(value: float | None) -> str:
+    """3 decimals; 3 significant digits from 10,000 on (a tiny z spends an ε no one reads to the decimal)."""
+    return "-" if value is None else f"{value:.3f}" if value < 1e4 else f"{value:.3g}"
 
 
 def _percent(value: float | None) -> str:

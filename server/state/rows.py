@@ -165,7 +165,10 @@ class RunPrivacy(TypedDict):
 
     delta: float | None
     max_epsilon: float | None
-    """>= 0; 0 means no limit."""
+    """>= 0; None or 0 means no limit."""
+    noise_multiplier: float | None
+    clip_norm: float | None
+    sampling_rate: float | None
     clipping: str | None
     population: int | None
     """The devices the sampling rate was computed over, in ``[0, MAX_POPULATION]``."""
@@ -190,11 +193,18 @@ def round_privacy(values: Mapping[str, Any]) -> RoundPrivacy:
 
 
 def run_privacy(values: Mapping[str, Any]) -> RunPrivacy:
-    """Parse a run's privacy facts, each to its bound (see :class:`RunPrivacy`); a value outside it is None."""
+    """Parse a run's privacy facts, each to its bound (see :class:`RunPrivacy`); a value outside it is None.
+
+    z, C and q have the bounds :func:`round_privacy` gives them.
+    """
+    mechanism = round_privacy(values)
     return RunPrivacy(
-        delta=_delta(values.get("delta")),
+        delta=mechanism["delta"],
         max_epsilon=within(values.get("max_epsilon"), 0.0),
-        clipping=_clipping(values.get("clipping")),
+        noise_multiplier=mechanism["noise_multiplier"],
+        clip_norm=mechanism["clip_norm"],
+        sampling_rate=mechanism["sampling_rate"],
+        clipping=mechanism["clipping"],
         population=integer(values.get("population"), 0, MAX_POPULATION),
     )
 

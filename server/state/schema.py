@@ -57,7 +57,10 @@ runs = Table(
     Column("adapter", String),  # the final adapter's PEFT folder
     Column("heard", Float),  # the coordinator's last heartbeat (server/state/heartbeat.py); NULL before 0002
     Column("dp_delta", Float),  # the δ every round's ε is stated at; the dp_* columns are NULL without DP (0004)
-    Column("dp_max_epsilon", Float),  # the run stops before its ε would exceed this; 0 = no limit
+    Column("dp_max_epsilon", Float),  # the run stops before its ε would exceed this; NULL or 0 = no limit
+    Column("dp_noise_multiplier", Float),  # z, C, q as the run fixed them when it started (each round has them too)
+    Column("dp_clip_norm", Float),
+    Column("dp_sampling_rate", Float),
     Column("dp_clipping", String),  # "server" (clipped on receipt) or "client" (clipped on the device)
     Column("dp_population", Integer),  # the devices the sampling rate q was computed over
 )

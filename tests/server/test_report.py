@@ -83,6 +83,13 @@ def test_a_dp_run_shows_epsilon_and_the_clipped_share_per_round(tmp_path):
     assert "at δ = 1e-05" in note and "z = 1.1" in note and "C = 1" in note and "on each device before upload" in note
 
 
+def test_an_epsilon_of_a_tiny_noise_multiplier_is_shown_in_three_digits(tmp_path):
+    log = _dp_log(tmp_path)
+    log.note(2, privacy=privacy(2, epsilon=550000000111.7782))
+    lines = format_table(log.data).splitlines()
+    assert _cells(lines[4])[_cells(lines[0]).index("ε")] == "5.5e+11"
+
+
 def test_a_run_without_dp_has_no_privacy_columns(tmp_path):
     log = RoundLog(tmp_path / "r.json", run={})
     log.client(1, 1, "food", train_loss=2.0, heldout_loss=1.5, bytes_up=10, bytes_down=10)

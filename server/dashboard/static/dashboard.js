@@ -64,7 +64,7 @@ function renderRuns(data) {
   const dp = data.runs.some((r) => typeof r.epsilon === "number");  // the column only once a run used DP
   const rows = data.runs.map((r) => [
     el("a", { href: runHref(r.run_id) }, r.run_id), r.model, r.method,
-    `${r.rounds_done} / ${r.num_rounds ?? "?"}`, num(r.last_heldout_loss), ...(dp ? [num(r.epsilon, 3)] : []),
+    `${r.rounds_done} / ${r.num_rounds ?? "?"}`, num(r.last_heldout_loss), ...(dp ? [eps(r.epsilon)] : []),
     when(r.started), runState(r),
   ]);
   const head = ["run", "model", "method", "rounds", "held-out (last)", ...(dp ? ["ε spent"] : []), "started", "state"];
@@ -112,12 +112,14 @@ const CLIPPED_WHERE = { server: "by the coordinator, on receipt", client: "on ea
 const pct = (v) => (typeof v === "number" ? `${(v * 100).toFixed(1)} %` : "-");
 const sig = (v) => (typeof v !== "number" ? "-"  // 4 significant digits: C = 1, q = 0.05, δ = 1e-5
   : v !== 0 && Math.abs(v) < 1e-3 ? Number(v.toPrecision(4)).toExponential() : String(Number(v.toPrecision(4))));
+const eps = (v) => (typeof v !== "number" ? "-" : v < 1e4 ? v.toFixed(3) : v.toPrecision(3));  // as the round table
 const hasEpsilon = (r) => r.privacy && typeof r.privacy.epsilon === "number";
 
 // The guarantee as an operator reads it, from a round's privacy facts (and the run's, for what a round lacks).
 function privacyFacts(p, run) {
-  return [["noise multiplier z", sig(p.noise_multiplier)], ["clip norm C", sig(p.clip_norm)],
-    ["clipping", CLIPPED_WHERE[p.clipping ?? run.clipping] ?? "-"], ["sampling rate q", sig(p.sampling_rate)],
+  return [["noise multiplier z", sig(p.noise_multiplier ?? run.noise_multiplier)],
+    ["clip norm C", sig(p.clip_norm ?? run.clip_norm)], ["clipping", CLIPPED_WHERE[p.clipping ?? run.clipping] ?? "-"],
+    ["sampling rate q", sig(p.sampling_rate ?? run.sampling_rate)],
     ["expected clients per round m", num(p.expected_clients, 1)]];
 }
 
@@ -134,19 +136,19 @@ function privacyPanel(data) {
   const clipped = trained.map((r) => (r.privacy && typeof r.privacy.clipped_fraction === "number"
     ? r.privacy.clipped_fraction * 100 : null));
   const guarantee = latest
-    ? `ε = ${num(p.epsilon, 3)} at δ = ${sig(p.delta ?? run.delta)} after round ${latest.round}`
+    ? `ε = ${eps(p.epsilon)} at δ = ${sig(p.delta ?? run.delta)} after round ${latest.round}`
     : "no round released under DP yet";
-  const rows = dp.map((r) => [r.round, num(r.privacy.epsilon, 3), pct(r.privacy.clipped_fraction),
+  const rows = dp.map((r) => [r.round, eps(r.privacy.epsilon), pct(r.privacy.clipped_fraction),
     sig(r.privacy.noise_multiplier), sig(r.privacy.clip_norm), sig(r.privacy.sampling_rate),
     num(r.privacy.expected_clients, 1)]);
   return [el("h2", {}, "Privacy"),
-    facts([["spent", guarantee], ["limit", limit === null ? "none (dp.max-epsilon = 0)" : `ε ≤ ${sig(limit)}`],
+    facts([["spent", guarantee], ["limit", limit === null ? "none (dp.max-epsilon not set)" : `ε ≤ ${sig(limit)}`],
       ["protects", "each device's whole dataset, from anyone who sees the released adapters (not from the "
         + "coordinator, which sees each update unless secure aggregation hides it)"],
       ...privacyFacts(p, run), ["clipped updates (latest)", pct(p.clipped_fraction)],
       ["population", run.population ?? "-"]]),
     el("div", { class: "charts" },
-      Charts.lineChart("ε spent after each round (client-level DP)", xs, spent, (v) => v.toFixed(3)),
+      Charts.lineChart("ε spent after each round (client-level DP)", xs, spent, eps),
       Charts.barChart("Updates clipped to C per round (%)", xs,
         [{ name: "clipped", values: clipped, color: "#e0741f" }], false, (v) => `${v.toFixed(1)} %`)),
     table(["round", "ε spent", "clipped", "z", "C", "q", "m"], rows)];
@@ -220,7 +222,7 @@ function renderRound(data) {
       ["mean train loss", num(rec.mean_train_loss)], ["mean held-out loss", num(rec.mean_heldout_loss)],
       ["MB up / down", `${mb(rec.bytes_up)} / ${mb(rec.bytes_down)}`], ...settings]),
     ...(rec.privacy ? [el("h2", {}, "Privacy"), facts([
-      ["ε spent after this round", `${num(rec.privacy.epsilon, 3)} at δ = ${sig(rec.privacy.delta)}`],
+      ["ε spent after this round", `${eps(rec.privacy.epsilon)} at δ = ${sig(rec.privacy.delta)}`],
       ...privacyFacts(rec.privacy, run.privacy || {}), ["clipped updates", pct(rec.privacy.clipped_fraction)]])] : []),
     el("h2", {}, "Signed release"), ...releaseSection(data.release, rec));
 }

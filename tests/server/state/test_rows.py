@@ -85,12 +85,8 @@ def test_privacy_facts_are_kept_within_their_bounds():
     }
     assert round_privacy(hostile) == dict.fromkeys(hostile)
     assert round_privacy({}) == dict.fromkeys(privacy(0))  # a key missing: None, never a KeyError
-    assert run_privacy({"delta": 0.0, "max_epsilon": -2.0, "clipping": ["server"], "population": 2**31}) == {
-        "delta": None,
-        "max_epsilon": None,
-        "clipping": None,
-        "population": None,
-    }
+    hostile_run = {"delta": 0.0, "max_epsilon": -2.0, "clip_norm": -1.0, "clipping": ["server"], "population": 2**31}
+    assert run_privacy(hostile_run) == dict.fromkeys(RUN_PRIVACY)
     assert run_privacy({"max_epsilon": 0.0, "population": 0})["max_epsilon"] == 0.0  # 0: no limit, a real value
 
 

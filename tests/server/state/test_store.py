@@ -109,6 +109,18 @@ def test_the_privacy_facts_of_a_dp_run_and_its_rounds_are_committed_as_the_run_g
     store.close()
 
 
+def test_the_run_privacy_the_coordinator_notes_once_devices_connect_is_stored(tmp_path):
+    db = tmp_path / "state.sqlite"
+    log = RoundLog(tmp_path / "rounds.json", run=RUN, store=StateStore(db))  # no DP facts yet: NULL
+    assert rows(db, "select dp_delta, dp_noise_multiplier, dp_population from runs") == [(None, None, None)]
+    log.note_run(privacy={**RUN_PRIVACY, "max_epsilon": None})  # as server_app notes it: None = no limit
+    assert rows(
+        db,
+        "select dp_delta, dp_max_epsilon, dp_noise_multiplier, dp_clip_norm, dp_sampling_rate, dp_clipping, "
+        "dp_population from runs",
+    ) == [(1e-5, None, 1.1, 1.0, 0.05, "server", 400)]
+
+
 @pytest.mark.parametrize(
     ("key", "bad"),
     [

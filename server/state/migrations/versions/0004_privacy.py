@@ -3,10 +3,10 @@
 A round that released its aggregate under client-level DP records the accountant's cumulative
 ε after it (at δ), the noise multiplier z, the clip norm C, the fraction of updates clipped, the
 sampling rate q, the expected number of clients m (the mean's fixed denominator) and where the
-clipping ran (``server`` or ``client``). A run under DP records its δ, its ε limit, the clipping
-side and the population q was computed for. The columns are prefixed ``dp_``: in this code base
-a bare ``delta`` is an adapter update. Every one is NULL for rows recorded before 0004 and for
-rounds and runs without DP.
+clipping ran (``server`` or ``client``). A run under DP records its δ, its ε limit, z, C, q, the
+clipping side and the population q was computed for (known before its first round releases).
+The columns are prefixed ``dp_``: in this code base a bare ``delta`` is an adapter update. Every
+one is NULL for rows recorded before 0004 and for rounds and runs without DP.
 
 Revision ID: 0004
 Revises: 0003
@@ -33,14 +33,16 @@ ROUND_FLOATS = (
     "dp_expected_clients",
 )
 
+RUN_FLOATS = ("dp_delta", "dp_max_epsilon", "dp_noise_multiplier", "dp_clip_norm", "dp_sampling_rate")
+
 
 def upgrade() -> None:
     """Add the nullable ``dp_*`` columns to ``rounds`` and ``runs`` (existing rows keep NULL: no DP)."""
     for name in ROUND_FLOATS:
         op.add_column("rounds", sa.Column(name, sa.Float()))
     op.add_column("rounds", sa.Column("dp_clipping", sa.String()))
-    op.add_column("runs", sa.Column("dp_delta", sa.Float()))
-    op.add_column("runs", sa.Column("dp_max_epsilon", sa.Float()))
+    for name in RUN_FLOATS:
+        op.add_column("runs", sa.Column(name, sa.Float()))
     op.add_column("runs", sa.Column("dp_clipping", sa.String()))
     op.add_column("runs", sa.Column("dp_population", sa.Integer()))
 
@@ -51,5 +53,5 @@ def downgrade() -> None:
         for name in (*ROUND_FLOATS, "dp_clipping"):
             batch.drop_column(name)
     with op.batch_alter_table("runs") as batch:
-        for name in ("dp_delta", "dp_max_epsilon", "dp_clipping", "dp_population"):
+        for name in (*RUN_FLOATS, "dp_clipping", "dp_population"):
             batch.drop_column(name)
