@@ -10,7 +10,7 @@ one is NULL for rows recorded before 0004 and for rounds and runs without DP.
 
 Revision ID: 0004
 Revises: 0003
-Create Date: 2026-12-08
+Create Date: 2026-12-01
 """
 
 from __future__ import annotations
