@@ -82,6 +82,11 @@ class RoundLog:
         self._save(server_round)
         return rec
 
+    def note_run(self, **values: Any) -> None:
+        """Record run-level ``values`` (e.g. its privacy settings, known once devices connect) and persist."""
+        self.data["run"].update(values)
+        self._save()
+
     def finish(self, **values: Any) -> None:
         """Record the end of the run (final adapter path, wall time)."""
         self.data["run"].update(values, finished=time.time())
