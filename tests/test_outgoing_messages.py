@@ -12,6 +12,9 @@ allows (``server/replies.py``) and nothing about the device's data:
 * ``metrics``: keys of the allow-list of the phase, each an int or float scalar;
 * ``client``: ``{"name": <the device's name>}`` only;
 * no string anywhere that holds a path, a list of token ids, or a text line of the device's files.
+
+The same rules hold for a refusal of the release (``client`` then also holds ``refused-release``,
+its reason), and, with client-side DP, every delta decodes to an L2 norm within ``dp.clip-norm``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 import pytest
 import tomli_w
 import torch
+from flwr.app import Array, ArrayRecord
 from safetensors.torch import load_file
 
 import simulations.flower_local
@@ -95,6 +99,12 @@ def run_recorded(
     data = run_demo(run_config, output_dir=tmp_path / "out", flwr_home=tmp_path / "flwr")
     cfg = FleetConfig.from_run_config({**app_defaults(), **run_config, "data-dir": str(DATA)})
     return data, read_recordings(tmp_path / "sent"), cfg
+
+
+def uploaded_shapes(data: dict[str, Any], method: str) -> dict[str, tuple[int, ...]]:
+    """Shapes of the tensors a device uploads under ``method``, from the adapter the run released."""
+    adapter = load_file(Path(data["run"]["adapter"]) / ADAPTER_WEIGHTS)
+    return {k: tuple(adapter[k].shape) for k in uploaded_keys(method, adapter)}
 
 
 def wire_layout(shapes: dict[str, tuple[int, ...]], encoding: str) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -188,9 +198,7 @@ def check_all_replies(data: dict[str, Any], sent: list[SentMessage], cfg: FleetC
     assert all(("refused-release" in s.records.get("client", {}).get("values", {})) == refused for s in sent)
     layout: dict[str, tuple[str, tuple[int, ...]]] = {}
     if not refused:
-        adapter = load_file(Path(data["run"]["adapter"]) / ADAPTER_WEIGHTS)  # the adapter the devices train
-        shapes = {k: tuple(adapter[k].shape) for k in uploaded_keys(cfg.aggregation.method, adapter)}
-        layout = wire_layout(shapes, cfg.aggregation.delta_encoding)
+        layout = wire_layout(uploaded_shapes(data, cfg.aggregation.method), cfg.aggregation.delta_encoding)
         assert layout
     for s in sent:
         check_reply(s, layout, partition_for(s.received["node_config"], cfg))
@@ -231,12 +239,11 @@ def test_with_client_side_dp_every_delta_that_leaves_a_device_is_clipped(tmp_pat
     }
     data, sent, cfg = run_recorded(tmp_path, tiny_model_dir, monkeypatch, overrides)
     check_all_replies(data, sent, cfg)
-    adapter = load_file(Path(data["run"]["adapter"]) / ADAPTER_WEIGHTS)
-    shapes = {k: tuple(adapter[k].shape) for k in uploaded_keys("fedavg", adapter)}
+    shapes = uploaded_shapes(data, "fedavg")
     trained = [s for s in sent if s.received["message_type"] == "train"]
     assert len(trained) == len(TOPICS)
     for s in trained:
-        record = _array_record({k.removeprefix("arrays/"): t for k, t in s.tensors.items()})
+        record = ArrayRecord({k.removeprefix("arrays/"): Array(np.ascontiguousarray(t)) for k, t in s.tensors.items()})
         delta = unpack(record, shapes, "fp16")  # what the coordinator decodes
         norm = torch.linalg.vector_norm(torch.cat([t.flatten().double() for t in delta.values()])).item()
         assert norm <= clip_norm * (1 + NORM_TOLERANCE), f"node {s.node_id} sent a delta of norm {norm}"
@@ -245,12 +252,6 @@ def test_with_client_side_dp_every_delta_that_leaves_a_device_is_clipped(tmp_pat
     privacy = {r["round"]: r for r in data["rounds"]}[1]["privacy"]
     assert privacy["clipping"] == "client" and privacy["clip_norm"] == clip_norm
     assert privacy["noise_multiplier"] == 1.0 and privacy["clipped_fraction"] == 1.0
-
-
-def _array_record(tensors: dict[str, np.ndarray]) -> Any:
-    from flwr.app import Array, ArrayRecord
-
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in tensors.items()})
 
 
 def test_the_recording_app_registers_what_the_product_app_registers():
