@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -172,10 +174,25 @@ def _refuse(msg: Message, part: Partition, server_round: Any, exc: Exception) ->
     content = RecordDict(
         {
             "metrics": MetricRecord({"refused-release": 1}),
-            "client": ConfigRecord({"name": part.name, "refused-release": str(exc)}),
+            "client": ConfigRecord({"name": part.name, "refused-release": public_reason(exc)}),
         }
     )
     return Message(content, reply_to=msg)
+
+
+_LOCAL_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s'\"/:]+/)*[^\s'\"/:]+")
+
+
+def public_reason(exc: Exception) -> str:
+    """Return why a release was refused, as the coordinator may read it: no path of this device in it.
+
+    The device's log keeps the whole message; what leaves the device names the error, never where
+    its cache or home folder is (an ``OSError``'s file name, a path inside a message).
+    """
+    if isinstance(exc, OSError):
+        name = f": {Path(str(exc.filename)).name}" if exc.filename else ""
+        return f"{type(exc).__name__}: {exc.strerror or 'I/O error'}{name}"
+    return _LOCAL_PATH.sub("<path>", str(exc))
 
 
 def _reply(msg: Message, part: Partition, metrics: MetricRecord, arrays: Any = None) -> Message:

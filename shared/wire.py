@@ -156,8 +156,10 @@ def _quantize(flat: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor
     pad = -flat.numel() % BLOCK
     blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, BLOCK)  # (blocks, BLOCK)
     scales = (blocks.abs().amax(dim=1) / qmax).to(torch.float16)
-    safe = scales.to(torch.float32).clamp(min=torch.finfo(torch.float16).tiny)[:, None]
-    codes = (blocks / safe).round().clamp(-qmax, qmax).to(torch.int8)
+    # divide by the scale the receiver multiplies by (fp16, subnormal for small deltas): a floor on
+    # it here shrank every block below 127 * 6.1e-5 (q8) toward zero, and a small clipped DP delta to 0
+    stored = scales.to(torch.float32)[:, None]
+    codes = (blocks / torch.where(stored > 0, stored, 1.0)).round().clamp(-qmax, qmax).to(torch.int8)
     return codes, scales
 
 

@@ -96,6 +96,14 @@ def test_a_run_config_cannot_choose_the_devices_trust_list(fleet, tiny_model_dir
     node = {"allow-float-base": True, "trust-file": str(fleet / "node-list.pub")}
     refused, _ = _train(fleet, tiny_model_dir, "attacker", **node)
     assert refused and "node-list.pub" in refused  # the node config names a list (missing here): only that one counts
+    assert str(fleet) not in refused  # the device's folders never leave it
+
+
+def test_a_refusal_reason_names_the_error_but_no_path_of_the_device():
+    missing = FileNotFoundError(2, "No such file or directory", "/home/kiosk/.cache/fleetlora/trust.pub")
+    assert client_app.public_reason(missing) == "FileNotFoundError: No such file or directory: trust.pub"
+    reason = client_app.public_reason(ValueError("release /home/kiosk/.cache/r1 refused: sha256 of a.bin differs"))
+    assert reason == "release <path> refused: sha256 of a.bin differs"
 
 
 def test_the_device_trusts_only_its_own_list(fleet, tiny_model_dir, monkeypatch):

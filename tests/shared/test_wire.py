@@ -92,3 +92,14 @@ def test_the_global_adapter_travels_as_fp16_only():
         from_wire(pack(STATE, "q8"))
     with pytest.raises(WireError, match="unknown wire encoding 'q3'"):
         pack(STATE, "q3")
+
+
+@pytest.mark.parametrize(("encoding", "rel"), [("q8", 0.01), ("q4", 0.03)])
+@pytest.mark.parametrize("scale", [1e-3, 1e-4, 1e-5])
+def test_small_deltas_keep_their_norm_through_the_quantized_encodings(encoding, scale, rel):
+    # a clipped DP delta is this small: the fp16 scales are subnormal, and must still be honoured
+    g = torch.Generator().manual_seed(0)
+    delta = {"w": torch.randn(64, 256, generator=g) * scale}
+    decoded = unpack(pack(delta, encoding), {"w": (64, 256)}, encoding)["w"]
+    assert float(decoded.norm()) == pytest.approx(float(delta["w"].norm()), rel=rel)
+    assert float((decoded - delta["w"]).norm()) < 0.2 * float(delta["w"].norm())
