@@ -10,6 +10,8 @@ import pytest
 
 from server.processes import config_arg, free_port, stop_pid
 from server.report import clients_by_name
+from server.state import StateStore
+from server.state.queries import run_view
 from shared.config import ConfigError
 from shared.release import read_release, verify_release
 from shared.sign import TrustList, generate_key
@@ -115,6 +117,11 @@ def test_a_differentially_private_run_clips_noises_and_records_epsilon_every_rou
         )
         assert rounds[n]["mean_heldout_loss"] > 0
     assert "privacy" not in rounds[0]  # the initial adapter holds no device's data
+    store = StateStore(tmp_path / "out" / "state.sqlite", read_only=True)  # what the dashboard shows
+    with store.read() as conn:
+        view = run_view(conn, data["run"]["run_id"])
+    store.close()
+    assert [r["privacy"]["epsilon"] for r in view["rounds"] if r["privacy"]] == pytest.approx(epsilons)
     trust = TrustList.load(tmp_path / "keys" / "server.key.pub")
     verify_release(read_release(Path(data["run"]["releases"]) / "round-0002"), trust, data["run"]["base_digest"])
     assert not _flower_processes(tmp_path / "flwr")
