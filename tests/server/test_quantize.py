@@ -42,6 +42,21 @@ def test_publish_signs_the_base_once_per_source(tiny_model_dir, tmp_path):
     assert other.digest() != manifest.digest()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_lost_store_requantized_gives_the_same_base_digest_on_any_thread_count(tiny_model_dir, tmp_path, threads):
+    # a coordinator that re-quantizes (a lost store, a second coordinator) must not orphan the devices' base
+    key = Ed25519PrivateKey.generate()
+    _, first = publish_base(tiny_model_dir, "s" * 64, tmp_path / "a", key)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _, second = publish_base(tiny_model_dir, "s" * 64, tmp_path / "b", key)
+    finally:
+        torch.set_num_threads(before)
+    assert second.base_digest == first.base_digest
+    assert second.files == first.files  # every file, byte for byte (hash and size)
+
+
 @pytest.mark.slow
 def test_smollm2_4bit_artifact_reproduces_the_float_reference_exactly(real_model_dir, tmp_path):
     """SmolLM2 was published as Q4_1 (blocks of 32): our 4-bit codes are its codes, logits identical."""
