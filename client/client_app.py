@@ -26,7 +26,8 @@ from client import device
 from client.fetch import FetchError, fetch_links, fetch_release
 from client.partition import Partition, partition_for
 from client.privacy import clip_and_pack
-from client.train import evaluate, train_adapter
+from client.record_dp import LEDGER_FILE, Ledger, RecordDp, train_record_dp
+from client.train import TrainResult, evaluate, train_adapter
 from client.verify import install_release
 from shared.adapter import adapter_state, attach_lora, set_trainable_factors, uploaded_keys
 from shared.chain import ChainGapError
@@ -60,7 +61,11 @@ def train(msg: Message, context: Context) -> Message:
     set_trainable_factors(model, cfg.aggregation.method)
     data = _encoded(part.train_file, base.spec, cfg.train.max_seq_len)
     seed = zlib.crc32(f"{cfg.seed}/{server_round}/{part.name}".encode())  # stable across processes
-    result = train_adapter(model, data, cfg.train, tok.pad_token_id, seed)
+    record_epsilon = None
+    if cfg.dp.enabled and cfg.dp.level == "record":
+        result, record_epsilon = _train_record_dp(model, data, cfg, tok.pad_token_id, context, part)
+    else:
+        result = train_adapter(model, data, cfg.train, tok.pad_token_id, seed)
     trained = adapter_state(model)
     delta = {k: trained[k] - start[k] for k in uploaded_keys(cfg.aggregation.method, trained)}
     log(
@@ -81,6 +86,8 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     base.downloaded = 0  # reported once
+    if record_epsilon is not None:
+        metrics["dp-record-epsilon"] = record_epsilon
     if cfg.dp.enabled and cfg.dp.clipping == "client":  # the delta leaves this device already clipped
         arrays, norm, clipped = clip_and_pack(delta, cfg.dp.clip_norm, cfg.aggregation.delta_encoding)
         metrics["dp-clipped"] = int(clipped)
@@ -109,6 +116,17 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         {"num-examples": result.examples, "heldout-loss": result.loss, "heldout-tokens": result.tokens}
     )
     return _reply(msg, part, metrics)
+
+
+def _train_record_dp(
+    model: Any, data: list[Encoded], cfg: FleetConfig, pad_id: int, context: Context, part: Partition
+) -> tuple[TrainResult, float]:
+    """DP-SGD on this device's examples (``dp.level = record``); its ledger lives beside its replay store."""
+    dp = RecordDp(cfg.dp.noise_multiplier, cfg.dp.clip_norm, cfg.dp.delta, cfg.dp.max_epsilon or None)
+    ledger = Ledger(device.state_file(context.node_config, part.name).parent / LEDGER_FILE)
+    loss, epsilon, seconds = train_record_dp(model, data, cfg.train, pad_id, dp, ledger)
+    log(logging.INFO, "client %s: record-level DP-SGD, epsilon %.4g at delta %g so far", part.name, epsilon, dp.delta)
+    return TrainResult(mean_loss=loss, steps=cfg.train.steps, seconds=seconds), epsilon
 
 
 def _install(msg: Message, context: Context, cfg: FleetConfig, part: Partition, model: Any, base_digest: str) -> None:

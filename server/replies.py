@@ -41,6 +41,7 @@ TRAIN_METRICS: dict[str, tuple[type, float, float, bool]] = {
     "train-seconds": (float, 0.0, MAX_SECONDS, True),
     "base-download-bytes": (int, 0, MAX_BYTES, False),
     "dp-clipped": (int, 0, 1, False),  # dp.clipping = client: 1 if the device clipped its delta
+    "dp-record-epsilon": (float, 0.0, 1e15, False),  # dp.level = record: the device's own epsilon so far
 }
 EVAL_METRICS: dict[str, tuple[type, float, float, bool]] = {
     "num-examples": (int, 1, math.inf, True),
@@ -74,6 +75,7 @@ class TrainReply:
     train_seconds: float
     base_download_bytes: int
     dp_clipped: bool
+    record_epsilon: float | None
     arrays: ArrayRecord
     nbytes: int
 
@@ -114,6 +116,7 @@ def parse_train(msg: Message, node_id: int, spec: UpdateSpec) -> TrainReply | Re
         train_seconds=float(metrics["train-seconds"]),
         base_download_bytes=int(metrics.get("base-download-bytes", 0)),
         dp_clipped=bool(metrics.get("dp-clipped", 0)),
+        record_epsilon=float(metrics["dp-record-epsilon"]) if "dp-record-epsilon" in metrics else None,
         arrays=arrays,
         nbytes=wire_bytes(arrays),
     )

@@ -65,7 +65,8 @@ def main(grid: Grid, context: Context) -> None:
     earlier = carried_rounds(out / "rounds.json")  # a restarted run keeps the rounds it had signed
     round_log = _round_log(out / "rounds.json", cfg, context, registry, state)
     fractions = (cfg.fraction_train, cfg.fraction_evaluate)
-    dp = DpRounds(cfg.dp, cfg.fraction_train, cfg.num_server_rounds) if cfg.dp.enabled else None
+    client_level = cfg.dp.enabled and cfg.dp.level == "client"  # record level: each device's own DP-SGD
+    dp = DpRounds(cfg.dp, cfg.fraction_train, cfg.num_server_rounds) if client_level else None
     strategy = AdapterStrategy(round_log, cfg.min_clients, cfg.aggregation, cfg.lora, registry, fractions, dp)
     with contextlib.ExitStack() as running:  # on the way out, however: stop the service, then the heartbeat
         running.callback(Heartbeat(state, run_id).start().stop)  # lets the dashboard tell running from stopped

@@ -216,6 +216,8 @@ class AdapterStrategy(FedAvg):
                 entry["base_download_bytes"] = reply.base_download_bytes  # the 4-bit base, fetched once per device
             if self.dp is not None:
                 entry["clipped"] = clipped[reply.node_id]
+            if reply.record_epsilon is not None:  # dp.level = record: what the device reports it spent
+                entry["record_epsilon"] = reply.record_epsilon
             self.round_log.client(
                 server_round, reply.node_id, reply.name, **entry, bytes_up=reply.nbytes, bytes_down=self._bytes_down
             )

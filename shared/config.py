@@ -133,6 +133,7 @@ class AggregationConfig:
 
 
 DP_CLIPPING = ("server", "client")
+DP_LEVELS = ("client", "record")
 DP_METHODS = ("fedavg", "ffa")  # a clipped, noised mean; ties and exact are not a sum of clipped updates
 
 
@@ -162,6 +163,10 @@ class DpConfig:
     """Refuse to start a run, or stop it before a round, when its epsilon would exceed this; 0: no limit."""
     population: int = 0
     """N, the fleet the sample is drawn from; 0: the devices connected when round 1 starts."""
+    level: str = "client"
+    """``client``: DP-FedAvg over the fleet (a device's whole dataset is protected); ``record``: each
+    device runs DP-SGD with Opacus (one example is protected; ``noise-multiplier`` and ``clip-norm``
+    are then per example, ``max-epsilon`` a per-device limit; ``client/record_dp.py``)."""
 
     @property
     def enabled(self) -> bool:
@@ -178,6 +183,14 @@ class DpConfig:
         _check(self.clipping in DP_CLIPPING, "dp.clipping", self.clipping, f"must be one of {DP_CLIPPING}")
         _check(self.max_epsilon >= 0, "dp.max-epsilon", self.max_epsilon, "must be >= 0")
         _check(self.population >= 0, "dp.population", self.population, "must be >= 0")
+        _check(self.level in DP_LEVELS, "dp.level", self.level, f"must be one of {DP_LEVELS}")
+        record_target = self.level == "record" and self.epsilon > 0
+        _check(
+            not record_target,
+            "dp.epsilon",
+            self.epsilon,
+            "is not solved per device: with dp.level = record set dp.noise-multiplier",
+        )
 
 
 BASE_FORMATS = ("int4", "float")
@@ -292,7 +305,13 @@ class FleetConfig:
             f"cannot run with differential privacy (dp.*): its aggregate is not a sum of clipped updates, so no "
             f"clip bound limits one device's influence on it; use one of {DP_METHODS}"
         )
-        _check(not self.dp.enabled or method in DP_METHODS, "aggregation.method", method, why)
+        client_level = self.dp.enabled and self.dp.level == "client"
+        _check(not client_level or method in DP_METHODS, "aggregation.method", method, why)
+        if self.dp.enabled and self.dp.level == "record":  # Opacus' per-example hooks see one whole batch
+            rule = "must be 0 with dp.level = record"
+            _check(self.train.micro_batch_size == 0, "train.micro-batch-size", self.train.micro_batch_size, rule)
+            checkpointing = self.train.gradient_checkpointing
+            _check(checkpointing == 0, "train.gradient-checkpointing", checkpointing, rule)
         if self.dp.enabled and self.dp.population:
             _check(self.dp.delta < 1 / self.dp.population, "dp.delta", self.dp.delta, "must be < 1 / dp.population")
 

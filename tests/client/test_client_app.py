@@ -1,5 +1,6 @@
 """The ClientApp as Flower calls it: its trust list and base verification are the device's, never the run's."""
 
+import json
 import time
 from pathlib import Path
 
@@ -155,3 +156,15 @@ def test_a_device_that_missed_rounds_rejoins_through_the_artifact_service(fleet,
         server.stop(None)
     state = AcceptedReleases(fleet / "state" / "accepted.json").runs
     assert state["adapter:run-1"]["round"] == 3 and state["base:base"]["digest"] == base.digest()
+
+
+def test_record_level_dp_trains_with_dp_sgd_and_reports_the_devices_epsilon(fleet, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv(TRUST_ENV, str(fleet / "honest.key.pub"))
+    run = {**_run_config(fleet, tiny_model_dir), "dp.level": "record", "dp.noise-multiplier": 1.0}
+    run["aggregation.method"] = "ties"  # any method: the coordinator only post-processes DP updates
+    refused, reply = _send(fleet, run, _release(fleet, tiny_model_dir, "honest"), {"allow-float-base": True})
+    assert refused is None and "arrays" in reply.content
+    epsilon = reply.content["metrics"]["dp-record-epsilon"]
+    assert epsilon > 0
+    ledger = json.loads((fleet / "state" / "dp-record-ledger.json").read_text())
+    assert ledger["history"] == [[1.0, 4 / 500, 1]]  # z, q = batch / examples, steps

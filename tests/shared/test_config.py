@@ -74,3 +74,12 @@ def test_differential_privacy_runs_with_fedavg_and_ffa(method):
 def test_bad_privacy_settings_are_refused_with_the_key(values, message):
     with pytest.raises(ConfigError, match=message):
         FleetConfig.from_run_config({**app_defaults(), "aggregation.method": "fedavg", **values})
+
+
+def test_record_level_dp_takes_any_method_but_a_fixed_noise_and_no_checkpointing():
+    record = {**app_defaults(), "dp.level": "record", "dp.noise-multiplier": 1.0}
+    assert FleetConfig.from_run_config(record).aggregation.method == "ties"
+    with pytest.raises(ConfigError, match=r"'dp\.epsilon' = 4\.0 is not solved per device"):
+        FleetConfig.from_run_config({**app_defaults(), "dp.level": "record", "dp.epsilon": 4.0})
+    with pytest.raises(ConfigError, match=r"'train\.gradient-checkpointing' = 1 must be 0 with dp\.level = record"):
+        FleetConfig.from_run_config({**record, "train.gradient-checkpointing": 1})
