@@ -23,6 +23,7 @@ from flwr.common.logger import log
 from client import device
 from client.fetch import FetchError, fetch_links, fetch_release
 from client.partition import Partition, partition_for
+from client.privacy import clip_and_pack
 from client.train import evaluate, train_adapter
 from client.verify import install_release
 from shared.adapter import adapter_state, attach_lora, set_trainable_factors, uploaded_keys
@@ -78,6 +79,14 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     base.downloaded = 0  # reported once
+    if cfg.dp.enabled and cfg.dp.clipping == "client":  # the delta leaves this device already clipped
+        arrays, norm, clipped = clip_and_pack(delta, cfg.dp.clip_norm, cfg.aggregation.delta_encoding)
+        metrics["dp-clipped"] = int(clipped)
+        clip_norm = cfg.dp.clip_norm
+        log(
+            logging.INFO, "client %s round %d: delta norm %.4g, clipped to %g", part.name, server_round, norm, clip_norm
+        )
+        return _reply(msg, part, metrics, arrays=arrays)
     return _reply(msg, part, metrics, arrays=pack(delta, cfg.aggregation.delta_encoding))
 
 

@@ -5,7 +5,7 @@ it with onnxruntime-genai. :meth:`EdgeModel.apply_release` verifies a signed ada
 (signature, file hashes, base digest, not older than the active one, finite values), converts it to an
 ``.onnx_adapter`` file and makes it active; the base is never rebuilt, and any failure leaves
 the previous adapter active. :meth:`EdgeModel.generate` streams a greedy answer to a chat
-prompt, with or without the adapter.
+prompt, with or without the adapter, with repetition control (``client/generation.py``).
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from client.export import BASE_ADAPTER, CORRECTIONS, DONE, ExportOptions, export_base
+from client.generation import GenerationOptions, model_defaults
 from client.onnx_adapter import AdapterError, lora_scale, onnx_lora_tensors, write_onnx_adapter
 from client.verify import check_adapter_values
 from shared.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -97,6 +98,7 @@ class EdgeModel:
         self.adapters = og.Adapters(self.model)
         self.adapters.load(str(self.folder / BASE_ADAPTER), BASE)  # the base alone (exact correction, no LoRA)
         self.active: ActiveAdapter | None = None
+        self.generation = model_defaults(base_folder)  # the signed base's own generation settings, if any
         self._lock = threading.Lock()  # apply_release may run while another thread generates
 
     def apply_release(self, folder: str | Path) -> Manifest:
@@ -150,14 +152,27 @@ class EdgeModel:
         )
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    def generate(self, prompt: str, max_new_tokens: int = 128, adapter: bool = True) -> Iterator[str]:
-        """Stream the greedy answer to ``prompt`` as text pieces; ``adapter=False`` uses the base alone."""
-        for piece, _ in self.generate_tokens(self.prompt_ids(prompt), max_new_tokens, adapter):
+    def generate(
+        self, prompt: str, max_new_tokens: int = 128, adapter: bool = True, options: GenerationOptions | None = None
+    ) -> Iterator[str]:
+        """Stream the answer to ``prompt`` as text pieces; ``adapter=False`` uses the base alone.
+
+        ``options`` (``client/generation.py``) default to :attr:`generation`, the model's own
+        defaults; ``max_new_tokens`` then bounds the answer.
+        """
+        chosen = options or replace(self.generation, max_new_tokens=max_new_tokens)
+        for piece, _ in self.generate_tokens(self.prompt_ids(prompt), chosen.max_new_tokens, adapter, chosen):
             yield piece
 
-    def generate_tokens(self, ids: list[int], max_new_tokens: int, adapter: bool = True) -> Iterator[tuple[str, int]]:
-        """Greedy decoding from token ids: yields (text piece, token id) until end of turn or the limit."""
-        gen = self._generator(ids, max_new_tokens, adapter)
+    def generate_tokens(
+        self, ids: list[int], max_new_tokens: int, adapter: bool = True, options: GenerationOptions | None = None
+    ) -> Iterator[tuple[str, int]]:
+        """Greedy decoding from token ids: yields (text piece, token id) until end of turn or the limit.
+
+        Without ``options``, plain greedy (no repetition control): what the benchmarks time.
+        """
+        plain = GenerationOptions(max_new_tokens, repetition_penalty=1.0, no_repeat_ngram_size=0)
+        gen = self._generator(ids, options or plain, adapter)
         stream = self._stream_tokenizer.create_stream()
         while not gen.is_done():
             gen.generate_next_token()
@@ -168,14 +183,15 @@ class EdgeModel:
         """Next-token logits after ``ids`` (numpy, vocabulary-sized)."""
         import numpy as np
 
-        return np.asarray(self._generator(ids, 1, adapter).get_logits()).reshape(-1)
+        plain = GenerationOptions(1, repetition_penalty=1.0, no_repeat_ngram_size=0)
+        return np.asarray(self._generator(ids, plain, adapter).get_logits()).reshape(-1)
 
-    def _generator(self, ids: list[int], max_new_tokens: int, adapter: bool) -> Any:
+    def _generator(self, ids: list[int], options: GenerationOptions, adapter: bool) -> Any:
         """Return a greedy generator that has read ``ids``, with the active adapter (or the base's own) set."""
         import onnxruntime_genai as og
 
         params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+        params.set_search_options(**options.search_options(len(ids)))
         gen = og.Generator(self.model, params)
         with self._lock:  # always one adapter: the base's own carries the exact correction
             gen.set_active_adapter(self.adapters, self.active.name if adapter and self.active else BASE)

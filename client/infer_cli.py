@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from client.generation import GenerationOptions
 from shared.errors import ReleaseError
 from shared.layout import follow_latest
 from shared.manifest import parse
@@ -43,6 +45,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="replay store (default: <cache>/releases/accepted.json, the one fleetlora fetch keeps)",
     )  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--repetition-penalty", type=float,
+        help="divide the logit of tokens already said by this (1 = off; default: the model's, else 1.1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-repeat-ngram", type=int,
+        help="never repeat an n-gram of this size (0 = off; default: the model's, else 4)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
     p.add_argument(
         "--output-bits", type=int, choices=(4, 8), default=8,
@@ -58,36 +68,72 @@ def _infer(args: argparse.Namespace) -> int:
     if args.adapter is None and not args.no_adapter:
         raise ValueError("give --adapter <release folder> or --no-adapter")
     cache = args.cache or cache_dir()
-    base = args.base or newest_base(cache / "releases")
-    options = ExportOptions(output_bits=args.output_bits)
+    base = args.base or _base_for(args.adapter, cache / "releases")
+    export = ExportOptions(output_bits=args.output_bits)
     accepted = AcceptedReleases(args.state or default_state_file(cache / "releases"))
     trust = TrustList.load(args.trust)
-    model = EdgeModel(base, trust, cache, threads=args.threads, options=options, accepted=accepted)
+    model = EdgeModel(base, trust, cache, threads=args.threads, options=export, accepted=accepted)
+    options = _generation(args, model.generation)
     prompts = [args.prompt] if args.prompt else (line.strip() for line in sys.stdin)
     for prompt in prompts:
         if not prompt:
             continue
         if args.adapter is not None and not args.no_adapter:
             _follow(model, args.adapter)
-        for piece in model.generate(prompt, args.max_new_tokens, adapter=not args.no_adapter):
+        for piece in model.generate(prompt, adapter=not args.no_adapter, options=options):
             print(piece, end="", flush=True)
         print(flush=True)
     return 0
 
 
-def newest_base(releases: Path) -> Path:
-    """Return the most recently created base release in a device's release cache."""
+def _generation(args: argparse.Namespace, defaults: GenerationOptions) -> GenerationOptions:
+    """Return the model's generation defaults with what the command line sets (checked: ValueError names it)."""
+    penalty, ngram = args.repetition_penalty, args.no_repeat_ngram
+    return replace(
+        defaults,
+        max_new_tokens=args.max_new_tokens,
+        repetition_penalty=defaults.repetition_penalty if penalty is None else penalty,
+        no_repeat_ngram_size=defaults.no_repeat_ngram_size if ngram is None else ngram,
+    )
+
+
+def newest_base(releases: Path, digest: str | None = None) -> Path:
+    """Return the most recently created base release in a device's release cache (of ``digest``, if given)."""
     bases = []
     for manifest in releases.glob(f"*/{MANIFEST}"):
         try:
             m = parse(manifest.read_bytes())
         except ValueError:
             continue
-        if m.kind == "base":
+        if m.kind == "base" and digest in (None, m.base_digest):
             bases.append((m.created, manifest.parent))
     if not bases:
-        raise ValueError(f"no base release in {releases}; fetch one (fleetlora fetch base) or give --base")
+        which = f"base release of base model {digest[:16]}" if digest else "base release"
+        raise ValueError(f"no {which} in {releases}; fetch it (fleetlora fetch base) or give --base")
     return max(bases)[1]
+
+
+def _base_for(adapter: Path | None, releases: Path) -> Path:
+    """Return the cached base the adapter release names (the newest base without an adapter).
+
+    The adapter's manifest is read here only to choose; ``EdgeModel`` verifies base and adapter.
+    The server's own store (``<store>/base`` beside ``<store>/adapter/<run-id>``) counts too.
+    """
+    if adapter is None:
+        return newest_base(releases)
+    try:
+        folder = follow_latest(adapter)
+        digest = parse((folder / MANIFEST).read_bytes()).base_digest
+    except (OSError, ValueError, ReleaseError):
+        return newest_base(releases)  # EdgeModel reports what is wrong with the adapter
+    beside = adapter.resolve().parents[1] / "base" if len(adapter.resolve().parents) > 1 else None
+    if beside is not None and (beside / MANIFEST).is_file():
+        try:
+            if parse((beside / MANIFEST).read_bytes()).base_digest == digest:
+                return beside
+        except ValueError:
+            pass
+    return newest_base(releases, digest)
 
 
 def _follow(model: EdgeModel, adapter: Path) -> None:

@@ -40,6 +40,7 @@ TRAIN_METRICS: dict[str, tuple[type, float, float, bool]] = {
     "train-loss": (float, 0.0, MAX_LOSS, True),
     "train-seconds": (float, 0.0, MAX_SECONDS, True),
     "base-download-bytes": (int, 0, MAX_BYTES, False),
+    "dp-clipped": (int, 0, 1, False),  # dp.clipping = client: 1 if the device clipped its delta
 }
 EVAL_METRICS: dict[str, tuple[type, float, float, bool]] = {
     "num-examples": (int, 1, math.inf, True),
@@ -72,6 +73,7 @@ class TrainReply:
     train_loss: float
     train_seconds: float
     base_download_bytes: int
+    dp_clipped: bool
     arrays: ArrayRecord
     nbytes: int
 
@@ -111,6 +113,7 @@ def parse_train(msg: Message, node_id: int, spec: UpdateSpec) -> TrainReply | Re
         train_loss=float(metrics["train-loss"]),
         train_seconds=float(metrics["train-seconds"]),
         base_download_bytes=int(metrics.get("base-download-bytes", 0)),
+        dp_clipped=bool(metrics.get("dp-clipped", 0)),
         arrays=arrays,
         nbytes=wire_bytes(arrays),
     )

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from server.state import StateStore
+from server.state.rows import RoundPrivacy, round_privacy
 
 
 class RoundLog:
@@ -82,6 +83,11 @@ class RoundLog:
         self._save(server_round)
         return rec
 
+    def note_run(self, **values: Any) -> None:
+        """Record run-level ``values`` (e.g. its privacy settings, known once devices connect) and persist."""
+        self.data["run"].update(values)
+        self._save()
+
     def finish(self, **values: Any) -> None:
         """Record the end of the run (final adapter path, wall time)."""
         self.data["run"].update(values, finished=time.time())
@@ -107,15 +113,19 @@ def format_table(data: dict[str, Any]) -> str:
     """Render the round log as a fixed-width table (round 0 = before any training).
 
     ``key id`` and ``manifest`` name the signed release each round ended with (the manifest's
-    SHA-256, first 16 hex digits; ``fleetlora verify`` prints it whole).
+    SHA-256, first 16 hex digits; ``fleetlora verify`` prints it whole). When any round released
+    under differential privacy, ``ε`` is the privacy spent by the run after that round and
+    ``clipped`` the share of its updates clipped to C; a line under the table says at which δ.
     """
     rounds = sorted(data["rounds"], key=lambda r: r["round"])
+    privacy = [_privacy(r) for r in rounds]
+    dp = any(p is not None for p in privacy)
     labels = _labels(rounds)
     keys = sorted(labels, key=lambda k: (labels[k], k))
     head = ["round", "clients", "rejected", "train loss"] + [f"held-out {labels[k]}" for k in keys]
-    head += ["held-out mean", "MB up", "MB down", "key id", "manifest"]
+    head += ["held-out mean"] + (["ε", "clipped"] if dp else []) + ["MB up", "MB down", "key id", "manifest"]
     rows = []
-    for r in rounds:
+    for r, p in zip(rounds, privacy, strict=True):
         trained = [c for c in r["clients"].values() if "train_loss" in c]
         row = [
             "before" if r["round"] == 0 else str(r["round"]),
@@ -124,7 +134,10 @@ def format_table(data: dict[str, Any]) -> str:
             _num(r.get("mean_train_loss")),
         ]
         row += [_num(r["clients"].get(k, {}).get("heldout_loss")) for k in keys]
-        row += [_num(r.get("mean_heldout_loss")), _mb(r.get("bytes_up")), _mb(r.get("bytes_down"))]
+        row += [_num(r.get("mean_heldout_loss"))]
+        if dp:
+            row += ["-", "-"] if p is None else [_epsilon(p["epsilon"]), _percent(p["clipped_fraction"])]
+        row += [_mb(r.get("bytes_up")), _mb(r.get("bytes_down"))]
         release = r.get("release", {})
         row += [release.get("key_id", "-"), release.get("manifest", "-")[:16]]
         rows.append(row)
@@ -137,6 +150,9 @@ def format_table(data: dict[str, Any]) -> str:
         up = sum(c["bytes_up"] for c in per_client) / len(per_client)
         down = sum(c["bytes_down"] for c in per_client) / len(per_client)
         lines.append(f"(MB: per round, all clients. Per client-round: {up:,.0f} bytes up, {down:,.0f} bytes down)")
+    latest = next((p for p in reversed(privacy) if p is not None), None)
+    if latest is not None:
+        lines.append(_privacy_note(latest))
     for r in rounds:
         for key, c in sorted(r["clients"].items(), key=lambda kc: (labels[kc[0]], kc[0])):
             if "rejected" in c:
@@ -163,8 +179,38 @@ def _labels(rounds: list[dict[str, Any]]) -> dict[str, str]:
     return {key: name if taken[name] == 1 else f"{name} (node {key})" for key, name in names.items()}
 
 
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+def _privacy(rec: Mapping[str, Any]) -> RoundPrivacy | None:
+    """Return a round's privacy facts, bounded as the state store keeps them; None if it released none under DP."""
+    values = rec.get("privacy")
+    return round_privacy(values) if isinstance(values, Mapping) else None
+
+
+def _privacy_note(p: RoundPrivacy) -> str:
+    """Say what the ε and clipped columns mean, with the latest DP round's mechanism."""
+    where = {"server": "by the coordinator on receipt", "client": "on each device before upload"}
+    return (
+        f"(ε: client-level differential privacy spent by the run after each round, at δ = {_g(p['delta'])}; "
+        f"noise multiplier z = {_g(p['noise_multiplier'])}, clip norm C = {_g(p['clip_norm'])}, "
+        f"clipped {where.get(p['clipping'] or '', 'where not recorded')}; clipped: share of the round's updates "
+        f"whose norm exceeded C)"
+    )
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _epsilon(value: float | None) -> str:
+    """3 decimals; 3 significant digits from 10,000 on (a tiny z spends an ε no one reads to the decimal)."""
+    return "-" if value is None else f"{value:.3f}" if value < 1e4 else f"{value:.3g}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _g(value: float | None) -> str:
+    return "?" if value is None else f"{value:g}"
 
 
 def _mb(value: int | None) -> str:

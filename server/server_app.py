@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import time
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from server.distribute import serve, server_credentials
+from server.privacy.accountant import BudgetExhaustedError
+from server.privacy.rounds import DpRounds
 from server.quantize import publish_base
 from server.registry import Registry
 from server.report import RoundLog, format_table
@@ -37,7 +41,6 @@ from shared.release_records import release_to_records
 from shared.sign import TrustList, key_id, load_private_key
 
 app = ServerApp()
-INFO = 20
 
 
 @app.main()
@@ -62,24 +65,40 @@ def main(grid: Grid, context: Context) -> None:
     earlier = carried_rounds(out / "rounds.json")  # a restarted run keeps the rounds it had signed
     round_log = _round_log(out / "rounds.json", cfg, context, registry, state)
     fractions = (cfg.fraction_train, cfg.fraction_evaluate)
-    strategy = AdapterStrategy(round_log, cfg.min_clients, cfg.aggregation, cfg.lora, registry, fractions)
+    dp = DpRounds(cfg.dp, cfg.fraction_train, cfg.num_server_rounds) if cfg.dp.enabled else None
+    strategy = AdapterStrategy(round_log, cfg.min_clients, cfg.aggregation, cfg.lora, registry, fractions, dp)
     with contextlib.ExitStack() as running:  # on the way out, however: stop the service, then the heartbeat
         running.callback(Heartbeat(state, run_id).start().stop)  # lets the dashboard tell running from stopped
         if service is not None:
             running.callback(service.stop, grace=1)
         initial = _resume(registry, strategy, round_log, state, earlier, key_path)
+        if dp is not None:  # before any release: a run whose planned rounds overspend refuses to start
+            _start_privacy(dp, grid, cfg, round_log)
         if initial is None:
             initial = strategy.initial_arrays(adapter_state(peft_model))  # signed release 0
             strategy.evaluate_initial(grid, initial, timeout=cfg.round_timeout)
         remaining = cfg.num_server_rounds - strategy.round_offset
         if remaining > 0:
-            strategy.start(grid=grid, initial_arrays=initial, num_rounds=remaining, timeout=cfg.round_timeout)
+            try:
+                strategy.start(grid=grid, initial_arrays=initial, num_rounds=remaining, timeout=cfg.round_timeout)
+            except BudgetExhaustedError as exc:
+                log(WARNING, "fleetlora: the run stops, its privacy budget is spent (%s); the last release stands", exc)
         assert registry.latest is not None  # release 0 at least
         final = load_tensors(registry.latest[0].files[ADAPTER_WEIGHTS])  # the last signed release
         folder = save_peft_folder(peft_model, final, out / "adapter", base=resolve_model(cfg.model))
         round_log.finish(adapter=str(folder), wall_seconds=time.time() - t0)
     state.close()
     log(INFO, "fleetlora: final adapter saved as a PEFT folder in %s\n%s", folder, format_table(round_log.data))
+
+
+def _start_privacy(dp: DpRounds, grid: Grid, cfg: FleetConfig, round_log: RoundLog) -> None:
+    """Fix the DP population (``dp.population``, else the devices connected now) and record the run's DP facts."""
+    connected = len(sample_nodes(grid, cfg.min_clients, 0)[1]) if not cfg.dp.population else 0
+    budget = dp.start(connected, round_log.data["rounds"])
+    facts: dict[str, Any] = {"population": budget.sampling.population, "sampling_rate": budget.sampling.rate}
+    facts |= {"noise_multiplier": budget.noise_multiplier, "clip_norm": cfg.dp.clip_norm, "delta": cfg.dp.delta}
+    facts |= {"clipping": cfg.dp.clipping, "max_epsilon": cfg.dp.max_epsilon or None}
+    round_log.note_run(privacy=facts)
 
 
 def _round_log(path: Path, cfg: FleetConfig, context: Context, registry: Registry, state: StateStore) -> RoundLog:

@@ -16,12 +16,14 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from server.aggregate import apply_update, make_aggregator
+from server.privacy.rounds import DpRounds
 from server.registry import Registry
 from server.replies import (
     EvalReply,
@@ -35,8 +37,9 @@ from server.replies import (
 )
 from server.report import RoundLog
 from server.roster import Roster
-from server.validate import check_aggregate, contribution_norms, norm_outliers, update_norm
+from server.validate import check_aggregate, contribution_norms, norm_outliers
 from shared.adapter import ADAPTER_WEIGHTS, uploaded_keys
+from shared.clipping import update_norm
 from shared.config import AggregationConfig, LoraConfig
 from shared.manifest import Manifest
 from shared.release import Release, load_tensors
@@ -48,6 +51,10 @@ class AdapterStrategy(FedAvg):
     """Adapter aggregation by ``aggregation.method``, weighted by each client's example count.
 
     Flower's FedAvg supplies node sampling and message plumbing; parsing and aggregation are ours.
+    With ``dp`` (client-level differential privacy, ``server/privacy/``) the round's devices are
+    Poisson-sampled, each delta's contribution is clipped, weights are uniform, the mean is noised
+    and the round's epsilon is recorded; the norm-outlier rule is off (clipping bounds every device,
+    and a rule that compares devices would let one device's data decide another's fate).
     ``round_offset`` is the number of rounds a resumed run had already signed (``server/resume.py``):
     Flower counts the rounds of this start from 1, the releases and the round log go on from there.
     """
@@ -60,6 +67,7 @@ class AdapterStrategy(FedAvg):
         lora: LoraConfig,
         registry: Registry,
         fractions: tuple[float, float] = (1.0, 1.0),
+        dp: DpRounds | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fractions[0],
@@ -73,6 +81,7 @@ class AdapterStrategy(FedAvg):
         self.registry = registry
         self.round_offset = 0
         self.roster = Roster()
+        self.dp = dp
         self._global: dict[str, Any] = {}
         self._bytes_down = 0
 
@@ -85,7 +94,15 @@ class AdapterStrategy(FedAvg):
         signed, signed_bytes = self._signed(config, release)
         self._bytes_down = wire_bytes(arrays) + signed_bytes
         server_round += self.round_offset
-        return self.roster.sending(super().configure_train(server_round, arrays, signed, grid))
+        if self.dp is None:
+            return self.roster.sending(super().configure_train(server_round, arrays, signed, grid))
+        self.dp.check_next()  # BudgetExhaustedError: server_app ends the run with the last signed release
+        _, connected = sample_nodes(grid, self.min_available_nodes, 0)
+        nodes = self.dp.sample(connected)
+        log(logging.INFO, "round %d: dp: Poisson-sampled %d of %d devices", server_round, len(nodes), len(connected))
+        signed["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: signed})
+        return self.roster.sending(self._construct_messages(record, nodes, MessageType.TRAIN))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -119,18 +136,20 @@ class AdapterStrategy(FedAvg):
         parsed, tally = self._parse_replies(server_round, replies, lambda m, n: parse_train(m, n, spec))
         updates: dict[int, TrainReply] = {}
         norms: dict[int, float] = {}
+        clipped: dict[int, bool] = {}
         for reply in parsed:
             assert isinstance(reply, TrainReply)
             try:
-                norms[reply.node_id] = update_norm(decode_update(reply, spec))
+                norms[reply.node_id], clipped[reply.node_id] = self._measure(reply, spec)
             except Exception as exc:  # noqa: BLE001 (one device's payload: a rejection, never a crash)
                 self._reject(server_round, reply.node_id, reply.name, _reason(exc))
                 continue
             updates[reply.node_id] = reply
-        weights = {n: float(u.num_examples) for n, u in updates.items()}
-        contributions = contribution_norms(norms, weights) if updates else {}
-        for node, reason in norm_outliers(contributions, self.agg.max_norm_ratio).items():
-            self._reject(server_round, node, updates.pop(node).name, reason)
+        if self.dp is None:
+            weights = {n: float(u.num_examples) for n, u in updates.items()}
+            contributions = contribution_norms(norms, weights) if updates else {}
+            for node, reason in norm_outliers(contributions, self.agg.max_norm_ratio).items():
+                self._reject(server_round, node, updates.pop(node).name, reason)
         tally["rejected-updates"] += len(parsed) - len(updates)
         metrics = self._train_metrics(tally, replies, updates)
         if len(updates) < self.agg.min_accepted:
@@ -144,11 +163,50 @@ class AdapterStrategy(FedAvg):
                 self.agg.min_accepted,
             )
             return None, metrics
-        published = self._aggregate(server_round, updates, spec, norms)
+        published = self._aggregate(server_round, updates, spec, norms, clipped)
+        if published is not None and self.dp is not None:
+            privacy = self.dp.spend(sum(clipped.values()) / len(updates))
+            self.round_log.note(server_round, privacy=privacy)
+            metrics["dp-epsilon"] = privacy["epsilon"]
+            log(
+                logging.INFO,
+                "round %d: dp: epsilon spent %.4g at delta %g (z %.4g, C %g, %.0f%% of updates clipped)",
+                server_round,
+                privacy["epsilon"],
+                privacy["delta"],
+                privacy["noise_multiplier"],
+                privacy["clip_norm"],
+                100 * privacy["clipped_fraction"],
+            )
         return published, metrics
 
+    def _measure(self, reply: TrainReply, spec: UpdateSpec) -> tuple[float, bool]:
+        """Decode and check one update; return its norm and whether its contribution is (or was) clipped."""
+        delta = decode_update(reply, spec)
+        if self.dp is None:
+            return update_norm(delta), False
+        _, norm, clipped = self.dp.contribution(delta)
+        return norm, clipped or reply.dp_clipped
+
+    def _fold(self, updates: Mapping[int, TrainReply], spec: UpdateSpec) -> dict[str, Any]:
+        """Return the aggregate of the accepted updates, decoding them again one at a time."""
+        if self.dp is not None:
+            contributions = (self.dp.contribution(decode_update(r, spec))[0] for r in updates.values())
+            return self.dp.aggregate(self._global, spec.expected, contributions)
+        aggregator = make_aggregator(
+            self.agg.method, self._global, self.lora.rank, self.lora.alpha, self.agg.ties_density, self.agg.ties_lambda
+        )
+        for reply in updates.values():
+            aggregator.add(apply_update(self._global, decode_update(reply, spec)), float(reply.num_examples))
+        return aggregator.result()
+
     def _aggregate(
-        self, server_round: int, updates: Mapping[int, TrainReply], spec: UpdateSpec, norms: Mapping[int, float]
+        self,
+        server_round: int,
+        updates: Mapping[int, TrainReply],
+        spec: UpdateSpec,
+        norms: Mapping[int, float],
+        clipped: Mapping[int, bool],
     ) -> ArrayRecord | None:
         """Fold the accepted updates, check the aggregate, sign and store it; None if it is refused."""
         for reply in updates.values():
@@ -156,16 +214,13 @@ class AdapterStrategy(FedAvg):
             entry |= {"train_seconds": reply.train_seconds, "update_norm": norms[reply.node_id]}
             if reply.base_download_bytes:
                 entry["base_download_bytes"] = reply.base_download_bytes  # the 4-bit base, fetched once per device
+            if self.dp is not None:
+                entry["clipped"] = clipped[reply.node_id]
             self.round_log.client(
                 server_round, reply.node_id, reply.name, **entry, bytes_up=reply.nbytes, bytes_down=self._bytes_down
             )
-        aggregator = make_aggregator(
-            self.agg.method, self._global, self.lora.rank, self.lora.alpha, self.agg.ties_density, self.agg.ties_lambda
-        )
         try:
-            for reply in updates.values():  # decoded again: one update in memory at a time
-                aggregator.add(apply_update(self._global, decode_update(reply, spec)), float(reply.num_examples))
-            state = aggregator.result()
+            state = self._fold(updates, spec)
             check_aggregate(state)
         except Exception as exc:  # noqa: BLE001 (whatever went wrong, nothing unchecked is signed)
             log(

@@ -56,11 +56,6 @@ def check_update(delta: Mapping[str, torch.Tensor], expected: Mapping[str, torch
             raise RejectedUpdateError(f"{key} has non-finite values")
 
 
-def update_norm(delta: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm of a whole update, all tensors together."""
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.double()) for t in delta.values()])))
-
-
 def contribution_norms(norms: Mapping[Key, float], weights: Mapping[Key, float]) -> dict[Key, float]:
     """Each update's weighted contribution, ``w_i / median(w) * ||delta_i||``, on the scale of an update norm.
 

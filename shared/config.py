@@ -132,6 +132,54 @@ class AggregationConfig:
         _check(self.max_examples >= 1, "aggregation.max-examples", self.max_examples, "must be >= 1")
 
 
+DP_CLIPPING = ("server", "client")
+DP_METHODS = ("fedavg", "ffa")  # a clipped, noised mean; ties and exact are not a sum of clipped updates
+
+
+@dataclass(frozen=True)
+class DpConfig:
+    """Client-level differential privacy, DP-FedAvg (McMahan et al., 2018, arXiv 1710.06963); ``server/privacy/``.
+
+    On when ``noise-multiplier`` or ``epsilon`` is above 0. Each round's devices are Poisson-sampled with
+    probability ``fraction-train``, each device's delta is clipped to L2 norm ``clip-norm`` = C, and
+    the new global is ``global + sum(clipped) / m + N(0, (z C / m)^2)`` with m = the expected number of
+    sampled devices. Weights are uniform: an example-count weight is a device's own claim, and it
+    would scale that device's influence (the sensitivity) beyond C.
+    """
+
+    noise_multiplier: float = 0.0
+    """z, the noise's standard deviation in units of C / m; 0 and ``epsilon`` 0: DP off."""
+    epsilon: float = 0.0
+    """A target: z is solved so that ``num-server-rounds`` rounds spend this epsilon at ``delta``."""
+    delta: float = 1e-5
+    """The delta of every epsilon reported; keep it below 1 / population."""
+    clip_norm: float = 1.0
+    """C, the L2 norm bound of every device's delta (all uploaded tensors together)."""
+    clipping: str = "server"
+    """``server``: the coordinator clips each decoded delta; ``client``: each device clips before it
+    uploads (what secure aggregation needs) and the coordinator rejects a delta above C."""
+    max_epsilon: float = 0.0
+    """Refuse to start a run, or stop it before a round, when its epsilon would exceed this; 0: no limit."""
+    population: int = 0
+    """N, the fleet the sample is drawn from; 0: the devices connected when round 1 starts."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the run is differentially private."""
+        return self.noise_multiplier > 0 or self.epsilon > 0
+
+    def __post_init__(self) -> None:
+        _check(self.noise_multiplier >= 0, "dp.noise-multiplier", self.noise_multiplier, "must be >= 0")
+        _check(self.epsilon >= 0, "dp.epsilon", self.epsilon, "must be >= 0")
+        both = self.noise_multiplier > 0 and self.epsilon > 0
+        _check(not both, "dp.epsilon", self.epsilon, "and dp.noise-multiplier are exclusive: set one")
+        _check(0 < self.delta < 1, "dp.delta", self.delta, "must be in (0, 1)")
+        _check(self.clip_norm > 0, "dp.clip-norm", self.clip_norm, "must be > 0")
+        _check(self.clipping in DP_CLIPPING, "dp.clipping", self.clipping, f"must be one of {DP_CLIPPING}")
+        _check(self.max_epsilon >= 0, "dp.max-epsilon", self.max_epsilon, "must be >= 0")
+        _check(self.population >= 0, "dp.population", self.population, "must be >= 0")
+
+
 BASE_FORMATS = ("int4", "float")
 
 
@@ -229,6 +277,7 @@ class FleetConfig:
     signing: SigningConfig = field(default_factory=SigningConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    dp: DpConfig = field(default_factory=DpConfig)
 
     def __post_init__(self) -> None:
         _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "must be >= 1")
@@ -238,6 +287,14 @@ class FleetConfig:
         _check(0 <= self.fraction_evaluate <= 1, "fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
         _check(all(c.isalnum() or c in "._-" for c in self.run_id), "run-id", self.run_id, "must be [A-Za-z0-9._-]")
         _check(len(self.topics) >= 1, "topics", self.topics, "must name at least one topic")
+        method = self.aggregation.method
+        why = (
+            f"cannot run with differential privacy (dp.*): its aggregate is not a sum of clipped updates, so no "
+            f"clip bound limits one device's influence on it; use one of {DP_METHODS}"
+        )
+        _check(not self.dp.enabled or method in DP_METHODS, "aggregation.method", method, why)
+        if self.dp.enabled and self.dp.population:
+            _check(self.dp.delta < 1 / self.dp.population, "dp.delta", self.dp.delta, "must be < 1 / dp.population")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FleetConfig:
@@ -274,6 +331,7 @@ _SECTIONS: dict[str, type] = {
     "signing": SigningConfig,
     "base": BaseConfig,
     "state": StateConfig,
+    "dp": DpConfig,
 }
 
 

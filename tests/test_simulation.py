@@ -81,6 +81,46 @@ def test_two_round_simulation_with_a_tiny_model(tmp_path, tiny_model_dir, method
 
 
 @pytest.mark.slow
+def test_a_differentially_private_run_clips_noises_and_records_epsilon_every_round(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / "device-cache"))
+    data = run_demo(
+        {
+            "signing.key": str(tmp_path / "keys" / "server.key"),
+            "signing.trust-file": str(tmp_path / "keys" / "server.key.pub"),
+            "aggregation.method": "fedavg",
+            "model": str(tiny_model_dir),
+            "num-server-rounds": 2,
+            "train.steps": 3,
+            "train.lr": 5e-3,
+            "eval.max-examples": 16,
+            "run-name": "dp",
+            "dp.noise-multiplier": 0.1,
+            "dp.clip-norm": 0.05,  # below the tiny model's 3-step deltas: every update is clipped
+            "dp.max-epsilon": 1e4,
+        },
+        output_dir=tmp_path / "out",
+        flwr_home=tmp_path / "flwr",
+    )
+    rounds = {r["round"]: r for r in data["rounds"]}
+    privacy = data["run"]["privacy"]
+    assert privacy["population"] == 4 and privacy["sampling_rate"] == 1.0 and privacy["noise_multiplier"] == 0.1
+    epsilons = [rounds[n]["privacy"]["epsilon"] for n in (1, 2)]
+    assert 0 < epsilons[0] < epsilons[1] <= 1e4  # spent round by round
+    for n in (1, 2):
+        assert rounds[n]["privacy"]["clipped_fraction"] == 1.0
+        assert all(
+            c["clipped"] and c["update_norm"] > 0.05 for c in rounds[n]["clients"].values() if "update_norm" in c
+        )
+        assert rounds[n]["mean_heldout_loss"] > 0
+    assert "privacy" not in rounds[0]  # the initial adapter holds no device's data
+    trust = TrustList.load(tmp_path / "keys" / "server.key.pub")
+    verify_release(read_release(Path(data["run"]["releases"]) / "round-0002"), trust, data["run"]["base_digest"])
+    assert not _flower_processes(tmp_path / "flwr")
+
+
+@pytest.mark.slow
 def test_devices_refuse_releases_signed_by_a_key_they_do_not_trust(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / "cache"))  # the virtual devices' own cache and trust list
     generate_key(tmp_path / "other.key")

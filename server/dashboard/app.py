@@ -3,7 +3,7 @@
 Pages (one HTML shell; ``static/dashboard.js`` renders each from the API and polls it)::
 
     /                          runs, newest first
-    /runs/{run_id}             a run: held-out loss, bytes, participation per round; rejections
+    /runs/{run_id}             a run: held-out loss, bytes, participation per round; privacy (DP runs); rejections
     /runs/{run_id}/rounds/{n}  a round: client results, aggregation settings, signed release
 
 API (JSON)::

@@ -26,24 +26,39 @@ def list_runs(conn: Connection) -> list[dict[str, Any]]:
     """Every run, newest first, with its progress: rounds done, the last mean held-out loss, and its state.
 
     ``state`` is ``finished``, ``running`` or ``stopped`` (unfinished and its coordinator silent:
-    killed, crashed, or never got going; ``server/state/heartbeat.py``).
+    killed, crashed, or never got going; ``server/state/heartbeat.py``). ``epsilon`` is the ε the
+    run has spent (its latest DP round's), None for a run without DP.
     """
     out = []
     for run in sorted(_runs(conn), key=lambda r: r["started"] or 0.0, reverse=True):
-        closed = [r for r in _rounds(conn, run["run_id"]) if r["closed"] is not None]
+        every = _rounds(conn, run["run_id"])
+        closed = [r for r in every if r["closed"] is not None]
         summary = _pick(run, _SUMMARY)
         summary["state"] = run_state(run["finished"], run["heard"])
         summary["rounds_done"] = sum(1 for r in closed if r["round"] > 0)
         summary["last_heldout_loss"] = closed[-1]["mean_heldout_loss"] if closed else None
+        summary["epsilon"] = epsilon_spent(every)
         out.append(summary)
     return out
+
+
+def epsilon_spent(rounds_: list[RoundRow]) -> float | None:
+    """Return the ε spent by a run: that of its latest round with a readable ε (rounds in order), or None.
+
+    The accountant's ε is cumulative, so the latest round's is the run's; a round released
+    without DP or whose ε is unreadable says nothing about it and is passed over.
+    """
+    spent = [r["privacy"]["epsilon"] for r in rounds_ if r["privacy"] is not None]
+    return next((e for e in reversed(spent) if e is not None), None)
 
 
 def run_view(conn: Connection, run_id: str) -> dict[str, Any] | None:
     """Return a run, its rounds (counts by status, each client's held-out loss), its clients and rejections.
 
     ``clients`` lists each client once (key, the name it reported last, node id); ``heldout``
-    of a round maps a client's key to its held-out loss.
+    of a round maps a client's key to its held-out loss. Under DP, ``run.privacy`` holds the
+    run's facts (``rows.RunPrivacy``) and each round released under DP its ``privacy``
+    (``rows.RoundPrivacy``: ε spent so far, z, C, clipped fraction, ...); both are None without DP.
     """
     run = _run(conn, run_id)
     if run is None:
@@ -68,7 +83,7 @@ def run_view(conn: Connection, run_id: str) -> dict[str, Any] | None:
 
 
 def round_view(conn: Connection, run_id: str, server_round: int) -> dict[str, Any] | None:
-    """One round: its fields, counts, every client result, and the run's aggregation settings."""
+    """One round: its fields (with its ``privacy`` under DP), counts, every client result, the run's settings."""
     run = _run(conn, run_id)
     rec = next((r for r in _rounds(conn, run_id, server_round)), None)
     if run is None or rec is None:
@@ -76,7 +91,7 @@ def round_view(conn: Connection, run_id: str, server_round: int) -> dict[str, An
     clients = _clients(conn, run_id, server_round)
     aggregation = {k: v for k, v in run["config"].items() if k.startswith("aggregation.")}
     return {
-        "run": _pick(run, ("run_id", "name", "method", "base_digest", "num_rounds", "releases")),
+        "run": _pick(run, ("run_id", "name", "method", "base_digest", "num_rounds", "releases", "privacy")),
         "aggregation": aggregation,
         "round": {**rec, **_counts(clients)},
         "clients": clients,

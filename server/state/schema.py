@@ -2,8 +2,8 @@
 
 One row per run, per round of a run, and per client of a round::
 
-    runs            run_id | name, model, method, base digest, config (JSON), started, finished, ...
-    rounds          (run_id, round) | started, closed, seconds, losses, bytes, signed release
+    runs            run_id | name, model, method, base digest, config (JSON), started, finished, DP facts, ...
+    rounds          (run_id, round) | started, closed, seconds, losses, bytes, signed release, DP facts
     client_results  (run_id, round, client) | name, node id, status, reason, examples, losses, bytes, ...
 
 A client result is keyed by the client's Flower node id (decimal text; rows recorded before 0003
@@ -11,7 +11,9 @@ by the name the client reported); ``name`` is that self-reported name, display t
 client reporting another's name gets a row of its own instead of overwriting the other's.
 Times are Unix seconds (float). A client result's ``status`` is one of :data:`STATUSES`.
 Round counts (participants, accepted, rejected) are derived from the client rows when read,
-so they can never disagree with them.
+so they can never disagree with them. The ``dp_*`` columns (0004) hold the differential-privacy
+facts of a run and of each round that released under DP (NULL otherwise; ``rows.py`` names their
+bounds); they are prefixed because a bare ``delta`` here would read as an adapter update.
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ runs = Table(
     Column("wall_seconds", Float),
     Column("adapter", String),  # the final adapter's PEFT folder
     Column("heard", Float),  # the coordinator's last heartbeat (server/state/heartbeat.py); NULL before 0002
+    Column("dp_delta", Float),  # the δ every round's ε is stated at; the dp_* columns are NULL without DP (0004)
+    Column("dp_max_epsilon", Float),  # the run stops before its ε would exceed this; NULL or 0 = no limit
+    Column("dp_noise_multiplier", Float),  # z, C, q as the run fixed them when it started (each round has them too)
+    Column("dp_clip_norm", Float),
+    Column("dp_sampling_rate", Float),
+    Column("dp_clipping", String),  # "server" (clipped on receipt) or "client" (clipped on the device)
+    Column("dp_population", Integer),  # the devices the sampling rate q was computed over
 )
 
 rounds = Table(
@@ -73,6 +82,14 @@ rounds = Table(
     Column("key_id", String),
     Column("signed_at", String),  # the manifest's creation time (UTC, ISO 8601)
     Column("release_path", String),  # the release folder (files, manifest.json, manifest.sig)
+    Column("dp_epsilon", Float),  # the ε spent so far (after this round, at dp_delta); NULL: no DP release (0004)
+    Column("dp_delta", Float),
+    Column("dp_noise_multiplier", Float),  # z: the noise std on the mean is z * C / m
+    Column("dp_clip_norm", Float),  # C: the L2 bound of every contribution
+    Column("dp_clipped_fraction", Float),  # of this round's accepted updates, the share whose norm exceeded C
+    Column("dp_sampling_rate", Float),  # q: each connected device's chance to be sampled
+    Column("dp_expected_clients", Float),  # m = q * N, the fixed denominator of the mean
+    Column("dp_clipping", String),
     ForeignKeyConstraint(["run_id"], ["runs.run_id"], ondelete="CASCADE"),
 )
 

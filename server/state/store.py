@@ -32,7 +32,20 @@ from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.pool import QueuePool
 
 from server.state.revision import StateStoreError, check_revision, migrate
-from server.state.rows import MAX_ID, MAX_NAME, MAX_ROUND, finite, integer, node_id, parse_round, plain, raw, text
+from server.state.rows import (
+    MAX_ID,
+    MAX_NAME,
+    MAX_ROUND,
+    finite,
+    integer,
+    node_id,
+    parse_round,
+    plain,
+    raw,
+    round_privacy,
+    run_privacy,
+    text,
+)
 from server.state.schema import client_results, rounds, runs
 
 BUSY_TIMEOUT_MS = 10_000  # a reader or writer waits this long for another's lock before failing
@@ -129,7 +142,10 @@ class StateStore:
             yield conn
 
     def save_run(self, run: Mapping[str, Any]) -> None:
-        """Insert or update a run from the round log's ``run`` record (``run_id`` required)."""
+        """Insert or update a run from the round log's ``run`` record (``run_id`` required).
+
+        Its ``privacy`` (``rows.RunPrivacy``), when the run uses DP, goes to the ``dp_*`` columns.
+        """
         config = plain(dict(run.get("config") or {}))
         row = {
             "run_id": str(run["run_id"]),
@@ -141,6 +157,7 @@ class StateStore:
             "started": _time(run.get("started")),
             "finished": finite(run.get("finished")),
             "wall_seconds": finite(run.get("wall_seconds")),
+            **_dp_columns(run_privacy(_mapping(run.get("privacy")))),
         }
         with self.engine.begin() as conn:
             conn.execute(_upsert(runs, row, ["run_id"]))
@@ -155,7 +172,8 @@ class StateStore:
         rec
             The round log's record of the round: ``round``, ``started``, ``clients`` (key ->
             entry; the key is the client's node id, each entry's ``name`` what it reported),
-            and once known ``seconds``, ``mean_*``, ``bytes_*``, ``release``.
+            and once known ``seconds``, ``mean_*``, ``bytes_*``, ``release``, and ``privacy``
+            when it released under DP (``rows.RoundPrivacy``; a value outside its bound is NULL).
         clients
             The keys of the clients whose entries changed (default: all of them).
         """
@@ -176,6 +194,7 @@ class StateStore:
             "key_id": _text(release.get("key_id")),
             "signed_at": _text(release.get("created")),
             "release_path": _text(release.get("path")),
+            **_dp_columns(round_privacy(_mapping(rec.get("privacy")))),
         }
         keys = list(rec["clients"]) if clients is None else list(clients)
         with self.engine.begin() as conn:
@@ -280,6 +299,16 @@ def _reader_engine(path: Path) -> Engine:
 def _upsert(table: Any, row: Mapping[str, Any], keys: list[str]) -> Any:
     stmt = insert(table).values(**row)
     return stmt.on_conflict_do_update(index_elements=keys, set_={k: v for k, v in row.items() if k not in keys})
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """Return ``value`` if it is a mapping (the round log's ``privacy``), else an empty one: nothing to record."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def _dp_columns(privacy: Mapping[str, Any]) -> dict[str, Any]:
+    """Name each parsed privacy fact by its column (``epsilon`` -> ``dp_epsilon``)."""
+    return {f"dp_{key}": value for key, value in privacy.items()}
 
 
 def _text(value: Any) -> str | None:

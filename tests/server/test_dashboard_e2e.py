@@ -1,5 +1,7 @@
 """The dashboard in a real headless Chromium (Debian's, driven by Playwright) over a real tiny Flower run.
 
+The DP test writes its store through a round log instead (no Flower run needed).
+
 ``make test`` installs ``/usr/bin/chromium``. Screenshots go to ``test-output/dashboard/``.
 """
 
@@ -17,10 +19,12 @@ from urllib.parse import urlsplit
 import pytest
 
 from server.dashboard.cli import TOKEN_ENV, start
+from server.report import RoundLog
 from server.state import StateStore
 from shared.release import read_release, verify_release
 from shared.sign import TrustList
 from simulations.demo import run_demo
+from tests.server.state.records import RUN_PRIVACY, privacy
 
 pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
@@ -333,5 +337,50 @@ def test_a_dashboard_started_before_its_store_says_why_and_creates_nothing(page,
         assert not (tmp_path / "out").exists()
         StateStore(db).save_run({"run_id": "appeared", "started": time.time(), "config": {}})
         page.get_by_role("link", name="appeared").wait_for(timeout=15_000)  # picked up by the next poll
+    finally:
+        dashboard.stop()
+
+
+def test_a_dp_run_shows_epsilon_per_round_and_a_run_without_dp_no_privacy_panel(page, tmp_path):
+    """Round records written through a round log into a real store, as the coordinator writes them under DP."""
+    store = StateStore(tmp_path / "state.sqlite")
+    dp = RoundLog(tmp_path / "dp.json", run={"run_id": "dp", "rounds": 3, "privacy": RUN_PRIVACY}, store=store)
+    RoundLog(tmp_path / "plain.json", run={"run_id": "plain", "rounds": 3}, store=store).close_round(0)
+    epsilons = {1: 0.61, 2: 1.07, 3: 1.52}
+    for n in range(4):
+        dp.client(n, 1, "c1", heldout_loss=3.0 - n / 2, **({"train_loss": 2.0} if n else {}))
+        dp.close_round(n, **({"privacy": privacy(n, epsilon=epsilons[n], clipped_fraction=n / 4)} if n else {}))
+    store.close()
+    dashboard = start(tmp_path / "state.sqlite", "127.0.0.1:0", token=TOKEN)
+    try:
+        page.goto(dashboard.url.replace("/?", "/runs/dp?"))
+        page.wait_for_selector("h2:text('Privacy')")
+        curve = page.locator('svg.chart.line polyline.series[data-series="ε spent"]')
+        assert len(curve.get_attribute("points").split()) == 3  # one point per DP round
+        points = page.locator("svg.chart.line circle.point title")
+        tips = [points.nth(i).text_content() for i in range(points.count())]
+        assert [t for t in tips if t.startswith("ε spent")] == [
+            f"ε spent, round {n}: {e:.3f}" for n, e in epsilons.items()
+        ]
+        assert page.locator('polyline.series[data-series="limit (dp.max-epsilon)"]').count() == 1
+        per_round = page.locator("h2:text('Privacy') ~ table tbody tr")
+        assert [per_round.nth(i).locator("td").nth(1).inner_text() for i in range(3)] == ["0.610", "1.070", "1.520"]
+        panel = page.locator("h2:text('Privacy') + dl").inner_text()
+        assert re.search(r"spent\s+ε = 1\.520 at δ = 1e-5 after round 3", panel), panel
+        for fact in (r"noise multiplier z\s+1\.1", r"clip norm C\s+1\b", r"by the coordinator, on receipt", r"75\.0 %"):
+            assert re.search(fact, panel), (fact, panel)
+        assert page.errors == []
+        _shot(page, "privacy-panel")
+        page.goto(dashboard.url.replace("/?", "/runs/dp/rounds/2?"))
+        page.wait_for_selector("h2:text('Privacy')")
+        facts = page.locator("h2:text('Privacy') + dl").inner_text()
+        assert re.search(r"ε spent after this round\s+1\.070 at δ = 1e-5\b", facts), facts
+        page.goto(dashboard.url)
+        row = page.locator("tbody tr", has=page.get_by_role("link", name="dp", exact=True))
+        assert row.locator("td").nth(5).inner_text() == "1.520"  # the runs list's "ε spent"
+        page.goto(dashboard.url.replace("/?", "/runs/plain?"))
+        page.wait_for_selector("h2:text('Rounds')")
+        assert page.locator("h2:text('Privacy')").count() == 0 and "ε" not in page.locator("main").inner_text()
+        assert page.errors == []
     finally:
         dashboard.stop()

@@ -1,6 +1,8 @@
 import json
+import re
 
 from server.report import RoundLog, format_table
+from tests.server.state.records import RUN_PRIVACY, privacy
 
 
 def test_round_log_persists_each_round_and_derives_means(tmp_path):
@@ -50,3 +52,57 @@ def test_table_counts_and_explains_rejections(tmp_path):
     text = format_table(log.data)
     assert text.splitlines()[2].split()[:3] == ["1", "1", "1"]
     assert "round 1: the update of <b>x</b> was rejected: update norm 9 is more than 5x" in text
+
+
+def _dp_log(tmp_path):
+    """A DP run's round log: round 0 before training, rounds 1 and 2 released under DP (the lead's ``privacy``)."""
+    log = RoundLog(tmp_path / "r.json", run={"privacy": RUN_PRIVACY})
+    log.client(0, 1, "food", heldout_loss=3.0)
+    log.close_round(0)
+    for n, clipped in ((1, 0.25), (2, 1.0)):
+        log.client(n, 1, "food", train_loss=2.0, heldout_loss=1.5, bytes_up=10, bytes_down=10)
+        log.close_round(n, privacy=privacy(n, epsilon=0.4 * n, clipped_fraction=clipped, clipping="client"))
+    return log
+
+
+def _cells(line):
+    return re.split(r"\s{2,}", line.strip())
+
+
+def test_a_dp_run_shows_epsilon_and_the_clipped_share_per_round(tmp_path):
+    lines = format_table(_dp_log(tmp_path).data).splitlines()
+    head = _cells(lines[0])
+    column = head.index("ε")
+    assert head[column - 1 : column + 2] == ["held-out mean", "ε", "clipped"]
+    assert [_cells(line)[column : column + 2] for line in lines[2:5]] == [
+        ["-", "-"],  # round 0 released the initial adapter: no privacy spent
+        ["0.400", "25%"],
+        ["0.800", "100%"],
+    ]
+    note = lines[-1]
+    assert "at δ = 1e-05" in note and "z = 1.1" in note and "C = 1" in note and "on each device before upload" in note
+
+
+def test_an_epsilon_of_a_tiny_noise_multiplier_is_shown_in_three_digits(tmp_path):
+    log = _dp_log(tmp_path)
+    log.note(2, privacy=privacy(2, epsilon=550000000111.7782))
+    lines = format_table(log.data).splitlines()
+    assert _cells(lines[4])[_cells(lines[0]).index("ε")] == "5.5e+11"
+
+
+def test_a_run_without_dp_has_no_privacy_columns(tmp_path):
+    log = RoundLog(tmp_path / "r.json", run={})
+    log.client(1, 1, "food", train_loss=2.0, heldout_loss=1.5, bytes_up=10, bytes_down=10)
+    log.close_round(1)
+    text = format_table(log.data)
+    assert "ε" not in text and "clipped" not in text
+
+
+def test_privacy_values_out_of_bound_show_as_missing_in_the_table(tmp_path):
+    log = _dp_log(tmp_path)
+    log.note(2, privacy={**privacy(2), "epsilon": float("nan"), "clipped_fraction": 7.0, "delta": "x"})
+    log.note(1, privacy="not a record")  # e.g. a hand-edited rounds.json
+    lines = format_table(log.data).splitlines()
+    column = _cells(lines[0]).index("ε")
+    assert [_cells(line)[column : column + 2] for line in lines[3:5]] == [["-", "-"], ["-", "-"]]
+    assert "at δ = ?" in lines[-1]

@@ -40,3 +40,37 @@ def test_comma_separated_lists_are_parsed():
     cfg = FleetConfig.from_run_config({"topics": "a, b ,c", "lora.target-modules": "q_proj,v_proj"})
     assert cfg.topics == ("a", "b", "c")
     assert cfg.lora.target_modules == ("q_proj", "v_proj")
+
+
+@pytest.mark.parametrize("method", ["ties", "exact"])
+def test_differential_privacy_with_a_nonlinear_aggregation_is_refused_with_the_reason(method):
+    run = {**app_defaults(), "aggregation.method": method, "dp.noise-multiplier": 1.0}
+    with pytest.raises(
+        ConfigError,
+        match=rf"'aggregation\.method' = '{method}' cannot run with differential privacy.*"
+        r"not a sum of clipped updates.*\('fedavg', 'ffa'\)",
+    ):
+        FleetConfig.from_run_config(run)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "ffa"])
+def test_differential_privacy_runs_with_fedavg_and_ffa(method):
+    cfg = FleetConfig.from_run_config({**app_defaults(), "aggregation.method": method, "dp.epsilon": 4.0})
+    assert cfg.dp.enabled and cfg.dp.clipping == "server"
+    assert not FleetConfig.from_run_config(app_defaults()).dp.enabled  # off by default
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"dp.noise-multiplier": 1.0, "dp.epsilon": 2.0}, r"exclusive"),
+        ({"dp.noise-multiplier": -1.0}, r"'dp\.noise-multiplier' = -1\.0 must be >= 0"),
+        ({"dp.clip-norm": 0.0}, r"'dp\.clip-norm' = 0\.0 must be > 0"),
+        ({"dp.clipping": "device"}, r"'dp\.clipping' = 'device' must be one of"),
+        ({"dp.delta": 1.0}, r"'dp\.delta' = 1\.0 must be in \(0, 1\)"),
+        ({"dp.noise-multiplier": 1.0, "dp.population": 1000, "dp.delta": 0.01}, r"must be < 1 / dp\.population"),
+    ],
+)
+def test_bad_privacy_settings_are_refused_with_the_key(values, message):
+    with pytest.raises(ConfigError, match=message):
+        FleetConfig.from_run_config({**app_defaults(), "aggregation.method": "fedavg", **values})

@@ -61,13 +61,15 @@ function runState(run) {  // "stopped": unfinished, and its coordinator has gone
 
 function renderRuns(data) {
   crumbs(["runs"]);
+  const dp = data.runs.some((r) => typeof r.epsilon === "number");  // the column only once a run used DP
   const rows = data.runs.map((r) => [
     el("a", { href: runHref(r.run_id) }, r.run_id), r.model, r.method,
-    `${r.rounds_done} / ${r.num_rounds ?? "?"}`, num(r.last_heldout_loss), when(r.started),
-    runState(r),
+    `${r.rounds_done} / ${r.num_rounds ?? "?"}`, num(r.last_heldout_loss), ...(dp ? [eps(r.epsilon)] : []),
+    when(r.started), runState(r),
   ]);
+  const head = ["run", "model", "method", "rounds", "held-out (last)", ...(dp ? ["ε spent"] : []), "started", "state"];
   const body = rows.length
-    ? table(["run", "model", "method", "rounds", "held-out (last)", "started", "state"], rows, [0, 1, 2])
+    ? table(head, rows, [0, 1, 2])
     : el("p", { class: "empty" }, "No runs in this state store yet: start one (make demo) and it appears here.");
   main.replaceChildren(el("h1", {}, "Runs"), body);
 }
@@ -105,6 +107,53 @@ function runCharts(data) {
     ], true, (v) => String(Math.round(v))));
 }
 
+// ---------------------------------------------------------------- privacy (client-level DP, issue 16)
+const CLIPPED_WHERE = { server: "by the coordinator, on receipt", client: "on each device, before upload" };
+const pct = (v) => (typeof v === "number" ? `${(v * 100).toFixed(1)} %` : "-");
+const sig = (v) => (typeof v !== "number" ? "-"  // 4 significant digits: C = 1, q = 0.05, δ = 1e-5
+  : v !== 0 && Math.abs(v) < 1e-3 ? Number(v.toPrecision(4)).toExponential() : String(Number(v.toPrecision(4))));
+const eps = (v) => (typeof v !== "number" ? "-" : v < 1e4 ? v.toFixed(3) : v.toPrecision(3));  // as the round table
+const hasEpsilon = (r) => r.privacy && typeof r.privacy.epsilon === "number";
+
+// The guarantee as an operator reads it, from a round's privacy facts (and the run's, for what a round lacks).
+function privacyFacts(p, run) {
+  return [["noise multiplier z", sig(p.noise_multiplier ?? run.noise_multiplier)],
+    ["clip norm C", sig(p.clip_norm ?? run.clip_norm)], ["clipping", CLIPPED_WHERE[p.clipping ?? run.clipping] ?? "-"],
+    ["sampling rate q", sig(p.sampling_rate ?? run.sampling_rate)],
+    ["expected clients per round m", num(p.expected_clients, 1)]];
+}
+
+// Shown only for a run that used DP: the epsilon spent per round as a curve, the latest guarantee, per-round facts.
+function privacyPanel(data) {
+  const dp = data.rounds.filter((r) => r.privacy);
+  if (!data.run.privacy && !dp.length) return [];
+  const run = data.run.privacy || {}, latest = dp.filter(hasEpsilon).pop() ?? dp[dp.length - 1];
+  const p = latest ? latest.privacy : {}, limit = run.max_epsilon > 0 ? run.max_epsilon : null;
+  const trained = data.rounds.filter((r) => r.round > 0), xs = trained.map((r) => String(r.round));
+  const spent = [{ name: "ε spent", values: trained.map((r) => (hasEpsilon(r) ? r.privacy.epsilon : null)),
+    emphasis: true, color: "#8e44ad" }];
+  if (limit !== null) spent.push({ name: "limit (dp.max-epsilon)", values: trained.map(() => limit), color: "#b3261e" });
+  const clipped = trained.map((r) => (r.privacy && typeof r.privacy.clipped_fraction === "number"
+    ? r.privacy.clipped_fraction * 100 : null));
+  const guarantee = latest
+    ? `ε = ${eps(p.epsilon)} at δ = ${sig(p.delta ?? run.delta)} after round ${latest.round}`
+    : "no round released under DP yet";
+  const rows = dp.map((r) => [r.round, eps(r.privacy.epsilon), pct(r.privacy.clipped_fraction),
+    sig(r.privacy.noise_multiplier), sig(r.privacy.clip_norm), sig(r.privacy.sampling_rate),
+    num(r.privacy.expected_clients, 1)]);
+  return [el("h2", {}, "Privacy"),
+    facts([["spent", guarantee], ["limit", limit === null ? "none (dp.max-epsilon not set)" : `ε ≤ ${sig(limit)}`],
+      ["protects", "each device's whole dataset, from anyone who sees the released adapters (not from the "
+        + "coordinator, which sees each update unless secure aggregation hides it)"],
+      ...privacyFacts(p, run), ["clipped updates (latest)", pct(p.clipped_fraction)],
+      ["population", run.population ?? "-"]]),
+    el("div", { class: "charts" },
+      Charts.lineChart("ε spent after each round (client-level DP)", xs, spent, eps),
+      Charts.barChart("Updates clipped to C per round (%)", xs,
+        [{ name: "clipped", values: clipped, color: "#e0741f" }], false, (v) => `${v.toFixed(1)} %`)),
+    table(["round", "ε spent", "clipped", "z", "C", "q", "m"], rows)];
+}
+
 function renderRun(data) {
   const run = data.run, state = runState(run);
   crumbs(["runs", "/"], [run.run_id]);
@@ -126,6 +175,7 @@ function renderRun(data) {
       ["finished", run.finished ? when(run.finished) : "not yet (updates live)"],
       ["state", state.value, state.cls]]),
     runCharts(data),
+    ...privacyPanel(data),
     el("h2", {}, "Rounds"),
     table(["round", "state", "seconds", "clients", "accepted", "rejected", "train loss", "held-out mean",
       "MB up", "MB down", "key id", "manifest"], rows),
@@ -171,6 +221,9 @@ function renderRound(data) {
       ["state", rec.closed ? `closed after ${num(rec.seconds, 1)} s` : "in progress"], ["clients", counts],
       ["mean train loss", num(rec.mean_train_loss)], ["mean held-out loss", num(rec.mean_heldout_loss)],
       ["MB up / down", `${mb(rec.bytes_up)} / ${mb(rec.bytes_down)}`], ...settings]),
+    ...(rec.privacy ? [el("h2", {}, "Privacy"), facts([
+      ["ε spent after this round", `${eps(rec.privacy.epsilon)} at δ = ${sig(rec.privacy.delta)}`],
+      ...privacyFacts(rec.privacy, run.privacy || {}), ["clipped updates", pct(rec.privacy.clipped_fraction)]])] : []),
     el("h2", {}, "Signed release"), ...releaseSection(data.release, rec));
 }
 

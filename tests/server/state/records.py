@@ -1,4 +1,4 @@
-"""What the state-store tests share: a run record, a signed-release note, raw SQLite access."""
+"""What the state-store tests share: a run record, a signed-release note, DP facts, raw SQLite access."""
 
 import sqlite3
 
@@ -13,6 +13,32 @@ RUN = {"run_id": "demo-7", "model": "m", "method": "ties", "rounds": 2, "config"
 
 # values a damaged or hostile file can hold in a column, whatever the column's declared type
 HOSTILE = [float("inf"), float("-inf"), "2.5", "", b"\xff\x00", 2**63 - 1, -(2**63), 1e308, -1.0, "x" * 10_000]
+
+RUN_PRIVACY = {
+    "delta": 1e-5,
+    "max_epsilon": 8.0,
+    "noise_multiplier": 1.1,
+    "clip_norm": 1.0,
+    "sampling_rate": 0.05,
+    "clipping": "server",
+    "population": 400,
+}
+"""The round log run's ``privacy`` as ``server/server_app.py`` notes it (there ``max_epsilon`` is None for no limit)."""
+
+
+def privacy(n, **values):
+    """The round log's ``privacy`` of round ``n`` of a DP run (the lead's interface): ε grows with the rounds."""
+    return {
+        "epsilon": 0.5 * n,
+        "delta": 1e-5,
+        "noise_multiplier": 1.1,
+        "clip_norm": 1.0,
+        "clipped_fraction": 0.25,
+        "sampling_rate": 0.05,
+        "expected_clients": 20.0,
+        "clipping": "server",
+        **values,
+    }
 
 
 def release(n):

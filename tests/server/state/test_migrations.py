@@ -27,7 +27,7 @@ def test_an_empty_file_is_migrated_to_the_schema_of_schema_py(tmp_path):
     db = tmp_path / "state.sqlite"
     db.touch()  # e.g. created by hand, or by a process killed before its first write
     StateStore(db).close()
-    assert rows(db, "select version_num from alembic_version") == [(head(),)] == [("0003",)]
+    assert rows(db, "select version_num from alembic_version") == [(head(),)] == [("0004",)]
     with create_engine(f"sqlite:///{db}").connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
 
@@ -37,7 +37,7 @@ def test_a_store_at_an_older_revision_is_upgraded_by_the_writer(tmp_path):
     assert rows(db, "select count(*) from alembic_version") == [(0,)]
     assert "runs" not in {r[0] for r in rows(db, "select name from sqlite_master")}
     store = StateStore(db)
-    assert rows(db, "select version_num from alembic_version") == [("0003",)]
+    assert rows(db, "select version_num from alembic_version") == [("0004",)]
     store.save_run({**RUN, "started": 2.0})  # the upgraded tables take rows again
     assert rows(db, "select run_id from runs") == [("demo-7",)]
 
@@ -63,6 +63,24 @@ def test_0003_keeps_the_client_rows_and_names_them_by_their_old_key(tmp_path):
     assert rows(db, "select client, node_id from client_results order by client") == [("food", "5"), ("motion", None)]
 
 
+def test_0004_keeps_the_rows_of_a_run_without_dp_and_reads_them_as_no_privacy(tmp_path):
+    db = store_at_revision(tmp_path, "0003")  # a store of the fleetlora before DP, with a round and a client
+    execute(db, "insert into rounds (run_id, round, started, mean_heldout_loss) values ('demo-7', 1, 1.0, 2.5)")
+    client = "insert into client_results (run_id, round, client, name, status) values ('demo-7', 1, ?, ?, 'accepted')"
+    execute(db, client, ("5", "food"))
+    StateStore(db).close()  # the coordinator's open migrates
+    assert rows(db, "select round, mean_heldout_loss, dp_epsilon, dp_clipping from rounds") == [(1, 2.5, None, None)]
+    assert rows(db, "select run_id, dp_delta, dp_population from runs") == [("demo-7", None, None)]
+    with StateStore(db, read_only=True).read() as conn:
+        view = run_view(conn, "demo-7")
+        assert view["run"]["privacy"] is None and [r["privacy"] for r in view["rounds"]] == [None]
+        assert [r["epsilon"] for r in list_runs(conn)] == [None]
+    alembic(db, command.downgrade, "0003")  # and back: the rows stay, without the dp_* columns
+    assert rows(db, "select round, mean_heldout_loss from rounds") == [(1, 2.5)]
+    assert rows(db, "select client, name from client_results") == [("5", "food")]
+    assert not any(r[1].startswith("dp_") for t in ("runs", "rounds") for r in rows(db, f"pragma table_info({t})"))
+
+
 def test_a_store_written_before_heartbeats_keeps_its_runs_and_calls_the_unfinished_stopped(tmp_path):
     db = store_at_revision(tmp_path, "0001")  # its run row kept
     assert "heard" not in {r[1] for r in rows(db, "pragma table_info(runs)")}
@@ -71,11 +89,11 @@ def test_a_store_written_before_heartbeats_keeps_its_runs_and_calls_the_unfinish
         assert [(r["run_id"], r["heard"], r["state"]) for r in list_runs(conn)] == [("demo-7", None, "stopped")]
 
 
-@pytest.mark.parametrize("revision", ["0001", "0002"])
+@pytest.mark.parametrize("revision", ["0001", "0002", "0003"])
 def test_the_read_only_open_never_migrates_an_older_store(tmp_path, revision):
     db = store_at_revision(tmp_path, revision)
     before = db.read_bytes()
-    with pytest.raises(StateStoreError, match=f"at schema revision {revision}, older than this fleetlora's 0003"):
+    with pytest.raises(StateStoreError, match=f"at schema revision {revision}, older than this fleetlora's 0004"):
         StateStore(db, read_only=True)
     assert _unchanged(db, before)  # no migration
     assert rows(db, "select version_num from alembic_version") == [(revision,)]

@@ -9,7 +9,7 @@ from server.report import RoundLog
 from server.state import StateStore
 from server.state.queries import list_runs, round_view, run_view
 from server.state.schema import client_results, rounds, runs
-from tests.server.state.records import HOSTILE, RUN, execute, report
+from tests.server.state.records import HOSTILE, RUN, RUN_PRIVACY, execute, privacy, report
 
 
 def _views(store, run_id="demo-7", server_round=1):
@@ -73,6 +73,73 @@ def test_the_views_show_what_the_round_log_wrote(store):
     one = views["round"]
     assert [(c["name"], c["status"]) for c in one["clients"]] == [("<b>x</b>", "rejected"), ("food", "accepted")]
     assert one["run"]["name"] == "demo" and one["aggregation"] == {}
+
+
+@pytest.fixture
+def dp_store(tmp_path):
+    """A DP run: round 0 (no release under DP), rounds 1 and 2 released under DP, round 3 released nothing."""
+    writer = StateStore(tmp_path / "dp.sqlite")
+    log = RoundLog(tmp_path / "dp.json", run={**RUN, "privacy": RUN_PRIVACY}, store=writer)
+    report(log, 0, "3", node_id=3, name="food", heldout_loss=3.0)
+    log.close_round(0)
+    for n in (1, 2):
+        report(log, n, "3", node_id=3, name="food", train_loss=2.0, heldout_loss=2.5)
+        log.close_round(n, privacy=privacy(n))
+    report(log, 3, "3", node_id=3, name="food", rejected="update norm is not finite")
+    log.close_round(3)
+    yield writer
+    writer.close()
+
+
+def test_the_views_show_a_dp_runs_privacy_per_round(dp_store):
+    views = _views(dp_store, server_round=2)
+    assert views["run"]["run"]["privacy"] == RUN_PRIVACY
+    assert [r["privacy"] for r in views["run"]["rounds"]] == [None, privacy(1), privacy(2), None]
+    assert views["runs"][0]["epsilon"] == 1.0  # round 2's: round 3 released nothing, so spent nothing more
+    assert views["round"]["round"]["privacy"] == privacy(2)
+    assert views["round"]["run"]["privacy"] == RUN_PRIVACY
+
+
+def test_a_run_without_dp_has_no_privacy_anywhere(store):
+    views = _views(store)
+    assert views["run"]["run"]["privacy"] is None and views["runs"][0]["epsilon"] is None
+    assert [r["privacy"] for r in views["run"]["rounds"]] == [None, None]
+    assert views["round"]["round"]["privacy"] is None and views["round"]["run"]["privacy"] is None
+
+
+@pytest.mark.parametrize(
+    ("column", "bad"),
+    [
+        ("epsilon", float("inf")),
+        ("epsilon", -1.0),
+        ("epsilon", "x" * 10_000),
+        ("epsilon", b"\xff\x00"),
+        ("delta", 1.0),
+        ("noise_multiplier", float("-inf")),
+        ("clip_norm", 0.0),
+        ("clipped_fraction", 1.5),
+        ("sampling_rate", 0.0),
+        ("expected_clients", -(2**63)),
+        ("clipping", "both"),
+        ("clipping", 1),
+    ],
+)
+def test_a_hostile_privacy_column_reads_as_missing_and_the_others_stay(dp_store, column, bad):
+    """Written straight into SQLite: the value shows as missing, the round's other facts as they were."""
+    execute(dp_store.path, f"update rounds set dp_{column} = ? where round = 2", (bad,))
+    views = _views(dp_store, server_round=2)
+    assert views["run"]["rounds"][2]["privacy"] == {**privacy(2), column: None}
+    assert views["round"]["round"]["privacy"] == {**privacy(2), column: None}
+    assert views["run"]["rounds"][1]["privacy"] == privacy(1)
+    assert views["runs"][0]["epsilon"] == (0.5 if column == "epsilon" else 1.0)  # the latest ε that reads
+
+
+@pytest.mark.parametrize(
+    ("column", "bad"), [("population", 2**40), ("population", -1), ("population", 2.5), ("delta", 0.0)]
+)
+def test_a_hostile_run_privacy_column_reads_as_missing(dp_store, column, bad):
+    execute(dp_store.path, f"update runs set dp_{column} = ?", (bad,))
+    assert _views(dp_store)["run"]["run"]["privacy"] == {**RUN_PRIVACY, column: None}
 
 
 def test_a_client_keeps_its_latest_name_across_rounds(store, tmp_path):

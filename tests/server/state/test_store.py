@@ -9,7 +9,7 @@ from sqlalchemy.exc import OperationalError
 from server.report import RoundLog
 from server.state import StateStore, StateStoreError
 from server.state.queries import list_runs, round_view
-from tests.server.state.records import RUN, execute, release, report, rows
+from tests.server.state.records import RUN, RUN_PRIVACY, execute, privacy, release, report, rows
 
 
 def test_the_round_log_commits_every_change_to_the_store_as_the_run_goes(tmp_path):
@@ -81,6 +81,85 @@ def test_the_writer_stores_a_non_finite_or_mistyped_number_as_null(tmp_path, bad
         "Infinity" not in rows(db, "select config from runs")[0][0]
         and "NaN" not in rows(db, "select config from runs")[0][0]
     )
+
+
+DP_ROUND = (
+    "select round, dp_epsilon, dp_delta, dp_noise_multiplier, dp_clip_norm, dp_clipped_fraction, dp_sampling_rate, "
+    "dp_expected_clients, dp_clipping from rounds order by round"
+)
+
+
+def test_the_privacy_facts_of_a_dp_run_and_its_rounds_are_committed_as_the_run_goes(tmp_path):
+    db = tmp_path / "state.sqlite"
+    store = StateStore(db)
+    log = RoundLog(tmp_path / "rounds.json", run={**RUN, "privacy": RUN_PRIVACY}, store=store)
+    assert rows(db, "select dp_delta, dp_max_epsilon, dp_clipping, dp_population from runs") == [
+        (1e-5, 8.0, "server", 400)
+    ]
+    report(log, 0, "3", node_id=3, name="food", heldout_loss=3.0)
+    log.close_round(0)  # round 0 released the initial adapter: nothing under DP
+    report(log, 1, "3", node_id=3, name="food", train_loss=2.0)
+    log.note(1, release=release(1), privacy=privacy(1, clipped_fraction=1.0, clipping="client"))
+    assert rows(db, DP_ROUND) == [
+        (0, None, None, None, None, None, None, None, None),
+        (1, 0.5, 1e-5, 1.1, 1.0, 1.0, 0.05, 20.0, "client"),  # in the store before the round closes
+    ]
+    log.close_round(1)
+    assert rows(db, DP_ROUND)[1] == (1, 0.5, 1e-5, 1.1, 1.0, 1.0, 0.05, 20.0, "client")
+    store.close()
+
+
+def test_the_run_privacy_the_coordinator_notes_once_devices_connect_is_stored(tmp_path):
+    db = tmp_path / "state.sqlite"
+    log = RoundLog(tmp_path / "rounds.json", run=RUN, store=StateStore(db))  # no DP facts yet: NULL
+    assert rows(db, "select dp_delta, dp_noise_multiplier, dp_population from runs") == [(None, None, None)]
+    log.note_run(privacy={**RUN_PRIVACY, "max_epsilon": None})  # as server_app notes it: None = no limit
+    assert rows(
+        db,
+        "select dp_delta, dp_max_epsilon, dp_noise_multiplier, dp_clip_norm, dp_sampling_rate, dp_clipping, "
+        "dp_population from runs",
+    ) == [(1e-5, None, 1.1, 1.0, 0.05, "server", 400)]
+
+
+@pytest.mark.parametrize(
+    ("key", "bad"),
+    [
+        ("epsilon", -0.1),
+        ("epsilon", float("inf")),
+        ("delta", 0.0),
+        ("delta", 1.0),
+        ("noise_multiplier", float("nan")),
+        ("clip_norm", 0.0),
+        ("clipped_fraction", 1.5),
+        ("sampling_rate", 0.0),
+        ("sampling_rate", 2.0),
+        ("expected_clients", -3.0),
+        ("clipping", "both"),
+        ("epsilon", "0.5"),
+        ("epsilon", True),
+    ],
+)
+def test_a_privacy_fact_outside_its_bound_is_stored_as_null_and_the_others_kept(tmp_path, key, bad):
+    db = tmp_path / "state.sqlite"
+    store = StateStore(db)
+    store.save_run({**RUN, "started": 1.0, "privacy": {**RUN_PRIVACY, "delta": bad, "population": -1}})
+    store.save_round("demo-7", {"round": 1, "started": 2.0, "clients": {}, "privacy": privacy(1, **{key: bad})})
+    (stored,) = [dict(zip(("round", *privacy(1)), r, strict=True)) for r in rows(db, DP_ROUND)]
+    assert stored[key] is None
+    assert {k: v for k, v in stored.items() if k not in (key, "round")} == {
+        k: v for k, v in privacy(1).items() if k != key
+    }
+    assert rows(db, "select dp_delta, dp_population, dp_clipping from runs") == [(None, None, "server")]
+
+
+@pytest.mark.parametrize("bad", [None, "epsilon=1", [0.5], 7])
+def test_a_privacy_record_that_is_not_a_mapping_stores_no_privacy(tmp_path, bad):
+    db = tmp_path / "state.sqlite"
+    store = StateStore(db)
+    store.save_run({**RUN, "started": 1.0, "privacy": bad})
+    store.save_round("demo-7", {"round": 1, "started": 2.0, "clients": {}, "privacy": bad})  # no exception
+    assert rows(db, DP_ROUND) == [(1, None, None, None, None, None, None, None, None)]
+    assert rows(db, "select dp_delta, dp_max_epsilon, dp_clipping, dp_population from runs") == [(None,) * 4]
 
 
 @pytest.mark.parametrize("count", [2**63, 2**64 - 1, 1e30, -1, float("inf"), 2.5])

@@ -1,0 +1,1 @@
+"""Client-level differential privacy of the coordinator: the Gaussian mechanism and its accountant."""

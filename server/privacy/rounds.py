@@ -1,0 +1,157 @@
+"""DP-FedAvg rounds: who is sampled, what one device's delta may contribute, the noised aggregate, the budget.
+
+The coordinator's side of client-level differential privacy (``dp.*``, ``shared/config.py``),
+for ``server/strategy.py``:
+
+* **sampling**: each connected device is sampled with probability q = k / N, independently
+  (Poisson sampling, as the accountant assumes; Flower's own sampler draws a fixed number,
+  which the add-or-remove accountant does not cover), from the OS's random source;
+* **clipping**: ``server``, each decoded delta is clipped to C; ``client``, a delta above C
+  (plus float rounding) is rejected, since the device promised to clip it;
+* **aggregate**: ``mechanism.dp_mean`` with the fixed denominator m = k (uniform weights);
+* **budget**: ``accountant.PrivacyBudget``, checked before every round, spent after each release.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from flwr.common.logger import log
+
+from server.privacy.accountant import BudgetExhaustedError, PrivacyBudget, Sampling, solve_noise_multiplier
+from server.privacy.mechanism import clip, dp_mean, noise_std, os_generator, update_norm
+from shared.config import ConfigError, DpConfig
+
+CLIENT_CLIP_SLACK = 1e-5  # relative: the device's check is in float64 of the same decoded values
+
+
+class DpRounds:
+    """The DP state of one run: its sampling, its noise multiplier and the epsilon it has spent.
+
+    Parameters
+    ----------
+    cfg
+        The run's ``dp.*`` settings (enabled).
+    fraction
+        ``fraction-train``: q, the probability that a device is sampled in a round.
+    rounds
+        ``num-server-rounds``: what a target ``dp.epsilon`` and the ``dp.max-epsilon`` check plan for.
+    """
+
+    def __init__(self, cfg: DpConfig, fraction: float, rounds: int) -> None:
+        self.cfg, self.fraction, self.rounds = cfg, fraction, rounds
+        self.budget: PrivacyBudget | None = None
+        self._random = secrets.SystemRandom()
+
+    def start(self, connected: int, earlier: Sequence[Mapping[str, Any]]) -> PrivacyBudget:
+        """Fix the population, solve z if needed, account for the rounds already released; refuse an overspend.
+
+        ``earlier`` are the round records of a resumed run: each released round (>= 1) must carry
+        its privacy record, else its privacy loss is unknown and the run refuses to go on.
+
+        Raises
+        ------
+        ConfigError
+            If the population is empty, a released round has no privacy record, or the planned
+            rounds would spend more than ``dp.max-epsilon``.
+        """
+        population = self.cfg.population or connected
+        if population < 1:
+            raise ConfigError("dp: no devices to sample from (dp.population = 0 and none connected)")
+        sampling = Sampling.of(population, self.fraction)
+        z = self.cfg.noise_multiplier or solve_noise_multiplier(
+            self.cfg.epsilon, self.cfg.delta, sampling.rate, self.rounds
+        )
+        budget = PrivacyBudget(z, self.cfg.delta, sampling, self.cfg.max_epsilon or None)
+        released = [r for r in earlier if r.get("round", 0) >= 1 and "release" in r]
+        unknown = [r["round"] for r in released if not isinstance(r.get("privacy"), dict)]
+        if unknown:
+            raise ConfigError(
+                f"dp: rounds {unknown[:5]} were released without DP records; their privacy loss is unknown"
+            )
+        if released:
+            budget.spend(len(released))
+        planned = budget.projected(self.rounds - len(released))
+        if budget.max_epsilon is not None and planned > budget.max_epsilon:
+            fit = max((n for n in range(0, self.rounds + 1) if budget.projected(n) <= budget.max_epsilon), default=0)
+            raise ConfigError(
+                f"dp: {self.rounds} rounds (z = {z:.4g}, q = {sampling.rate:.4g}) would spend epsilon {planned:.4g} "
+                f"> dp.max-epsilon {budget.max_epsilon:g} at delta {self.cfg.delta:g}; {fit} more round(s) fit"
+            )
+        log(
+            logging.INFO,
+            "dp: client-level DP-FedAvg, z = %.4g, C = %g (%s clipping), q = %d/%d, noise std %.3g per entry; "
+            "%d rounds spend epsilon %.4g at delta %g",
+            z,
+            self.cfg.clip_norm,
+            self.cfg.clipping,
+            sampling.expected,
+            sampling.population,
+            noise_std(z, self.cfg.clip_norm, sampling.expected),
+            self.rounds,
+            planned,
+            self.cfg.delta,
+        )
+        self.budget = budget
+        return budget
+
+    def sample(self, nodes: Iterable[int]) -> list[int]:
+        """Return each of ``nodes`` with probability q, independently (Poisson sampling)."""
+        q = self._started().sampling.rate
+        return [n for n in nodes if q >= 1 or self._random.random() < q]
+
+    def contribution(self, delta: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float, bool]:
+        """Return what one device's decoded delta contributes, its norm as received, and whether it was clipped.
+
+        Raises
+        ------
+        ValueError
+            Under client clipping, for a delta above the clip norm.
+        """
+        c = self.cfg.clip_norm
+        if self.cfg.clipping == "client":
+            norm = update_norm(delta)
+            if norm > c * (1 + CLIENT_CLIP_SLACK):
+                raise ValueError(f"dp.clipping = client: the delta's norm {norm:.6g} is above dp.clip-norm {c:g}")
+            return {k: v.float() for k, v in delta.items()}, norm, False
+        clipped, norm = clip(delta, c)
+        return clipped, norm, norm > c
+
+    def aggregate(
+        self, global_: Mapping[str, torch.Tensor], keys: Iterable[str], deltas: Iterable[Mapping[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """Return the new global adapter: the noised fixed-denominator mean of the contributions."""
+        budget = self._started()
+        z, m = budget.noise_multiplier, budget.sampling.expected
+        return dp_mean(global_, keys, deltas, m, z, self.cfg.clip_norm, os_generator())
+
+    def check_next(self) -> None:
+        """Raise :class:`BudgetExhaustedError` if one more round would exceed ``dp.max-epsilon``."""
+        self._started().check_next()
+
+    def spend(self, clipped_fraction: float) -> dict[str, Any]:
+        """Account for one released round; return its privacy record for the round log."""
+        budget = self._started()
+        epsilon = budget.spend()
+        return {
+            "epsilon": epsilon,
+            "delta": self.cfg.delta,
+            "noise_multiplier": budget.noise_multiplier,
+            "clip_norm": self.cfg.clip_norm,
+            "clipped_fraction": clipped_fraction,
+            "sampling_rate": budget.sampling.rate,
+            "expected_clients": float(budget.sampling.expected),
+            "clipping": self.cfg.clipping,
+        }
+
+    def _started(self) -> PrivacyBudget:
+        if self.budget is None:
+            raise RuntimeError("dp: start() was not called before the first round")
+        return self.budget
+
+
+__all__ = ["BudgetExhaustedError", "DpRounds"]

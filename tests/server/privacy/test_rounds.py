@@ -1,0 +1,68 @@
+"""DpRounds: the coordinator's DP state of a run (population, sampling, clipping rule, budget)."""
+
+import pytest
+import torch
+
+from server.privacy.rounds import DpRounds
+from shared.config import ConfigError, DpConfig
+
+
+def _rounds(rounds=5, fraction=0.1, **dp):
+    return DpRounds(DpConfig(**{"noise_multiplier": 1.0, **dp}), fraction, rounds)
+
+
+def test_a_run_whose_planned_rounds_would_overspend_refuses_to_start_and_says_how_many_fit():
+    with pytest.raises(ConfigError, match=r"10 rounds .* would spend epsilon .* > dp\.max-epsilon 8.*2 more round"):
+        DpRounds(DpConfig(noise_multiplier=1.0, max_epsilon=8.0), 1.0, 10).start(4, [])
+
+
+def test_a_target_epsilon_is_solved_for_the_fleet_connected_at_the_start():
+    budget = DpRounds(DpConfig(epsilon=4.0, delta=1e-4), 0.05, 6).start(400, [])
+    assert budget.sampling.population == 400 and budget.sampling.expected == 20
+    assert 0.99 * 4.0 <= budget.projected(6) <= 4.0
+
+
+def test_a_resumed_run_counts_the_rounds_it_released_and_fails_closed_without_their_record():
+    released = [{"round": 0, "release": {}}, {"round": 1, "release": {}, "privacy": {"epsilon": 1.0}}]
+    budget = _rounds().start(100, released)
+    assert budget.rounds == 1  # round 0 is the untrained initial adapter: no device data in it
+    with pytest.raises(ConfigError, match=r"rounds \[2\] were released without DP records"):
+        _rounds().start(100, [*released, {"round": 2, "release": {}}])
+
+
+def test_devices_are_poisson_sampled_at_the_rate_q():
+    dp = _rounds(fraction=0.1)
+    dp.start(10_000, [])
+    counts = [len(dp.sample(range(10_000))) for _ in range(5)]
+    assert all(abs(c - 1000) < 150 for c in counts)  # binomial(10000, 0.1): std 30
+    assert len(set(counts)) > 1  # a random count, not a fixed-size sample
+
+
+def test_server_clipping_clips_and_client_clipping_rejects_a_delta_above_the_bound():
+    big = {"a": torch.full((4, 4), 1.0)}  # norm 4
+    server = _rounds(clip_norm=2.0)
+    contribution, norm, clipped = server.contribution(big)
+    assert norm == pytest.approx(4.0) and clipped
+    assert float(contribution["a"].norm()) <= 2.0
+    client = _rounds(clip_norm=2.0, clipping="client")
+    with pytest.raises(ValueError, match=r"dp\.clipping = client: the delta's norm 4 is above dp\.clip-norm 2"):
+        client.contribution(big)
+    kept, _, _ = client.contribution({"a": torch.full((4, 4), 0.5)})  # norm 2: within the bound
+    assert torch.equal(kept["a"], torch.full((4, 4), 0.5))
+
+
+def test_spending_a_round_records_what_the_round_log_and_dashboard_show():
+    dp = _rounds(clip_norm=0.5)
+    dp.start(40, [])
+    record = dp.spend(0.25)
+    assert record["epsilon"] > 0 and record["clipped_fraction"] == 0.25
+    assert record | {"epsilon": 0} == {
+        "epsilon": 0,
+        "delta": 1e-5,
+        "noise_multiplier": 1.0,
+        "clip_norm": 0.5,
+        "clipped_fraction": 0.25,
+        "sampling_rate": 0.1,
+        "expected_clients": 4.0,
+        "clipping": "server",
+    }
