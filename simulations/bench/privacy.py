@@ -55,8 +55,9 @@ class Settings:
     """N virtual devices, N / 4 per topic; device d holds ``shard`` consecutive training examples."""
     sample_rate: float = 0.04
     """q: each device's probability of taking part in a round (Poisson); m = qN = 16 expected."""
-    rounds: int = 4
-    """T, federated rounds: the accountant composes T sampled Gaussian releases."""
+    rounds: int = 3
+    """T, federated rounds: the accountant composes T sampled Gaussian releases. At ~2 s per
+    device-round on 2 cores, N q T = 48 device-rounds per run keep the 8 runs near 16 min."""
     shard: int = 5
     """Training examples per device (all of them are one local batch)."""
     local_steps: int = 1
@@ -337,7 +338,8 @@ def _notes(results: list[Result], s: Settings, setup: float, wall: float, load: 
         "cross-entropy per response token; before = the initial adapter (B = 0: the base model); gain kept = "
         "(before - after) / (before - after without DP) of the same method",
         f"DP: C = {s.clip_norm:g}; z solved for the target ε at δ = {s.delta:g} over T rounds at rate q (RDP "
-        "accountant, Poisson); the global moves by (sum of clipped deltas + N(0, (zC)^2)) / m once per round; "
+        "accountant, Poisson); the global moves by (sum of clipped deltas + N(0, (zC)^2)) / m once per round "
+        "(noise from the bench's seed, for paired rows; the coordinator seeds it from the OS); "
         "without DP: no clipping, the uniform mean of the sampled deltas, z = 0; clipped: share of deltas with "
         "norm > C; median ‖Δ‖: before clipping",
     ]
