@@ -44,6 +44,7 @@ from simulations.bench import Table, register
 DATA = Path(__file__).resolve().parents[1] / "data" / "wordnet"
 TOPICS = ("noun.animal", "noun.food", "noun.artifact", "verb.motion")
 COMMAND = "python -m simulations.bench --only privacy"
+WHAT = {"fedavg": "A and B", "ffa": "B only"}  # what each method trains, uploads and noises
 State = dict[str, torch.Tensor]
 
 
@@ -165,7 +166,7 @@ def run(fleet: Fleet, settings: Settings, method: str, epsilon: float, loss_befo
     from client.train import evaluate
     from server.privacy.accountant import PrivacyBudget, Sampling, solve_noise_multiplier
     from server.privacy.mechanism import clip, update_norm
-    from shared.adapter import uploaded_keys
+    from shared.adapter import load_adapter_state, uploaded_keys
     from shared.config import EvalConfig
 
     t0 = time.perf_counter()
@@ -197,7 +198,7 @@ def run(fleet: Fleet, settings: Settings, method: str, epsilon: float, loss_befo
         global_ = aggregate(global_, noised, deltas, settings, z, noise)
         elapsed = time.perf_counter() - t0
         print(f"privacy {method} eps={epsilon:g}: round {server_round}, {len(sampled)} devices, {elapsed:.0f} s")
-    _load(fleet, global_)
+    load_adapter_state(fleet.model, global_)
     eval_cfg = EvalConfig(max_examples=len(fleet.heldout), batch_size=32)
     result.loss_after = evaluate(fleet.model, fleet.heldout, eval_cfg, fleet.pad_id).loss
     result.seconds = time.perf_counter() - t0
@@ -207,10 +208,10 @@ def run(fleet: Fleet, settings: Settings, method: str, epsilon: float, loss_befo
 def local_delta(fleet: Fleet, settings: Settings, global_: State, method: str, device: int, server_round: int) -> State:
     """One device's round: train the global on its shard, return what it uploads (trained - global)."""
     from client.train import train_adapter
-    from shared.adapter import adapter_state, set_trainable_factors, uploaded_keys
+    from shared.adapter import adapter_state, load_adapter_state, set_trainable_factors, uploaded_keys
     from shared.config import TrainConfig
 
-    _load(fleet, global_)
+    load_adapter_state(fleet.model, global_)
     set_trainable_factors(fleet.model, method)
     shard = fleet.shards[device]
     cfg = TrainConfig(
@@ -236,12 +237,6 @@ def aggregate(
         return global_
     expected = settings.expected_clients if z > 0 else len(deltas)
     return dp_mean(global_, keys, deltas, expected, z, settings.clip_norm, noise)
-
-
-def _load(fleet: Fleet, state: State) -> None:
-    from shared.adapter import load_adapter_state
-
-    load_adapter_state(fleet.model, state)
 
 
 def measure(settings: Settings) -> tuple[list[Result], float, float]:
@@ -326,14 +321,15 @@ def _notes(results: list[Result], s: Settings, setup: float, wall: float, load: 
     m, dims = s.expected_clients, {r.method: r.dim for r in results}
     sampled = results[0].sampled if results else []
     notes = [
-        f"chosen to fit ~15-20 min on 2 cores: N = {s.population} virtual devices ({s.population // len(TOPICS)} per "
-        f"topic of {', '.join(TOPICS)}), each {s.shard} consecutive examples of its topic's train.jsonl (non-IID); "
+        f"settings (the defaults fit ~16 min on 2 cores): N = {s.population} virtual devices "
+        f"({s.population // len(TOPICS)} per topic of {', '.join(TOPICS)}), each {s.shard} consecutive examples "
+        "of its topic's train.jsonl (non-IID); "
         f"Poisson sampling q = {s.q:g} (m = qN = {m} expected; sampled per round: {sampled}, the same devices in "
         f"every row); T = {s.rounds} rounds; per device-round {s.local_steps} AdamW step(s) over its whole shard "
         f"(batch {s.shard}, lr {s.lr:g}, sequences <= {s.max_seq_len} tokens, fresh optimizer)",
         "model: SmolLM2-135M-Instruct, our 4-bit base (server/quantize.py), LoRA r=8 alpha=16 on all 7 linear "
-        f"kinds; noised coordinates: fedavg A and B ({dims.get('fedavg', 0):,}), ffa B only "
-        f"({dims.get('ffa', 0):,}); one process, one device trains at a time (no Flower)",
+        f"kinds; noised coordinates: {', '.join(f'{k} {WHAT[k]} ({n:,})' for k, n in dims.items())}; one process, "
+        "one device trains at a time (no Flower)",
         f"held-out: the first {s.heldout} examples of each topic's heldout.jsonl ({s.heldout * len(TOPICS)}), mean "
         "cross-entropy per response token; before = the initial adapter (B = 0: the base model); gain kept = "
         "(before - after) / (before - after without DP) of the same method",
