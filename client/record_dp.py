@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ def train_record_dp(
     pad_id: int,
     dp: RecordDp,
     ledger: Ledger,
-    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    optimizer_cls: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
 ) -> tuple[float, float, float]:
     """Run ``cfg.steps`` DP-SGD steps; return (mean loss, epsilon this device has spent so far, seconds).
 

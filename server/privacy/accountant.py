@@ -11,6 +11,9 @@ rounds and the conversion to (epsilon, delta) are Flower's ``RdpAccountant`` (Go
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from dp_accounting import dp_event, mechanism_calibration
@@ -19,6 +22,22 @@ from flwr.serverapp import GaussianPrivacyEvent, PrivacyConfig, RdpAccountant
 from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
 
 MAX_NOISE_MULTIPLIER = 1e3
+
+
+@contextlib.contextmanager
+def _quiet_accounting() -> Iterator[None]:
+    """Silence dp-accounting's per-order warnings ("failed to converge ... Excluding this order").
+
+    At small q it logs hundreds per epsilon; the order is dropped from the minimum, which only
+    makes the bound looser, and an operator can do nothing about it.
+    """
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
 
 
 class BudgetExhaustedError(RuntimeError):
@@ -77,7 +96,10 @@ class PrivacyBudget:
     @property
     def epsilon(self) -> float:
         """Epsilon spent so far at ``delta`` (0 before the first release)."""
-        return self._accountant.get_epsilon(self.config.target_delta) if self.rounds else 0.0
+        if not self.rounds:
+            return 0.0
+        with _quiet_accounting():
+            return self._accountant.get_epsilon(self.config.target_delta)
 
     def projected(self, rounds: int) -> float:
         """Return the epsilon after ``rounds`` more releases, without spending them."""
@@ -85,7 +107,8 @@ class PrivacyBudget:
             return self.epsilon
         ahead = RdpAccountant(self.config)
         ahead.compose(self.event, self.rounds + rounds)
-        return ahead.get_epsilon(self.config.target_delta)
+        with _quiet_accounting():
+            return ahead.get_epsilon(self.config.target_delta)
 
     def check_next(self) -> None:
         """Raise :class:`BudgetExhaustedError` if one more round would exceed ``max_epsilon``."""
@@ -119,14 +142,15 @@ def solve_noise_multiplier(epsilon: float, delta: float, sampling_rate: float, r
         return dp_event.SelfComposedDpEvent(one, rounds)
 
     try:
-        z = mechanism_calibration.calibrate_dp_mechanism(
-            DpAccountingRdp,
-            event,
-            epsilon,
-            delta,
-            mechanism_calibration.LowerEndpointAndGuess(1e-3, 1.0),
-            tol=1e-4,
-        )
+        with _quiet_accounting():
+            z = mechanism_calibration.calibrate_dp_mechanism(
+                DpAccountingRdp,
+                event,
+                epsilon,
+                delta,
+                mechanism_calibration.LowerEndpointAndGuess(1e-3, 1.0),
+                tol=1e-4,
+            )
     except mechanism_calibration.NoBracketIntervalFoundError as exc:
         raise ValueError(f"no noise multiplier reaches epsilon {epsilon} at delta {delta} in {rounds} rounds") from exc
     if not 0 < z <= MAX_NOISE_MULTIPLIER:
