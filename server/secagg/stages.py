@@ -10,8 +10,7 @@ Differences from Flower's workflow, each a fix:
 
 * the sets of devices are tracked per stage (``keyed`` after setup, ``linked`` after share keys,
   ``survivors`` after the masked vectors): a device lost before share keys has no masks to remove
-  (Flower counts it as dropped, finds no shares and halts), and the masks between a dropped device
-  and another dropped one are not "removed" (Flower subtracts them too, which corrupts the sum);
+  and is left out (Flower counts it as dropped, finds none of its shares and halts the round);
 * a pair of devices is linked (their ciphertexts forwarded, their pairwise mask used) only if each
   sent the other a ciphertext, so both or neither add the mask;
 * a rebuilt pairwise-mask key must match the public key its owner announced, else the round fails.
