@@ -111,11 +111,12 @@ def run_secagg(
     total = stages.unmask(state, collected)
     log(
         logging.INFO,
-        "round %d: secure aggregation summed %d devices (%d dropped after sharing keys, recovered; %d fell out)",
+        "round %d: secure aggregation summed %d devices; %d dropped after sharing keys (masks removed); "
+        "%d out of the round in all",
         server_round,
         len(state.survivors),
         len(state.dropped),
-        len(rejected) - len(state.dropped),
+        len(rejected),
     )
     return SecAggResult(
         total={k: torch.from_numpy(v).to(torch.float32) for k, v in total.items()},

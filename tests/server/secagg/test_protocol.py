@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord
 from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 
 from server.secagg.params import SecAggParams
@@ -99,3 +100,18 @@ def test_no_message_the_coordinator_receives_is_correlated_with_any_single_delta
     for _, msg in fleet.received:  # and no config value carries the delta either (only keys, shares, ids)
         for rec in msg.content.config_records.values():
             assert Key.MASKED_PARAMETERS not in rec
+
+
+def test_a_device_sending_its_plain_delta_instead_is_refused_and_the_round_sums_the_others():
+    ds = deltas(5, seed=5)
+
+    def leak(msg, context, call_next):  # a broken device: uploads its delta where the masked vector goes
+        reply = call_next(msg, context)
+        if Key.MASKED_PARAMETERS in reply.content:
+            reply.content[Key.MASKED_PARAMETERS] = ArrayRecord({k: Array(v) for k, v in ds[0].items()})
+        return reply
+
+    with Fleet(ds, mods={0: [leak]}) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    assert result.recovered == (fleet.nodes[0],) and "expected uint32" in result.rejected[fleet.nodes[0]]
+    assert_within_quantization(result.total, plain_sum(ds[1:]), 4)
