@@ -1,0 +1,283 @@
+"""The device's side of SecAgg+ as a Flower client mod: its delta leaves it only masked.
+
+Install as ``ClientApp(mods=[secagg_mod])`` (or ``@app.train(mods=[secagg_mod])``). A ``train``
+message that carries a ``secaggplus_configs`` record is one stage of the protocol (Bell et al.,
+CCS 2020; the coordinator's side is ``server/secagg/``); any other message passes through:
+
+* ``setup``: check the coordinator's parameters, make two key pairs, return the public keys;
+* ``share_keys``: split a fresh private-mask seed and the pairwise-mask key into Shamir shares,
+  encrypt one of each for every neighbour (ECDH + HKDF + Fernet);
+* ``collect_masked_vectors``: keep the shares meant for this device, run the train handler
+  (``call_next``), quantize its delta and add the private mask and one pairwise mask per linked
+  neighbour, modulo M; return the masked vector *instead of* the delta, with the metrics and name;
+* ``unmask``: for each neighbour, the seed share if the coordinator says it survived, the key
+  share if it dropped, never both (checked), and only once per round.
+
+Ported from Flower 1.41's ``flwr/client/mod/secure_aggregation/secaggplus_mod.py`` (which only
+runs under the legacy client and masks Flower's ``Parameters``); all cryptography and arithmetic
+are Flower's primitives (``flwr.common.secure_aggregation``, ``flwr.supercore.primitives``). Ours:
+the checks of every coordinator input (a hostile coordinator must learn nothing but the sum),
+the stage and round binding, and the state, kept in ``context.state`` between stages (a ConfigRecord:
+Flower keeps it per run and node), never in globals. Any refusal raises, which Flower returns to
+the coordinator as an error reply, and forgets the round's secrets.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.crypto.shamir import create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
+from flwr.common.secure_aggregation.quantization import quantize
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_utils import (
+    pseudo_rand_gen,
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    generate_key_pairs,
+    private_key_to_bytes,
+    public_key_to_bytes,
+)
+
+MAX_SAMPLE = 100_000
+MAX_MODULUS = 1 << 32  # the range of Flower's pseudo_rand_gen
+MAX_KEY_BYTES = 1024
+MAX_CIPHERTEXT_BYTES = 4096
+_PREVIOUS = {Stage.SHARE_KEYS: Stage.SETUP, Stage.COLLECT_MASKED_VECTORS: Stage.SHARE_KEYS, Stage.UNMASK: "masked"}
+
+
+class SecAggDeviceError(ValueError):
+    """The coordinator asked for something the protocol does not allow; this device stops the round."""
+
+
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Answer one SecAgg+ stage (see the module docstring); pass any other message to ``call_next``."""
+    if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content:
+        return call_next(msg, context)
+    record = context.state.config_records.get(RECORD_KEY_STATE, ConfigRecord({"stage": ""}))
+    try:
+        stage, values = _stage(msg, str(record["stage"]))
+        if stage == Stage.SETUP:
+            state = _setup(values, msg)
+            out = _configs({Key.PUBLIC_KEY_1: state.pk1, Key.PUBLIC_KEY_2: state.pk2})
+        else:
+            state = _Round.from_record(record)
+            _check(state.round == msg.metadata.group_id, f"stage {stage} of another round")
+            if stage == Stage.SHARE_KEYS:
+                out = _configs(_share_keys(state, values))
+            elif stage == Stage.COLLECT_MASKED_VECTORS:
+                out = _collect(state, values, msg, context, call_next)
+                stage = "masked" if Key.MASKED_PARAMETERS in out else stage
+            else:
+                out = _configs(_unmask(state, values))
+        kept = ConfigRecord({"stage": stage}) if stage == Stage.UNMASK else state.to_record(stage)
+    except Exception:
+        kept = ConfigRecord({"stage": "aborted"})  # the round's secrets are forgotten
+        raise
+    finally:
+        context.state.config_records[RECORD_KEY_STATE] = kept
+    return Message(out, reply_to=msg)
+
+
+@dataclass
+class _Round:
+    """The device's view of one secure round, between stages (kept in ``context.state``)."""
+
+    round: str
+    nid: int
+    sample_num: int
+    share_num: int
+    threshold: int
+    target_range: int
+    mod_range: int
+    clipping_range: float
+    sk1: bytes
+    pk1: bytes
+    sk2: bytes
+    pk2: bytes
+    seed: bytes = b""
+    neighbours: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # id -> (pk1, pk2), itself too
+    shares: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # owner -> (seed share, key share)
+    linked: list[int] = field(default_factory=list)  # neighbours whose pairwise masks are in the masked vector
+
+    def to_record(self, stage: str) -> ConfigRecord:
+        """Return the state as a ConfigRecord (dicts as parallel lists)."""
+        flat: dict[str, Any] = {k: v for k, v in vars(self).items() if not isinstance(v, dict | list)}
+        for name in ("neighbours", "shares"):
+            table: dict[int, tuple[bytes, bytes]] = getattr(self, name)
+            flat |= {f"{name}:id": list(table), f"{name}:a": [v[0] for v in table.values()]}
+            flat[f"{name}:b"] = [v[1] for v in table.values()]
+        return ConfigRecord({**flat, "linked": list(self.linked), "stage": stage})
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> _Round:
+        """Rebuild the state this device wrote (not an outside input)."""
+        values: dict[str, Any] = {k: v for k, v in record.items() if ":" not in k and k != "stage"}
+        for name in ("neighbours", "shares"):
+            ids, a, b = (_items(record, f"{name}:{p}") for p in ("id", "a", "b"))
+            values[name] = {i: (x, y) for i, x, y in zip(ids, a, b, strict=True)}
+        values["linked"] = _items(record, "linked")
+        return cls(**values)
+
+
+def _items(record: ConfigRecord, key: str) -> list[Any]:
+    value = record.get(key, [])
+    return list(value) if isinstance(value, list) else []
+
+
+def _stage(msg: Message, previous: str) -> tuple[str, dict[str, Any]]:
+    """Return the message's stage and values, refusing a stage out of order (setup may always start afresh)."""
+    cfg = msg.content[RECORD_KEY_CONFIGS]
+    _check(isinstance(cfg, ConfigRecord), f"'{RECORD_KEY_CONFIGS}' is not a ConfigRecord")
+    values: dict[str, Any] = dict(cfg.items())
+    stage = values.pop(Key.STAGE, None)
+    if stage != Stage.SETUP:
+        _check(stage in _PREVIOUS, f"unknown stage {stage!r:.40}")
+        _check(previous == _PREVIOUS[str(stage)], f"stage {stage} after {previous!r}")
+    return str(stage), values
+
+
+def _configs(values: Mapping[str, Any]) -> RecordDict:
+    return RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(dict(values))})
+
+
+def _setup(values: Mapping[str, Any], msg: Message) -> _Round:
+    """Check the coordinator's parameters (they decide what the shares protect) and make this round's keys."""
+    names = ("sample_num", "share_num", "threshold", "target_range", "mod_range")
+    _check(set(values) == {*names, "clipping_range"}, f"setup keys {sorted(values)[:8]}")
+    _check(all(type(values[k]) is int for k in names), "setup values that are not integers")
+    n, s, t = values["sample_num"], values["share_num"], values["threshold"]
+    levels, modulus, clip_range = values["target_range"], values["mod_range"], values["clipping_range"]
+    _check(2 <= s <= n <= MAX_SAMPLE, f"{s} shares for {n} devices")
+    # t <= s/2 would let the coordinator gather both the seed and the key of one device: refused
+    _check(s // 2 + 1 <= t <= s, f"threshold {t} of {s} shares (must be more than half)")
+    _check(0 < modulus <= MAX_MODULUS and modulus & (modulus - 1) == 0, f"modulus {modulus}")
+    _check(1 <= levels and n * levels < modulus, f"{levels} levels for {n} devices under modulus {modulus}")
+    _check(type(clip_range) is float and math.isfinite(clip_range) and clip_range > 0, f"clip range {clip_range!r}")
+    sk1, pk1 = generate_key_pairs()
+    sk2, pk2 = generate_key_pairs()
+    return _Round(
+        msg.metadata.group_id,
+        msg.metadata.dst_node_id,
+        n,
+        s,
+        t,
+        levels,
+        modulus,
+        clip_range,
+        private_key_to_bytes(sk1),
+        public_key_to_bytes(pk1),
+        private_key_to_bytes(sk2),
+        public_key_to_bytes(pk2),
+    )
+
+
+def _share_keys(state: _Round, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Encrypt a share of a fresh seed and of the pairwise-mask key for each neighbour the coordinator named."""
+    _check(state.threshold <= len(values) <= state.share_num, f"{len(values)} neighbours' keys")
+    for name, pair in values.items():
+        _check(name.isdigit() and len(name) <= 20, f"neighbour id {name!r:.30}")
+        _check(isinstance(pair, list) and len(pair) == 2 and all(_is_key(k) for k in pair), f"keys of {name}")
+        state.neighbours[int(name)] = (pair[0], pair[1])
+    _check(state.neighbours.get(state.nid) == (state.pk1, state.pk2), "its own public keys are missing or altered")
+    flat = [k for pair in state.neighbours.values() for k in pair]
+    _check(len(set(flat)) == len(flat), "two neighbours share a public key")
+    state.seed = os.urandom(32)
+    seed_shares = create_shares(state.seed, state.threshold, state.share_num)
+    key_shares = create_shares(state.sk1, state.threshold, state.share_num)
+    sk2 = bytes_to_private_key(state.sk2)
+    dsts, texts = [], []
+    for idx, other in enumerate(sorted(state.neighbours)):
+        if other == state.nid:
+            state.shares[other] = (seed_shares[idx], key_shares[idx])
+            continue
+        plaintext = share_keys_plaintext_concat(state.nid, other, seed_shares[idx], key_shares[idx])
+        dsts.append(other)
+        texts.append(encrypt(generate_shared_key(sk2, bytes_to_public_key(state.neighbours[other][1])), plaintext))
+    return {Key.DESTINATION_LIST: dsts, Key.CIPHERTEXT_LIST: texts}
+
+
+def _collect(
+    state: _Round, values: Mapping[str, Any], msg: Message, context: Context, call_next: ClientAppCallable
+) -> RecordDict:
+    """Keep the neighbours' shares, train, and return the delta masked (or the train reply as is, if it has none)."""
+    _check(set(values) == {Key.CIPHERTEXT_LIST, Key.SOURCE_LIST}, f"collect keys {sorted(values)[:4]}")
+    srcs, texts = values[Key.SOURCE_LIST], values[Key.CIPHERTEXT_LIST]
+    _check(isinstance(srcs, list) and isinstance(texts, list) and len(srcs) == len(texts), "sources and ciphertexts")
+    others = set(state.neighbours) - {state.nid}
+    _check(len(set(srcs)) == len(srcs) and set(srcs) <= others, "sources that are not its neighbours")
+    _check(len(srcs) + 1 >= state.threshold, f"{len(srcs)} linked neighbours, fewer than the threshold - 1")
+    sk2 = bytes_to_private_key(state.sk2)
+    for src, text in zip(srcs, texts, strict=True):
+        _check(isinstance(text, bytes) and len(text) <= MAX_CIPHERTEXT_BYTES, f"the ciphertext from {src}")
+        plain = decrypt(generate_shared_key(sk2, bytes_to_public_key(state.neighbours[src][1])), text)
+        actual, dst, seed_share, key_share = share_keys_plaintext_separate(plain)
+        _check(actual == src and dst == state.nid, f"a ciphertext from {actual} to {dst} forwarded from {src}")
+        state.shares[src] = (seed_share, key_share)
+    reply = call_next(msg, context)
+    if reply.has_error():
+        raise SecAggDeviceError(f"the train handler failed: {str(reply.error.reason)[:200]}")
+    arrays = reply.content.array_records.get("arrays")
+    if arrays is None:  # it refused the release: no delta, nothing to mask or to reveal
+        return RecordDict(dict(reply.content.items()))
+    state.linked = list(srcs)
+    out = RecordDict({k: v for k, v in reply.content.items() if k != "arrays"})
+    out[Key.MASKED_PARAMETERS] = mask_delta(state, arrays)
+    return out
+
+
+def mask_delta(state: _Round, arrays: ArrayRecord) -> ArrayRecord:
+    """Quantize the delta (Flower's ``quantize``) and add the private and pairwise masks, modulo M (as uint32)."""
+    keys = sorted(arrays)  # the coordinator sums in the same order
+    delta = [arrays[k].numpy().astype(np.float64) for k in keys]
+    _check(all(bool(np.isfinite(d).all()) for d in delta), "a delta that is not finite")
+    modulus, nid = state.mod_range, state.nid
+    codes = [c.astype(np.int64) for c in quantize(delta, state.clipping_range, state.target_range)]
+    shapes = [c.shape for c in codes]
+    masks = [(1, pseudo_rand_gen(state.seed, modulus, shapes))]
+    sk1 = bytes_to_private_key(state.sk1)
+    for other in state.linked:  # one mask per pair, added by the larger id, subtracted by the smaller: they cancel
+        pair = generate_shared_key(sk1, bytes_to_public_key(state.neighbours[other][0]))
+        masks.append((1 if nid > other else -1, pseudo_rand_gen(pair, modulus, shapes)))
+    for sign, mask in masks:
+        codes = [(c + sign * m) % modulus for c, m in zip(codes, mask, strict=True)]
+    return ArrayRecord({k: Array(c.astype(np.uint32)) for k, c in zip(keys, codes, strict=True)})
+
+
+def _unmask(state: _Round, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Reveal, per linked neighbour, the seed share (survived) or the key share (dropped): one kind each, once."""
+    _check(set(values) == {Key.ACTIVE_NODE_ID_LIST, Key.DEAD_NODE_ID_LIST}, f"unmask keys {sorted(values)[:4]}")
+    alive, dead = values[Key.ACTIVE_NODE_ID_LIST], values[Key.DEAD_NODE_ID_LIST]
+    _check(isinstance(alive, list) and isinstance(dead, list), "unmask lists")
+    _check(len(set(alive)) == len(alive) and len(set(dead)) == len(dead), "a node listed twice")
+    _check(not set(alive) & set(dead), "a node listed as both survived and dropped")
+    _check(state.nid in alive and set(alive) | set(dead) <= {*state.linked, state.nid}, "nodes it is not linked with")
+    _check(len(alive) >= state.threshold, "fewer survivors than the threshold")
+    shares = [state.shares[n][0] for n in alive] + [state.shares[n][1] for n in dead]
+    return {Key.NODE_ID_LIST: [*alive, *dead], Key.SHARE_LIST: shares}
+
+
+def _is_key(value: Any) -> bool:
+    if not isinstance(value, bytes) or not 0 < len(value) <= MAX_KEY_BYTES:
+        return False
+    try:
+        return isinstance(bytes_to_public_key(value).curve, ec.SECP384R1)
+    except Exception:  # noqa: BLE001 (cryptography raises several kinds on hostile bytes)
+        return False
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise SecAggDeviceError(f"secure aggregation refused: {what}")

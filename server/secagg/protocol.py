@@ -1,0 +1,198 @@
+"""Run one round of SecAgg+ through a Flower ``Grid``: four Message exchanges, then the unmasked sum.
+
+The stages (Bell et al., CCS 2020; Flower's ``SecAggPlusWorkflow``, ported in
+``server/secagg/stages.py``), each one ``grid.send_and_receive`` of ``train`` messages whose
+``secaggplus_configs`` record carries the stage (the devices' side is ``client/secagg.py``):
+
+1. setup: the parameters out; two public keys back from each device;
+2. share keys: each device gets its neighbours' keys; it returns its two secrets' Shamir shares,
+   encrypted for each neighbour;
+3. collect masked vectors: each device gets the shares meant for it *and the round's own train
+   content* (the signed release, the config); it trains, quantizes and masks its delta, and
+   returns only the masked vector (plus its scalar metrics and name);
+4. unmask: each survivor returns, per neighbour, the share that removes that neighbour's masks
+   (the seed share of a survivor, the key share of a device that dropped after sharing keys).
+
+Every reply is parsed at the boundary (``server/secagg/replies.py``); one that does not parse, an
+error reply, or a device that does not answer within the timeout make that device a dropout of the
+stage, with its reason. Fewer than the threshold left raises :class:`SecAggAbortedError`: the strategy
+keeps the global adapter. The coordinator never holds any single device's delta, only the sum.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.serverapp import Grid
+
+from server.secagg import stages
+from server.secagg.params import SecAggParams
+from server.secagg.replies import parse_ciphertexts, parse_masked, parse_public_keys, parse_shares
+from server.secagg.stages import RoundState, SecAggAbortedError
+
+__all__ = ["SecAggAbortedError", "SecAggResult", "run_secagg"]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SecAggResult:
+    """What one secure round gives the strategy: the sum, who is in it, and what the devices said."""
+
+    total: dict[str, torch.Tensor]
+    """float32 sum over the survivors of their (clipped, quantized) deltas; within ``n * params.step`` per entry."""
+    survivors: tuple[int, ...]
+    """Node ids whose masked vectors are in the sum."""
+    recovered: tuple[int, ...]
+    """Node ids that dropped after sharing their keys, their masks removed through the survivors' shares."""
+    replies: dict[int, RecordDict]
+    """Each collect reply's own records (``metrics``, ``client``; a refusal too) for ``server/replies.py``."""
+    rejected: dict[int, str]
+    """Node id -> why it fell out of the protocol (no answer, an error, or a reply that did not parse)."""
+
+
+def run_secagg(
+    grid: Grid,
+    contents: Mapping[int, RecordDict],
+    shapes: Mapping[str, tuple[int, ...]],
+    params: SecAggParams,
+    server_round: int,
+) -> SecAggResult:
+    """Securely sum the deltas the devices in ``contents`` (node id -> its train content) train this round.
+
+    ``shapes`` are the uploaded tensors' shapes (the global adapter's, under FFA-LoRA only B).
+
+    Raises
+    ------
+    SecAggAbortedError
+        If fewer devices than the threshold stay in, or a secret cannot be rebuilt.
+    SecAggConfigError
+        If the sample is smaller than the threshold or larger than ``params.max_devices``.
+    """
+    state = stages.start(params, list(contents), shapes)
+    rejected: dict[int, str] = {}
+    ex = _Exchange(grid, server_round, params.timeout, rejected)
+
+    setup = stages.setup_config(state, len(contents))
+    got = ex.run(Stage.SETUP, {n: _content(Stage.SETUP, setup) for n in contents}, lambda m, n: parse_public_keys(m))
+    state.public_keys = got
+    stages.check(state, set(got), "setup")
+
+    def keys_for(nid: int) -> RecordDict:
+        return _content(Stage.SHARE_KEYS, {str(n): list(k) for n, k in stages.keyed_neighbours(state, nid).items()})
+
+    sent = ex.run(
+        Stage.SHARE_KEYS,
+        {n: keys_for(n) for n in state.public_keys},
+        lambda m, n: parse_ciphertexts(m, set(stages.keyed_neighbours(state, n)) - {n}),
+    )
+    stages.link(state, sent)
+
+    replies = _collect(ex, state, contents)
+    stages.check(state, state.survivors, "collect masked vectors")
+    state.dropped = set(state.links) - state.survivors
+
+    asked = {n: stages.unmask_request(state, n) for n in sorted(state.survivors)}
+    unmask = {
+        n: _content(Stage.UNMASK, {Key.ACTIVE_NODE_ID_LIST: alive, Key.DEAD_NODE_ID_LIST: dead})
+        for n, (alive, dead) in asked.items()
+    }
+    got_shares = ex.run(Stage.UNMASK, unmask, lambda m, n: parse_shares(m, [*asked[n][0], *asked[n][1]]))
+    collected: dict[int, list[bytes]] = {}
+    for row in got_shares.values():
+        for owner, share in row.items():
+            collected.setdefault(owner, []).append(share)
+    total = stages.unmask(state, collected)
+    log(
+        logging.INFO,
+        "round %d: secure aggregation summed %d devices; %d dropped after sharing keys (masks removed); "
+        "%d out of the round in all",
+        server_round,
+        len(state.survivors),
+        len(state.dropped),
+        len(rejected),
+    )
+    return SecAggResult(
+        total={k: torch.from_numpy(v).to(torch.float32) for k, v in total.items()},
+        survivors=tuple(sorted(state.survivors)),
+        recovered=tuple(sorted(state.dropped)),
+        replies=replies,
+        rejected=rejected,
+    )
+
+
+def _collect(ex: _Exchange, state: RoundState, contents: Mapping[int, RecordDict]) -> dict[int, RecordDict]:
+    """Stage 3: forward the shares with each device's train content; sum the masked vectors as they parse."""
+    out: dict[int, RecordDict] = {}
+
+    def content(nid: int) -> RecordDict:
+        links = state.links[nid]
+        cfg = {Key.CIPHERTEXT_LIST: list(links.values()), Key.SOURCE_LIST: list(links)}
+        record = RecordDict(dict(contents[nid].items()))
+        record[RECORD_KEY_CONFIGS] = _content(Stage.COLLECT_MASKED_VECTORS, cfg)[RECORD_KEY_CONFIGS]
+        return record
+
+    def parse(msg: Message, nid: int) -> None:
+        vector, rest = parse_masked(msg, state.shapes, state.params.modulus)
+        out[nid] = rest
+        if vector is not None:
+            stages.add_masked(state, nid, vector)
+
+    ex.run(Stage.COLLECT_MASKED_VECTORS, {n: content(n) for n in state.links}, parse)
+    for nid in set(out) - state.survivors:
+        ex.rejected[nid] = "sent no masked vector (it refused the round's release)"
+    return out
+
+
+def _content(stage: str, values: Mapping[str, Any]) -> RecordDict:
+    return RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: stage, **values})})
+
+
+@dataclass
+class _Exchange:
+    """One ``send_and_receive`` per stage; replies matched to the message they answer, parsed, or rejected."""
+
+    grid: Grid
+    server_round: int
+    timeout: float
+    rejected: dict[int, str]
+
+    def run(self, stage: str, contents: Mapping[int, RecordDict], parse: Callable[[Message, int], T]) -> dict[int, T]:
+        sent = {
+            nid: Message(content, dst_node_id=nid, message_type=MessageType.TRAIN, group_id=str(self.server_round))
+            for nid, content in contents.items()
+        }
+        replies = self.grid.send_and_receive(list(sent.values()), timeout=self.timeout)
+        by_id = {msg.metadata.message_id: nid for nid, msg in sent.items()}
+        out: dict[int, T] = {}
+        for reply in replies:
+            nid = by_id.pop(reply.metadata.reply_to_message_id, None)
+            if nid is None:
+                continue  # not an answer to this stage's messages, or a second answer
+            if reply.has_error():
+                self._reject(stage, nid, f"error reply: {str(reply.error.reason)[:200]}")
+                continue
+            try:
+                out[nid] = parse(reply, nid)
+            except Exception as exc:  # noqa: BLE001 (one device's reply: a rejection, never a crash)
+                self._reject(stage, nid, f"{type(exc).__name__}: {str(exc)[:200]}")
+        for nid in by_id.values():
+            self._reject(stage, nid, f"no answer within {self.timeout:g} s")
+        return out
+
+    def _reject(self, stage: str, nid: int, reason: str) -> None:
+        self.rejected[nid] = f"{stage}: {reason}"
+        log(
+            logging.WARNING,
+            "round %d: secure aggregation: device %d is out of the round at stage '%s': %s",
+            self.server_round,
+            nid,
+            stage,
+            reason,
+        )

@@ -1,0 +1,117 @@
+"""SecAgg+ for real between our coordinator stages and our client mod, through Flower's InMemoryGrid and encoding."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+from server.secagg.params import SecAggParams
+from server.secagg.protocol import SecAggAbortedError, run_secagg
+from tests.server.secagg.fleet import Fleet
+
+SHAPES = {"m.lora_A.weight": (4, 64), "m.lora_B.weight": (64, 4)}
+C = 1.0
+PARAMS = SecAggParams(num_shares=5, threshold=3, clip_range=C, max_devices=100, timeout=60.0)
+
+
+def deltas(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Deltas of L2 norm <= C, as client-side clipping leaves them."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        d = {k: rng.normal(0, 0.05, s) for k, s in SHAPES.items()}
+        norm = np.sqrt(sum(float((v**2).sum()) for v in d.values()))
+        out.append({k: (v * min(1.0, C / norm)).astype(np.float32) for k, v in d.items()})
+    return out
+
+
+def plain_sum(ds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: sum(d[k].astype(np.float64) for d in ds) for k in SHAPES}
+
+
+def assert_within_quantization(got, want, n: int) -> None:
+    for key in SHAPES:
+        err = np.abs(got[key].numpy().astype(np.float64) - want[key]).max()
+        assert err <= n * PARAMS.step, f"{key}: error {err:.3g} above {n} quantization steps"
+
+
+def test_five_devices_sum_equals_plain_sum_within_quantization_error():
+    ds = deltas(5)
+    with Fleet(ds) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    assert result.survivors == tuple(sorted(fleet.nodes)) and result.recovered == () and result.rejected == {}
+    assert_within_quantization(result.total, plain_sum(ds), 5)
+    assert set(result.replies) == set(fleet.nodes)
+    assert all(set(r.keys()) == {"metrics", "client"} for r in result.replies.values())  # no delta passed through
+
+
+def test_a_device_dropping_after_sharing_keys_leaves_the_sum_of_the_four_survivors():
+    ds = deltas(5, seed=1)
+    with Fleet(ds, drop={2: Stage.COLLECT_MASKED_VECTORS}) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    dropped = fleet.nodes[2]
+    assert result.recovered == (dropped,) and dropped not in result.survivors and len(result.survivors) == 4
+    assert dropped not in fleet.trained  # its delta was never made, let alone sent
+    assert_within_quantization(result.total, plain_sum([d for i, d in enumerate(ds) if i != 2]), 4)
+
+
+def test_two_neighbouring_devices_dropping_are_both_recovered():
+    ds = deltas(5, seed=2)  # 5 shares of 5 devices: every device neighbours every other
+    with Fleet(ds, drop={0: Stage.COLLECT_MASKED_VECTORS, 1: Stage.COLLECT_MASKED_VECTORS}) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    assert set(result.recovered) == {fleet.nodes[0], fleet.nodes[1]}
+    assert_within_quantization(result.total, plain_sum(ds[2:]), 3)
+
+
+def test_a_device_lost_before_sharing_keys_is_left_out_without_failing_the_round():
+    ds = deltas(5, seed=3)
+    with Fleet(ds, drop={4: Stage.SHARE_KEYS}) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    assert result.recovered == () and fleet.nodes[4] in result.rejected
+    assert_within_quantization(result.total, plain_sum(ds[:4]), 4)
+
+
+def test_below_the_threshold_the_round_fails_with_the_typed_error():
+    with Fleet(deltas(5), drop={i: Stage.COLLECT_MASKED_VECTORS for i in (0, 1, 2)}) as fleet:
+        with pytest.raises(SecAggAbortedError, match="fewer than the reconstruction threshold 3"):
+            run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+
+
+def test_no_message_the_coordinator_receives_is_correlated_with_any_single_delta():
+    ds = deltas(5, seed=4)
+    with Fleet(ds, drop={3: Stage.COLLECT_MASKED_VECTORS}) as fleet:
+        run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    arrays = [
+        rec[k].numpy()
+        for _, msg in fleet.received
+        if not msg.has_error()
+        for rec in msg.content.array_records.values()
+        for k in rec
+    ]
+    assert len(arrays) == 4 * len(SHAPES)  # the survivors' masked vectors: the only arrays that arrived
+    for got in arrays:
+        for d in ds:
+            for want in d.values():
+                if got.shape != want.shape:
+                    continue
+                assert not np.array_equal(got.astype(np.float64), want.astype(np.float64))
+                corr = np.corrcoef(got.astype(np.float64).ravel(), want.astype(np.float64).ravel())[0, 1]
+                assert abs(corr) < 0.2, f"a received array correlates with a device's delta: {corr:.3f}"
+    for _, msg in fleet.received:  # and no config value carries the delta either (only keys, shares, ids)
+        for rec in msg.content.config_records.values():
+            assert Key.MASKED_PARAMETERS not in rec
+
+
+def test_a_device_sending_its_plain_delta_instead_is_refused_and_the_round_sums_the_others():
+    ds = deltas(5, seed=5)
+
+    def leak(msg, context, call_next):  # a broken device: uploads its delta where the masked vector goes
+        reply = call_next(msg, context)
+        if Key.MASKED_PARAMETERS in reply.content:
+            reply.content[Key.MASKED_PARAMETERS] = ArrayRecord({k: Array(v) for k, v in ds[0].items()})
+        return reply
+
+    with Fleet(ds, mods={0: [leak]}) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    assert result.recovered == (fleet.nodes[0],) and "expected uint32" in result.rejected[fleet.nodes[0]]
+    assert_within_quantization(result.total, plain_sum(ds[1:]), 4)

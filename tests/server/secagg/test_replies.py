@@ -1,0 +1,99 @@
+"""The coordinator's SecAgg+ trust boundary: each hostile reply refused by name, never half-parsed."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
+
+from server.secagg.replies import (
+    SecAggReplyError,
+    parse_ciphertexts,
+    parse_masked,
+    parse_public_keys,
+    parse_shares,
+)
+from tests.server.messages import message, through_flower
+
+SHAPES = {"a": (2, 3)}
+M = 1 << 32
+
+
+def reply(records: dict):
+    return through_flower(message(records))
+
+
+def cfg(**values):
+    return {RECORD_KEY_CONFIGS: ConfigRecord(values)}
+
+
+def pk() -> bytes:
+    return public_key_to_bytes(generate_key_pairs()[1])
+
+
+def test_public_keys_parse_and_hostile_keys_are_refused():
+    k1, k2 = pk(), pk()
+    assert parse_public_keys(reply(cfg(pk1=k1, pk2=k2))) == (k1, k2)
+    for bad, reason in [(cfg(pk1=k1, pk2=k1), "identical"), (cfg(pk1=b"x" * 99, pk2=k2), "does not parse")]:
+        with pytest.raises(SecAggReplyError, match=reason):
+            parse_public_keys(reply(bad))
+    with pytest.raises(SecAggReplyError, match="not 1 to 1024 bytes"):
+        parse_public_keys(reply(cfg(pk1=b"x" * 5000, pk2=k2)))
+    with pytest.raises(SecAggReplyError, match="keys are"):
+        parse_public_keys(reply(cfg(pk1=k1, pk2=k2, extra=1)))
+
+
+def test_ciphertexts_only_to_neighbours_once_each():
+    good = cfg(**{Key.DESTINATION_LIST: [5, 6], Key.CIPHERTEXT_LIST: [b"a", b"b"]})
+    assert parse_ciphertexts(reply(good), {5, 6}) == {5: b"a", 6: b"b"}
+    bad = [
+        ({Key.DESTINATION_LIST: [5, 9], Key.CIPHERTEXT_LIST: [b"a", b"b"]}, "not its neighbours"),
+        ({Key.DESTINATION_LIST: [5, 5], Key.CIPHERTEXT_LIST: [b"a", b"b"]}, "unique"),
+        ({Key.DESTINATION_LIST: [5], Key.CIPHERTEXT_LIST: [b"a" * 5000]}, "longer than"),
+        ({Key.DESTINATION_LIST: [5, 6, 7], Key.CIPHERTEXT_LIST: [b"a"] * 3}, "at most 2"),
+    ]
+    for values, reason in bad:
+        with pytest.raises(SecAggReplyError, match=reason):
+            parse_ciphertexts(reply(cfg(**values)), {5, 6})
+
+
+def masked(arr) -> dict:
+    return {Key.MASKED_PARAMETERS: ArrayRecord({"a": Array(arr)}), "metrics": MetricRecord({"num-examples": 3})}
+
+
+def test_a_masked_vector_parses_to_int64_and_the_train_records_pass_through():
+    vector, rest = parse_masked(reply(masked(np.arange(6, dtype=np.uint32).reshape(2, 3))), SHAPES, M)
+    assert vector["a"].dtype == np.int64 and vector["a"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert set(rest.keys()) == {"metrics"}
+
+
+@pytest.mark.parametrize(
+    ("arr", "modulus", "reason"),
+    [
+        (np.zeros((2, 3), dtype=np.float32), M, "expected uint32"),  # a plain delta instead of a masked one
+        (np.zeros((3, 2), dtype=np.uint32), M, "expected uint32 \\(2, 3\\)"),
+        (np.full((2, 3), 70_000, dtype=np.uint32), 1 << 16, "modulus"),
+    ],
+)
+def test_hostile_masked_vectors_are_refused(arr, modulus, reason):
+    with pytest.raises(SecAggReplyError, match=reason):
+        parse_masked(reply(masked(arr)), SHAPES, modulus)
+
+
+def test_a_masked_vector_with_other_records_or_tensors_is_refused():
+    records = masked(np.zeros((2, 3), dtype=np.uint32))
+    with pytest.raises(SecAggReplyError, match="unexpected records"):
+        parse_masked(reply({**records, "arrays": ArrayRecord({"a": Array(np.zeros((2, 3)))})}), SHAPES, M)
+    with pytest.raises(SecAggReplyError, match="unexpected"):
+        parse_masked(reply(masked(np.zeros((2, 3), dtype=np.uint32))), {"b": (2, 3)}, M)
+
+
+def test_shares_exactly_one_for_each_node_asked():
+    share = b"\x01\x00\x00\x00" + b"s" * 16
+    assert parse_shares(reply(cfg(**{Key.NODE_ID_LIST: [1, 2], Key.SHARE_LIST: [share, share]})), [1, 2]) == {
+        1: share,
+        2: share,
+    }
+    for nids, shares, reason in [([1, 3], [share, share], "expected one each"), ([1, 2], [share, b"xx"], "chunks")]:
+        with pytest.raises(SecAggReplyError, match=reason):
+            parse_shares(reply(cfg(**{Key.NODE_ID_LIST: nids, Key.SHARE_LIST: shares})), [1, 2])
