@@ -27,6 +27,7 @@ from client.fetch import FetchError, fetch_links, fetch_release
 from client.partition import Partition, partition_for
 from client.privacy import clip_and_pack
 from client.record_dp import LEDGER_FILE, Ledger, RecordDp, train_record_dp
+from client.secagg import secagg_mod
 from client.train import TrainResult, evaluate, train_adapter
 from client.verify import install_release
 from shared.adapter import adapter_state, attach_lora, set_trainable_factors, uploaded_keys
@@ -40,7 +41,7 @@ from shared.replay import AcceptedReleases
 from shared.sign import SignatureError
 from shared.wire import WireError, pack
 
-app = ClientApp()
+app = ClientApp(mods=[secagg_mod])  # SecAgg+ stages (aggregation.secure); every other message passes through
 
 
 @app.train()

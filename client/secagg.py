@@ -39,7 +39,6 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, 
 from flwr.common.secure_aggregation.quantization import quantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.common.secure_aggregation.secaggplus_utils import (
-    pseudo_rand_gen,
     share_keys_plaintext_concat,
     share_keys_plaintext_separate,
 )
@@ -51,8 +50,10 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
+from shared.secagg_prg import masks as prg_masks
+
 MAX_SAMPLE = 100_000
-MAX_MODULUS = 1 << 32  # the range of Flower's pseudo_rand_gen
+MAX_MODULUS = 1 << 32  # the range of shared.secagg_prg's uint32 keystream
 MAX_KEY_BYTES = 1024
 MAX_CIPHERTEXT_BYTES = 4096
 _PREVIOUS = {Stage.SHARE_KEYS: Stage.SETUP, Stage.COLLECT_MASKED_VECTORS: Stage.SHARE_KEYS, Stage.UNMASK: "masked"}
@@ -246,11 +247,11 @@ def mask_delta(state: _Round, arrays: ArrayRecord) -> ArrayRecord:
     modulus, nid = state.mod_range, state.nid
     codes = [c.astype(np.int64) for c in quantize(delta, state.clipping_range, state.target_range)]
     shapes = [c.shape for c in codes]
-    masks = [(1, pseudo_rand_gen(state.seed, modulus, shapes))]
+    masks = [(1, prg_masks(state.seed, modulus, shapes))]
     sk1 = bytes_to_private_key(state.sk1)
     for other in state.linked:  # one mask per pair, added by the larger id, subtracted by the smaller: they cancel
         pair = generate_shared_key(sk1, bytes_to_public_key(state.neighbours[other][0]))
-        masks.append((1 if nid > other else -1, pseudo_rand_gen(pair, modulus, shapes)))
+        masks.append((1 if nid > other else -1, prg_masks(pair, modulus, shapes)))
     for sign, mask in masks:
         codes = [(c + sign * m) % modulus for c, m in zip(codes, mask, strict=True)]
     return ArrayRecord({k: Array(c.astype(np.uint32)) for k, c in zip(keys, codes, strict=True)})

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from server.validate import check_size, check_update
 from shared.wire import unpack, wire_bytes
@@ -107,19 +107,22 @@ def parse_train(msg: Message, node_id: int, spec: UpdateSpec) -> TrainReply | Re
         return _refusal(msg, client, node_id, name)
     _records(msg, {"arrays": ArrayRecord, "metrics": MetricRecord, "client": ConfigRecord})
     metrics = _metrics(msg.content.metric_records["metrics"], TRAIN_METRICS, spec.max_examples)
-    arrays = msg.content.array_records["arrays"]
-    return TrainReply(
-        node_id=node_id,
-        name=name,
-        num_examples=int(metrics["num-examples"]),
-        train_loss=float(metrics["train-loss"]),
-        train_seconds=float(metrics["train-seconds"]),
-        base_download_bytes=int(metrics.get("base-download-bytes", 0)),
-        dp_clipped=bool(metrics.get("dp-clipped", 0)),
-        record_epsilon=float(metrics["dp-record-epsilon"]) if "dp-record-epsilon" in metrics else None,
-        arrays=arrays,
-        nbytes=wire_bytes(arrays),
-    )
+    return _train_reply(node_id, name, metrics, msg.content.array_records["arrays"])
+
+
+def parse_secure_train(content: RecordDict, node_id: int, max_examples: int) -> TrainReply | Refusal:
+    """Parse what a secure round's device said beside its masked vector: its metrics and name, no arrays.
+
+    Its delta reaches the coordinator only inside the round's sum (``server/secagg/``).
+    """
+    msg = Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN)
+    client = _client(msg)
+    name = _name(client, node_id)
+    if "refused-release" in client:
+        return _refusal(msg, client, node_id, name)
+    _records(msg, {"metrics": MetricRecord, "client": ConfigRecord})
+    metrics = _metrics(msg.content.metric_records["metrics"], TRAIN_METRICS, max_examples)
+    return _train_reply(node_id, name, metrics, ArrayRecord())
 
 
 def parse_evaluate(msg: Message, node_id: int, max_examples: int) -> EvalReply | Refusal:
@@ -144,6 +147,21 @@ def decode_update(reply: TrainReply, spec: UpdateSpec) -> dict[str, torch.Tensor
     delta = unpack(reply.arrays, shapes, spec.encoding)
     check_update(delta, spec.expected, float(reply.num_examples))
     return delta
+
+
+def _train_reply(node_id: int, name: str, metrics: Mapping[str, int | float], arrays: ArrayRecord) -> TrainReply:
+    return TrainReply(
+        node_id=node_id,
+        name=name,
+        num_examples=int(metrics["num-examples"]),
+        train_loss=float(metrics["train-loss"]),
+        train_seconds=float(metrics["train-seconds"]),
+        base_download_bytes=int(metrics.get("base-download-bytes", 0)),
+        dp_clipped=bool(metrics.get("dp-clipped", 0)),
+        record_epsilon=float(metrics["dp-record-epsilon"]) if "dp-record-epsilon" in metrics else None,
+        arrays=arrays,
+        nbytes=wire_bytes(arrays),
+    )
 
 
 def reported_name(msg: Message, node_id: int) -> str | None:

@@ -116,14 +116,17 @@ def format_table(data: dict[str, Any]) -> str:
     SHA-256, first 16 hex digits; ``fleetlora verify`` prints it whole). When any round released
     under differential privacy, ``ε`` is the privacy spent by the run after that round and
     ``clipped`` the share of its updates clipped to C; a line under the table says at which δ.
+    ``secure sum``: a round aggregated by SecAgg+, its survivors (and devices recovered after dropping out).
     """
     rounds = sorted(data["rounds"], key=lambda r: r["round"])
     privacy = [_privacy(r) for r in rounds]
     dp = any(p is not None for p in privacy)
+    secure = any(isinstance(r.get("secure"), Mapping) for r in rounds)
     labels = _labels(rounds)
     keys = sorted(labels, key=lambda k: (labels[k], k))
     head = ["round", "clients", "rejected", "train loss"] + [f"held-out {labels[k]}" for k in keys]
-    head += ["held-out mean"] + (["ε", "clipped"] if dp else []) + ["MB up", "MB down", "key id", "manifest"]
+    head += ["held-out mean"] + (["ε", "clipped"] if dp else []) + (["secure sum"] if secure else [])
+    head += ["MB up", "MB down", "key id", "manifest"]
     rows = []
     for r, p in zip(rounds, privacy, strict=True):
         trained = [c for c in r["clients"].values() if "train_loss" in c]
@@ -137,6 +140,8 @@ def format_table(data: dict[str, Any]) -> str:
         row += [_num(r.get("mean_heldout_loss"))]
         if dp:
             row += ["-", "-"] if p is None else [_epsilon(p["epsilon"]), _percent(p["clipped_fraction"])]
+        if secure:
+            row += [_secure(r.get("secure"))]
         row += [_mb(r.get("bytes_up")), _mb(r.get("bytes_down"))]
         release = r.get("release", {})
         row += [release.get("key_id", "-"), release.get("manifest", "-")[:16]]
@@ -177,6 +182,17 @@ def _labels(rounds: list[dict[str, Any]]) -> dict[str, str]:
     for name in names.values():
         taken[name] = taken.get(name, 0) + 1
     return {key: name if taken[name] == 1 else f"{name} (node {key})" for key, name in names.items()}
+
+
+def _secure(values: Any) -> str:
+    """Return a secure round's survivors and devices recovered after dropping out ("5 (1 recovered)"), else "-"."""
+    if not isinstance(values, Mapping):
+        return "-"
+    survivors, recovered = values.get("survivors"), values.get("recovered")
+    if not isinstance(survivors, int) or isinstance(survivors, bool) or not 0 <= survivors < 1 << 31:
+        return "-"
+    ok = isinstance(recovered, int) and not isinstance(recovered, bool) and 0 < recovered < 1 << 31
+    return f"{survivors} ({recovered} recovered)" if ok else str(survivors)
 
 
 def _privacy(rec: Mapping[str, Any]) -> RoundPrivacy | None:

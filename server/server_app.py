@@ -30,6 +30,7 @@ from server.quantize import publish_base
 from server.registry import Registry
 from server.report import RoundLog, format_table
 from server.resume import carried_rounds, resume_point, unrecorded_rounds
+from server.secure_rounds import SecureRounds, secagg_params
 from server.state import StateStore
 from server.state.heartbeat import Heartbeat
 from server.strategy import AdapterStrategy
@@ -67,7 +68,8 @@ def main(grid: Grid, context: Context) -> None:
     fractions = (cfg.fraction_train, cfg.fraction_evaluate)
     client_level = cfg.dp.enabled and cfg.dp.level == "client"  # record level: each device's own DP-SGD
     dp = DpRounds(cfg.dp, cfg.fraction_train, cfg.num_server_rounds) if client_level else None
-    strategy = AdapterStrategy(round_log, cfg.min_clients, cfg.aggregation, cfg.lora, registry, fractions, dp)
+    secure = SecureRounds(secagg_params(cfg)) if cfg.aggregation.secure else None  # bad values fail here
+    strategy = AdapterStrategy(round_log, cfg.min_clients, cfg.aggregation, cfg.lora, registry, fractions, dp, secure)
     with contextlib.ExitStack() as running:  # on the way out, however: stop the service, then the heartbeat
         running.callback(Heartbeat(state, run_id).start().stop)  # lets the dashboard tell running from stopped
         if service is not None:

@@ -37,6 +37,7 @@ from server.replies import (
 )
 from server.report import RoundLog
 from server.roster import Roster
+from server.secure_rounds import SecureRounds, aggregate_secure
 from server.validate import check_aggregate, contribution_norms, norm_outliers
 from shared.adapter import ADAPTER_WEIGHTS, uploaded_keys
 from shared.clipping import update_norm
@@ -68,6 +69,7 @@ class AdapterStrategy(FedAvg):
         registry: Registry,
         fractions: tuple[float, float] = (1.0, 1.0),
         dp: DpRounds | None = None,
+        secure: SecureRounds | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fractions[0],
@@ -81,9 +83,9 @@ class AdapterStrategy(FedAvg):
         self.registry = registry
         self.round_offset = 0
         self.roster = Roster()
-        self.dp = dp
+        self.dp, self.secure = dp, secure
         self._global: dict[str, Any] = {}
-        self._bytes_down = 0
+        self.bytes_down = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -92,17 +94,34 @@ class AdapterStrategy(FedAvg):
         release = self._release_of(arrays)
         self._global = load_tensors(release.files[ADAPTER_WEIGHTS])
         signed, signed_bytes = self._signed(config, release)
-        self._bytes_down = wire_bytes(arrays) + signed_bytes
+        self.bytes_down = wire_bytes(arrays) + signed_bytes
         server_round += self.round_offset
+        messages = self._sample_train(server_round, arrays, signed, grid)
+        if self.secure is None:
+            return self.roster.sending(messages)
+        self.secure.run(grid, messages, self.uploaded_shapes(), server_round)  # four exchanges of its own
+        return []  # aggregate_train takes the sum from self.secure
+
+    def _sample_train(self, server_round: int, arrays: ArrayRecord, signed: ConfigRecord, grid: Grid) -> list[Message]:
+        """Return the round's train messages: Flower's sampling, or Poisson sampling under DP."""
         if self.dp is None:
-            return self.roster.sending(super().configure_train(server_round, arrays, signed, grid))
+            return list(super().configure_train(server_round, arrays, signed, grid))
         self.dp.check_next()  # BudgetExhaustedError: server_app ends the run with the last signed release
         _, connected = sample_nodes(grid, self.min_available_nodes, 0)
         nodes = self.dp.sample(connected)
         log(logging.INFO, "round %d: dp: Poisson-sampled %d of %d devices", server_round, len(nodes), len(connected))
         signed["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: signed})
-        return self.roster.sending(self._construct_messages(record, nodes, MessageType.TRAIN))
+        return list(self._construct_messages(record, nodes, MessageType.TRAIN))
+
+    @property
+    def global_adapter(self) -> dict[str, Any]:
+        """The global adapter this round started from (the latest signed release's tensors)."""
+        return self._global
+
+    def uploaded_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Return the shapes of the tensors a device uploads this round (under FFA-LoRA only B)."""
+        return {k: tuple(self._global[k].shape) for k in uploaded_keys(self.agg.method, self._global)}
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -126,6 +145,8 @@ class AdapterStrategy(FedAvg):
         and takes its norm, the norm-outlier rule then needs the whole round; the second folds.
         """
         server_round += self.round_offset
+        if self.secure is not None:
+            return aggregate_secure(self, server_round, self.secure.take())
         replies = list(replies)
         self._log_silent(server_round, replies, "train")
         spec = UpdateSpec(
@@ -142,14 +163,14 @@ class AdapterStrategy(FedAvg):
             try:
                 norms[reply.node_id], clipped[reply.node_id] = self._measure(reply, spec)
             except Exception as exc:  # noqa: BLE001 (one device's payload: a rejection, never a crash)
-                self._reject(server_round, reply.node_id, reply.name, _reason(exc))
+                self.reject(server_round, reply.node_id, reply.name, _reason(exc))
                 continue
             updates[reply.node_id] = reply
         if self.dp is None:
             weights = {n: float(u.num_examples) for n, u in updates.items()}
             contributions = contribution_norms(norms, weights) if updates else {}
             for node, reason in norm_outliers(contributions, self.agg.max_norm_ratio).items():
-                self._reject(server_round, node, updates.pop(node).name, reason)
+                self.reject(server_round, node, updates.pop(node).name, reason)
         tally["rejected-updates"] += len(parsed) - len(updates)
         metrics = self._train_metrics(tally, replies, updates)
         if len(updates) < self.agg.min_accepted:
@@ -164,21 +185,27 @@ class AdapterStrategy(FedAvg):
             )
             return None, metrics
         published = self._aggregate(server_round, updates, spec, norms, clipped)
-        if published is not None and self.dp is not None:
-            privacy = self.dp.spend(sum(clipped.values()) / len(updates))
-            self.round_log.note(server_round, privacy=privacy)
-            metrics["dp-epsilon"] = privacy["epsilon"]
-            log(
-                logging.INFO,
-                "round %d: dp: epsilon spent %.4g at delta %g (z %.4g, C %g, %.0f%% of updates clipped)",
-                server_round,
-                privacy["epsilon"],
-                privacy["delta"],
-                privacy["noise_multiplier"],
-                privacy["clip_norm"],
-                100 * privacy["clipped_fraction"],
-            )
+        if published is not None:
+            self.spend_privacy(server_round, sum(clipped.values()) / len(updates), metrics)
         return published, metrics
+
+    def spend_privacy(self, server_round: int, clipped_fraction: float, metrics: MetricRecord) -> None:
+        """Under DP, account for the round just released and record its epsilon (log, round log, metrics)."""
+        if self.dp is None:
+            return
+        privacy = self.dp.spend(clipped_fraction)
+        self.round_log.note(server_round, privacy=privacy)
+        metrics["dp-epsilon"] = privacy["epsilon"]
+        log(
+            logging.INFO,
+            "round %d: dp: epsilon spent %.4g at delta %g (z %.4g, C %g, %.0f%% of updates clipped)",
+            server_round,
+            privacy["epsilon"],
+            privacy["delta"],
+            privacy["noise_multiplier"],
+            privacy["clip_norm"],
+            100 * privacy["clipped_fraction"],
+        )
 
     def _measure(self, reply: TrainReply, spec: UpdateSpec) -> tuple[float, bool]:
         """Decode and check one update; return its norm and whether its contribution is (or was) clipped."""
@@ -219,7 +246,7 @@ class AdapterStrategy(FedAvg):
             if reply.record_epsilon is not None:  # dp.level = record: what the device reports it spent
                 entry["record_epsilon"] = reply.record_epsilon
             self.round_log.client(
-                server_round, reply.node_id, reply.name, **entry, bytes_up=reply.nbytes, bytes_down=self._bytes_down
+                server_round, reply.node_id, reply.name, **entry, bytes_up=reply.nbytes, bytes_down=self.bytes_down
             )
         try:
             state = self._fold(updates, spec)
@@ -243,6 +270,10 @@ class AdapterStrategy(FedAvg):
             self.agg.delta_encoding,
             sum(u.train_loss for u in updates.values()) / len(updates),
         )
+        return self.sign(server_round, state)
+
+    def sign(self, server_round: int, state: Mapping[str, Any]) -> ArrayRecord:
+        """Sign and store ``state`` as the release of ``server_round``; return what the next messages carry."""
         release, manifest = self.registry.publish(server_round, state)
         self.record_release(server_round, manifest)
         return release_to_records(release)[0]
@@ -252,7 +283,7 @@ class AdapterStrategy(FedAvg):
     ) -> MetricRecord:
         """Return the round's train metrics, computed from parsed values only."""
         metrics: dict[str, int | float | list[int] | list[float]] = {**tally}
-        metrics["bytes-down"] = self._bytes_down * len(replies)
+        metrics["bytes-down"] = self.bytes_down * len(replies)
         metrics["bytes-up"] = sum(u.nbytes for u in updates.values())
         total = sum(u.num_examples for u in updates.values())
         if updates:
@@ -314,7 +345,7 @@ class AdapterStrategy(FedAvg):
             except Exception as exc:  # noqa: BLE001 (a device's reply: a rejection, never a crash)
                 tally["rejected-updates"] += 1
                 name = reported_name(msg, node) or self.roster.names.get(node)
-                self._reject(server_round, node, name, _reason(exc), phase)
+                self.reject(server_round, node, name, _reason(exc), phase)
                 continue
             self.roster.names[node] = reply.name
             if isinstance(reply, Refusal):
@@ -326,7 +357,7 @@ class AdapterStrategy(FedAvg):
             kept.append(reply)
         return kept, tally
 
-    def _reject(self, server_round: int, node: int, name: str | None, reason: str, phase: str = "update") -> None:
+    def reject(self, server_round: int, node: int, name: str | None, reason: str, phase: str = "update") -> None:
         """Log and record a reply that does not count, with its client, node, round and reason."""
         label = self.roster.label(node, name)
         log(logging.WARNING, "round %d: rejected the %s of %s: %s", server_round, phase, label, reason)

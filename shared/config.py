@@ -119,6 +119,18 @@ class AggregationConfig:
     max_examples: int = 1_000_000
     """A reply's example count (its weight) must be an integer in [1, this]; a larger claim is
     refused. Weights are also bounded relative to the round: see ``max-norm-ratio``."""
+    secure: int = 0
+    """1: SecAgg+ (``server/secagg/``): the coordinator learns only the sum of the round's deltas
+    (``fedavg``/``ffa``, ``fp16`` uplink; uniform weights); 0: each delta is seen and checked."""
+    secure_shares: int = 5
+    """SecAgg+: each device's secrets are split into this many Shamir shares (odd, >= 3)."""
+    secure_threshold: int = 3
+    """SecAgg+: shares that rebuild a secret, in [shares // 2 + 1, shares]: at most shares - threshold
+    neighbours of a device may drop out, and fewer than this many devices left fail the round."""
+    secure_clip_range: float = 0.0
+    """SecAgg+: every entry of a delta is quantized from [-c, c]; 0: c = ``dp.clip-norm`` (with DP)."""
+    secure_max_devices: int = 1000
+    """SecAgg+: most devices one round sums; with the 2^32 modulus it sets the quantization grid."""
 
     def __post_init__(self) -> None:
         methods = AGGREGATION_METHODS
@@ -130,6 +142,12 @@ class AggregationConfig:
         _check(self.max_norm_ratio > 1, "aggregation.max-norm-ratio", self.max_norm_ratio, "must be > 1")
         _check(self.min_accepted >= 1, "aggregation.min-accepted", self.min_accepted, "must be >= 1")
         _check(self.max_examples >= 1, "aggregation.max-examples", self.max_examples, "must be >= 1")
+        _check(self.secure in (0, 1), "aggregation.secure", self.secure, "must be 0 or 1")
+        if self.secure:
+            why = "cannot run under secure aggregation: it is not a sum, and only sums are revealed"
+            _check(self.method in DP_METHODS, "aggregation.method", self.method, f"{why}; use one of {DP_METHODS}")
+            why = "must be fp16 under secure aggregation (devices quantize for the protocol themselves)"
+            _check(self.delta_encoding == "fp16", "aggregation.delta-encoding", self.delta_encoding, why)
 
 
 DP_CLIPPING = ("server", "client")
@@ -312,8 +330,24 @@ class FleetConfig:
             _check(self.train.micro_batch_size == 0, "train.micro-batch-size", self.train.micro_batch_size, rule)
             checkpointing = self.train.gradient_checkpointing
             _check(checkpointing == 0, "train.gradient-checkpointing", checkpointing, rule)
+        if self.aggregation.secure:
+            self._check_secure()
         if self.dp.enabled and self.dp.population:
             _check(self.dp.delta < 1 / self.dp.population, "dp.delta", self.dp.delta, "must be < 1 / dp.population")
+
+    def _check_secure(self) -> None:
+        """Secure aggregation composes with client-level DP only with clipping on the device."""
+        dp, agg = self.dp, self.aggregation
+        if dp.enabled:
+            rule = "must be client under secure aggregation: the coordinator never sees a delta to clip"
+            _check(dp.level == "record" or dp.clipping == "client", "dp.clipping", dp.clipping, rule)
+        rule = "must be > 0 under secure aggregation without DP (the range every delta entry is quantized from)"
+        _check(agg.secure_clip_range > 0 or dp.enabled, "aggregation.secure-clip-range", agg.secure_clip_range, rule)
+
+    @property
+    def secure_clip_range(self) -> float:
+        """c, the range SecAgg+ quantizes each entry from: the configured one, else the DP clip norm."""
+        return self.aggregation.secure_clip_range or self.dp.clip_norm
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FleetConfig:

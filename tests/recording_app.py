@@ -7,6 +7,9 @@
 node config, the server round, the message type) is kept beside it under ``received`` so a test
 can tell the replies apart; it is not part of what was sent.
 
+Behind the product's own mods (SecAgg+), :func:`record_before_masking` also writes each reply as the
+device's train function made it, under ``true/``: in a secure round, its delta before masking.
+
 Only the test's generated Flower project points its ``clientapp`` here; product code is unchanged.
 """
 
@@ -32,11 +35,20 @@ RECORD_ENV = "FLEETLORA_RECORD_DIR"
 
 def record(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Let the device handle ``msg``, write the reply it sends to this device's recording folder, return it."""
+    return _recorded(msg, context, call_next, "")
+
+
+def record_before_masking(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Inside the SecAgg+ mod: record the train reply as the device made it (its true delta), under ``true/``."""
+    return _recorded(msg, context, call_next, "true")
+
+
+def _recorded(msg: Message, context: Context, call_next: ClientAppCallable, sub: str) -> Message:
     folder = os.environ.get(RECORD_ENV)
     if not folder:  # a silent no-op would let the test pass on nothing recorded
         raise RuntimeError(f"{RECORD_ENV} is not set: the recording ClientApp has nowhere to write")
     reply = call_next(msg, context)
-    out = Path(folder) / f"node-{context.node_id}"
+    out = Path(folder) / sub / f"node-{context.node_id}"
     out.mkdir(parents=True, exist_ok=True)
     received = {
         "message_type": msg.metadata.message_type,
@@ -98,6 +110,7 @@ def read_recordings(folder: Path) -> list[SentMessage]:
     return out
 
 
-app = ClientApp(mods=[record])  # mods given here wrap every function registered below
+# what leaves the device (outermost), the product's own mods (SecAgg+), what the device computed (innermost)
+app = ClientApp(mods=[record, *client_app.app._mods, record_before_masking])
 app.train()(client_app.train)
 app.evaluate()(client_app.evaluate_global)

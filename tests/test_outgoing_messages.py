@@ -257,6 +257,7 @@ def test_with_client_side_dp_every_delta_that_leaves_a_device_is_clipped(tmp_pat
 def test_the_recording_app_registers_what_the_product_app_registers():
     # the wrapper must run the device's own functions, no more and no fewer (Flower keeps them by message type)
     assert set(recording_app.app._registered_funcs) == set(client_app.app._registered_funcs)
+    assert recording_app.app._mods[1:-1] == client_app.app._mods  # and behind the product's own mods
 
 
 # The checker's teeth, without Flower: each kind of leak in an otherwise honest reply is caught.

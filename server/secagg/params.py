@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-MAX_MODULUS = 1 << 32  # Flower's pseudo_rand_gen draws masks in [0, M - 1) as int64 from a 32-bit seed
+MAX_MODULUS = 1 << 32  # shared/secagg_prg.py draws masks as uint32 words (mod M)
 MIN_SHARES = 3  # as Flower's workflow: 2 shares would let one neighbour hold everything
 MAX_DEVICES = 100_000  # bounds every per-round list before it is allocated
 

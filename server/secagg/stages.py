@@ -5,7 +5,9 @@ Ported from Flower 1.41's ``flwr/server/workflow/secure_aggregation/secaggplus_w
 needs a ``LegacyContext``; here the stages take and return plain values and the driver
 (``server/secagg/protocol.py``) moves them as Messages. The primitives are Flower's own
 (``flwr.common.secure_aggregation``: Shamir ``combine_shares``, ``generate_shared_key``,
-``pseudo_rand_gen``, ``dequantize``; keys from ``flwr.supercore.primitives.asymmetric``).
+``dequantize``; keys from ``flwr.supercore.primitives.asymmetric``). The masks are not Flower's
+``pseudo_rand_gen`` (it folds each seed to 32 bits: a searchable space) but ``shared/secagg_prg.py``
+(HKDF-SHA256 into a ChaCha20 keystream), on both sides.
 Differences from Flower's workflow, each a fix:
 
 * the sets of devices are tracked per stage (``keyed`` after setup, ``linked`` after share keys,
@@ -27,10 +29,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.common.secure_aggregation.quantization import dequantize
-from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key, public_key_to_bytes
 
 from server.secagg.params import SecAggParams
+from shared.secagg_prg import masks as prg_masks
 
 Vector = dict[str, np.ndarray]
 SEED_BYTES = 32  # a device's private-mask seed (os.urandom(32), as Flower's mod)
@@ -65,7 +67,8 @@ def start(params: SecAggParams, nodes: list[int], shapes: Mapping[str, tuple[int
     neighbours = {
         nid: frozenset(order[(idx + k) % len(order)] for k in range(-half, half + 1)) for idx, nid in enumerate(order)
     }
-    return RoundState(params, dict(shapes), shares, threshold, neighbours)
+    canonical = dict(sorted(shapes.items()))  # the devices mask their tensors in sorted key order: so do we
+    return RoundState(params, canonical, shares, threshold, neighbours)
 
 
 def setup_config(state: RoundState, sampled: int) -> dict[str, int | float | str]:
@@ -174,7 +177,7 @@ def _private_key(state: RoundState, nid: int, secret: bytes) -> ec.EllipticCurve
 
 def _mask(seed: bytes, state: RoundState) -> Vector:
     shapes = list(state.shapes.values())
-    return dict(zip(state.shapes, pseudo_rand_gen(seed, state.params.modulus, shapes), strict=True))
+    return dict(zip(state.shapes, prg_masks(seed, state.params.modulus, shapes), strict=True))
 
 
 def _add(total: Vector, mask: Vector, sign: int, modulus: int) -> Vector:

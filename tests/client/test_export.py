@@ -1,7 +1,6 @@
 """ONNX export: the device serves the very 4-bit codes it trained on, plus the federated adapter."""
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -12,7 +11,6 @@ from onnx import numpy_helper
 
 from client.export import DONE, ExportError, ExportOptions, export_base
 from client.onnx_adapter import AdapterError, lora_scale, onnx_lora_tensors
-from server.quantize import publish_base
 from shared.adapter import ADAPTER_WEIGHTS, adapter_config_bytes, adapter_state, attach_lora, load_adapter_state
 from shared.config import LoraConfig
 from shared.int4_layer import INT4_WEIGHTS
@@ -23,17 +21,6 @@ from shared.sign import TrustList, key_id
 KEY = Ed25519PrivateKey.generate()
 TRUST = TrustList({key_id(KEY.public_key()): KEY.public_key()})
 EXACT = ExportOptions(accuracy_level=0)  # float32 activations: compared with PyTorch closely
-
-
-@pytest.fixture(scope="module")
-def edge_base(tiny_model_dir, tmp_path_factory):
-    """A signed 4-bit tiny base (as the server publishes it) and its exact (float32-activation) export."""
-    root = tmp_path_factory.mktemp("edge")
-    _, manifest = publish_base(tiny_model_dir, "s" * 64, root / "store", KEY)
-    base = root / "store" / "base"
-    return SimpleNamespace(
-        root=root, base=base, digest=manifest.base_digest, export=export_base(base, root / "cache", 0)
-    )
 
 
 def device_model(base):

@@ -10,9 +10,7 @@ from client.generation import GenerationOptions, model_defaults
 from client.infer import EdgeModel
 from client.infer_cli import _base_for, newest_base
 from shared.release import make_release, write_release
-from tests.client.test_export import EXACT, KEY, TRUST, device_model, edge_base, signed_adapter, trained_state
-
-__all__ = ["edge_base"]
+from tests.client.test_export import EXACT, KEY, TRUST, device_model, signed_adapter, trained_state
 
 
 def _ngrams(tokens, n):

@@ -8,9 +8,7 @@ from client.infer import EdgeModel
 from shared.cli import main
 from shared.errors import ReleaseError
 from shared.sign import public_line
-from tests.client.test_export import EXACT, KEY, TRUST, device_model, edge_base, signed_adapter, trained_state
-
-__all__ = ["edge_base"]  # the module-scoped fixture: a signed 4-bit tiny base and its export
+from tests.client.test_export import EXACT, KEY, TRUST, device_model, signed_adapter, trained_state
 
 
 def test_a_later_infer_session_refuses_an_older_round(edge_base, tmp_path, capsys):

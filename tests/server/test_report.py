@@ -106,3 +106,16 @@ def test_privacy_values_out_of_bound_show_as_missing_in_the_table(tmp_path):
     column = _cells(lines[0]).index("ε")
     assert [_cells(line)[column : column + 2] for line in lines[3:5]] == [["-", "-"], ["-", "-"]]
     assert "at δ = ?" in lines[-1]
+
+
+def test_a_secure_round_shows_its_survivors_and_the_devices_recovered():
+    rounds = [
+        {"round": 0, "clients": {}},
+        {"round": 1, "clients": {}, "secure": {"survivors": 5, "recovered": 1}},
+        {"round": 2, "clients": {}, "secure": {"survivors": "5; DROP TABLE", "recovered": 0}},
+    ]
+    table = format_table({"run": {}, "rounds": rounds})
+    header, _, before, one, two = table.splitlines()[:5]
+    assert "secure sum" in header
+    assert "5 (1 recovered)" in one and "recovered" not in two and "DROP" not in table
+    assert "secure sum" not in format_table({"run": {}, "rounds": rounds[:1]})

@@ -53,7 +53,7 @@ def _strategy(tmp_path, **agg) -> AdapterStrategy:
     )
     record = strategy.initial_arrays(GLOBAL)  # signed release 0
     strategy._global = _tensors(record)  # what configure_train sets from the release it sends
-    strategy._bytes_down = wire_bytes(record)
+    strategy.bytes_down = wire_bytes(record)
     return strategy
 
 
@@ -73,7 +73,7 @@ def test_a_norm_outlier_is_rejected_and_the_round_goes_on(tmp_path):
     assert arrays is not None
     assert metrics["rejected-updates"] == 1 and metrics["failed-replies"] == 0
     assert metrics["bytes-up"] == sum(wire_bytes(r.content["arrays"]) for r in replies[:4])
-    assert metrics["bytes-down"] == 5 * strategy._bytes_down
+    assert metrics["bytes-down"] == 5 * strategy.bytes_down
     clients = _clients(tmp_path)
     assert "more than 5x the median" in clients["client-9"]["rejected"]
     assert all("rejected" not in clients[f"client-{n}"] for n in range(1, 5))

@@ -44,7 +44,7 @@ def _strategy(tmp_path, method="fedavg", population=5, fraction=1.0, **dp) -> Ad
     )
     record = strategy.initial_arrays(GLOBAL)
     strategy._global = _tensors(record)
-    strategy._bytes_down = wire_bytes(record)
+    strategy.bytes_down = wire_bytes(record)
     return strategy
 
 

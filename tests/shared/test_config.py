@@ -83,3 +83,25 @@ def test_record_level_dp_takes_any_method_but_a_fixed_noise_and_no_checkpointing
         FleetConfig.from_run_config({**app_defaults(), "dp.level": "record", "dp.epsilon": 4.0})
     with pytest.raises(ConfigError, match=r"'train\.gradient-checkpointing' = 1 must be 0 with dp\.level = record"):
         FleetConfig.from_run_config({**record, "train.gradient-checkpointing": 1})
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"aggregation.method": "ties"}, r"'aggregation\.method' = 'ties' cannot run under secure aggregation"),
+        ({"aggregation.method": "exact"}, r"'aggregation\.method' = 'exact' cannot run under secure aggregation"),
+        ({"aggregation.delta-encoding": "q8"}, r"'aggregation\.delta-encoding' = 'q8' must be fp16 under secure"),
+        ({"dp.noise-multiplier": 1.0}, r"'dp\.clipping' = 'server' must be client under secure aggregation"),
+        ({}, r"'aggregation\.secure-clip-range' = 0\.0 must be > 0 under secure aggregation without DP"),
+    ],
+)
+def test_secure_aggregation_refuses_what_it_cannot_honour(values, message):
+    run = {**app_defaults(), "aggregation.method": "ffa", "aggregation.secure": 1, **values}
+    with pytest.raises(ConfigError, match=message):
+        FleetConfig.from_run_config(run)
+
+
+def test_secure_aggregation_takes_its_range_from_the_dp_clip_norm():
+    run = {**app_defaults(), "aggregation.method": "fedavg", "aggregation.secure": 1, "dp.noise-multiplier": 1.0}
+    cfg = FleetConfig.from_run_config({**run, "dp.clipping": "client", "dp.clip-norm": 0.3})
+    assert cfg.secure_clip_range == 0.3

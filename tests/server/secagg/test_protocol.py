@@ -9,17 +9,17 @@ from server.secagg.params import SecAggParams
 from server.secagg.protocol import SecAggAbortedError, run_secagg
 from tests.server.secagg.fleet import Fleet
 
-SHAPES = {"m.lora_A.weight": (4, 64), "m.lora_B.weight": (64, 4)}
+SHAPES = {"m.lora_B.weight": (64, 4), "m.lora_A.weight": (4, 64)}  # not in sorted order: the devices sort
 C = 1.0
 PARAMS = SecAggParams(num_shares=5, threshold=3, clip_range=C, max_devices=100, timeout=60.0)
 
 
-def deltas(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+def deltas(n: int, seed: int = 0, shapes=SHAPES) -> list[dict[str, np.ndarray]]:
     """Deltas of L2 norm <= C, as client-side clipping leaves them."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        d = {k: rng.normal(0, 0.05, s) for k, s in SHAPES.items()}
+        d = {k: rng.normal(0, 0.05, s) for k, s in shapes.items()}
         norm = np.sqrt(sum(float((v**2).sum()) for v in d.values()))
         out.append({k: (v * min(1.0, C / norm)).astype(np.float32) for k, v in d.items()})
     return out
@@ -78,9 +78,11 @@ def test_below_the_threshold_the_round_fails_with_the_typed_error():
 
 
 def test_no_message_the_coordinator_receives_is_correlated_with_any_single_delta():
-    ds = deltas(5, seed=4)
+    # 4,096 entries per array: a correlation's standard error is 1/64, so 0.2 is 12.8 of them (never by chance)
+    shapes = {"m.lora_A.weight": (16, 256), "m.lora_B.weight": (256, 16)}
+    ds = deltas(5, seed=4, shapes=shapes)
     with Fleet(ds, drop={3: Stage.COLLECT_MASKED_VECTORS}) as fleet:
-        run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+        run_secagg(fleet.grid, fleet.train_contents(), shapes, PARAMS, server_round=1)
     arrays = [
         rec[k].numpy()
         for _, msg in fleet.received
@@ -88,7 +90,7 @@ def test_no_message_the_coordinator_receives_is_correlated_with_any_single_delta
         for rec in msg.content.array_records.values()
         for k in rec
     ]
-    assert len(arrays) == 4 * len(SHAPES)  # the survivors' masked vectors: the only arrays that arrived
+    assert len(arrays) == 4 * len(shapes)  # the survivors' masked vectors: the only arrays that arrived
     for got in arrays:
         for d in ds:
             for want in d.values():

@@ -1,0 +1,70 @@
+"""Secure aggregation in a real Flower simulation: the coordinator receives nothing like any one device's delta."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import simulations.flower_local
+from server.report import clients_by_name
+from shared.release import load_tensors, read_release
+from simulations.demo import run_demo
+from tests.recording_app import RECORD_ENV, read_recordings
+from tests.test_outgoing_messages import recording_project
+
+
+def _flat(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([arrays[k].astype(np.float64).ravel() for k in sorted(arrays)])
+
+
+@pytest.mark.slow
+def test_a_secure_round_reveals_only_the_sum_and_its_mean_is_the_plain_mean(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / "device-cache"))
+    monkeypatch.setenv(RECORD_ENV, str(tmp_path / "sent"))
+    monkeypatch.setattr(simulations.flower_local, "ROOT", recording_project(tmp_path / "project"))
+    data = run_demo(
+        {
+            "signing.key": str(tmp_path / "keys" / "server.key"),
+            "signing.trust-file": str(tmp_path / "keys" / "server.key.pub"),
+            "model": str(tiny_model_dir),
+            "min-clients": 5,
+            "num-server-rounds": 1,
+            "train.steps": 2,
+            "eval.max-examples": 4,
+            "aggregation.method": "ffa",
+            "aggregation.secure": 1,
+            "aggregation.secure-clip-range": 0.05,
+            "run-name": "secure",
+        },
+        output_dir=tmp_path / "out",
+        flwr_home=tmp_path / "flwr",
+        num_supernodes=5,
+    )
+    rounds = {r["round"]: r for r in data["rounds"]}
+    assert rounds[1]["secure"]["survivors"] == 5 and rounds[1]["secure"]["dropped"] == 0
+    assert all(c["secure"] for c in clients_by_name(rounds[1]).values() if "train_loss" in c)
+    # each device's true delta, recorded inside the SecAgg+ mod, before masking
+    true = {m.node_id: m.tensors for m in read_recordings(tmp_path / "sent" / "true") if "arrays" in m.records}
+    true = {n: {k.removeprefix("arrays/"): v for k, v in t.items()} for n, t in true.items()}
+    assert len(true) == 5
+    received = [m for m in read_recordings(tmp_path / "sent") if m.received["message_type"] == "train"]
+    assert len(received) == 5 * 4  # four protocol stages, five devices
+    records = {name.split("/", 1)[0] for m in received for name in m.tensors}
+    assert records == {"masked_parameters"}  # no plain delta ever left a device: only masked vectors
+    masked = {m.node_id: m.tensors for m in received if m.tensors}
+    assert set(masked) == set(true)
+    for sender, tensors in masked.items():
+        vector = _flat({k.split("/", 1)[1]: v for k, v in tensors.items()})  # one device's upload, ~8k entries
+        for delta in true.values():  # equal to none, correlated with none (any device's, the sender's too)
+            d = _flat(delta)
+            assert vector.shape == d.shape and not np.array_equal(vector, d)
+            assert abs(np.corrcoef(vector, d)[0, 1]) < 0.1, sender  # 9 standard errors at 8k entries
+    # the new global is the plain mean of the five true deltas (fp16 releases, quantization ~1e-8)
+    releases = Path(data["run"]["releases"])
+    before = load_tensors(read_release(releases / "round-0000").files["adapter_model.safetensors"])
+    after = load_tensors(read_release(releases / "round-0001").files["adapter_model.safetensors"])
+    keys = sorted(next(iter(true.values())))
+    step = np.concatenate([(after[k] - before[k]).double().numpy().ravel() for k in keys])
+    mean = np.mean([_flat(d) for d in true.values()], axis=0)
+    assert np.linalg.norm(step - mean) < 0.05 * np.linalg.norm(mean)
+    assert np.linalg.norm(step - 5 * mean) > np.linalg.norm(mean)  # a mean, not the sum
