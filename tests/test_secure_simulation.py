@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.common.secure_aggregation.secaggplus_constants import Key
 
 import simulations.flower_local
 from server.report import clients_by_name
@@ -50,7 +51,7 @@ def test_a_secure_round_reveals_only_the_sum_and_its_mean_is_the_plain_mean(tmp_
     received = [m for m in read_recordings(tmp_path / "sent") if m.received["message_type"] == "train"]
     assert len(received) == 5 * 4  # four protocol stages, five devices
     records = {name.split("/", 1)[0] for m in received for name in m.tensors}
-    assert records == {"masked_parameters"}  # no plain delta ever left a device: only masked vectors
+    assert records == {Key.MASKED_PARAMETERS}  # no plain delta ever left a device: only masked vectors
     masked = {m.node_id: m.tensors for m in received if m.tensors}
     assert set(masked) == set(true)
     for sender, tensors in masked.items():
