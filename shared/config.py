@@ -119,16 +119,18 @@ class AggregationConfig:
     max_examples: int = 1_000_000
     """A reply's example count (its weight) must be an integer in [1, this]; a larger claim is
     refused. Weights are also bounded relative to the round: see ``max-norm-ratio``."""
-    secure: int = 0
-    """1: SecAgg+ (``server/secagg/``): the coordinator learns only the sum of the round's deltas
-    (``fedavg``/``ffa``, ``fp16`` uplink; uniform weights); 0: each delta is seen and checked."""
+    secure: bool = False
+    """true: SecAgg+ (``server/secagg/``): the coordinator learns only the sum of the round's deltas
+    (``fedavg``/``ffa``, ``fp16`` uplink; uniform weights); false: each delta is seen and checked."""
     secure_shares: int = 5
     """SecAgg+: each device's secrets are split into this many Shamir shares (odd, >= 3)."""
     secure_threshold: int = 3
     """SecAgg+: shares that rebuild a secret, in [shares // 2 + 1, shares]: at most shares - threshold
     neighbours of a device may drop out, and fewer than this many devices left fail the round."""
-    secure_clip_range: float = 0.0
-    """SecAgg+: every entry of a delta is quantized from [-c, c]; 0: c = ``dp.clip-norm`` (with DP)."""
+    secure_clip_range: float = 0.05
+    """SecAgg+ without DP: every entry of a delta is clipped to [-c, c] and quantized from it (a
+    local step of AdamW moves an entry by about ``train.lr``, so 15 steps at 1e-3 stay within
+    0.05). Under client-level DP c is ``dp.clip-norm`` instead: a delta of norm <= C has no entry above it."""
     secure_max_devices: int = 1000
     """SecAgg+: most devices one round sums; with the 2^32 modulus it sets the quantization grid."""
 
@@ -142,7 +144,7 @@ class AggregationConfig:
         _check(self.max_norm_ratio > 1, "aggregation.max-norm-ratio", self.max_norm_ratio, "must be > 1")
         _check(self.min_accepted >= 1, "aggregation.min-accepted", self.min_accepted, "must be >= 1")
         _check(self.max_examples >= 1, "aggregation.max-examples", self.max_examples, "must be >= 1")
-        _check(self.secure in (0, 1), "aggregation.secure", self.secure, "must be 0 or 1")
+        _check(self.secure_clip_range > 0, "aggregation.secure-clip-range", self.secure_clip_range, "must be > 0")
         if self.secure:
             why = "cannot run under secure aggregation: it is not a sum, and only sums are revealed"
             _check(self.method in DP_METHODS, "aggregation.method", self.method, f"{why}; use one of {DP_METHODS}")
@@ -337,17 +339,16 @@ class FleetConfig:
 
     def _check_secure(self) -> None:
         """Secure aggregation composes with client-level DP only with clipping on the device."""
-        dp, agg = self.dp, self.aggregation
+        dp = self.dp
         if dp.enabled:
             rule = "must be client under secure aggregation: the coordinator never sees a delta to clip"
             _check(dp.level == "record" or dp.clipping == "client", "dp.clipping", dp.clipping, rule)
-        rule = "must be > 0 under secure aggregation without DP (the range every delta entry is quantized from)"
-        _check(agg.secure_clip_range > 0 or dp.enabled, "aggregation.secure-clip-range", agg.secure_clip_range, rule)
 
     @property
     def secure_clip_range(self) -> float:
-        """c, the range SecAgg+ quantizes each entry from: the configured one, else the DP clip norm."""
-        return self.aggregation.secure_clip_range or self.dp.clip_norm
+        """c, the range SecAgg+ quantizes each entry from: ``dp.clip-norm`` under client-level DP, else its own."""
+        client_dp = self.dp.enabled and self.dp.level == "client"
+        return self.dp.clip_norm if client_dp else self.aggregation.secure_clip_range
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FleetConfig:
@@ -407,6 +408,10 @@ def _convert(key: str, value: Any, kind: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"run-config '{key}' must be a comma-separated string, got {value!r}")
         return tuple(part.strip() for part in value.split(",") if part.strip())
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"run-config '{key}' must be true or false, got {value!r}")
+        return value
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"run-config '{key}' must be an integer, got {value!r}")

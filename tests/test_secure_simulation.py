@@ -33,7 +33,7 @@ def test_a_secure_round_reveals_only_the_sum_and_its_mean_is_the_plain_mean(tmp_
             "train.steps": 2,
             "eval.max-examples": 4,
             "aggregation.method": "ffa",
-            "aggregation.secure": 1,
+            "aggregation.secure": True,
             "aggregation.secure-clip-range": 0.05,
             "run-name": "secure",
         },

@@ -30,7 +30,7 @@ PARAMS = SecAggParams(num_shares=5, threshold=3, clip_range=0.05, max_devices=10
 def _strategy(tmp_path, dp=None):
     generate_key(tmp_path / "server.key")
     registry = Registry(tmp_path / "releases", tmp_path / "server.key", "run-1", "b" * 64, "ffa", b"{}")
-    agg = AggregationConfig(method="ffa", secure=1, secure_clip_range=0.05)
+    agg = AggregationConfig(method="ffa", secure=True, secure_clip_range=0.05)
     strategy = AdapterStrategy(
         RoundLog(tmp_path / "rounds.json", {}), 2, agg, LoraConfig(rank=4), registry, dp=dp, secure=SecureRounds(PARAMS)
     )

@@ -92,16 +92,17 @@ def test_record_level_dp_takes_any_method_but_a_fixed_noise_and_no_checkpointing
         ({"aggregation.method": "exact"}, r"'aggregation\.method' = 'exact' cannot run under secure aggregation"),
         ({"aggregation.delta-encoding": "q8"}, r"'aggregation\.delta-encoding' = 'q8' must be fp16 under secure"),
         ({"dp.noise-multiplier": 1.0}, r"'dp\.clipping' = 'server' must be client under secure aggregation"),
-        ({}, r"'aggregation\.secure-clip-range' = 0\.0 must be > 0 under secure aggregation without DP"),
+        ({"aggregation.secure-clip-range": 0.0}, r"'aggregation\.secure-clip-range' = 0\.0 must be > 0"),
+        ({"aggregation.secure": 1}, r"'aggregation\.secure' must be true or false"),
     ],
 )
 def test_secure_aggregation_refuses_what_it_cannot_honour(values, message):
-    run = {**app_defaults(), "aggregation.method": "ffa", "aggregation.secure": 1, **values}
+    run = {**app_defaults(), "aggregation.method": "ffa", "aggregation.secure": True, **values}
     with pytest.raises(ConfigError, match=message):
         FleetConfig.from_run_config(run)
 
 
 def test_secure_aggregation_takes_its_range_from_the_dp_clip_norm():
-    run = {**app_defaults(), "aggregation.method": "fedavg", "aggregation.secure": 1, "dp.noise-multiplier": 1.0}
+    run = {**app_defaults(), "aggregation.method": "fedavg", "aggregation.secure": True, "dp.noise-multiplier": 1.0}
     cfg = FleetConfig.from_run_config({**run, "dp.clipping": "client", "dp.clip-norm": 0.3})
     assert cfg.secure_clip_range == 0.3
