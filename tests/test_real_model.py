@@ -10,14 +10,26 @@ from simulations.demo import run_demo
 
 
 @pytest.fixture(scope="module")
-def real_run(tmp_path_factory):
-    """One real federated round of SmolLM2 on the 4-bit base (the demo's code path, shortened)."""
+def real_run(tmp_path_factory, real_model_dir):
+    """One real federated round of SmolLM2 on the 4-bit base (the demo's code path, shortened).
+
+    The devices get a cache of their own: with the user's, their replay stores would pin this test's
+    base, and the next ``make demo``'s devices would refuse the demo's own base as older.
+    """
     tmp = tmp_path_factory.mktemp("real")
-    return run_demo(
-        {"num-server-rounds": 1, "train.steps": 3, "eval.max-examples": 12, "run-name": "real"},
-        output_dir=tmp / "out",
-        flwr_home=tmp / "flwr",
-    )
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FLEETLORA_CACHE", str(tmp / "device-cache"))
+        return run_demo(
+            {
+                "model": str(real_model_dir),  # the embedded SmolLM2 folder, resolved before the cache moved
+                "num-server-rounds": 1,
+                "train.steps": 3,
+                "eval.max-examples": 12,
+                "run-name": "real",
+            },
+            output_dir=tmp / "out",
+            flwr_home=tmp / "flwr",
+        )
 
 
 @pytest.mark.slow
