@@ -68,7 +68,10 @@ def quantize_model(source: str | Path, out: str | Path, source_digest: str) -> d
         progress.update(i + 1)
     progress.close()
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / INT4_WEIGHTS, metadata={"format": "pt", "scheme": SCHEME})
+    # one metadata key: safetensors writes the metadata map in hash order, and two keys gave two byte layouts
+    # of the same weights, i.e. two base digests (a re-quantized base orphaned every device); the scheme is in
+    # quantization.json
+    save_file(tensors, out / INT4_WEIGHTS, metadata={"format": "pt"})
     for name in _COPY:
         if (source / name).is_file():
             shutil.copyfile(source / name, out / name)
