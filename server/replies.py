@@ -101,13 +101,11 @@ class Refusal:
 
 def parse_train(msg: Message, node_id: int, spec: UpdateSpec) -> TrainReply | Refusal:
     """Parse a train reply (or a refusal of the release); raise :class:`ReplyError` if it cannot count."""
-    client = _client(msg)
-    name = _name(client, node_id)
-    if "refused-release" in client:
-        return _refusal(msg, client, node_id, name)
-    _records(msg, {"arrays": ArrayRecord, "metrics": MetricRecord, "client": ConfigRecord})
-    metrics = _metrics(msg.content.metric_records["metrics"], TRAIN_METRICS, spec.max_examples)
-    return _train_reply(node_id, name, metrics, msg.content.array_records["arrays"])
+    records = {"arrays": ArrayRecord, "metrics": MetricRecord, "client": ConfigRecord}
+    parsed = _parse(msg, node_id, records, TRAIN_METRICS, spec.max_examples)
+    if isinstance(parsed, Refusal):
+        return parsed
+    return _train_reply(node_id, *parsed, msg.content.array_records["arrays"])
 
 
 def parse_secure_train(content: RecordDict, node_id: int, max_examples: int) -> TrainReply | Refusal:
@@ -116,24 +114,35 @@ def parse_secure_train(content: RecordDict, node_id: int, max_examples: int) -> 
     Its delta reaches the coordinator only inside the round's sum (``server/secagg/``).
     """
     msg = Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN)
-    client = _client(msg)
-    name = _name(client, node_id)
-    if "refused-release" in client:
-        return _refusal(msg, client, node_id, name)
-    _records(msg, {"metrics": MetricRecord, "client": ConfigRecord})
-    metrics = _metrics(msg.content.metric_records["metrics"], TRAIN_METRICS, max_examples)
-    return _train_reply(node_id, name, metrics, ArrayRecord())
+    parsed = _parse(msg, node_id, {"metrics": MetricRecord, "client": ConfigRecord}, TRAIN_METRICS, max_examples)
+    if isinstance(parsed, Refusal):
+        return parsed
+    return _train_reply(node_id, *parsed, ArrayRecord())
 
 
 def parse_evaluate(msg: Message, node_id: int, max_examples: int) -> EvalReply | Refusal:
     """Parse an evaluate reply (or a refusal of the release); raise :class:`ReplyError` if it cannot count."""
+    parsed = _parse(msg, node_id, {"metrics": MetricRecord, "client": ConfigRecord}, EVAL_METRICS, max_examples)
+    if isinstance(parsed, Refusal):
+        return parsed
+    name, metrics = parsed
+    return EvalReply(node_id, name, int(metrics["num-examples"]), float(metrics["heldout-loss"]))
+
+
+def _parse(
+    msg: Message,
+    node_id: int,
+    records: Mapping[str, type],
+    allowed: Mapping[str, tuple[type, float, float, bool]],
+    max_examples: int,
+) -> Refusal | tuple[str, dict[str, int | float]]:
+    """Parse what every reply holds: the client record (a refusal, or the name), exactly ``records``, the metrics."""
     client = _client(msg)
     name = _name(client, node_id)
     if "refused-release" in client:
         return _refusal(msg, client, node_id, name)
-    _records(msg, {"metrics": MetricRecord, "client": ConfigRecord})
-    metrics = _metrics(msg.content.metric_records["metrics"], EVAL_METRICS, max_examples)
-    return EvalReply(node_id, name, int(metrics["num-examples"]), float(metrics["heldout-loss"]))
+    _records(msg, records)
+    return name, _metrics(msg.content.metric_records["metrics"], allowed, max_examples)
 
 
 def decode_update(reply: TrainReply, spec: UpdateSpec) -> dict[str, torch.Tensor]:

@@ -17,15 +17,8 @@ from shared.release import load_tensors
 from shared.sign import generate_key
 from shared.wire import pack, wire_bytes
 from tests.server.messages import message
+from tests.server.test_strategy import BASE, GLOBAL  # the same small adapter
 
-BASE = "b" * 64
-torch.manual_seed(0)
-GLOBAL = {
-    f"l{i}.{n}.lora_{f}.weight": torch.randn(*shape) * 0.1
-    for i in range(2)
-    for n in ("q", "v")
-    for f, shape in (("A", (4, 64)), ("B", (64, 4)))
-}
 TINY_Z = 1e-6  # noise std z C / m far below fp16's rounding: the aggregate's arithmetic is visible
 
 
