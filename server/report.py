@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from server.state import StateStore
-from server.state.rows import RoundPrivacy, round_privacy
+from server.state.facts import RoundPrivacy, round_privacy
 
 
 class RoundLog:

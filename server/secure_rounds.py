@@ -109,7 +109,8 @@ def aggregate_secure(strategy: AdapterStrategy, server_round: int, outcome: Secu
     replies = _parse_metrics(strategy, server_round, result, tally)
     survivors = len(result.survivors)
     tally["secure-survivors"] = survivors
-    metrics = MetricRecord({**tally, "bytes-down": strategy.bytes_down * len(outcome.sent)})
+    up, down = sum(result.bytes_up.values()), sum(result.bytes_down.values())
+    metrics = MetricRecord({**tally, "bytes-up": up, "bytes-down": down})
     if replies:
         metrics["train-loss"] = sum(r.train_loss for r in replies) / len(replies)
     if survivors < strategy.agg.min_accepted:
@@ -153,7 +154,8 @@ def _parse_metrics(
             strategy.round_log.client(server_round, node, reply.name, refused_release=reply.reason)
             continue
         entry = {"num_examples": reply.num_examples, "train_loss": reply.train_loss, "secure": True}
-        entry |= {"train_seconds": reply.train_seconds, "bytes_down": strategy.bytes_down}
+        entry |= {"train_seconds": reply.train_seconds, "bytes_up": result.bytes_up.get(node, 0)}
+        entry["bytes_down"] = result.bytes_down.get(node, 0)  # the release, its neighbours' keys and shares
         if strategy.dp is not None:
             entry["clipped"] = reply.dp_clipped
         strategy.round_log.client(server_round, node, reply.name, **entry)

@@ -54,6 +54,11 @@ def test_a_secure_round_reveals_only_the_sum_and_its_mean_is_the_plain_mean(tmp_
     assert records == {Key.MASKED_PARAMETERS}  # no plain delta ever left a device: only masked vectors
     masked = {m.node_id: m.tensors for m in received if m.tensors}
     assert set(masked) == set(true)
+    # what each device sent is counted in the round log: its masked vector and its keys and shares
+    up = {c["node_id"]: c["bytes_up"] for c in rounds[1]["clients"].values() if "train_loss" in c}
+    for sender, tensors in masked.items():
+        vector_bytes = sum(v.nbytes for v in tensors.values())
+        assert vector_bytes <= up[sender] < vector_bytes + 64 * 1024, (sender, up[sender], vector_bytes)
     for sender, tensors in masked.items():
         vector = _flat({k.split("/", 1)[1]: v for k, v in tensors.items()})  # one device's upload, ~8k entries
         for delta in true.values():  # equal to none, correlated with none (any device's, the sender's too)

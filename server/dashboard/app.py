@@ -35,7 +35,7 @@ from server.dashboard.auth import require_token
 from server.dashboard.reader import StoreReader
 from server.state import StateStoreError
 from server.state.queries import list_runs, round_view, run_view
-from server.state.rows import MAX_ID, MAX_ROUND
+from server.state.values import MAX_ID, MAX_ROUND
 from shared.manifest import MAX_MANIFEST_BYTES, parse
 from shared.release import MANIFEST, SIGNATURE
 

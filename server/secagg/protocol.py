@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.serverapp import Grid
@@ -55,6 +55,10 @@ class SecAggResult:
     """Each collect reply's own records (``metrics``, ``client``; a refusal too) for ``server/replies.py``."""
     rejected: dict[int, str]
     """Node id -> why it fell out of the protocol (no answer, an error, or a reply that did not parse)."""
+    bytes_up: dict[int, int]
+    """Node id -> payload bytes of its replies over the four stages (see :func:`payload_bytes`)."""
+    bytes_down: dict[int, int]
+    """Node id -> payload bytes of the messages it was sent (the release, keys, shares, the unmask lists)."""
 
 
 def run_secagg(
@@ -77,7 +81,7 @@ def run_secagg(
     """
     state = stages.start(params, list(contents), shapes)
     rejected: dict[int, str] = {}
-    ex = _Exchange(grid, server_round, params.timeout, rejected)
+    ex = _Exchange(grid, server_round, params.timeout, rejected, {}, {})
 
     setup = stages.setup_config(state, len(contents))
     got = ex.run(Stage.SETUP, {n: _content(Stage.SETUP, setup) for n in contents}, lambda m, n: parse_public_keys(m))
@@ -124,7 +128,26 @@ def run_secagg(
         recovered=tuple(sorted(state.dropped)),
         replies=replies,
         rejected=rejected,
+        bytes_up=ex.bytes_up,
+        bytes_down=ex.bytes_down,
     )
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Return the payload bytes of a message's records: array data, byte and text values, 8 per number.
+
+    What a round moves, comparable with a plain round's ``wire_bytes`` (array data only); the
+    protobuf framing and the record keys are not counted.
+    """
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(arr.data) for arr in record.values())
+            continue
+        for value in record.values():
+            for item in value if isinstance(value, list) else [value]:
+                total += len(item) if isinstance(item, (bytes, str)) else 8
+    return total
 
 
 def _collect(ex: _Exchange, state: RoundState, contents: Mapping[int, RecordDict]) -> dict[int, RecordDict]:
@@ -162,12 +185,16 @@ class _Exchange:
     server_round: int
     timeout: float
     rejected: dict[int, str]
+    bytes_up: dict[int, int]
+    bytes_down: dict[int, int]
 
     def run(self, stage: str, contents: Mapping[int, RecordDict], parse: Callable[[Message, int], T]) -> dict[int, T]:
         sent = {
             nid: Message(content, dst_node_id=nid, message_type=MessageType.TRAIN, group_id=str(self.server_round))
             for nid, content in contents.items()
         }
+        for node, content in contents.items():
+            self.bytes_down[node] = self.bytes_down.get(node, 0) + payload_bytes(content)
         replies = self.grid.send_and_receive(list(sent.values()), timeout=self.timeout)
         by_id = {msg.metadata.message_id: nid for nid, msg in sent.items()}
         out: dict[int, T] = {}
@@ -178,6 +205,7 @@ class _Exchange:
             if reply.has_error():
                 self._reject(stage, nid, f"error reply: {str(reply.error.reason)[:200]}")
                 continue
+            self.bytes_up[nid] = self.bytes_up.get(nid, 0) + payload_bytes(reply.content)
             try:
                 out[nid] = parse(reply, nid)
             except Exception as exc:  # noqa: BLE001 (one device's reply: a rejection, never a crash)

@@ -57,8 +57,10 @@ def run_view(conn: Connection, run_id: str) -> dict[str, Any] | None:
 
     ``clients`` lists each client once (key, the name it reported last, node id); ``heldout``
     of a round maps a client's key to its held-out loss. Under DP, ``run.privacy`` holds the
-    run's facts (``rows.RunPrivacy``) and each round released under DP its ``privacy``
-    (``rows.RoundPrivacy``: ε spent so far, z, C, clipped fraction, ...); both are None without DP.
+    run's facts (``facts.RunPrivacy``) and each round released under DP its ``privacy``
+    (``facts.RoundPrivacy``: ε spent so far, z, C, clipped fraction, ...); both are None without DP.
+    A round aggregated with SecAgg+ has its ``secure`` (``facts.RoundSecure``: survivors,
+    recovered dropouts, parameters), None otherwise.
     """
     run = _run(conn, run_id)
     if run is None:
@@ -83,7 +85,7 @@ def run_view(conn: Connection, run_id: str) -> dict[str, Any] | None:
 
 
 def round_view(conn: Connection, run_id: str, server_round: int) -> dict[str, Any] | None:
-    """One round: its fields (with its ``privacy`` under DP), counts, every client result, the run's settings."""
+    """One round: its fields (``privacy`` under DP, ``secure`` under SecAgg+), counts, every client result, settings."""
     run = _run(conn, run_id)
     rec = next((r for r in _rounds(conn, run_id, server_round)), None)
     if run is None or rec is None:

@@ -11,78 +11,38 @@ the ``parse_*`` functions here, so a value that is not what its column says show
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Mapping
 from typing import Any, TypedDict
 
 from sqlalchemy import ColumnElement, Table, type_coerce
 from sqlalchemy.types import NullType
 
+from server.state.facts import (
+    ROUND_PRIVACY_KEYS,
+    ROUND_SECURE_KEYS,
+    RUN_PRIVACY_KEYS,
+    RoundPrivacy,
+    RoundSecure,
+    RunPrivacy,
+    prefixed,
+    round_privacy,
+    round_secure,
+    run_privacy,
+)
 from server.state.schema import STATUSES
+from server.state.values import (
+    INT64,
+    MAX_NAME,
+    MAX_ROUND,
+    finite,
+    ident,
+    integer,
+    node_id,
+    text,
+)
 
-INT64 = 2**63  # SQLite's INTEGER is signed 64-bit: a Python int outside it cannot even be bound
-NODE_ID_LIMIT = 2**64  # Flower node ids are unsigned 64-bit
-MAX_ROUND = 2**31 - 1
-MAX_ID = 256
-"""Longest run id or client key kept (longer: the row is left out; writers truncate)."""
-MAX_NAME = 200
-"""Longest display name kept (a client's self-reported name, a run's name); longer ones are cut."""
-MAX_TEXT = 4096
-"""Longest reason, path or other free text kept; longer text is cut."""
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_KEYS = 1000
 Scalar = str | int | float | bool | None
-
-
-def finite(value: Any) -> float | None:
-    """Return ``value`` as a finite float, or None (NaN, inf, text, bytes, bool, out of range)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # an int too large for a float
-        return None
-    return number if math.isfinite(number) else None
-
-
-def integer(value: Any, low: int = 0, high: int = INT64 - 1) -> int | None:
-    """Return ``value`` as an int in ``[low, high]`` (a whole float counts), else None."""
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    return value if low <= value <= high else None
-
-
-def text(value: Any, limit: int = MAX_TEXT) -> str | None:
-    """Return ``value`` if it is text, cut to ``limit`` characters; anything else is None."""
-    if not isinstance(value, str):
-        return None
-    return value if len(value) <= limit else value[: limit - 1] + "…"
-
-
-def within(value: Any, low: float, high: float = math.inf, *, open_low: bool = False) -> float | None:
-    """Return ``value`` as a finite float in ``[low, high]`` (``(low, high]`` with ``open_low``), else None."""
-    number = finite(value)
-    if number is None or not low <= number <= high or (open_low and number == low):
-        return None
-    return number
-
-
-def ident(value: Any) -> str | None:
-    """Return ``value`` if it is a non-empty identifier of at most :data:`MAX_ID` characters, else None."""
-    return value if isinstance(value, str) and 0 < len(value) <= MAX_ID else None
-
-
-def node_id(value: Any) -> str | None:
-    """Return a Flower node id (an int, or its decimal text, in ``[0, 2**64)``) as decimal text, else None.
-
-    Kept as text because JavaScript's numbers lose digits above 2**53.
-    """
-    if isinstance(value, str) and 0 < len(value) <= 20 and value.isascii() and value.isdigit():
-        value = int(value)
-    number = integer(value, 0, NODE_ID_LIMIT - 1)
-    return None if number is None else str(number)
 
 
 def plain(value: Any, depth: int = 0) -> Any:
@@ -134,100 +94,6 @@ def _scalar(value: Any) -> Scalar:
     return finite(value)
 
 
-CLIPPING = ("server", "client")
-"""Where a DP run clips each update: on the coordinator on receipt, or on the device before it leaves."""
-MAX_POPULATION = 2**31 - 1
-
-
-class RoundPrivacy(TypedDict):
-    """What a round that released under client-level DP records (the round log's ``privacy``; ``dp_*`` columns)."""
-
-    epsilon: float | None
-    """The ε spent by the run so far (cumulative after this round, at ``delta``): finite, >= 0."""
-    delta: float | None
-    """In (0, 1)."""
-    noise_multiplier: float | None
-    """z, >= 0: the noise std on the mean is z * C / m."""
-    clip_norm: float | None
-    """C, > 0: the L2 bound of every contribution."""
-    clipped_fraction: float | None
-    """The share of the round's updates whose norm exceeded C, in [0, 1]."""
-    sampling_rate: float | None
-    """q, each device's chance to be sampled, in (0, 1]."""
-    expected_clients: float | None
-    """m = q * N, > 0: the mean's fixed denominator."""
-    clipping: str | None
-    """One of :data:`CLIPPING`."""
-
-
-class RunPrivacy(TypedDict):
-    """A DP run's facts (the round log run's ``privacy``; ``dp_*`` columns of ``runs``)."""
-
-    delta: float | None
-    max_epsilon: float | None
-    """>= 0; None or 0 means no limit."""
-    noise_multiplier: float | None
-    clip_norm: float | None
-    sampling_rate: float | None
-    clipping: str | None
-    population: int | None
-    """The devices the sampling rate was computed over, in ``[0, MAX_POPULATION]``."""
-
-
-def round_privacy(values: Mapping[str, Any]) -> RoundPrivacy:
-    """Parse a round's privacy facts, each to its bound (see :class:`RoundPrivacy`); a value outside it is None.
-
-    The one definition of the bounds: the writer cleans the round log's ``privacy`` with it, the
-    readers each row's ``dp_*`` columns.
-    """
-    return RoundPrivacy(
-        epsilon=within(values.get("epsilon"), 0.0),
-        delta=_delta(values.get("delta")),
-        noise_multiplier=within(values.get("noise_multiplier"), 0.0),
-        clip_norm=within(values.get("clip_norm"), 0.0, open_low=True),
-        clipped_fraction=within(values.get("clipped_fraction"), 0.0, 1.0),
-        sampling_rate=within(values.get("sampling_rate"), 0.0, 1.0, open_low=True),
-        expected_clients=within(values.get("expected_clients"), 0.0, MAX_POPULATION, open_low=True),
-        clipping=_clipping(values.get("clipping")),
-    )
-
-
-def run_privacy(values: Mapping[str, Any]) -> RunPrivacy:
-    """Parse a run's privacy facts, each to its bound (see :class:`RunPrivacy`); a value outside it is None.
-
-    z, C and q have the bounds :func:`round_privacy` gives them.
-    """
-    mechanism = round_privacy(values)
-    return RunPrivacy(
-        delta=mechanism["delta"],
-        max_epsilon=within(values.get("max_epsilon"), 0.0),
-        noise_multiplier=mechanism["noise_multiplier"],
-        clip_norm=mechanism["clip_norm"],
-        sampling_rate=mechanism["sampling_rate"],
-        clipping=mechanism["clipping"],
-        population=integer(values.get("population"), 0, MAX_POPULATION),
-    )
-
-
-ROUND_PRIVACY_KEYS = tuple(RoundPrivacy.__annotations__)
-RUN_PRIVACY_KEYS = tuple(RunPrivacy.__annotations__)
-
-
-def dp_columns(row: Any, keys: tuple[str, ...]) -> dict[str, Any] | None:
-    """Return the ``dp_<key>`` columns of a raw row by key, or None when every one is NULL (no DP)."""
-    values = {key: row[f"dp_{key}"] for key in keys}
-    return None if all(v is None for v in values.values()) else values
-
-
-def _delta(value: Any) -> float | None:
-    delta = within(value, 0.0, 1.0, open_low=True)
-    return None if delta == 1.0 else delta  # δ = 1 promises nothing
-
-
-def _clipping(value: Any) -> str | None:
-    return value if isinstance(value, str) and value in CLIPPING else None
-
-
 def raw(table: Table) -> list[ColumnElement[Any]]:
     """Select every column of ``table`` as SQLite stored it (no SQLAlchemy type processing, e.g. JSON)."""
     return [type_coerce(column, NullType()).label(column.name) for column in table.c]
@@ -273,6 +139,8 @@ class RoundRow(TypedDict):
     release_path: str | None
     privacy: RoundPrivacy | None
     """None: the round released nothing under DP."""
+    secure: RoundSecure | None
+    """None: the round did not run secure aggregation."""
 
 
 class ClientRow(TypedDict):
@@ -301,7 +169,7 @@ def parse_run(row: Any) -> RunRow | None:
     if run_id is None:
         return None
     strings = {k: text(row[k]) for k in ("model", "method", "base_digest", "base_format", "releases", "adapter")}
-    privacy = dp_columns(row, RUN_PRIVACY_KEYS)
+    privacy = prefixed(row, "dp", RUN_PRIVACY_KEYS)
     return RunRow(
         run_id=run_id,
         name=text(row["name"], MAX_NAME) or run_id,
@@ -327,7 +195,8 @@ def parse_round(row: Any) -> RoundRow | None:
     number = integer(row["round"], 0, MAX_ROUND)
     if number is None:
         return None
-    privacy = dp_columns(row, ROUND_PRIVACY_KEYS)
+    privacy = prefixed(row, "dp", ROUND_PRIVACY_KEYS)
+    secure = prefixed(row, "secure", ROUND_SECURE_KEYS)
     return RoundRow(
         round=number,
         method=text(row["method"]),
@@ -343,6 +212,7 @@ def parse_round(row: Any) -> RoundRow | None:
         signed_at=text(row["signed_at"]),
         release_path=text(row["release_path"]),
         privacy=None if privacy is None else round_privacy(privacy),
+        secure=None if secure is None else round_secure(secure),
     )
 
 

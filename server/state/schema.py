@@ -13,7 +13,8 @@ Times are Unix seconds (float). A client result's ``status`` is one of :data:`ST
 Round counts (participants, accepted, rejected) are derived from the client rows when read,
 so they can never disagree with them. The ``dp_*`` columns (0004) hold the differential-privacy
 facts of a run and of each round that released under DP (NULL otherwise; ``rows.py`` names their
-bounds); they are prefixed because a bare ``delta`` here would read as an adapter update.
+bounds); they are prefixed because a bare ``delta`` here would read as an adapter update. The ``secure_*``
+columns (0005) hold what a round aggregated with SecAgg+ records (NULL for other rounds).
 """
 
 from __future__ import annotations
@@ -90,6 +91,12 @@ rounds = Table(
     Column("dp_sampling_rate", Float),  # q: each connected device's chance to be sampled
     Column("dp_expected_clients", Float),  # m = q * N, the fixed denominator of the mean
     Column("dp_clipping", String),
+    Column("secure_survivors", Integer),  # devices whose masked vectors are in the sum; NULL: not secure (0005)
+    Column("secure_recovered", Integer),  # dropped after sharing keys, masks removed through the survivors' shares
+    Column("secure_dropped", Integer),  # out of the protocol in all (no answer, an error, a reply that did not parse)
+    Column("secure_shares", Integer),  # SecAgg+ share count and reconstruction threshold the round ran with
+    Column("secure_threshold", Integer),
+    Column("secure_clip_range", Float),  # every delta entry was clipped to [-c, c] before quantization
     ForeignKeyConstraint(["run_id"], ["runs.run_id"], ondelete="CASCADE"),
 )
 

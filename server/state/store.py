@@ -31,22 +31,11 @@ from sqlalchemy import Connection, Engine, create_engine, delete, event, select,
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.pool import QueuePool
 
+from server.state.facts import round_privacy, round_secure, run_privacy
 from server.state.revision import StateStoreError, check_revision, migrate
-from server.state.rows import (
-    MAX_ID,
-    MAX_NAME,
-    MAX_ROUND,
-    finite,
-    integer,
-    node_id,
-    parse_round,
-    plain,
-    raw,
-    round_privacy,
-    run_privacy,
-    text,
-)
+from server.state.rows import parse_round, plain, raw
 from server.state.schema import client_results, rounds, runs
+from server.state.values import MAX_ID, MAX_NAME, MAX_ROUND, finite, integer, node_id, text
 
 BUSY_TIMEOUT_MS = 10_000  # a reader or writer waits this long for another's lock before failing
 _CLIENT_FLOATS = ("train_loss", "heldout_loss", "train_seconds", "update_norm")
@@ -144,7 +133,7 @@ class StateStore:
     def save_run(self, run: Mapping[str, Any]) -> None:
         """Insert or update a run from the round log's ``run`` record (``run_id`` required).
 
-        Its ``privacy`` (``rows.RunPrivacy``), when the run uses DP, goes to the ``dp_*`` columns.
+        Its ``privacy`` (``facts.RunPrivacy``), when the run uses DP, goes to the ``dp_*`` columns.
         """
         config = plain(dict(run.get("config") or {}))
         row = {
@@ -157,7 +146,7 @@ class StateStore:
             "started": _time(run.get("started")),
             "finished": finite(run.get("finished")),
             "wall_seconds": finite(run.get("wall_seconds")),
-            **_dp_columns(run_privacy(_mapping(run.get("privacy")))),
+            **_columns("dp", run_privacy(_mapping(run.get("privacy")))),
         }
         with self.engine.begin() as conn:
             conn.execute(_upsert(runs, row, ["run_id"]))
@@ -173,7 +162,8 @@ class StateStore:
             The round log's record of the round: ``round``, ``started``, ``clients`` (key ->
             entry; the key is the client's node id, each entry's ``name`` what it reported),
             and once known ``seconds``, ``mean_*``, ``bytes_*``, ``release``, and ``privacy``
-            when it released under DP (``rows.RoundPrivacy``; a value outside its bound is NULL).
+            when it released under DP (``facts.RoundPrivacy``; a value outside its bound is NULL), and
+            ``secure`` when it ran secure aggregation (``facts.RoundSecure``).
         clients
             The keys of the clients whose entries changed (default: all of them).
         """
@@ -194,7 +184,8 @@ class StateStore:
             "key_id": _text(release.get("key_id")),
             "signed_at": _text(release.get("created")),
             "release_path": _text(release.get("path")),
-            **_dp_columns(round_privacy(_mapping(rec.get("privacy")))),
+            **_columns("dp", round_privacy(_mapping(rec.get("privacy")))),
+            **_columns("secure", round_secure(_mapping(rec.get("secure")))),
         }
         keys = list(rec["clients"]) if clients is None else list(clients)
         with self.engine.begin() as conn:
@@ -302,13 +293,13 @@ def _upsert(table: Any, row: Mapping[str, Any], keys: list[str]) -> Any:
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
-    """Return ``value`` if it is a mapping (the round log's ``privacy``), else an empty one: nothing to record."""
+    """Return ``value`` if a mapping (the round log's ``privacy``, ``secure``), else an empty one: nothing to record."""
     return value if isinstance(value, Mapping) else {}
 
 
-def _dp_columns(privacy: Mapping[str, Any]) -> dict[str, Any]:
-    """Name each parsed privacy fact by its column (``epsilon`` -> ``dp_epsilon``)."""
-    return {f"dp_{key}": value for key, value in privacy.items()}
+def _columns(prefix: str, facts: Mapping[str, Any]) -> dict[str, Any]:
+    """Name each parsed fact by its column (``epsilon`` -> ``dp_epsilon``, ``survivors`` -> ``secure_survivors``)."""
+    return {f"{prefix}_{key}": value for key, value in facts.items()}
 
 
 def _text(value: Any) -> str | None:

@@ -24,7 +24,7 @@ from server.state import StateStore
 from shared.release import read_release, verify_release
 from shared.sign import TrustList
 from simulations.demo import run_demo
-from tests.server.state.records import RUN_PRIVACY, privacy
+from tests.server.state.records import RUN_PRIVACY, SECURE, privacy
 
 pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
@@ -172,7 +172,8 @@ def test_runs_list_and_run_view_show_the_real_rounds_and_charts(page, cli_dashbo
     assert page.locator("svg.chart.bar").count() == 2 and page.locator("svg.chart.bar rect.bar").count() > 0
     rounds = {r["round"]: r for r in tiny_run["data"]["rounds"]}
     expected = f"{rounds[2]['mean_heldout_loss']:.4f}"
-    assert rows.nth(2).locator("td").nth(7).inner_text() == expected
+    assert rows.nth(2).locator("td").nth(8).inner_text() == expected
+    assert rows.nth(2).locator("td").nth(6).inner_text() == "-"  # a plain round: not secure
     assert page.errors == []
     _shot(page, "run-view")
 
@@ -314,7 +315,7 @@ def test_hostile_rows_leave_every_page_working(page, fresh_dashboard):
     page.goto(fresh_dashboard.url.replace("/?", "/runs/r?"))
     page.wait_for_selector("svg.chart.line polyline.series", state="attached")  # flat lines: no height
     rows = page.locator("h2:text('Rounds') + table tbody tr")
-    assert rows.nth(1).locator("td").nth(7).inner_text() == "-"  # the inf held-out mean: missing
+    assert rows.nth(1).locator("td").nth(8).inner_text() == "-"  # the inf held-out mean: missing
     assert page.errors == []
     _shot(page, "hostile-rows")
 
@@ -342,14 +343,21 @@ def test_a_dashboard_started_before_its_store_says_why_and_creates_nothing(page,
 
 
 def test_a_dp_run_shows_epsilon_per_round_and_a_run_without_dp_no_privacy_panel(page, tmp_path):
-    """Round records written through a round log into a real store, as the coordinator writes them under DP."""
+    """Round records written through a round log into a real store, as the coordinator writes them under DP.
+
+    Its rounds 2 and 3 also ran secure aggregation (DP with client clipping composes with SecAgg+):
+    the round table says how many devices were in the sum and recovered, the round view its facts.
+    """
     store = StateStore(tmp_path / "state.sqlite")
     dp = RoundLog(tmp_path / "dp.json", run={"run_id": "dp", "rounds": 3, "privacy": RUN_PRIVACY}, store=store)
     RoundLog(tmp_path / "plain.json", run={"run_id": "plain", "rounds": 3}, store=store).close_round(0)
     epsilons = {1: 0.61, 2: 1.07, 3: 1.52}
     for n in range(4):
         dp.client(n, 1, "c1", heldout_loss=3.0 - n / 2, **({"train_loss": 2.0} if n else {}))
-        dp.close_round(n, **({"privacy": privacy(n, epsilon=epsilons[n], clipped_fraction=n / 4)} if n else {}))
+        secure = {"secure": {**SECURE, "recovered": n - 2}} if n >= 2 else {}
+        dp.close_round(
+            n, **({"privacy": privacy(n, epsilon=epsilons[n], clipped_fraction=n / 4)} if n else {}), **secure
+        )
     store.close()
     dashboard = start(tmp_path / "state.sqlite", "127.0.0.1:0", token=TOKEN)
     try:
@@ -365,6 +373,13 @@ def test_a_dp_run_shows_epsilon_per_round_and_a_run_without_dp_no_privacy_panel(
         assert page.locator('polyline.series[data-series="limit (dp.max-epsilon)"]').count() == 1
         per_round = page.locator("h2:text('Privacy') ~ table tbody tr")
         assert [per_round.nth(i).locator("td").nth(1).inner_text() for i in range(3)] == ["0.610", "1.070", "1.520"]
+        rounds = page.locator("h2:text('Rounds') + table tbody tr")
+        assert [rounds.nth(i).locator("td").nth(6).inner_text() for i in range(4)] == [
+            "-",
+            "-",
+            "4 in sum",
+            "4 in sum, 1 recovered",
+        ]
         panel = page.locator("h2:text('Privacy') + dl").inner_text()
         assert re.search(r"spent\s+ε = 1\.520 at δ = 1e-5 after round 3", panel), panel
         for fact in (r"noise multiplier z\s+1\.1", r"clip norm C\s+1\b", r"by the coordinator, on receipt", r"75\.0 %"):
@@ -375,6 +390,13 @@ def test_a_dp_run_shows_epsilon_per_round_and_a_run_without_dp_no_privacy_panel(
         page.wait_for_selector("h2:text('Privacy')")
         facts = page.locator("h2:text('Privacy') + dl").inner_text()
         assert re.search(r"ε spent after this round\s+1\.070 at δ = 1e-5\b", facts), facts
+        secure = page.locator("h2:text('Secure aggregation (SecAgg+)') + dl").inner_text()
+        for fact in (r"devices in the sum\s+4\b", r"masks removed\)\s+0\b", r"in all\s+1\b", r"threshold\s+5 / 3"):
+            assert re.search(fact, secure), (fact, secure)
+        assert re.search(r"\[-c, c\]\)\s+0\.05\b", secure), secure
+        page.goto(dashboard.url.replace("/?", "/runs/dp/rounds/1?"))
+        page.wait_for_selector("h2:text('Privacy')")
+        assert page.locator("h2:text('Secure aggregation (SecAgg+)')").count() == 0  # round 1 was not secure
         page.goto(dashboard.url)
         row = page.locator("tbody tr", has=page.get_by_role("link", name="dp", exact=True))
         assert row.locator("td").nth(5).inner_text() == "1.520"  # the runs list's "ε spent"

@@ -154,13 +154,33 @@ function privacyPanel(data) {
     table(["round", "ε spent", "clipped", "z", "C", "q", "m"], rows)];
 }
 
+// ---------------------------------------------------------------- secure aggregation (SecAgg+, issue 17)
+// A round's cell in the round table: how many devices are in the sum, and how many were recovered after dropping.
+function secureCell(r) {
+  const s = r.secure;
+  if (!s) return "-";
+  const recovered = s.recovered ? `, ${s.recovered} recovered` : "";
+  return `${s.survivors ?? "?"} in sum${recovered}`;
+}
+
+// The round view's facts of a secure round: who is in the sum, who fell out, the parameters.
+function secureSection(s) {
+  return [el("h2", {}, "Secure aggregation (SecAgg+)"), facts([
+    ["what the coordinator saw", "only the sum of the masked updates, never one device's delta"],
+    ["devices in the sum", String(s.survivors ?? "-")],
+    ["dropped after sharing keys (masks removed)", String(s.recovered ?? "-")],
+    ["out of the protocol in all", String(s.dropped ?? "-")],
+    ["shares / threshold", `${s.shares ?? "-"} / ${s.threshold ?? "-"}`],
+    ["clip range c (each entry in [-c, c])", sig(s.clip_range)]])];
+}
+
 function renderRun(data) {
   const run = data.run, state = runState(run);
   crumbs(["runs", "/"], [run.run_id]);
   const rows = data.rounds.map((r) => [
     el("a", { href: roundHref(run.run_id, r.round) }, r.round === 0 ? "0 (before)" : String(r.round)),
     r.closed ? "closed" : "in progress", num(r.seconds, 1), r.participants, r.accepted, r.rejected + r.refused,
-    num(r.mean_train_loss), num(r.mean_heldout_loss), mb(r.bytes_up), mb(r.bytes_down),
+    secureCell(r), num(r.mean_train_loss), num(r.mean_heldout_loss), mb(r.bytes_up), mb(r.bytes_down),
     { value: r.key_id || "-", cls: "mono" }, { value: short(r.manifest_digest), cls: "mono" },
   ]);
   const rejections = data.rejections.length
@@ -177,7 +197,7 @@ function renderRun(data) {
     runCharts(data),
     ...privacyPanel(data),
     el("h2", {}, "Rounds"),
-    table(["round", "state", "seconds", "clients", "accepted", "rejected", "train loss", "held-out mean",
+    table(["round", "state", "seconds", "clients", "accepted", "rejected", "secure", "train loss", "held-out mean",
       "MB up", "MB down", "key id", "manifest"], rows),
     el("h2", {}, "Rejections"), rejections);
 }
@@ -224,6 +244,7 @@ function renderRound(data) {
     ...(rec.privacy ? [el("h2", {}, "Privacy"), facts([
       ["ε spent after this round", `${eps(rec.privacy.epsilon)} at δ = ${sig(rec.privacy.delta)}`],
       ...privacyFacts(rec.privacy, run.privacy || {}), ["clipped updates", pct(rec.privacy.clipped_fraction)]])] : []),
+    ...(rec.secure ? secureSection(rec.secure) : []),
     el("h2", {}, "Signed release"), ...releaseSection(data.release, rec));
 }
 

@@ -43,6 +43,10 @@ def test_five_devices_sum_equals_plain_sum_within_quantization_error():
     assert_within_quantization(result.total, plain_sum(ds), 5)
     assert set(result.replies) == set(fleet.nodes)
     assert all(set(r.keys()) == {"metrics", "client"} for r in result.replies.values())  # no delta passed through
+    entries = sum(int(np.prod(s)) for s in SHAPES.values())
+    for node in fleet.nodes:  # what each device sent: a masked vector of one int per entry, plus keys and shares
+        assert entries * 4 <= result.bytes_up[node] < entries * 8 + 16 * 1024, result.bytes_up[node]
+        assert result.bytes_down[node] > 0
 
 
 def test_a_device_dropping_after_sharing_keys_leaves_the_sum_of_the_four_survivors():
@@ -52,6 +56,8 @@ def test_a_device_dropping_after_sharing_keys_leaves_the_sum_of_the_four_survivo
     dropped = fleet.nodes[2]
     assert result.recovered == (dropped,) and dropped not in result.survivors and len(result.survivors) == 4
     assert dropped not in fleet.trained  # its delta was never made, let alone sent
+    entries = sum(int(np.prod(s)) for s in SHAPES.values())  # it sent its keys and shares, no masked vector
+    assert result.bytes_up[dropped] + entries * 4 <= min(result.bytes_up[n] for n in result.survivors)
     assert_within_quantization(result.total, plain_sum([d for i, d in enumerate(ds) if i != 2]), 4)
 
 

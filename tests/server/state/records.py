@@ -1,9 +1,10 @@
-"""What the state-store tests share: a run record, a signed-release note, DP facts, raw SQLite access."""
+"""What the state-store tests share: a run record, a signed-release note, DP and SecAgg facts, raw SQLite access."""
 
 import sqlite3
 
 from alembic import command
 from alembic.config import Config
+from hypothesis import strategies as st
 from sqlalchemy import create_engine
 
 from server.state import StateStore
@@ -13,6 +14,19 @@ RUN = {"run_id": "demo-7", "model": "m", "method": "ties", "rounds": 2, "config"
 
 # values a damaged or hostile file can hold in a column, whatever the column's declared type
 HOSTILE = [float("inf"), float("-inf"), "2.5", "", b"\xff\x00", 2**63 - 1, -(2**63), 1e308, -1.0, "x" * 10_000]
+
+ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=50),
+    st.binary(max_size=50),
+)
+"""Any value a parser of the store may be handed."""
+
+SECURE = {"survivors": 4, "recovered": 1, "dropped": 1, "shares": 5, "threshold": 3, "clip_range": 0.05}
+"""The round log's ``secure`` of a SecAgg+ round as ``server/secure_rounds.py`` notes it (one device dropped)."""
 
 RUN_PRIVACY = {
     "delta": 1e-5,

@@ -27,7 +27,7 @@ def test_an_empty_file_is_migrated_to_the_schema_of_schema_py(tmp_path):
     db = tmp_path / "state.sqlite"
     db.touch()  # e.g. created by hand, or by a process killed before its first write
     StateStore(db).close()
-    assert rows(db, "select version_num from alembic_version") == [(head(),)] == [("0004",)]
+    assert rows(db, "select version_num from alembic_version") == [(head(),)] == [("0005",)]
     with create_engine(f"sqlite:///{db}").connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
 
@@ -37,7 +37,7 @@ def test_a_store_at_an_older_revision_is_upgraded_by_the_writer(tmp_path):
     assert rows(db, "select count(*) from alembic_version") == [(0,)]
     assert "runs" not in {r[0] for r in rows(db, "select name from sqlite_master")}
     store = StateStore(db)
-    assert rows(db, "select version_num from alembic_version") == [("0004",)]
+    assert rows(db, "select version_num from alembic_version") == [("0005",)]
     store.save_run({**RUN, "started": 2.0})  # the upgraded tables take rows again
     assert rows(db, "select run_id from runs") == [("demo-7",)]
 
@@ -89,11 +89,25 @@ def test_a_store_written_before_heartbeats_keeps_its_runs_and_calls_the_unfinish
         assert [(r["run_id"], r["heard"], r["state"]) for r in list_runs(conn)] == [("demo-7", None, "stopped")]
 
 
-@pytest.mark.parametrize("revision", ["0001", "0002", "0003"])
+def test_0005_keeps_the_rounds_of_a_store_before_secagg_and_reads_them_as_not_secure(tmp_path):
+    db = store_at_revision(tmp_path, "0004")  # a store of the fleetlora before secure aggregation
+    execute(db, "insert into rounds (run_id, round, started, dp_epsilon) values ('demo-7', 1, 1.0, 0.5)")
+    StateStore(db).close()  # the coordinator's open migrates
+    assert rows(db, "select round, dp_epsilon, secure_survivors, secure_clip_range from rounds") == [
+        (1, 0.5, None, None)
+    ]
+    with StateStore(db, read_only=True).read() as conn:
+        assert [(r["privacy"]["epsilon"], r["secure"]) for r in run_view(conn, "demo-7")["rounds"]] == [(0.5, None)]
+    alembic(db, command.downgrade, "0004")  # and back: the round stays, without the secure_* columns
+    assert rows(db, "select round, dp_epsilon from rounds") == [(1, 0.5)]
+    assert not any(r[1].startswith("secure_") for r in rows(db, "pragma table_info(rounds)"))
+
+
+@pytest.mark.parametrize("revision", ["0001", "0002", "0003", "0004"])
 def test_the_read_only_open_never_migrates_an_older_store(tmp_path, revision):
     db = store_at_revision(tmp_path, revision)
     before = db.read_bytes()
-    with pytest.raises(StateStoreError, match=f"at schema revision {revision}, older than this fleetlora's 0004"):
+    with pytest.raises(StateStoreError, match=f"at schema revision {revision}, older than this fleetlora's 0005"):
         StateStore(db, read_only=True)
     assert _unchanged(db, before)  # no migration
     assert rows(db, "select version_num from alembic_version") == [(revision,)]

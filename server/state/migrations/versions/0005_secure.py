@@ -1,0 +1,39 @@
+"""Rounds keep their secure-aggregation facts (issue 17): survivors, recovered dropouts, parameters.
+
+A round aggregated with SecAgg+ (``aggregation.secure``) records how many devices' masked vectors
+are in its sum (survivors), how many dropped after sharing their keys and had their masks removed
+through the survivors' shares (recovered), how many fell out of the protocol in all (dropped),
+and the parameters it ran with: the share count, the reconstruction threshold and the clipping
+range of the quantization. Every ``secure_*`` column is NULL for rounds recorded before 0005 and
+for rounds that did not run securely.
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-12-01
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0005"
+down_revision: str | None = "0004"
+branch_labels: str | None = None
+depends_on: str | None = None
+
+INTEGERS = ("secure_survivors", "secure_recovered", "secure_dropped", "secure_shares", "secure_threshold")
+
+
+def upgrade() -> None:
+    """Add the nullable ``secure_*`` columns to ``rounds`` (existing rows keep NULL: not secure)."""
+    for name in INTEGERS:
+        op.add_column("rounds", sa.Column(name, sa.Integer()))
+    op.add_column("rounds", sa.Column("secure_clip_range", sa.Float()))
+
+
+def downgrade() -> None:
+    """Drop the ``secure_*`` columns (the rounds stay, without their secure-aggregation facts)."""
+    with op.batch_alter_table("rounds") as batch:
+        for name in (*INTEGERS, "secure_clip_range"):
+            batch.drop_column(name)
