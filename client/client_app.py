@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from client import device
+from client.capability import device_rank
 from client.fetch import FetchError, fetch_links, fetch_release
 from client.partition import Partition, partition_for
 from client.privacy import clip_and_pack
@@ -36,6 +37,7 @@ from shared.config import FleetConfig, LoraConfig
 from shared.data import Encoded, encode, load_jsonl
 from shared.errors import ReleaseError
 from shared.model import compute_dtype, load_model, load_tokenizer, model_digest
+from shared.ranks import pad, rank_shapes
 from shared.release_records import links_from_config, release_from_records
 from shared.replay import AcceptedReleases
 from shared.sign import SignatureError
@@ -53,9 +55,10 @@ def train(msg: Message, context: Context) -> Message:
     if not isinstance(server_round, int):
         raise TypeError(f"train message carries server-round {server_round!r}, expected an integer")
     try:
+        rank = device_rank(context.node_config, cfg.lora)
         base = _base(cfg, context, part)
-        model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype)
-        _install(msg, context, cfg, part, model, base.digest)
+        model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype, rank)
+        _install(msg, context, cfg, part, model, base.digest, rank)
     except (ReleaseError, WireError, SignatureError, FetchError, OSError) as exc:
         return _refuse(msg, part, server_round, exc)
     start = adapter_state(model)
@@ -87,6 +90,10 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     base.downloaded = 0  # reported once
+    if rank < cfg.lora.rank:  # the coordinator zero-pads it to the run's rank (shared/ranks.py)
+        metrics["lora-rank"] = rank
+        if cfg.aggregation.secure:  # masked vectors of one fleet have one shape
+            delta = pad(delta, rank_shapes({k: tuple(v.shape) for k, v in delta.items()}, cfg.lora.rank))
     if record_epsilon is not None:
         metrics["dp-record-epsilon"] = record_epsilon
     if cfg.dp.enabled and cfg.dp.clipping == "client":  # the delta leaves this device already clipped
@@ -106,9 +113,10 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     cfg = FleetConfig.from_run_config(context.run_config)
     part = partition_for(context.node_config, cfg)
     try:
+        rank = device_rank(context.node_config, cfg.lora)
         base = _base(cfg, context, part)
-        model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype)
-        _install(msg, context, cfg, part, model, base.digest)
+        model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype, rank)
+        _install(msg, context, cfg, part, model, base.digest, rank)
     except (ReleaseError, WireError, SignatureError, FetchError, OSError) as exc:
         return _refuse(msg, part, msg.content["config"].get("server-round", -1), exc)
     data = _encoded(part.heldout_file, base.spec, cfg.train.max_seq_len)
@@ -130,8 +138,12 @@ def _train_record_dp(
     return TrainResult(mean_loss=loss, steps=cfg.train.steps, seconds=seconds), epsilon
 
 
-def _install(msg: Message, context: Context, cfg: FleetConfig, part: Partition, model: Any, base_digest: str) -> None:
+def _install(
+    msg: Message, context: Context, cfg: FleetConfig, part: Partition, model: Any, base_digest: str, rank: int
+) -> None:
     """Verify the message's signed release against this device's trust list, base and history; load it.
+
+    A device training at ``rank`` below the run's loads the release's first ``rank`` components.
 
     A device that missed more published rounds than the message carries chain manifests for
     fetches the missing ones from the artifact service (int4 base), else it refuses the release.
@@ -140,14 +152,15 @@ def _install(msg: Message, context: Context, cfg: FleetConfig, part: Partition, 
     links = links_from_config(msg.content["config"])
     accepted = AcceptedReleases(device.state_file(context.node_config, part.name))
     trust = device.load_trust(context.node_config)
+    own_rank = rank if rank < cfg.lora.rank else None
     try:
-        install_release(model, release, trust, base_digest, accepted, links)
+        install_release(model, release, trust, base_digest, accepted, links, own_rank)
     except ChainGapError as gap:
         if cfg.base.format != "int4":
             raise
         tls = device.channel_credentials(context.node_config)
         more = fetch_links(cfg.base.address, gap.manifest, gap.accepted_round, credentials=tls)
-        install_release(model, release, trust, base_digest, accepted, [*links, *more])
+        install_release(model, release, trust, base_digest, accepted, [*links, *more], own_rank)
 
 
 @dataclass
@@ -222,9 +235,9 @@ def _reply(msg: Message, part: Partition, metrics: MetricRecord, arrays: Any = N
 
 
 @functools.lru_cache(maxsize=1)
-def _runtime(model_spec: str, lora: LoraConfig, seed: int, dtype: str) -> tuple[Any, Any]:
-    """Return the base model with a LoRA adapter attached, kept for the life of the process."""
-    model = attach_lora(load_model(model_spec, compute_dtype(dtype)), lora, seed)
+def _runtime(model_spec: str, lora: LoraConfig, seed: int, dtype: str, rank: int) -> tuple[Any, Any]:
+    """Return the base model with a LoRA adapter of ``rank`` attached, kept for the life of the process."""
+    model = attach_lora(load_model(model_spec, compute_dtype(dtype)), lora, seed, rank)
     return model, _tokenizer(model_spec)
 
 

@@ -17,6 +17,7 @@ from shared.adapter import ADAPTER_WEIGHTS, adapter_state, load_adapter_state
 from shared.chain import SignedManifest
 from shared.errors import ReleaseError
 from shared.manifest import Manifest
+from shared.ranks import truncate
 from shared.release import Release, verify_release
 from shared.replay import AcceptedReleases
 from shared.sign import TrustList
@@ -34,11 +35,14 @@ def install_release(
     base_digest: str,
     accepted: AcceptedReleases,
     links: Sequence[SignedManifest] = (),
+    rank: int | None = None,
 ) -> Manifest:
     """Verify ``release`` and load its adapter into ``peft_model``; record it as accepted.
 
     ``links``: signed manifests of the run's releases before it (the round message carries
     the last few), through which it must lead back to the release the device accepted last.
+    ``rank``: a device training below the run's rank loads the release's first ``rank``
+    components (``shared/ranks.py``), after the whole release was verified.
 
     Raises
     ------
@@ -56,6 +60,11 @@ def install_release(
         raise ReleaseError(f"release has no {ADAPTER_WEIGHTS}")
     state = load_tensors(release.files[ADAPTER_WEIGHTS])
     check_adapter_values(state)
+    if rank is not None:
+        try:
+            state = truncate(state, rank)
+        except ValueError as exc:
+            raise ReleaseError(f"the adapter does not fit this device's lora-rank: {exc}") from None
     before = adapter_state(peft_model)
     try:
         load_adapter_state(peft_model, state)  # checks every key and shape before it writes anything

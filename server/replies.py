@@ -27,6 +27,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from server.validate import check_size, check_update
+from shared.ranks import pad, rank_of, rank_shapes
 from shared.wire import unpack, wire_bytes
 
 MAX_NAME = 128
@@ -34,6 +35,7 @@ MAX_REASON = 1000  # characters of a device's refusal reason kept in the round l
 MAX_LOSS = 1e3  # a cross-entropy in nats; ln(49152) = 10.8 is a uniform guess over SmolLM2's vocabulary
 MAX_SECONDS = 1e7
 MAX_BYTES = 1 << 40
+MAX_RANK = 1 << 16
 # key -> (type, low, high, required)
 TRAIN_METRICS: dict[str, tuple[type, float, float, bool]] = {
     "num-examples": (int, 1, math.inf, True),  # high: aggregation.max-examples
@@ -42,6 +44,7 @@ TRAIN_METRICS: dict[str, tuple[type, float, float, bool]] = {
     "base-download-bytes": (int, 0, MAX_BYTES, False),
     "dp-clipped": (int, 0, 1, False),  # dp.clipping = client: 1 if the device clipped its delta
     "dp-record-epsilon": (float, 0.0, 1e15, False),  # dp.level = record: the device's own epsilon so far
+    "lora-rank": (int, 1, MAX_RANK, False),  # a device training below lora.rank (shared/ranks.py); <= it, checked
 }
 EVAL_METRICS: dict[str, tuple[type, float, float, bool]] = {
     "num-examples": (int, 1, math.inf, True),
@@ -76,6 +79,8 @@ class TrainReply:
     base_download_bytes: int
     dp_clipped: bool
     record_epsilon: float | None
+    rank: int | None
+    """The LoRA rank the device trained at, if it said (below the run's ``lora.rank``); None: the run's."""
     arrays: ArrayRecord
     nbytes: int
 
@@ -149,11 +154,17 @@ def decode_update(reply: TrainReply, spec: UpdateSpec) -> dict[str, torch.Tensor
     """Return the reply's delta in fp32, or raise naming why it is not a valid delta of ``spec``.
 
     The payload size is bounded before anything is decoded; then keys, dtypes, shapes, codes,
-    scales and finiteness are checked.
+    scales and finiteness are checked. A delta of a device training at a lower rank is decoded at
+    that rank and zero-padded to the run's (``shared/ranks.py``: exactly the device's own change).
     """
     shapes = {k: tuple(v.shape) for k, v in spec.expected.items()}
-    check_size(reply.nbytes, shapes, spec.encoding)
-    delta = unpack(reply.arrays, shapes, spec.encoding)
+    full = rank_of(shapes)
+    rank = full if reply.rank is None else reply.rank
+    if rank > full:
+        raise ReplyError(f"the device reports lora-rank {rank}, above the run's lora.rank {full}")
+    sent = rank_shapes(shapes, rank)
+    check_size(reply.nbytes, sent, spec.encoding)
+    delta = pad(unpack(reply.arrays, sent, spec.encoding), shapes)
     check_update(delta, spec.expected, float(reply.num_examples))
     return delta
 
@@ -168,6 +179,7 @@ def _train_reply(node_id: int, name: str, metrics: Mapping[str, int | float], ar
         base_download_bytes=int(metrics.get("base-download-bytes", 0)),
         dp_clipped=bool(metrics.get("dp-clipped", 0)),
         record_epsilon=float(metrics["dp-record-epsilon"]) if "dp-record-epsilon" in metrics else None,
+        rank=int(metrics["lora-rank"]) if "lora-rank" in metrics else None,
         arrays=arrays,
         nbytes=wire_bytes(arrays),
     )

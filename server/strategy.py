@@ -245,6 +245,8 @@ class AdapterStrategy(FedAvg):
                 entry["clipped"] = clipped[reply.node_id]
             if reply.record_epsilon is not None:  # dp.level = record: what the device reports it spent
                 entry["record_epsilon"] = reply.record_epsilon
+            if reply.rank is not None:  # a device training below lora.rank (shared/ranks.py)
+                entry["lora_rank"] = reply.rank
             self.round_log.client(
                 server_round, reply.node_id, reply.name, **entry, bytes_up=reply.nbytes, bytes_down=self.bytes_down
             )

@@ -24,18 +24,20 @@ ADAPTER_CONFIG = "adapter_config.json"
 State = dict[str, torch.Tensor]
 
 
-def attach_lora(model: Any, cfg: LoraConfig, seed: int) -> Any:
+def attach_lora(model: Any, cfg: LoraConfig, seed: int, rank: int | None = None) -> Any:
     """Wrap a base model with a fresh LoRA adapter (A ~ Kaiming-uniform from ``seed``, B = 0).
 
     Every party that calls this with the same base, config and seed gets the same initial
-    adapter, bit for bit.
+    adapter, bit for bit. ``rank``: a device's own rank below ``cfg.rank`` (``shared/ranks.py``),
+    at the run's scale alpha / r (PEFT's ``lora_alpha`` = alpha * rank / r).
     """
+    rank = cfg.rank if rank is None else rank
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     peft_cfg = PeftLoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
+        r=rank,
+        lora_alpha=cfg.alpha * rank / cfg.rank if rank != cfg.rank else cfg.alpha,  # type: ignore[arg-type]
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         bias="none",

@@ -29,9 +29,15 @@ class LoraConfig:
     """Dropout on the LoRA path; 0 keeps training deterministic for a given seed."""
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     """Linear layers that get an adapter (all seven kinds of a llama block by default)."""
+    device_ranks: tuple[str, ...] = ()
+    """Simulation only: virtual device i trains at rank ``device_ranks[i % n]`` (each in [1, rank]); empty: all at
+    ``rank``. A real device's own node config ``lora-rank`` decides for it (``client/capability.py``)."""
 
     def __post_init__(self) -> None:
         _check(self.rank >= 1, "lora.rank", self.rank, "must be >= 1")
+        ok = all(len(r) <= 6 and r.isascii() and r.isdigit() and 1 <= int(r) <= self.rank for r in self.device_ranks)
+        why = f"must be integers in [1, lora.rank = {self.rank}]"
+        _check(ok, "lora.device-ranks", ",".join(self.device_ranks)[:80], why)
         _check(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
         _check(len(self.target_modules) > 0, "lora.target-modules", self.target_modules, "must name a layer")

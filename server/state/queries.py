@@ -95,6 +95,7 @@ def round_view(conn: Connection, run_id: str, server_round: int) -> dict[str, An
     return {
         "run": _pick(run, ("run_id", "name", "method", "base_digest", "num_rounds", "releases", "privacy")),
         "aggregation": aggregation,
+        "lora_rank": run["config"].get("lora.rank"),  # what a client without a rank of its own trained at
         "round": {**rec, **_counts(clients)},
         "clients": clients,
     }

@@ -32,6 +32,7 @@ from server.state.schema import STATUSES
 from server.state.values import (
     INT64,
     MAX_NAME,
+    MAX_RANK,
     MAX_ROUND,
     finite,
     ident,
@@ -161,6 +162,8 @@ class ClientRow(TypedDict):
     bytes_up: int | None
     bytes_down: int | None
     base_download_bytes: int | None
+    lora_rank: int | None
+    """The rank the device trained at when below the run's, in [1, MAX_RANK]; None: the run's rank."""
 
 
 def parse_run(row: Any) -> RunRow | None:
@@ -237,4 +240,5 @@ def parse_client(row: Any) -> ClientRow | None:
         bytes_up=integer(row["bytes_up"]),
         bytes_down=integer(row["bytes_down"]),
         base_download_bytes=integer(row["base_download_bytes"]),
+        lora_rank=integer(row["lora_rank"], 1, MAX_RANK),
     )

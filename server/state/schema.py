@@ -118,5 +118,6 @@ client_results = Table(
     Column("bytes_up", BigInteger),
     Column("bytes_down", BigInteger),
     Column("base_download_bytes", BigInteger),
+    Column("lora_rank", Integer),  # the rank the device trained at, when below the run's lora.rank (0005)
     ForeignKeyConstraint(["run_id", "round"], ["rounds.run_id", "rounds.round"], ondelete="CASCADE"),
 )

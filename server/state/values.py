@@ -12,6 +12,8 @@ from typing import Any
 INT64 = 2**63  # SQLite's INTEGER is signed 64-bit: a Python int outside it cannot even be bound
 NODE_ID_LIMIT = 2**64  # Flower node ids are unsigned 64-bit
 MAX_ROUND = 2**31 - 1
+MAX_RANK = 1 << 16
+"""Highest LoRA rank a client result may record."""
 MAX_ID = 256
 """Longest run id or client key kept (longer: the row is left out; writers truncate)."""
 MAX_NAME = 200

@@ -94,3 +94,26 @@ def test_a_release_with_non_finite_or_absurd_values_is_refused(device, value, re
     release = _release(poisoned, round=2, previous=m1.digest())[0]
     _refused_keeps_the_adapter(model, accepted, release, reason)
     assert accepted.runs["adapter:r"]["round"] == 1  # and it is not recorded as accepted
+
+
+def test_a_low_rank_device_loads_exactly_its_components_of_the_verified_release(tiny_model_dir, tmp_path):
+    """Rank 2 of a rank-4 release: the first two components (rows of A, columns of B), only once verified."""
+    run_cfg = LoraConfig(rank=4)
+    full = attach_lora(load_model(str(tiny_model_dir), torch.float32), run_cfg, seed=0)
+    release, first = _release(_shifted(full, 0.5))
+    low = attach_lora(load_model(str(tiny_model_dir), torch.float32), run_cfg, seed=0, rank=2)
+    assert low.peft_config["default"].r == 2 and low.peft_config["default"].lora_alpha == run_cfg.alpha / 2
+    accepted = AcceptedReleases(tmp_path / "accepted.json")
+    before = adapter_state(low)
+    forged = dataclasses.replace(release, signature=bytes(64))
+    with pytest.raises(ReleaseError, match="signature"):
+        install_release(low, forged, TRUST, BASE, accepted, rank=2)
+    assert all(torch.equal(before[k], v) for k, v in adapter_state(low).items())  # nothing loaded
+    install_release(low, release, TRUST, BASE, accepted, rank=2)
+    got, sent = adapter_state(low), _shifted(full, 0.5)
+    assert set(got) == set(sent)
+    for key, value in got.items():
+        want = (sent[key][:2] if ".lora_A." in key else sent[key][:, :2]).half().float()  # releases are fp16
+        assert value.shape == want.shape and torch.equal(value, want), key
+    with pytest.raises(ReleaseError, match="lora-rank"):
+        install_release(low, _release(sent, round=2, previous=first.digest())[0], TRUST, BASE, accepted, rank=5)

@@ -315,7 +315,7 @@ def test_the_round_api_reads_the_signed_release(client, round_log, tmp_path):
     round_log.note(1, release=note)
     report(round_log, 1, "5", node_id=5, name="food", train_loss=2.0)
     body = client.get("/api/runs/demo-1/rounds/1", headers=AUTH).json()
-    assert set(body) == {"run", "aggregation", "round", "clients", "release"}
+    assert set(body) == {"run", "aggregation", "lora_rank", "round", "clients", "release"}
     assert body["aggregation"] == {"aggregation.method": "ties"}
     assert body["round"]["manifest_digest"] == manifest.digest() and body["round"]["key_id"] == manifest.key_id
     assert [c["name"] for c in body["clients"]] == ["food"] and body["clients"][0]["status"] == "accepted"

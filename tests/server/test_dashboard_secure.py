@@ -23,7 +23,8 @@ def client(tmp_path):
     store = StateStore(tmp_path / "state.sqlite")
     log = RoundLog(tmp_path / "rounds.json", run=RUN, store=store)
     for n in range(3):
-        report(log, n, "5", name="food", heldout_loss=3.0 - n, **({"train_loss": 2.0, "secure": True} if n else {}))
+        trained = {"train_loss": 2.0, "secure": True, "lora_rank": 2} if n else {}
+        report(log, n, "5", name="food", heldout_loss=3.0 - n, **trained)
         log.close_round(n, **({"secure": SECURE} if n == 1 else {}))
     reader = StoreReader(tmp_path / "state.sqlite")
     with TestClient(create_app(reader, TOKEN), follow_redirects=False) as c:
@@ -36,7 +37,16 @@ def client(tmp_path):
 def test_the_api_serves_a_secure_rounds_facts_and_none_for_the_others(client):
     view = client.get("/api/runs/sec-1", headers=AUTH).json()
     assert [r["secure"] for r in view["rounds"]] == [None, SECURE, None]
-    assert client.get("/api/runs/sec-1/rounds/1", headers=AUTH).json()["round"]["secure"] == SECURE
+    one = client.get("/api/runs/sec-1/rounds/1", headers=AUTH).json()
+    assert one["round"]["secure"] == SECURE
+    assert [c["lora_rank"] for c in one["clients"]] == [2]  # a device that trained below the run's rank says so
+
+
+@pytest.mark.parametrize("bad", [0, 2**17, -3, "eight", 2.5])
+def test_a_hostile_client_rank_is_served_as_missing(client, bad):
+    execute(client.db, "update client_results set lora_rank = ? where round = 1", (bad,))
+    one = client.get("/api/runs/sec-1/rounds/1", headers=AUTH)
+    assert one.status_code == 200 and [c["lora_rank"] for c in one.json()["clients"]] == [None]
 
 
 @pytest.mark.parametrize("bad", [float("inf"), -1, 2**40, "lots", b"\xff", 0.5])

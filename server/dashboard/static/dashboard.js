@@ -224,7 +224,8 @@ function renderRound(data) {
   crumbs(["runs", "/"], [run.run_id, runHref(run.run_id)], [`round ${rec.round}`]);
   const rows = data.clients.map((c) => [
     c.name, { value: c.node_id ?? "-", cls: "mono" }, { value: c.status ?? "?", cls: c.status }, c.reason ?? "",
-    c.num_examples ?? "-", num(c.train_loss), num(c.heldout_loss), num(c.train_seconds, 1), num(c.update_norm, 3),
+    c.num_examples ?? "-", c.lora_rank ?? (c.status === "accepted" ? data.lora_rank ?? "run's" : "-"),
+    num(c.train_loss), num(c.heldout_loss), num(c.train_seconds, 1), num(c.update_norm, 3),
     kb(c.bytes_up), kb(c.bytes_down),
   ]);
   const settings = Object.entries(data.aggregation)
@@ -234,8 +235,8 @@ function renderRound(data) {
   main.replaceChildren(
     el("h1", {}, `Round ${rec.round} of run ${run.run_id}`),
     el("h2", {}, "Clients"),
-    table(["client", "node", "status", "reason", "examples", "train loss", "held-out", "train s", "update norm",
-      "KB up", "KB down"], rows, [0, 3]),
+    table(["client", "node", "status", "reason", "examples", "rank", "train loss", "held-out", "train s",
+      "update norm", "KB up", "KB down"], rows, [0, 3]),
     el("h2", {}, "Aggregation"),
     facts([["method", rec.method ?? run.method],
       ["state", rec.closed ? `closed after ${num(rec.seconds, 1)} s` : "in progress"], ["clients", counts],

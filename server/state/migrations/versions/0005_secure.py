@@ -1,11 +1,12 @@
-"""Rounds keep their secure-aggregation facts (issue 17): survivors, recovered dropouts, parameters.
+"""Rounds keep their secure-aggregation facts (issue 17), clients the LoRA rank they trained at (issue 19).
 
 A round aggregated with SecAgg+ (``aggregation.secure``) records how many devices' masked vectors
 are in its sum (survivors), how many dropped after sharing their keys and had their masks removed
 through the survivors' shares (recovered), how many fell out of the protocol in all (dropped),
 and the parameters it ran with: the share count, the reconstruction threshold and the clipping
 range of the quantization. Every ``secure_*`` column is NULL for rounds recorded before 0005 and
-for rounds that did not run securely.
+for rounds that did not run securely. A client result's ``lora_rank`` is the rank a device trained
+at when it was below the run's ``lora.rank`` (NULL: the run's rank).
 
 Revision ID: 0005
 Revises: 0004
@@ -30,6 +31,7 @@ def upgrade() -> None:
     for name in INTEGERS:
         op.add_column("rounds", sa.Column(name, sa.Integer()))
     op.add_column("rounds", sa.Column("secure_clip_range", sa.Float()))
+    op.add_column("client_results", sa.Column("lora_rank", sa.Integer()))
 
 
 def downgrade() -> None:
@@ -37,3 +39,5 @@ def downgrade() -> None:
     with op.batch_alter_table("rounds") as batch:
         for name in (*INTEGERS, "secure_clip_range"):
             batch.drop_column(name)
+    with op.batch_alter_table("client_results") as batch:
+        batch.drop_column("lora_rank")
