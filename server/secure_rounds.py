@@ -158,6 +158,8 @@ def _parse_metrics(
         entry["bytes_down"] = result.bytes_down.get(node, 0)  # the release, its neighbours' keys and shares
         if strategy.dp is not None:
             entry["clipped"] = reply.dp_clipped
+        if reply.rank is not None:  # trained below lora.rank, its delta padded before masking (shared/ranks.py)
+            entry["lora_rank"] = reply.rank
         strategy.round_log.client(server_round, node, reply.name, **entry)
         replies.append(reply)
     return replies
