@@ -35,6 +35,7 @@ def test_a_secure_round_reveals_only_the_sum_and_its_mean_is_the_plain_mean(tmp_
             "aggregation.method": "ffa",
             "aggregation.secure": True,
             "aggregation.secure-clip-range": 0.05,
+            "lora.device-ranks": "2,8,8,8,8",  # one device of a lower rank: it pads its delta before masking
             "run-name": "secure",
         },
         output_dir=tmp_path / "out",
@@ -44,6 +45,7 @@ def test_a_secure_round_reveals_only_the_sum_and_its_mean_is_the_plain_mean(tmp_
     rounds = {r["round"]: r for r in data["rounds"]}
     assert rounds[1]["secure"]["survivors"] == 5 and rounds[1]["secure"]["dropped"] == 0
     assert all(c["secure"] for c in clients_by_name(rounds[1]).values() if "train_loss" in c)
+    assert sorted(str(c.get("lora_rank")) for c in rounds[1]["clients"].values()) == ["2", *["None"] * 4]
     # each device's true delta, recorded inside the SecAgg+ mod, before masking
     true = {m.node_id: m.tensors for m in read_recordings(tmp_path / "sent" / "true") if "arrays" in m.records}
     true = {n: {k.removeprefix("arrays/"): v for k, v in t.items()} for n, t in true.items()}
