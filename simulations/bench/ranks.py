@@ -48,7 +48,7 @@ def _row(label: str, data: dict[str, Any]) -> list[str]:
 
 @register("ranks")
 def ranks() -> Table:
-    """The demo at mixed ranks, all 8 and all 2, side by side."""
+    """Run the demo at mixed ranks, all 8 and all 2, side by side."""
     table = Table(
         title="Mixed LoRA ranks: held-out loss after the demo's rounds (SmolLM2-135M, 4 devices, ties, global r = 8)",
         command="python -m simulations.bench --only ranks",
