@@ -7,6 +7,12 @@ AdamW updates only those.
 The loss projects hidden states through the output layer only at response positions: with a
 49k vocabulary the (B, T, V) logits of every position dominate memory, and prompt positions
 (system prompt + question, ~75% of the tokens in the demo data) carry no label anyway.
+
+A batch's common prefix (SmolLM2's default system prompt and the user turn's opening: 24 of the
+demo's ~52 tokens per example) runs through the decoder once, and its keys and values are broadcast to every example
+(:func:`response_nll`). Gradients flow through them: LoRA on ``k_proj``/``v_proj`` changes the
+prefix's keys and values too, and the gradient of the broadcast is the sum over the batch of
+what each example's own copy would have received, so loss and gradients equal the plain path's.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ def train_adapter(model: Any, data: list[Encoded], cfg: TrainConfig, pad_id: int
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     order = _batches(len(data), cfg.batch_size, seed)
     micro = cfg.micro_batch_size or cfg.batch_size
+    share = not cfg.gradient_checkpointing  # transformers keeps no cache under checkpointing
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -65,7 +72,7 @@ def train_adapter(model: Any, data: list[Encoded], cfg: TrainConfig, pad_id: int
         count = max(1, sum(_labelled(e) for e in examples))  # normalize by the whole batch's tokens
         total = 0.0
         for start in range(0, len(examples), micro):  # gradients accumulate over micro-batches
-            nll, _ = response_nll(model, collate(examples[start : start + micro], pad_id))
+            nll, _ = response_nll(model, collate(examples[start : start + micro], pad_id), share)
             loss = nll / count
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr")
@@ -98,14 +105,15 @@ def evaluate(model: Any, data: list[Encoded], cfg: EvalConfig, pad_id: int) -> E
     return EvalResult(loss=loss, tokens=tokens, examples=len(subset))
 
 
-def response_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def response_nll(model: Any, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> tuple[torch.Tensor, int]:
     """Return the summed cross-entropy over labelled tokens, and their count.
 
-    Runs the decoder stack on every position, then the output layer on labelled positions only:
-    ``logits = lm_head(h[keep])`` is (N, V) for N response tokens instead of (B, T, V).
+    Runs the decoder stack on every position (a common prefix of the batch once, see
+    :func:`_hidden`), then the output layer on labelled positions only: ``logits =
+    lm_head(h[keep])`` is (N, V) for N response tokens instead of (B, T, V).
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = _hidden(causal_lm.model, batch["input_ids"], batch["attention_mask"], share_prefix)  # (B, T, H)
     targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
     keep = targets != IGNORE_INDEX
     count = int(keep.sum())
@@ -113,6 +121,37 @@ def response_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
         return hidden.sum() * 0.0, 0
     logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()  # (N, V)
     return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum"), count
+
+
+def _hidden(decoder: Any, ids: torch.Tensor, mask: torch.Tensor, share_prefix: bool) -> torch.Tensor:
+    """Return the decoder's last hidden states (B, T, H), the batch's common prefix computed once.
+
+    The prefix (P tokens, identical and unpadded in every row) runs as a batch of one with a
+    key/value cache; the cache is repeated to B rows and the rest (B, T - P) attends to it at
+    positions P.. as the plain path's rows would. Exact up to float rounding: same attention
+    inputs, same positions (right padding), same masked positions.
+    """
+    p = _common_prefix(ids, mask) if share_prefix and ids.shape[0] > 1 else 0
+    if p < MIN_SHARED_PREFIX:
+        return decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    head = decoder(input_ids=ids[:1, :p], use_cache=True)
+    cache = head.past_key_values
+    cache.batch_repeat_interleave(ids.shape[0])  # (1, heads, P, d) -> (B, heads, P, d), differentiable
+    rest = decoder(input_ids=ids[:, p:], attention_mask=mask, past_key_values=cache, use_cache=True)
+    prefix = head.last_hidden_state.expand(ids.shape[0], -1, -1)  # (B, P, H)
+    return torch.cat([prefix, rest.last_hidden_state], dim=1)
+
+
+MIN_SHARED_PREFIX = 8
+"""Shorter common prefixes run the plain path: an extra decoder call costs more than it saves."""
+
+
+def _common_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """Length of the prefix equal in every row and unpadded, leaving at least one position after it."""
+    same = (ids == ids[:1]).all(dim=0) & mask.bool().all(dim=0)  # (T,)
+    differs = (~same).nonzero()
+    p = int(differs[0]) if len(differs) else ids.shape[1]
+    return min(p, ids.shape[1] - 1)
 
 
 def _labelled(example: Encoded) -> int:

@@ -13,6 +13,7 @@ import simulations.bench.branch  # noqa: F401
 import simulations.bench.federated  # noqa: F401
 import simulations.bench.inference  # noqa: F401
 import simulations.bench.int4  # noqa: F401
+import simulations.bench.prefix  # noqa: F401
 import simulations.bench.privacy  # noqa: F401
 import simulations.bench.ranks  # noqa: F401
 import simulations.bench.scale  # noqa: F401

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from client.partition import partition_for
-from client.train import evaluate, response_nll, train_adapter
+from client.train import _common_prefix, evaluate, response_nll, train_adapter
 from shared.adapter import adapter_state, attach_lora, load_adapter_state
 from shared.config import EvalConfig, FleetConfig, LoraConfig, TrainConfig
 from shared.data import DataError, collate, encode, load_jsonl
@@ -28,6 +28,29 @@ def test_response_nll_equals_transformers_loss(tiny_lora, food, tokenizer):
         reference = tiny_lora(**batch).loss  # mean over labelled tokens, full-vocab logits everywhere
     assert count == int((batch["labels"][:, 1:] != -100).sum())
     assert nll.item() / count == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_the_shared_prefix_gives_the_plain_paths_loss_and_lora_gradients(tiny_lora, food, tokenizer):
+    """The system prompt runs once per batch; loss and every LoRA factor's gradient are the plain path's."""
+    torch.manual_seed(0)
+    for name, param in tiny_lora.named_parameters():
+        if "lora_B" in name:  # B = 0 at init would make every gradient of A zero, hiding a wrong one
+            param.data.normal_(0, 0.1)
+    batch = collate(food[:4], tokenizer.pad_token_id)
+    assert _common_prefix(batch["input_ids"], batch["attention_mask"]) >= 16  # SmolLM2's default system prompt
+    results = {}
+    for share in (True, False):
+        tiny_lora.zero_grad(set_to_none=True)
+        nll, count = response_nll(tiny_lora, batch, share)
+        nll.backward()
+        grads = {n: p.grad.clone() for n, p in tiny_lora.named_parameters() if p.requires_grad}
+        results[share] = (nll.item(), count, grads)
+    (shared_nll, shared_count, shared), (plain_nll, plain_count, plain) = results[True], results[False]
+    assert shared_count == plain_count and shared_nll == pytest.approx(plain_nll, rel=1e-5)
+    assert set(shared) == set(plain) and any("lora_A" in n and ".k_proj" in n for n in shared)
+    for name, grad in plain.items():
+        torch.testing.assert_close(shared[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert all(g.abs().sum() > 0 for g in plain.values())
 
 
 def test_training_lowers_loss_and_touches_only_lora(tiny_lora, food, tokenizer):
