@@ -135,9 +135,9 @@ def _hidden(decoder: Any, ids: torch.Tensor, mask: torch.Tensor, share_prefix: b
     if p < MIN_SHARED_PREFIX:
         return decoder(input_ids=ids, attention_mask=mask).last_hidden_state
     head = decoder(input_ids=ids[:1, :p], use_cache=True)
-    cache = head.past_key_values
+    cache = head.cache
     cache.batch_repeat_interleave(ids.shape[0])  # (1, heads, P, d) -> (B, heads, P, d), differentiable
-    rest = decoder(input_ids=ids[:, p:], attention_mask=mask, past_key_values=cache, use_cache=True)
+    rest = decoder(input_ids=ids[:, p:], attention_mask=mask, cache=cache, use_cache=True)
     prefix = head.last_hidden_state.expand(ids.shape[0], -1, -1)  # (B, P, H)
     return torch.cat([prefix, rest.last_hidden_state], dim=1)
 
