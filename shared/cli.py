@@ -41,8 +41,8 @@ def _register(ep: EntryPoint, sub: argparse._SubParsersAction) -> None:
 
 def _unavailable(command: str, missing: str) -> int:
     raise RuntimeError(
-        f"this install lacks {missing}, which `fleetlora {command}` needs: install the role that runs it "
-        "(pip install 'fleetlora[device]', '[server]' or '[sim]'; '[edge]' runs only fetch, infer, verify and keys)"
+        f"this install lacks {missing}, which `fleetlora {command}` needs: install the extra of the role that runs "
+        "it, pip install 'fleetlora[server]' (coordinator), 'fleetlora[device]' (training device) or 'fleetlora[sim]'"
     )
 
 
