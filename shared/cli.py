@@ -32,8 +32,9 @@ def _register(ep: EntryPoint, sub: argparse._SubParsersAction) -> None:
         register = ep.load()
     except ImportError as exc:
         missing = exc.name or str(exc)
-        p = sub.add_parser(ep.name, help=f"(not installed here: needs {missing})", add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
+        # every word after the name is taken as it is (no options parsed): run, it only says what is missing
+        p = sub.add_parser(ep.name, help=f"(not installed here: needs {missing})", add_help=False, prefix_chars="\0")
+        p.add_argument("rest", nargs="*")
         p.set_defaults(func=lambda _: _unavailable(ep.name, missing))
         return
     register(sub)

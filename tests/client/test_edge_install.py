@@ -62,7 +62,7 @@ def _run(venv: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_an_edge_install_has_no_torch_and_fetches_verifies_and_answers(edge_venv, onnx_base, edge_base, tmp_path):
     pip, venv, log = edge_venv
     model = device_model(edge_base.base)
-    run = onnx_base.parent / "adapter" / "edge-run"
+    run = onnx_base.parent / "adapter" / "run"
     signed_adapter(run / "round-0001", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest)
     point_latest(run, "round-0001")
     trust = tmp_path / "trust.pub"
@@ -77,18 +77,18 @@ def test_an_edge_install_has_no_torch_and_fetches_verifies_and_answers(edge_venv
         cache, state = tmp_path / "device", tmp_path / "device" / "accepted.json"
         common = ["--address", f"127.0.0.1:{port}", "--trust", str(trust), "--cache", str(cache / "releases")]
         common += ["--state", str(state)]
-        for artifact in ("onnx", "adapter/edge-run/latest"):
+        for artifact in ("onnx", "adapter/run/latest"):
             done = _run(venv, "fetch", artifact, *common, cwd=tmp_path)
             assert done.returncode == 0, done.stderr
     finally:
         server.stop(None)
-    infer = ["infer", "--adapter", str(cache / "releases" / "adapter" / "edge-run"), "--trust", str(trust)]
+    infer = ["infer", "--adapter", str(cache / "releases" / "adapter" / "run"), "--trust", str(trust)]
     infer += ["--cache", str(cache), "--state", str(state), "--max-new-tokens", "4", "Define 'otter'."]
     done = _run(venv, *infer, cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.strip(), done.stderr  # the ONNX base picked from the cache
     assert not (cache / "onnx").exists()  # nothing exported: the signed ONNX base is served as fetched
 
-    fetched = (cache / "releases" / "adapter" / "edge-run" / "round-0001").resolve()
+    fetched = (cache / "releases" / "adapter" / "run" / "round-0001").resolve()
     weights = fetched / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1  # tampered in the cache after the fetch: verified again before it is loaded
