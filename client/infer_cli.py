@@ -27,7 +27,7 @@ from shared.errors import ReleaseError
 from shared.layout import follow_latest
 from shared.manifest import parse
 from shared.model import cache_dir
-from shared.onnx_base import ExportOptions, is_onnx_base
+from shared.onnx_base import RUN_ID, ExportOptions, is_onnx_base
 from shared.release import MANIFEST
 from shared.replay import AcceptedReleases, default_state_file
 from shared.sign import TrustList
@@ -121,7 +121,8 @@ def _base_for(adapter: Path | None, releases: Path) -> Path:
     """Return the cached base the adapter release names (the newest base without an adapter).
 
     The adapter's manifest is read here only to choose; ``EdgeModel`` verifies base and adapter.
-    The server's own store (``<store>/base`` beside ``<store>/adapter/<run-id>``) counts too.
+    The server's own store (``<store>/onnx``, else ``<store>/base``, beside ``<store>/adapter/<run-id>``)
+    counts too.
     """
     if adapter is None:
         return newest_base(releases)
@@ -130,13 +131,14 @@ def _base_for(adapter: Path | None, releases: Path) -> Path:
         digest = parse((folder / MANIFEST).read_bytes()).base_digest
     except (OSError, ValueError, ReleaseError):
         return newest_base(releases)  # EdgeModel reports what is wrong with the adapter
-    beside = adapter.resolve().parents[1] / "base" if len(adapter.resolve().parents) > 1 else None
-    if beside is not None and (beside / MANIFEST).is_file():
+    parents = adapter.resolve().parents
+    for name in (RUN_ID, "base") if len(parents) > 1 else ():  # the store's ONNX base first: nothing to export
+        beside = parents[1] / name
         try:
-            if parse((beside / MANIFEST).read_bytes()).base_digest == digest:
+            if (beside / MANIFEST).is_file() and parse((beside / MANIFEST).read_bytes()).base_digest == digest:
                 return beside
-        except ValueError:
-            pass
+        except (OSError, ValueError):
+            continue
     return newest_base(releases, digest)
 
 

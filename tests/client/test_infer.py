@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from client.infer import EdgeModel
+from client.infer_cli import _base_for, newest_base
 from shared.cli import main
 from shared.errors import ReleaseError
 from shared.onnx_base import ExportError, ExportOptions
@@ -108,3 +109,16 @@ def test_edge_inference_imports_neither_torch_nor_transformers(onnx_base, edge_b
     )
     assert done.returncode == 0, done.stderr
     assert "LOADED []" in done.stdout, done.stdout[-2000:]
+
+
+def test_infer_takes_the_onnx_base_of_the_adapters_base_first_in_cache_and_store(onnx_base, edge_base, tmp_path):
+    releases, store = tmp_path / "releases", tmp_path / "store"
+    for root in (releases, store):
+        shutil.copytree(edge_base.base, root / "base")
+        shutil.copytree(onnx_base, root / "onnx")
+    model = device_model(edge_base.base)
+    run = store / "adapter" / "run"
+    signed_adapter(run / "round-0001", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest)
+    (run / "LATEST").write_text("round-0001\n")
+    assert newest_base(releases, edge_base.digest) == releases / "onnx"  # loaded as fetched: no export, no torch
+    assert _base_for(run, tmp_path / "empty") == store / "onnx"
