@@ -33,6 +33,7 @@ The export is cached under ``<cache>/onnx/<digest>``, keyed by the base's digest
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -42,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -52,40 +53,31 @@ import torch
 from client.onnx_adapter import base_tensors, write_onnx_adapter
 from shared.int4_layer import INT4_WEIGHTS, QUANT_CONFIG
 from shared.model import model_digest
+from shared.onnx_base import (
+    BASE_ADAPTER,
+    CORRECTIONS,
+    DONE,
+    EXPORT_VERSION,
+    GENAI_CONFIG,
+    GENERATION_CONFIG,
+    ONNX_MODEL,
+    ExportError,
+    ExportOptions,
+)
 
-EXPORT_VERSION = 4
-"""Bump when the exported graph changes: old cached exports are then rebuilt."""
-ONNX_MODEL = "model.onnx"
-DONE = "export.json"
-CORRECTIONS = "correction.safetensors"  # per layer C = (m + 8 s).T: every adapter file carries it
-BASE_ADAPTER = "base.onnx_adapter"  # the base alone (exact); activate it for generations without an adapter
-
-
-class ExportError(RuntimeError):
-    """The base cannot be exported (unsupported layout, builder failure)."""
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """How the base is exported; each combination is cached separately."""
-
-    accuracy_level: int = 4
-    """``MatMulNBits`` compute: 4 = int8 activations (ONNX Runtime's fast CPU path, the default),
-    0 = float32 activations (several times slower; what the exactness tests use)."""
-    output_bits: int = 8
-    """The output layer: 8 = the tied embedding's own 8-bit codes (what the device trained with:
-    exact, the default); 4 = re-quantized to symmetric 4-bit blocks of 32 (faster decode, not
-    the trained weights: the inference benchmark reports the cost)."""
-
-    def __post_init__(self) -> None:
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise ExportError(f"accuracy_level {self.accuracy_level} is not one of MatMulNBits' 0..4")
-        if self.output_bits not in (4, 8):
-            raise ExportError(f"output_bits {self.output_bits} is not 4 or 8")
-
-    def key(self) -> str:
-        """Return the part of the cache folder's name that names these options."""
-        return f"acc{self.accuracy_level}-out{self.output_bits}"
+# The export folder's names and options live in client/onnx_base.py: the edge runtime reads them without torch.
+__all__ = [
+    "BASE_ADAPTER",
+    "CORRECTIONS",
+    "DONE",
+    "EXPORT_VERSION",
+    "ONNX_MODEL",
+    "ExportError",
+    "ExportOptions",
+    "export_base",
+    "lora_input_names",
+    "register",
+]
 
 
 # builder layer name -> the base's module names whose outputs it concatenates along N
@@ -143,7 +135,9 @@ def _export(src: Path, out: Path, options: ExportOptions) -> None:
         for f in built.iterdir():
             if f.suffix not in (".onnx", ".data"):
                 shutil.copy2(f, final / f.name)
-        _quiet(final / "genai_config.json")
+        if (src / GENERATION_CONFIG).is_file():  # the base's own generation settings travel with its ONNX form
+            shutil.copy2(src / GENERATION_CONFIG, final / GENERATION_CONFIG)
+        _quiet(final / GENAI_CONFIG)
         from safetensors.numpy import save_file
 
         save_file({k: np.ascontiguousarray(v) for k, v in corrections.items()}, str(final / CORRECTIONS))
@@ -284,6 +278,29 @@ def _save(model: Any, path: Path) -> None:
 def lora_input_names(module: str) -> tuple[str, str]:
     """Graph input names of the LoRA factors of a builder layer (e.g. ``model.layers.0.attn.qkv_proj``)."""
     return f"{module}.lora_A", f"{module}.lora_B"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``export`` subcommand: the ONNX base of a signed 4-bit base, for publishing to torch-free devices."""
+    p = sub.add_parser("export", help="export a verified 4-bit base release to ONNX Runtime (needs torch)")
+    p.add_argument("--base", type=Path, default=Path("outputs/store/base"), help="the signed 4-bit base release")
+    p.add_argument("--trust", type=Path, default=Path(".fleetlora/keys/server.key.pub"), help="trust-list file")
+    p.add_argument("--cache", type=Path, help="where exports are kept (default: ~/.cache/fleetlora)")
+    p.add_argument("--output-bits", type=int, choices=(4, 8), default=8, help="output layer bits (8: exact)")
+    p.set_defaults(func=_export_cli)
+
+
+def _export_cli(args: argparse.Namespace) -> int:
+    from shared.model import cache_dir
+    from shared.release import read_release, verify_release
+    from shared.sign import TrustList
+
+    manifest = verify_release(read_release(args.base), TrustList.load(args.trust), None)  # verify before export
+    if manifest.kind != "base":
+        raise ExportError(f"{args.base} holds a {manifest.kind} release, not a base model")
+    folder = export_base(args.base, args.cache or cache_dir(), ExportOptions(output_bits=args.output_bits))
+    print(f"{folder}  (ONNX export of base {manifest.base_digest[:16]}…; publish it: fleetlora publish-onnx)")
+    return 0
 
 
 if __name__ == "__main__":  # the child process export_base starts

@@ -1,11 +1,17 @@
 """On-device inference: the 4-bit base in ONNX Runtime, with the latest verified federated adapter.
 
-:class:`EdgeModel` verifies the signed base, exports it once (``client/export.py``) and loads
-it with onnxruntime-genai. :meth:`EdgeModel.apply_release` verifies a signed adapter release
-(signature, file hashes, base digest, not older than the active one, finite values), converts it to an
-``.onnx_adapter`` file and makes it active; the base is never rebuilt, and any failure leaves
-the previous adapter active. :meth:`EdgeModel.generate` streams a greedy answer to a chat
-prompt, with or without the adapter, with repetition control (``client/generation.py``).
+:class:`EdgeModel` verifies the signed base and loads its ONNX form with onnxruntime-genai:
+either the coordinator's signed ONNX base release (``server/onnx_release.py``), loaded as it was
+verified, or the 4-bit base, exported once here (``client/export.py``, which needs torch).
+:meth:`EdgeModel.apply_release` verifies a signed adapter release (signature, file hashes, base
+digest, not older than the active one, finite values), converts it to an ``.onnx_adapter`` file
+and makes it active; the base is never rebuilt, and any failure leaves the previous adapter active.
+:meth:`EdgeModel.generate` streams a greedy answer to a chat prompt, with or without the adapter,
+with repetition control (``client/generation.py``).
+
+This path imports neither torch nor transformers (``fleetlora[edge]`` installs neither): the
+adapter is parsed with safetensors' numpy API, converted in numpy, and the prompt is put in the
+model's chat template by onnxruntime-genai's own tokenizer (a test checks both facts).
 """
 
 from __future__ import annotations
@@ -18,20 +24,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from client.export import BASE_ADAPTER, CORRECTIONS, DONE, ExportOptions, export_base
 from client.generation import GenerationOptions, model_defaults
 from client.onnx_adapter import AdapterError, lora_scale, onnx_lora_tensors, write_onnx_adapter
 from client.verify import check_adapter_values
-from shared.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from shared.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from shared.errors import ReleaseError
 from shared.manifest import Manifest
+from shared.onnx_base import BASE_ADAPTER, CORRECTIONS, ExportError, ExportOptions, is_onnx_base, read_export_info
 from shared.release import read_release, verify_release
 from shared.replay import AcceptedReleases
 from shared.sign import TrustList
-from shared.tensors import load_tensors
+from shared.tensors import load_arrays
 
 log = logging.getLogger(__name__)
 BASE = "base"  # the adapter name of the base alone
+CHAT_TEMPLATE = "chat_template.jinja"  # where transformers saves the model's chat template
+MAX_TEMPLATE_BYTES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,8 @@ class EdgeModel:
     Parameters
     ----------
     base_folder
-        The signed 4-bit base release (what ``fleetlora fetch base`` caches).
+        A signed base release: the ONNX base (``fleetlora fetch onnx``; needs no torch) or the
+        4-bit base (``fleetlora fetch base``), exported here once.
     trust
         Keys the device trusts for the base and for adapter releases.
     cache
@@ -56,7 +65,8 @@ class EdgeModel:
     threads
         Intra-op threads for ONNX Runtime (0 = one per core).
     options
-        How the base is exported (``client/export.py``'s ``ExportOptions``; default: exact, fast).
+        How a 4-bit base is exported (``ExportOptions``; default: exact, fast). An ONNX base release
+        was exported by its publisher: options that differ from its own are refused.
     accepted
         The device's replay store (``shared/replay.py``): the base and every adapter applied are
         checked against it and recorded, so no session goes back to an older release. None:
@@ -76,6 +86,7 @@ class EdgeModel:
 
         base = read_release(base_folder)
         manifest = verify_release(base, trust, None, accepted)
+        del base  # the verified bytes: not kept while the model loads
         if manifest.kind != "base":
             raise ReleaseError(f"{base_folder} holds a {manifest.kind} release, not a base model")
         self.accepted = accepted
@@ -83,8 +94,11 @@ class EdgeModel:
             accepted.accept(manifest)  # pins the base: a different one is refused from now on
         self.base_digest = manifest.base_digest
         self.trust = trust
-        self.folder = export_base(base_folder, cache, options)
-        self.lora_layers = json.loads((self.folder / DONE).read_text())["lora_layers"]
+        self.folder = _onnx_folder(Path(base_folder), manifest, Path(cache), options)
+        info = read_export_info(self.folder)
+        if info.base_digest != manifest.base_digest:
+            raise ReleaseError(f"{self.folder} serves base {info.base_digest[:16]}…, its release names another")
+        self.lora_layers = info.layers_json()
         from safetensors.numpy import load_file
 
         self.corrections = load_file(str(self.folder / CORRECTIONS))
@@ -93,8 +107,8 @@ class EdgeModel:
         if threads:
             config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
         self.model = og.Model(config)
-        self.tokenizer = _hf_tokenizer(self.folder)  # the chat template, as in training
-        self._stream_tokenizer = og.Tokenizer(self.model)  # incremental decoding of the streamed answer
+        self.tokenizer = og.Tokenizer(self.model)
+        self.chat_template = _chat_template(self.folder)  # the model's own, as in training
         self.adapters = og.Adapters(self.model)
         self.adapters.load(str(self.folder / BASE_ADAPTER), BASE)  # the base alone (exact correction, no LoRA)
         self.active: ActiveAdapter | None = None
@@ -127,7 +141,7 @@ class EdgeModel:
                 raise ReleaseError(f"adapter release has no {name}")
         try:
             scale = lora_scale(release.files[ADAPTER_CONFIG])
-            state = load_tensors(release.files[ADAPTER_WEIGHTS])
+            state = load_arrays(release.files[ADAPTER_WEIGHTS])
             check_adapter_values(state)
             tensors = onnx_lora_tensors(state, scale, self.lora_layers, self.corrections)
         except AdapterError as exc:
@@ -147,10 +161,9 @@ class EdgeModel:
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """Token ids of ``prompt`` as a user turn in the model's chat template, ready for the answer."""
-        ids = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        messages = json.dumps([{"role": "user", "content": prompt}])
+        text = self.tokenizer.apply_chat_template(messages, template_str=self.chat_template, add_generation_prompt=True)
+        return [int(i) for i in self.tokenizer.encode(text)]
 
     def generate(
         self, prompt: str, max_new_tokens: int = 128, adapter: bool = True, options: GenerationOptions | None = None
@@ -173,7 +186,7 @@ class EdgeModel:
         """
         plain = GenerationOptions(max_new_tokens, repetition_penalty=1.0, no_repeat_ngram_size=0)
         gen = self._generator(ids, options or plain, adapter)
-        stream = self._stream_tokenizer.create_stream()
+        stream = self.tokenizer.create_stream()
         while not gen.is_done():
             gen.generate_next_token()
             token = int(gen.get_next_tokens()[0])
@@ -199,7 +212,30 @@ class EdgeModel:
         return gen
 
 
-def _hf_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
+def _onnx_folder(base: Path, manifest: Manifest, cache: Path, options: ExportOptions | None) -> Path:
+    """Return the ONNX model folder of the verified base release ``base``: itself, or its export here."""
+    if is_onnx_base(manifest.files):
+        exported = read_export_info(base).options
+        if options is not None and options != exported:
+            raise ExportError(f"{base} is an ONNX base exported with {exported}; it cannot be served with {options}")
+        return base
+    import importlib.util
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    if importlib.util.find_spec("torch") is None:
+        raise ExportError(
+            f"{base} is the 4-bit base, which this device cannot export to ONNX without torch (fleetlora[edge]); "
+            "fetch the coordinator's ONNX base instead (fleetlora fetch onnx), or install fleetlora[device]"
+        )
+    from client.export import export_base
+
+    return export_base(base, cache, options)
+
+
+def _chat_template(folder: Path) -> str | None:
+    """Return the model's chat template from the export (None: the tokenizer's own), bounded in size."""
+    path = folder / CHAT_TEMPLATE
+    if not path.is_file():
+        return None
+    if path.stat().st_size > MAX_TEMPLATE_BYTES:
+        raise ExportError(f"{path} is larger than {MAX_TEMPLATE_BYTES:,} bytes; not a chat template")
+    return path.read_text(encoding="utf-8")

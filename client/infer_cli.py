@@ -8,6 +8,10 @@ before each prompt, a newer release is verified
 and applied to the running session. A refused release is reported and the previous adapter
 stays active. Releases are checked against the device's replay store (``--state``, shared with
 ``fleetlora fetch``), so a later session never goes back to an older round.
+
+The base is the one the adapter's manifest names; of its releases in the device cache, the ONNX
+base (``fleetlora fetch onnx``: loaded as verified, no torch needed) is preferred to the 4-bit
+base (exported here once, with torch).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from shared.errors import ReleaseError
 from shared.layout import follow_latest
 from shared.manifest import parse
 from shared.model import cache_dir
+from shared.onnx_base import RUN_ID, ExportOptions, is_onnx_base
 from shared.release import MANIFEST
 from shared.replay import AcceptedReleases, default_state_file
 from shared.sign import TrustList
@@ -55,21 +60,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
     p.add_argument(
-        "--output-bits", type=int, choices=(4, 8), default=8,
-        help="output layer: 8 = the trained 8-bit weights (exact), 4 = re-quantized to 4 bits (faster)",
+        "--output-bits", type=int, choices=(4, 8),
+        help="exporting a 4-bit base: 8 = the trained 8-bit output layer (exact, default), 4 = re-quantized (faster)",
     )  # fmt: skip
     p.set_defaults(func=_infer)
 
 
 def _infer(args: argparse.Namespace) -> int:
-    from client.export import ExportOptions
     from client.infer import EdgeModel
 
     if args.adapter is None and not args.no_adapter:
         raise ValueError("give --adapter <release folder> or --no-adapter")
     cache = args.cache or cache_dir()
     base = args.base or _base_for(args.adapter, cache / "releases")
-    export = ExportOptions(output_bits=args.output_bits)
+    export = None if args.output_bits is None else ExportOptions(output_bits=args.output_bits)
     accepted = AcceptedReleases(args.state or default_state_file(cache / "releases"))
     trust = TrustList.load(args.trust)
     model = EdgeModel(base, trust, cache, threads=args.threads, options=export, accepted=accepted)
@@ -98,7 +102,7 @@ def _generation(args: argparse.Namespace, defaults: GenerationOptions) -> Genera
 
 
 def newest_base(releases: Path, digest: str | None = None) -> Path:
-    """Return the most recently created base release in a device's release cache (of ``digest``, if given)."""
+    """Return the base release in a device's release cache (of ``digest``, if given): ONNX first, then the newest."""
     bases = []
     for manifest in releases.glob(f"*/{MANIFEST}"):
         try:
@@ -106,18 +110,19 @@ def newest_base(releases: Path, digest: str | None = None) -> Path:
         except ValueError:
             continue
         if m.kind == "base" and digest in (None, m.base_digest):
-            bases.append((m.created, manifest.parent))
+            bases.append((is_onnx_base(m.files), m.created, manifest.parent))
     if not bases:
         which = f"base release of base model {digest[:16]}" if digest else "base release"
         raise ValueError(f"no {which} in {releases}; fetch it (fleetlora fetch base) or give --base")
-    return max(bases)[1]
+    return max(bases)[2]
 
 
 def _base_for(adapter: Path | None, releases: Path) -> Path:
     """Return the cached base the adapter release names (the newest base without an adapter).
 
     The adapter's manifest is read here only to choose; ``EdgeModel`` verifies base and adapter.
-    The server's own store (``<store>/base`` beside ``<store>/adapter/<run-id>``) counts too.
+    The server's own store (``<store>/onnx``, else ``<store>/base``, beside ``<store>/adapter/<run-id>``)
+    counts too.
     """
     if adapter is None:
         return newest_base(releases)
@@ -126,13 +131,14 @@ def _base_for(adapter: Path | None, releases: Path) -> Path:
         digest = parse((folder / MANIFEST).read_bytes()).base_digest
     except (OSError, ValueError, ReleaseError):
         return newest_base(releases)  # EdgeModel reports what is wrong with the adapter
-    beside = adapter.resolve().parents[1] / "base" if len(adapter.resolve().parents) > 1 else None
-    if beside is not None and (beside / MANIFEST).is_file():
+    parents = adapter.resolve().parents
+    for name in (RUN_ID, "base") if len(parents) > 1 else ():  # the store's ONNX base first: nothing to export
+        beside = parents[1] / name
         try:
-            if parse((beside / MANIFEST).read_bytes()).base_digest == digest:
+            if (beside / MANIFEST).is_file() and parse((beside / MANIFEST).read_bytes()).base_digest == digest:
                 return beside
-        except ValueError:
-            pass
+        except (OSError, ValueError):
+            continue
     return newest_base(releases, digest)
 
 

@@ -15,6 +15,9 @@ A module the adapter does not target contributes zeros. Every adapter file, and 
 *empty* factors to a generation with no adapter active, so one must always be active. Conversion refuses, naming the
 cause, an adapter this graph cannot serve exactly (DoRA, per-module ranks or alphas, a
 module the graph has no LoRA input for, a shape that does not fit).
+
+numpy only (``shared.tensors.load_arrays`` parses the release): an inference-only device
+(``fleetlora[edge]``) converts adapters without torch.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+from shared.tensors import as_array
 
 PEFT_PREFIX = "base_model.model."
+BLOCK = 32  # the 4-bit base's block size along K (shared/int4.py): the correction sums each block
 
 
 class AdapterError(ValueError):
@@ -52,17 +57,20 @@ def lora_scale(adapter_config: bytes) -> float:
 
 def base_tensors(corrections: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Return the graph's branch inputs for the base alone: ``A' = S``, ``B' = C`` (exact, no LoRA)."""
-    from client.onnx_graph import block_indicator
-
     out: dict[str, np.ndarray] = {}
     for layer, c in corrections.items():
-        out[f"{layer}.lora_A"] = block_indicator(c.shape[0] * 32)
+        out[f"{layer}.lora_A"] = block_indicator(c.shape[0] * BLOCK)
         out[f"{layer}.lora_B"] = np.ascontiguousarray(c, dtype=np.float32)
     return out
 
 
+def block_indicator(k: int) -> np.ndarray:
+    """Return S (K, K/32) with ``S[k, b] = 1`` where ``k // 32 == b``: ``x @ S`` sums each block of 32."""
+    return np.kron(np.eye(k // BLOCK, dtype=np.float32), np.ones((BLOCK, 1), dtype=np.float32))
+
+
 def onnx_lora_tensors(
-    state: Mapping[str, torch.Tensor],
+    state: Mapping[str, np.ndarray],
     scale: float,
     layers: Mapping[str, Mapping[str, Any]],
     corrections: Mapping[str, np.ndarray],
@@ -80,7 +88,7 @@ def onnx_lora_tensors(
     for layer, info in layers.items():
         a_parts, b_parts = [], []
         for module, n in zip(info["modules"], info["out"], strict=True):
-            a, b = modules.get(module, (torch.zeros(1, info["in"]), torch.zeros(n, 1)))
+            a, b = modules.get(module, (np.zeros((1, info["in"]), np.float32), np.zeros((n, 1), np.float32)))
             if a.shape[1] != info["in"] or b.shape[0] != n or a.shape[0] != b.shape[1]:
                 raise AdapterError(
                     f"{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit a "
@@ -89,8 +97,8 @@ def onnx_lora_tensors(
             a_parts.append(a.T)  # (K, r)
             b_parts.append(scale * b.T)  # (r, N)
         base = base_tensors({layer: corrections[layer]})
-        a_full = np.concatenate([base[f"{layer}.lora_A"], torch.cat(a_parts, dim=1).numpy()], axis=1)  # (K, K/32+r)
-        b_full = np.concatenate([base[f"{layer}.lora_B"], torch.block_diag(*b_parts).numpy()], axis=0)  # (K/32+r, N)
+        a_full = np.concatenate([base[f"{layer}.lora_A"], *a_parts], axis=1)  # (K, K/32+r)
+        b_full = np.concatenate([base[f"{layer}.lora_B"], _block_diag(b_parts)], axis=0)  # (K/32+r, N)
         out[f"{layer}.lora_A"] = np.ascontiguousarray(a_full, dtype=np.float32)
         out[f"{layer}.lora_B"] = np.ascontiguousarray(b_full, dtype=np.float32)
     return out
@@ -111,14 +119,24 @@ def write_onnx_adapter(tensors: Mapping[str, np.ndarray], path: str | Path) -> P
     return path
 
 
-def _by_module(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _block_diag(blocks: list[np.ndarray]) -> np.ndarray:
+    """Return the block-diagonal matrix of ``blocks`` (each (r_i, N_i)): (sum r_i, sum N_i)."""
+    out = np.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)), np.float32)
+    row = col = 0
+    for b in blocks:
+        out[row : row + b.shape[0], col : col + b.shape[1]] = b
+        row, col = row + b.shape[0], col + b.shape[1]
+    return out
+
+
+def _by_module(state: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Group PEFT tensors as ``{module: (lora_A (r, K), lora_B (N, r))}``, refusing anything else."""
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    pairs: dict[str, dict[str, np.ndarray]] = {}
     for key, value in state.items():
         stem, dot, factor = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
-        if not dot or factor not in ("A.weight", "B.weight") or value.ndim != 2:
+        if not dot or factor not in ("A.weight", "B.weight") or np.ndim(value) != 2:
             raise AdapterError(f"adapter tensor {key!r} is not a LoRA factor (….lora_A.weight / ….lora_B.weight)")
-        pairs.setdefault(stem, {})[factor[0]] = value.to(torch.float32)
+        pairs.setdefault(stem, {})[factor[0]] = as_array(value).astype(np.float32)
     incomplete = sorted(m for m, p in pairs.items() if set(p) != {"A", "B"})
     if incomplete:
         raise AdapterError(f"adapter has only one LoRA factor for {incomplete[:3]}")

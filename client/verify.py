@@ -4,6 +4,10 @@ The one verifier is ``shared.release.verify_release``; this module adds what onl
 knows (its trust list, its cached base, the releases it accepted before) and loads the
 adapter strictly. A device that cannot record the release in its replay store does not use
 it. Any failure leaves the adapter that was active untouched.
+
+Importing this module costs no torch: the edge runtime (``client/infer.py``) runs
+:func:`check_adapter_values` on numpy arrays; :func:`install_release` (training devices) loads
+torch and peft when called.
 """
 
 from __future__ import annotations
@@ -11,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
+import numpy as np
 
-from shared.adapter import ADAPTER_WEIGHTS, adapter_state, load_adapter_state
+from shared.adapter_files import ADAPTER_WEIGHTS
 from shared.chain import SignedManifest
 from shared.errors import ReleaseError
 from shared.manifest import Manifest
@@ -21,7 +25,7 @@ from shared.ranks import truncate
 from shared.release import Release, verify_release
 from shared.replay import AcceptedReleases
 from shared.sign import TrustList
-from shared.tensors import load_tensors
+from shared.tensors import as_array, load_tensors
 
 # No trained LoRA factor comes near this (they stay well under 10); fp16 still holds it (max 65,504), so a
 # signed release can carry it: one such entry already makes B·A swamp the base weights it corrects.
@@ -51,6 +55,8 @@ def install_release(
         absurd values) or why the adapter does not fit this model. The model's active adapter is
         then unchanged.
     """
+    from shared.adapter import adapter_state, load_adapter_state
+
     manifest = verify_release(release, trust, base_digest, accepted, links)
     if manifest.kind != "adapter":
         raise ReleaseError(
@@ -78,11 +84,11 @@ def install_release(
     return manifest
 
 
-def check_adapter_values(state: Mapping[str, torch.Tensor]) -> None:
+def check_adapter_values(state: Mapping[str, Any]) -> None:
     """Refuse an adapter holding an inf, a NaN or a value beyond :data:`MAX_ADAPTER_VALUE`, naming the tensor.
 
     A signed release is only as sound as the aggregate the coordinator signed; a device checks
-    the numbers it is about to compute with too.
+    the numbers it is about to compute with too. ``state`` holds torch tensors or numpy arrays.
 
     Raises
     ------
@@ -90,9 +96,10 @@ def check_adapter_values(state: Mapping[str, torch.Tensor]) -> None:
         Naming the first offending tensor, how many entries are not finite, or its largest magnitude.
     """
     for name, tensor in sorted(state.items()):
-        bad = int((~torch.isfinite(tensor)).sum())
+        values = as_array(tensor)
+        bad = int((~np.isfinite(values)).sum())
         if bad:
             raise ReleaseError(f"the adapter's {name} holds {bad:,} non-finite values (inf or NaN); refused")
-        peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+        peak = float(np.abs(values).max()) if values.size else 0.0
         if peak > MAX_ADAPTER_VALUE:
             raise ReleaseError(f"the adapter's {name} holds {peak:.3g}, beyond {MAX_ADAPTER_VALUE:.0e}; refused")

@@ -1,28 +1,56 @@
 """The ``fleetlora`` command.
 
 Each role registers its own subcommands through the ``fleetlora.commands`` entry-point
-group (see ``pyproject.toml``), so this module imports neither ``server`` nor ``client``.
+group (see ``pyproject.toml``; an entry point's name is its subcommand's), so this module
+imports neither ``server`` nor ``client``. Only the module of the subcommand being run is
+imported: ``fleetlora infer`` on an inference-only device (``fleetlora[edge]``) never loads
+the coordinator's modules, nor torch. A subcommand whose role is not installed still shows
+in ``--help`` and, run, names the module it misses and the extra that brings it.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the parser with every registered subcommand."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Build the parser with every registered subcommand, or only ``command``'s if it is registered."""
     parser = argparse.ArgumentParser(prog="fleetlora", description="Federated on-device LoRA adapter learning.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for ep in sorted(entry_points(group="fleetlora.commands"), key=lambda e: e.name):
-        ep.load()(sub)
+    points = sorted(entry_points(group="fleetlora.commands"), key=lambda e: e.name)
+    chosen = [e for e in points if e.name == command] or points
+    for ep in chosen:
+        _register(ep, sub)
     return parser
+
+
+def _register(ep: EntryPoint, sub: argparse._SubParsersAction) -> None:
+    """Add ``ep``'s subcommand; if its module cannot be imported here, one that says why."""
+    try:
+        register = ep.load()
+    except ImportError as exc:
+        missing = exc.name or str(exc)
+        # every word after the name is taken as it is (no options parsed): run, it only says what is missing
+        p = sub.add_parser(ep.name, help=f"(not installed here: needs {missing})", add_help=False, prefix_chars="\0")
+        p.add_argument("rest", nargs="*")
+        p.set_defaults(func=lambda _: _unavailable(ep.name, missing))
+        return
+    register(sub)
+
+
+def _unavailable(command: str, missing: str) -> int:
+    raise RuntimeError(
+        f"this install lacks {missing}, which `fleetlora {command}` needs: install the extra of the role that runs "
+        "it, pip install 'fleetlora[server]' (coordinator), 'fleetlora[device]' (training device) or 'fleetlora[sim]'"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``fleetlora``; errors that name their cause exit 2 without a traceback."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, RuntimeError, OSError) as exc:

@@ -33,15 +33,17 @@ from shared.errors import ReleaseError
 from shared.layout import FOLDER_NAME, LATEST, folder_round, follow_latest, latest_name, point_latest, round_folder
 from shared.manifest import MAX_FILE_BYTES, MAX_MANIFEST_BYTES, Manifest, ManifestError, parse
 from shared.sign import SignatureError, TrustList, key_id, sign
-from shared.tensors import load_tensors, save_tensors
 
 if TYPE_CHECKING:
     from shared.replay import AcceptedReleases
+    from shared.tensors import load_tensors, save_tensors
 
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 # Old import paths of what moved out (one concept per module), kept for the modules that still use them:
 # shared/layout.py (server/distribute.py, server/resume.py, simulations/, tests/), shared/tensors.py
 # (server/strategy.py, server/server_app.py, simulations/bench/, tests/), shared/errors.py (everywhere).
+# The tensor codec and the replay store are resolved on first use (``__getattr__``): importing this module,
+# as the edge runtime's fetch and verify do, must not import torch.
 __all__ = [
     "FOLDER_NAME",
     "LATEST",
@@ -176,7 +178,11 @@ def verify_release(
 
 
 def __getattr__(name: str) -> Any:
-    """Keep ``from shared.release import AcceptedReleases`` working (tests/server/test_fleet.py); it is in replay.py."""
+    """Resolve the names that moved out lazily: the tensor codec (torch) and ``AcceptedReleases`` (replay.py)."""
+    if name in ("load_tensors", "save_tensors"):
+        from shared import tensors
+
+        return getattr(tensors, name)
     if name == "AcceptedReleases":
         from shared.replay import AcceptedReleases
 

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from client.export import export_base
+from server.onnx_release import publish_onnx_base
 from server.quantize import publish_base
 from tests.client.test_export import KEY
 
@@ -22,3 +23,10 @@ def edge_base(tiny_model_dir, tmp_path_factory):
     return SimpleNamespace(
         root=root, base=base, digest=manifest.base_digest, export=export_base(base, root / "cache", 0)
     )
+
+
+@pytest.fixture(scope="session")
+def onnx_base(edge_base):
+    """The session's export signed as the coordinator's ONNX base release (``<store>/onnx``): what an edge fetches."""
+    publish_onnx_base(edge_base.export, edge_base.root / "store", KEY)
+    return edge_base.root / "store" / "onnx"

@@ -1,14 +1,23 @@
-"""On-device inference: a later session never goes back to an older release, and a non-finite one is refused."""
+"""On-device inference: a later session never goes back to an older release, a non-finite one is refused, and the
+coordinator's signed ONNX base serves a device without torch (verified before it loads)."""
+
+import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from client.infer import EdgeModel
+from client.infer_cli import _base_for, newest_base
 from shared.cli import main
 from shared.errors import ReleaseError
+from shared.onnx_base import ExportError, ExportOptions
 from shared.sign import public_line
 from tests.client.test_export import EXACT, KEY, TRUST, device_model, signed_adapter, trained_state
+from tests.conftest import REPO
 
 
 def test_a_later_infer_session_refuses_an_older_round(edge_base, tmp_path, capsys):
@@ -43,3 +52,73 @@ def test_a_non_finite_adapter_is_refused_and_the_active_one_stays(edge_base, tmp
     assert edge.active is not None and edge.active.manifest == m1
     np.testing.assert_array_equal(edge.logits(ids), before)
     assert torch.isfinite(torch.from_numpy(before)).all()
+
+
+def test_the_onnx_base_release_answers_as_the_local_export_and_needs_no_export(onnx_base, edge_base, tmp_path):
+    model = device_model(edge_base.base)
+    adapter, _ = signed_adapter(tmp_path / "a1", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest)
+    local = EdgeModel(edge_base.base, TRUST, edge_base.root / "cache", threads=1)  # the session's export
+    edge = EdgeModel(onnx_base, TRUST, tmp_path / "empty-cache", threads=1)
+    assert edge.folder == onnx_base and not (tmp_path / "empty-cache" / "onnx").exists()  # loaded as verified
+    for m in (local, edge):
+        m.apply_release(adapter)
+    ids = local.prompt_ids("Define 'otter'.")
+    assert edge.prompt_ids("Define 'otter'.") == ids
+    np.testing.assert_array_equal(edge.logits(ids), local.logits(ids))  # the same graph, codes and adapter inputs
+
+
+def test_the_prompt_is_in_the_models_chat_template_as_in_training(onnx_base, tokenizer):
+    edge = EdgeModel(onnx_base, TRUST, onnx_base.parent, threads=1)
+    messages = [{"role": "user", "content": "Define 'otter'. (ünïcode <b>)"}]
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    assert edge.prompt_ids(messages[0]["content"]) == expected
+
+
+@pytest.mark.parametrize("victim", ["model.onnx.data", "genai_config.json", "export.json"])
+def test_a_tampered_onnx_base_release_is_refused_before_it_loads(onnx_base, tmp_path, victim):
+    copy = tmp_path / "onnx"
+    shutil.copytree(onnx_base, copy)
+    data = bytearray((copy / victim).read_bytes())
+    data[len(data) // 2] ^= 1
+    (copy / victim).write_bytes(bytes(data))
+    with pytest.raises(ReleaseError, match=f"{victim}: SHA-256"):
+        EdgeModel(copy, TRUST, tmp_path / "cache", threads=1)
+
+
+def test_an_onnx_base_is_not_served_with_options_it_was_not_exported_with(onnx_base, tmp_path):
+    with pytest.raises(ExportError, match="exported with"):
+        EdgeModel(onnx_base, TRUST, tmp_path / "cache", threads=1, options=ExportOptions(output_bits=4))
+
+
+def test_edge_inference_imports_neither_torch_nor_transformers(onnx_base, edge_base, tmp_path):
+    """``fleetlora infer`` from the ONNX base with an adapter, in a fresh interpreter: no torch module loaded."""
+    model = device_model(edge_base.base)
+    adapter, _ = signed_adapter(tmp_path / "a1", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest)
+    trust = tmp_path / "trust.pub"
+    trust.write_text(public_line(KEY.public_key()) + "\n")
+    argv = ["infer", "--base", str(onnx_base), "--adapter", str(adapter), "--trust", str(trust)]
+    argv += ["--cache", str(tmp_path / "cache"), "--max-new-tokens", "3", "Define 'otter'."]
+    code = (
+        "import sys, json; from shared.cli import main; rc = main(json.loads(sys.argv[1])); "
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'onnx')); "
+        "print('LOADED', loaded); sys.exit(rc)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(argv)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "LOADED []" in done.stdout, done.stdout[-2000:]
+
+
+def test_infer_takes_the_onnx_base_of_the_adapters_base_first_in_cache_and_store(onnx_base, edge_base, tmp_path):
+    releases, store = tmp_path / "releases", tmp_path / "store"
+    for root in (releases, store):
+        shutil.copytree(edge_base.base, root / "base")
+        shutil.copytree(onnx_base, root / "onnx")
+    model = device_model(edge_base.base)
+    run = store / "adapter" / "run"
+    signed_adapter(run / "round-0001", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest)
+    (run / "LATEST").write_text("round-0001\n")
+    assert newest_base(releases, edge_base.digest) == releases / "onnx"  # loaded as fetched: no export, no torch
+    assert _base_for(run, tmp_path / "empty") == store / "onnx"
