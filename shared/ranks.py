@@ -27,8 +27,10 @@ Keys are PEFT's (``<module>.lora_A.weight``, ``<module>.lora_B.weight``).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch at run time only where a tensor is made: an edge device's client/verify.py imports this
+    import torch
 
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
@@ -70,6 +72,8 @@ def pad(delta: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]
     ValueError
         If the keys differ or a tensor does not fit its full shape as a leading slice.
     """
+    import torch
+
     if set(delta) != set(shapes):
         raise ValueError("the delta's keys do not match the adapter's")
     out = {}
