@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from shared.onnx_base import GENERATION_CONFIG
+
 log = logging.getLogger(__name__)
 MAX_CONFIG_BYTES = 1 << 16
 
@@ -58,7 +60,7 @@ def model_defaults(folder: str | Path, base: GenerationOptions | None = None) ->
     range is ignored with a warning, never trusted.
     """
     options = base or GenerationOptions()
-    path = Path(folder) / "generation_config.json"
+    path = Path(folder) / GENERATION_CONFIG
     try:
         if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
             return options

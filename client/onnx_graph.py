@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from client.onnx_adapter import BLOCK, block_indicator
+
 MS = "com.microsoft"
-BLOCK = 32
 
 
 class GraphEditor:
@@ -166,8 +167,3 @@ class GraphEditor:
 
     def _init(self, name: str, array: np.ndarray) -> None:
         self.graph.initializer.append(numpy_helper.from_array(array, name))
-
-
-def block_indicator(k: int) -> np.ndarray:
-    """Return S (K, K/32) with ``S[k, b] = 1`` where ``k // 32 == b``: ``x @ S`` sums each block of 32."""
-    return np.kron(np.eye(k // BLOCK, dtype=np.float32), np.ones((BLOCK, 1), dtype=np.float32))

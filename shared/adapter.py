@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 
+from shared.adapter_files import ADAPTER_CONFIG as ADAPTER_CONFIG  # PEFT's file names (one place, torch-free)
+from shared.adapter_files import ADAPTER_WEIGHTS as ADAPTER_WEIGHTS
 from shared.config import LoraConfig
 from shared.int4_layer import Int4Linear, register_with_peft
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file names
-ADAPTER_CONFIG = "adapter_config.json"
 
 State = dict[str, torch.Tensor]
 
