@@ -15,6 +15,7 @@ import simulations.bench.inference  # noqa: F401
 import simulations.bench.int4  # noqa: F401
 import simulations.bench.privacy  # noqa: F401
 import simulations.bench.scale  # noqa: F401
+import simulations.bench.shapes  # noqa: F401
 import simulations.bench.variants  # noqa: F401
 from shared.model import cpu_flags, cpu_has_native_bf16
 from simulations.bench import REGISTRY
