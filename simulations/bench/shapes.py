@@ -151,17 +151,25 @@ def sweep(grid: tuple[tuple[str, int, tuple[int, ...]], ...] = GRID, threads: in
     for model, rank, counts in grid:
         for method in METHODS:
             for impl in ("today", "new") if method in ("exact", "ties") else ("today",):
-                last: tuple[int, float] | None = None
+                last: dict[str, Any] | None = None
                 for count in counts:
-                    if last and last[1] / last[0] * count > MAX_SECONDS:
-                        r: dict[str, Any] = {"skipped": f"not run: ~{last[1] / last[0] * count:.0f} s predicted"}
+                    predicted = _predict(last, count)
+                    if predicted > MAX_SECONDS:
+                        r: dict[str, Any] = {"skipped": f"not run: ~{predicted:.0f} s predicted"}
                     else:
                         r = run_cell(model, rank, method, count, impl, threads)
                     if "seconds" in r:
-                        last = (count, r["seconds"])
+                        last = {**r, "count": count}
                     rows.append([model, rank, method, impl, count, r])
                     print(rows[-1], flush=True)
     return rows
+
+
+def _predict(last: dict[str, Any] | None, count: int) -> float:
+    """Seconds a cell would take at ``count``, from the same cell at a smaller count: adds scale, result() does not."""
+    if last is None:
+        return 0.0
+    return float(last["add_seconds"] / last["count"] * count + last["seconds"] - last["add_seconds"])
 
 
 def table(rows: list[list[Any]], load: str) -> Table:
