@@ -142,15 +142,20 @@ def run_cell(model: str, rank: int, method: str, count: int, impl: str, threads:
     return result
 
 
-def sweep(grid: tuple[tuple[str, int, tuple[int, ...]], ...] = GRID, threads: int = 1) -> list[list[Any]]:
+def sweep(
+    grid: tuple[tuple[str, int, tuple[int, ...]], ...] = GRID,
+    threads: int = 1,
+    methods: tuple[str, ...] = METHODS,
+    impls: tuple[str, ...] = ("today", "new"),
+) -> list[list[Any]]:
     """Run every cell of ``grid``, today's and the new one side by side.
 
     A count is skipped when the same cell at the smaller count predicts more than ``MAX_SECONDS``.
     """
     rows: list[list[Any]] = []
     for model, rank, counts in grid:
-        for method in METHODS:
-            for impl in ("today", "new") if method in ("exact", "ties") else ("today",):
+        for method in methods:
+            for impl in [i for i in impls if method in ("exact", "ties") or i == "today"]:
                 last: dict[str, Any] | None = None
                 for count in counts:
                     predicted = _predict(last, count)
@@ -160,6 +165,8 @@ def sweep(grid: tuple[tuple[str, int, tuple[int, ...]], ...] = GRID, threads: in
                         r = run_cell(model, rank, method, count, impl, threads)
                     if "seconds" in r:
                         last = {**r, "count": count}
+                    elif r["skipped"].startswith("stopped"):  # a larger count would only stop later
+                        last = {"seconds": 1e9, "add_seconds": 1e9, "count": count}
                     rows.append([model, rank, method, impl, count, r])
                     print(rows[-1], flush=True)
     return rows
