@@ -13,6 +13,15 @@ SHAPES = {"q": (576, 576), "k": (192, 576), "gate": (1536, 576), "down": (576, 1
 RANK, ALPHA = 8, 16.0
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP threads spin on busy cores (10-100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _adapter(seed: int, std: float) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = {}
