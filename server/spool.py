@@ -7,9 +7,10 @@ accepted (one fixed-size record per update, written once, in the dtype they arri
 is lost: an fp16 wire delta stays fp16), and hands the aggregators one module's factors of a block
 of updates at a time (``pread``, so the pages live in the kernel's page cache, not the process).
 
-It is scratch, not state: nothing relies on it after a restart. It lives in a fresh folder under
-the operator's temporary directory (``TMPDIR``, or ``folder``) and is removed when the round ends,
-whether the aggregation succeeded or raised (use it as a context manager).
+It is scratch, not state: nothing relies on it after a restart. It is a nameless file in the
+operator's temporary directory (``TMPDIR``, or ``folder``): closed when the round ends, whether the
+aggregation succeeded or raised (use it as a context manager), and freed by the kernel if the
+process dies first.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class Spool:
     dtype
         Storage dtype (float16 or float32): the dtype the deltas were decoded to without loss.
     folder
-        Parent folder of the spool's own temporary folder (default: the system's, ``TMPDIR``).
+        Folder (on the disk) the spool's nameless file is made in (default: the system's, ``TMPDIR``).
     max_bytes
         Byte budget; default: the folder's free space minus ``DISK_RESERVE``. Checked before each write.
     """
@@ -66,10 +67,13 @@ class Spool:
             self._offsets[key] = offset
             offset += int(np.prod(shape)) * self._itemsize
         self.record_bytes = offset
-        self.folder = Path(tempfile.mkdtemp(prefix="fleetlora-spool-", dir=folder))
+        self.folder = Path(folder if folder is not None else tempfile.gettempdir())
         free = shutil.disk_usage(self.folder).free - DISK_RESERVE
         self.max_bytes = min(max_bytes, free) if max_bytes is not None else free
-        self._fd = os.open(self.folder / "updates.bin", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        # no name on disk (O_TMPFILE, or unlinked at once): the kernel frees it when the process
+        # ends, even killed mid-round; an error or a kill cannot leave gigabytes behind
+        self._file = tempfile.TemporaryFile(prefix="fleetlora-spool-", dir=self.folder)
+        self._fd = self._file.fileno()
         self.weights: list[float] = []
 
     def __len__(self) -> int:
@@ -77,6 +81,8 @@ class Spool:
 
     def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
         """Append one update (exactly the spool's keys and shapes) with its weight, or raise without writing."""
+        if self._file.closed:
+            raise ValueError("the spool is closed: its round has ended")
         if not weight > 0:
             raise ValueError(f"update weight must be > 0, got {weight}")
         if set(state) != set(self.shapes):
@@ -87,13 +93,13 @@ class Spool:
         if (len(self) + 1) * self.record_bytes > self.max_bytes:
             raise SpoolFullError(
                 f"spooling update {len(self) + 1} ({self.record_bytes / 1e6:.0f} MB each) would exceed the spool's "
-                f"{self.max_bytes / 1e9:.1f} GB budget in {self.folder} (set TMPDIR to a larger disk)"
+                f"{self.max_bytes / 1e9:.1f} GB budget in {self.folder} (point TMPDIR at a larger disk)"
             )
         record = torch.cat([state[k].detach().reshape(-1).to(self.dtype) for k in self.shapes])
         data = record.numpy().tobytes()
         written = os.pwrite(self._fd, data, len(self) * self.record_bytes)
         if written != len(data):
-            raise OSError(f"short write to the spool {self.folder}: {written} of {len(data)} bytes")
+            raise OSError(f"short write to the spool in {self.folder}: {written} of {len(data)} bytes")
         self.weights.append(float(weight))
 
     def read(self, key: str, start: int, stop: int) -> torch.Tensor:
@@ -105,15 +111,17 @@ class Spool:
         for j, i in enumerate(range(start, stop)):
             got = os.preadv(self._fd, [memoryview(out[j]).cast("B")], i * self.record_bytes + self._offsets[key])
             if got != size:
-                raise OSError(f"short read from the spool {self.folder}: {got} of {size} bytes")
+                raise OSError(f"short read from the spool in {self.folder}: {got} of {size} bytes")
         return torch.from_numpy(out).float()
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the spool holds on disk."""
+        return os.fstat(self._fd).st_size
+
     def close(self) -> None:
-        """Remove the spool's folder and everything in it."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Free the spool's disk space (idempotent)."""
+        self._file.close()
 
     def __enter__(self) -> Spool:
         return self

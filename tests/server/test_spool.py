@@ -1,6 +1,7 @@
 """The round's spool: what goes in comes back, nothing unexpected is written, and nothing is left behind."""
 
-import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ def _update(seed: int) -> dict[str, torch.Tensor]:
 
 
 def _size(spool: Spool) -> int:
-    return os.path.getsize(spool.folder / "updates.bin")
+    return spool.nbytes
 
 
 def test_records_come_back_as_written(tmp_path):
@@ -63,29 +64,42 @@ def test_budget_is_checked_before_writing(tmp_path):
         assert len(spool) == 2 and _size(spool) == 2 * spool.record_bytes
 
 
-def test_lives_under_the_given_folder_and_is_removed(tmp_path):
+def test_leaves_no_name_in_its_folder_and_frees_its_bytes_on_close(tmp_path):
     spool = Spool(SHAPES, torch.float16, tmp_path)
-    assert spool.folder.parent == tmp_path
     spool.add(_update(0), 1.0)
+    assert spool.folder == tmp_path and list(tmp_path.iterdir()) == []
     spool.close()
+    with pytest.raises(ValueError, match="closed"):  # the file (and its bytes) are gone
+        spool.add(_update(1), 1.0)
+
+
+def test_a_process_killed_mid_round_leaves_nothing(tmp_path):
+    code = (
+        "import os, signal, torch; from server.spool import Spool; "
+        f"s = Spool({SHAPES!r}, torch.float16, {str(tmp_path)!r}); "
+        "s.add({k: torch.zeros(v) for k, v in s.shapes.items()}, 1.0); "
+        "os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert run.returncode == -9, run.stderr
     assert list(tmp_path.iterdir()) == []
 
 
-def test_removed_when_the_round_fails(tmp_path):
+def test_closed_when_the_round_fails(tmp_path):
     with pytest.raises(RuntimeError), Spool(SHAPES, torch.float16, tmp_path) as spool:
         spool.add(_update(0), 1.0)
         raise RuntimeError("the round failed")
-    assert list(tmp_path.iterdir()) == []
+    assert spool._file.closed
 
 
 @pytest.mark.parametrize("method", ["exact", "ties"])
-def test_aggregators_remove_their_spool_whether_result_succeeds_or_not(tmp_path, method):
+def test_aggregators_close_their_spool_whether_result_succeeds_or_not(tmp_path, method):
     glob = _update(9)
     agg = round_aggregator(method, glob, 2, 4.0, folder=tmp_path)
     with pytest.raises(ValueError, match="no updates"):
         agg.result()
-    assert list(tmp_path.iterdir()) == []
+    assert agg.spool._file.closed
     agg = round_aggregator(method, glob, 2, 4.0, folder=tmp_path)
     agg.add(_update(1), 1.0)
     agg.result()
-    assert list(tmp_path.iterdir()) == []
+    assert agg.spool._file.closed
