@@ -16,13 +16,14 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from server.aggregate import apply_update, make_aggregator
+from server.modulewise import round_aggregator
 from server.privacy.rounds import DpRounds
 from server.registry import Registry
 from server.replies import (
@@ -216,16 +217,29 @@ class AdapterStrategy(FedAvg):
         return norm, clipped or reply.dp_clipped
 
     def _fold(self, updates: Mapping[int, TrainReply], spec: UpdateSpec) -> dict[str, Any]:
-        """Return the aggregate of the accepted updates, decoding them again one at a time."""
+        """Return the aggregate of the accepted updates, decoding them again one at a time.
+
+        fedavg / ffa fold each ``global + delta`` at once; exact / ties spool the deltas and
+        aggregate module by module (``server/modulewise.py``): bounded memory at any model size.
+        """
         if self.dp is not None:
             contributions = (self.dp.contribution(decode_update(r, spec))[0] for r in updates.values())
             return self.dp.aggregate(self._global, spec.expected, contributions)
-        aggregator = make_aggregator(
-            self.agg.method, self._global, self.lora.rank, self.lora.alpha, self.agg.ties_density, self.agg.ties_lambda
+        aggregator = round_aggregator(
+            self.agg.method,
+            self._global,
+            self.lora.rank,
+            self.lora.alpha,
+            self.agg.ties_density,
+            self.agg.ties_lambda,
+            dtype=torch.float16 if spec.encoding == "fp16" else torch.float32,  # what the wire carried, losslessly
         )
-        for reply in updates.values():
-            aggregator.add(apply_update(self._global, decode_update(reply, spec)), float(reply.num_examples))
-        return aggregator.result()
+        try:  # exact / ties spool to TMPDIR; the spool goes when the round ends, folded or not
+            for reply in updates.values():
+                aggregator.add(decode_update(reply, spec), float(reply.num_examples))
+            return aggregator.result()
+        finally:
+            aggregator.close()
 
     def _aggregate(
         self,
