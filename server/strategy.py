@@ -4,8 +4,10 @@ Clients receive the global adapter as a signed release (``server/registry.py``),
 reply with ``delta_i = local_i - global`` (under FFA-LoRA, for B only). Every reply is parsed at
 the trust boundary (``server/replies.py``) before anything uses it; a reply that cannot count is
 rejected with its reason and the round goes on with the others. The server rebuilds
-``local_i = global + delta_i`` one reply at a time and folds it into the configured streaming
-aggregator (``server/aggregate.py``); the new global is checked finite and in range
+``local_i = global + delta_i`` one reply at a time (a delta of a lower-rank device zero-padded,
+``shared/ranks.py``) and folds it into the configured aggregator: fedavg and ffa stream
+(``server/aggregate.py``), exact and ties spool the round's updates and aggregate module by
+module (``server/modulewise.py``, ``server/spool.py``); the new global is checked finite and in range
 (``server/validate.py``), then signed and stored before it is sent. Who answered and who stayed
 silent is ``server/roster.py``; the round log is ``server/report.py``.
 """
