@@ -97,7 +97,7 @@ def test_a_low_rank_device_that_leaves_components_untouched_leaves_them_as_they_
 @pytest.mark.parametrize(
     ("sent_rank", "said", "reason"),
     [
-        (4, 2, "expected float16 (8, 2)"),  # says 2, sends rank-4 factors
+        (4, 2, "arrived as float16 ("),  # says 2, sends rank-4 factors: the first key that does not fit
         (2, 9, "above the run's lora.rank 8"),
         (2, 0, "outside [1, "),
         (8, 8, None),  # saying the run's own rank is fine
