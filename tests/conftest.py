@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -59,3 +60,21 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / "cache"))
     assert not embedded_model_dir().exists()
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def untrusted_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Any:
+    """One real recorded run (``tests/test_outgoing_messages.py``) whose devices trust another key than the signer's.
+
+    Every device refuses every release. One scenario, one run: ``test_simulation`` checks its round log
+    (every device refused, none trained), ``test_outgoing_messages`` what each refusal sent.
+    Returns ``run_recorded``'s (round log, recorded replies, config).
+    """
+    from shared.sign import generate_key
+    from tests.test_outgoing_messages import run_recorded
+
+    folder = tmp_path_factory.mktemp("untrusted")
+    generate_key(folder / "other.key")
+    overrides = {"signing.trust-file": str(folder / "other.key.pub"), "train.steps": 1}
+    with pytest.MonkeyPatch.context() as mp:
+        return run_recorded(folder, tiny_model_dir, mp, overrides)

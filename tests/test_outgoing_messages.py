@@ -40,7 +40,6 @@ from client.partition import Partition, partition_for
 from server.replies import EVAL_METRICS, REFUSAL_METRICS, TRAIN_METRICS
 from shared.adapter import ADAPTER_WEIGHTS, uploaded_keys
 from shared.config import FleetConfig
-from shared.sign import generate_key
 from shared.wire import BLOCK, SCALE_SUFFIX, unpack
 from simulations.demo import app_defaults, run_demo
 from tests import recording_app
@@ -79,7 +78,11 @@ def recording_project(dest: Path) -> Path:
 def run_recorded(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, overrides: dict[str, Any]
 ) -> tuple[dict[str, Any], list[SentMessage], FleetConfig]:
-    """Run the demo on the recording project (2 devices, 1 round); return its round log, the replies and config."""
+    """Run the demo on the recording project (2 devices, 1 round); return its round log, the replies and config.
+
+    ``monkeypatch`` sets what the run needs (device cache, recording folder, project root); a session-scoped
+    caller passes a ``pytest.MonkeyPatch.context()`` that it undoes once the run is over.
+    """
     monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / "device-cache"))
     monkeypatch.setenv(RECORD_ENV, str(tmp_path / "sent"))
     # run_app and local_superlink run `flwr run` on simulations.flower_local.ROOT: here, the generated project
@@ -215,11 +218,10 @@ def test_only_the_adapter_delta_and_allowed_metrics_leave_a_device(tmp_path, tin
 
 
 @pytest.mark.slow
-def test_a_device_that_refuses_the_release_sends_its_name_and_a_reason_only(tmp_path, tiny_model_dir, monkeypatch):
-    # the refusal's reason is the one free text a device sends: it may say why, never where (paths) or what (data)
-    generate_key(tmp_path / "other.key")
-    overrides = {"signing.trust-file": str(tmp_path / "other.key.pub"), "train.steps": 1}
-    data, sent, cfg = run_recorded(tmp_path, tiny_model_dir, monkeypatch, overrides)
+def test_a_device_that_refuses_the_release_sends_its_name_and_a_reason_only(untrusted_run):
+    # the refusal's reason is the one free text a device sends: it may say why, never where (paths) or what (data).
+    # untrusted_run (tests/conftest.py): run_recorded with devices that trust another key than the signing one
+    data, sent, cfg = untrusted_run
     check_all_replies(data, sent, cfg, refused=True)
 
 

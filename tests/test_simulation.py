@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -14,10 +15,21 @@ from server.state import StateStore
 from server.state.queries import run_view
 from shared.config import ConfigError
 from shared.release import read_release, verify_release
-from shared.sign import TrustList, generate_key
+from shared.sign import TrustList
 from simulations.demo import run_demo
 from simulations.flower_local import ROOT
 from tests.processes import processes_with_env
+
+# Two devices are enough for what these runs check (each device's reply, the aggregate of several); every
+# device more adds its own train and evaluate steps to every round of every run.
+TOPICS = ("noun.animal", "verb.motion")
+
+
+class DemoRun(NamedTuple):
+    """A finished demo run: its folder (``keys/``, ``out/``, ``flwr/``, ``device-cache/``) and its round log."""
+
+    folder: Path
+    data: dict[str, Any]
 
 
 def _flower_processes(flwr_home: Path) -> dict[int, str]:
@@ -25,31 +37,52 @@ def _flower_processes(flwr_home: Path) -> dict[int, str]:
     return processes_with_env("FLWR_HOME", str(flwr_home))
 
 
+def _two_round_run(folder: Path, tiny_model_dir: Path, method: str, encoding: str) -> DemoRun:
+    """Run the demo for 2 rounds of ``method`` with ``encoding`` deltas on two devices, in ``folder``."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLEETLORA_CACHE", str(folder / "device-cache"))  # the devices' caches (base, releases)
+        data = run_demo(
+            {
+                "signing.key": str(folder / "keys" / "server.key"),
+                "signing.trust-file": str(folder / "keys" / "server.key.pub"),
+                "aggregation.method": method,
+                "aggregation.delta-encoding": encoding,
+                "model": str(tiny_model_dir),
+                "topics": ",".join(TOPICS),
+                "min-clients": len(TOPICS),
+                "num-server-rounds": 2,
+                "train.steps": 3,
+                "train.lr": 5e-3,
+                "eval.max-examples": 16,
+                "run-name": "tiny",
+            },
+            output_dir=folder / "out",
+            flwr_home=folder / "flwr",
+        )
+    return DemoRun(folder, data)
+
+
+# One run per scenario, module-scoped: the fedavg run is also the demo that the README's by-hand run follows.
+@pytest.fixture(scope="module")
+def fedavg_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> DemoRun:
+    return _two_round_run(tmp_path_factory.mktemp("fedavg"), tiny_model_dir, "fedavg", "fp16")
+
+
+@pytest.fixture(scope="module")
+def ffa_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> DemoRun:
+    return _two_round_run(tmp_path_factory.mktemp("ffa"), tiny_model_dir, "ffa", "q8")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("method", "encoding"), [("fedavg", "fp16"), ("ffa", "q8")])
-def test_two_round_simulation_with_a_tiny_model(tmp_path, tiny_model_dir, method, encoding, monkeypatch):
-    monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / "device-cache"))  # the devices' caches (base, releases)
-    data = run_demo(
-        {
-            "signing.key": str(tmp_path / "keys" / "server.key"),
-            "signing.trust-file": str(tmp_path / "keys" / "server.key.pub"),
-            "aggregation.method": method,
-            "aggregation.delta-encoding": encoding,
-            "model": str(tiny_model_dir),
-            "num-server-rounds": 2,
-            "train.steps": 3,
-            "train.lr": 5e-3,
-            "eval.max-examples": 16,
-            "run-name": "tiny",
-        },
-        output_dir=tmp_path / "out",
-        flwr_home=tmp_path / "flwr",
-    )
+def test_two_round_simulation_with_a_tiny_model(request, method, encoding):
+    run: DemoRun = request.getfixturevalue(f"{method}_run")
+    folder, data = run.folder, run.data
+    assert data["run"]["config"]["aggregation.delta-encoding"] == encoding
     rounds = {r["round"]: r for r in data["rounds"]}
     assert sorted(rounds) == [0, 1, 2]
-    topics = {"noun.animal", "noun.food", "noun.artifact", "verb.motion"}
     for n in (1, 2):
-        assert set(clients_by_name(rounds[n])) == topics
+        assert set(clients_by_name(rounds[n])) == set(TOPICS)
         for c in rounds[n]["clients"].values():
             assert c["num_examples"] == 500 and c["train_loss"] > 0 and c["heldout_loss"] > 0
             assert 0 < c["bytes_up"] < 1_000_000  # only the tiny adapter's delta travels
@@ -58,9 +91,9 @@ def test_two_round_simulation_with_a_tiny_model(tmp_path, tiny_model_dir, method
             else:  # fp16 delta up; down, the signed release: fp16 safetensors + config + manifest + signature
                 assert 0.9 * c["bytes_down"] < c["bytes_up"] < c["bytes_down"]
     assert rounds[2]["mean_heldout_loss"] < rounds[0]["mean_heldout_loss"]
-    adapter = tmp_path / "out" / "tiny" / "adapter"
+    adapter = folder / "out" / "tiny" / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
-    on_disk = json.loads((tmp_path / "out" / "tiny" / "rounds.json").read_text())
+    on_disk = json.loads((folder / "out" / "tiny" / "rounds.json").read_text())
     assert on_disk["run"]["finished"] > on_disk["run"]["started"]
     # the 4-bit base travelled once, through the artifact service, never in a round message
     base = Path(data["run"]["releases"]).parents[1] / "base"
@@ -70,7 +103,7 @@ def test_two_round_simulation_with_a_tiny_model(tmp_path, tiny_model_dir, method
     assert all(c.get("base_download_bytes", 0) == 0 for c in rounds[2]["clients"].values())
     assert all(c["bytes_down"] < base_bytes / 2 for n in (1, 2) for c in rounds[n]["clients"].values())
     # every round's adapter was signed, chained and is verifiable from the registry
-    trust = TrustList.load(tmp_path / "keys" / "server.key.pub")
+    trust = TrustList.load(folder / "keys" / "server.key.pub")
     releases = Path(data["run"]["releases"])
     manifests = [
         verify_release(read_release(releases / f"round-{n:04d}"), trust, data["run"]["base_digest"]) for n in range(3)
@@ -79,7 +112,7 @@ def test_two_round_simulation_with_a_tiny_model(tmp_path, tiny_model_dir, method
     assert [rounds[n]["release"]["manifest"] for n in range(3)] == [m.digest() for m in manifests]
     for n in (1, 2):
         assert all("refused_release" not in c for c in rounds[n]["clients"].values())
-    assert not _flower_processes(tmp_path / "flwr"), "the SuperLink (or a child) outlived the run"
+    assert not _flower_processes(folder / "flwr"), "the SuperLink (or a child) outlived the run"
 
 
 @pytest.mark.slow
@@ -93,6 +126,8 @@ def test_a_differentially_private_run_clips_noises_and_records_epsilon_every_rou
             "signing.trust-file": str(tmp_path / "keys" / "server.key.pub"),
             "aggregation.method": "fedavg",
             "model": str(tiny_model_dir),
+            "topics": ",".join(TOPICS),
+            "min-clients": len(TOPICS),
             "num-server-rounds": 2,
             "train.steps": 3,
             "train.lr": 5e-3,
@@ -107,7 +142,9 @@ def test_a_differentially_private_run_clips_noises_and_records_epsilon_every_rou
     )
     rounds = {r["round"]: r for r in data["rounds"]}
     privacy = data["run"]["privacy"]
-    assert privacy["population"] == 4 and privacy["sampling_rate"] == 1.0 and privacy["noise_multiplier"] == 0.1
+    assert (
+        privacy["population"] == len(TOPICS) and privacy["sampling_rate"] == 1.0 and privacy["noise_multiplier"] == 0.1
+    )
     epsilons = [rounds[n]["privacy"]["epsilon"] for n in (1, 2)]
     assert 0 < epsilons[0] < epsilons[1] <= 1e4  # spent round by round
     for n in (1, 2):
@@ -128,25 +165,11 @@ def test_a_differentially_private_run_clips_noises_and_records_epsilon_every_rou
 
 
 @pytest.mark.slow
-def test_devices_refuse_releases_signed_by_a_key_they_do_not_trust(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / "cache"))  # the virtual devices' own cache and trust list
-    generate_key(tmp_path / "other.key")
-    data = run_demo(
-        {
-            "signing.key": str(tmp_path / "server.key"),
-            "signing.trust-file": str(tmp_path / "other.key.pub"),  # the devices trust another key
-            "model": str(tiny_model_dir),
-            "num-server-rounds": 1,
-            "train.steps": 1,
-            "eval.max-examples": 4,
-            "run-name": "untrusted",
-        },
-        output_dir=tmp_path / "out",
-        flwr_home=tmp_path / "flwr",
-    )
+def test_devices_refuse_releases_signed_by_a_key_they_do_not_trust(untrusted_run):
+    data, _, cfg = untrusted_run  # the devices trust another key than the one that signs (tests/conftest.py)
     rounds = {r["round"]: r for r in data["rounds"]}
     for n in (0, 1):  # the initial evaluation and the round: every device refused, none trained or scored
-        assert len(rounds[n]["clients"]) == 4
+        assert len(rounds[n]["clients"]) == len(cfg.topics) >= 2
         for c in rounds[n]["clients"].values():
             assert "not in the trust list" in c["refused_release"]
             assert "train_loss" not in c and "heldout_loss" not in c
@@ -195,19 +218,19 @@ def _readme_by_hand_commands() -> str:
 
 
 @pytest.mark.slow
-def test_the_readmes_by_hand_flwr_run_works_after_the_demo(tmp_path, tiny_model_dir, monkeypatch):
-    flwr_home, cache = tmp_path / "flwr", tmp_path / "device-cache"
+def test_the_readmes_by_hand_flwr_run_works_after_the_demo(tmp_path, tiny_model_dir, monkeypatch, fedavg_run):
+    # `make demo` first: the fedavg run above is that demo (its Flower home, signing key and device cache)
+    flwr_home, cache, keys = fedavg_run.folder / "flwr", fedavg_run.folder / "device-cache", fedavg_run.folder / "keys"
     monkeypatch.setenv("FLEETLORA_CACHE", str(cache))
     tiny = {
-        "signing.key": str(tmp_path / "keys" / "server.key"),
-        "signing.trust-file": str(tmp_path / "keys" / "server.key.pub"),
+        "signing.key": str(keys / "server.key"),
+        "signing.trust-file": str(keys / "server.key.pub"),
         "model": str(tiny_model_dir),
         "num-server-rounds": 1,
         "train.steps": 1,
         "eval.max-examples": 4,
         "aggregation.method": "fedavg",
     }
-    run_demo({**tiny, "run-name": "demo"}, output_dir=tmp_path / "demo", flwr_home=flwr_home)  # `make demo` first
 
     commands = _readme_by_hand_commands()
     assert "FLWR_HOME=$PWD/.flwr" in commands and "flwr run . --stream" in commands

@@ -1,4 +1,4 @@
-"""Resilience of a real fleet on loopback (SuperLink with TLS + SuperNode auth, 3 SuperNodes, TLS artifact service).
+"""Resilience of a real fleet on loopback (SuperLink with TLS + SuperNode auth, 2 SuperNodes, TLS artifact service).
 
 Each test starts its own :class:`LocalFleet` in a temp folder with the tiny model, breaks
 something on purpose (kills a device, freezes one, kills the coordinator), and checks the run
@@ -31,7 +31,10 @@ from shared.sign import TrustList
 from tests.processes import processes_with_env
 
 DATA = Path(__file__).resolve().parents[2] / "simulations" / "data" / "wordnet"
-TOPICS = ["noun.animal", "noun.food", "verb.motion"]
+# Two devices, a quorum of one (min-clients, aggregation.min-accepted): the round the victim fails goes on with the
+# other. A third device would add its app processes (each a fresh Python with torch) to every round, checking nothing
+# more.
+TOPICS = ["noun.animal", "verb.motion"]
 VICTIM = "verb.motion"
 RUN_TIMEOUT = 900  # seconds: the hard bound of one run (measured 3-5 min on a 2-core machine at load 10)
 ROUND_TIMEOUT = 240  # seconds: long enough for a healthy device at that load, far below RUN_TIMEOUT
@@ -42,7 +45,8 @@ def _overrides(tiny_model_dir: Path, **extra: object) -> dict[str, object]:
     return {
         "model": str(tiny_model_dir),
         "num-server-rounds": 3,
-        "min-clients": 2,
+        "min-clients": 1,
+        "aggregation.min-accepted": 1,
         "train.steps": 2,
         "eval.max-examples": 8,
         "fraction-evaluate": 0.0,  # train only: halves the app processes each round starts
@@ -136,7 +140,7 @@ def test_a_device_killed_mid_round_is_left_out_then_rejoins_on_the_latest_releas
     rounds = {r["round"]: r for r in data["rounds"]}
     assert sorted(rounds) == [0, 1, 2, 3]
     trained_1 = {n for n, c in clients_by_name(rounds[1]).items() if "train_loss" in c}
-    assert trained_1 == set(TOPICS) - {VICTIM}  # the round went on with the other two
+    assert trained_1 == set(TOPICS) - {VICTIM}  # the round went on with the other device
     assert (Path(data["run"]["releases"]) / "round-0001").is_dir()
     rejoined = [n for n in (2, 3) if "train_loss" in clients_by_name(rounds[n]).get(VICTIM, {})]
     assert rejoined, f"{VICTIM} never trained again: {rounds[2]['clients']} {rounds[3]['clients']}"

@@ -25,8 +25,10 @@ from shared.sign import TrustList
 from tests.processes import processes_with_env
 
 DATA = Path(__file__).resolve().parents[2] / "simulations" / "data" / "wordnet"
-TOPICS = ["noun.animal", "noun.food", "verb.motion"]
-ROUNDS = 4
+# Two devices, a quorum of one: the round a device dies in goes on with the other. A third device would add its
+# train and evaluate processes to every round (each a fresh Python with torch) and check nothing more.
+TOPICS = ["noun.animal", "verb.motion"]
+ROUNDS = 4  # round 4 runs after the coordinator's restart whatever moment of round 3 the kill hit
 RUN_TIMEOUT = 1500  # seconds, the whole chaotic run (a quiet 2-core machine: ~6 min)
 SEED = 20261201
 
@@ -64,7 +66,8 @@ def test_a_fleet_survives_kills_of_a_device_the_artifact_service_and_the_coordin
         "model": str(tiny_model_dir),
         "run-id": "chaos",
         "num-server-rounds": ROUNDS,
-        "min-clients": 2,
+        "min-clients": 1,
+        "aggregation.min-accepted": 1,
         "train.steps": 2,
         "eval.max-examples": 8,
         "aggregation.method": "fedavg",
