@@ -100,6 +100,7 @@ class AdapterStrategy(FedAvg):
         self.bytes_down = wire_bytes(arrays) + signed_bytes
         server_round += self.round_offset
         messages = self._sample_train(server_round, arrays, signed, grid)
+        self.round_log.round(server_round)  # the round's clock starts as its messages go out, not at the first reply
         if self.secure is None:
             return self.roster.sending(messages)
         self.secure.run(grid, messages, self.uploaded_shapes(), server_round)  # four exchanges of its own

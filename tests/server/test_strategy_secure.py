@@ -1,6 +1,7 @@
 """AdapterStrategy with aggregation.secure: the round's global from the SecAgg+ sum, through Flower's InMemoryGrid."""
 
 import json
+import time
 
 import numpy as np
 import torch
@@ -106,3 +107,15 @@ def test_with_dp_the_coordinator_noises_the_unmasked_sum_and_spends_epsilon(tmp_
     noise = torch.cat([_step(strategy, published)[k].flatten() for k in B_KEYS])
     assert 0.008 < float(noise.std()) < 0.013  # z C / m = 0.01 of noise on a mean whose entries are ~0.002
     assert rec["privacy"]["epsilon"] > 0 and metrics["dp-epsilon"] == rec["privacy"]["epsilon"]
+
+
+def test_a_rounds_clock_starts_when_its_messages_go_out_not_at_the_first_reply(tmp_path):
+    """The round's seconds include the protocol and the devices' training (the dashboard's and the bench's)."""
+    strategy, arrays = _strategy(tmp_path)
+    with Fleet(_deltas(5)) as fleet:
+        before = time.time()
+        list(strategy.configure_train(1, arrays, ConfigRecord(), fleet.grid))  # the four exchanges, training included
+        sent = time.time()
+        strategy.aggregate_train(1, [])
+    rec = next(r for r in json.loads((tmp_path / "rounds.json").read_text())["rounds"] if r["round"] == 1)
+    assert before <= rec["started"] <= sent
