@@ -7,10 +7,12 @@ to print without rewriting BENCHMARKS.md). A benchmark is a function returning o
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,3 +58,16 @@ def register(name: str) -> Callable[[Bench], Bench]:
         return fn
 
     return wrap
+
+
+@contextlib.contextmanager
+def restored_env(name: str) -> Iterator[None]:
+    """Give the environment variable ``name`` back its value (or its absence) when the block ends, however."""
+    previous = os.environ.get(name)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous

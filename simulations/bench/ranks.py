@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.model import resolve_model
-from simulations.bench import Table, register
+from simulations.bench import Table, register, restored_env
 from simulations.bench.scale import _load_note
 
 CONFIGS = (("2,4,8,8", "mixed {2, 4, 8, 8}"), ("8,8,8,8", "all 8 (default)"), ("2,2,2,2", "all 2"))
@@ -56,16 +56,10 @@ def ranks() -> Table:
     )
     load_before = os.getloadavg()[0]
     model = str(resolve_model("smollm2-135m-instruct"))
-    previous = os.environ.get("FLEETLORA_CACHE")
-    try:
+    with restored_env("FLEETLORA_CACHE"):  # the devices' caches move per run
         with tempfile.TemporaryDirectory() as tmp:
             for i, (ranks_, label) in enumerate(CONFIGS):
                 table.rows.append(_row(label, _run(ranks_, Path(tmp) / str(i), model)))
-    finally:
-        if previous is None:
-            os.environ.pop("FLEETLORA_CACHE", None)
-        else:
-            os.environ["FLEETLORA_CACHE"] = previous
     table.notes.append(
         "device i trains topic i (noun.animal, noun.food, noun.artifact, verb.motion) at rank ranks[i]; every run "
         "has the demo's defaults otherwise (15 steps x batch 4 per round, 3 rounds, fp16 deltas); a device's "

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.model import resolve_model
-from simulations.bench import Table, register
+from simulations.bench import Table, register, restored_env
 from simulations.bench.scale import _load_note, tiny_model
 
 SMOLLM2 = {"train.steps": 2, "train.max-seq-len": 64, "eval.max-examples": 8}
@@ -89,8 +89,7 @@ def secure() -> Table:
     )
     load_before = os.getloadavg()[0]
     real = str(resolve_model("smollm2-135m-instruct"))  # before the devices' caches move
-    previous = os.environ.get("FLEETLORA_CACHE")
-    try:
+    with restored_env("FLEETLORA_CACHE"):  # the devices' caches move per run
         with tempfile.TemporaryDirectory() as tmp:
             tiny = str(tiny_model(Path(tmp) / "tiny"))
             for i, (model, devices, rounds) in enumerate(ROWS):
@@ -100,11 +99,6 @@ def secure() -> Table:
                                        f"{f['seconds']:.1f}", f"{f['up'] / 1e3:,.0f}", f"{f['down'] / 1e3:,.0f}",
                                        f"{f['heldout']:.4f}"])  # fmt: skip
                 table.notes.append(_ratio(model, devices, pair))
-    finally:
-        if previous is None:
-            os.environ.pop("FLEETLORA_CACHE", None)
-        else:
-            os.environ["FLEETLORA_CACHE"] = previous
     table.notes.append(
         f"every device trains every round ({SMOLLM2['train.steps']} steps x batch 4; SmolLM2 at "
         f"{SMOLLM2['train.max-seq-len']} tokens); evaluation on {SMOLLM2['eval.max-examples']} held-out examples per "
