@@ -29,6 +29,7 @@ from client.partition import Partition, partition_for
 from client.privacy import clip_and_pack
 from client.record_dp import LEDGER_FILE, Ledger, RecordDp, train_record_dp
 from client.secagg import secagg_mod
+from client.slowdown import device_slowdown, slow_down
 from client.train import TrainResult, evaluate, train_adapter
 from client.verify import install_release
 from shared.adapter import adapter_state, attach_lora, set_trainable_factors, uploaded_keys
@@ -58,18 +59,20 @@ def train(msg: Message, context: Context) -> Message:
         rank = device_rank(context.node_config, cfg.lora)
         base = _base(cfg, context, part)
         model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype, rank)
-        _install(msg, context, cfg, part, model, base.digest, rank)
+        release_round = _install(msg, context, cfg, part, model, base.digest, rank)
+        slowdown = device_slowdown(context.node_config, cfg.train)
     except (ReleaseError, WireError, SignatureError, FetchError, OSError) as exc:
         return _refuse(msg, part, server_round, exc)
     start = adapter_state(model)
     set_trainable_factors(model, cfg.aggregation.method)
     data = _encoded(part.train_file, base.spec, cfg.train.max_seq_len)
-    seed = zlib.crc32(f"{cfg.seed}/{server_round}/{part.name}".encode())  # stable across processes
+    seed = zlib.crc32(f"{cfg.seed}/{server_round}{_dispatch(msg)}/{part.name}".encode())  # stable across processes
     record_epsilon = None
     if cfg.dp.enabled and cfg.dp.level == "record":
         result, record_epsilon = _train_record_dp(model, data, cfg, tok.pad_token_id, context, part)
     else:
         result = train_adapter(model, data, cfg.train, tok.pad_token_id, seed)
+    result = slow_down(result, slowdown)
     trained = adapter_state(model)
     delta = {k: trained[k] - start[k] for k in uploaded_keys(cfg.aggregation.method, trained)}
     log(
@@ -87,6 +90,7 @@ def train(msg: Message, context: Context) -> Message:
             "train-loss": result.mean_loss,
             "train-seconds": result.seconds,
             "base-download-bytes": base.downloaded,
+            "release-round": release_round,  # the release this delta is a change of (async: its staleness)
         }
     )
     base.downloaded = 0  # reported once
@@ -140,8 +144,10 @@ def _train_record_dp(
 
 def _install(
     msg: Message, context: Context, cfg: FleetConfig, part: Partition, model: Any, base_digest: str, rank: int
-) -> None:
+) -> int:
     """Verify the message's signed release against this device's trust list, base and history; load it.
+
+    Returns the release's round (its signed manifest's).
 
     A device training at ``rank`` below the run's loads the release's first ``rank`` components.
 
@@ -154,13 +160,13 @@ def _install(
     trust = device.load_trust(context.node_config)
     own_rank = rank if rank < cfg.lora.rank else None
     try:
-        install_release(model, release, trust, base_digest, accepted, links, own_rank)
+        return install_release(model, release, trust, base_digest, accepted, links, own_rank).round
     except ChainGapError as gap:
         if cfg.base.format != "int4":
             raise
         tls = device.channel_credentials(context.node_config)
         more = fetch_links(cfg.base.address, gap.manifest, gap.accepted_round, credentials=tls)
-        install_release(model, release, trust, base_digest, accepted, [*links, *more], own_rank)
+        return install_release(model, release, trust, base_digest, accepted, [*links, *more], own_rank).round
 
 
 @dataclass
@@ -192,6 +198,15 @@ def _base(cfg: FleetConfig, context: Context, part: Partition) -> _Base:
             log(logging.INFO, "device base: %s (%d bytes downloaded)", got.folder, got.bytes_downloaded)
             _BASES[key] = _Base(str(got.folder), got.manifest.base_digest, got.bytes_downloaded)
     return _BASES[key]
+
+
+def _dispatch(msg: Message) -> str:
+    """Return the coordinator's task number under ``aggregation.mode = async`` ("" otherwise), for the seed.
+
+    An async device may train twice on the same release: each task then draws other batches.
+    """
+    value = msg.content["config"].get("dispatch")
+    return f"/{value}" if isinstance(value, int) and not isinstance(value, bool) else ""
 
 
 def _refuse(msg: Message, part: Partition, server_round: Any, exc: Exception) -> Message:

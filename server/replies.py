@@ -27,6 +27,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from server.validate import check_size, check_update
+from shared.manifest import MAX_ROUND
 from shared.ranks import pad, rank_of, rank_shapes
 from shared.wire import unpack, wire_bytes
 
@@ -36,6 +37,8 @@ MAX_LOSS = 1e3  # a cross-entropy in nats; ln(49152) = 10.8 is a uniform guess o
 MAX_SECONDS = 1e7
 MAX_BYTES = 1 << 40
 MAX_RANK = 1 << 16
+MAX_BUDGET_MB = 1 << 24
+MAX_BATCH = 1 << 16
 # key -> (type, low, high, required)
 TRAIN_METRICS: dict[str, tuple[type, float, float, bool]] = {
     "num-examples": (int, 1, math.inf, True),  # high: aggregation.max-examples
@@ -45,7 +48,13 @@ TRAIN_METRICS: dict[str, tuple[type, float, float, bool]] = {
     "dp-clipped": (int, 0, 1, False),  # dp.clipping = client: 1 if the device clipped its delta
     "dp-record-epsilon": (float, 0.0, 1e15, False),  # dp.level = record: the device's own epsilon so far
     "lora-rank": (int, 1, MAX_RANK, False),  # a device training below lora.rank (shared/ranks.py); <= it, checked
+    "release-round": (int, 0, MAX_ROUND, False),  # the release the delta is a change of; = the one sent, checked
+    # what a device with node config memory-budget-mb chose to fit it (client/capability.py)
+    "memory-budget-mb": (int, 1, MAX_BUDGET_MB, False),
+    "micro-batch-size": (int, 0, MAX_BATCH, False),
+    "gradient-checkpointing": (int, 0, 1, False),
 }
+BUDGET_METRICS = ("memory-budget-mb", "micro-batch-size", "gradient-checkpointing")
 EVAL_METRICS: dict[str, tuple[type, float, float, bool]] = {
     "num-examples": (int, 1, math.inf, True),
     "heldout-loss": (float, 0.0, MAX_LOSS, True),
@@ -81,6 +90,11 @@ class TrainReply:
     record_epsilon: float | None
     rank: int | None
     """The LoRA rank the device trained at, if it said (below the run's ``lora.rank``); None: the run's."""
+    release_round: int | None
+    """The round of the release the device says it trained on (None: it did not say)."""
+    settings: Mapping[str, int]
+    """What a device with a memory budget chose (``memory-budget-mb``, ``micro-batch-size``,
+    ``gradient-checkpointing``), as it reported them; empty otherwise."""
     arrays: ArrayRecord
     nbytes: int
 
@@ -169,6 +183,16 @@ def decode_update(reply: TrainReply, spec: UpdateSpec) -> dict[str, torch.Tensor
     return delta
 
 
+def check_release_round(reply: TrainReply, sent: int) -> None:
+    """Refuse an update that names a release other than the one its device was sent (round ``sent``).
+
+    A delta is a change of one release: counted against another, it would move the global wrongly
+    (and under ``aggregation.mode = async`` its staleness would be a lie).
+    """
+    if reply.release_round is not None and reply.release_round != sent:
+        raise ReplyError(f"the update is of release round {reply.release_round}, but the device was sent round {sent}")
+
+
 def _train_reply(node_id: int, name: str, metrics: Mapping[str, int | float], arrays: ArrayRecord) -> TrainReply:
     return TrainReply(
         node_id=node_id,
@@ -180,6 +204,8 @@ def _train_reply(node_id: int, name: str, metrics: Mapping[str, int | float], ar
         dp_clipped=bool(metrics.get("dp-clipped", 0)),
         record_epsilon=float(metrics["dp-record-epsilon"]) if "dp-record-epsilon" in metrics else None,
         rank=int(metrics["lora-rank"]) if "lora-rank" in metrics else None,
+        release_round=int(metrics["release-round"]) if "release-round" in metrics else None,
+        settings={k: int(metrics[k]) for k in BUDGET_METRICS if k in metrics},
         arrays=arrays,
         nbytes=wire_bytes(arrays),
     )

@@ -33,6 +33,7 @@ from server.replies import (
     Refusal,
     TrainReply,
     UpdateSpec,
+    check_release_round,
     decode_update,
     parse_evaluate,
     parse_train,
@@ -89,6 +90,7 @@ class AdapterStrategy(FedAvg):
         self.dp, self.secure = dp, secure
         self._global: dict[str, Any] = {}
         self.bytes_down = 0
+        self.sent_round = 0  # the round of the release this round's devices were sent
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -96,6 +98,7 @@ class AdapterStrategy(FedAvg):
         """Remember the global adapter this round starts from, attach its signature, sample and send."""
         release = self._release_of(arrays)
         self._global = load_tensors(release.files[ADAPTER_WEIGHTS])
+        self.sent_round = self._latest_round()
         signed, signed_bytes = self._signed(config, release)
         self.bytes_down = wire_bytes(arrays) + signed_bytes
         server_round += self.round_offset
@@ -213,6 +216,7 @@ class AdapterStrategy(FedAvg):
 
     def _measure(self, reply: TrainReply, spec: UpdateSpec) -> tuple[float, bool]:
         """Decode and check one update; return its norm and whether its contribution is (or was) clipped."""
+        check_release_round(reply, self.sent_round)
         delta = decode_update(reply, spec)
         if self.dp is None:
             return update_norm(delta), False
@@ -395,6 +399,11 @@ class AdapterStrategy(FedAvg):
                 phase,
             )
             self.round_log.client(server_round, node, self.roster.names.get(node), timed_out=phase)
+
+    def _latest_round(self) -> int:
+        """Return the round of the newest signed release (the one every message carries)."""
+        assert self.registry.latest is not None  # _release_of checked
+        return self.registry.latest[1].round
 
     def _release_of(self, arrays: ArrayRecord) -> Release:
         """Return the signed release whose files ``arrays`` carries (always the registry's latest)."""

@@ -44,6 +44,14 @@ class LoraConfig:
 
 
 DTYPES = ("auto", "float32", "bfloat16")
+MAX_SLOWDOWN = 100
+
+
+def _number_in(text: str, low: float, high: float) -> bool:
+    """Whether ``text`` (at most 8 ASCII characters) is a decimal number in [low, high]."""
+    if len(text) > 8 or not text.isascii() or not text.replace(".", "", 1).isdigit():
+        return False
+    return low <= float(text) <= high
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,10 @@ class TrainConfig:
     gradient_checkpointing: int = 0
     """1: recompute each block's activations in the backward pass instead of keeping them (less
     memory, ~30% more compute); 0: keep them."""
+    device_slowdown: tuple[str, ...] = ()
+    """Simulation only: virtual device i waits (k - 1) x its training time after training, k =
+    ``device_slowdown[i % n]`` in [1, 100] (``client/slowdown.py``): a straggler by construction for
+    asynchronous aggregation; a real device's node config ``slowdown`` decides for it. Empty: none."""
     dtype: str = "auto"
     """Compute dtype of the frozen base: ``auto`` takes bfloat16 only on CPUs with native bf16
     (AVX512-BF16 / AMX); elsewhere bf16 is emulated and measured 6x (forward) to 70x (backward)
@@ -79,6 +91,9 @@ class TrainConfig:
         )
         _check(self.max_seq_len >= 16, "train.max-seq-len", self.max_seq_len, "must be >= 16")
         _check(self.dtype in DTYPES, "train.dtype", self.dtype, f"must be one of {DTYPES}")
+        ok = all(_number_in(k, 1, MAX_SLOWDOWN) for k in self.device_slowdown)
+        why = f"must be numbers in [1, {MAX_SLOWDOWN}]"
+        _check(ok, "train.device-slowdown", ",".join(self.device_slowdown)[:80], why)
 
 
 @dataclass(frozen=True)
@@ -98,6 +113,8 @@ class EvalConfig:
 
 
 AGGREGATION_METHODS = ("fedavg", "exact", "ffa", "ties")
+AGGREGATION_MODES = ("sync", "async")
+ASYNC_METHODS = ("fedavg", "ffa")  # a device's change applies to a newer release's factors as it is
 DELTA_ENCODINGS = ("fp16", "q8", "q4")  # shared/wire.py
 
 
@@ -139,6 +156,16 @@ class AggregationConfig:
     0.05). Under client-level DP c is ``dp.clip-norm`` instead: a delta of norm <= C has no entry above it."""
     secure_max_devices: int = 1000
     """SecAgg+: most devices one round sums; with the 2^32 modulus it sets the quantization grid."""
+    mode: str = "sync"
+    """``sync``: rounds (every sampled device trains on the round's release, the round waits for them up
+    to ``round-timeout``); ``async``: buffered asynchronous aggregation (FedBuff, ``server/async_rounds.py``):
+    every device trains whenever it is free on the newest release, and each ``buffer-size`` arrived
+    updates, weighted down by their staleness, make the next signed release."""
+    buffer_size: int = 2
+    """async: accepted updates that make one release (FedBuff's K)."""
+    max_staleness: int = 4
+    """async: an update of a release this many rounds older than the newest is still counted (weighted
+    1 / sqrt(1 + staleness)); an older one is rejected, with its staleness as the reason."""
 
     def __post_init__(self) -> None:
         methods = AGGREGATION_METHODS
@@ -151,11 +178,29 @@ class AggregationConfig:
         _check(self.min_accepted >= 1, "aggregation.min-accepted", self.min_accepted, "must be >= 1")
         _check(self.max_examples >= 1, "aggregation.max-examples", self.max_examples, "must be >= 1")
         _check(self.secure_clip_range > 0, "aggregation.secure-clip-range", self.secure_clip_range, "must be > 0")
+        _check(self.mode in AGGREGATION_MODES, "aggregation.mode", self.mode, f"must be one of {AGGREGATION_MODES}")
+        _check(1 <= self.buffer_size <= 100_000, "aggregation.buffer-size", self.buffer_size, "must be in [1, 100000]")
+        _check(0 <= self.max_staleness <= 1000, "aggregation.max-staleness", self.max_staleness, "must be in [0, 1000]")
+        if self.mode == "async":
+            self._check_async()
         if self.secure:
             why = "cannot run under secure aggregation: it is not a sum, and only sums are revealed"
             _check(self.method in DP_METHODS, "aggregation.method", self.method, f"{why}; use one of {DP_METHODS}")
             why = "must be fp16 under secure aggregation (devices quantize for the protocol themselves)"
             _check(self.delta_encoding == "fp16", "aggregation.delta-encoding", self.delta_encoding, why)
+
+
+    def _check_async(self) -> None:
+        """Asynchronous rounds need an update that still applies to a newer release, and see each update."""
+        why = (
+            "cannot run with aggregation.mode = async: its releases are re-factored by SVD every round, so a stale "
+            f"device's factor change does not apply to a newer release's factors; use one of {ASYNC_METHODS}"
+        )
+        _check(self.method in ASYNC_METHODS, "aggregation.method", self.method, why)
+        why = "must be false with aggregation.mode = async (SecAgg+ sums a round of devices that train together)"
+        _check(not self.secure, "aggregation.secure", self.secure, why)
+        rule = "must be <= aggregation.buffer-size with aggregation.mode = async (a release is made of one buffer)"
+        _check(self.min_accepted <= self.buffer_size, "aggregation.min-accepted", self.min_accepted, rule)
 
 
 DP_CLIPPING = ("server", "client")
@@ -333,6 +378,8 @@ class FleetConfig:
         )
         client_level = self.dp.enabled and self.dp.level == "client"
         _check(not client_level or method in DP_METHODS, "aggregation.method", method, why)
+        why = "must be sync with client-level DP (dp.*): its accountant counts rounds of Poisson-sampled devices"
+        _check(not client_level or self.aggregation.mode == "sync", "aggregation.mode", self.aggregation.mode, why)
         if self.dp.enabled and self.dp.level == "record":  # Opacus' per-example hooks see one whole batch
             rule = "must be 0 with dp.level = record"
             _check(self.train.micro_batch_size == 0, "train.micro-batch-size", self.train.micro_batch_size, rule)
