@@ -24,6 +24,14 @@ class Roster:
         self._sent = list(messages)
         return self._sent
 
+    def add(self, messages: Iterable[Message]) -> None:
+        """Remember more messages of the running phase (asynchronous rounds send as devices free up)."""
+        self._sent.extend(messages)
+
+    def forget(self, message_id: str) -> None:
+        """Forget a sent message once its reply was taken (or it was given up)."""
+        self._sent = [m for m in self._sent if m.metadata.message_id != message_id]
+
     def node_of(self, reply: Message) -> int:
         """Return the node a reply is about: the destination of the message it answers, else its sender."""
         for sent in self._sent:

@@ -4,7 +4,8 @@ Quantizes the base to 4 bits once and serves it on the artifact service (``base.
 "int4"``), builds the initial adapter from a shared seed, signs it as release 0, runs federated
 evaluation before round 1, then ``num-server-rounds`` rounds of train + evaluate (each
 aggregate signed and stored in ``releases/``), and saves the final adapter as a PEFT folder
-next to the round log.
+next to the round log. With ``aggregation.mode = async`` the rounds are FedBuff's
+(``server/async_rounds.py``): releases as devices deliver, evaluation of the last one.
 
 A run with a run-config ``run-id`` whose release folder already holds signed rounds is a
 restart: it resumes after the last one (``server/resume.py``) instead of starting over.
@@ -23,6 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from server.async_rounds import AsyncRounds, evaluate_latest
 from server.distribute import serve, server_credentials
 from server.privacy.accountant import BudgetExhaustedError
 from server.privacy.rounds import DpRounds
@@ -81,7 +83,10 @@ def main(grid: Grid, context: Context) -> None:
             initial = strategy.initial_arrays(adapter_state(peft_model))  # signed release 0
             strategy.evaluate_initial(grid, initial, timeout=cfg.round_timeout)
         remaining = cfg.num_server_rounds - strategy.round_offset
-        if remaining > 0:
+        if remaining > 0 and cfg.aggregation.mode == "async":
+            AsyncRounds(strategy, cfg.round_timeout, cfg.round_timeout).run(grid, remaining)
+            evaluate_latest(strategy, grid, cfg.round_timeout)
+        elif remaining > 0:
             try:
                 strategy.start(grid=grid, initial_arrays=initial, num_rounds=remaining, timeout=cfg.round_timeout)
             except BudgetExhaustedError as exc:

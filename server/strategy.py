@@ -168,7 +168,7 @@ class AdapterStrategy(FedAvg):
         for reply in parsed:
             assert isinstance(reply, TrainReply)
             try:
-                norms[reply.node_id], clipped[reply.node_id] = self._measure(reply, spec)
+                norms[reply.node_id], clipped[reply.node_id] = self.measure(reply, spec)
             except Exception as exc:  # noqa: BLE001 (one device's payload: a rejection, never a crash)
                 self.reject(server_round, reply.node_id, reply.name, _reason(exc))
                 continue
@@ -214,20 +214,28 @@ class AdapterStrategy(FedAvg):
             100 * privacy["clipped_fraction"],
         )
 
-    def _measure(self, reply: TrainReply, spec: UpdateSpec) -> tuple[float, bool]:
-        """Decode and check one update; return its norm and whether its contribution is (or was) clipped."""
-        check_release_round(reply, self.sent_round)
+    def measure(self, reply: TrainReply, spec: UpdateSpec, sent: int | None = None) -> tuple[float, bool]:
+        """Decode and check one update; return its norm and whether its contribution is (or was) clipped.
+
+        ``sent``: the round of the release its device was sent (default: this round's).
+        """
+        check_release_round(reply, self.sent_round if sent is None else sent)
         delta = decode_update(reply, spec)
         if self.dp is None:
             return update_norm(delta), False
         _, norm, clipped = self.dp.contribution(delta)
         return norm, clipped or reply.dp_clipped
 
-    def _fold(self, updates: Mapping[int, TrainReply], spec: UpdateSpec) -> dict[str, Any]:
+    def _fold(
+        self, updates: Mapping[int, TrainReply], spec: UpdateSpec, weights: Mapping[int, float] | None = None
+    ) -> dict[str, Any]:
         """Return the aggregate of the accepted updates, decoding them again one at a time.
 
         fedavg / ffa fold each ``global + delta`` at once; exact / ties spool the deltas and
         aggregate module by module (``server/modulewise.py``): bounded memory at any model size.
+        ``weights`` (asynchronous rounds, fedavg / ffa only): update i counts w_i instead of its
+        example count n_i, and the step is scaled by sum(w) / sum(n), so the new global is
+        ``global + sum_i w_i delta_i / sum_i n_i`` (``server/async_rounds.py``).
         """
         if self.dp is not None:
             contributions = (self.dp.contribution(decode_update(r, spec))[0] for r in updates.values())
@@ -241,12 +249,17 @@ class AdapterStrategy(FedAvg):
             self.agg.ties_lambda,
             dtype=torch.float16 if spec.encoding == "fp16" else torch.float32,  # what the wire carried, losslessly
         )
+        weight = {n: float(r.num_examples) if weights is None else weights[n] for n, r in updates.items()}
         try:  # exact / ties spool to TMPDIR; the spool goes when the round ends, folded or not
-            for reply in updates.values():
-                aggregator.add(decode_update(reply, spec), float(reply.num_examples))
-            return aggregator.result()
+            for node, reply in updates.items():
+                aggregator.add(decode_update(reply, spec), weight[node])
+            state = aggregator.result()
         finally:
             aggregator.close()
+        step = sum(weight.values()) / sum(float(r.num_examples) for r in updates.values())
+        if weights is None or step == 1.0:
+            return state
+        return {k: self._global[k] + step * (v - self._global[k]) for k, v in state.items()}
 
     def _aggregate(
         self,
@@ -255,10 +268,17 @@ class AdapterStrategy(FedAvg):
         spec: UpdateSpec,
         norms: Mapping[int, float],
         clipped: Mapping[int, bool],
+        weights: Mapping[int, float] | None = None,
+        notes: Mapping[int, Mapping[str, Any]] | None = None,
     ) -> ArrayRecord | None:
-        """Fold the accepted updates, check the aggregate, sign and store it; None if it is refused."""
+        """Fold the accepted updates, check the aggregate, sign and store it; None if it is refused.
+
+        ``weights`` as :meth:`_fold`; ``notes``: more round-log values per node (an update's staleness).
+        """
         for reply in updates.values():
-            entry = {"num_examples": reply.num_examples, "train_loss": reply.train_loss}
+            entry: dict[str, Any] = {"num_examples": reply.num_examples, "train_loss": reply.train_loss}
+            entry |= {k.replace("-", "_"): v for k, v in reply.settings.items()}  # a budget device's choice
+            entry |= (notes or {}).get(reply.node_id, {})
             entry |= {"train_seconds": reply.train_seconds, "update_norm": norms[reply.node_id]}
             if reply.base_download_bytes:
                 entry["base_download_bytes"] = reply.base_download_bytes  # the 4-bit base, fetched once per device
@@ -272,7 +292,7 @@ class AdapterStrategy(FedAvg):
                 server_round, reply.node_id, reply.name, **entry, bytes_up=reply.nbytes, bytes_down=self.bytes_down
             )
         try:
-            state = self._fold(updates, spec)
+            state = self._fold(updates, spec, weights)
             check_aggregate(state)
         except Exception as exc:  # noqa: BLE001 (whatever went wrong, nothing unchecked is signed)
             log(

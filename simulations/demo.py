@@ -65,10 +65,14 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def run_demo(overrides: dict[str, Any], output_dir: Path, flwr_home: Path, num_supernodes: int = 0) -> dict[str, Any]:
+def run_demo(
+    overrides: dict[str, Any], output_dir: Path, flwr_home: Path, num_supernodes: int = 0, parallel: int = 1
+) -> dict[str, Any]:
     """Validate the config, run the simulation, return the round log.
 
     ``num_supernodes``: virtual devices (0: one per topic); device i trains on topic i mod topics.
+    ``parallel``: virtual devices that run at once (1: one at a time, on all the machine's cores;
+    more: Ray is told of that many CPUs, one per device, as that many machines would run them).
     """
     merged = {**app_defaults(), **overrides}
     merged["data-dir"] = str((ROOT / str(merged["data-dir"])).resolve())
@@ -89,7 +93,9 @@ def run_demo(overrides: dict[str, Any], output_dir: Path, flwr_home: Path, num_s
     rounds_file = Path(cfg.output_dir) / cfg.run_name / "rounds.json"
     rounds_file.unlink(missing_ok=True)
     log_file = Path(cfg.output_dir) / cfg.run_name / "flower.log"
-    federation = {"num-supernodes": num_supernodes, "client-resources-num-cpus": 2}  # one device trains at a time
+    federation: dict[str, Any] = {"num-supernodes": num_supernodes, "client-resources-num-cpus": 2}
+    if parallel > 1:
+        federation |= {"client-resources-num-cpus": 1, "init-args-num-cpus": parallel}
     paths = {k: merged[k] for k in ("data-dir", "output-dir", "signing.key", "signing.trust-file", "base.address")}
     paths["state.db"] = merged["state.db"]
     for attempt in range(1, RAY_STARTUP_ATTEMPTS + 1):

@@ -7,7 +7,9 @@ whose train handler replies with that device's delta, and stores the reply. Ever
 through Flower's protobuf encoding both ways (``tests/server/messages.through_flower``), and
 every reply the coordinator will receive is recorded for inspection. A device "drops" at a stage
 by going offline in the LinkState when that stage's message arrives (as a SuperNode whose
-heartbeat lapses): the LinkState then answers its messages with an error, at once.
+heartbeat lapses): the LinkState then answers its messages with an error, at once. A device
+"is slow" by construction: ``hold[i](msg)`` keeps device i's message unanswered while it is true
+(e.g. until the coordinator has signed a later release), whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import cast
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import HEARTBEAT_INTERVAL_INF, NOOP_ACCOUNT_NAME, NOOP_FLWR_AID, SUPERLINK_NODE_ID
@@ -34,6 +37,9 @@ from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
 from client.secagg import secagg_mod
+from shared.manifest import parse
+from shared.release_records import RELEASE_MANIFEST
+from shared.wire import pack
 from tests.server.messages import through_flower
 
 RUN_ID, TASK_ID = 4242, 77
@@ -48,6 +54,7 @@ class Fleet:
         deltas: list[dict[str, np.ndarray]],
         drop: Mapping[int, str] | None = None,
         mods: Mapping[int, list[Mod]] | None = None,
+        hold: Mapping[int, Callable[[Message], bool]] | None = None,
     ) -> None:
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = RUN_ID, TASK_ID, SUPERLINK_NODE_ID
         factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
@@ -67,10 +74,13 @@ class Fleet:
         self.grid.set_run(run)
         self.delta = {nid: d for nid, d in zip(self.nodes, deltas, strict=True)}
         self.drop = {self.nodes[i]: stage for i, stage in (drop or {}).items()}
+        self.hold = {self.nodes[i]: rule for i, rule in (hold or {}).items()}
         self.apps = {nid: _app(self, nid, (mods or {}).get(i, [])) for i, nid in enumerate(self.nodes)}
         self.contexts = {nid: Context(RUN_ID, nid, {}, RecordDict(), {}) for nid in self.nodes}
         self.received: list[tuple[int, Message]] = []  # (sender, reply) as the coordinator gets it
         self.trained: set[int] = set()
+        self.tasks: list[tuple[int, Message]] = []  # (device, train message) in the order devices trained
+        self.examples = 10  # every device's example count
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
 
@@ -88,13 +98,18 @@ class Fleet:
 
     def _serve(self) -> None:
         offline: set[int] = set()
+        waiting: dict[int, list[Message]] = {nid: [] for nid in self.nodes}  # pulled, not yet answered, in order
         while not self._stop.is_set():
             for nid in self.nodes:
-                for msg in self.state.get_message_ins(node_id=nid, limit=1):
-                    if nid in offline:
-                        continue
-                    stage = msg.content[RECORD_KEY_CONFIGS][Key.STAGE]
-                    if self.drop.get(nid) == stage:
+                waiting[nid].extend(self.state.get_message_ins(node_id=nid, limit=1))
+                while waiting[nid] and nid not in offline:
+                    msg = waiting[nid][0]
+                    if nid in self.hold and self.hold[nid](msg):
+                        break  # slow by construction: answered once its rule lets it
+                    waiting[nid].pop(0)
+                    records = msg.content.config_records
+                    stage = records[RECORD_KEY_CONFIGS][Key.STAGE] if RECORD_KEY_CONFIGS in records else None
+                    if stage is not None and self.drop.get(nid) == stage:
                         offline.add(nid)
                         self.state.deactivate_node(nid)
                         continue
@@ -118,8 +133,12 @@ def _app(fleet: Fleet, nid: int, extra: list[Mod]) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         fleet.trained.add(nid)
+        fleet.tasks.append((nid, msg))
         arrays = ArrayRecord({k: Array(v.astype(np.float32)) for k, v in fleet.delta[nid].items()})
-        metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0, "train-seconds": 0.1})
+        metrics = MetricRecord({"num-examples": fleet.examples, "train-loss": 1.0, "train-seconds": 0.1})
+        if RELEASE_MANIFEST in msg.content.config_records.get("config", {}):  # a plain round: a signed release, fp16
+            metrics["release-round"] = parse(cast(bytes, msg.content["config"][RELEASE_MANIFEST])).round
+            arrays = pack({k: torch.from_numpy(v) for k, v in fleet.delta[nid].items()}, "fp16")
         content = RecordDict({"arrays": arrays, "metrics": metrics, "client": ConfigRecord({"name": f"dev-{nid}"})})
         return Message(content, reply_to=msg)
 
