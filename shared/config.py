@@ -189,7 +189,6 @@ class AggregationConfig:
             why = "must be fp16 under secure aggregation (devices quantize for the protocol themselves)"
             _check(self.delta_encoding == "fp16", "aggregation.delta-encoding", self.delta_encoding, why)
 
-
     def _check_async(self) -> None:
         """Asynchronous rounds need an update that still applies to a newer release, and see each update."""
         why = (

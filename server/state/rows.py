@@ -30,6 +30,7 @@ from server.state.facts import (
 )
 from server.state.schema import STATUSES
 from server.state.values import (
+    CLIENT_SETTINGS,
     INT64,
     MAX_NAME,
     MAX_RANK,
@@ -164,6 +165,15 @@ class ClientRow(TypedDict):
     base_download_bytes: int | None
     lora_rank: int | None
     """The rank the device trained at when below the run's, in [1, MAX_RANK]; None: the run's rank."""
+    staleness: int | None
+    """Async: releases signed since the one the update trained on (``release_round``)."""
+    release_round: int | None
+    contributions: int | None
+    """Async: the device's accepted updates in the run up to this round."""
+    memory_budget_mb: int | None
+    """A device's ``memory-budget-mb``, and below what it chose to fit it."""
+    micro_batch_size: int | None
+    gradient_checkpointing: int | None
 
 
 def parse_run(row: Any) -> RunRow | None:
@@ -241,4 +251,16 @@ def parse_client(row: Any) -> ClientRow | None:
         bytes_down=integer(row["bytes_down"]),
         base_download_bytes=integer(row["base_download_bytes"]),
         lora_rank=integer(row["lora_rank"], 1, MAX_RANK),
+        staleness=_setting(row, "staleness"),
+        release_round=_setting(row, "release_round"),
+        contributions=_setting(row, "contributions"),
+        memory_budget_mb=_setting(row, "memory_budget_mb"),
+        micro_batch_size=_setting(row, "micro_batch_size"),
+        gradient_checkpointing=_setting(row, "gradient_checkpointing"),
     )
+
+
+def _setting(row: Any, column: str) -> int | None:
+    """One of the 0006 columns of a client row, within its bounds (``values.CLIENT_SETTINGS``)."""
+    low, high = CLIENT_SETTINGS[column]
+    return integer(row[column], low, high)

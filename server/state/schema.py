@@ -119,5 +119,11 @@ client_results = Table(
     Column("bytes_down", BigInteger),
     Column("base_download_bytes", BigInteger),
     Column("lora_rank", Integer),  # the rank the device trained at, when below the run's lora.rank (0005)
+    Column("staleness", Integer),  # async: releases signed since the one the update trained on (0006)
+    Column("release_round", Integer),  # async: the release the update trained on (0006)
+    Column("contributions", Integer),  # async: the device's accepted updates in the run so far (0006)
+    Column("memory_budget_mb", Integer),  # a budget device: its node config memory-budget-mb (0006)
+    Column("micro_batch_size", Integer),  # ... and what it chose: micro-batch (0: whole batch) (0006)
+    Column("gradient_checkpointing", Integer),  # ... and checkpointing, 0 / 1 (0006)
     ForeignKeyConstraint(["run_id", "round"], ["rounds.run_id", "rounds.round"], ondelete="CASCADE"),
 )

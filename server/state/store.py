@@ -35,7 +35,17 @@ from server.state.facts import round_privacy, round_secure, run_privacy
 from server.state.revision import StateStoreError, check_revision, migrate
 from server.state.rows import parse_round, plain, raw
 from server.state.schema import client_results, rounds, runs
-from server.state.values import MAX_ID, MAX_NAME, MAX_RANK, MAX_ROUND, finite, integer, node_id, text
+from server.state.values import (
+    CLIENT_SETTINGS,
+    MAX_ID,
+    MAX_NAME,
+    MAX_RANK,
+    MAX_ROUND,
+    finite,
+    integer,
+    node_id,
+    text,
+)
 
 BUSY_TIMEOUT_MS = 10_000  # a reader or writer waits this long for another's lock before failing
 _CLIENT_FLOATS = ("train_loss", "heldout_loss", "train_seconds", "update_norm")
@@ -337,4 +347,5 @@ def _client_row(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
         **{k: finite(entry.get(k)) for k in _CLIENT_FLOATS},
         **{k: integer(entry.get(k)) for k in _CLIENT_COUNTS},
         "lora_rank": integer(entry.get("lora_rank"), 1, MAX_RANK),
+        **{k: integer(entry.get(k), low, high) for k, (low, high) in CLIENT_SETTINGS.items()},
     }

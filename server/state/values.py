@@ -13,6 +13,14 @@ INT64 = 2**63  # SQLite's INTEGER is signed 64-bit: a Python int outside it cann
 NODE_ID_LIMIT = 2**64  # Flower node ids are unsigned 64-bit
 MAX_ROUND = 2**31 - 1
 MAX_RANK = 1 << 16
+CLIENT_SETTINGS = {  # column -> (low, high) of what 0006 added to a client result
+    "staleness": (0, 2**31 - 1),
+    "release_round": (0, 2**31 - 1),
+    "contributions": (1, 2**31 - 1),
+    "memory_budget_mb": (1, 1 << 24),
+    "micro_batch_size": (0, 1 << 16),
+    "gradient_checkpointing": (0, 1),
+}
 """Highest LoRA rank a client result may record."""
 MAX_ID = 256
 """Longest run id or client key kept (longer: the row is left out; writers truncate)."""

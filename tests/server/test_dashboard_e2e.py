@@ -406,3 +406,34 @@ def test_a_dp_run_shows_epsilon_per_round_and_a_run_without_dp_no_privacy_panel(
         assert page.errors == []
     finally:
         dashboard.stop()
+
+
+def test_an_async_rounds_view_shows_each_devices_staleness_budget_and_updates_so_far(page, tmp_path):
+    """Round records as the async coordinator writes them (a stale update, a device with a memory budget)."""
+    store = StateStore(tmp_path / "state.sqlite")
+    log = RoundLog(tmp_path / "a.json", run={"run_id": "fleet", "rounds": 2, "config": {"lora.rank": 8}}, store=store)
+    log.close_round(0)
+    log.client(2, 7, "kiosk", train_loss=2.0, num_examples=500, staleness=0, release_round=1, contributions=2)
+    log.client(2, 9, "gateway", train_loss=2.1, num_examples=500, staleness=1, release_round=0, contributions=1,
+               lora_rank=2, memory_budget_mb=1200, micro_batch_size=1, gradient_checkpointing=1)  # fmt: skip
+    log.close_round(2)
+    store.close()
+    dashboard = start(tmp_path / "state.sqlite", "127.0.0.1:0", token=TOKEN)
+    try:
+        page.goto(dashboard.url.replace("/?", "/runs/fleet/rounds/2?"))
+        page.wait_for_selector("h2:text('Clients') + table")
+        header = page.locator("h2:text('Clients') + table thead th").all_inner_texts()
+        rows = page.locator("h2:text('Clients') + table tbody tr")
+        shown = {}
+        for i in range(rows.count()):
+            cells = rows.nth(i).locator("td").all_inner_texts()
+            shown[cells[0]] = dict(zip(header, cells, strict=True))
+        assert shown["gateway"]["rank"] == "2" and shown["kiosk"]["rank"] == "8"
+        assert shown["gateway"]["memory budget"] == "1200 MB: micro-batch 1, checkpointing"
+        assert shown["kiosk"]["memory budget"] == "-"
+        assert (shown["gateway"]["staleness"], shown["kiosk"]["staleness"]) == ("1", "0")
+        assert (shown["gateway"]["updates so far"], shown["kiosk"]["updates so far"]) == ("1", "2")
+        assert page.errors == []
+        _shot(page, "round-view-fleet")
+    finally:
+        dashboard.stop()

@@ -219,12 +219,21 @@ function releaseSection(release, rec) {
   return out;
 }
 
+// A budget device's node config memory-budget-mb and what it chose to fit it (micro-batch, checkpointing).
+function budget(c) {
+  if (c.memory_budget_mb == null) return "-";
+  const batch = c.micro_batch_size ? `micro-batch ${c.micro_batch_size}` : "whole batch";
+  const ckpt = c.gradient_checkpointing === 1 ? ", checkpointing" : "";
+  return `${c.memory_budget_mb} MB: ${batch}${ckpt}`;
+}
+
 function renderRound(data) {
   const run = data.run, rec = data.round;
   crumbs(["runs", "/"], [run.run_id, runHref(run.run_id)], [`round ${rec.round}`]);
   const rows = data.clients.map((c) => [
     c.name, { value: c.node_id ?? "-", cls: "mono" }, { value: c.status ?? "?", cls: c.status }, c.reason ?? "",
     c.num_examples ?? "-", c.lora_rank ?? (c.status === "accepted" ? data.lora_rank ?? "run's" : "-"),
+    budget(c), c.staleness ?? "-", c.contributions ?? "-",
     num(c.train_loss), num(c.heldout_loss), num(c.train_seconds, 1), num(c.update_norm, 3),
     kb(c.bytes_up), kb(c.bytes_down),
   ]);
@@ -235,8 +244,8 @@ function renderRound(data) {
   main.replaceChildren(
     el("h1", {}, `Round ${rec.round} of run ${run.run_id}`),
     el("h2", {}, "Clients"),
-    table(["client", "node", "status", "reason", "examples", "rank", "train loss", "held-out", "train s",
-      "update norm", "KB up", "KB down"], rows, [0, 3]),
+    table(["client", "node", "status", "reason", "examples", "rank", "memory budget", "staleness",
+      "updates so far", "train loss", "held-out", "train s", "update norm", "KB up", "KB down"], rows, [0, 3]),
     el("h2", {}, "Aggregation"),
     facts([["method", rec.method ?? run.method],
       ["state", rec.closed ? `closed after ${num(rec.seconds, 1)} s` : "in progress"], ["clients", counts],

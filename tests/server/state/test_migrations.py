@@ -27,7 +27,7 @@ def test_an_empty_file_is_migrated_to_the_schema_of_schema_py(tmp_path):
     db = tmp_path / "state.sqlite"
     db.touch()  # e.g. created by hand, or by a process killed before its first write
     StateStore(db).close()
-    assert rows(db, "select version_num from alembic_version") == [(head(),)] == [("0005",)]
+    assert rows(db, "select version_num from alembic_version") == [(head(),)] == [("0006",)]
     with create_engine(f"sqlite:///{db}").connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
 
@@ -37,7 +37,7 @@ def test_a_store_at_an_older_revision_is_upgraded_by_the_writer(tmp_path):
     assert rows(db, "select count(*) from alembic_version") == [(0,)]
     assert "runs" not in {r[0] for r in rows(db, "select name from sqlite_master")}
     store = StateStore(db)
-    assert rows(db, "select version_num from alembic_version") == [("0005",)]
+    assert rows(db, "select version_num from alembic_version") == [("0006",)]
     store.save_run({**RUN, "started": 2.0})  # the upgraded tables take rows again
     assert rows(db, "select run_id from runs") == [("demo-7",)]
 
@@ -103,11 +103,25 @@ def test_0005_keeps_the_rounds_of_a_store_before_secagg_and_reads_them_as_not_se
     assert not any(r[1].startswith("secure_") for r in rows(db, "pragma table_info(rounds)"))
 
 
-@pytest.mark.parametrize("revision", ["0001", "0002", "0003", "0004"])
+def test_0006_keeps_the_client_rows_before_async_and_reads_them_with_no_staleness(tmp_path):
+    db = store_at_revision(tmp_path, "0005")  # a store of the fleetlora before async rounds
+    execute(db, "insert into rounds (run_id, round, started) values ('demo-8', 1, 1.0)")
+    execute(db, "insert into client_results (run_id, round, client, name, status, lora_rank) "
+                "values ('demo-8', 1, '5', 'food', 'accepted', 2)")  # fmt: skip
+    StateStore(db).close()  # the coordinator's open migrates
+    assert rows(db, "select client, lora_rank, staleness, memory_budget_mb from client_results") == [
+        ("5", 2, None, None)
+    ]
+    alembic(db, command.downgrade, "0005")  # and back: the row stays, without the 0006 columns
+    assert rows(db, "select client, lora_rank from client_results") == [("5", 2)]
+    assert not any(r[1] == "staleness" for r in rows(db, "pragma table_info(client_results)"))
+
+
+@pytest.mark.parametrize("revision", ["0001", "0002", "0003", "0004", "0005"])
 def test_the_read_only_open_never_migrates_an_older_store(tmp_path, revision):
     db = store_at_revision(tmp_path, revision)
     before = db.read_bytes()
-    with pytest.raises(StateStoreError, match=f"at schema revision {revision}, older than this fleetlora's 0005"):
+    with pytest.raises(StateStoreError, match=f"at schema revision {revision}, older than this fleetlora's 0006"):
         StateStore(db, read_only=True)
     assert _unchanged(db, before)  # no migration
     assert rows(db, "select version_num from alembic_version") == [(revision,)]

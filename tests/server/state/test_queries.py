@@ -226,3 +226,19 @@ def test_any_values_written_into_a_row_leave_every_view_serving(store, table, va
             return
     views = _views(store)  # no exception, and JSON without NaN or inf
     assert views["run"] is not None and [r["run_id"] for r in views["runs"]] == ["demo-7"]
+
+
+@pytest.mark.parametrize(
+    ("column", "bad"),
+    [("staleness", -1), ("staleness", "x"), ("contributions", 0), ("memory_budget_mb", 2**40),
+     ("gradient_checkpointing", 2), ("micro_batch_size", 1.5), ("release_round", float("inf"))],
+)  # fmt: skip
+def test_a_hostile_staleness_or_budget_reads_as_missing_and_the_others_stay(store, column, bad):
+    execute(store.path, "update client_results set staleness = 1, contributions = 2, memory_budget_mb = 1200, "
+            "micro_batch_size = 1, gradient_checkpointing = 1, release_round = 0 where client = '3'")  # fmt: skip
+    execute(store.path, f"update client_results set {column} = ? where client = '3'", (bad,))
+    food = next(c for c in _views(store)["round"]["clients"] if c["client"] == "3")
+    good = {"staleness": 1, "contributions": 2, "memory_budget_mb": 1200, "micro_batch_size": 1,
+            "gradient_checkpointing": 1, "release_round": 0}  # fmt: skip
+    assert food[column] is None
+    assert all(food[k] == v for k, v in good.items() if k != column)
