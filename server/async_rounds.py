@@ -33,8 +33,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from server.intake import rejection_reason
 from server.replies import TrainReply, UpdateSpec, parse_train
-from server.strategy import AdapterStrategy, _reason
+from server.strategy import AdapterStrategy
 from server.validate import contribution_norms, norm_outliers
 from shared.adapter import ADAPTER_WEIGHTS, uploaded_keys
 from shared.release import load_tensors
@@ -189,7 +190,7 @@ class AsyncRounds:
             return False  # a reply to a task given up, or not ours
         strategy, server_round = self.strategy, self.version + 1
         spec = self._spec()
-        kept, _ = strategy._parse_replies(server_round, [msg], lambda m, n: parse_train(m, task.node, spec))
+        kept, _ = strategy.intake.parse(server_round, [msg], lambda m, n: parse_train(m, task.node, spec))
         strategy.roster.forget(msg.metadata.reply_to_message_id)
         if not kept:  # failed, refused or malformed: logged and recorded; the device gets a new task after a rest
             self.resting[task.node] = self.clock() + self.retry_after
@@ -205,7 +206,7 @@ class AsyncRounds:
                 )
             norm, _ = strategy.measure(reply, spec, sent=task.release_round)
         except Exception as exc:  # noqa: BLE001 (one device's payload: a rejection, never a crash)
-            strategy.reject(server_round, task.node, reply.name, _reason(exc))
+            strategy.intake.reject(server_round, task.node, reply.name, rejection_reason(exc))
             self.resting[task.node] = self.clock() + self.retry_after
             return False
         buffer.updates[task.node], buffer.staleness[task.node], buffer.norms[task.node] = reply, staleness, norm
@@ -235,7 +236,7 @@ class AsyncRounds:
         for node, reason in norm_outliers(
             contribution_norms(buffer.norms, weights), strategy.agg.max_norm_ratio
         ).items():
-            strategy.reject(server_round, node, updates.pop(node).name, reason)
+            strategy.intake.reject(server_round, node, updates.pop(node).name, reason)
         if len(updates) < strategy.agg.min_accepted:
             log(
                 logging.WARNING,

@@ -103,7 +103,7 @@ def aggregate_secure(strategy: AdapterStrategy, server_round: int, outcome: Secu
     result = outcome.result
     for node, reason in result.rejected.items():
         tally["failed-replies"] += 1
-        strategy.reject(
+        strategy.intake.reject(
             server_round, node, strategy.roster.names.get(node), f"fell out of secure aggregation: {reason}"
         )
     replies = _parse_metrics(strategy, server_round, result, tally)
@@ -146,7 +146,7 @@ def _parse_metrics(
             reply = parse_secure_train(content, node, strategy.agg.max_examples)
         except Exception as exc:  # noqa: BLE001 (one device's reply: a rejection, never a crash)
             tally["rejected-updates"] += 1
-            strategy.reject(server_round, node, strategy.roster.names.get(node), f"its metrics: {exc}"[:500])
+            strategy.intake.reject(server_round, node, strategy.roster.names.get(node), f"its metrics: {exc}"[:500])
             continue
         strategy.roster.names[node] = reply.name
         if isinstance(reply, Refusal):

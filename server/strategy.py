@@ -9,7 +9,8 @@ rejected with its reason and the round goes on with the others. The server rebui
 (``server/aggregate.py``), exact and ties spool the round's updates and aggregate module by
 module (``server/modulewise.py``, ``server/spool.py``); the new global is checked finite and in range
 (``server/validate.py``), then signed and stored before it is sent. Who answered and who stayed
-silent is ``server/roster.py``; the round log is ``server/report.py``.
+silent is ``server/roster.py``; how each reply is taken in, logged and recorded ``server/intake.py``;
+the round log is ``server/report.py``.
 """
 
 from __future__ import annotations
@@ -25,19 +26,18 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from server.intake import Intake, rejection_reason
 from server.modulewise import round_aggregator
 from server.privacy.rounds import DpRounds
 from server.registry import Registry
 from server.replies import (
     EvalReply,
-    Refusal,
     TrainReply,
     UpdateSpec,
     check_release_round,
     decode_update,
     parse_evaluate,
     parse_train,
-    reported_name,
 )
 from server.report import RoundLog
 from server.roster import Roster
@@ -87,6 +87,7 @@ class AdapterStrategy(FedAvg):
         self.registry = registry
         self.round_offset = 0
         self.roster = Roster()
+        self.intake = Intake(self.roster, round_log)
         self.dp, self.secure = dp, secure
         self._global: dict[str, Any] = {}
         self.bytes_down = 0
@@ -155,13 +156,13 @@ class AdapterStrategy(FedAvg):
         if self.secure is not None:
             return aggregate_secure(self, server_round, self.secure.take())
         replies = list(replies)
-        self._log_silent(server_round, replies, "train")
+        self.intake.log_silent(server_round, replies, "train")
         spec = UpdateSpec(
             {k: self._global[k] for k in uploaded_keys(self.agg.method, self._global)},
             self.agg.delta_encoding,
             self.agg.max_examples,
         )
-        parsed, tally = self._parse_replies(server_round, replies, lambda m, n: parse_train(m, n, spec))
+        parsed, tally = self.intake.parse(server_round, replies, lambda m, n: parse_train(m, n, spec))
         updates: dict[int, TrainReply] = {}
         norms: dict[int, float] = {}
         clipped: dict[int, bool] = {}
@@ -170,14 +171,14 @@ class AdapterStrategy(FedAvg):
             try:
                 norms[reply.node_id], clipped[reply.node_id] = self.measure(reply, spec)
             except Exception as exc:  # noqa: BLE001 (one device's payload: a rejection, never a crash)
-                self.reject(server_round, reply.node_id, reply.name, _reason(exc))
+                self.intake.reject(server_round, reply.node_id, reply.name, rejection_reason(exc))
                 continue
             updates[reply.node_id] = reply
         if self.dp is None:
             weights = {n: float(u.num_examples) for n, u in updates.items()}
             contributions = contribution_norms(norms, weights) if updates else {}
             for node, reason in norm_outliers(contributions, self.agg.max_norm_ratio).items():
-                self.reject(server_round, node, updates.pop(node).name, reason)
+                self.intake.reject(server_round, node, updates.pop(node).name, reason)
         tally["rejected-updates"] += len(parsed) - len(updates)
         metrics = self._train_metrics(tally, replies, updates)
         if len(updates) < self.agg.min_accepted:
@@ -301,7 +302,7 @@ class AdapterStrategy(FedAvg):
                 "global adapter stays as it was",
                 server_round,
                 len(updates),
-                _reason(exc),
+                rejection_reason(exc),
             )
             return None
         log(
@@ -338,8 +339,8 @@ class AdapterStrategy(FedAvg):
         """Record each client's held-out loss and close the round in the log."""
         server_round += self.round_offset
         replies = list(replies)
-        self._log_silent(server_round, replies, "evaluate")
-        parsed, _ = self._parse_replies(
+        self.intake.log_silent(server_round, replies, "evaluate")
+        parsed, _ = self.intake.parse(
             server_round, replies, lambda m, n: parse_evaluate(m, n, self.agg.max_examples), phase="evaluation"
         )
         scored = [r for r in parsed if isinstance(r, EvalReply)]
@@ -355,70 +356,6 @@ class AdapterStrategy(FedAvg):
         total = sum(r.num_examples for r in scored)
         loss = sum(r.heldout_loss * r.num_examples for r in scored) / total
         return MetricRecord({"num-examples": total, "heldout-loss": loss})
-
-    def _parse_replies(
-        self, server_round: int, replies: list[Message], parse: Any, phase: str = "update"
-    ) -> tuple[list[TrainReply | EvalReply], dict[str, int]]:
-        """Parse each reply at the trust boundary; log and record every failure, refusal and rejection.
-
-        Returns the parsed replies that count and the tally (``failed-replies``,
-        ``refused-releases``, ``rejected-updates``). Any exception from one reply is its rejection.
-        """
-        tally = {"failed-replies": 0, "refused-releases": 0, "rejected-updates": 0}
-        kept: list[TrainReply | EvalReply] = []
-        seen: set[int] = set()
-        for msg in replies:
-            node = self.roster.node_of(msg)
-            if msg.has_error():
-                tally["failed-replies"] += 1
-                log(
-                    logging.WARNING,
-                    "round %d: %s sent no %s (%s); the round goes on with the others",
-                    server_round,
-                    self.roster.label(node),
-                    phase,
-                    msg.error.reason,
-                )
-                continue
-            try:
-                if node in seen:
-                    raise ValueError(f"a second reply from node {node} in this round")
-                seen.add(node)
-                reply = parse(msg, node)
-            except Exception as exc:  # noqa: BLE001 (a device's reply: a rejection, never a crash)
-                tally["rejected-updates"] += 1
-                name = reported_name(msg, node) or self.roster.names.get(node)
-                self.reject(server_round, node, name, _reason(exc), phase)
-                continue
-            self.roster.names[node] = reply.name
-            if isinstance(reply, Refusal):
-                tally["refused-releases"] += 1
-                label = self.roster.label(node)
-                log(logging.WARNING, "round %d: %s refused the signed release: %s", server_round, label, reply.reason)
-                self.round_log.client(server_round, node, reply.name, refused_release=reply.reason)
-                continue
-            kept.append(reply)
-        return kept, tally
-
-    def reject(self, server_round: int, node: int, name: str | None, reason: str, phase: str = "update") -> None:
-        """Log and record a reply that does not count, with its client, node, round and reason."""
-        label = self.roster.label(node, name)
-        log(logging.WARNING, "round %d: rejected the %s of %s: %s", server_round, phase, label, reason)
-        key = "rejected" if phase == "update" else "evaluation_rejected"
-        self.round_log.client(server_round, node, name, **{key: reason})
-
-    def _log_silent(self, server_round: int, replies: list[Message], phase: str) -> None:
-        """Log and record every node sent a message this phase that did not reply within the round timeout."""
-        for node in self.roster.silent(replies):
-            log(
-                logging.WARNING,
-                "round %d: %s sent no %s reply before the round timeout; the round goes on without it "
-                "(a slow or disconnected device; raise run-config round-timeout if it is merely slow)",
-                server_round,
-                self.roster.label(node),
-                phase,
-            )
-            self.round_log.client(server_round, node, self.roster.names.get(node), timed_out=phase)
 
     def _latest_round(self) -> int:
         """Return the round of the newest signed release (the one every message carries)."""
@@ -464,11 +401,3 @@ class AdapterStrategy(FedAvg):
         """Federated evaluation of the initial adapter (round 0: the base model's held-out loss)."""
         replies = grid.send_and_receive(self.configure_evaluate(0, arrays, ConfigRecord(), grid), timeout=timeout)
         self.aggregate_evaluate(0, replies)
-
-
-def _reason(exc: BaseException) -> str:
-    """Return an exception as a rejection reason: its message, with its type where the type says more."""
-    text = str(exc)
-    if isinstance(exc, ValueError) and text:
-        return text[:500]
-    return f"malformed reply ({type(exc).__name__}: {text[:300]})"
