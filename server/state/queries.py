@@ -55,7 +55,9 @@ def epsilon_spent(rounds_: list[RoundRow]) -> float | None:
 def run_view(conn: Connection, run_id: str) -> dict[str, Any] | None:
     """Return a run, its rounds (counts by status, each client's held-out loss), its clients and rejections.
 
-    ``clients`` lists each client once (key, the name it reported last, node id); ``heldout``
+    ``clients`` lists each client once (key, the name it reported last, node id, its accepted
+    updates in the run, their mean staleness under async rounds, the rank it trained at if below
+    the run's); ``heldout``
     of a round maps a client's key to its held-out loss. Under DP, ``run.privacy`` holds the
     run's facts (``facts.RunPrivacy``) and each round released under DP its ``privacy``
     (``facts.RoundPrivacy``: ε spent so far, z, C, clipped fraction, ...); both are None without DP.
@@ -78,8 +80,7 @@ def run_view(conn: Connection, run_id: str) -> dict[str, Any] | None:
         for c in per_round[n]
         if c["status"] in ("rejected", "refused")
     ]
-    latest = {c["client"]: c for n in sorted(per_round) for c in per_round[n]}  # the last round's name wins
-    names = sorted((_pick(c, ("client", "name", "node_id")) for c in latest.values()), key=_by_name)
+    names = _devices(per_round)
     state = run_state(run["finished"], run["heard"])
     return {"run": {**run, "state": state}, "rounds": out_rounds, "clients": names, "rejections": rejections}
 
@@ -99,6 +100,28 @@ def round_view(conn: Connection, run_id: str, server_round: int) -> dict[str, An
         "round": {**rec, **_counts(clients)},
         "clients": clients,
     }
+
+
+def _devices(per_round: Mapping[int, list[ClientRow]]) -> list[dict[str, Any]]:
+    """Return each client of a run once: key, latest name and node id, accepted updates, their staleness, its rank."""
+    rows: dict[str, list[ClientRow]] = defaultdict(list)
+    for n in sorted(per_round):
+        for c in per_round[n]:
+            rows[c["client"]].append(c)
+    out = []
+    for history in rows.values():
+        accepted = [c for c in history if c["status"] == "accepted"]
+        stale = [c["staleness"] for c in accepted if c["staleness"] is not None]
+        ranks = [c["lora_rank"] for c in accepted if c["lora_rank"] is not None]
+        out.append(
+            {
+                **_pick(history[-1], ("client", "name", "node_id")),  # the last round's name wins
+                "accepted": len(accepted),
+                "mean_staleness": sum(stale) / len(stale) if stale else None,
+                "lora_rank": ranks[-1] if ranks else None,
+            }
+        )
+    return sorted(out, key=_by_name)
 
 
 def _pick(row: Mapping[str, object], keys: tuple[str, ...]) -> dict[str, Any]:

@@ -433,6 +433,12 @@ def test_an_async_rounds_view_shows_each_devices_staleness_budget_and_updates_so
         assert shown["kiosk"]["memory budget"] == "-"
         assert (shown["gateway"]["staleness"], shown["kiosk"]["staleness"]) == ("1", "0")
         assert (shown["gateway"]["updates so far"], shown["kiosk"]["updates so far"]) == ("1", "2")
+        page.goto(dashboard.url.replace("/?", "/runs/fleet?"))
+        page.wait_for_selector("h2:text('Devices') + table")
+        devices = page.locator("h2:text('Devices') + table tbody tr")
+        cells = {devices.nth(i).locator("td").first.inner_text(): devices.nth(i).locator("td").all_inner_texts()
+                 for i in range(devices.count())}  # fmt: skip
+        assert cells["gateway"][2:] == ["2", "1", "1.00"] and cells["kiosk"][2:] == ["8", "1", "0.00"]
         assert page.errors == []
         _shot(page, "round-view-fleet")
     finally:

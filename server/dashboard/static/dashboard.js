@@ -199,6 +199,10 @@ function renderRun(data) {
     el("h2", {}, "Rounds"),
     table(["round", "state", "seconds", "clients", "accepted", "rejected", "secure", "train loss", "held-out mean",
       "MB up", "MB down", "key id", "manifest"], rows),
+    el("h2", {}, "Devices"),
+    table(["client", "node", "rank", "accepted updates", "mean staleness"], data.clients.map((c) => [
+      c.name, { value: c.node_id ?? "-", cls: "mono" }, c.lora_rank ?? (run.config?.["lora.rank"] ?? "run's"),
+      c.accepted, num(c.mean_staleness, 2)]), [0]),
     el("h2", {}, "Rejections"), rejections);
 }
 

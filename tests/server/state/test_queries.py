@@ -56,9 +56,10 @@ def test_the_views_show_what_the_round_log_wrote(store):
     r1 = view["rounds"][1]
     assert (r1["participants"], r1["accepted"], r1["rejected"], r1["refused"]) == (2, 1, 1, 0)
     assert r1["heldout"] == {"3": 2.5} and r1["mean_heldout_loss"] == 2.5 and r1["method"] == "ties"
-    assert view["clients"] == [
-        {"client": "8", "name": "<b>x</b>", "node_id": "8"},
-        {"client": "3", "name": "food", "node_id": "3"},
+    none = {"mean_staleness": None, "lora_rank": None}
+    assert view["clients"] == [  # each device with its accepted updates of the run (8's was rejected)
+        {"client": "8", "name": "<b>x</b>", "node_id": "8", "accepted": 0, **none},
+        {"client": "3", "name": "food", "node_id": "3", "accepted": 1, **none},
     ]
     assert view["rejections"] == [
         {
