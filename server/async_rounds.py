@@ -72,8 +72,8 @@ class AsyncRounds:
     ``task_timeout``: a device silent this long after its task was sent is given up (logged; its
     late reply, if it comes, is ignored) and sent the newest release; a device whose reply did not
     count (failed, refused, rejected) is sent its next task ``retry_after`` seconds later, not at
-    once; ``stall_timeout``: the run
-    ends, keeping its last release, when no update was accepted for this long. ``clock`` and
+    once; ``stall_timeout``: the run ends, keeping its last release, when no update was accepted
+    for this long. ``clock`` and
     ``poll`` let tests drive it.
     """
 
@@ -93,9 +93,7 @@ class AsyncRounds:
         self.inflight: dict[str, Task] = {}
         self.contributions: dict[int, int] = {}  # accepted updates per node over the run
         self._dispatched = self._signed_now = self._rounds = 0
-        self.resting: dict[
-            int, float
-        ] = {}  # node -> when it may be sent a task again, after a reply that did not count
+        self.resting: dict[int, float] = {}  # node -> when it may have a task again (its last reply did not count)
         self._buffer = Buffer()
 
     @property
@@ -177,11 +175,22 @@ class AsyncRounds:
             content = RecordDict({strategy.arrayrecord_key: arrays, strategy.configrecord_key: signed})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         strategy.bytes_down = wire_bytes(arrays) + extra
-        ids = list(grid.push_messages(messages))
+        ids = list(grid.push_messages(messages))  # in order; None (or none at all) for a message not pushed
         now = self.clock()
-        for msg_id, msg in zip(ids, messages, strict=True):
+        pushed = [(i, m) for i, m in zip(ids, messages, strict=False) if i]
+        for msg_id, msg in pushed:
             self.inflight[msg_id] = Task(int(msg.metadata.dst_node_id), self.version, now)
-        strategy.roster.add(messages)
+        strategy.roster.add(m for _, m in pushed)
+        if len(pushed) < len(messages):  # the SuperLink took not all: those devices are tried again after a rest
+            for node in {int(m.metadata.dst_node_id) for m in messages} - {t.node for t in self.inflight.values()}:
+                self.resting[node] = now + self.retry_after
+            log(
+                logging.WARNING,
+                "async: the SuperLink took %d of %d train messages; the others are sent again in %.0f s",
+                len(pushed),
+                len(messages),
+                self.retry_after,
+            )
 
     def _take(self, msg: Message, buffer: Buffer) -> bool:
         """Parse one reply at the trust boundary; put an accepted update in the buffer. Return whether it was."""

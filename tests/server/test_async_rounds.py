@@ -182,3 +182,22 @@ def test_the_staleness_weight_is_fedbuffs():
 def test_async_refuses_what_it_cannot_do_by_name(overrides, named):
     with pytest.raises(ConfigError, match=named):
         FleetConfig.from_run_config({"aggregation.mode": "async", **overrides})
+
+
+def test_a_device_whose_reply_fails_rests_instead_of_being_sent_task_after_task(tmp_path):
+    strategy = _strategy(tmp_path)
+
+    def broken(msg, context, call_next):  # device A's ClientApp raises: Flower answers with an error reply
+        raise RuntimeError("out of memory")
+
+    fleet = None
+
+    def after_a(msg):  # B and C answer once A's failure is taken, each of their tasks
+        return not any(nid == fleet.nodes[A] for nid, _ in fleet.received)
+
+    fleet = Fleet(_deltas(), mods={A: [broken]}, hold={B: after_a, C: after_a})
+    with fleet:
+        rounds = AsyncRounds(strategy, task_timeout=60, stall_timeout=60, poll=0.01, retry_after=3600)
+        assert rounds.run(fleet.grid, num_rounds=3) == 3
+    sent_to_a = [m for nid, m in fleet.received if nid == fleet.nodes[A]]
+    assert len(sent_to_a) == 1  # one failure, then it rests; B and C made the three releases
