@@ -12,7 +12,9 @@ Steps (``fetch_release``):
 4. verify the whole release (``shared.release.verify_release``) and only then move it into place;
 5. for an adapter, index it as the server does: ``<cache>/adapter/<run-id>/round-NNNN`` links to
    the release and ``LATEST`` names the newest round fetched, so ``fleetlora infer --adapter
-   <cache>/adapter/<run-id>`` follows each new release that a later fetch brings.
+   <cache>/adapter/<run-id>`` follows each new release that a later fetch brings;
+6. every file is kept once by its content (``client/objects.py``): a release whose files the cache
+   already holds (a re-created base of the same bytes) is linked, not downloaded or stored again.
 
 An unreachable or failing server is retried with exponential backoff, then refused with a clear
 error. Nothing unverified is ever returned.
@@ -33,7 +35,7 @@ from typing import Any
 
 import grpc
 
-from client import channel
+from client import channel, objects
 from client.download import FetchError, FetchPolicy, Transfer, download_file, retry
 from shared.atomic import fsync_dir, write_atomic
 from shared.chain import MAX_LINKS, ChainGapError, SignedManifest, verify_links
@@ -142,6 +144,7 @@ def _fetch(
             raise FetchError(f"{artifact} from {address}: release refused: {exc}") from None
         os.replace(partial, final)  # its files were fsynced as they completed
         fsync_dir(cache)
+        objects.keep(cache, manifest, final)
         return FetchResult(
             final,
             manifest,
@@ -267,6 +270,7 @@ def _partial(cache: Path, manifest: Manifest, reply: Any) -> Path:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     write_atomic(partial / MANIFEST, reply.manifest)
     write_atomic(partial / SIGNATURE, reply.signature)
+    objects.seed(cache, manifest, partial)  # files of the same content as a release held: neither fetched nor stored
     have = {p.name: p.stat().st_size for p in partial.iterdir() if p.is_file() and p.name in manifest.files}
     needed = sum(size - min(have.get(name, 0), size) for name, size in manifest.sizes.items())
     free = shutil.disk_usage(partial).free

@@ -12,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.fetch import FetchError, FetchPolicy, fetch_release
+from client.objects import OBJECTS
 from server.distribute import ArtifactServicer, ArtifactStore, serve
 from shared.proto import artifact_pb2
 from shared.release import follow_latest, make_release, read_release, verify_release, write_release
@@ -52,7 +53,8 @@ def _fetch(address, cache, **policy):
 
 def _bytes_on_disk(cache):
     """Bytes of release files the fetcher wrote (the manifest and signature aside)."""
-    return sum(p.stat().st_size for p in cache.rglob("*") if p.is_file() and not p.name.startswith("manifest."))
+    files = (p for p in cache.rglob("*") if p.is_file() and OBJECTS not in p.relative_to(cache).parts)
+    return sum(p.stat().st_size for p in files if not p.name.startswith("manifest."))  # the store: links to them
 
 
 class ReplaysARealManifestButAnnouncesHugeFiles(ArtifactServicer):
@@ -120,7 +122,7 @@ def test_a_service_whose_streams_end_early_is_given_up_on_after_the_retries(root
 def test_leftovers_in_the_partial_folder_are_bounded_by_the_signed_sizes_and_cleaned(root, tmp_path):
     with _Started(root, ArtifactServicer) as address:
         _fetch(address, tmp_path / "probe")  # learn the release's digest
-        digest = next(p.name for p in (tmp_path / "probe").iterdir() if p.is_dir())
+        digest = next(p.name for p in (tmp_path / "probe").iterdir() if p.is_dir() and len(p.name) == 64)
         partial = tmp_path / "cache" / f"{digest}.partial"
         partial.mkdir(parents=True)
         (partial / "junk.bin").write_bytes(b"x" * 1000)  # not a file of the release (another version, a crash)
@@ -186,7 +188,7 @@ def test_fleetlora_fetch_keeps_replay_state_across_runs(root, tmp_path, capsys):
         (cache / "accepted.json").write_bytes(b"")  # the store damaged (a power loss)
         assert main(["fetch", "adapter/r/round-0002", *common]) == 2
         assert "refuses every release until an operator repairs it" in capsys.readouterr().err
-    digests = {p.name for p in cache.iterdir() if p.is_dir() and p.name != "adapter"}
+    digests = {p.name for p in cache.iterdir() if p.is_dir() and p.name not in ("adapter", OBJECTS)}
     assert len(digests) == 1  # round 1 was refused before anything of it was downloaded
 
 
