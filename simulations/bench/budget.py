@@ -26,8 +26,8 @@ from typing import Any
 from simulations.bench import Table, register, run_child
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "wordnet" / "noun.food"
-SEQ, BATCH, STEPS, RUN_RANK = 128, 4, 3, 8
-BUDGETS = (None, 2000, 1200, 1000, 900)
+SEQ, BATCH, STEPS, RUN_RANK = 128, 4, 2, 8
+BUDGETS = (None, 2000, 1200, 900)
 
 
 def _examples(tok: Any, kind: str, seq: int) -> list[Any]:
