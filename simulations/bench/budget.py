@@ -114,7 +114,7 @@ def budget() -> Table:
             f"{demo['peak_rss'] / 1e6:,.0f}", f"{demo['s_per_step']:.2f}", f"{full['peak_rss'] / 1e6:,.0f}", fits,
         ])  # fmt: skip
     table.notes = [
-        "chosen by client.budget.plan (the footprint model, 5% margin); each row's training runs in fresh processes "
+        "chosen by client.budget.plan (the footprint model, 10% margin); each row's training runs in fresh processes "
         "that import Flower's client app as a device's training process does; peak RSS = the whole process",
         f"demo data: noun.food train.jsonl as make demo encodes it (~52 tokens), {STEPS} steps, s / step the median "
         "after the first; worst case: packed sequences of exactly seq tokens, every position labelled, 1 step",
