@@ -28,10 +28,10 @@ to peak RSS measured on SmolLM2-135M (4-bit base, 30 layers, H 576) and a 2-laye
 hidden size 64 (float base, SmolLM2's vocabulary), at S = 16, 128 and 256, m = 1, 2, 4, ranks 1
 and 8, each run in its own process (``python -m simulations.bench.budget``); see
 :data:`CALIBRATION`. The estimate is within ~2% of a typical run at micro-batches of 1 and 2 and above the
-measurement at larger ones (SmolLM2, seq 128, micro-batch 4, no checkpointing: 2,505 MB
-estimated, 2,243 measured). Evaluation runs in the same process without gradients, at most
-``eval.batch-size`` examples per forward pass, and stays below the training peak at the demo's
-settings; the budget does not bound it.
+measurement at larger ones (SmolLM2, seq 128, micro-batch 4, no checkpointing: 2,529 MB
+estimated, 2,243 measured). Not counted: evaluation of the global adapter (same process, no
+gradients, ``eval.batch-size`` examples per forward pass; not measured against the budget), and a
+simulation's Ray actor (Ray's own imports).
 """
 
 from __future__ import annotations
