@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from client import device
-from client.capability import device_rank
+from client.capability import DeviceTraining, device_training
 from client.fetch import FetchError, fetch_links, fetch_release
 from client.partition import Partition, partition_for
 from client.privacy import clip_and_pack
@@ -56,13 +56,15 @@ def train(msg: Message, context: Context) -> Message:
     if not isinstance(server_round, int):
         raise TypeError(f"train message carries server-round {server_round!r}, expected an integer")
     try:
-        rank = device_rank(context.node_config, cfg.lora)
         base = _base(cfg, context, part)
+        own = device_training(context.node_config, cfg, base.spec)
+        rank = own.rank
         model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype, rank)
         release_round = _install(msg, context, cfg, part, model, base.digest, rank)
         slowdown = device_slowdown(context.node_config, cfg.train)
     except (ReleaseError, WireError, SignatureError, FetchError, OSError) as exc:
         return _refuse(msg, part, server_round, exc)
+    _log_plan(own, part, server_round)
     start = adapter_state(model)
     set_trainable_factors(model, cfg.aggregation.method)
     data = _encoded(part.train_file, base.spec, cfg.train.max_seq_len)
@@ -71,7 +73,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.dp.enabled and cfg.dp.level == "record":
         result, record_epsilon = _train_record_dp(model, data, cfg, tok.pad_token_id, context, part)
     else:
-        result = train_adapter(model, data, cfg.train, tok.pad_token_id, seed)
+        result = train_adapter(model, data, own.train, tok.pad_token_id, seed)
     result = slow_down(result, slowdown)
     trained = adapter_state(model)
     delta = {k: trained[k] - start[k] for k in uploaded_keys(cfg.aggregation.method, trained)}
@@ -93,6 +95,7 @@ def train(msg: Message, context: Context) -> Message:
             "release-round": release_round,  # the release this delta is a change of (async: its staleness)
         }
     )
+    metrics.update(own.metrics())  # memory-budget-mb and what this device chose to fit it
     base.downloaded = 0  # reported once
     if rank < cfg.lora.rank:  # the coordinator zero-pads it to the run's rank (shared/ranks.py)
         metrics["lora-rank"] = rank
@@ -117,8 +120,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     cfg = FleetConfig.from_run_config(context.run_config)
     part = partition_for(context.node_config, cfg)
     try:
-        rank = device_rank(context.node_config, cfg.lora)
         base = _base(cfg, context, part)
+        rank = device_training(context.node_config, cfg, base.spec).rank  # the rank it trains at: one runtime
         model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype, rank)
         _install(msg, context, cfg, part, model, base.digest, rank)
     except (ReleaseError, WireError, SignatureError, FetchError, OSError) as exc:
@@ -129,6 +132,25 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         {"num-examples": result.examples, "heldout-loss": result.loss, "heldout-tokens": result.tokens}
     )
     return _reply(msg, part, metrics)
+
+
+def _log_plan(own: DeviceTraining, part: Partition, server_round: int) -> None:
+    """Tell the operator what a memory budget made this device choose."""
+    if own.plan is None:
+        return
+    p = own.plan
+    log(
+        logging.INFO,
+        "client %s round %d: memory budget %d MB: rank %d, micro-batch %d, gradient checkpointing %s "
+        "(estimated peak %d MB)",
+        part.name,
+        server_round,
+        p.budget_mb,
+        p.rank,
+        p.micro_batch_size,
+        "on" if p.gradient_checkpointing else "off",
+        p.footprint_mb,
+    )
 
 
 def _train_record_dp(
