@@ -10,6 +10,7 @@ import subprocess
 
 import simulations.bench.aggregation  # noqa: F401  (registers)
 import simulations.bench.branch  # noqa: F401
+import simulations.bench.budget  # noqa: F401
 import simulations.bench.federated  # noqa: F401
 import simulations.bench.inference  # noqa: F401
 import simulations.bench.int4  # noqa: F401
