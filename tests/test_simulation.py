@@ -38,25 +38,29 @@ def _flower_processes(flwr_home: Path) -> dict[int, str]:
     return processes_with_env("FLWR_HOME", str(flwr_home))
 
 
+def _tiny(folder: Path, tiny_model_dir: Path, **settings: Any) -> dict[str, Any]:
+    """Return these tests' run config: the tiny model, keys in ``folder``, 2 rounds of 3 steps, then ``settings``."""
+    return {
+        "signing.key": str(folder / "keys" / "server.key"),
+        "signing.trust-file": str(folder / "keys" / "server.key.pub"),
+        "model": str(tiny_model_dir),
+        "topics": ",".join(TOPICS),
+        "min-clients": len(TOPICS),
+        "num-server-rounds": 2,
+        "train.steps": 3,
+        "train.lr": 5e-3,
+        "eval.max-examples": 16,
+        **settings,
+    }
+
+
 def _two_round_run(folder: Path, tiny_model_dir: Path, method: str, encoding: str) -> DemoRun:
     """Run the demo for 2 rounds of ``method`` with ``encoding`` deltas on two devices, in ``folder``."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLEETLORA_CACHE", str(folder / "device-cache"))  # the devices' caches (base, releases)
+        settings = {"aggregation.method": method, "aggregation.delta-encoding": encoding, "run-name": "tiny"}
         data = run_demo(
-            {
-                "signing.key": str(folder / "keys" / "server.key"),
-                "signing.trust-file": str(folder / "keys" / "server.key.pub"),
-                "aggregation.method": method,
-                "aggregation.delta-encoding": encoding,
-                "model": str(tiny_model_dir),
-                "topics": ",".join(TOPICS),
-                "min-clients": len(TOPICS),
-                "num-server-rounds": 2,
-                "train.steps": 3,
-                "train.lr": 5e-3,
-                "eval.max-examples": 16,
-                "run-name": "tiny",
-            },
+            _tiny(folder, tiny_model_dir, **settings),
             output_dir=folder / "out",
             flwr_home=folder / "flwr",
         )
@@ -117,22 +121,17 @@ def test_a_differentially_private_run_clips_noises_and_records_epsilon_every_rou
 ):
     monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / "device-cache"))
     data = run_demo(
-        {
-            "signing.key": str(tmp_path / "keys" / "server.key"),
-            "signing.trust-file": str(tmp_path / "keys" / "server.key.pub"),
-            "aggregation.method": "fedavg",
-            "model": str(tiny_model_dir),
-            "topics": ",".join(TOPICS),
-            "min-clients": len(TOPICS),
-            "num-server-rounds": 2,
-            "train.steps": 3,
-            "train.lr": 5e-3,
-            "eval.max-examples": 16,
-            "run-name": "dp",
-            "dp.noise-multiplier": 0.1,
-            "dp.clip-norm": 0.05,  # below the tiny model's 3-step deltas: every update is clipped
-            "dp.max-epsilon": 1e4,
-        },
+        _tiny(
+            tmp_path,
+            tiny_model_dir,
+            **{
+                "aggregation.method": "fedavg",
+                "run-name": "dp",
+                "dp.noise-multiplier": 0.1,
+                "dp.clip-norm": 0.05,  # below the tiny model's 3-step deltas: every update is clipped
+                "dp.max-epsilon": 1e4,
+            },
+        ),
         output_dir=tmp_path / "out",
         flwr_home=tmp_path / "flwr",
     )
@@ -272,23 +271,20 @@ def test_an_async_ffa_run_signs_one_release_per_buffer_in_one_chain(tmp_path, ti
     """
     monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / "device-cache"))
     data = run_demo(
-        {
-            "signing.key": str(tmp_path / "keys" / "server.key"),
-            "signing.trust-file": str(tmp_path / "keys" / "server.key.pub"),
-            "aggregation.method": "ffa",
-            "aggregation.delta-encoding": "q8",
-            "aggregation.mode": "async",
-            "aggregation.buffer-size": 2,
-            "train.device-slowdown": "1,1,5",
-            "model": str(tiny_model_dir),
-            "topics": ",".join(TOPICS),
-            "min-clients": 3,
-            "num-server-rounds": 3,
-            "train.steps": 3,
-            "train.lr": 5e-3,
-            "eval.max-examples": 16,
-            "run-name": "async",
-        },
+        _tiny(
+            tmp_path,
+            tiny_model_dir,
+            **{
+                "aggregation.method": "ffa",
+                "aggregation.delta-encoding": "q8",
+                "aggregation.mode": "async",
+                "aggregation.buffer-size": 2,
+                "train.device-slowdown": "1,1,5",
+                "min-clients": 3,
+                "num-server-rounds": 3,
+                "run-name": "async",
+            },
+        ),
         output_dir=tmp_path / "out",
         flwr_home=tmp_path / "flwr",
         num_supernodes=3,
