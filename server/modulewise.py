@@ -10,9 +10,9 @@ live at a time (one (d_out, d_in) sum for exact, four for ties: 64 MB / 256 MB f
 whatever the number of updates or modules.
 
 Throughput comes from batching across updates: ``exact`` sums a block of updates with one GEMM,
-[w_1 B_1 | ... | w_c B_c] @ [A_1; ...; A_c]; ``ties`` forms the task vectors of a block of updates
-for a band of rows with one batched matmul (``torch.baddbmm``) and reduces them with matrix-vector
-products; both use torch's intra-op threads (every core). The rank-r re-factorization is a
+[w_1 B_1 | ... | w_c B_c] @ [A_1; ...; A_c], on torch's intra-op threads; ``ties`` forms, trims and
+folds each update's task vector row by row in one compiled loop (``server/ties_fold.py``: one pass
+over the entries instead of a dozen torch ops), its threads splitting the rows. The rank-r re-factorization is a
 randomized SVD with a seeded test matrix (deterministic), which is exact when the mean dW has rank
 <= r + ``OVERSAMPLE`` and near-optimal otherwise (see :func:`randomized_refactor`).
 """
@@ -34,10 +34,11 @@ from server.aggregate import (
     make_aggregator,
     modules,
 )
+from server.shards import Sharded
 from server.spool import Spool
+from server.ties_fold import fold_block, merge
 
 BLOCK_BYTES = 64 << 20  # factors of one block of updates (fp32), per module
-BAND_ENTRIES = 1 << 17  # task-vector entries formed at once (updates x rows x d_in): 512 KB, cache-sized
 OVERSAMPLE, POWER_ITERS = 10, 4
 TRIM_GRID = 64  # rows and columns of the grid the trim cut is taken on (4,096 entries)
 
@@ -155,33 +156,16 @@ class SpooledTies(SpooledAggregator):
     def module(self, m: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Fold every block of updates into the module's four sums, then elect, merge and re-factor."""
         base = self.scale * (self._global[m + LORA_B] @ self._global[m + LORA_A])
-        acc = torch.zeros(4, base.numel())  # S, P, D, C
+        acc = torch.zeros(4, *base.shape)  # S, P, D, C
         for start, stop in self.blocks(m):
             b, a, w = self.factors(m, start, stop)
             self._fold_block(acc, base, b, a, w)
-        s, p, d, c = acc.view(4, *base.shape)
-        positive = s >= 0  # elect sign
-        total = torch.where(positive, p, s - p)  # disjoint merge
-        weight = torch.where(positive, c + d, c - d) / 2
-        tau = torch.where(weight > 0, total / weight.clamp(min=1e-12), torch.zeros_like(total))
-        return randomized_refactor(base + self.lam * tau, self.rank, self.scale)
+        return randomized_refactor(merge(acc, base, self.lam), self.rank, self.scale)  # elect, disjoint mean
 
     def _fold_block(self, acc: torch.Tensor, base: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
                     w: torch.Tensor) -> None:  # fmt: skip
-        """Trim the block's task vectors band of rows by band and add them into ``acc``."""
-        cut = self._cuts(base, b, a)[:, None, None]
-        c, (d_out, d_in) = b.shape[0], base.shape
-        rows = max(1, BAND_ENTRIES // (c * d_in))
-        for r0 in range(0, d_out, rows):
-            r1 = min(d_out, r0 + rows)
-            tau = torch.baddbmm(base[r0:r1].expand(c, -1, -1), b[:, r0:r1], a, beta=-1, alpha=self.scale)
-            tau = tau.mul_(tau.abs() >= cut).view(c, -1)  # trimmed
-            sign = tau.sign()
-            band = acc[:, r0 * d_in : r1 * d_in]
-            band[0].addmv_(tau.T, w)
-            band[1].addmv_(tau.clamp_(min=0).T, w)
-            band[2].addmv_(sign.T, w)
-            band[3].addmv_(sign.abs_().T, w)
+        """Trim the block's task vectors and add them into ``acc``, in one fused pass (``server/ties_fold.py``)."""
+        fold_block(acc, base, b, a, w, self._cuts(base, b, a), self.scale)
 
     def _cuts(self, base: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Each update's trim threshold: the ``density`` quantile of |tau_i| on a fixed grid of entries.
@@ -242,18 +226,23 @@ def round_aggregator(
     lam: float = 1.0,
     dtype: torch.dtype = torch.float32,
     folder: str | Path | None = None,
-) -> Streaming | SpooledAggregator:
+    workers: int = 1,
+    address: str = "",
+) -> Streaming | SpooledAggregator | Sharded:
     """Build one round's aggregator of *deltas* (``add(delta, n)``, then ``result()`` once).
 
     fedavg / ffa stream (one sum per factor); exact / ties spool the deltas in ``dtype`` (float16
     loses nothing when the wire carried fp16) under ``folder`` (default ``TMPDIR``), removed by
-    ``result`` or by ``close``.
+    ``result`` or by ``close``. ``workers`` > 1 (exact / ties): that many Ray workers aggregate a shard
+    of the modules each, on the Ray at ``address`` (``server/shards.py``).
     """
     scale = alpha / rank
     if method in ("fedavg", "ffa"):
         return Streaming(method, global_state, rank, alpha)
     if method not in ("exact", "ties"):
         raise ValueError(f"unknown aggregation method '{method}'")
+    if workers > 1:
+        return Sharded(method, global_state, rank, alpha, density, lam, dtype, workers, address)
     spool = Spool(spool_shapes(global_state), dtype, folder)
     if method == "exact":
         return SpooledExact(global_state, rank, scale, spool)

@@ -249,6 +249,8 @@ class AdapterStrategy(FedAvg):
             self.agg.ties_density,
             self.agg.ties_lambda,
             dtype=torch.float16 if spec.encoding == "fp16" else torch.float32,  # what the wire carried, losslessly
+            workers=self.agg.workers,
+            address=self.agg.ray_address,
         )
         weight = {n: float(r.num_examples) if weights is None else weights[n] for n, r in updates.items()}
         try:  # exact / ties spool to TMPDIR; the spool goes when the round ends, folded or not

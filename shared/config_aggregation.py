@@ -64,6 +64,13 @@ class AggregationConfig:
     """async: an update of a release this many rounds older than the newest is still counted (weighted
     1 / sqrt(1 + staleness)); an older one is rejected, with its staleness as the reason."""
 
+    workers: int = 1
+    """exact / ties: Ray workers that aggregate a shard of the modules each, in parallel (``server/shards.py``);
+    1: in this process. Needs Ray on the coordinator (the ``sim`` extra has it)."""
+    ray_address: str = ""
+    """Where ``workers`` run: empty: a local Ray on this machine (or the Ray this process already runs);
+    otherwise ``ray.init``'s address: ``auto`` (a cluster this node is part of) or ``ray://<head>:10001``."""
+
     def __post_init__(self) -> None:
         methods = AGGREGATION_METHODS
         _check(self.method in methods, "aggregation.method", self.method, f"must be one of {methods}")
@@ -78,6 +85,11 @@ class AggregationConfig:
         _check(self.mode in AGGREGATION_MODES, "aggregation.mode", self.mode, f"must be one of {AGGREGATION_MODES}")
         _check(1 <= self.buffer_size <= 100_000, "aggregation.buffer-size", self.buffer_size, "must be in [1, 100000]")
         _check(0 <= self.max_staleness <= 1000, "aggregation.max-staleness", self.max_staleness, "must be in [0, 1000]")
+        _check(1 <= self.workers <= 256, "aggregation.workers", self.workers, "must be in [1, 256]")
+        why = "shards exact and ties only (fedavg and ffa stream each update at once): set aggregation.workers = 1"
+        _check(self.workers == 1 or self.method in ("exact", "ties"), "aggregation.workers", self.workers, why)
+        address_ok = len(self.ray_address) <= 256 and not any(c.isspace() for c in self.ray_address)
+        _check(address_ok, "aggregation.ray-address", self.ray_address, "must be <= 256 characters, no spaces")
         if self.mode == "async":
             self._check_async()
         if self.secure:
