@@ -9,6 +9,7 @@ import platform
 import subprocess
 
 import simulations.bench.aggregation  # noqa: F401  (registers)
+import simulations.bench.agreement  # noqa: F401
 import simulations.bench.branch  # noqa: F401
 import simulations.bench.budget  # noqa: F401
 import simulations.bench.federated  # noqa: F401

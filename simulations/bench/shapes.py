@@ -44,7 +44,8 @@ MODELS = {
     "llama-1b": (16, 2048, 8 * 64, 8192),
     "smollm2-1.7b": (24, 2048, 32 * 64, 8192),
 }
-POOL, MAX_SECONDS = 4, 180.0
+POOL, MAX_SECONDS, WORKERS = 4, 180.0, 2
+NEW_MAX_SECONDS = 900.0  # the module-wise cells may run longer: their 1,000-update peak RSS is a goal of issue 20
 
 
 def module_shapes(model: str) -> dict[str, tuple[int, int]]:
@@ -95,14 +96,27 @@ def measure(model: str, rank: int, method: str, count: int, impl: str) -> dict[s
         for i in range(count):
             agg.add(apply_update(global_state, pool[i % POOL]), 1.0 + i % 3)
     else:
-        agg = round_aggregator(method, global_state, rank, 2.0 * rank, dtype=torch.float16)
+        workers = WORKERS if impl == "new-2w" else 1
+        if workers > 1:  # Ray's own start is not the round's time: a coordinator starts it once
+            import ray
+
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            before = psutil.Process().memory_info().rss
+            t0 = time.perf_counter()
+        agg = round_aggregator(method, global_state, rank, 2.0 * rank, dtype=torch.float16, workers=workers)
         for i in range(count):
             agg.add(pool[i % POOL], 1.0 + i % 3)
     t_add = time.perf_counter() - t0
     agg.result()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"seconds": seconds, "add_seconds": t_add, "peak_rss": peak, "held": peak - before}
+    workers_peak = sum(getattr(agg, "worker_peak_rss", []))  # Ray workers: their peaks add to the coordinator's
+    return {
+        "seconds": seconds,
+        "add_seconds": t_add,
+        "peak_rss": peak + workers_peak,
+        "held": peak - before + workers_peak,
+    }
 
 
 def would_need(model: str, rank: int, method: str, count: int, impl: str) -> str | None:
@@ -112,7 +126,7 @@ def would_need(model: str, rank: int, method: str, count: int, impl: str) -> str
         need = dense_gb * (2 if method == "exact" else 5)  # exact: sum + a product; ties: base + 4 sums
         if need > 0.6 * psutil.virtual_memory().total / 1e9:
             return f"not run: would need {need:.0f} GB of memory"
-    if impl == "new" and method in ("exact", "ties"):
+    if impl.startswith("new") and method in ("exact", "ties"):
         disk = 2 * factor_entries(model, rank) * count / 1e9
         if disk > min(25.0, (shutil.disk_usage(tempfile.gettempdir()).free - (4 << 30)) / 1e9):
             return f"not run: would need {disk:.0f} GB of spool disk"
@@ -134,10 +148,11 @@ def run_cell(model: str, rank: int, method: str, count: int, impl: str, threads:
         return {"skipped": why}
     args = [sys.executable, "-m", "simulations.bench.shapes", model, str(rank), method, str(count), impl]
     env = {**os.environ, "FLEETLORA_BENCH_THREADS": str(threads)}
+    limit = 2 * (NEW_MAX_SECONDS if impl.startswith("new") else MAX_SECONDS)
     try:
-        out = subprocess.run(args, check=True, capture_output=True, text=True, env=env, timeout=2 * MAX_SECONDS)
+        out = subprocess.run(args, check=True, capture_output=True, text=True, env=env, timeout=limit)
     except subprocess.TimeoutExpired:
-        return {"skipped": f"stopped after {2 * MAX_SECONDS:.0f} s"}
+        return {"skipped": f"stopped after {limit:.0f} s"}
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
@@ -146,7 +161,7 @@ def sweep(
     grid: tuple[tuple[str, int, tuple[int, ...]], ...] = GRID,
     threads: int = 1,
     methods: tuple[str, ...] = METHODS,
-    impls: tuple[str, ...] = ("today", "new"),
+    impls: tuple[str, ...] = ("today", "new", "new-2w"),
 ) -> list[list[Any]]:
     """Run every cell of ``grid``, today's and the new one side by side.
 
@@ -155,11 +170,11 @@ def sweep(
     rows: list[list[Any]] = []
     for model, rank, counts in grid:
         for method in methods:
-            for impl in [i for i in impls if method in ("exact", "ties") or i == "today"]:
+            for impl in [i for i in impls if method in ("exact", "ties") or i == "today"]:  # fedavg/ffa: one code
                 last: dict[str, Any] | None = None
                 for count in counts:
                     predicted = _predict(last, count, impl, method)
-                    if predicted > MAX_SECONDS:
+                    if predicted > (NEW_MAX_SECONDS if impl.startswith("new") else MAX_SECONDS):
                         r: dict[str, Any] = {"skipped": f"not run: ~{predicted:.0f} s predicted"}
                     else:
                         r = run_cell(model, rank, method, count, impl, threads)
@@ -181,12 +196,12 @@ def _predict(last: dict[str, Any] | None, count: int, impl: str, method: str) ->
     """
     if last is None:
         return 0.0
-    if impl == "new" and method in ("exact", "ties"):
+    if impl.startswith("new") and method in ("exact", "ties"):
         return float(last["seconds"] / last["count"] * count)
     return float(last["add_seconds"] / last["count"] * count + last["seconds"] - last["add_seconds"])
 
 
-def table(rows: list[list[Any]], load: str) -> Table:
+def table(rows: list[list[Any]], load: str, threads: int) -> Table:
     """Tabulate :func:`sweep`'s rows."""
     out = Table(
         title="Aggregation at model shapes: today's streaming aggregators vs module-wise (spooled) exact/ties",
@@ -201,13 +216,15 @@ def table(rows: list[list[Any]], load: str) -> Table:
         out.rows.append([model, str(rank), method, impl, f"{count:,}", *cells, f"{r['held'] / 1e6:.0f}"])
     out.notes = [
         "today: server/aggregate.py's streaming classes (dense state for every module at once); new: "
-        "server/modulewise.py (exact/ties spooled as fp16 deltas, aggregated module by module); "
-        "fedavg/ffa are the same streaming code in both",
+        "server/modulewise.py (exact/ties spooled as fp16 deltas, aggregated module by module; ties' trim "
+        "and fold one compiled pass, server/ties_fold.py); new-2w: the same over aggregation.workers = 2 "
+        "local Ray workers, a shard of the modules each (server/shards.py; Ray's start not timed, the workers' "
+        "peak RSS added to the coordinator's); fedavg/ffa are the same streaming code in all",
         "seconds: every add plus the one result() of a round; held MB: peak RSS minus RSS before the first add",
         f"not-run cells say why: memory they would need (computed), spool disk over 25 GB, or time over "
-        f"{MAX_SECONDS:.0f} s predicted from the smaller count of the same cell",
-        "one intra-op thread per process, today's and new alike: with the 2 cores shared (load 5-14 while "
-        "measuring), 2 OpenMP threads ran the same kernels 10-100x slower (spinning on a busy core)",
+        f"{MAX_SECONDS:.0f} s (today) / {NEW_MAX_SECONDS:.0f} s (new) predicted from the same cell's smaller count",
+        f"{threads} intra-op thread(s) per process, today's and new alike (FLEETLORA_BENCH_THREADS; on a loaded "
+        "machine 2 OpenMP threads run 10-100x slower, spinning on a busy core: measure quiet, or set 1)",
         f"uptime load (1/5/15 min) before and after: {load}",
     ]
     return out
@@ -216,12 +233,12 @@ def table(rows: list[list[Any]], load: str) -> Table:
 @register("shapes")
 def shapes() -> Table:
     """Run :func:`sweep` over ``GRID`` and tabulate it."""
+    threads = int(os.environ.get("FLEETLORA_BENCH_THREADS", psutil.cpu_count(logical=True) or 1))
     before = os.getloadavg()
-    rows = sweep()
+    rows = sweep(threads=threads)
     after = os.getloadavg()
-    return table(
-        rows, f"{before[0]:.1f}/{before[1]:.1f}/{before[2]:.1f} -> {after[0]:.1f}/{after[1]:.1f}/{after[2]:.1f}"
-    )
+    load = f"{before[0]:.1f}/{before[1]:.1f}/{before[2]:.1f} -> {after[0]:.1f}/{after[1]:.1f}/{after[2]:.1f}"
+    return table(rows, load, threads)
 
 
 if __name__ == "__main__":
