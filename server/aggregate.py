@@ -63,7 +63,8 @@ class RunningWeightedMean:
         for key, tensor in state.items():
             if key not in self._sum:
                 self._sum[key] = torch.zeros(tensor.shape)
-            self._sum[key].add_(tensor, alpha=weight)  # one pass; fp16 inputs accumulate in fp32
+        keys = list(state)  # one multi-tensor call (hundreds of small tensors): fp16 inputs accumulate in fp32
+        torch._foreach_add_([self._sum[k] for k in keys], [state[k].float() for k in keys], alpha=weight)
         self._weight += weight
         self.count += 1
 
@@ -96,7 +97,10 @@ def fedavg(updates: Iterable[tuple[Mapping[str, torch.Tensor], float]]) -> State
 
 def apply_update(global_state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> State:
     """Return ``global + delta`` (fp32); keys the delta lacks (A under FFA-LoRA) stay as they are."""
-    return {k: v.to(torch.float32) + delta[k].to(torch.float32) if k in delta else v for k, v in global_state.items()}
+    keys = [k for k in global_state if k in delta]  # one multi-tensor add: the same sums as one add per key
+    summed = torch._foreach_add([global_state[k].float() for k in keys], [delta[k].float() for k in keys])
+    out = dict(zip(keys, summed, strict=True))
+    return {k: out.get(k, v) for k, v in global_state.items()}
 
 
 def modules(state: Mapping[str, torch.Tensor]) -> list[str]:
@@ -248,14 +252,14 @@ def _trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     magnitude = tau.abs()
     pool = magnitude.flatten()
     if pool.numel() > TRIM_SAMPLE:
-        pool = pool.index_select(0, _sample_index(pool.numel()))
+        pool = pool.index_select(0, sample_index(pool.numel()))
     k = max(1, int(round(density * pool.numel())))
     cut = pool.kthvalue(pool.numel() - k + 1).values
     return tau.mul_(magnitude >= cut)
 
 
 @functools.lru_cache(maxsize=64)
-def _sample_index(numel: int) -> torch.Tensor:
+def sample_index(numel: int) -> torch.Tensor:
     """``TRIM_SAMPLE`` sorted random positions in ``range(numel)``, the same on every call."""
     gen = torch.Generator().manual_seed(numel)
     return torch.randint(numel, (TRIM_SAMPLE,), generator=gen).sort().values

@@ -19,7 +19,6 @@ randomized SVD with a seeded test matrix (deterministic), which is exact when th
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,11 +27,13 @@ import torch
 from server.aggregate import (
     LORA_A,
     LORA_B,
+    TRIM_SAMPLE,
     NoUpdatesError,
     State,
     apply_update,
     make_aggregator,
     modules,
+    sample_index,
 )
 from server.shards import Sharded
 from server.spool import Spool
@@ -40,7 +41,7 @@ from server.ties_fold import fold_block, merge
 
 BLOCK_BYTES = 64 << 20  # factors of one block of updates (fp32), per module
 OVERSAMPLE, POWER_ITERS = 10, 4
-TRIM_GRID = 64  # rows and columns of the grid the trim cut is taken on (4,096 entries)
+CUT_CHUNK = 16  # updates whose sampled entries are computed at once
 
 
 def spool_shapes(global_state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -138,9 +139,9 @@ class SpooledExact(SpooledAggregator):
 class SpooledTies(SpooledAggregator):
     """TIES-merging (Yadav et al., 2023, arXiv 2306.01708) in dW space, one module at a time.
 
-    tau_i = s B_i A_i - dW_global; trim each tau_i to its top ``density`` magnitudes (the cut is
-    a sampled quantile, as in :func:`server.aggregate._trim`, on a grid of entries computed from
-    the factors without forming tau_i, see ``_cuts``); elect gamma = sign(sum_i n_i tau_i); disjoint mean of
+    tau_i = s B_i A_i - dW_global; trim each tau_i to its top ``density`` magnitudes (the cut is the
+    sampled quantile at the same entries as :func:`server.aggregate._trim`, computed from the
+    factors without forming tau_i, see ``_cuts``); elect gamma = sign(sum_i n_i tau_i); disjoint mean of
     the agreeing entries; new dW = dW_global + lambda tau, re-factored. Per module it keeps
     S = sum n_i tau_i, P = sum n_i max(tau_i, 0), D = sum n_i sign(tau_i), C = sum n_i |sign(tau_i)|,
     so the positive side's weight is (C + D) / 2 and the negative side's (C - D) / 2.
@@ -168,34 +169,29 @@ class SpooledTies(SpooledAggregator):
         fold_block(acc, base, b, a, w, self._cuts(base, b, a), self.scale)
 
     def _cuts(self, base: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """Each update's trim threshold: the ``density`` quantile of |tau_i| on a fixed grid of entries.
+        """Each update's trim threshold: the ``density`` quantile of |tau_i| at today's sampled entries.
 
-        The grid is ``TRIM_GRID`` random rows x ``TRIM_GRID`` random columns (seeded by the shape,
-        so every round and every run uses the same), every entry when the module is smaller: its
-        tau is one small batched matmul, and each entry is sampled with the same probability, so
-        the cut is unbiased; the kept fraction is ``density`` within a few tenths of a percent
-        (the binomial error sqrt(d (1 - d) / 4096) = 0.6% at d = 0.2 is an upper bound per module,
-        rows and columns correlate in a low-rank product). Today's streaming trim samples 65,536
-        scattered entries instead: a 16x costlier selection for a cut within 0.2%.
+        The very entries :func:`server.aggregate._trim` samples (``TRIM_SAMPLE`` = 65,536 fixed
+        random positions of the module, or all of them when it is smaller), but each computed from
+        the factors, tau_i[p, q] = s B_i[p] . A_i[:, q] - dW_global[p, q], without forming tau_i:
+        the cut is the streaming aggregator's, up to rounding (an earlier 64 x 64 grid of rows and
+        columns was biased on real updates, whose rows differ in scale: 13% max difference of dW).
         """
         c = b.shape[0]
         if self.density >= 1:
             return torch.zeros(c)
-        rows, cols = _grid(*base.shape)
-        grid = base[rows][:, cols].expand(c, -1, -1)
-        sample = torch.baddbmm(grid, b[:, rows], a[:, :, cols], beta=-1, alpha=self.scale)
-        magnitude = sample.abs_().view(c, -1)
-        k = max(1, int(round(self.density * magnitude.shape[1])))
-        return magnitude.kthvalue(magnitude.shape[1] - k + 1, dim=1).values
-
-
-@functools.lru_cache(maxsize=64)
-def _grid(d_out: int, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted random rows and columns (``TRIM_GRID`` of each, or all), the same for every call on a shape."""
-    gen = torch.Generator().manual_seed(d_out * 100_003 + d_in)
-    pick = [torch.randperm(d, generator=gen)[:TRIM_GRID].sort().values if d > TRIM_GRID else torch.arange(d)
-            for d in (d_out, d_in)]  # fmt: skip
-    return pick[0], pick[1]
+        d_out, d_in = base.shape
+        numel = d_out * d_in
+        index = sample_index(numel) if numel > TRIM_SAMPLE else torch.arange(numel)
+        rows, cols = index // d_in, index % d_in
+        k = max(1, int(round(self.density * index.numel())))
+        cuts = torch.empty(c)
+        for u0 in range(0, c, CUT_CHUNK):  # (chunk, samples, r) at a time: 2 MB per update
+            u1 = min(c, u0 + CUT_CHUNK)
+            products = (b[u0:u1, rows] * a[u0:u1, :, cols].transpose(1, 2)).sum(-1)
+            sample = products.mul_(self.scale).sub_(base[rows, cols])
+            cuts[u0:u1] = sample.abs_().kthvalue(index.numel() - k + 1, dim=1).values
+        return cuts
 
 
 class Streaming:

@@ -75,6 +75,7 @@ class Spool:
         self._file = tempfile.TemporaryFile(prefix="fleetlora-spool-", dir=self.folder)
         self._fd = self._file.fileno()
         self.weights: list[float] = []
+        self._record: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.weights)
@@ -95,8 +96,13 @@ class Spool:
                 f"spooling update {len(self) + 1} ({self.record_bytes / 1e6:.0f} MB each) would exceed the spool's "
                 f"{self.max_bytes / 1e9:.1f} GB budget in {self.folder} (point TMPDIR at a larger disk)"
             )
-        record = torch.cat([state[k].detach().reshape(-1).to(self.dtype) for k in self.shapes])
-        data = record.numpy().tobytes()
+        if self._record is None:  # one reusable record buffer: each tensor is converted straight into it
+            self._record = torch.empty(self.record_bytes // self._itemsize, dtype=self.dtype)
+        for key, offset in self._offsets.items():
+            start = offset // self._itemsize
+            flat = state[key].detach().reshape(-1)
+            self._record[start : start + flat.numel()].copy_(flat)
+        data = memoryview(self._record.numpy().view(np.uint8))  # type: ignore[arg-type]  # the bytes, no copy
         written = os.pwrite(self._fd, data, len(self) * self.record_bytes)
         if written != len(data):
             raise OSError(f"short write to the spool in {self.folder}: {written} of {len(data)} bytes")

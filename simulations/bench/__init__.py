@@ -37,6 +37,16 @@ class Table:
         return "\n".join(lines) + "\n"
 
 
+def peak_rss() -> int:
+    """Return this process's peak RSS in bytes (``VmHWM``).
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux keeps that across ``execve``, so a child started by a
+    benchmark that had already grown to 3 GB reported 3 GB whatever it did itself (measured).
+    """
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
 def run_child(module: str, *args: str) -> dict[str, Any]:
     """Run ``python -m module args`` in a fresh process (its own peak RSS); return the JSON of its last line."""
     out = subprocess.run([sys.executable, "-m", module, *args], check=True, capture_output=True, text=True).stdout

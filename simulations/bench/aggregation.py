@@ -12,7 +12,6 @@ Run alone: ``python -m simulations.bench.aggregation fedavg 100`` prints one JSO
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 
@@ -20,7 +19,7 @@ import psutil
 import torch
 
 from server.aggregate import make_aggregator
-from simulations.bench import Table, register, run_child
+from simulations.bench import Table, peak_rss, register, run_child
 
 METHODS = ("fedavg", "exact", "ffa", "ties")
 COUNTS = (10, 100, 1000)
@@ -66,7 +65,7 @@ def measure(method: str, count: int) -> dict[str, float]:
     t_add = time.perf_counter() - t0
     agg.result()
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     return {
         "seconds": seconds,
         "add_seconds": t_add,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from simulations.bench import Table, register, run_child
+from simulations.bench import Table, peak_rss, register, run_child
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "wordnet" / "noun.food"
 SEQ, BATCH, STEPS, RUN_RANK = 128, 4, 2, 8
@@ -55,7 +54,7 @@ def measure(spec: str, rank: int, micro: int, ckpt: int, seq: int, batch: int, s
     tok = load_tokenizer(spec)
     data = _examples(tok, kind, seq)
     model = attach_lora(load_model(spec, torch.float32), LoraConfig(rank=RUN_RANK, alpha=16), seed=0, rank=rank)
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    loaded = peak_rss()
     cfg = TrainConfig(steps=1, batch_size=batch, max_seq_len=seq, micro_batch_size=micro, gradient_checkpointing=ckpt)
     times = []
     for step in range(steps):
@@ -64,7 +63,7 @@ def measure(spec: str, rank: int, micro: int, ckpt: int, seq: int, batch: int, s
         times.append(time.perf_counter() - t0)
     return {
         "s_per_step": statistics.median(times[1:] or times),
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss": peak_rss(),
         "loaded_rss": loaded,
     }
 

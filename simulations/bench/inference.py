@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from simulations.bench import Table, register, run_child
+from simulations.bench import Table, peak_rss, register, run_child
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "simulations" / "data" / "wordnet"
@@ -99,7 +98,7 @@ def measure_pytorch(dtype: torch.dtype) -> dict[str, Any]:
             t0 = time.perf_counter()
             out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
             decode.append((out.shape[1] - len(short)) / (time.perf_counter() - t0))
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss = peak_rss() / 2**20
         result: dict[str, Any] = {"decode": statistics.median(decode), "prompt": statistics.median(prompt), "rss": rss}
         for key, ctx in (("adapter", None), ("base", model.disable_adapter)):
             nll, n = [], []
@@ -196,7 +195,7 @@ def measure_onnx(variant: str) -> dict[str, Any]:
                 gen.generate_next_token()
                 k += 1
             decode.append(k / (time.perf_counter() - t0))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss() / 2**20
     ppl = _onnx_nll(folder, tok, lora)
     size = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
     return {

@@ -16,7 +16,6 @@ Run one variant alone: ``python -m simulations.bench.int4 VARIANT STEPS``.
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from typing import Any
 
 import torch
 
-from simulations.bench import Table, register, run_child
+from simulations.bench import Table, peak_rss, register, run_child
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "wordnet" / "noun.food"
 SEQ, BATCH, STEPS = 256, 4, 20
@@ -87,7 +86,7 @@ def measure(variant: str, steps: int) -> dict[str, float]:
     loss = evaluate(model, heldout, EvalConfig(max_examples=64, batch_size=16), tok.pad_token_id).loss
     return {
         "s_per_step": statistics.median(times[1:] or times),
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss": peak_rss(),
         "heldout": loss,
         "steps": steps,
     }

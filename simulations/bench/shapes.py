@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import torch
 
 from server.aggregate import apply_update, make_aggregator
 from server.modulewise import round_aggregator
-from simulations.bench import Table, register
+from simulations.bench import Table, peak_rss, register
 
 # name -> (layers, hidden, kv dim = kv heads x head dim, MLP width), from each model's config.json
 MODELS = {
@@ -109,7 +108,7 @@ def measure(model: str, rank: int, method: str, count: int, impl: str) -> dict[s
     t_add = time.perf_counter() - t0
     agg.result()
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     workers_peak = sum(getattr(agg, "worker_peak_rss", []))  # Ray workers: their peaks add to the coordinator's
     return {
         "seconds": seconds,
