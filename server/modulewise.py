@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from server.aggregate import (
@@ -37,11 +38,10 @@ from server.aggregate import (
 )
 from server.shards import Sharded
 from server.spool import Spool
-from server.ties_fold import fold_block, merge
+from server.ties_fold import fold_block, merge, sampled_magnitudes
 
 BLOCK_BYTES = 64 << 20  # factors of one block of updates (fp32), per module
 OVERSAMPLE, POWER_ITERS = 10, 4
-CUT_CHUNK = 16  # updates whose sampled entries are computed at once
 
 
 def spool_shapes(global_state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -185,13 +185,9 @@ class SpooledTies(SpooledAggregator):
         index = sample_index(numel) if numel > TRIM_SAMPLE else torch.arange(numel)
         rows, cols = index // d_in, index % d_in
         k = max(1, int(round(self.density * index.numel())))
-        cuts = torch.empty(c)
-        for u0 in range(0, c, CUT_CHUNK):  # (chunk, samples, r) at a time: 2 MB per update
-            u1 = min(c, u0 + CUT_CHUNK)
-            products = (b[u0:u1, rows] * a[u0:u1, :, cols].transpose(1, 2)).sum(-1)
-            sample = products.mul_(self.scale).sub_(base[rows, cols])
-            cuts[u0:u1] = sample.abs_().kthvalue(index.numel() - k + 1, dim=1).values
-        return cuts
+        magnitude = sampled_magnitudes(base, b, a, rows, cols, self.scale).numpy()
+        kth = index.numel() - k  # the k-th largest: the same order statistic as _trim's kthvalue, by introselect
+        return torch.from_numpy(np.partition(magnitude, kth, axis=1)[:, kth].copy())
 
 
 class Streaming:
