@@ -134,8 +134,8 @@ def would_need(model: str, rank: int, method: str, count: int, impl: str) -> str
 
 # (model, r, counts): the cells a full run measures; methods x {today, new} for each
 GRID = (
-    ("smollm2-135m", 8, (10, 100, 1000)),
-    ("llama-1b", 16, (10, 100, 1000)),
+    ("smollm2-135m", 8, (10, 100, 1000), ("today", "new", "new-2w")),
+    ("llama-1b", 16, (10, 100, 1000), ("today", "new")),
 )  # the 360M and 1.7B shapes run as single cells (``__main__``): a full sweep takes hours on 2 shared cores
 METHODS = ("fedavg", "ffa", "exact", "ties")
 
@@ -157,17 +157,16 @@ def run_cell(model: str, rank: int, method: str, count: int, impl: str, threads:
 
 
 def sweep(
-    grid: tuple[tuple[str, int, tuple[int, ...]], ...] = GRID,
+    grid: tuple[tuple[str, int, tuple[int, ...], tuple[str, ...]], ...] = GRID,
     threads: int = 1,
     methods: tuple[str, ...] = METHODS,
-    impls: tuple[str, ...] = ("today", "new", "new-2w"),
 ) -> list[list[Any]]:
     """Run every cell of ``grid``, today's and the new one side by side.
 
     A count is skipped when the same cell at the smaller count predicts more than ``MAX_SECONDS``.
     """
     rows: list[list[Any]] = []
-    for model, rank, counts in grid:
+    for model, rank, counts, impls in grid:
         for method in methods:
             for impl in [i for i in impls if method in ("exact", "ties") or i == "today"]:  # fedavg/ffa: one code
                 last: dict[str, Any] | None = None
@@ -218,7 +217,8 @@ def table(rows: list[list[Any]], load: str, threads: int) -> Table:
         "server/modulewise.py (exact/ties spooled as fp16 deltas, aggregated module by module; ties' trim "
         "and fold one compiled pass, server/ties_fold.py); new-2w: the same over aggregation.workers = 2 "
         "local Ray workers, a shard of the modules each (server/shards.py; Ray's start not timed, the workers' "
-        "peak RSS added to the coordinator's); fedavg/ffa are the same streaming code in all",
+        "peak RSS added to the coordinator's; at 135M shapes only, for the sweep's time); fedavg/ffa are the same "
+        "streaming code in all (today's column runs today's code: multi-tensor adds since issue 20)",
         "seconds: every add plus the one result() of a round; held MB: peak RSS minus RSS before the first add",
         f"not-run cells say why: memory they would need (computed), spool disk over 25 GB, or time over "
         f"{MAX_SECONDS:.0f} s (today) / {NEW_MAX_SECONDS:.0f} s (new) predicted from the same cell's smaller count",
