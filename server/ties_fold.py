@@ -19,6 +19,7 @@ r products inside one entry of s B_i A_i differs, i.e. rounding.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import numba
 import numpy as np
@@ -74,9 +75,7 @@ def fold_block(acc: torch.Tensor, base: torch.Tensor, b: torch.Tensor, a: torch.
     if not acc.is_contiguous() or acc.dtype != torch.float32:
         raise ValueError("acc must be a contiguous float32 tensor (it is written in place)")
     args = (acc.numpy(), _f32(base), _f32(b), _f32(a), w.to(torch.float64).contiguous().numpy(), _f32(cut))
-    with _LAUNCH:
-        numba.set_num_threads(_threads())
-        _fold(*args, float(scale))
+    _launch(_fold, *args, float(scale))
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -118,9 +117,7 @@ def sampled_magnitudes(base: torch.Tensor, b: torch.Tensor, a: torch.Tensor, row
     out = torch.empty(c, rows.numel(), dtype=torch.float32)
     at = a.detach().to(torch.float32).transpose(1, 2).contiguous()
     args = (_f32(base), _f32(b), at.numpy(), rows.to(torch.int64).numpy(), cols.to(torch.int64).numpy())
-    with _LAUNCH:
-        numba.set_num_threads(_threads())
-        _sampled(*args, float(scale), out.numpy())
+    _launch(_sampled, *args, float(scale), out.numpy())
     return out
 
 
@@ -135,15 +132,15 @@ def merge(acc: torch.Tensor, base: torch.Tensor, lam: float) -> torch.Tensor:
         raise ValueError(f"acc must be contiguous float32 (4, *{tuple(base.shape)}), got {tuple(acc.shape)}")
     out = torch.empty(base.shape, dtype=torch.float32)
     args = (acc.numpy(), _f32(base), float(lam), out.numpy())
-    with _LAUNCH:
-        numba.set_num_threads(_threads())
-        _merge(*args)
+    _launch(_merge, *args)
     return out
 
 
-def _threads() -> int:
-    """As many threads as torch uses (``torch.get_num_threads``), at most numba's own limit."""
-    return max(1, min(int(numba.config.NUMBA_NUM_THREADS), torch.get_num_threads()))  # type: ignore[attr-defined]
+def _launch(kernel: Any, *args: Any) -> None:
+    """Run a compiled kernel on as many threads as torch uses (at most numba's limit), one launch at a time."""
+    with _LAUNCH:
+        numba.set_num_threads(max(1, min(int(numba.config.NUMBA_NUM_THREADS), torch.get_num_threads())))  # type: ignore[attr-defined]
+        kernel(*args)
 
 
 def _f32(t: torch.Tensor) -> np.ndarray:
