@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from server.aggregate import (
@@ -38,7 +37,7 @@ from server.aggregate import (
 )
 from server.shards import Sharded
 from server.spool import Spool
-from server.ties_fold import fold_block, merge, sampled_magnitudes
+from server.ties_fold import fold_block, kth_largest, merge, sampled_magnitudes
 
 BLOCK_BYTES = 64 << 20  # factors of one block of updates (fp32), per module
 OVERSAMPLE, POWER_ITERS = 10, 4
@@ -142,9 +141,9 @@ class SpooledTies(SpooledAggregator):
     tau_i = s B_i A_i - dW_global; trim each tau_i to its top ``density`` magnitudes (the cut is the
     sampled quantile at the same entries as :func:`server.aggregate._trim`, computed from the
     factors without forming tau_i, see ``_cuts``); elect gamma = sign(sum_i n_i tau_i); disjoint mean of
-    the agreeing entries; new dW = dW_global + lambda tau, re-factored. Per module it keeps
-    S = sum n_i tau_i, P = sum n_i max(tau_i, 0), D = sum n_i sign(tau_i), C = sum n_i |sign(tau_i)|,
-    so the positive side's weight is (C + D) / 2 and the negative side's (C - D) / 2.
+    the agreeing entries; new dW = dW_global + lambda tau, re-factored. Per module it keeps four sums
+    of the trimmed t_i: P = sum n_i t_i over t_i > 0, N = the same over t_i < 0, and the weights
+    Wp = sum n_i [t_i > 0], Wn = sum n_i [t_i < 0]: gamma = sign(P + N), tau = P / Wp or N / Wn.
     """
 
     def __init__(self, global_state: Mapping[str, torch.Tensor], rank: int, scale: float, spool: Spool,
@@ -157,7 +156,7 @@ class SpooledTies(SpooledAggregator):
     def module(self, m: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Fold every block of updates into the module's four sums, then elect, merge and re-factor."""
         base = self.scale * (self._global[m + LORA_B] @ self._global[m + LORA_A])
-        acc = torch.zeros(4, *base.shape)  # S, P, D, C
+        acc = torch.zeros(4, *base.shape)  # P, N, Wp, Wn
         for start, stop in self.blocks(m):
             b, a, w = self.factors(m, start, stop)
             self._fold_block(acc, base, b, a, w)
@@ -185,9 +184,7 @@ class SpooledTies(SpooledAggregator):
         index = sample_index(numel) if numel > TRIM_SAMPLE else torch.arange(numel)
         rows, cols = index // d_in, index % d_in
         k = max(1, int(round(self.density * index.numel())))
-        magnitude = sampled_magnitudes(base, b, a, rows, cols, self.scale).numpy()
-        kth = index.numel() - k  # the k-th largest: the same order statistic as _trim's kthvalue, by introselect
-        return torch.from_numpy(np.partition(magnitude, kth, axis=1)[:, kth].copy())
+        return kth_largest(sampled_magnitudes(base, b, a, rows, cols, self.scale), k)  # _trim's order statistic
 
 
 class Streaming:

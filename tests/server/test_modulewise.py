@@ -120,23 +120,26 @@ def test_randomized_refactor_is_deterministic():
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
-def test_the_fused_ties_fold_is_the_torch_formula_whatever_the_thread_count():
+@pytest.mark.parametrize("rank", [3, 4, 6])  # the rank components go four per pass, then the rest one by one
+def test_the_fused_ties_fold_is_the_torch_formula_whatever_the_thread_count(rank):
     # integer-valued factors: s B A - base is exact in fp32 in any summation order, so the fused loop
-    # must give the torch formula's sums bit for bit (and the same with 1 or 2 threads)
+    # must give the torch formula's sums bit for bit (and the same with 1 or 2 threads); 6 updates:
+    # one group of four in one pass, then two one by one
     from server.ties_fold import fold_block
 
     g = torch.Generator().manual_seed(3)
-    c, d_out, d_in, r, s = 5, 37, 53, 4, 2.0
-    b = torch.randint(-3, 4, (c, d_out, r), generator=g).float()
-    a = torch.randint(-3, 4, (c, r, d_in), generator=g).float()
+    c, d_out, d_in, s = 6, 37, 53, 2.0
+    b = torch.randint(-3, 4, (c, d_out, rank), generator=g).float()
+    a = torch.randint(-3, 4, (c, rank, d_in), generator=g).float()
     base = torch.randint(-9, 10, (d_out, d_in), generator=g).float()
-    w = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
-    cut = torch.tensor([0.0, 3.5, 10.5, 20.5, 1e9])  # keep all, ..., keep none
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    cut = torch.tensor([0.0, 3.5, 10.5, 20.5, 1e9, 2.5])  # keep all, ..., keep none, ...
     tau = s * (b @ a) - base
     kept = tau * (tau.abs() >= cut[:, None, None])
-    sign = kept.sign()
-    want = torch.stack([(w[:, None, None] * x).sum(0) for x in (kept, kept.clamp(min=0), sign, sign.abs())])
-    assert (sign[0] == 0).any() and (sign[0] != 0).any()  # the keep-all update has exact zeros: they count for nothing
+    assert (kept[0] == 0).any() and (kept[0] != 0).any()  # the keep-all update has exact zeros: they count for nothing
+    ww = w[:, None, None]
+    want = torch.stack([(ww * kept.clamp(min=0)).sum(0), (ww * kept.clamp(max=0)).sum(0),
+                        (ww * (kept > 0)).sum(0), (ww * (kept < 0)).sum(0)])  # fmt: skip
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
@@ -144,6 +147,37 @@ def test_the_fused_ties_fold_is_the_torch_formula_whatever_the_thread_count():
         fold_block(acc, base, b, a, w, cut, s)
         results.append(acc)
     assert torch.equal(results[0], want) and torch.equal(results[1], want)
+
+
+def test_the_sampled_magnitudes_are_the_dense_task_vector_at_those_entries():
+    from server.aggregate import sample_index
+    from server.ties_fold import sampled_magnitudes
+
+    g = torch.Generator().manual_seed(5)
+    c, d_out, d_in, r, s = 7, 300, 250, 8, 2.0
+    b, a, base = torch.randn(c, d_out, r, generator=g), torch.randn(c, r, d_in, generator=g), torch.randn(d_out, d_in)
+    index = sample_index(d_out * d_in)
+    got = sampled_magnitudes(base, b, a, index // d_in, index % d_in, s).values
+    want = (s * (b @ a) - base).abs().reshape(c, -1)[:, index].T
+    assert got.shape == (index.numel(), c) and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_kth_largest_is_numpys_order_statistic_exactly():
+    import numpy as np
+
+    from server.ties_fold import kth_largest
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(65536, 21, generator=g) * torch.logspace(-30, 10, 21)  # tiny to huge; two column groups
+    x[:40000, 1] = 0.0  # many equal values, and the answer among them
+    x[::2, 2] = -0.0
+    x[:, 3] = x[:, 3].round()  # heavy ties
+    x[:, 17] = x[:, 0]  # the second group of columns too
+    for k in (1, 7, 13107, 40000, 65536):
+        want = np.partition(x.abs().numpy(), 65536 - k, axis=0)[65536 - k]
+        assert np.array_equal(kth_largest(x, k).numpy(), want), k
+    with pytest.raises(ValueError, match="k must be in"):
+        kth_largest(x, 0)
 
 
 def test_the_fused_ties_fold_refuses_mismatched_shapes():
@@ -157,10 +191,10 @@ def test_the_fused_ties_fold_refuses_mismatched_shapes():
 def test_the_fused_merge_elects_signs_and_takes_the_disjoint_mean():
     from server.ties_fold import merge
 
-    # entries: + wins (S = 5: positive sum 7 over weight 3 -> 7/3); - wins (S = -4: (S - P) / weight(-) = -6/2);
-    # a tie S = 0 counts as + ; nothing kept (all sums 0) stays at base
-    s, p = torch.tensor([5.0, -4.0, 0.0, 0.0]), torch.tensor([7.0, 2.0, 3.0, 0.0])
-    d, c = torch.tensor([1.0, -1.0, 0.0, 0.0]), torch.tensor([5.0, 3.0, 2.0, 0.0])  # weight(+) = (C + D) / 2
+    # entries: + wins (P + N = 5: the positive sum 7 over its weight 3 -> 7/3); - wins (P + N = -4: N / Wn = -6/2);
+    # a tie P + N = 0 counts as + (3 / 1); nothing kept (all sums 0) stays at base
+    p, n = torch.tensor([7.0, 2.0, 3.0, 0.0]), torch.tensor([-2.0, -6.0, -3.0, 0.0])
+    wp, wn = torch.tensor([3.0, 1.0, 1.0, 0.0]), torch.tensor([2.0, 2.0, 1.0, 0.0])
     base = torch.tensor([1.0, 1.0, 1.0, 1.0])
-    out = merge(torch.stack([s, p, d, c]).view(4, 1, 4), base.view(1, 4), lam=2.0)
+    out = merge(torch.stack([p, n, wp, wn]).view(4, 1, 4), base.view(1, 4), lam=2.0)
     assert torch.allclose(out, torch.tensor([[1 + 2 * 7 / 3, 1 + 2 * (-6 / 2), 1 + 2 * 3 / 1, 1.0]]))
