@@ -76,6 +76,7 @@ class Spool:
         self._fd = self._file.fileno()
         self.weights: list[float] = []
         self._record: torch.Tensor | None = None
+        self._views: list[torch.Tensor] = []
 
     def __len__(self) -> int:
         return len(self.weights)
@@ -96,12 +97,14 @@ class Spool:
                 f"spooling update {len(self) + 1} ({self.record_bytes / 1e6:.0f} MB each) would exceed the spool's "
                 f"{self.max_bytes / 1e9:.1f} GB budget in {self.folder} (point TMPDIR at a larger disk)"
             )
-        if self._record is None:  # one reusable record buffer: each tensor is converted straight into it
+        if self._record is None:  # one reusable record buffer, a view of it per tensor
             self._record = torch.empty(self.record_bytes // self._itemsize, dtype=self.dtype)
-        for key, offset in self._offsets.items():
-            start = offset // self._itemsize
-            flat = state[key].detach().reshape(-1)
-            self._record[start : start + flat.numel()].copy_(flat)
+            for key, offset in self._offsets.items():
+                start = offset // self._itemsize
+                self._views.append(self._record[start : start + int(np.prod(self.shapes[key]))].view(self.shapes[key]))
+        torch._foreach_copy_(
+            self._views, [state[k].detach() for k in self._offsets]
+        )  # one multi-tensor copy (and cast)
         data = memoryview(self._record.numpy().view(np.uint8))  # type: ignore[arg-type]  # the bytes, no copy
         written = os.pwrite(self._fd, data, len(self) * self.record_bytes)
         if written != len(data):
@@ -110,15 +113,30 @@ class Spool:
 
     def read(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Return ``key`` of records ``[start, stop)`` as one fp32 tensor, (stop - start, *shape)."""
-        shape = self.shapes[key]
+        return self.read_adjacent([key], start, stop)[0]
+
+    def adjacent(self, keys: list[str]) -> bool:
+        """Whether ``keys`` lie side by side, in this order, in every record."""
+        ends = [self._offsets[k] + int(np.prod(self.shapes[k])) * self._itemsize for k in keys]
+        return all(self._offsets[after] == end for after, end in zip(keys[1:], ends, strict=False))
+
+    def read_adjacent(self, keys: list[str], start: int, stop: int) -> list[torch.Tensor]:
+        """Return ``keys`` (adjacent in a record, in this order) of records ``[start, stop)``, fp32: a read per record.
+
+        A module's A and B lie side by side in every record: one ``preadv`` fills both (a syscall per
+        record and module instead of two: ~3 ms per SmolLM2-135M update at 420 tensors).
+        """
+        if not self.adjacent(keys):
+            raise ValueError(f"{keys} are not adjacent, in this order, in the spool's records")
         count = stop - start
-        out = np.empty((count, *shape), dtype=self._np)
-        size = out[0].nbytes if count else 0
+        outs = [np.empty((count, *self.shapes[k]), dtype=self._np) for k in keys]
+        size = sum(o[0].nbytes for o in outs) if count else 0
         for j, i in enumerate(range(start, stop)):
-            got = os.preadv(self._fd, [memoryview(out[j]).cast("B")], i * self.record_bytes + self._offsets[key])
+            buffers = [memoryview(o[j]).cast("B") for o in outs]
+            got = os.preadv(self._fd, buffers, i * self.record_bytes + self._offsets[keys[0]])
             if got != size:
                 raise OSError(f"short read from the spool in {self.folder}: {got} of {size} bytes")
-        return torch.from_numpy(out).float()
+        return [torch.from_numpy(o).float() for o in outs]
 
     @property
     def nbytes(self) -> int:

@@ -60,7 +60,17 @@ def _max_rel(a, b):
 def test_fedavg_and_ffa_are_identical_to_today(method):
     deltas = DELTAS if method == "fedavg" else [{k: v for k, v in d.items() if "lora_B" in k} for d in DELTAS]
     new, today = _new(method, deltas), _today(method, deltas)
-    assert all(torch.equal(new[k], today[k]) for k in today)
+    assert set(new) == set(today) and all(torch.equal(new[k], today[k]) for k in today)
+    assert len({v.untyped_storage().data_ptr() for v in new.values()}) == len(new)  # each its own (safetensors)
+
+
+def test_ffa_refuses_an_update_that_moves_the_frozen_a():
+    agg = round_aggregator("ffa", GLOBAL, RANK, ALPHA)
+    agg.add({k: v for k, v in DELTAS[0].items() if "lora_B" in k}, 1.0)
+    with pytest.raises(ValueError, match="differs from the frozen A"):
+        agg.add(DELTAS[1], 1.0)
+    agg.add({**DELTAS[2], **{k: torch.zeros_like(v) for k, v in DELTAS[2].items() if "lora_A" in k}}, 1.0)  # A unmoved
+    assert agg.count == 2 and torch.equal(agg.result()["q.lora_A.weight"], GLOBAL["q.lora_A.weight"])
 
 
 def test_exact_agrees_with_today():

@@ -103,3 +103,16 @@ def test_aggregators_close_their_spool_whether_result_succeeds_or_not(tmp_path, 
     agg.add(_update(1), 1.0)
     agg.result()
     assert agg.spool._file.closed
+
+
+def test_adjacent_keys_come_back_in_one_read_as_they_do_one_by_one(tmp_path):
+    updates = [_update(i) for i in range(3)]
+    with Spool(SHAPES, torch.float16, tmp_path) as spool:
+        for u in updates:
+            spool.add(u, 1.0)
+        keys = list(SHAPES)
+        assert spool.adjacent(keys) and not spool.adjacent(keys[::-1])
+        together = spool.read_adjacent(keys, 1, 3)
+        assert all(torch.equal(t, spool.read(k, 1, 3)) for t, k in zip(together, keys, strict=True))
+        with pytest.raises(ValueError, match="not adjacent"):
+            spool.read_adjacent(keys[::-1], 0, 3)
