@@ -38,6 +38,7 @@ from server.spool import Spool
 from server.ties_fold import fold_block, kth_largest, merge, sampled_magnitudes
 
 BLOCK_BYTES = 64 << 20  # factors of one block of updates (fp32), per module
+TIES_BLOCK = 128  # at most this many updates per ties block: their A's stay in cache across a row tile
 OVERSAMPLE, POWER_ITERS = 10, 4
 
 
@@ -99,10 +100,11 @@ class SpooledAggregator:
         """Return the new (B, A) of module ``m``."""
         raise NotImplementedError
 
-    def blocks(self, m: str) -> list[tuple[int, int]]:
-        """Update ranges ``[start, stop)`` whose factors of ``m`` fit ``BLOCK_BYTES`` in fp32."""
+    def blocks(self, m: str, most: int | None = None) -> list[tuple[int, int]]:
+        """Update ranges ``[start, stop)`` whose factors of ``m`` fit ``BLOCK_BYTES`` in fp32 (and ``most`` updates)."""
         b, a = self._global[m + LORA_B], self._global[m + LORA_A]
         size = max(1, BLOCK_BYTES // (4 * (b.numel() + a.numel())))
+        size = size if most is None else max(1, min(size, most))
         n = len(self.spool)
         return [(i, min(n, i + size)) for i in range(0, n, size)]
 
@@ -159,7 +161,7 @@ class SpooledTies(SpooledAggregator):
         """Fold every block of updates into the module's four sums, then elect, merge and re-factor."""
         base = self.scale * (self._global[m + LORA_B] @ self._global[m + LORA_A])
         acc = torch.zeros(4, *base.shape)  # P, N, Wp, Wn
-        for start, stop in self.blocks(m):
+        for start, stop in self.blocks(m, TIES_BLOCK):  # the fold streams every A of a block per row tile
             b, a, w = self.factors(m, start, stop)
             self._fold_block(acc, base, b, a, w)
         return randomized_refactor(merge(acc, base, self.lam), self.rank, self.scale)  # elect, disjoint mean
