@@ -128,7 +128,7 @@ def agreement() -> Table:
         "4 updates, M_r its best rank-8 approximation (full SVD); 0 is optimal. The new exact re-factors by "
         "randomized subspace iteration (18 columns, 4 power iterations): exact when rank(M) <= 18; "
         "here rank(M) <= 4 x 8 = 32",
-        "ties: both trim at a sampled magnitude quantile of different samples (today 65,536 scattered entries, "
-        "new a 64 x 64 grid): entries near the cut differ, which is most of its difference",
+        "ties: both trim at the magnitude quantile of the same 65,536 sampled entries, the new one computing "
+        "them from the factors: rounding (an entry at the cut may flip) and the randomized re-factorization differ",
     ]
     return table
