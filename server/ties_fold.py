@@ -22,7 +22,7 @@ exact whatever the process's denormal mode, and such an entry moves nothing.
 from __future__ import annotations
 
 import threading
-from typing import Any, NamedTuple
+from typing import Any
 
 import numba
 import numpy as np
@@ -158,15 +158,14 @@ SIGN, TOP = np.uint32(0x7FFFFFFF), np.uint32(21)  # |x|'s bits; the radix select
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
-def _sampled(base_s, bt, at, rows, cols, scale, out, hist):  # type: ignore[no-untyped-def]  # noqa: ANN001  # pragma: no cover
-    # out (n, c): |tau_u| at entry e; hist (parts, 2048, c): each part's count of the first digit of |tau_u|
+def _sampled(base_s, bt, at, rows, cols, scale, out):  # type: ignore[no-untyped-def]  # noqa: ANN001  # pragma: no cover
+    # out (n, c): |tau_u| at entry e
     d_r, c = bt.shape[1], bt.shape[2]
     s32 = np.float32(scale)
-    n, parts = rows.size, hist.shape[0]
-    bits = out.view(np.uint32)
-    for part in numba.prange(parts):
-        h = hist[part]
-        for e in range(part * n // parts, (part + 1) * n // parts):
+    n = rows.size
+    chunk = 256
+    for part in numba.prange((n + chunk - 1) // chunk):
+        for e in range(part * chunk, min(n, (part + 1) * chunk)):
             bp, aq, be, t = bt[rows[e]], at[cols[e]], base_s[e], out[e]
             for u in range(c):  # vectorized over the updates: B_u[p, k] and A_u[k, q] are adjacent in u
                 t[u] = bp[0, u] * aq[0, u]
@@ -176,9 +175,6 @@ def _sampled(base_s, bt, at, rows, cols, scale, out, hist):  # type: ignore[no-u
                     t[u] += bk[u] * ak[u]
             for u in range(c):
                 t[u] = abs(s32 * t[u] - be)
-            row = bits[e]
-            for u in range(c):
-                h[(row[u] & SIGN) >> TOP, u] += 1
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -249,50 +245,38 @@ def _kth_largest(mag, hist, k, out):  # type: ignore[no-untyped-def]  # noqa: AN
 
 
 def sampled_magnitudes(base: torch.Tensor, b: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                       scale: float) -> Magnitudes:  # fmt: skip
+                       scale: float) -> torch.Tensor:  # fmt: skip
     """|tau_u[p, q]| = |s B_u[p] . A_u[:, q] - base[p, q]| at the given entries, (entries, c), without forming tau_u.
 
     B and A are transposed once per call to (d_out, r, c) and (d_in, r, c), so that for one entry the
     r products of every update of the block are contiguous: one vectorized pass over the updates per
-    entry, for the 65,536 entries TIES's cut is taken on. The first digit of :func:`kth_largest`'s
-    radix select is counted on the way.
+    entry, for the 65,536 entries TIES's cut is taken on. Entry-major, as :func:`kth_largest` reads it.
     """
     c = b.shape[0]
     out = np.empty((rows.numel(), c), dtype=np.float32)
-    hist = np.zeros((_threads(), 2048, c), dtype=np.int32)
     bt = b.detach().to(torch.float32).permute(1, 2, 0).contiguous().numpy()
     at = a.detach().to(torch.float32).permute(2, 1, 0).contiguous().numpy()
     rows_, cols_ = rows.to(torch.int64).numpy(), cols.to(torch.int64).numpy()
     base_s = np.ascontiguousarray(_f32(base)[rows_, cols_])
-    _launch(_sampled, base_s, bt, at, rows_, cols_, float(scale), out, hist)
-    return Magnitudes(torch.from_numpy(out), hist)
+    _launch(_sampled, base_s, bt, at, rows_, cols_, float(scale), out)
+    return torch.from_numpy(out)
 
 
-class Magnitudes(NamedTuple):
-    """Entry-major magnitudes (entries, c) with the radix select's first-digit counts (parts, 2048, c)."""
-
-    values: torch.Tensor
-    hist: np.ndarray
-
-
-def kth_largest(magnitude: torch.Tensor | Magnitudes, k: int) -> torch.Tensor:
+def kth_largest(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Return the ``k``-th largest |x| of each column of an (n, c) tensor of finite floats, exactly, (c,).
 
     The same value as ``np.partition(abs(x), n - k, axis=0)[n - k]`` (a test checks it), by a
-    three-level radix select on the float bits (a count of the first digit, then the second and third
-    over one bin's entries), columns in parallel: several times faster than numpy's introselect,
-    which runs on one thread. Not for NaN (which would order above infinity).
+    three-level radix select on the float bits (a count of the first digit over the rows, then the
+    second and third over one bin's entries), columns in parallel: several times faster than numpy's
+    introselect, which runs on one thread. Not for NaN (which would order above infinity).
     """
-    if isinstance(magnitude, Magnitudes):
-        values, hist = _f32(magnitude.values), magnitude.hist
-    else:
-        values = _f32(magnitude)
-        hist = np.zeros((_threads(), 2048, values.shape[1]), dtype=np.int32)
-        _launch(_first_digits, values, hist)
+    values = _f32(magnitude)
     n, c = values.shape
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
+    hist = np.zeros((_threads(), 2048, c), dtype=np.int32)
     out = np.empty(c, dtype=np.uint32)
+    _launch(_first_digits, values, hist)
     _launch(_kth_largest, values, hist, int(k), out)
     return torch.from_numpy(out.view(np.float32))
 
