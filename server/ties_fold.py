@@ -67,12 +67,21 @@ def _tau_row(tau, base_row, a, b_row, scale):  # type: ignore[no-untyped-def]  #
         k += 1
 
 
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True, inline="always")
+def _keep(p, m, wp, wm, t, w, cut):  # type: ignore[no-untyped-def]  # noqa: ANN001  # pragma: no cover - compiled
+    """Add one update's trimmed entry t (weight w, cut >= NORMAL) into the entry's four sums; return them."""
+    zero = np.float32(0)
+    kept_pos, kept_neg = t >= cut, t <= -cut
+    return (p + (w * t if kept_pos else zero), m + (w * t if kept_neg else zero),
+            wp + (w if kept_pos else zero), wm + (w if kept_neg else zero))  # fmt: skip
+
+
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def _fold(acc, base, b, a, w, cut, scale):  # type: ignore[no-untyped-def]  # noqa: ANN001  # pragma: no cover - compiled; tested through fold_block
     c, d_out, _ = b.shape
     d_in = base.shape[1]
     tiles = (d_out + ROWS_PER_TILE - 1) // ROWS_PER_TILE
-    s32, zero = np.float32(scale), np.float32(0)
+    s32 = np.float32(scale)
     for tile in numba.prange(tiles):
         tau = np.empty((GROUP, d_in), dtype=np.float32)
         for u0 in range(0, c, GROUP):
@@ -81,7 +90,7 @@ def _fold(acc, base, b, a, w, cut, scale):  # type: ignore[no-untyped-def]  # no
                 for g in range(n):
                     _tau_row(tau[g], base[i], a[u0 + g], b[u0 + g, i], s32)
                 pos, neg, wpos, wneg = acc[0, i], acc[1, i], acc[2, i], acc[3, i]
-                if n == GROUP:  # written out: the four updates' trims and adds in one vectorized pass
+                if n == GROUP:  # the four updates' trims and adds in one vectorized pass over the row
                     w0, w1 = np.float32(w[u0]), np.float32(w[u0 + 1])
                     w2, w3 = np.float32(w[u0 + 2]), np.float32(w[u0 + 3])
                     c0, c1 = max(cut[u0], NORMAL), max(cut[u0 + 1], NORMAL)
@@ -89,36 +98,16 @@ def _fold(acc, base, b, a, w, cut, scale):  # type: ignore[no-untyped-def]  # no
                     t0, t1, t2, t3 = tau[0], tau[1], tau[2], tau[3]
                     for j in range(d_in):
                         p, m, wp, wm = pos[j], neg[j], wpos[j], wneg[j]
-                        t = t0[j]
-                        p += w0 * t if t >= c0 else zero
-                        m += w0 * t if t <= -c0 else zero
-                        wp += w0 if t >= c0 else zero
-                        wm += w0 if t <= -c0 else zero
-                        t = t1[j]
-                        p += w1 * t if t >= c1 else zero
-                        m += w1 * t if t <= -c1 else zero
-                        wp += w1 if t >= c1 else zero
-                        wm += w1 if t <= -c1 else zero
-                        t = t2[j]
-                        p += w2 * t if t >= c2 else zero
-                        m += w2 * t if t <= -c2 else zero
-                        wp += w2 if t >= c2 else zero
-                        wm += w2 if t <= -c2 else zero
-                        t = t3[j]
-                        p += w3 * t if t >= c3 else zero
-                        m += w3 * t if t <= -c3 else zero
-                        wp += w3 if t >= c3 else zero
-                        wm += w3 if t <= -c3 else zero
+                        p, m, wp, wm = _keep(p, m, wp, wm, t0[j], w0, c0)
+                        p, m, wp, wm = _keep(p, m, wp, wm, t1[j], w1, c1)
+                        p, m, wp, wm = _keep(p, m, wp, wm, t2[j], w2, c2)
+                        p, m, wp, wm = _keep(p, m, wp, wm, t3[j], w3, c3)
                         pos[j], neg[j], wpos[j], wneg[j] = p, m, wp, wm
                 else:  # the block's last few updates
                     for g in range(n):
                         wu, cu, tg = np.float32(w[u0 + g]), max(cut[u0 + g], NORMAL), tau[g]
                         for j in range(d_in):
-                            t = tg[j]
-                            pos[j] += wu * t if t >= cu else zero
-                            neg[j] += wu * t if t <= -cu else zero
-                            wpos[j] += wu if t >= cu else zero
-                            wneg[j] += wu if t <= -cu else zero
+                            pos[j], neg[j], wpos[j], wneg[j] = _keep(pos[j], neg[j], wpos[j], wneg[j], tg[j], wu, cu)
 
 
 def fold_block(acc: torch.Tensor, base: torch.Tensor, b: torch.Tensor, a: torch.Tensor, w: torch.Tensor,
