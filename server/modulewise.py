@@ -208,8 +208,8 @@ class Streaming:
         self._frozen = {k: v.float() for k, v in global_state.items() if k not in self._keys}  # FFA-LoRA's A
         self._base = torch.cat([global_state[k].float().reshape(-1) for k in self._keys])
         self._sum, self._buffer = torch.zeros_like(self._base), torch.empty_like(self._base)
-        self._views = list(torch.split(self._buffer, [global_state[k].numel() for k in self._keys]))
-        self._views = [v.view(global_state[k].shape) for v, k in zip(self._views, self._keys, strict=True)]
+        self._sizes = [global_state[k].numel() for k in self._keys]
+        self._views = self._shaped(self._buffer)
         self._weight, self.count = 0.0, 0
 
     def add(self, delta: Mapping[str, torch.Tensor], weight: float) -> None:
@@ -236,12 +236,13 @@ class Streaming:
         """Return the new global adapter (every tensor its own storage, as safetensors needs)."""
         if not self.count:
             raise NoUpdatesError("no updates to aggregate")
-        mean = self._sum / self._weight
-        sizes = [self._global[k].numel() for k in self._keys]
-        out = {
-            k: v.view(self._global[k].shape).clone() for k, v in zip(self._keys, torch.split(mean, sizes), strict=True)
-        }
-        return {**self._frozen, **out}
+        mean = self._shaped(self._sum / self._weight)
+        return {**self._frozen, **{k: v.clone() for k, v in zip(self._keys, mean, strict=True)}}
+
+    def _shaped(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Return views of an adapter-sized flat buffer as the averaged tensors, in ``_keys`` order."""
+        parts = torch.split(flat, self._sizes)
+        return [v.view(self._global[k].shape) for v, k in zip(parts, self._keys, strict=True)]
 
     def close(self) -> None:
         """Nothing to remove: streaming methods keep no spool."""
