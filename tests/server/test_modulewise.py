@@ -106,8 +106,33 @@ def test_ties_hand_computed_on_a_small_module(tmp_path):
 def test_blocks_do_not_change_the_result(monkeypatch, method):
     whole = _new(method)
     monkeypatch.setattr(mw, "BLOCK_BYTES", 1)  # one update per block
+    monkeypatch.setattr(mw, "DENSE_BLOCK", 2)  # DenseExact: two full blocks and a last one of one update
     # only rounding differs (the sum order in a matmul): it can flip an entry at the trim cut
     assert _max_rel(_new(method), whole) < 1e-3
+
+
+def test_exact_holds_dense_sums_only_while_they_fit_and_both_ways_agree(monkeypatch):
+    assert isinstance(round_aggregator("exact", GLOBAL, RANK, ALPHA), mw.DenseExact)  # 4 modules: 11 MB of sums
+    dense = _new("exact")
+    monkeypatch.setattr(mw, "DENSE_BYTES", 4 * mw.dense_entries(GLOBAL) - 1)  # one entry short: spool
+    spooled = round_aggregator("exact", GLOBAL, RANK, ALPHA, dtype=torch.float16)
+    assert isinstance(spooled, mw.SpooledExact)
+    spooled.close()
+    # the same block GEMM and re-factorization: only the blocks' sum order differs
+    assert _max_rel(_new("exact"), dense) < 1e-5
+
+
+def test_dense_exact_refuses_a_delta_it_would_broadcast_and_keeps_the_others():
+    agg = round_aggregator("exact", GLOBAL, RANK, ALPHA)
+    agg.add(DELTAS[0], WEIGHTS[0])
+    with pytest.raises(ValueError, match=r"q.lora_A.weight: shape \(1, 576\)"):
+        agg.add({**DELTAS[1], "q.lora_A.weight": DELTAS[1]["q.lora_A.weight"][:1]}, WEIGHTS[1])
+    with pytest.raises(ValueError, match="keys differ"):
+        agg.add({k: v for k, v in DELTAS[1].items() if k != "q.lora_A.weight"}, WEIGHTS[1])
+    with pytest.raises(ValueError, match="weight must be > 0"):
+        agg.add(DELTAS[1], 0.0)
+    assert agg.count == 1
+    assert _max_rel(agg.result(), _today("exact", DELTAS[:1], WEIGHTS[:1])) < 1e-5
 
 
 def test_order_of_updates_does_not_matter():
