@@ -8,7 +8,10 @@ peak RSS goal; today's would need 19 GB). Goals: fedavg/ffa >= 300/s, exact >= 5
 135M; ties >= 1/s at 1B; peak RSS <= 2 GB at 1B.
 
 The machine's CPU time stolen by its hypervisor during the run is reported (``/proc/stat``): on a
-shared VM it moves every figure, today's and the new alike.
+shared VM it moves every figure, today's and the new alike. The memory-bound cells (fedavg/ffa, a
+few seconds each) varied up to 2x between fresh processes on a quiet VM (the memory bandwidth its
+neighbours leave): cells under ``REPEAT_UNDER`` seconds run ``REPEATS`` times, the median reported
+with the range.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from simulations.bench import Table, register
 from simulations.bench.shapes import run_cell
 
 GOALS = {"fedavg": 300.0, "ffa": 300.0, "exact": 50.0, "ties": 10.0}
+REPEATS, REPEAT_UNDER = 3, 30.0
 CELLS: tuple[tuple[str, int, str, int, str], ...] = (
     *(("smollm2-135m", 8, m, 1000, impl) for m in ("fedavg", "ffa", "exact") for impl in ("today", "new")),
     ("smollm2-135m", 8, "ties", 100, "today"),
@@ -50,17 +54,33 @@ def throughput() -> Table:
     load0, (stolen0, total0) = os.getloadavg(), steal()
     results: dict[tuple[str, int, str, int, str], dict[str, Any]] = {}
     for cell in CELLS:
-        results[cell] = run_cell(*cell, threads)
+        runs = [run_cell(*cell, threads)]
+        while "seconds" in runs[0] and runs[0]["seconds"] < REPEAT_UNDER and len(runs) < REPEATS:
+            runs.append(run_cell(*cell, threads))
+        timed = sorted((r for r in runs if "seconds" in r), key=lambda r: r["seconds"])
+        results[cell] = {**timed[len(timed) // 2], "runs": [r["seconds"] for r in timed]} if timed else runs[0]
         print(cell, results[cell], flush=True)
     load1, (stolen1, total1) = os.getloadavg(), steal()
     out = Table(
         title="Aggregation throughput goals (issue 20): today's vs the new aggregators, one run",
         command="python -m simulations.bench --only throughput",
-        header=["model", "r", "method", "impl", "updates", "seconds", "updates/s", "goal", "new/today", "peak RSS MB"],
+        header=[
+            "model",
+            "r",
+            "method",
+            "impl",
+            "updates",
+            "seconds",
+            "updates/s",
+            "goal",
+            "new/today",
+            "peak RSS MB",
+            "runs (s)",
+        ],  # fmt: skip
     )
     for (model, rank, method, count, impl), r in results.items():
         if "seconds" not in r:
-            out.rows.append([model, str(rank), method, impl, f"{count:,}", r["skipped"], "", "", "", ""])
+            out.rows.append([model, str(rank), method, impl, f"{count:,}", r["skipped"], "", "", "", "", ""])
             continue
         rate = count / r["seconds"]
         today = next((v for k, v in results.items() if k[:3] == (model, rank, method) and k[4] == "today"), None)
@@ -71,7 +91,7 @@ def throughput() -> Table:
         want = goal(model, method)
         met = "" if impl == "today" else f"{want:g}/s {'met' if rate >= want else 'NOT met'}"
         out.rows.append([model, str(rank), method, impl, f"{count:,}", f"{r['seconds']:.1f}", f"{rate:.1f}", met, ratio,
-                         f"{r['peak_rss'] / 1e6:,.0f}"])  # fmt: skip
+                         f"{r['peak_rss'] / 1e6:,.0f}", " / ".join(f"{x:.1f}" for x in r["runs"])])  # fmt: skip
     stolen = 100 * (stolen1 - stolen0) / max(1, total1 - total0)
     out.notes = [
         "cells of simulations/bench/shapes.py (each a fresh process: random factors with the model's LoRA shapes, fp16 "
@@ -79,6 +99,10 @@ def throughput() -> Table:
         "global + delta; new: server/modulewise.py's round_aggregator",
         "today's ties at 100 updates only (its adds scale linearly: ~25 min at 1,000); its rate is per update, so the "
         "ratio compares rates",
+        f"cells under {REPEAT_UNDER:.0f} s ran {REPEATS} times, each a fresh process: seconds is the median, runs all "
+        "of them (memory-bound cells move with the bandwidth the VM's neighbours leave)",
+        "new exact at 135M shapes: DenseExact (every module's sum in memory, 0.42 GB: no spool); at 1B shapes "
+        "exact and ties spool",
         f"{threads} intra-op thread(s) per process; uptime load {load0[0]:.1f}/{load0[1]:.1f} -> "
         f"{load1[0]:.1f}/{load1[1]:.1f}; CPU time stolen by the hypervisor during the run: {stolen:.1f}%",
     ]
