@@ -52,6 +52,54 @@ def federated(overrides: dict[str, Any] | None = None) -> list[Table]:
     return [demo_run, _quality_table(runs, central, local, cfg)]
 
 
+# the held-out mean after the demo's 3 rounds at float32 compute, before issue 20's aggregators (streaming,
+# server/aggregate.py): federated@amd-avx2, commit 989e553 (ties at 121a660 on intel-avx512: 2.1749)
+BEFORE = {"fedavg": 2.1966, "exact": 2.1872, "ffa": 2.2680, "ties": 2.1757}
+
+
+@register("methods")
+def methods() -> Table:
+    """Run the demo once per aggregation method at float32 compute; tabulate it beside its held-out loss before.
+
+    The check that the module-wise aggregators (``server/modulewise.py``) leave the main job's quality
+    where the streaming ones had it: float32 because every earlier table trained in float32 (a CPU
+    with native bf16 would otherwise train in bf16 and move every figure). No baselines (see ``federated``).
+    """
+    topics = str(app_defaults()["topics"]).split(",")
+    table = Table(
+        title="The demo per aggregation method (float32 compute): held-out loss after 3 rounds, new vs before",
+        command="python -m simulations.bench --only methods",
+        header=["method", *topics, "mean", "before (streaming)", "difference", "run s"],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in METHODS:
+            t0 = time.time()
+            data = run_demo(
+                {"train.dtype": "float32", "aggregation.method": method, "run-name": method},
+                output_dir=Path(tmp) / "out",
+                flwr_home=Path(tmp) / "flwr",
+            )
+            last, wall = _final(data), time.time() - t0
+            per = clients_by_name(last)
+            mean = last["mean_heldout_loss"]
+            table.rows.append(
+                [
+                    method,
+                    *(f"{per[t]['heldout_loss']:.4f}" for t in topics),
+                    f"{mean:.4f}",
+                    f"{BEFORE[method]:.4f}",
+                    f"{mean - BEFORE[method]:+.4f}",
+                    f"{wall:.0f}",
+                ]  # fmt: skip
+            )
+            print(table.rows[-1], flush=True)
+    table.notes.append(
+        "before: the same demo (defaults, float32) with the streaming aggregators of server/aggregate.py, "
+        "federated@amd-avx2 at commit 989e553 (ties at 121a660 on intel-avx512: 2.1749)"
+    )
+    return table
+
+
 @register("demo")
 def demo() -> Table:
     """Run the main job as ``make demo`` runs it (defaults, into ``outputs/``); return its table.
