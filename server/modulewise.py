@@ -172,6 +172,8 @@ class DenseExact:
 
     def add(self, delta: Mapping[str, torch.Tensor], weight: float) -> None:
         """Copy one client's delta (local = global + delta) into the block, weighted; fold a full block."""
+        if not self._slots:
+            raise ValueError("the aggregator is closed: its round has ended")
         if not weight > 0:
             raise ValueError(f"update weight must be > 0, got {weight}")
         if set(delta) != set(self._keys):

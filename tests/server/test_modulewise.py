@@ -133,6 +133,8 @@ def test_dense_exact_refuses_a_delta_it_would_broadcast_and_keeps_the_others():
         agg.add(DELTAS[1], 0.0)
     assert agg.count == 1
     assert _max_rel(agg.result(), _today("exact", DELTAS[:1], WEIGHTS[:1])) < 1e-5
+    with pytest.raises(ValueError, match="closed"):  # result() frees the sums: the round is over
+        agg.add(DELTAS[1], WEIGHTS[1])
 
 
 def test_order_of_updates_does_not_matter():
