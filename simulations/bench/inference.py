@@ -1,4 +1,4 @@
-"""On-device inference: PyTorch vs ONNX Runtime INT4, with and without the federated adapter.
+"""On-device inference: PyTorch vs ONNX Runtime INT4 vs llama.cpp, with and without the federated adapter.
 
 SmolLM2-135M-Instruct, 2 threads, greedy. Each variant runs in its own process (its own peak
 RSS) and reports: decode tokens/s (128 new tokens, median of 5), prompt tokens/s (a ~250-token
@@ -8,7 +8,9 @@ adapter (or none). The adapter is the demo's final federated adapter (``make dem
 
 Variants: PyTorch float32 and bfloat16 (transformers + peft); our export (``client/export.py``:
 the device's own 4-bit codes) with and without the adapter; onnxruntime-genai's own INT4
-build (symmetric, re-quantized from the float weights) as the off-the-shelf reference.
+build (symmetric, re-quantized from the float weights) as the off-the-shelf reference; llama.cpp
+(llama-cpp-python, the ``bench`` extra) on the shipped Q4_1 GGUF and a Q4_0 re-quantization, the
+adapter applied at runtime as a GGUF LoRA adapter (``simulations/bench/llamacpp.py``).
 
 Run one variant alone: ``python -m simulations.bench.inference VARIANT``.
 """
@@ -37,6 +39,7 @@ TRUST = ROOT / ".fleetlora" / "keys" / "server.key.pub"
 THREADS, NEW_TOKENS, REPEATS, PER_TOPIC = 2, 128, 5, 8
 VARIANTS = (
     "pytorch-fp32", "pytorch-bf16", "onnx-int4", "onnx-int4-adapter", "onnx-int4-adapter-out4", "genai-int4-builder",
+    "llamacpp-q4_0", "llamacpp-q4_0-lora", "llamacpp-q4_1-lora",
 )  # fmt: skip
 LABELS = {
     "pytorch-fp32": "PyTorch float32 + adapter",
@@ -45,6 +48,9 @@ LABELS = {
     "onnx-int4-adapter": "ONNX INT4 (ours) + federated adapter",
     "onnx-int4-adapter-out4": "ONNX INT4 (ours, output layer re-quantized to 4 bits) + federated adapter",
     "genai-int4-builder": "ONNX INT4 (onnxruntime-genai builder, re-quantized), no adapter",
+    "llamacpp-q4_0": "llama.cpp Q4_0 (re-quantized from Q4_1), no adapter",
+    "llamacpp-q4_0-lora": "llama.cpp Q4_0 (re-quantized from Q4_1) + federated adapter (runtime LoRA)",
+    "llamacpp-q4_1-lora": "llama.cpp Q4_1 (the shipped GGUF) + federated adapter (runtime LoRA)",
 }
 
 
@@ -253,16 +259,20 @@ def _builder_int4() -> Path:
 def bench() -> Table:
     """All variants side by side, each in its own process."""
     from client.export import ExportOptions, export_base
+    from simulations.bench.llamacpp import check_lora
 
     for bits in (8, 4):  # once, before the timed processes (in a child process of its own)
         export_base(_base_release(), _cache(), ExportOptions(output_bits=bits))
     _builder_int4()
+    run_child("simulations.bench.llamacpp", "prepare")  # the GGUFs: Q4_0 quantization, adapter conversion
     load_before = os.getloadavg()[0]
     res = {v: run_child("simulations.bench.inference", v) for v in VARIANTS}
     load_after = os.getloadavg()[0]
+    llama = res["llamacpp-q4_0-lora"]
     fp32 = res["pytorch-fp32"]
+    check_lora(res, fp32["ppl_adapter"])
     table = Table(
-        "On-device inference: PyTorch vs ONNX Runtime INT4, with the federated adapter",
+        "On-device inference: PyTorch vs ONNX Runtime INT4 vs llama.cpp, with the federated adapter",
         "python -m simulations.bench --only inference",
         [
             "variant",
@@ -277,7 +287,7 @@ def bench() -> Table:
     )
     for v in VARIANTS:
         r = res[v]
-        with_adapter = "adapter" in v or v.startswith("pytorch")
+        with_adapter = "adapter" in v or v.endswith("-lora") or v.startswith("pytorch")
         ppl = r.get("ppl", r.get("ppl_adapter"))
         ref = fp32["ppl_adapter"] if with_adapter else fp32["ppl_base"]
         size = r.get("bytes")
@@ -295,6 +305,11 @@ def bench() -> Table:
         "'× float ppl' divides by PyTorch float32 with the same adapter (or none).",
         "ours = the device's own 4-bit codes (the ones it trained on), block-sum correction for the min, "
         "8-bit embedding/output layer; int8 activations (MatMulNBits accuracy level 4).",
+        f"llama.cpp: llama-cpp-python {llama['version']} built from source (default CMake flags: GGML_NATIVE, "
+        f"OpenMP; CPU features: {llama['cpu_features']}); Q4_0 is re-quantized from the shipped Q4_1 by "
+        "llama.cpp's quantizer (allow_requantize; embeddings stay Q8_0), not from float weights; the adapter is a "
+        f"{llama['adapter_bytes'] / 1e6:.1f} MB F32 GGUF (simulations/bench/gguf_lora.py) applied at runtime, "
+        "and the base is read into memory (llama-cpp-python turns mmap off with a LoRA).",
         f"1-minute load average {load_before:.1f} before, {load_after:.1f} after (2 cores): speeds are only "
         "comparable when it stayed below ~2.",
     ]
@@ -306,6 +321,10 @@ def main(argv: list[str]) -> None:
     variant = argv[0]
     if variant.startswith("pytorch"):
         result = measure_pytorch(torch.float32 if variant == "pytorch-fp32" else torch.bfloat16)
+    elif variant.startswith("llamacpp"):
+        from simulations.bench.llamacpp import measure_llamacpp
+
+        result = measure_llamacpp(variant)
     else:
         result = measure_onnx(variant)
     print(json.dumps(result))
