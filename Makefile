@@ -49,5 +49,10 @@ lint: setup
 clean:
 	rm -rf $(VENV) .flwr outputs
 
-bench: setup model
+bench: setup model $(VENV)/.bench-installed
 	$(BIN)/python -m simulations.bench $(ARGS)
+
+# The bench extra (llama-cpp-python, built from source: minutes), once; not part of setup (CI never builds it).
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e ".[bench]"
+	touch $@
