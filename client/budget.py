@@ -18,8 +18,9 @@ of m examples of S = ``train.max-seq-len`` tokens (the worst case: every example
 every position labelled; real examples are shorter and score only their response)::
 
     peak = PROCESS + WEIGHTS * weights + 4 * STATE * (LoRA parameters at rank r) + activations
-    activations = 4 * S * ((m + 1) * ACT * L * H + m * LOGITS * V)      without checkpointing
-                = 4 * S * m * ((KEEP * L + ACT) * H + LOGITS * V)       with checkpointing
+    activations = 4 * S * (m + 1) * ACT * L * H + logits        without checkpointing
+                = 4 * S * m * (KEEP * L + ACT) * H + logits         with checkpointing
+    logits      = 4 * LOGITS * V * min(CHUNK, m * S)    (client/loss.py: CHUNK tokens' logits at a time)
     fits  <=>  peak * (1 + MARGIN) <= M * 10**6
 
 ``weights`` counts the base as loaded: 4-bit linear layers at 0.625 bytes per weight, float
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from client.device import DeviceConfigError
+from client.loss import CHUNK
 from shared.int4_layer import is_int4_folder
 from shared.model import ModelError, resolve_model
 
@@ -70,7 +72,10 @@ KEEP = 12
 micro-batch 1 / 4, seq 128)."""
 LOGITS = 3.2
 """Float32 values per token and vocabulary entry: the logits, their log-softmax and its gradient (the
-2-layer model: 0.61 MB per token measured, 49,152 entries)."""
+2-layer model: 0.61 MB per token measured, 49,152 entries, when every token's logits were made at
+once). The output layer now makes them for ``client.loss.CHUNK`` tokens at a time: the term is
+bounded by that chunk (the 2-layer model at seq 4096, batch 4: 825-847 MB measured, 1.1 GB at seq 256
+before)."""
 MARGIN = 0.10
 """Head room over the estimate: peak RSS of one setting varies from run to run (SmolLM2, micro-batch 1 and
 checkpointing: 1,058 to 1,148 MB measured, estimate 1,075), and other sizes than calibrated."""
@@ -169,11 +174,11 @@ def footprint(shape: ModelShape, targets: tuple[str, ...], rank: int, micro: int
     embedding = shape.vocab * shape.hidden * 4 * (1 if shape.tied else 2)
     weights = linear * (INT4_BYTES if shape.int4 else 4) + embedding
     lora = rank * sum(i + o for name, (i, o) in widths.items() if name in targets) * shape.layers
-    logits = micro * LOGITS * shape.vocab
+    logits = 4 * LOGITS * shape.vocab * min(CHUNK, micro * seq)
     if checkpointing:
-        activations = 4 * seq * (micro * (KEEP * shape.layers + ACT) * shape.hidden + logits)
+        activations = 4 * seq * micro * (KEEP * shape.layers + ACT) * shape.hidden + logits
     else:
-        activations = 4 * seq * ((micro + 1) * ACT * shape.layers * shape.hidden + logits)
+        activations = 4 * seq * (micro + 1) * ACT * shape.layers * shape.hidden + logits
     return math.ceil(PROCESS + WEIGHTS * weights + 4 * STATE * lora + activations)
 
 
