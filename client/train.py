@@ -17,6 +17,8 @@ what each example's own copy would have received, so loss and gradients equal th
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import random
 import time
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 
+from client.loss import output_nll
 from shared.config import EvalConfig, TrainConfig
 from shared.data import IGNORE_INDEX, Encoded, collate
 
@@ -63,28 +66,55 @@ def train_adapter(model: Any, data: list[Encoded], cfg: TrainConfig, pad_id: int
     micro = cfg.micro_batch_size or cfg.batch_size
     share = not cfg.gradient_checkpointing  # transformers keeps no cache under checkpointing
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpointing(model, True)
     model.train()
     losses = []
     t0 = time.perf_counter()
-    for _ in range(cfg.steps):
-        examples = [data[i] for i in next(order)]
-        count = max(1, sum(_labelled(e) for e in examples))  # normalize by the whole batch's tokens
-        total = 0.0
-        for start in range(0, len(examples), micro):  # gradients accumulate over micro-batches
-            nll, _ = response_nll(model, collate(examples[start : start + micro], pad_id), share)
-            loss = nll / count
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr")
-            loss.backward()
-            total += loss.item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(total)
+    no_cast, autocast = lora_in_compute_dtype(model)
+    with no_cast:
+        for _ in range(cfg.steps):
+            examples = [data[i] for i in next(order)]
+            losses.append(_step(model, examples, micro, share, pad_id, autocast))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        _checkpointing(model, False)
     model.eval()
     return TrainResult(mean_loss=sum(losses) / len(losses), steps=cfg.steps, seconds=time.perf_counter() - t0)
+
+
+def _step(model: Any, examples: list[Encoded], micro: int, share: bool, pad_id: int, autocast: Any) -> float:
+    """Accumulate one step's gradients over micro-batches, normalized by the whole batch's tokens; return its loss."""
+    count = max(1, sum(_labelled(e) for e in examples))
+    total = 0.0
+    for start in range(0, len(examples), micro):
+        with autocast():
+            nll, _ = response_nll(model, collate(examples[start : start + micro], pad_id), share)
+        loss = nll / count
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr")
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def _checkpointing(model: Any, on: bool) -> None:
+    """Turn activation checkpointing of every decoder layer on or off.
+
+    Under it the forward pass keeps only each decoder layer's input; the backward pass of a
+    layer recomputes its forward from there (transformers' ``gradient_checkpointing_enable``).
+    The 4-bit layers of the recomputation keep their dequantized W for the backward that
+    follows (one layer's weights at a time) instead of dequantizing a third time.
+    """
+    from shared.int4_layer import Int4Linear
+
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.keep_dequantized = on
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 @torch.inference_mode()
@@ -105,12 +135,35 @@ def evaluate(model: Any, data: list[Encoded], cfg: EvalConfig, pad_id: int) -> E
     return EvalResult(loss=loss, tokens=tokens, examples=len(subset))
 
 
+def lora_in_compute_dtype(model: Any) -> tuple[contextlib.AbstractContextManager[Any], Any]:
+    """Run the LoRA branches in the base's compute dtype where it is bf16 (mixed precision, as torch AMP).
+
+    peft casts each LoRA layer's input to its factors' dtype (fp32, where AdamW keeps them): over a
+    bf16 base that is an fp32 copy of every LoRA input per layer, saved for the backward pass
+    (0.6 GB of a 2.4 GB step at seq 256 x batch 4). With that cast off and the forward pass under
+    ``torch.autocast``, the branch multiplies the bf16 input by bf16 copies of A and B, autograd
+    saves the input the base layer already has, and the gradients still land in the fp32 factors.
+    An fp32 base is unchanged.
+
+    Returns the context for a whole step (the cast stays off through the backward pass, where
+    activation checkpointing recomputes the forward) and a factory of the forward's autocast.
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dtype = causal_lm.get_input_embeddings().weight.dtype
+    if dtype == torch.float32:
+        return contextlib.nullcontext(), contextlib.nullcontext
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model), functools.partial(torch.autocast, "cpu", dtype=dtype)
+
+
 def response_nll(model: Any, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> tuple[torch.Tensor, int]:
     """Return the summed cross-entropy over labelled tokens, and their count.
 
     Runs the decoder stack on every position (a common prefix of the batch once, see
     :func:`_hidden`), then the output layer on labelled positions only: ``logits =
-    lm_head(h[keep])`` is (N, V) for N response tokens instead of (B, T, V).
+    lm_head(h[keep])`` is (N, V) for N response tokens instead of (B, T, V), made a chunk of
+    tokens at a time (:func:`client.loss.output_nll`).
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = _hidden(causal_lm.model, batch["input_ids"], batch["attention_mask"], share_prefix)  # (B, T, H)
@@ -119,8 +172,7 @@ def response_nll(model: Any, batch: dict[str, torch.Tensor], share_prefix: bool 
     count = int(keep.sum())
     if count == 0:
         return hidden.sum() * 0.0, 0
-    logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()  # (N, V)
-    return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum"), count
+    return output_nll(causal_lm.lm_head, hidden[:, :-1][keep], targets[keep]), count  # (N, V) logits, chunked
 
 
 def _hidden(decoder: Any, ids: torch.Tensor, mask: torch.Tensor, share_prefix: bool) -> torch.Tensor:

@@ -26,14 +26,17 @@ class _Int4MatMul(torch.autograd.Function):
     """x @ W^T with W dequantized on the fly in forward and backward; no gradient for W."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> Any:
-        ctx.save_for_backward(codes, scales, mins)
-        return torch.nn.functional.linear(x, dequantize4(codes, scales, mins, x.dtype))  # (..., N)
+    def forward(ctx: Any, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                keep: bool) -> Any:  # fmt: skip
+        weight = dequantize4(codes, scales, mins, x.dtype)  # (N, K)
+        ctx.save_for_backward(*((weight,) if keep else (codes, scales, mins)))
+        return torch.nn.functional.linear(x, weight)  # (..., N)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        codes, scales, mins = ctx.saved_tensors
-        return grad @ dequantize4(codes, scales, mins, grad.dtype), None, None, None  # (..., K)
+        saved = ctx.saved_tensors
+        weight = saved[0] if len(saved) == 1 else dequantize4(saved[0], saved[1], saved[2], grad.dtype)
+        return grad @ weight.to(grad.dtype), None, None, None, None  # (..., K)
 
 
 class Int4Linear(nn.Module):
@@ -46,6 +49,11 @@ class Int4Linear(nn.Module):
         self.register_buffer("qweight", codes)  # (N, K/32, 16) uint8; peft finds the device by this name
         self.register_buffer("scales", scales)  # (N, K/32) fp16
         self.register_buffer("mins", mins)  # (N, K/32) fp16
+        self.keep_dequantized = False
+        """Save the dequantized W for the backward pass instead of dequantizing again. Only under
+        activation checkpointing: there the forward's saved tensors are dropped and the layer's
+        recomputation keeps W just until its backward (one decoder layer's weights at a time);
+        without it every layer's float W would stay alive through the whole step."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int4Linear:
@@ -56,7 +64,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return x W^T."""
-        return _Int4MatMul.apply(x, self.qweight, self.scales, self.mins)
+        return _Int4MatMul.apply(x, self.qweight, self.scales, self.mins, self.keep_dequantized)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Return the weight W (N, K), e.g. for tests and exports."""

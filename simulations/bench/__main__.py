@@ -23,6 +23,7 @@ import simulations.bench.secure  # noqa: F401
 import simulations.bench.shapes  # noqa: F401
 import simulations.bench.stragglers  # noqa: F401
 import simulations.bench.throughput  # noqa: F401
+import simulations.bench.training  # noqa: F401
 import simulations.bench.variants  # noqa: F401
 from shared.model import cpu_flags, cpu_has_native_bf16
 from simulations.bench import REGISTRY

@@ -1,8 +1,11 @@
+import contextlib
+
 import pytest
 import torch
 
 from client.partition import partition_for
-from client.train import _common_prefix, evaluate, response_nll, train_adapter
+from client.train import _common_prefix, evaluate, lora_in_compute_dtype, response_nll, train_adapter
+from server.quantize import quantize_model
 from shared.adapter import adapter_state, attach_lora, load_adapter_state
 from shared.config import EvalConfig, FleetConfig, LoraConfig, TrainConfig
 from shared.data import DataError, collate, encode, load_jsonl
@@ -112,3 +115,58 @@ def test_micro_batches_and_checkpointing_give_the_same_update(tiny_model_dir, fo
     for kw in ({"micro_batch_size": 3}, {"micro_batch_size": 1, "gradient_checkpointing": 1}):
         other = one_step(**kw)
         assert all(torch.allclose(full[k], other[k], atol=1e-5) for k in full), kw
+
+
+def _saved_bytes_and_grads(model, batch, amp):
+    """Bytes autograd keeps for one forward/backward (each storage once), the loss and the LoRA gradients."""
+    model.zero_grad(set_to_none=True)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    no_cast, autocast = lora_in_compute_dtype(model) if amp else (contextlib.nullcontext(), contextlib.nullcontext)
+    with no_cast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with autocast():
+            nll, _ = response_nll(model, batch, share_prefix=False)
+        nll.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return sum(storages.values()), nll.item(), grads
+
+
+def test_over_a_bf16_base_lora_computes_in_bf16_keeps_less_and_learns_the_same(tiny_model_dir, food, tokenizer):
+    """No fp32 copy of each LoRA input is kept for the backward pass; the fp32 factors get the fp32 path's gradients."""
+    model = attach_lora(load_model(str(tiny_model_dir), torch.bfloat16), LoraConfig(rank=4), seed=0)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B = 0 at init would make every gradient of A zero
+            param.data.normal_(0, 0.1)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}  # what AdamW updates
+    batch = collate(food[:4], tokenizer.pad_token_id)
+    plain_bytes, plain_nll, plain = _saved_bytes_and_grads(model, batch, amp=False)
+    amp_bytes, amp_nll, amp = _saved_bytes_and_grads(model, batch, amp=True)
+    assert amp_bytes < 0.75 * plain_bytes, (amp_bytes, plain_bytes)
+    assert amp_nll == pytest.approx(plain_nll, rel=1e-2)
+    assert all(g.dtype == torch.float32 for g in amp.values())
+    for name, grad in plain.items():
+        cosine = torch.nn.functional.cosine_similarity(amp[name].flatten(), grad.flatten(), dim=0)
+        assert cosine > 0.99, (name, cosine.item())
+    assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
+
+
+def test_checkpointing_on_a_4bit_base_gives_the_same_update(tiny_model_dir, food, tokenizer, tmp_path):
+    """Recomputed layers keep their dequantized W for their backward: same adapter, flag off again after."""
+    quantize_model(tiny_model_dir, tmp_path / "int4", "s" * 64)
+
+    def two_steps(**kw):
+        model = attach_lora(load_model(str(tmp_path / "int4"), torch.float32), LoraConfig(rank=4), seed=0)
+        train_adapter(model, food, TrainConfig(steps=2, batch_size=8, lr=1e-2, **kw), tokenizer.pad_token_id, seed=3)
+        assert not any(getattr(m, "keep_dequantized", False) for m in model.modules())
+        return adapter_state(model)
+
+    plain, checkpointed = two_steps(), two_steps(gradient_checkpointing=1)
+    assert plain.keys() == checkpointed.keys()
+    for key, value in plain.items():
+        torch.testing.assert_close(checkpointed[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert any(torch.count_nonzero(v) for k, v in plain.items() if "lora_B" in k)  # it did train
