@@ -3,8 +3,9 @@
 The int4 benchmark's setting (SmolLM2-135M 4-bit base, packed noun.food sequences of 256 tokens,
 batch 4, LoRA r = 8 on all linear layers), at ``train.dtype = auto`` (bf16 where the CPU has
 native bf16, fp32 elsewhere). Each variant trains ``STEPS`` steps in its own process (its own
-peak RSS); the variants alternate, ``ROUNDS`` processes each, and the table gives each variant's
-median s / step over its processes and its largest peak RSS.
+peak RSS, its held-out loss). Time per step is measured apart, in one process that alternates the
+variants step by step on one model (``TIMED`` steps each): this VM's speed drifts by 10-15%
+between processes minutes apart (measured), which a ratio of separate processes would carry.
 
 "today's default" runs the code paths before issue 18's training change in the same tree: peft
 casting every LoRA input to fp32 (no autocast) and the output layer's logits for every
@@ -26,7 +27,7 @@ from typing import Any
 
 from simulations.bench import Table, peak_rss, register, run_child
 
-STEPS, ROUNDS = 20, 2
+STEPS, TIMED = 20, 12
 VARIANTS = {  # name: (code before issue 18, gradient checkpointing)
     "today's default (before)": (True, 0),
     "new default": (False, 0),
@@ -34,8 +35,9 @@ VARIANTS = {  # name: (code before issue 18, gradient checkpointing)
 }
 
 
-def _use_code_before() -> None:
-    """Put back the two training paths issue 18 replaced (in this process only)."""
+@contextlib.contextmanager
+def _code(before: bool) -> Any:
+    """Within the block, train with the two paths issue 18 replaced (``before``) or with today's."""
     import torch
 
     import client.train
@@ -43,33 +45,61 @@ def _use_code_before() -> None:
     def plain(lm_head: Any, hidden: Any, targets: Any) -> Any:
         return torch.nn.functional.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
 
-    client.train.output_nll = plain  # type: ignore[assignment]
-    client.train.lora_in_compute_dtype = lambda model: (contextlib.nullcontext(), contextlib.nullcontext)  # type: ignore[assignment]
+    saved = client.train.output_nll, client.train.lora_in_compute_dtype
+    if before:
+        client.train.output_nll = plain  # type: ignore[assignment]
+        client.train.lora_in_compute_dtype = lambda model: (contextlib.nullcontext(), contextlib.nullcontext)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        client.train.output_nll, client.train.lora_in_compute_dtype = saved
+
+
+def _setup() -> tuple[Any, Any, list[Any], Any]:
+    """Return the 4-bit base with LoRA r = 8 at train.dtype = auto, its tokenizer, the packed data, a config."""
+    from shared.adapter import attach_lora
+    from shared.config import LoraConfig, TrainConfig
+    from shared.model import compute_dtype, load_model, load_tokenizer
+    from simulations.bench.int4 import BATCH, SEQ, _int4_dir, _packed
+
+    spec = str(_int4_dir())
+    tok = load_tokenizer(spec)
+    model = attach_lora(load_model(spec, compute_dtype("auto")), LoraConfig(rank=8, alpha=16), seed=0)
+    return model, tok, _packed(tok), TrainConfig(steps=1, batch_size=BATCH, lr=1e-3, max_seq_len=SEQ)
+
+
+def timed(steps: int) -> dict[str, list[float]]:
+    """One process: every variant's training step in turn, ``steps`` times; seconds of each step by variant."""
+    from client.train import train_adapter
+
+    model, tok, data, cfg = _setup()
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for step in range(steps + 1):  # the first round warms up
+        for name, (before, checkpointing) in VARIANTS.items():
+            with _code(before):
+                t0 = time.perf_counter()
+                train_adapter(model, data, replace(cfg, gradient_checkpointing=checkpointing), tok.pad_token_id, step)
+                if step:
+                    times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def measure(variant: str, steps: int) -> dict[str, float]:
     """Train ``steps`` steps of one variant; report seconds per step, peak RSS, held-out loss."""
     from client.train import evaluate, train_adapter
-    from shared.adapter import attach_lora
-    from shared.config import EvalConfig, LoraConfig, TrainConfig
+    from shared.config import EvalConfig
     from shared.data import encode, load_jsonl
-    from shared.model import compute_dtype, load_model, load_tokenizer
-    from simulations.bench.int4 import BATCH, DATA, SEQ, _int4_dir, _packed
+    from simulations.bench.int4 import DATA, SEQ
 
     before, checkpointing = VARIANTS[variant]
-    if before:
-        _use_code_before()
-    spec = str(_int4_dir())
-    tok = load_tokenizer(spec)
-    data = _packed(tok)
+    model, tok, data, cfg = _setup()
     heldout = [encode(e, tok, SEQ) for e in load_jsonl(DATA / "heldout.jsonl")[:64]]
-    model = attach_lora(load_model(spec, compute_dtype("auto")), LoraConfig(rank=8, alpha=16), seed=0)
-    cfg = TrainConfig(steps=1, batch_size=BATCH, lr=1e-3, max_seq_len=SEQ, gradient_checkpointing=checkpointing)
     times = []
-    for step in range(steps):
-        t0 = time.perf_counter()
-        train_adapter(model, data, replace(cfg, steps=1), tok.pad_token_id, seed=step)
-        times.append(time.perf_counter() - t0)
+    with _code(before):
+        for step in range(steps):
+            t0 = time.perf_counter()
+            train_adapter(model, data, replace(cfg, gradient_checkpointing=checkpointing), tok.pad_token_id, step)
+            times.append(time.perf_counter() - t0)
     rss = peak_rss()  # before evaluation: the training process's peak
     loss = evaluate(model, heldout, EvalConfig(max_examples=64, batch_size=16), tok.pad_token_id).loss
     return {"s_per_step": statistics.median(times[1:]), "peak_rss": rss, "heldout": loss}
@@ -81,11 +111,8 @@ def training() -> Table:
     from shared.model import compute_dtype
 
     load_before = os.getloadavg()[0]
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
-    for _ in range(ROUNDS):
-        for name in VARIANTS:
-            runs[name].append(run_child("simulations.bench.training", name, str(STEPS)))
-            print(name, runs[name][-1], flush=True)
+    runs = {name: run_child("simulations.bench.training", name, str(STEPS)) for name in VARIANTS}
+    times = run_child("simulations.bench.training", "timed", str(TIMED))
     dtype = str(compute_dtype("auto")).removeprefix("torch.")
     table = Table(
         title=f"Training memory and time: today's default, the new default, <= 1 GB (SmolLM2-135M 4-bit, "
@@ -93,25 +120,26 @@ def training() -> Table:
         command="python -m simulations.bench --only training",
         header=[
             "configuration",
-            "s / step (median)",
+            "s / step (median, alternating)",
             "x today",
-            "per process",
+            f"s / step alone ({STEPS} steps)",
             "peak RSS (MB)",
             f"held-out loss after {STEPS} steps",
-        ],  # fmt: skip
+        ],
     )
-    ref = statistics.median(r["s_per_step"] for r in runs["today's default (before)"])
-    for name, rs in runs.items():
-        s = statistics.median(r["s_per_step"] for r in rs)
+    ref = statistics.median(times["today's default (before)"])
+    for name, r in runs.items():
+        s = statistics.median(times[name])
         table.rows.append([
-            name, f"{s:.2f}", f"{s / ref:.2f}", " / ".join(f"{r['s_per_step']:.2f}" for r in rs),
-            f"{max(r['peak_rss'] for r in rs) / 1e6:,.0f}", f"{rs[0]['heldout']:.4f}",
+            name, f"{s:.2f}", f"{s / ref:.2f}", f"{r['s_per_step']:.2f}", f"{r['peak_rss'] / 1e6:,.0f}",
+            f"{r['heldout']:.4f}",
         ])  # fmt: skip
     table.notes = [
-        f"train.dtype = auto computes in {dtype} on this CPU; each variant in {ROUNDS} fresh processes, alternating, "
-        f"{STEPS} steps each; s / step: median of the steps after the first, then of the processes; peak RSS "
-        "(VmHWM, MB = 10^6 bytes): the training process (Python, torch, transformers, tokenizer, model, data), "
-        "the largest of its processes, taken before evaluation",
+        f"train.dtype = auto computes in {dtype} on this CPU; s / step (median, alternating): one process, the "
+        f"variants' steps in turn on one model, {TIMED} steps each after a warm-up round; s / step alone, peak "
+        "RSS (VmHWM, MB = 10^6 bytes, taken before evaluation) and held-out loss: each variant in its own fresh "
+        f"process, {STEPS} steps (median of the steps after the first); the process holds Python, torch, "
+        "transformers, the tokenizer, the model and the data",
         "new default: LoRA branches in the base's compute dtype under torch.autocast with peft's fp32 cast of their "
         "inputs off (client.train.lora_in_compute_dtype; no change on an fp32 CPU), and the output layer + "
         "cross-entropy in chunks of 32 response tokens with its gradient taken in the forward pass (client/loss.py)",
@@ -124,4 +152,5 @@ def training() -> Table:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(sys.argv[1], int(sys.argv[2]))))
+    what, n = sys.argv[1], int(sys.argv[2])
+    print(json.dumps(timed(n) if what == "timed" else measure(what, n)))
