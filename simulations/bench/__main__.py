@@ -95,8 +95,8 @@ apart in a backward pass). A re-run replaces only the section of the CPU it ran 
 
 def _sections(text: str) -> dict[str, str]:
     """Split BENCHMARKS.md into its per-benchmark sections (kept when another one is re-run)."""
-    parts = text.split("<!-- bench:")[1:]
-    return {part.split(" -->", 1)[0]: "<!-- bench:" + part for part in parts}
+    parts = text.split("<!-- bench:")[1:]  # each keeps one blank line after it: the join adds none
+    return {part.split(" -->", 1)[0]: "<!-- bench:" + part.rstrip() + "\n" for part in parts}
 
 
 if __name__ == "__main__":
