@@ -65,21 +65,23 @@ def train_adapter(model: Any, data: list[Encoded], cfg: TrainConfig, pad_id: int
     order = _batches(len(data), cfg.batch_size, seed)
     micro = cfg.micro_batch_size or cfg.batch_size
     share = not cfg.gradient_checkpointing  # transformers keeps no cache under checkpointing
-    if cfg.gradient_checkpointing:
-        _checkpointing(model, True)
-    model.train()
     losses = []
     t0 = time.perf_counter()
     no_cast, autocast = lora_in_compute_dtype(model)
-    with no_cast:
-        for _ in range(cfg.steps):
-            examples = [data[i] for i in next(order)]
-            losses.append(_step(model, examples, micro, share, pad_id, autocast))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    if cfg.gradient_checkpointing:
-        _checkpointing(model, False)
-    model.eval()
+    try:  # a failed round leaves the model as it found it: no checkpointing, peft's casts on, eval mode
+        if cfg.gradient_checkpointing:
+            _checkpointing(model, True)
+        model.train()
+        with no_cast:
+            for _ in range(cfg.steps):
+                examples = [data[i] for i in next(order)]
+                losses.append(_step(model, examples, micro, share, pad_id, autocast))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    finally:
+        if cfg.gradient_checkpointing:
+            _checkpointing(model, False)
+        model.eval()
     return TrainResult(mean_loss=sum(losses) / len(losses), steps=cfg.steps, seconds=time.perf_counter() - t0)
 
 

@@ -170,3 +170,26 @@ def test_checkpointing_on_a_4bit_base_gives_the_same_update(tiny_model_dir, food
     for key, value in plain.items():
         torch.testing.assert_close(checkpointed[key], value, rtol=1e-4, atol=1e-5, msg=key)
     assert any(torch.count_nonzero(v) for k, v in plain.items() if "lora_B" in k)  # it did train
+
+
+def test_a_round_that_fails_leaves_the_model_as_it_found_it(tiny_model_dir, food, tokenizer, tmp_path, monkeypatch):
+    """No checkpointing, kept weights or disabled casts survive an exception into evaluation or the next round."""
+    import client.train
+
+    quantize_model(tiny_model_dir, tmp_path / "int4", "s" * 64)
+    model = attach_lora(load_model(str(tmp_path / "int4"), torch.bfloat16), LoraConfig(rank=4), seed=0)
+    real, calls = client.train.response_nll, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise FloatingPointError("training loss became nan; lower train.lr")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client.train, "response_nll", failing)
+    with pytest.raises(FloatingPointError):
+        train_adapter(model, food, TrainConfig(steps=3, batch_size=4, gradient_checkpointing=1), 0, seed=0)
+    assert len(calls) == 2 and not model.training
+    assert not model.is_gradient_checkpointing
+    assert not any(getattr(m, "keep_dequantized", False) for m in model.modules())
+    assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
