@@ -190,6 +190,6 @@ def test_a_round_that_fails_leaves_the_model_as_it_found_it(tiny_model_dir, food
     with pytest.raises(FloatingPointError):
         train_adapter(model, food, TrainConfig(steps=3, batch_size=4, gradient_checkpointing=1), 0, seed=0)
     assert len(calls) == 2 and not model.training
-    assert not model.is_gradient_checkpointing
+    assert not model.is_activation_checkpointing
     assert not any(getattr(m, "keep_dequantized", False) for m in model.modules())
     assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
