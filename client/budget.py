@@ -74,7 +74,7 @@ LOGITS = 3.2
 """Float32 values per token and vocabulary entry: the logits, their log-softmax and its gradient (the
 2-layer model: 0.61 MB per token measured, 49,152 entries, when every token's logits were made at
 once). The output layer now makes them for ``client.loss.CHUNK`` tokens at a time: the term is
-bounded by that chunk (the 2-layer model at seq 4096, batch 4: 825-847 MB measured, 1.1 GB at seq 256
+bounded by that chunk (the 2-layer model at seq 6144, batch 4: ~1,015 MB measured, 1.1 GB at seq 256
 before)."""
 MARGIN = 0.10
 """Head room over the estimate: peak RSS of one setting varies from run to run (SmolLM2, micro-batch 1 and

@@ -11,7 +11,8 @@ between processes minutes apart (measured), which a ratio of separate processes 
 casting every LoRA input to fp32 (no autocast) and the output layer's logits for every
 response token at once (plain cross-entropy).
 
-Run one variant alone: ``python -m simulations.bench.training VARIANT STEPS``.
+Run one variant alone: ``python -m simulations.bench.training VARIANT STEPS DTYPE`` (DTYPE: ``auto`` or
+``float32``; VARIANT ``timed``: the alternating timing process).
 """
 
 from __future__ import annotations
@@ -47,16 +48,16 @@ def _code(before: bool) -> Any:
 
     saved = client.train.output_nll, client.train.lora_in_compute_dtype
     if before:
-        client.train.output_nll = plain  # type: ignore[assignment]
-        client.train.lora_in_compute_dtype = lambda model: (contextlib.nullcontext(), contextlib.nullcontext)  # type: ignore[assignment]
+        client.train.output_nll = plain
+        client.train.lora_in_compute_dtype = lambda model: (contextlib.nullcontext(), contextlib.nullcontext)
     try:
         yield
     finally:
         client.train.output_nll, client.train.lora_in_compute_dtype = saved
 
 
-def _setup() -> tuple[Any, Any, list[Any], Any]:
-    """Return the 4-bit base with LoRA r = 8 at train.dtype = auto, its tokenizer, the packed data, a config."""
+def _setup(dtype: str) -> tuple[Any, Any, list[Any], Any]:
+    """Return the 4-bit base with LoRA r = 8 at train.dtype ``dtype``, its tokenizer, the packed data, a config."""
     from shared.adapter import attach_lora
     from shared.config import LoraConfig, TrainConfig
     from shared.model import compute_dtype, load_model, load_tokenizer
@@ -64,15 +65,15 @@ def _setup() -> tuple[Any, Any, list[Any], Any]:
 
     spec = str(_int4_dir())
     tok = load_tokenizer(spec)
-    model = attach_lora(load_model(spec, compute_dtype("auto")), LoraConfig(rank=8, alpha=16), seed=0)
+    model = attach_lora(load_model(spec, compute_dtype(dtype)), LoraConfig(rank=8, alpha=16), seed=0)
     return model, tok, _packed(tok), TrainConfig(steps=1, batch_size=BATCH, lr=1e-3, max_seq_len=SEQ)
 
 
-def timed(steps: int) -> dict[str, list[float]]:
+def timed(steps: int, dtype: str) -> dict[str, list[float]]:
     """One process: every variant's training step in turn, ``steps`` times; seconds of each step by variant."""
     from client.train import train_adapter
 
-    model, tok, data, cfg = _setup()
+    model, tok, data, cfg = _setup(dtype)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for step in range(steps + 1):  # the first round warms up
         for name, (before, checkpointing) in VARIANTS.items():
@@ -84,7 +85,7 @@ def timed(steps: int) -> dict[str, list[float]]:
     return times
 
 
-def measure(variant: str, steps: int) -> dict[str, float]:
+def measure(variant: str, steps: int, dtype: str) -> dict[str, float]:
     """Train ``steps`` steps of one variant; report seconds per step, peak RSS, held-out loss."""
     from client.train import evaluate, train_adapter
     from shared.config import EvalConfig
@@ -92,7 +93,7 @@ def measure(variant: str, steps: int) -> dict[str, float]:
     from simulations.bench.int4 import DATA, SEQ
 
     before, checkpointing = VARIANTS[variant]
-    model, tok, data, cfg = _setup()
+    model, tok, data, cfg = _setup(dtype)
     heldout = [encode(e, tok, SEQ) for e in load_jsonl(DATA / "heldout.jsonl")[:64]]
     times = []
     with _code(before):
@@ -111,15 +112,15 @@ def training() -> Table:
     from shared.model import compute_dtype
 
     load_before = os.getloadavg()[0]
-    runs = {name: run_child("simulations.bench.training", name, str(STEPS)) for name in VARIANTS}
-    times = run_child("simulations.bench.training", "timed", str(TIMED))
-    dtype = str(compute_dtype("auto")).removeprefix("torch.")
+    auto = str(compute_dtype("auto")).removeprefix("torch.")
+    dtypes = {"auto": auto} | ({"float32": "float32"} if auto != "float32" else {})  # fp32 CPUs' rows too
     table = Table(
-        title=f"Training memory and time: today's default, the new default, <= 1 GB (SmolLM2-135M 4-bit, "
-        f"seq 256, batch 4, r=8, {dtype})",
+        title="Training memory and time: today's default, the new default, <= 1 GB (SmolLM2-135M 4-bit, "
+        "seq 256, batch 4, r=8)",
         command="python -m simulations.bench --only training",
         header=[
             "configuration",
+            "compute",
             "s / step (median, alternating)",
             "x today",
             f"s / step alone ({STEPS} steps)",
@@ -127,15 +128,20 @@ def training() -> Table:
             f"held-out loss after {STEPS} steps",
         ],
     )
-    ref = statistics.median(times["today's default (before)"])
-    for name, r in runs.items():
-        s = statistics.median(times[name])
-        table.rows.append([
-            name, f"{s:.2f}", f"{s / ref:.2f}", f"{r['s_per_step']:.2f}", f"{r['peak_rss'] / 1e6:,.0f}",
-            f"{r['heldout']:.4f}",
-        ])  # fmt: skip
+    for dtype, shown in dtypes.items():
+        runs = {name: run_child("simulations.bench.training", name, str(STEPS), dtype) for name in VARIANTS}
+        times = run_child("simulations.bench.training", "timed", str(TIMED), dtype)
+        ref = statistics.median(times["today's default (before)"])
+        for name, r in runs.items():
+            s = statistics.median(times[name])
+            table.rows.append([
+                name, f"{shown} (train.dtype = {dtype})", f"{s:.2f}", f"{s / ref:.2f}", f"{r['s_per_step']:.2f}",
+                f"{r['peak_rss'] / 1e6:,.0f}", f"{r['heldout']:.4f}",
+            ])  # fmt: skip
     table.notes = [
-        f"train.dtype = auto computes in {dtype} on this CPU; s / step (median, alternating): one process, the "
+        f"train.dtype = auto computes in {auto} on this CPU; the float32 rows (where auto is bf16) show what a CPU "
+        "without native bf16 gets from the change (a CPU that emulates bf16 computes in float32); x today: against "
+        "today's default in the same compute dtype; s / step (median, alternating): one process per dtype, the "
         f"variants' steps in turn on one model, {TIMED} steps each after a warm-up round; s / step alone, peak "
         "RSS (VmHWM, MB = 10^6 bytes, taken before evaluation) and held-out loss: each variant in its own fresh "
         f"process, {STEPS} steps (median of the steps after the first); the process holds Python, torch, "
@@ -152,5 +158,5 @@ def training() -> Table:
 
 
 if __name__ == "__main__":
-    what, n = sys.argv[1], int(sys.argv[2])
-    print(json.dumps(timed(n) if what == "timed" else measure(what, n)))
+    what, n, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    print(json.dumps(timed(n, dtype) if what == "timed" else measure(what, n, dtype)))

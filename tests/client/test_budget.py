@@ -91,8 +91,12 @@ def peak_rss(model: str, rank: int, micro: int, ckpt: int, seq: int, batch: int)
 
 @pytest.mark.slow
 def test_training_with_the_chosen_settings_stays_within_a_budget_the_defaults_exceed(tiny_model_dir):
-    """The 2-layer model at seq 4096, batch 4, every position labelled: 825-847 MB by default, measured."""
-    budget, seq = 700, 4096
+    """The 2-layer model at seq 6144, batch 4, every position labelled: ~1,015 MB by default, measured.
+
+    The plan takes micro-batch 1 (estimated 766 MB with the margin; ~695 MB measured, 63 MB more seen
+    under CI's load at seq 4096): far enough from the budget on both sides for a noisy machine.
+    """
+    budget, seq = 850, 6144
     shape = ModelShape.of(str(tiny_model_dir))
     p = plan(budget, shape, TARGETS, 8, BATCH, seq)
     assert peak_rss(str(tiny_model_dir), 8, 0, 0, seq, BATCH) > budget * MB  # the run's settings do not fit

@@ -32,11 +32,11 @@ def test_a_rank_the_run_cannot_take_is_refused_by_name(bad):
 
 
 def test_a_memory_budget_chooses_settings_within_the_devices_own_rank(tiny_model_dir):
-    cfg = FleetConfig.from_run_config({"train.max-seq-len": 256, "lora.rank": 8})
+    cfg = FleetConfig.from_run_config({"train.max-seq-len": 2048, "lora.rank": 8})
     roomy = device_training({"memory-budget-mb": "100000"}, cfg, str(tiny_model_dir))
     assert (roomy.rank, roomy.train.micro_batch_size, roomy.train.gradient_checkpointing) == (8, 4, 0)
     assert roomy.metrics() == {"memory-budget-mb": 100000, "micro-batch-size": 4, "gradient-checkpointing": 0}
-    both = device_training({"memory-budget-mb": 800, "lora-rank": 4}, cfg, str(tiny_model_dir))
+    both = device_training({"memory-budget-mb": 640, "lora-rank": 4}, cfg, str(tiny_model_dir))
     assert both.rank == 4 and both.train.micro_batch_size == 1  # the smaller rank; the budget's micro-batch
     assert both.train.steps == cfg.train.steps and cfg.train.micro_batch_size == 0  # the run's copy is untouched
     plain = device_training({"lora-rank": 4}, cfg, str(tiny_model_dir))
