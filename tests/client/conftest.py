@@ -6,7 +6,7 @@ import pytest
 
 from client.export import export_base
 from server.onnx_release import publish_onnx_base
-from server.quantize import publish_base
+from server.quantize import publish_base, quantize_model
 from tests.client.test_export import KEY
 
 
@@ -30,3 +30,17 @@ def onnx_base(edge_base):
     """The session's export signed as the coordinator's ONNX base release (``<store>/onnx``): what an edge fetches."""
     publish_onnx_base(edge_base.export, edge_base.root / "store", KEY)
     return edge_base.root / "store" / "onnx"
+
+
+@pytest.fixture(scope="session")
+def tiny_int4_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model as a 4-bit base folder (``server/quantize.py``) with its tokenizer and chat template.
+
+    Tests load it and never write into it.
+    """
+    folder = tmp_path_factory.mktemp("int4-tiny")
+    quantize_model(tiny_model_dir, folder, "s" * 64)
+    for f in tiny_model_dir.iterdir():  # tokenizer and chat template
+        if f.suffix in (".json", ".jinja") and not (folder / f.name).exists():
+            (folder / f.name).write_bytes(f.read_bytes())
+    return folder

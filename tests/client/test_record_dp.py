@@ -7,7 +7,6 @@ import torch
 
 from client.record_dp import Ledger, RecordBudgetError, RecordDp, per_example_nll, train_record_dp
 from client.train import response_nll
-from server.quantize import quantize_model
 from shared.adapter import adapter_state, attach_lora
 from shared.clipping import update_norm
 from shared.config import LoraConfig, TrainConfig
@@ -17,14 +16,9 @@ from tests.client.test_client_app import DATA
 
 
 @pytest.fixture(scope="module")
-def int4_tiny(tiny_model_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("int4-tiny")
-    quantize_model(tiny_model_dir, folder, "s" * 64)
-    for f in tiny_model_dir.iterdir():  # tokenizer and chat template
-        if f.suffix in (".json", ".jinja") and not (folder / f.name).exists():
-            (folder / f.name).write_bytes(f.read_bytes())
-    tok = load_tokenizer(str(folder))
-    return folder, tok, [encode(e, tok, 48) for e in load_jsonl(DATA / "train.jsonl")[:24]]
+def int4_tiny(tiny_int4_dir):
+    tok = load_tokenizer(str(tiny_int4_dir))
+    return tiny_int4_dir, tok, [encode(e, tok, 48) for e in load_jsonl(DATA / "train.jsonl")[:24]]
 
 
 def _model(folder):

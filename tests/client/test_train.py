@@ -5,7 +5,6 @@ import torch
 
 from client.partition import partition_for
 from client.train import _common_prefix, evaluate, lora_in_compute_dtype, response_nll, train_adapter
-from server.quantize import quantize_model
 from shared.adapter import adapter_state, attach_lora, load_adapter_state
 from shared.config import EvalConfig, FleetConfig, LoraConfig, TrainConfig
 from shared.data import DataError, collate, encode, load_jsonl
@@ -155,12 +154,11 @@ def test_over_a_bf16_base_lora_computes_in_bf16_keeps_less_and_learns_the_same(t
     assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
 
 
-def test_checkpointing_on_a_4bit_base_gives_the_same_update(tiny_model_dir, food, tokenizer, tmp_path):
+def test_checkpointing_on_a_4bit_base_gives_the_same_update(tiny_int4_dir, food, tokenizer):
     """Recomputed layers keep their dequantized W for their backward: same adapter, flag off again after."""
-    quantize_model(tiny_model_dir, tmp_path / "int4", "s" * 64)
 
     def two_steps(**kw):
-        model = attach_lora(load_model(str(tmp_path / "int4"), torch.float32), LoraConfig(rank=4), seed=0)
+        model = attach_lora(load_model(str(tiny_int4_dir), torch.float32), LoraConfig(rank=4), seed=0)
         train_adapter(model, food, TrainConfig(steps=2, batch_size=8, lr=1e-2, **kw), tokenizer.pad_token_id, seed=3)
         assert not any(getattr(m, "keep_dequantized", False) for m in model.modules())
         return adapter_state(model)
@@ -172,12 +170,11 @@ def test_checkpointing_on_a_4bit_base_gives_the_same_update(tiny_model_dir, food
     assert any(torch.count_nonzero(v) for k, v in plain.items() if "lora_B" in k)  # it did train
 
 
-def test_a_round_that_fails_leaves_the_model_as_it_found_it(tiny_model_dir, food, tokenizer, tmp_path, monkeypatch):
+def test_a_round_that_fails_leaves_the_model_as_it_found_it(tiny_int4_dir, food, monkeypatch):
     """No checkpointing, kept weights or disabled casts survive an exception into evaluation or the next round."""
     import client.train
 
-    quantize_model(tiny_model_dir, tmp_path / "int4", "s" * 64)
-    model = attach_lora(load_model(str(tmp_path / "int4"), torch.bfloat16), LoraConfig(rank=4), seed=0)
+    model = attach_lora(load_model(str(tiny_int4_dir), torch.bfloat16), LoraConfig(rank=4), seed=0)
     real, calls = client.train.response_nll, []
 
     def failing(*args, **kwargs):
