@@ -14,15 +14,17 @@ we then swap every linear layer and the embedding for our own quantized weights:
               + blocksum(x) @ (m + 8*s).T            # (..., K/32) @ (K/32, N)
 
   Algebraically equal to ``s*q + m``; the correction is a (K/32)-wide matmul, ~3% of the layer,
-  computed as ``(x @ S) @ C`` in the same low-rank branch as LoRA (below).
+  computed as ``sums(x) @ C`` (the sums of each block of 32 inputs) in the same low-rank branch
+  as LoRA (below).
   The builder packs q/k/v into one ``qkv_proj``: their codes are concatenated along N. We pack
   gate and up the same way (``gate_up_proj``, one kernel, one branch, then a ``Split``), and
   write SiLU as one ``QuickGelu(alpha=1)``: ONNX Runtime pays per node at decode.
 * **Embedding and output layer** (tied; symmetric 8-bit, ``W = s*q``) become
   ``GatherBlockQuantized`` and an 8-bit ``MatMulNBits`` over one copy of the codes.
-* **LoRA** (Hu et al., 2021): for each layer, graph inputs ``<layer>.lora_A`` = ``[S | A]``
-  (K, K/32 + r) and ``<layer>.lora_B`` = ``[C ; B]`` add correction and update in one branch.
-  Their defaults are ``S`` and ``C`` (the base alone, exact, for plain ONNX Runtime); an
+* **LoRA** (Hu et al., 2021): for each layer, graph inputs ``<layer>.lora_A`` = ``A`` (K, r)
+  and ``<layer>.lora_B`` = ``[C ; B]`` (K/32 + r, N) add correction and update in one branch,
+  ``[sums(x) | x @ A] @ [C ; B]``. Their defaults are one zero column and ``[C ; 0]`` (the base
+  alone, exact, for plain ONNX Runtime); an
   adapter file (``client/onnx_adapter.py``) feeds them at run time (onnxruntime-genai
   ``og.Adapters``), so a new adapter never rebuilds the base. ``base.onnx_adapter`` holds the
   base's own; one adapter must always be active under GenAI, which feeds empty factors otherwise.
@@ -51,6 +53,7 @@ import numpy as np
 import torch
 
 from client.onnx_adapter import base_tensors, write_onnx_adapter
+from client.onnx_graph import GraphEditor
 from shared.int4_layer import INT4_WEIGHTS, QUANT_CONFIG
 from shared.model import model_digest
 from shared.onnx_base import (
@@ -87,6 +90,8 @@ _PACKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "mlp.gate_proj": ("mlp.gate_up_proj", "mlp.up_proj", ("mlp.gate_proj", "mlp.up_proj"))
 }
 _PACKED_INTO = {partner for _, partner, _ in _PACKS.values()}  # computed by the node they are packed with
+PAGE = 4096  # mapped tensors start on a page
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay in model.onnx (onnx's own default threshold)
 _LINEAR = re.compile(r"model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.MatMul\.weight")
 
 
@@ -128,10 +133,11 @@ def _export(src: Path, out: Path, options: ExportOptions) -> None:
         float_dir, built = work / "float", work / "built"
         _write_float_copy(src, float_dir)
         _run_builder(float_dir, built, work / "hf-cache")
-        model, lora, corrections = _quantized_graph(built / ONNX_MODEL, src, options)
+        model, edit = _quantized_graph(built / ONNX_MODEL, src, options)
+        lora, corrections = edit.lora, edit.corrections
         final = work / "final"
         final.mkdir()
-        _save(model, final / ONNX_MODEL)
+        _save(model, final / ONNX_MODEL, edit.aliases)
         for f in built.iterdir():
             if f.suffix not in (".onnx", ".data"):
                 shutil.copy2(f, final / f.name)
@@ -180,14 +186,13 @@ def _run_builder(float_dir: Path, out: Path, hf_cache: Path) -> None:
         raise ExportError(f"onnxruntime-genai's model builder failed (exit {done.returncode}):\n{tail}")
 
 
-def _quantized_graph(
-    built: Path, src: Path, options: ExportOptions
-) -> tuple[Any, dict[str, dict[str, Any]], dict[str, np.ndarray]]:
-    """Load the builder's float graph and replace its linear layers and embedding with the base's codes."""
+def _quantized_graph(built: Path, src: Path, options: ExportOptions) -> tuple[Any, GraphEditor]:
+    """Load the builder's float graph and replace its linear layers and embedding with the base's codes.
+
+    Returns the graph and its editor (the LoRA layers, corrections and aliases it added).
+    """
     import onnx
     from safetensors.torch import load_file
-
-    from client.onnx_graph import GraphEditor
 
     model = onnx.load(str(built))
     tensors = load_file(src / INT4_WEIGHTS)
@@ -237,7 +242,7 @@ def _quantized_graph(
         if len(muls) == 1:
             edit.silu(sigmoid, muls[0])  # only if that Mul is x * Sigmoid(x)
     edit.drop_unused()
-    return model, edit.lora, edit.corrections
+    return model, edit
 
 
 def _quiet(genai_config: Path) -> None:
@@ -267,12 +272,49 @@ def _requantized4(codes8: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, n
     return q[..., 0::2] | (q[..., 1::2] << 4), step.astype(np.float32)
 
 
-def _save(model: Any, path: Path) -> None:
-    import onnx
+def _save(model: Any, path: Path, aliases: Mapping[str, tuple[str, list[int]]]) -> None:
+    """Write ``model`` to ``path`` and its tensors to ``<path>.data``, each large one at a page-aligned offset.
 
-    onnx.save_model(
-        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data"
-    )
+    ONNX Runtime maps a page-aligned external tensor instead of reading it into memory (the
+    ``align_offset`` of its own ``ModelSavingOptions``; onnx's writer does not align): a tensor no
+    kernel pre-packs, such as the embedding table, then costs memory only for the pages read.
+    ``aliases`` (``{name: (source, dims)}``) become initializers over their source's bytes.
+    """
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    data = path.name + ".data"
+    placed: dict[str, tuple[int, int]] = {}
+    with open(path.parent / data, "wb") as f:
+        for tensor in model.graph.initializer:
+            raw = numpy_helper.to_array(tensor).tobytes() if not tensor.HasField("raw_data") else tensor.raw_data
+            if len(raw) < EXTERNAL_MIN_BYTES:
+                continue
+            f.write(b"\0" * (-f.tell() % PAGE if len(raw) >= PAGE else 0))
+            placed[tensor.name] = (f.tell(), len(raw))
+            f.write(raw)
+            name, dims, dtype = tensor.name, list(tensor.dims), tensor.data_type
+            tensor.Clear()  # drops float_data / int64_data too
+            tensor.name, tensor.data_type = name, dtype
+            tensor.dims.extend(dims)
+            _external(tensor, data, *placed[name])
+        f.flush()
+        os.fsync(f.fileno())
+    for name, (source, dims) in aliases.items():
+        src = next(t for t in model.graph.initializer if t.name == source)
+        alias = TensorProto(name=name, data_type=src.data_type, dims=dims)
+        _external(alias, data, *placed[source])
+        model.graph.initializer.append(alias)
+    onnx.save_model(model, str(path))
+
+
+def _external(tensor: Any, location: str, offset: int, length: int) -> None:
+    """Point ``tensor`` (without data of its own) at ``length`` bytes of ``location`` from ``offset``."""
+    from onnx import TensorProto
+
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        tensor.external_data.add(key=key, value=value)
+    tensor.data_location = TensorProto.EXTERNAL
 
 
 def lora_input_names(module: str) -> tuple[str, str]:

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from client.onnx_adapter import BLOCK, block_indicator
+from client.onnx_adapter import BLOCK
 
 MS = "com.microsoft"
+LAST_AXIS = "branch.last_axis"  # ReduceSum's axes input
 
 
 class GraphEditor:
@@ -26,6 +27,8 @@ class GraphEditor:
         """LoRA inputs added, by layer: ``{"in": K, "out": [N of each packed module], "modules": [...]}``."""
         self.corrections: dict[str, np.ndarray] = {}
         """Per layer, ``C = (m + 8 s).T`` (K/32, N): the exact correction, which every adapter file carries."""
+        self.aliases: dict[str, tuple[str, list[int]]] = {}
+        """Initializers that are another one's bytes in another shape: ``{name: (source, dims)}`` (see ``_save``)."""
         self._splice: dict[str, list[Any]] = {}
 
     def int4_linear(
@@ -40,18 +43,20 @@ class GraphEditor:
     ) -> None:
         """Replace float ``MatMul`` ``nodes`` (one, or several on the same input: packed along N) with one layer.
 
-        ``W = s*q + m`` (codes (N, K/32, 16)) becomes ``y = MatMulNBits(x; q, s) + (x @ A') @ B'``.
+        ``W = s*q + m`` (codes (N, K/32, 16)) becomes ``y = MatMulNBits(x; q, s) + [sums(x) | x @ A] @ B'``.
         The symmetric kernel computes ``(q - 8) * s``; the low-rank branch carries both the exact
         correction and the LoRA update::
 
-            A' = [S | A]   (K, K/32 + r),   S[k, b] = 1 if k // 32 == b   (x @ S = block sums of x)
+            sums(x)  (B, S, K/32): the sum of each block of 32 inputs (Reshape + ReduceSum)
+            A        (K, r)        the LoRA factor
             B' = [C ; B]   (K/32 + r, N),   C = (m + 8 s).T
 
-        ``A'``, ``B'`` are graph inputs whose defaults are ``S``, ``C`` (the base alone, exact);
-        an adapter file (``client/onnx_adapter.py``) supplies them with its LoRA columns appended.
-        One branch instead of two keeps the node count (ONNX Runtime's per-node cost) down; for the
-        same reason several nodes on one input (gate and up) share one kernel and one branch, and a
-        ``Split`` along N hands each its own output.
+        ``A``, ``B'`` are graph inputs whose defaults are one zero column and ``[C ; 0]`` (the base
+        alone, exact); an adapter file (``client/onnx_adapter.py``) supplies them with its LoRA
+        factors. One branch instead of two keeps the node count (ONNX Runtime's per-node cost) down;
+        for the same reason several nodes on one input (gate and up) share one kernel and one
+        branch, and a ``Split`` along N hands each its own output. The block sums are computed, not
+        an indicator matmul ``x @ S``: S (K x K/32, mostly zeros) would travel in every adapter file.
         """
         x = nodes[0].input[0]
         if any(n.input[0] != x for n in nodes):
@@ -60,17 +65,27 @@ class GraphEditor:
         k = kb * BLOCK
         self._init(f"{layer}.q4", codes)
         self._init(f"{layer}.scales", scales)  # (N, K/32)
+        self._init(f"{layer}.blocks", np.array([0, 0, kb, BLOCK], dtype=np.int64))  # (B, S, K) -> (B, S, K/32, 32)
+        if not any(i.name == LAST_AXIS for i in self.graph.initializer):
+            self._init(LAST_AXIS, np.array([-1], dtype=np.int64))
         correction = np.ascontiguousarray((mins + 8 * scales).T)  # (K/32, N)
         a, b = f"{layer}.lora_A", f"{layer}.lora_B"
-        self._branch_input(a, block_indicator(k), (k, None))
-        self._branch_input(b, correction, (None, n))
+        self._branch_input(a, np.zeros((k, 1), np.float32), (k, None))
+        self._branch_input(b, np.concatenate([correction, np.zeros((1, n), np.float32)]), (None, n))
         y = nodes[0].output[0] if len(nodes) == 1 else f"{layer}/output"
         ops = [
             helper.make_node(
                 "MatMulNBits", [x, f"{layer}.q4", f"{layer}.scales"], [f"{layer}/base"], name=f"{layer}/MatMulNBits",
                 domain=MS, K=k, N=n, bits=4, block_size=BLOCK, accuracy_level=self.accuracy_level,
             ),
-            helper.make_node("MatMul", [x, a], [f"{layer}/xa"], name=f"{layer}/lowrank_A"),  # (B, S, K/32 + r)
+            helper.make_node("Reshape", [x, f"{layer}.blocks"], [f"{layer}/xb"], name=f"{layer}/blocks"),
+            helper.make_node(
+                "ReduceSum", [f"{layer}/xb", LAST_AXIS], [f"{layer}/xs"], name=f"{layer}/sums", keepdims=0
+            ),
+            helper.make_node("MatMul", [x, a], [f"{layer}/xl"], name=f"{layer}/lowrank_A"),  # (B, S, r)
+            helper.make_node(
+                "Concat", [f"{layer}/xs", f"{layer}/xl"], [f"{layer}/xa"], name=f"{layer}/concat", axis=-1
+            ),
             helper.make_node("MatMul", [f"{layer}/xa", b], [f"{layer}/lowrank"], name=f"{layer}/lowrank_B"),  # (B,S,N)
             helper.make_node("Add", [f"{layer}/base", f"{layer}/lowrank"], [y], name=f"{layer}/add"),
         ]  # fmt: skip
@@ -124,12 +139,17 @@ class GraphEditor:
         ]  # fmt: skip
 
     def int8_embedding(self, node: Any, codes: np.ndarray, scales: np.ndarray) -> None:
-        """Replace the embedding ``Gather`` with ``GatherBlockQuantized`` over the same 8-bit codes."""
+        """Replace the embedding ``Gather`` with ``GatherBlockQuantized`` over the same 8-bit codes.
+
+        It reads the codes as (V, K) rows: ``embed.q8_rows``, an alias of ``embed.q8``'s bytes in the
+        saved file (one copy on disk). ONNX Runtime maps the file rather than copying it, so only the
+        rows of tokens seen are ever in memory; a ``Reshape`` node here would be constant-folded into
+        a second 28 MB copy of the table held in memory.
+        """
         v, kb, _ = codes.shape
         self._embedding_tensors(codes, scales)
-        self._init("embed.shape", np.array([v, kb * BLOCK], dtype=np.int64))
+        self.aliases["embed.q8_rows"] = ("embed.q8", [v, kb * BLOCK])
         self._splice[node.name] = [
-            helper.make_node("Reshape", ["embed.q8", "embed.shape"], ["embed.q8_rows"]),  # (V, K): one copy of codes
             helper.make_node(
                 "GatherBlockQuantized", ["embed.q8_rows", node.input[1], "embed.scales"], [node.output[0]],
                 name="/model/embed_tokens/GatherBlockQuantized", domain=MS, bits=8, block_size=BLOCK,
@@ -145,6 +165,7 @@ class GraphEditor:
         outputs = {o.name for o in self.graph.output}
         while True:
             used = outputs | {i for n in nodes for i in n.input}
+            used |= {source for name, (source, _) in self.aliases.items() if name in used}
             kept = [n for n in nodes if any(o in used for o in n.output)]
             if len(kept) == len(nodes):
                 break

@@ -24,8 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-EXPORT_VERSION = 5
-"""Bump when the exported graph or folder changes: old cached exports are then rebuilt (5: generation_config.json)."""
+EXPORT_VERSION = 6
+"""Bump when the exported graph or folder changes: old cached exports are then rebuilt.
+
+5: generation_config.json; 6: page-aligned tensors, the embedding mapped from disk, block sums
+computed (no indicator S in the adapter files)."""
 ONNX_MODEL = "model.onnx"
 DONE = "export.json"
 CORRECTIONS = "correction.safetensors"

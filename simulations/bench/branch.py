@@ -1,13 +1,15 @@
 """Where the edge model's decode time goes: the exact low-rank branch against ceilings, side by side.
 
-Our export computes each linear layer as ``MatMulNBits(x) + (x @ [S | A]) @ [C ; B]``
-(``client/onnx_graph.py``): S sums each block of 32 inputs, C restores the exact Q4_1 minimum, A and
-B are the federated LoRA factors. This benchmark loads, in one process, variants of the same
-export with the demo's final adapter baked in as the branch's defaults, and decodes with each in
-turn (alternating, so machine noise hits all alike):
+Our export computes each linear layer as ``MatMulNBits(x) + [sums(x) | x @ A] @ [C ; B]``
+(``client/onnx_graph.py``): sums(x) are the sums of each block of 32 inputs (Reshape +
+ReduceSum), C restores the exact Q4_1 minimum, A and B are the federated LoRA factors. This
+benchmark loads, in one process, variants of the same export with the demo's final adapter baked
+in as the branch's defaults, and decodes with each in turn (alternating, so machine noise hits all
+alike):
 
-- ``ours + adapter``: the export as served (block sums by the indicator matmul ``x @ S``);
-- ``block sums by ReduceSum``: the same numbers with ``Reshape + ReduceSum`` in place of ``x @ S``;
+- ``ours + adapter``: the export as served (block sums by ``Reshape + ReduceSum``);
+- ``block sums by x @ S``: the same numbers with the indicator matmul ``x @ [S | A]`` (S: K x K/32,
+  ones where k // 32 == b) in place of the Reshape, ReduceSum and Concat: the export before version 6;
 - ``base alone``: the branch carries S and C only (no LoRA columns);
 - ``no branch``: the branch removed; inexact (the minimum is lost: its text is garbage), a ceiling;
 - ``integer zero points``: the branch removed and MatMulNBits given uint8 zero points (all 8: the
@@ -37,7 +39,7 @@ from simulations.bench.inference import NEW_TOKENS, THREADS, TRUST, _base_releas
 REPEATS = 10
 VARIANTS = {
     "adapter": "ours + federated adapter (as served)",
-    "reducesum": "ours + adapter, block sums by ReduceSum",
+    "indicator": "ours + adapter, block sums by an indicator matmul x @ S (export v5)",
     "base": "ours, base alone (exact correction only)",
     "nobranch": "ours, branch removed (inexact ceiling)",
     "zeropoints": "integer zero points, no branch (ceiling of that format)",
@@ -59,14 +61,15 @@ def build_variants() -> dict[str, Path]:
 
     edge = EdgeModel(_base_release(), TrustList.load(TRUST), _cache(), threads=THREADS)
     release = _demo_release()
+    corrections = edge.corrections()
     lora = onnx_lora_tensors(
         load_tensors((release / ADAPTER_WEIGHTS).read_bytes()),
         lora_scale((release / ADAPTER_CONFIG).read_bytes()),
         edge.lora_layers,
-        edge.corrections,
+        corrections,
     )
     out: dict[str, Path] = {"base": edge.folder, "builder": _builder_int4()}
-    for name in ("adapter", "reducesum", "nobranch", "zeropoints", "zeropoints_lora"):
+    for name in ("adapter", "indicator", "nobranch", "zeropoints", "zeropoints_lora"):
         model = onnx.load(str(edge.folder / "model.onnx"))
         graph = model.graph
         if name in ("nobranch", "zeropoints"):
@@ -75,10 +78,12 @@ def build_variants() -> dict[str, Path]:
             for init in graph.initializer:
                 if init.name in lora:
                     layer, is_a = init.name.rsplit(".", 1)[0], init.name.endswith(".lora_A")
-                    value = _branch_value(name, lora[init.name], is_a, edge.corrections[layer].shape[0])
+                    value = _branch_value(name, lora[init.name], is_a, corrections[layer].shape[0])
                     init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), init.name))
-            if name == "reducesum":
-                _block_sums_by_reducesum(graph, helper, numpy_helper)
+            if name == "indicator":
+                _block_sums_by_indicator(graph, helper)
+            if name == "zeropoints_lora":
+                _lora_only_branch(graph)
         if name.startswith("zeropoints"):
             _zero_points(graph, numpy_helper)
         folder = _cache() / "branch" / name
@@ -93,11 +98,12 @@ def build_variants() -> dict[str, Path]:
 
 
 def _branch_value(variant: str, value: np.ndarray, is_a: bool, blocks: int) -> np.ndarray:
-    """Return the branch input of ``variant`` from ``[S | A]`` (``is_a``) or ``[C ; B]``; ``blocks`` = K/32."""
-    if variant == "reducesum" and is_a:
-        return value[:, blocks:]  # the LoRA columns only: the block sums are computed
-    if variant == "zeropoints_lora":
-        return value[:, blocks:] if is_a else value[blocks:]  # LoRA only, no correction
+    """Return the branch input of ``variant`` from ``A`` (``is_a``) or ``[C ; B]``; ``blocks`` = K/32."""
+    if variant == "indicator" and is_a:
+        indicator = np.kron(np.eye(blocks, dtype=np.float32), np.ones((32, 1), np.float32))  # S (K, K/32)
+        return np.concatenate([indicator, value], axis=1)  # [S | A]
+    if variant == "zeropoints_lora" and not is_a:
+        return value[blocks:]  # LoRA only, no correction
     return value
 
 
@@ -115,26 +121,26 @@ def _zero_points(graph: Any, numpy_helper: Any) -> None:
         node.input.append(f"{node.name}.zero_points")
 
 
-def _block_sums_by_reducesum(graph: Any, helper: Any, numpy_helper: Any) -> None:
-    """``x @ [S | A]`` → ``Concat(ReduceSum(Reshape(x, (B, S, K/32, 32)), -1), x @ A)``."""
-    from client.onnx_graph import BLOCK
-
+def _block_sums_by_indicator(graph: Any, helper: Any) -> None:
+    """``Concat(ReduceSum(Reshape(x)), x @ A)`` → ``x @ [S | A]`` (the A input then holds ``[S | A]``)."""
     nodes = []
-    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "bench.last_axis"))
     for node in graph.node:
-        if not node.name.endswith("/lowrank_A"):
-            nodes.append(node)
+        if node.name.endswith(("/blocks", "/sums", "/concat")):
             continue
-        layer, x = node.name[: -len("/lowrank_A")], node.input[0]
-        k = next(i for i in graph.input if i.name == node.input[1]).type.tensor_type.shape.dim[0].dim_value
-        blocks = np.array([0, 0, k // BLOCK, BLOCK], np.int64)  # (B, S, K) -> (B, S, K/32, 32)
-        graph.initializer.append(numpy_helper.from_array(blocks, f"{layer}.blocks"))
-        nodes += [
-            helper.make_node("Reshape", [x, f"{layer}.blocks"], [f"{layer}/xb"], name=f"{layer}/blocks"),
-            helper.make_node("ReduceSum", [f"{layer}/xb", "bench.last_axis"], [f"{layer}/xs"], keepdims=0),
-            helper.make_node("MatMul", [x, node.input[1]], [f"{layer}/xl"], name=f"{layer}/lowrank_A"),
-            helper.make_node("Concat", [f"{layer}/xs", f"{layer}/xl"], [node.output[0]], axis=-1),
-        ]
+        if node.name.endswith("/lowrank_A"):
+            layer = node.name[: -len("/lowrank_A")]
+            node = helper.make_node("MatMul", list(node.input), [f"{layer}/xa"], name=node.name)
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _lora_only_branch(graph: Any) -> None:
+    """``[sums(x) | x @ A] @ B'`` → ``(x @ A) @ B``: no block sums (B' then holds B alone)."""
+    nodes = [n for n in graph.node if not n.name.endswith(("/blocks", "/sums", "/concat"))]
+    for node in nodes:
+        if node.name.endswith("/lowrank_B"):
+            node.input[0] = node.name[: -len("/lowrank_B")] + "/xl"
     del graph.node[:]
     graph.node.extend(nodes)
 
@@ -142,7 +148,7 @@ def _block_sums_by_reducesum(graph: Any, helper: Any, numpy_helper: Any) -> None
 def _drop_branch(graph: Any, helper: Any) -> None:
     nodes = []
     for node in graph.node:
-        if "/lowrank" in node.name:
+        if "/lowrank" in node.name or node.name.endswith(("/blocks", "/sums", "/concat")):
             continue
         if node.name.endswith("/add") and node.input[1].endswith("/lowrank"):
             node = helper.make_node("Identity", [node.input[0]], list(node.output), name=node.name)

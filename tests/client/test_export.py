@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import numpy_helper
 
 from client.export import DONE, ExportError, ExportOptions, export_base
-from client.onnx_adapter import AdapterError, lora_scale, onnx_lora_tensors
+from client.onnx_adapter import AdapterError, base_tensors, lora_scale, onnx_lora_tensors
 from shared.adapter import ADAPTER_WEIGHTS, adapter_config_bytes, adapter_state, attach_lora, load_adapter_state
 from shared.config import LoraConfig
 from shared.int4_layer import INT4_WEIGHTS
@@ -146,19 +146,28 @@ def test_packed_qkv_adapter_computes_each_modules_own_update():
     for m, n in zip(mods, outs, strict=True):
         state[f"base_model.model.{m}.lora_A.weight"] = torch.randn(r, k, generator=g)
         state[f"base_model.model.{m}.lora_B.weight"] = torch.randn(n, r, generator=g)
-    layers = {"model.layers.0.attn.qkv_proj": {"in": k, "out": outs, "modules": mods}}
-    corr = {"model.layers.0.attn.qkv_proj": np.zeros((k // 32, sum(outs)), np.float32)}  # the base's part: 0 here
+    layer = "model.layers.0.attn.qkv_proj"
+    layers = {layer: {"in": k, "out": outs, "modules": mods}}
+    c = torch.randn(k // 32, sum(outs), generator=g).numpy()
+    corr = {layer: c}
+
+    def branch(x, t):  # what the graph computes: [block sums of x | x @ A] @ [C ; B]
+        sums = x.reshape(len(x), k // 32, 32).sum(-1)
+        return np.concatenate([sums, x @ t[f"{layer}.lora_A"]], axis=1) @ t[f"{layer}.lora_B"]
+
     t = onnx_lora_tensors(state, 2.0, layers, corr)
     x = torch.randn(3, k, generator=g)
-    got = x.numpy() @ t["model.layers.0.attn.qkv_proj.lora_A"] @ t["model.layers.0.attn.qkv_proj.lora_B"]
+    correction = x.numpy().reshape(3, k // 32, 32).sum(-1) @ c  # the base's exact part
+    got = branch(x.numpy(), t) - correction
     a, b = (
         (lambda m: state[f"base_model.model.{m}.lora_A.weight"]),
         (lambda m: state[f"base_model.model.{m}.lora_B.weight"]),
     )
     want = torch.cat([2.0 * x @ a(m).T @ b(m).T for m in mods], dim=1)  # PEFT: (alpha / r) * B A x per module
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(branch(x.numpy(), base_tensors(corr)), correction, rtol=1e-5, atol=1e-5)  # base alone
     partial = onnx_lora_tensors({k_: v for k_, v in state.items() if "v_proj" not in k_}, 2.0, layers, corr)
-    got = x.numpy() @ partial["model.layers.0.attn.qkv_proj.lora_A"] @ partial["model.layers.0.attn.qkv_proj.lora_B"]
+    got = branch(x.numpy(), partial) - correction
     np.testing.assert_allclose(got[:, 6:], 0.0)  # an adapter without v_proj: zeros there
     np.testing.assert_allclose(got[:, :6], want[:, :6].numpy(), rtol=1e-5, atol=1e-5)
     with pytest.raises(AdapterError, match="no LoRA input"):
