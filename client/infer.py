@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -25,8 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from client.generation import GenerationOptions, model_defaults
-from client.onnx_adapter import AdapterError, lora_scale, onnx_lora_tensors, write_onnx_adapter
-from client.verify import check_adapter_values
 from shared.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from shared.errors import ReleaseError
 from shared.manifest import Manifest
@@ -34,12 +34,13 @@ from shared.onnx_base import BASE_ADAPTER, CORRECTIONS, ExportError, ExportOptio
 from shared.release import read_release, verify_release
 from shared.replay import AcceptedReleases
 from shared.sign import TrustList
-from shared.tensors import load_arrays
 
 log = logging.getLogger(__name__)
 BASE = "base"  # the adapter name of the base alone
 CHAT_TEMPLATE = "chat_template.jinja"  # where transformers saves the model's chat template
 MAX_TEMPLATE_BYTES = 1 << 16
+CONVERT_TIMEOUT_S = 600  # converting one adapter (a child process; ~1 s for SmolLM2 r = 8)
+MAX_REASON = 500  # characters of the child's refusal reported
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,10 @@ class EdgeModel:
         The device's replay store (``shared/replay.py``): the base and every adapter applied are
         checked against it and recorded, so no session goes back to an older release. None:
         only this session's active adapter is compared against.
+    adapter
+        An adapter release to verify, convert and make active (as :meth:`apply_release`) before the
+        model loads: the conversion's temporary memory is returned before the model's is taken,
+        so the process peaks lower than with :meth:`apply_release` after the load.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class EdgeModel:
         threads: int = 0,
         options: ExportOptions | None = None,
         accepted: AcceptedReleases | None = None,
+        adapter: str | Path | None = None,
     ) -> None:
         import onnxruntime_genai as og
 
@@ -99,10 +105,12 @@ class EdgeModel:
         if info.base_digest != manifest.base_digest:
             raise ReleaseError(f"{self.folder} serves base {info.base_digest[:16]}…, its release names another")
         self.lora_layers = info.layers_json()
-        from safetensors.numpy import load_file
-
-        self.corrections = load_file(str(self.folder / CORRECTIONS))
         self._adapter_dir = Path(cache) / "onnx-adapters"
+        self.active: ActiveAdapter | None = None
+        try:
+            first = self._prepare(adapter) if adapter is not None else None
+        except (ReleaseError, OSError) as exc:
+            raise ReleaseError(f"adapter {adapter} refused: {exc}") from None
         config = og.Config(str(self.folder))
         if threads:
             config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
@@ -110,10 +118,11 @@ class EdgeModel:
         self.tokenizer = og.Tokenizer(self.model)
         self.chat_template = _chat_template(self.folder)  # the model's own, as in training
         self.adapters = og.Adapters(self.model)
-        self.adapters.load(str(self.folder / BASE_ADAPTER), BASE)  # the base alone (exact correction, no LoRA)
-        self.active: ActiveAdapter | None = None
+        self._base_loaded = False  # the base's own adapter is loaded when a generation first needs it
         self.generation = model_defaults(base_folder)  # the signed base's own generation settings, if any
         self._lock = threading.Lock()  # apply_release may run while another thread generates
+        if first is not None and first[1] is not None:
+            self._activate(first[0], first[1])
 
     def apply_release(self, folder: str | Path) -> Manifest:
         """Verify the adapter release in ``folder`` and make it the active adapter.
@@ -123,6 +132,32 @@ class EdgeModel:
         ReleaseError
             Naming the failed check (signature, hash, base, older than the active adapter) or
             why the adapter does not fit the exported model; the active adapter is unchanged.
+        """
+        manifest, path = self._prepare(folder)
+        if path is not None:
+            self._activate(manifest, path)
+        return manifest
+
+    def corrections(self) -> dict[str, Any]:
+        """Return the export's per-layer corrections ``C`` (numpy; read from disk, not kept: benchmarks use it)."""
+        from safetensors.numpy import load_file
+
+        return load_file(str(self.folder / CORRECTIONS))
+
+    def adapter_name(self, adapter: bool = True) -> str:
+        """Return the ONNX Runtime adapter a generation sets: the active one, or the base's own (loaded once)."""
+        with self._lock:
+            if adapter and self.active:
+                return self.active.name
+            if not self._base_loaded:
+                self.adapters.load(str(self.folder / BASE_ADAPTER), BASE)  # the exact correction, no LoRA
+                self._base_loaded = True
+            return BASE
+
+    def _prepare(self, folder: str | Path) -> tuple[Manifest, Path | None]:
+        """Verify the adapter release in ``folder`` and write its ``.onnx_adapter`` file; record it as accepted.
+
+        Returns its manifest and the file (None: it is the active adapter already).
         """
         release = read_release(folder)
         manifest = verify_release(release, self.trust, self.base_digest, self.accepted)
@@ -135,29 +170,37 @@ class EdgeModel:
                 f"{active.manifest.round}"
             )
         if active and active.manifest.digest() == manifest.digest():
-            return manifest
+            return manifest, None
         for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             if name not in release.files:
                 raise ReleaseError(f"adapter release has no {name}")
-        try:
-            scale = lora_scale(release.files[ADAPTER_CONFIG])
-            state = load_arrays(release.files[ADAPTER_WEIGHTS])
-            check_adapter_values(state)
-            tensors = onnx_lora_tensors(state, scale, self.lora_layers, self.corrections)
-        except AdapterError as exc:
-            raise ReleaseError(f"the adapter does not fit the exported model: {exc}") from None
+        path = self._adapter_dir / f"{manifest.digest()[:32]}.onnx_adapter"
         self._adapter_dir.mkdir(parents=True, exist_ok=True)
-        name = manifest.digest()
-        path = write_onnx_adapter(tensors, self._adapter_dir / f"{name[:32]}.onnx_adapter")
+        config = release.files[ADAPTER_CONFIG]
+        cmd = [sys.executable, "-m", "client.onnx_adapter", str(self.folder), str(path), str(len(config))]
+        try:  # the verified bytes themselves, not the files again: nothing can swap them in between
+            done = subprocess.run(
+                cmd, input=config + release.files[ADAPTER_WEIGHTS], capture_output=True, timeout=CONVERT_TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired:
+            raise ReleaseError(f"converting the adapter took longer than {CONVERT_TIMEOUT_S} s") from None
+        if done.returncode != 0:
+            reason = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+            raise ReleaseError(f"the adapter does not fit the exported model: {reason[0][:MAX_REASON]}")
         if self.accepted is not None:
             self.accepted.accept(manifest)  # recorded before it is used: a restart never goes back
+        return manifest, path
+
+    def _activate(self, manifest: Manifest, path: Path) -> None:
+        """Load the converted adapter at ``path`` and make it the active one (the previous one is unloaded)."""
+        name = manifest.digest()
         with self._lock:
+            active = self.active
             self.adapters.load(str(path), name)
             self.active = ActiveAdapter(name, manifest)
             if active:
                 self.adapters.unload(active.name)
         log.info("adapter of run %s round %d active (manifest %s)", manifest.run_id, manifest.round, name[:16])
-        return manifest
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """Token ids of ``prompt`` as a user turn in the model's chat template, ready for the answer."""
@@ -206,8 +249,9 @@ class EdgeModel:
         params = og.GeneratorParams(self.model)
         params.set_search_options(**options.search_options(len(ids)))
         gen = og.Generator(self.model, params)
-        with self._lock:  # always one adapter: the base's own carries the exact correction
-            gen.set_active_adapter(self.adapters, self.active.name if adapter and self.active else BASE)
+        name = self.adapter_name(adapter)  # always one adapter: the base's own carries the exact correction
+        with self._lock:
+            gen.set_active_adapter(self.adapters, name)
         gen.append_tokens(ids)
         return gen
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from client.generation import GenerationOptions
 from shared.errors import ReleaseError
 from shared.layout import follow_latest
-from shared.manifest import parse
+from shared.manifest import Manifest, parse
 from shared.model import cache_dir
 from shared.onnx_base import RUN_ID, ExportOptions, is_onnx_base
 from shared.release import MANIFEST
@@ -76,7 +76,15 @@ def _infer(args: argparse.Namespace) -> int:
     export = None if args.output_bits is None else ExportOptions(output_bits=args.output_bits)
     accepted = AcceptedReleases(args.state or default_state_file(cache / "releases"))
     trust = TrustList.load(args.trust)
-    model = EdgeModel(base, trust, cache, threads=args.threads, options=export, accepted=accepted)
+    first = None  # applied before the model loads: its conversion's memory is given back first
+    if args.adapter is not None and not args.no_adapter:
+        try:
+            first = follow_latest(args.adapter)
+        except (ReleaseError, OSError) as exc:
+            raise ReleaseError(f"adapter {args.adapter} refused: {exc}") from None
+    model = EdgeModel(base, trust, cache, threads=args.threads, options=export, accepted=accepted, adapter=first)
+    if model.active is not None:
+        _announce(model.active.manifest)
     options = _generation(args, model.generation)
     prompts = [args.prompt] if args.prompt else (line.strip() for line in sys.stdin)
     for prompt in prompts:
@@ -155,4 +163,8 @@ def _follow(model: EdgeModel, adapter: Path) -> None:
         print(f"[adapter {folder} refused: {exc}; round {m.round} of {m.run_id} stays active]", file=sys.stderr)
         return
     if model.active is not None and model.active.name != before:
-        print(f"[adapter: run {manifest.run_id} round {manifest.round}, key {manifest.key_id}]", file=sys.stderr)
+        _announce(manifest)
+
+
+def _announce(manifest: Manifest) -> None:
+    print(f"[adapter: run {manifest.run_id} round {manifest.round}, key {manifest.key_id}]", file=sys.stderr)

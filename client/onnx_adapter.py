@@ -1,8 +1,9 @@
 """A PEFT LoRA adapter as an ONNX Runtime adapter file (``.onnx_adapter``) for the exported base.
 
-The exported graph (``client/export.py``, ``client/onnx_graph.py``) adds ``(x @ A') @ B'`` to
-each quantized layer, where ``A' = [S | A]`` and ``B' = [C ; B]`` carry the base's exact
-correction (``S`` block sums, ``C`` per-block offsets) followed by the LoRA factors. PEFT stores
+The exported graph (``client/export.py``, ``client/onnx_graph.py``) adds ``[sums(x) | x @ A] @ B'``
+to each quantized layer, where ``sums(x)`` are the sums of each block of 32 inputs and
+``B' = [C ; B]`` carries the base's exact correction (``C``, per-block offsets) followed by the
+LoRA factor. PEFT stores
 ``lora_A.weight`` (r, K) and ``lora_B.weight`` (N, r) and computes
 ``y = W x + (alpha / r) * B_peft A_peft x`` (Hu et al., 2021, arXiv 2106.09685), so::
 
@@ -11,19 +12,23 @@ correction (``S`` block sums, ``C`` per-block offsets) followed by the LoRA fact
 A layer the builder packs (q, k, v in one ``qkv_proj``) gets ``A = [A_q | A_k | A_v]``
 (K, 3r) and a block-diagonal ``B`` (3r, N_q + N_k + N_v): the same three products.
 A module the adapter does not target contributes zeros. Every adapter file, and the base's own
-(``S``, ``C`` alone, :func:`base_tensors`), carries the correction: ONNX Runtime GenAI feeds
+(``C`` and a zero LoRA column, :func:`base_tensors`), carries the correction: ONNX Runtime GenAI feeds
 *empty* factors to a generation with no adapter active, so one must always be active. Conversion refuses, naming the
 cause, an adapter this graph cannot serve exactly (DoRA, per-module ranks or alphas, a
 module the graph has no LoRA input for, a shape that does not fit).
 
 numpy only (``shared.tensors.load_arrays`` parses the release): an inference-only device
-(``fleetlora[edge]``) converts adapters without torch.
+(``fleetlora[edge]``) converts adapters without torch. :class:`client.infer.EdgeModel` runs the
+conversion in a child process (``python -m client.onnx_adapter``, :func:`convert`), handing it the
+verified bytes on stdin: the ~100 MB the conversion allocates are never part of the serving
+process, which imports neither numpy nor onnxruntime's Python API for it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -56,17 +61,12 @@ def lora_scale(adapter_config: bytes) -> float:
 
 
 def base_tensors(corrections: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Return the graph's branch inputs for the base alone: ``A' = S``, ``B' = C`` (exact, no LoRA)."""
+    """Return the graph's branch inputs for the base alone: ``A`` one zero column, ``B' = [C ; 0]`` (exact)."""
     out: dict[str, np.ndarray] = {}
     for layer, c in corrections.items():
-        out[f"{layer}.lora_A"] = block_indicator(c.shape[0] * BLOCK)
-        out[f"{layer}.lora_B"] = np.ascontiguousarray(c, dtype=np.float32)
+        out[f"{layer}.lora_A"] = np.zeros((c.shape[0] * BLOCK, 1), np.float32)
+        out[f"{layer}.lora_B"] = np.concatenate([c.astype(np.float32), np.zeros((1, c.shape[1]), np.float32)])
     return out
-
-
-def block_indicator(k: int) -> np.ndarray:
-    """Return S (K, K/32) with ``S[k, b] = 1`` where ``k // 32 == b``: ``x @ S`` sums each block of 32."""
-    return np.kron(np.eye(k // BLOCK, dtype=np.float32), np.ones((BLOCK, 1), dtype=np.float32))
 
 
 def onnx_lora_tensors(
@@ -96,9 +96,8 @@ def onnx_lora_tensors(
                 )
             a_parts.append(a.T)  # (K, r)
             b_parts.append(scale * b.T)  # (r, N)
-        base = base_tensors({layer: corrections[layer]})
-        a_full = np.concatenate([base[f"{layer}.lora_A"], *a_parts], axis=1)  # (K, K/32+r)
-        b_full = np.concatenate([base[f"{layer}.lora_B"], _block_diag(b_parts)], axis=0)  # (K/32+r, N)
+        a_full = np.concatenate(a_parts, axis=1)  # (K, r)
+        b_full = np.concatenate([corrections[layer], _block_diag(b_parts)], axis=0)  # (K/32 + r, N)
         out[f"{layer}.lora_A"] = np.ascontiguousarray(a_full, dtype=np.float32)
         out[f"{layer}.lora_B"] = np.ascontiguousarray(b_full, dtype=np.float32)
     return out
@@ -141,3 +140,46 @@ def _by_module(state: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, n
     if incomplete:
         raise AdapterError(f"adapter has only one LoRA factor for {incomplete[:3]}")
     return {m: (p["A"], p["B"]) for m, p in pairs.items()}
+
+
+def convert(adapter_config: bytes, weights: bytes, export: str | Path, out: str | Path) -> Path:
+    """Convert a verified PEFT release (its config and safetensors bytes) for the export in ``export``.
+
+    Raises
+    ------
+    AdapterError
+        Why the adapter cannot be served: malformed, a non-finite or huge value, a shape or
+        option the graph does not implement.
+    """
+    from safetensors.numpy import load_file
+
+    from client.verify import check_adapter_values
+    from shared.errors import ReleaseError
+    from shared.onnx_base import CORRECTIONS, read_export_info
+    from shared.tensors import load_arrays
+
+    scale = lora_scale(adapter_config)
+    try:
+        state = load_arrays(weights)
+        check_adapter_values(state)
+    except (ReleaseError, ValueError) as exc:
+        raise AdapterError(str(exc)) from None
+    layers = read_export_info(export).layers_json()
+    tensors = onnx_lora_tensors(state, scale, layers, load_file(str(Path(export) / CORRECTIONS)))
+    return write_onnx_adapter(tensors, out)
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m client.onnx_adapter <export> <out> <config bytes>``: stdin is the config, then the weights."""
+    export, out, n = argv[0], argv[1], int(argv[2])
+    data = sys.stdin.buffer.read()
+    try:
+        convert(data[:n], data[n:], export, out)
+    except AdapterError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

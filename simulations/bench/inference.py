@@ -168,19 +168,19 @@ def measure_onnx(variant: str) -> dict[str, Any]:
     else:
         edge = EdgeModel(_base_release(), TrustList.load(TRUST), _cache(), threads=THREADS, options=options)
         folder, model = edge.folder, edge.model
-        adapters, name = edge.adapters, ""  # "" = the base alone (its own adapter, client/infer.py)
+        adapters = edge.adapters
         if adapter:
             release = _demo_release()
             edge.apply_release(release)
             assert edge.active is not None
-            name = edge.active.name
             files = {n: (release / n).read_bytes() for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}  # what was applied
             lora = onnx_lora_tensors(
                 load_tensors(files[ADAPTER_WEIGHTS]),
                 lora_scale(files[ADAPTER_CONFIG]),
                 edge.lora_layers,
-                edge.corrections,
+                edge.corrections(),
             )
+        name = edge.adapter_name(adapter)  # the active adapter, or the base alone (its own adapter)
     short, long = _prompt_ids(tok)
     decode, prompt = [], []
     for _ in range(REPEATS):
@@ -190,7 +190,7 @@ def measure_onnx(variant: str) -> dict[str, Any]:
             params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
             gen = og.Generator(model, params)
             if adapters is not None:
-                gen.set_active_adapter(adapters, name or "base")  # our export: an adapter is always active
+                gen.set_active_adapter(adapters, name)  # our export: an adapter is always active
             t0 = time.perf_counter()
             gen.append_tokens(ids)
             if sink is prompt:

@@ -92,7 +92,11 @@ def test_an_onnx_base_is_not_served_with_options_it_was_not_exported_with(onnx_b
 
 
 def test_edge_inference_imports_neither_torch_nor_transformers(onnx_base, edge_base, tmp_path):
-    """``fleetlora infer`` from the ONNX base with an adapter, in a fresh interpreter: no torch module loaded."""
+    """``fleetlora infer`` from the ONNX base with an adapter, in a fresh interpreter: no torch module loaded.
+
+    Nor onnxruntime's Python API: the adapter is converted in a child process, so its ~100 MB of
+    temporaries never join the serving process (onnxruntime-genai is ``onnxruntime_genai``).
+    """
     model = device_model(edge_base.base)
     adapter, _ = signed_adapter(tmp_path / "a1", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest)
     trust = tmp_path / "trust.pub"
@@ -101,7 +105,8 @@ def test_edge_inference_imports_neither_torch_nor_transformers(onnx_base, edge_b
     argv += ["--cache", str(tmp_path / "cache"), "--max-new-tokens", "3", "Define 'otter'."]
     code = (
         "import sys, json; from shared.cli import main; rc = main(json.loads(sys.argv[1])); "
-        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'onnx')); "
+        "heavy = ('torch', 'transformers', 'peft', 'onnx', 'onnxruntime'); "
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in heavy); "
         "print('LOADED', loaded); sys.exit(rc)"
     )
     done = subprocess.run(
