@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shared.atomic import write_atomic
@@ -37,13 +36,13 @@ class SignatureError(ValueError):
 
 def key_id(public_key: Ed25519PublicKey) -> str:
     """First 16 hex digits of SHA-256 of the raw public key."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    raw = public_key.public_bytes_raw()
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def public_line(public_key: Ed25519PublicKey, comment: str = "") -> str:
     """Return the trust-list line of a public key."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    raw = public_key.public_bytes_raw()
     return f"ed25519 {base64.b64encode(raw).decode()} {comment}".rstrip()
 
 
@@ -60,6 +59,8 @@ def generate_key(path: str | Path, force: bool = False) -> Ed25519PrivateKey:
         raise FileExistsError(f"{path} exists; refusing to overwrite a signing key (use --force)")
     path.parent.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
+    from cryptography.hazmat.primitives import serialization  # here: 7 MB a verifier never needs
+
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     write_atomic(path, pem, mode=0o600)  # a fresh temp file (O_EXCL | O_NOFOLLOW): never through a planted link
     line = public_line(key.public_key(), f"fleetlora {key_id(key.public_key())}")
@@ -76,6 +77,8 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     if mode & 0o077:
         raise SignatureError(f"signing key {path} has mode {mode:04o}: other users can read it; run `chmod 600 {path}`")
     try:
+        from cryptography.hazmat.primitives import serialization
+
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError) as exc:
         raise SignatureError(f"signing key {path} is not a readable PEM private key: {exc}") from None
