@@ -12,6 +12,7 @@ import simulations.bench.aggregation  # noqa: F401  (registers)
 import simulations.bench.agreement  # noqa: F401
 import simulations.bench.branch  # noqa: F401
 import simulations.bench.budget  # noqa: F401
+import simulations.bench.edge  # noqa: F401
 import simulations.bench.federated  # noqa: F401
 import simulations.bench.inference  # noqa: F401
 import simulations.bench.int4  # noqa: F401

@@ -1,0 +1,169 @@
+"""An inference-only device: a fresh ``fleetlora[edge]`` venv, its size, and ``fleetlora infer``'s peak RSS.
+
+Self-contained (no ``make demo`` needed): the embedded SmolLM2-135M-Instruct is quantized and signed
+with a key made for the benchmark, exported to ONNX and signed as the coordinator's ONNX base (what
+``fleetlora export`` + ``fleetlora publish-onnx`` do), and a rank-8 LoRA over every linear layer
+(the demo's shape: the same files and bytes; its values do not change memory or speed) is signed
+as round 1 of a run. This tree is installed with ``pip install '.[edge]'`` (dependencies from the
+package registry) into a fresh venv, whose own ``fleetlora infer`` then verifies and answers one
+prompt; each command runs three times, alternating. Peak RSS by ``/usr/bin/time -f %M`` (the
+process's own: a child forked by this large benchmark process would report the parent's RSS, which
+Linux keeps across ``execve``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from simulations.bench import Table, register
+
+THREADS, NEW_TOKENS, RUNS = 2, 64, 3
+PROMPT = "Define 'otter'."
+SOURCES = ("pyproject.toml", "README.md", "client", "server", "shared")
+PIP_CACHE = Path(os.environ.get("FLEETLORA_WHEEL_CACHE", "/tmp/fleetlora-pip-cache"))
+MIB, MB = 1 << 20, 10**6
+
+
+def _edge_venv(root: Path) -> Path:
+    """Install this tree's ``[edge]`` into a fresh venv under ``root``; return the venv."""
+    from simulations.flower_local import ROOT
+
+    src, venv = root / "src", root / "venv"
+    src.mkdir()
+    for name in SOURCES:  # a copy: pip builds in the source tree
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    cmd = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q"]
+    cmd += ["--disable-pip-version-check", "--cache-dir", str(PIP_CACHE), f"{src}[edge]"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return venv
+
+
+def _releases(root: Path) -> tuple[Path, Path, Path]:
+    """Sign the 4-bit base, its ONNX export and a rank-8 adapter under ``root``; return (store, run, trust file)."""
+    import torch
+
+    from client.export import export_base
+    from server.onnx_release import publish_onnx_base
+    from server.quantize import publish_base
+    from shared.adapter import adapter_config_bytes, adapter_state, attach_lora
+    from shared.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from shared.config import LoraConfig
+    from shared.layout import point_latest
+    from shared.model import load_model, model_digest, resolve_model
+    from shared.release import make_release, save_tensors, write_release
+    from shared.sign import generate_key
+
+    key = generate_key(root / "keys" / "bench.key")
+    store = root / "store"
+    _, base = publish_base(resolve_model("smollm2-135m-instruct"), model_digest("smollm2-135m-instruct"), store, key)
+    publish_onnx_base(export_base(store / "base", root / "cache"), store, key)
+    model = attach_lora(load_model(str(store / "base"), torch.float32), LoraConfig(rank=8), seed=0)
+    g = torch.Generator().manual_seed(1)
+    state = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in adapter_state(model).items()}
+    files = {ADAPTER_CONFIG: adapter_config_bytes(model, str(store / "base")), ADAPTER_WEIGHTS: save_tensors(state)}
+    release, _ = make_release(
+        files, kind="adapter", run_id="bench", round=1, base_digest=base.base_digest, method="fedavg", key=key
+    )
+    run = store / "adapter" / "bench"
+    write_release(release, run / "round-0001")
+    point_latest(run, "round-0001")
+    return store, run, root / "keys" / "bench.key.pub"
+
+
+def _infer(venv: Path, args: list[str], cache: Path) -> tuple[int, float]:
+    """Run the venv's ``fleetlora infer`` under ``/usr/bin/time``; return (peak RSS bytes, wall seconds)."""
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True)
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(cache)}
+    cmd = ["/usr/bin/time", "-f", "TIME %M %e", str(venv / "bin" / "fleetlora"), "infer", *args]
+    cmd += ["--cache", str(cache), "--state", str(cache / "accepted.json")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=600)
+    match = re.search(r"TIME (\d+) ([\d.]+)", done.stderr)
+    if done.returncode != 0 or match is None:
+        raise RuntimeError(f"fleetlora infer failed ({done.returncode}): {done.stderr[-2000:]}")
+    return int(match.group(1)) * 1024, float(match.group(2))
+
+
+def _import_seconds(venv: Path) -> float:
+    """Median over three fresh interpreters of ``-X importtime``'s cumulative time for what infer imports."""
+    names = ("client.infer_cli", "client.infer", "onnxruntime_genai")
+    code = "import " + ", ".join(names)
+    runs = []
+    for _ in range(RUNS):
+        err = subprocess.run(
+            [str(venv / "bin" / "python"), "-X", "importtime", "-c", code], capture_output=True, text=True, check=True
+        ).stderr
+        total = 0
+        for line in err.splitlines():
+            parts = [p.strip() for p in line.removeprefix("import time:").split("|")]
+            if len(parts) == 3 and parts[2] in names:  # top level only: cumulative includes what it imported
+                total += int(parts[1])
+        runs.append(total / 1e6)
+    return statistics.median(runs)
+
+
+def _size_mb(venv: Path) -> float:
+    """Size of the venv's site-packages in MiB (``du -sm``)."""
+    out = subprocess.run(["du", "-sm", *venv.glob("lib/python*/site-packages")], capture_output=True, text=True)
+    return float(out.stdout.split()[0])
+
+
+@register("edge")
+def bench() -> Table:
+    """Install ``[edge]``, sign the releases, then run ``fleetlora infer`` with and without the adapter."""
+    with tempfile.TemporaryDirectory(prefix="fleetlora-edge-bench-") as tmp:
+        root = Path(tmp)
+        store, run, trust = _releases(root)
+        venv = _edge_venv(root)
+        common = ["--base", str(store / "onnx"), "--trust", str(trust), "--threads", str(THREADS)]
+        common += ["--max-new-tokens", str(NEW_TOKENS)]
+        variants = {
+            "`--adapter <run>` (verify base + adapter, convert, load, answer)": ["--adapter", str(run)],
+            "`--no-adapter`": ["--no-adapter"],
+        }
+        load_before = os.getloadavg()[0]
+        results: dict[str, list[tuple[int, float]]] = {name: [] for name in variants}
+        for _ in range(RUNS):
+            for name, extra in variants.items():
+                results[name].append(_infer(venv, [*common, *extra, PROMPT], root / "device"))
+        load_after = os.getloadavg()[0]
+        size, imports = _size_mb(venv), _import_seconds(venv)
+        base_mb = sum(f.stat().st_size for f in (store / "onnx").iterdir()) / MB
+    table = Table(
+        "An inference-only device: `fleetlora infer` from a fresh `[edge]` venv",
+        "python -m simulations.bench --only edge",
+        ["`fleetlora infer …`", "peak RSS (MiB)", "peak RSS (MB)", "wall (s), whole command"],
+    )
+    for name, runs in results.items():
+        table.rows.append(
+            [
+                name,
+                ", ".join(f"{r / MIB:.0f}" for r, _ in runs),
+                ", ".join(f"{r / MB:.0f}" for r, _ in runs),
+                ", ".join(f"{w:.1f}" for _, w in runs),
+            ]
+        )
+    table.notes += [
+        f"`[edge]` venv: {size:.0f} MiB of site-packages (`du -sm`); importing what `fleetlora infer` imports "
+        f"(`client.infer_cli`, `client.infer`, `onnxruntime_genai`; `-X importtime`, cumulative): {imports:.2f} s "
+        "(median of 3 fresh interpreters)",
+        f"SmolLM2-135M-Instruct: the signed ONNX base ({base_mb:.1f} MB) and a signed rank-8 LoRA over every "
+        f"linear layer; one prompt ({PROMPT!r}), at most {NEW_TOKENS} new tokens, `--threads {THREADS}`; "
+        f"{RUNS} runs of each command, alternating; 1 MiB = 2^20 bytes, 1 MB = 10^6",
+        "the adapter is verified, then converted to `.onnx_adapter` in a child process (`python -m "
+        "client.onnx_adapter`, handed the verified bytes) before the model loads; the serving process imports "
+        "neither numpy's conversion code nor onnxruntime's Python API",
+        f"1-minute load average {load_before:.1f} before, {load_after:.1f} after (2 cores)",
+    ]
+    return table
