@@ -185,8 +185,10 @@ class EdgeModel:
         except subprocess.TimeoutExpired:
             raise ReleaseError(f"converting the adapter took longer than {CONVERT_TIMEOUT_S} s") from None
         if done.returncode != 0:
-            reason = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {done.returncode}"]
-            raise ReleaseError(f"the adapter does not fit the exported model: {reason[0][:MAX_REASON]}")
+            reason = (done.stderr.decode(errors="replace").strip().splitlines() or [""])[-1][:MAX_REASON]
+            if done.returncode == 2:  # the child's refusal (client.onnx_adapter._main)
+                raise ReleaseError(f"the adapter does not fit the exported model: {reason}")
+            raise ReleaseError(f"converting the adapter failed (exit {done.returncode}): {reason}")
         if self.accepted is not None:
             self.accepted.accept(manifest)  # recorded before it is used: a restart never goes back
         return manifest, path
