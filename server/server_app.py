@@ -38,7 +38,7 @@ from server.state.heartbeat import Heartbeat
 from server.strategy import AdapterStrategy
 from shared.adapter import ADAPTER_WEIGHTS, adapter_config_bytes, adapter_state, attach_lora, save_peft_folder
 from shared.config import FleetConfig
-from shared.model import load_model, model_digest, resolve_model
+from shared.model import cache_dir, load_model, model_digest, resolve_model
 from shared.release import load_tensors
 from shared.release_records import release_to_records
 from shared.sign import TrustList, key_id, load_private_key
@@ -188,13 +188,26 @@ def _resume(
     return release_to_records(point.release)[0]
 
 
+def _publish_onnx(store: Path, key: Any) -> None:
+    """Export the store's 4-bit base to ONNX Runtime (cached) and sign it as ``<store>/onnx`` for edge devices."""
+    from client.export import export_base
+    from server.onnx_release import publish_onnx_base
+
+    t0 = time.time()
+    _, manifest = publish_onnx_base(export_base(store / "base", cache_dir()), store, key)
+    log(INFO, "fleetlora: ONNX base %s for edge devices ready in %.0f s", manifest.digest()[:16], time.time() - t0)
+
+
 def _distribute_base(cfg: FleetConfig, store: Path, key_path: Path) -> tuple[str, Any]:
     """Return the digest of the base devices train on, and the artifact service serving it (``int4``)."""
     if cfg.base.format == "float":
         return model_digest(cfg.model), None
     t0 = time.time()
     source = resolve_model(cfg.model)
-    _, manifest = publish_base(source, model_digest(cfg.model), store, load_private_key(key_path))
+    key = load_private_key(key_path)
+    _, manifest = publish_base(source, model_digest(cfg.model), store, key)
+    if cfg.base.onnx:
+        _publish_onnx(store, key)
     if not cfg.base.serve:
         digest = manifest.digest()[:16]
         log(INFO, "fleetlora: 4-bit base %s published in %s, served by a separate artifact service", digest, store)

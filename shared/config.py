@@ -149,9 +149,15 @@ class BaseConfig:
     tls_ca: str = ""
     """Server: the fleet CA whose device certificates the artifact service admits (mutual TLS);
     empty means ``ca.pem`` beside ``tls-cert``, where ``fleetlora certs`` puts it."""
+    onnx: int = 0
+    """Server: 1, also export the 4-bit base to ONNX Runtime and sign it as ``<store>/onnx``, the
+    base of inference-only devices (``fleetlora[edge]``: ``fleetlora fetch onnx``); what
+    ``fleetlora export`` + ``fleetlora publish-onnx`` do by hand. Once per base (cached); about
+    half a minute for SmolLM2."""
 
     def __post_init__(self) -> None:
         _check(self.serve in (0, 1), "base.serve", self.serve, "must be 0 or 1")
+        _check(self.onnx in (0, 1), "base.onnx", self.onnx, "must be 0 or 1")
         _check(bool(self.tls_cert) == bool(self.tls_key), "base.tls-cert", self.tls_cert, "needs base.tls-key too")
         _check(self.format in BASE_FORMATS, "base.format", self.format, f"must be one of {BASE_FORMATS}")
         host, _, port = self.address.rpartition(":")

@@ -127,3 +127,24 @@ def test_infer_takes_the_onnx_base_of_the_adapters_base_first_in_cache_and_store
     (run / "LATEST").write_text("round-0001\n")
     assert newest_base(releases, edge_base.digest) == releases / "onnx"  # loaded as fetched: no export, no torch
     assert _base_for(run, tmp_path / "empty") == store / "onnx"
+
+
+def test_the_coordinator_publishes_the_onnx_base_an_edge_device_loads_as_fetched(
+    edge_base, onnx_base, tmp_path, monkeypatch
+):
+    """``base.onnx = 1``: the ServerApp exports its 4-bit base and signs it as ``<store>/onnx``, once."""
+    import server.server_app as app
+
+    store = tmp_path / "store"
+    shutil.copytree(edge_base.base, store / "base")
+    monkeypatch.setattr(app, "cache_dir", lambda: edge_base.root / "cache")  # the session's export, cached
+    app._publish_onnx(store, KEY)
+    first = (store / "onnx" / "manifest.json").read_bytes()
+    model = EdgeModel(store / "onnx", TRUST, tmp_path / "device", threads=1)  # verified, then loaded as it is
+    assert model.base_digest == edge_base.digest and model.folder == store / "onnx"
+    assert not (tmp_path / "device" / "onnx").exists()  # nothing exported on the device
+    ids = model.prompt_ids("Define 'otter'.")
+    by_hand = EdgeModel(onnx_base, TRUST, tmp_path / "other", threads=1)  # fleetlora export + publish-onnx
+    np.testing.assert_array_equal(model.logits(ids), by_hand.logits(ids))
+    app._publish_onnx(store, KEY)
+    assert (store / "onnx" / "manifest.json").read_bytes() == first  # the same release: devices see nothing new
