@@ -65,18 +65,18 @@ def main(grid: Grid, context: Context) -> None:
         config=adapter_config_bytes(peft_model, base=resolve_model(cfg.model)),
     )
     state = StateStore(Path(cfg.state.db).expanduser() if cfg.state.db else out.parent / "state.sqlite")
-    earlier = carried_rounds(out / "rounds.json")  # a restarted run keeps the rounds it had signed
+    logged_rounds = carried_rounds(out / "rounds.json")  # a restarted run keeps the rounds it had signed
     round_log = _round_log(out / "rounds.json", cfg, context, registry, state)
     fractions = (cfg.fraction_train, cfg.fraction_evaluate)
     client_level = cfg.dp.enabled and cfg.dp.level == "client"  # record level: each device's own DP-SGD
     dp = DpRounds(cfg.dp, cfg.fraction_train, cfg.num_server_rounds) if client_level else None
     secure = SecureRounds(secagg_params(cfg)) if cfg.aggregation.secure else None  # bad values fail here
     strategy = AdapterStrategy(round_log, cfg.min_clients, cfg.aggregation, cfg.lora, registry, fractions, dp, secure)
-    with contextlib.ExitStack() as running:  # on the way out, however: stop the service, then the heartbeat
-        running.callback(Heartbeat(state, run_id).start().stop)  # lets the dashboard tell running from stopped
+    with contextlib.ExitStack() as on_exit:  # on the way out, however: stop the service, then the heartbeat
+        on_exit.callback(Heartbeat(state, run_id).start().stop)  # lets the dashboard tell running from stopped
         if service is not None:
-            running.callback(service.stop, grace=1)
-        initial = _resume(registry, strategy, round_log, state, earlier, key_path)
+            on_exit.callback(service.stop, grace=1)
+        initial = _resume(registry, strategy, round_log, state, logged_rounds, key_path)
         if dp is not None:  # before any release: a run whose planned rounds overspend refuses to start
             _start_privacy(dp, grid, cfg, round_log)
         if initial is None:
@@ -148,7 +148,7 @@ def _resume(
     strategy: AdapterStrategy,
     round_log: RoundLog,
     state: StateStore,
-    earlier: list[dict[str, Any]],
+    logged_rounds: list[dict[str, Any]],
     key_path: Path,
 ) -> Any:
     """If the run already signed rounds, continue its chain; return what round N + 1 sends, else None.
@@ -161,31 +161,31 @@ def _resume(
     trust = TrustList(trusted={key_id(public): public})  # the releases this server signed
     run_id = registry.run_id
     signed = state.last_signed_round(run_id)
-    point = resume_point(registry.folder, trust, run_id, registry.base_digest, registry.method)
-    unrecorded = unrecorded_rounds(point, signed, state.path)  # raises if the store and the releases disagree
-    if point is None:
+    resume_from = resume_point(registry.folder, trust, run_id, registry.base_digest, registry.method)
+    unrecorded = unrecorded_rounds(resume_from, signed, state.path)  # raises if the store and the releases disagree
+    if resume_from is None:
         return None
-    registry.resume(point.release, point.manifest)
-    strategy.round_offset = point.round
-    round_log.data["rounds"] = [r for r in earlier if r["round"] <= point.round]
+    registry.resume(resume_from.release, resume_from.manifest)
+    strategy.round_offset = resume_from.round
+    round_log.data["rounds"] = [r for r in logged_rounds if r["round"] <= resume_from.round]
     for number in unrecorded:  # signed and written by a coordinator killed before it recorded them
-        manifest = point.manifest_of(number)
+        manifest = resume_from.manifest_of(number)
         assert manifest is not None  # unrecorded_rounds returns only rounds with a verified release
         strategy.record_release(number, manifest)
-    dropped = state.drop_rounds_after(run_id, point.round)
-    round_log.note(point.round, resumed=time.time())
+    dropped = state.drop_rounds_after(run_id, resume_from.round)
+    round_log.note(resume_from.round, resumed=time.time())
     log(
         INFO,
         "fleetlora: resuming run %s after its signed round %d (manifest %s, chain of %d verified releases; "
         "the state store had it %s%s); Flower's [ROUND i/n] banners count this start's rounds from 1",
         run_id,
-        point.round,
-        point.manifest.digest()[:16],
-        len(point.chain),
+        resume_from.round,
+        resume_from.manifest.digest()[:16],
+        len(resume_from.chain),
         f"up to round {signed.round}" if signed is not None else "not at all",
         f", {dropped} unsigned round(s) in flight dropped" if dropped else "",
     )
-    return release_to_records(point.release)[0]
+    return release_to_records(resume_from.release)[0]
 
 
 def _publish_onnx(store: Path, key: Any) -> None:
