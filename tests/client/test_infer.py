@@ -54,6 +54,24 @@ def test_a_non_finite_adapter_is_refused_and_the_active_one_stays(edge_base, tmp
     assert torch.isfinite(torch.from_numpy(before)).all()
 
 
+def test_a_conversion_that_crashes_is_a_refusal_and_the_active_adapter_stays(onnx_base, edge_base, tmp_path):
+    """The child process that converts an adapter fails (here: the export's corrections vanished after loading)."""
+    base = tmp_path / "onnx"
+    shutil.copytree(onnx_base, base)
+    model = device_model(edge_base.base)
+    edge = EdgeModel(base, TRUST, tmp_path / "cache", threads=1)
+    good, m1 = signed_adapter(tmp_path / "a1", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest)
+    edge.apply_release(good)
+    ids = edge.prompt_ids("Define 'hammer'.")
+    before = edge.logits(ids)
+    (base / "correction.safetensors").unlink()
+    newer, _ = signed_adapter(tmp_path / "a2", model, trained_state(model, 2), edge_base.base, 2, edge_base.digest)
+    with pytest.raises(ReleaseError, match=r"converting the adapter failed \(exit 1\): .*correction"):
+        edge.apply_release(newer)
+    assert edge.active is not None and edge.active.manifest == m1
+    np.testing.assert_array_equal(edge.logits(ids), before)
+
+
 def test_the_onnx_base_release_answers_as_the_local_export_and_needs_no_export(onnx_base, edge_base, tmp_path):
     model = device_model(edge_base.base)
     adapter, _ = signed_adapter(tmp_path / "a1", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest)
