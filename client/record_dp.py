@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from shared.adapter import causal_lm
 from shared.atomic import write_atomic
 from shared.config import TrainConfig
 from shared.data import IGNORE_INDEX, Encoded, collate
@@ -137,11 +138,11 @@ def _step(model: Any, batch: list[Encoded], pad_id: int, params: list[torch.nn.P
 
 def per_example_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Return each example's mean cross-entropy over its response tokens, shape (B,)."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    base_lm = causal_lm(model)
+    hidden = base_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]  # (B, T-1)
     keep = targets != IGNORE_INDEX
-    logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()  # (N, V)
+    logits = base_lm.lm_head(hidden[:, :-1][keep]).float()  # (N, V)
     tokens = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="none")  # (N,)
     owner = keep.nonzero()[:, 0]  # which example each scored token belongs to
     sums = torch.zeros(targets.shape[0], dtype=tokens.dtype).index_add(0, owner, tokens)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from client.loss import output_nll
+from shared.adapter import causal_lm
 from shared.config import EvalConfig, TrainConfig
 from shared.data import IGNORE_INDEX, Encoded, collate
 
@@ -154,8 +155,8 @@ def lora_in_compute_dtype(model: Any) -> tuple[contextlib.AbstractContextManager
     Returns the context for a whole step (the cast stays off through the backward pass, where
     activation checkpointing recomputes the forward) and a factory of the forward's autocast.
     """
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    dtype = causal_lm.get_input_embeddings().weight.dtype
+    base_lm = causal_lm(model)
+    dtype = base_lm.get_input_embeddings().weight.dtype
     if dtype == torch.float32:
         return contextlib.nullcontext(), contextlib.nullcontext
     from peft.helpers import disable_input_dtype_casting
@@ -171,14 +172,14 @@ def response_nll(model: Any, batch: dict[str, torch.Tensor], share_prefix: bool 
     lm_head(h[keep])`` is (N, V) for N response tokens instead of (B, T, V), made a chunk of
     tokens at a time (:func:`client.loss.output_nll`).
     """
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = _hidden(causal_lm.model, batch["input_ids"], batch["attention_mask"], share_prefix)  # (B, T, H)
+    base_lm = causal_lm(model)
+    hidden = _hidden(base_lm.model, batch["input_ids"], batch["attention_mask"], share_prefix)  # (B, T, H)
     targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
     keep = targets != IGNORE_INDEX
     count = int(keep.sum())
     if count == 0:
         return hidden.sum() * 0.0, 0
-    return output_nll(causal_lm.lm_head, hidden[:, :-1][keep], targets[keep]), count  # (N, V) logits, chunked
+    return output_nll(base_lm.lm_head, hidden[:, :-1][keep], targets[keep]), count  # (N, V) logits, chunked
 
 
 def _hidden(decoder: Any, ids: torch.Tensor, mask: torch.Tensor, share_prefix: bool) -> torch.Tensor:

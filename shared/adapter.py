@@ -50,6 +50,11 @@ def attach_lora(model: Any, cfg: LoraConfig, seed: int, rank: int | None = None)
     return peft_model
 
 
+def causal_lm(model: Any) -> Any:
+    """Return the transformers model under a peft wrapper (or ``model`` itself, if it has none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def adapter_state(peft_model: Any) -> State:
     """Return the adapter's tensors in fp32, keyed as in PEFT's saved files."""
     from peft import get_peft_model_state_dict
