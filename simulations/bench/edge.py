@@ -193,9 +193,8 @@ def bench() -> Table:
         "neither numpy's conversion code nor onnxruntime's Python API",
         "the peak's parts: RssAnon and RssFile when a thread sampling the process's own RSS every 5 ms saw it "
         "highest; file-backed pages (mapped libraries, the mapped embedding rows, the adapter file) depend on "
-        "the kernel's page cache, not only on the code: the same command from another venv holding the same "
-        "files (byte for byte; installed earlier, by its own pip) measured 285 MiB, 17 MiB less of mapped "
-        "libraries (libonnxruntime 18 vs 25 MiB resident); the anonymous part does not vary",
+        "the kernel's page cache, not only on the code (byte-identical libraries in an older venv mapped "
+        "17 MiB less: measured by hand on an AMD EPYC, 2026-12-06); the anonymous part is the code's",
         f"1-minute load average {load_before:.1f} before, {load_after:.1f} after (2 cores)",
     ]
     return table
