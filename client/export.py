@@ -24,10 +24,10 @@ we then swap every linear layer and the embedding for our own quantized weights:
 * **LoRA** (Hu et al., 2021): for each layer, graph inputs ``<layer>.lora_A`` = ``A`` (K, r)
   and ``<layer>.lora_B`` = ``[C ; B]`` (K/32 + r, N) add correction and update in one branch,
   ``[sums(x) | x @ A] @ [C ; B]``. Their defaults are one zero column and ``[C ; 0]`` (the base
-  alone, exact, for plain ONNX Runtime); an
-  adapter file (``client/onnx_adapter.py``) feeds them at run time (onnxruntime-genai
-  ``og.Adapters``), so a new adapter never rebuilds the base. ``base.onnx_adapter`` holds the
-  base's own; one adapter must always be active under GenAI, which feeds empty factors otherwise.
+  alone, exact, for plain ONNX Runtime); an adapter file (``client/onnx_adapter.py``) feeds
+  them at run time (onnxruntime-genai ``og.Adapters``), so a new adapter never rebuilds the base.
+  ``base.onnx_adapter`` holds the base's own; one adapter must always be active under GenAI,
+  which feeds empty factors otherwise.
 
 The export is cached under ``<cache>/onnx/<digest>``, keyed by the base's digest and
 :data:`EXPORT_VERSION`.
