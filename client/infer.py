@@ -30,7 +30,7 @@ from client.generation import GenerationOptions, model_defaults
 from shared.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from shared.errors import ReleaseError
 from shared.manifest import Manifest
-from shared.onnx_base import BASE_ADAPTER, CORRECTIONS, ExportError, ExportOptions, is_onnx_base, read_export_info
+from shared.onnx_base import BASE_ADAPTER, ExportError, ExportOptions, is_onnx_base, read_export_info
 from shared.release import read_release, verify_release
 from shared.replay import AcceptedReleases
 from shared.sign import TrustList
@@ -74,8 +74,8 @@ class EdgeModel:
         only this session's active adapter is compared against.
     adapter
         An adapter release to verify, convert and make active (as :meth:`apply_release`) before the
-        model loads: the conversion's temporary memory is returned before the model's is taken,
-        so the process peaks lower than with :meth:`apply_release` after the load.
+        model loads: the conversion's child process has ended before the model takes its memory,
+        so the device never holds both.
     """
 
     def __init__(
@@ -138,21 +138,19 @@ class EdgeModel:
             self._activate(manifest, path)
         return manifest
 
-    def corrections(self) -> dict[str, Any]:
-        """Return the export's per-layer corrections ``C`` (numpy; read from disk, not kept: benchmarks use it)."""
-        from safetensors.numpy import load_file
-
-        return load_file(str(self.folder / CORRECTIONS))
-
     def adapter_name(self, adapter: bool = True) -> str:
         """Return the ONNX Runtime adapter a generation sets: the active one, or the base's own (loaded once)."""
         with self._lock:
-            if adapter and self.active:
-                return self.active.name
-            if not self._base_loaded:
-                self.adapters.load(str(self.folder / BASE_ADAPTER), BASE)  # the exact correction, no LoRA
-                self._base_loaded = True
-            return BASE
+            return self._adapter_name(adapter)
+
+    def _adapter_name(self, adapter: bool) -> str:
+        """:meth:`adapter_name`, with ``_lock`` held by the caller."""
+        if adapter and self.active:
+            return self.active.name
+        if not self._base_loaded:
+            self.adapters.load(str(self.folder / BASE_ADAPTER), BASE)  # the exact correction, no LoRA
+            self._base_loaded = True
+        return BASE
 
     def _prepare(self, folder: str | Path) -> tuple[Manifest, Path | None]:
         """Verify the adapter release in ``folder`` and write its ``.onnx_adapter`` file; record it as accepted.
@@ -251,9 +249,8 @@ class EdgeModel:
         params = og.GeneratorParams(self.model)
         params.set_search_options(**options.search_options(len(ids)))
         gen = og.Generator(self.model, params)
-        name = self.adapter_name(adapter)  # always one adapter: the base's own carries the exact correction
-        with self._lock:
-            gen.set_active_adapter(self.adapters, name)
+        with self._lock:  # one lock for choosing and setting: apply_release may unload the one chosen
+            gen.set_active_adapter(self.adapters, self._adapter_name(adapter))  # the base's own: exact correction
         gen.append_tokens(ids)
         return gen
 

@@ -76,7 +76,7 @@ def _infer(args: argparse.Namespace) -> int:
     export = None if args.output_bits is None else ExportOptions(output_bits=args.output_bits)
     accepted = AcceptedReleases(args.state or default_state_file(cache / "releases"))
     trust = TrustList.load(args.trust)
-    first = None  # applied before the model loads: its conversion's memory is given back first
+    first = None  # converted before the model loads: the device never holds both
     if args.adapter is not None and not args.no_adapter:
         try:
             first = follow_latest(args.adapter)

@@ -151,11 +151,9 @@ def convert(adapter_config: bytes, weights: bytes, export: str | Path, out: str 
         Why the adapter cannot be served: malformed, a non-finite or huge value, a shape or
         option the graph does not implement.
     """
-    from safetensors.numpy import load_file
-
     from client.verify import check_adapter_values
     from shared.errors import ReleaseError
-    from shared.onnx_base import CORRECTIONS, read_export_info
+    from shared.onnx_base import read_export_info
     from shared.tensors import load_arrays
 
     scale = lora_scale(adapter_config)
@@ -165,8 +163,17 @@ def convert(adapter_config: bytes, weights: bytes, export: str | Path, out: str 
     except (ReleaseError, ValueError) as exc:
         raise AdapterError(str(exc)) from None
     layers = read_export_info(export).layers_json()
-    tensors = onnx_lora_tensors(state, scale, layers, load_file(str(Path(export) / CORRECTIONS)))
+    tensors = onnx_lora_tensors(state, scale, layers, read_corrections(export))
     return write_onnx_adapter(tensors, out)
+
+
+def read_corrections(export: str | Path) -> dict[str, np.ndarray]:
+    """Return the per-layer corrections ``C`` of the export in ``export`` (its ``correction.safetensors``)."""
+    from safetensors.numpy import load_file
+
+    from shared.onnx_base import CORRECTIONS
+
+    return load_file(str(Path(export) / CORRECTIONS))
 
 
 def _main(argv: list[str]) -> int:

@@ -151,7 +151,7 @@ def measure_onnx(variant: str) -> dict[str, Any]:
 
     from client.export import ExportOptions
     from client.infer import EdgeModel
-    from client.onnx_adapter import lora_scale, onnx_lora_tensors
+    from client.onnx_adapter import lora_scale, onnx_lora_tensors, read_corrections
     from shared.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
     from shared.model import load_tokenizer
     from shared.release import load_tensors
@@ -178,7 +178,7 @@ def measure_onnx(variant: str) -> dict[str, Any]:
                 load_tensors(files[ADAPTER_WEIGHTS]),
                 lora_scale(files[ADAPTER_CONFIG]),
                 edge.lora_layers,
-                edge.corrections(),
+                read_corrections(edge.folder),
             )
         name = edge.adapter_name(adapter)  # the active adapter, or the base alone (its own adapter)
     short, long = _prompt_ids(tok)
