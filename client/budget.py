@@ -67,9 +67,10 @@ ACT = 30
 """Float32 values per token, layer and hidden unit that a block keeps for its backward pass; without
 checkpointing one example's worth more than the micro-batch stays resident (SmolLM2: 1,465 / 1,805 MB
 measured at micro-batch 1 / 2, seq 128)."""
-KEEP = 12
-"""Float32 values per token, layer and hidden unit kept under checkpointing (SmolLM2: 1,062 / 1,613 MB at
-micro-batch 1 / 4, seq 128)."""
+KEEP = 13
+"""Float32 values per token, layer and hidden unit kept under checkpointing: 12 fitted (SmolLM2: 1,062 / 1,613 MB
+at micro-batch 1 / 4, seq 128), + 1 for each layer's attention output the first pass keeps for the
+recomputation since (``client/checkpointing.py``; +43 MB measured at seq 256 x batch 4 in bf16)."""
 LOGITS = 3.2
 """Float32 values per token and vocabulary entry: the logits, their log-softmax and its gradient (the
 2-layer model: 0.61 MB per token measured, 49,152 entries, when every token's logits were made at

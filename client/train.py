@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from client import checkpointing
 from client.loss import output_nll
 from shared.adapter import causal_lm
 from shared.config import EvalConfig, TrainConfig
@@ -71,7 +72,7 @@ def train_adapter(model: Any, data: list[Encoded], cfg: TrainConfig, pad_id: int
     no_cast, autocast = lora_in_compute_dtype(model)
     try:  # a failed round leaves the model as it found it: no checkpointing, peft's casts on, eval mode
         if cfg.gradient_checkpointing:
-            _checkpointing(model, True)
+            checkpointing.enable(model)
         model.train()
         with no_cast:
             for _ in range(cfg.steps):
@@ -81,7 +82,7 @@ def train_adapter(model: Any, data: list[Encoded], cfg: TrainConfig, pad_id: int
                 optimizer.zero_grad(set_to_none=True)
     finally:
         if cfg.gradient_checkpointing:
-            _checkpointing(model, False)
+            checkpointing.disable(model)
         model.eval()
     return TrainResult(mean_loss=sum(losses) / len(losses), steps=cfg.steps, seconds=time.perf_counter() - t0)
 
@@ -99,29 +100,6 @@ def _step(model: Any, examples: list[Encoded], micro: int, share: bool, pad_id: 
         loss.backward()
         total += loss.item()
     return total
-
-
-def _checkpointing(model: Any, on: bool) -> None:
-    """Turn activation checkpointing of every decoder layer on or off.
-
-    Under it the forward pass keeps only each decoder layer's input; the backward pass of a
-    layer recomputes its forward from there (transformers' ``gradient_checkpointing_enable``).
-    torch's reentrant variant: the first forward pass runs without autograd at all, which left
-    ~80 MiB less peak RSS than the non-reentrant one at seq 256 x batch 4 on SmolLM2 (same time).
-    The 4-bit layers of the recomputation keep their dequantized W for the backward that
-    follows (one layer's weights at a time) instead of dequantizing a third time.
-    """
-    from shared.int4_layer import Int4Linear
-
-    for module in model.modules():
-        if isinstance(module, Int4Linear):
-            module.keep_dequantized = on
-    if on:
-        model.enable_input_require_grads()  # the reentrant variant differentiates through each layer's input
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    else:
-        model.gradient_checkpointing_disable()
-        model.disable_input_require_grads()
 
 
 @torch.inference_mode()

@@ -11,6 +11,7 @@ bytes per weight with scales and mins), never a float copy. The base gets no gra
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +28,18 @@ class _Int4MatMul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                keep: bool) -> Any:  # fmt: skip
+                keep: bool, product: bool) -> Any:  # fmt: skip
         weight = dequantize4(codes, scales, mins, x.dtype)  # (N, K)
         ctx.save_for_backward(*((weight,) if keep else (codes, scales, mins)))
+        if not product:  # its value is never read (skip_output_when); the backward pass is the same
+            return x.new_zeros((*x.shape[:-1], weight.shape[0]))
         return torch.nn.functional.linear(x, weight)  # (..., N)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         saved = ctx.saved_tensors
         weight = saved[0] if len(saved) == 1 else dequantize4(saved[0], saved[1], saved[2], grad.dtype)
-        return grad @ weight.to(grad.dtype), None, None, None, None  # (..., K)
+        return grad @ weight.to(grad.dtype), None, None, None, None, None  # (..., K)
 
 
 class Int4Linear(nn.Module):
@@ -54,6 +57,10 @@ class Int4Linear(nn.Module):
         activation checkpointing: there the forward's saved tensors are dropped and the layer's
         recomputation keeps W just until its backward (one decoder layer's weights at a time);
         without it every layer's float W would stay alive through the whole step."""
+        self.skip_output_when: Callable[[], bool] | None = None
+        """While this returns True, the forward pass returns zeros instead of x W^T (and still keeps what
+        its backward needs): set by ``client/checkpointing.py`` on a layer whose output's value a
+        checkpointed recomputation never reads."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int4Linear:
@@ -64,7 +71,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return x W^T."""
-        return _Int4MatMul.apply(x, self.qweight, self.scales, self.mins, self.keep_dequantized)
+        product = self.skip_output_when is None or not self.skip_output_when()
+        return _Int4MatMul.apply(x, self.qweight, self.scales, self.mins, self.keep_dequantized, product)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Return the weight W (N, K), e.g. for tests and exports."""

@@ -9,7 +9,8 @@ between processes minutes apart (measured), which a ratio of separate processes 
 
 "today's default" runs the code paths before issue 18's training change in the same tree: peft
 casting every LoRA input to fp32 (no autocast) and the output layer's logits for every
-response token at once (plain cross-entropy).
+response token at once (plain cross-entropy). "plain recomputation" checkpoints as before
+``client/checkpointing.py`` trimmed the recomputation (attention and the down projection recomputed).
 
 Run one variant alone: ``python -m simulations.bench.training VARIANT STEPS DTYPE`` (DTYPE: ``auto`` or
 ``float32``; VARIANT ``timed``: the alternating timing process).
@@ -29,31 +30,41 @@ from typing import Any
 from simulations.bench import Table, peak_rss, register, run_child
 
 STEPS, TIMED = 20, 12
-VARIANTS = {  # name: (code before issue 18, gradient checkpointing)
-    "today's default (before)": (True, 0),
-    "new default": (False, 0),
-    "<= 1 GB: new default + train.gradient-checkpointing = 1": (False, 1),
+VARIANTS = {  # name: (code: "before" issue 18, "plain" recomputation, "now"; gradient checkpointing)
+    "today's default (before)": ("before", 0),
+    "new default": ("now", 0),
+    "<= 1 GB, plain recomputation (before client/checkpointing.py)": ("plain", 1),
+    "<= 1 GB: new default + train.gradient-checkpointing = 1": ("now", 1),
 }
 
 
 @contextlib.contextmanager
-def _code(before: bool) -> Any:
-    """Within the block, train with the two paths issue 18 replaced (``before``) or with today's."""
+def _code(code: str) -> Any:
+    """Within the block, train with the paths issue 18 replaced ("before"), a plain recomputation ("plain") or now's."""
     import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    import client.checkpointing
     import client.train
 
     def plain(lm_head: Any, hidden: Any, targets: Any) -> Any:
         return torch.nn.functional.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
 
+    def stock(module: Any, *args: Any, **kwargs: Any) -> Any:
+        return sdpa_attention_forward(module, *args, **kwargs)
+
     saved = client.train.output_nll, client.train.lora_in_compute_dtype
-    if before:
+    trims = client.checkpointing._DISCARDABLE, client.checkpointing._attention
+    if code == "before":
         client.train.output_nll = plain
         client.train.lora_in_compute_dtype = lambda model: (contextlib.nullcontext(), contextlib.nullcontext)
+    if code == "plain":  # no kept attention output, no skipped down projection (W is still kept)
+        client.checkpointing._DISCARDABLE, client.checkpointing._attention = {}, stock
     try:
         yield
     finally:
         client.train.output_nll, client.train.lora_in_compute_dtype = saved
+        client.checkpointing._DISCARDABLE, client.checkpointing._attention = trims
 
 
 def _setup(dtype: str) -> tuple[Any, Any, list[Any], Any]:
@@ -76,8 +87,8 @@ def timed(steps: int, dtype: str) -> dict[str, list[float]]:
     model, tok, data, cfg = _setup(dtype)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for step in range(steps + 1):  # the first round warms up
-        for name, (before, checkpointing) in VARIANTS.items():
-            with _code(before):
+        for name, (code, checkpointing) in VARIANTS.items():
+            with _code(code):
                 t0 = time.perf_counter()
                 train_adapter(model, data, replace(cfg, gradient_checkpointing=checkpointing), tok.pad_token_id, step)
                 if step:
@@ -92,11 +103,11 @@ def measure(variant: str, steps: int, dtype: str) -> dict[str, float]:
     from shared.data import encode, load_jsonl
     from simulations.bench.int4 import DATA, SEQ
 
-    before, checkpointing = VARIANTS[variant]
+    code, checkpointing = VARIANTS[variant]
     model, tok, data, cfg = _setup(dtype)
     heldout = [encode(e, tok, SEQ) for e in load_jsonl(DATA / "heldout.jsonl")[:64]]
     times = []
-    with _code(before):
+    with _code(code):
         for step in range(steps):
             t0 = time.perf_counter()
             train_adapter(model, data, replace(cfg, gradient_checkpointing=checkpointing), tok.pad_token_id, step)
@@ -149,8 +160,11 @@ def training() -> Table:
         "new default: LoRA branches in the base's compute dtype under torch.autocast with peft's fp32 cast of their "
         "inputs off (client.train.lora_in_compute_dtype; no change on an fp32 CPU), and the output layer + "
         "cross-entropy in chunks of 32 response tokens with its gradient taken in the forward pass (client/loss.py)",
-        "<= 1 GB: the same + activation checkpointing of every decoder layer, the 4-bit layers' dequantized weights "
-        "kept from the recomputation for the backward pass (shared/int4_layer.py keep_dequantized)",
+        "<= 1 GB: the same + activation checkpointing of every decoder layer (client/checkpointing.py): the 4-bit "
+        "layers' dequantized weights kept from the recomputation for the backward pass, each layer's attention "
+        "output and log-sum-exp kept from the first pass for the recomputation (not recomputed), the MLP's down "
+        "projection not multiplied in the recomputation (its value is never read); plain recomputation: the same "
+        "without the last two",
         "held-out: noun.food heldout.jsonl, first 64 examples, cross-entropy per response token",
         f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores)",
     ]

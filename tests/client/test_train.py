@@ -5,7 +5,7 @@ import torch
 
 from client.partition import partition_for
 from client.train import _common_prefix, evaluate, lora_in_compute_dtype, response_nll, train_adapter
-from shared.adapter import adapter_state, attach_lora, load_adapter_state
+from shared.adapter import adapter_state, attach_lora, causal_lm, load_adapter_state
 from shared.config import EvalConfig, FleetConfig, LoraConfig, TrainConfig
 from shared.data import DataError, collate, encode, load_jsonl
 from shared.model import load_model
@@ -154,8 +154,28 @@ def test_over_a_bf16_base_lora_computes_in_bf16_keeps_less_and_learns_the_same(t
     assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
 
 
-def test_checkpointing_on_a_4bit_base_gives_the_same_update(tiny_int4_dir, food, tokenizer):
-    """Recomputed layers keep their dequantized W for their backward: same adapter, flag off again after."""
+def test_checkpointing_on_a_4bit_base_gives_the_same_update(tiny_int4_dir, food, tokenizer, monkeypatch):
+    """The recomputation keeps W for its backward, reuses the first pass's attention, skips the down projection.
+
+    Same adapter as without checkpointing; attention ran once per layer and step, not twice; every
+    flag is off again after.
+    """
+    import client.checkpointing
+    import shared.int4_layer
+
+    flash, products = client.checkpointing._FLASH, shared.int4_layer._Int4MatMul.forward
+    calls = {"attention": 0, "skipped": 0}
+
+    def counted(*args, **kwargs):
+        calls["attention"] += 1
+        return flash(*args, **kwargs)
+
+    def product(ctx, x, codes, scales, mins, keep, compute):
+        calls["skipped"] += not compute
+        return products(ctx, x, codes, scales, mins, keep, compute)
+
+    monkeypatch.setattr(client.checkpointing, "_FLASH", counted)
+    monkeypatch.setattr(shared.int4_layer._Int4MatMul, "forward", staticmethod(product))
 
     def two_steps(**kw):
         model = attach_lora(load_model(str(tiny_int4_dir), torch.float32), LoraConfig(rank=4), seed=0)
@@ -164,6 +184,8 @@ def test_checkpointing_on_a_4bit_base_gives_the_same_update(tiny_int4_dir, food,
         return adapter_state(model)
 
     plain, checkpointed = two_steps(), two_steps(gradient_checkpointing=1)
+    layers = 2  # the tiny base's; 2 steps of one batch each
+    assert calls == {"attention": 2 * layers, "skipped": 2 * layers}
     assert plain.keys() == checkpointed.keys()
     for key, value in plain.items():
         torch.testing.assert_close(checkpointed[key], value, rtol=1e-4, atol=1e-5, msg=key)
@@ -179,14 +201,18 @@ def test_a_round_that_fails_leaves_the_model_as_it_found_it(tiny_int4_dir, food,
 
     def failing(*args, **kwargs):
         calls.append(1)
+        out = real(*args, **kwargs)  # the forward pass ran: checkpointed layers kept their attention outputs
         if len(calls) == 2:
             raise FloatingPointError("training loss became nan; lower train.lr")
-        return real(*args, **kwargs)
+        return out
 
     monkeypatch.setattr(client.train, "response_nll", failing)
     with pytest.raises(FloatingPointError):
         train_adapter(model, food, TrainConfig(steps=3, batch_size=4, gradient_checkpointing=1), 0, seed=0)
     assert len(calls) == 2 and not model.training
     assert not model.is_activation_checkpointing
-    assert not any(getattr(m, "keep_dequantized", False) for m in model.modules())
+    for m in model.modules():
+        assert not getattr(m, "keep_dequantized", False) and getattr(m, "skip_output_when", None) is None
+        assert "_fleetlora_kept" not in vars(m)  # no attention output left from the first pass
+    assert causal_lm(model).config._attn_implementation == "sdpa"
     assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
