@@ -8,31 +8,38 @@ and takes the first that fits, fastest first:
 
 1. the run's rank, micro-batches of B, B/2, ..., 1 examples without checkpointing (micro-batching
    gives the same update; it costs the parallelism of a batch and, at 1, the shared prefix);
-2. the same micro-batches with gradient checkpointing (recomputes every block: ~2.5x the time at
-   micro-batch 1, measured in BENCHMARKS.md);
+2. the same micro-batches with gradient checkpointing (``client/checkpointing.py``: a trimmed
+   recomputation of every block);
 3. a lower rank (r - 1, ..., 1) with the first of those settings that fits: rank is given up last,
    as it changes what the device learns.
+
+Where the device computes in bfloat16 (``train.dtype`` = auto on a CPU with native bf16, or
+bfloat16), checkpointing at micro-batches of 2 or more comes before micro-batch 1 without it:
+measured on SmolLM2 at seq 256 x batch 4 (AMD EPYC Zen 4), s / step 3.05 (micro-batch 4), 3.47 (2),
+3.73 (4 + checkpointing), 4.50 (2 + checkpointing), 4.49 (1), 6.19 (1 + checkpointing); at seq 128,
+2 + checkpointing is faster than 1 (3.02 vs 3.13). In float32 micro-batch 1 is faster than
+checkpointing (5.4 vs 5.9 s at seq 256).
 
 Footprint model, in bytes, for a model of L layers, hidden size H, vocabulary V, a micro-batch
 of m examples of S = ``train.max-seq-len`` tokens (the worst case: every example that long and
 every position labelled; real examples are shorter and score only their response)::
 
     peak = PROCESS + WEIGHTS * weights + 4 * STATE * (LoRA parameters at rank r) + activations
-    activations = 4 * S * (m + 1) * ACT * L * H + logits        without checkpointing
-                = 4 * S * m * (KEEP * L + ACT) * H + logits         with checkpointing
+    activations = 4 * S * (m + 1) * ACT * L * H + logits                  without checkpointing
+                = EXTRA + 4 * S * m * (KEEP * L + ACT) * H + logits       with checkpointing
     logits      = 4 * LOGITS * V * min(CHUNK, m * S)    (client/loss.py: CHUNK tokens' logits at a time)
     fits  <=>  peak * (1 + MARGIN) <= M * 10**6
 
+STATE, ACT, KEEP and EXTRA depend on the compute dtype (:data:`FITS`); the rest is shared.
 ``weights`` counts the base as loaded: 4-bit linear layers at 0.625 bytes per weight, float
-ones at 4, the embedding (and an untied output layer) in float32. The coefficients were fitted
-to peak RSS measured on SmolLM2-135M (4-bit base, 30 layers, H 576) and a 2-layer llama of
-hidden size 64 (float base, SmolLM2's vocabulary), at S = 16, 128 and 256, m = 1, 2, 4, ranks 1
-and 8, each run in its own process (``python -m simulations.bench.budget``); see
-:data:`CALIBRATION`. The estimate is within ~2% of a typical run at micro-batches of 1 and 2 and above the
-measurement at larger ones (SmolLM2, seq 128, micro-batch 4, no checkpointing: 2,529 MB
-estimated, 2,243 measured). Not counted: evaluation of the global adapter (same process, no
-gradients, ``eval.batch-size`` examples per forward pass; not measured against the budget), and a
-simulation's Ray actor (Ray's own imports).
+ones at 4, the embedding (and an untied output layer) in the compute dtype. The float32
+coefficients were fitted to peak RSS measured on SmolLM2-135M (4-bit base, 30 layers, H 576) and a
+2-layer llama of hidden size 64 (float base, SmolLM2's vocabulary), at S = 16, 128 and 256, m = 1,
+2, 4, ranks 1 and 8, each run in its own process (``python -m simulations.bench.budget``); the
+bfloat16 ones to SmolLM2 at S = 128 and 256, m = 1, 2, 4, with and without checkpointing, ranks 8
+and 1 (every estimate 0-17% above its measurement; see :data:`FITS`). Not counted: evaluation of
+the global adapter (same process, no gradients, ``eval.batch-size`` examples per forward pass; not
+measured against the budget), and a simulation's Ray actor (Ray's own imports).
 """
 
 from __future__ import annotations
@@ -53,24 +60,57 @@ BUDGET_KEY = "memory-budget-mb"
 MAX_BUDGET_MB = 1 << 20  # 1 TiB: larger is a typo, not a device
 MB = 10**6  # the budget counts decimal megabytes, as the benchmarks print them
 
-CALIBRATION = "Intel Xeon @ 2.80GHz (AVX-512, bf16 emulated), 2 cores, torch float32 compute, 2026-12-01"
-"""Where and when the coefficients below were measured."""
 PROCESS = 470 * MB
 """Interpreter, torch, transformers, peft, Flower's client app, tokenizer and allocator caches (the
 2-layer model's peak less its weights: 483 MB measured with 13 MB of weights)."""
 WEIGHTS = 1.3
 """Peak resident bytes per byte of loaded weights: loading holds the file's tensors and their float copies."""
-STATE = 18
-"""Float32 values per LoRA parameter: its value, gradient and AdamW's two moments, and what the LoRA
-path keeps besides; fitted to the 155 MB measured between ranks 8 and 1 on SmolLM2 (2.1M parameters)."""
-ACT = 30
-"""Float32 values per token, layer and hidden unit that a block keeps for its backward pass; without
-checkpointing one example's worth more than the micro-batch stays resident (SmolLM2: 1,465 / 1,805 MB
-measured at micro-batch 1 / 2, seq 128)."""
-KEEP = 13
-"""Float32 values per token, layer and hidden unit kept under checkpointing: 12 fitted (SmolLM2: 1,062 / 1,613 MB
-at micro-batch 1 / 4, seq 128), + 1 for each layer's attention output the first pass keeps for the
-recomputation since (``client/checkpointing.py``; +43 MB measured at seq 256 x batch 4 in bf16)."""
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The footprint model's coefficients for one compute dtype."""
+
+    calibration: str
+    """Where and when they were measured."""
+    state: float
+    """Float32 values per LoRA parameter: its value, gradient and AdamW's two moments, and what the LoRA path
+    keeps besides."""
+    act: float
+    """Float32 values per token, layer and hidden unit that a block keeps for its backward pass; without
+    checkpointing one example's worth more than the micro-batch stays resident."""
+    keep: float
+    """Float32 values per token, layer and hidden unit kept under checkpointing."""
+    extra: int
+    """Bytes more under checkpointing whatever the micro-batch."""
+    embedding: int
+    """Bytes per embedding value as loaded."""
+    checkpoint_early: bool
+    """Checkpointing at micro-batches >= 2 is faster than micro-batch 1 without it (tried first)."""
+
+
+FITS = {
+    "float32": Fit(
+        calibration="Intel Xeon @ 2.80GHz (AVX-512, bf16 emulated), 2 cores, 2026-12-01",
+        state=18,  # 155 MB measured between ranks 8 and 1 on SmolLM2 (2.1M parameters): peft's fp32 input casts
+        act=30,  # SmolLM2: 1,465 / 1,805 MB measured at micro-batch 1 / 2, seq 128
+        keep=13,  # 12 fitted (SmolLM2: 1,062 / 1,613 MB at micro-batch 1 / 4, seq 128), + 1 for the attention
+        # output each layer's first pass keeps for the recomputation since (client/checkpointing.py)
+        extra=0,
+        embedding=4,
+        checkpoint_early=False,
+    ),
+    "bfloat16": Fit(
+        calibration="AMD EPYC Zen 4 (AVX512-BF16), 2 cores, 2026-12-06",
+        state=4,  # 26 MB measured between ranks 8 and 1 (seq 128, micro-batch 1, checkpointing)
+        act=14.5,  # SmolLM2 without checkpointing: 912 / 1,070 / 1,222 MB at seq 128, 1,026 / 1,358 / 1,747 at 256
+        keep=2.4,  # with it: 745 / 772 / 809 MB at seq 128, 782 / 825 / 905 at 256 (micro-batch 1 / 2 / 4)
+        extra=42 * MB,
+        embedding=2,
+        checkpoint_early=True,
+    ),
+}
+"""Per compute dtype (``shared.model.compute_dtype`` of ``train.dtype``, without ``torch.``)."""
 LOGITS = 3.2
 """Float32 values per token and vocabulary entry: the logits, their log-softmax and its gradient (the
 2-layer model: 0.61 MB per token measured, 49,152 entries, when every token's logits were made at
@@ -168,19 +208,21 @@ def parse_budget(node_config: Mapping[str, Any]) -> int | None:
     return value
 
 
-def footprint(shape: ModelShape, targets: tuple[str, ...], rank: int, micro: int, checkpointing: int, seq: int) -> int:
+def footprint(shape: ModelShape, targets: tuple[str, ...], rank: int, micro: int, checkpointing: int, seq: int,
+              dtype: str = "float32") -> int:  # fmt: skip
     """Return the estimated peak RSS in bytes of training at ``rank``, micro-batches of ``micro`` x ``seq`` tokens."""
+    fit = FITS[dtype]
     widths = shape.linear_widths()
     linear = sum(i * o for i, o in widths.values()) * shape.layers
-    embedding = shape.vocab * shape.hidden * 4 * (1 if shape.tied else 2)
+    embedding = shape.vocab * shape.hidden * fit.embedding * (1 if shape.tied else 2)
     weights = linear * (INT4_BYTES if shape.int4 else 4) + embedding
     lora = rank * sum(i + o for name, (i, o) in widths.items() if name in targets) * shape.layers
     logits = 4 * LOGITS * shape.vocab * min(CHUNK, micro * seq)
     if checkpointing:
-        activations = 4 * seq * micro * (KEEP * shape.layers + ACT) * shape.hidden + logits
+        activations = fit.extra + 4 * seq * micro * (fit.keep * shape.layers + fit.act) * shape.hidden + logits
     else:
-        activations = 4 * seq * (micro + 1) * ACT * shape.layers * shape.hidden + logits
-    return math.ceil(PROCESS + WEIGHTS * weights + 4 * STATE * lora + activations)
+        activations = 4 * seq * (micro + 1) * fit.act * shape.layers * shape.hidden + logits
+    return math.ceil(PROCESS + WEIGHTS * weights + 4 * fit.state * lora + activations)
 
 
 def _micro_sizes(batch: int, run_micro: int) -> list[int]:
@@ -193,11 +235,16 @@ def _micro_sizes(batch: int, run_micro: int) -> list[int]:
     return sizes
 
 
-def _candidates(max_rank: int, batch: int, run_micro: int, run_ckpt: int) -> Iterator[tuple[int, int, int]]:
+def _candidates(max_rank: int, batch: int, run_micro: int, run_ckpt: int, dtype: str) -> Iterator[tuple[int, int, int]]:
     """(rank, micro-batch, checkpointing), fastest first; the rank is lowered last."""
+    sizes = _micro_sizes(batch, run_micro)
+    if FITS[dtype].checkpoint_early and len(sizes) > 1:
+        order = [(m, 0) for m in sizes[:-1]] + [(m, 1) for m in sizes[:-1]] + [(1, 0), (1, 1)]
+    else:
+        order = [(m, 0) for m in sizes] + [(m, 1) for m in sizes]
     for rank in range(max_rank, 0, -1):
-        for ckpt in (0, 1) if not run_ckpt else (1,):
-            for micro in _micro_sizes(batch, run_micro):
+        for micro, ckpt in order:
+            if ckpt or not run_ckpt:
                 yield rank, micro, ckpt
 
 
@@ -210,11 +257,13 @@ def plan(
     seq: int,
     run_micro: int = 0,
     run_ckpt: int = 0,
+    dtype: str = "float32",
 ) -> Plan:
     """Return the fastest setting whose estimated peak fits ``budget_mb`` (see the module docstring).
 
     ``run_micro`` / ``run_ckpt``: the run's own ``train.micro-batch-size`` / ``train.gradient-checkpointing``,
     which a device never loosens (its micro-batches are at most the run's, checkpointing stays on).
+    ``dtype``: the compute dtype, a key of :data:`FITS`.
 
     Raises
     ------
@@ -222,8 +271,8 @@ def plan(
         Nothing fits: the message names the budget and the smallest footprint this device could reach.
     """
     smallest = None
-    for rank, micro, ckpt in _candidates(max_rank, batch, run_micro, run_ckpt):
-        need = footprint(shape, targets, rank, micro, ckpt, seq) * (1 + MARGIN)
+    for rank, micro, ckpt in _candidates(max_rank, batch, run_micro, run_ckpt, dtype):
+        need = footprint(shape, targets, rank, micro, ckpt, seq, dtype) * (1 + MARGIN)
         smallest = need if smallest is None else min(smallest, need)
         if need <= budget_mb * MB:
             return Plan(budget_mb, rank, micro, ckpt, math.ceil(need / MB))

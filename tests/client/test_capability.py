@@ -32,7 +32,7 @@ def test_a_rank_the_run_cannot_take_is_refused_by_name(bad):
 
 
 def test_a_memory_budget_chooses_settings_within_the_devices_own_rank(tiny_model_dir):
-    cfg = FleetConfig.from_run_config({"train.max-seq-len": 2048, "lora.rank": 8})
+    cfg = FleetConfig.from_run_config({"train.max-seq-len": 2048, "lora.rank": 8, "train.dtype": "float32"})
     roomy = device_training({"memory-budget-mb": "100000"}, cfg, str(tiny_model_dir))
     assert (roomy.rank, roomy.train.micro_batch_size, roomy.train.gradient_checkpointing) == (8, 4, 0)
     assert roomy.metrics() == {"memory-budget-mb": 100000, "micro-batch-size": 4, "gradient-checkpointing": 0}
