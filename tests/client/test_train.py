@@ -1,4 +1,7 @@
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from shared.config import EvalConfig, FleetConfig, LoraConfig, TrainConfig
 from shared.data import DataError, collate, encode, load_jsonl
 from shared.model import load_model
 from shared.wire import from_wire, to_wire
-from tests.conftest import DATA
+from tests.conftest import DATA, REPO
 
 
 @pytest.fixture
@@ -216,3 +219,18 @@ def test_a_round_that_fails_leaves_the_model_as_it_found_it(tiny_int4_dir, food,
         assert "_fleetlora_kept" not in vars(m)  # no attention output left from the first pass
     assert causal_lm(model).config._attn_implementation == "sdpa"
     assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
+
+
+def test_training_bounds_onednns_caches_unless_the_operator_set_them():
+    """A new matmul shape per step must not grow the process for ever (client.train.ONEDNN_CACHE)."""
+    names = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+    code = f"import os, client.train; print(*(os.environ[n] for n in {names!r}))"
+    env = {k: v for k, v in os.environ.items() if k not in names}
+
+    def run(**extra: str) -> str:
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, cwd=REPO, capture_output=True,
+                             text=True, timeout=300, check=True)  # fmt: skip
+        return out.stdout.split()
+
+    assert run() == ["64", "64"]
+    assert run(ONEDNN_PRIMITIVE_CACHE_CAPACITY="5") == ["5", "64"]
