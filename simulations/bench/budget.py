@@ -123,9 +123,10 @@ def budget() -> Table:
         f"demo data: noun.food train.jsonl as make demo encodes it (~52 tokens), {STEPS} steps (a round of make demo), "
         "s / step the median after the first; worst case: packed sequences of exactly seq tokens, every position "
         "labelled, 1 step",
-        "the demo data's peak grows step by step (variable batch shapes; allocator fragmentation, measured at the "
-        "1,000 MB row's setting: 716 MB after 1 step, 942 after 15, 1,047 after 45), which the footprint model "
-        "(one step of fixed-shape worst-case data) does not foresee",
+        "variable batch shapes made the demo data's peak grow step by step while oneDNN cached 1,024 primitives "
+        "(one per matmul shape; at the 1,000 MB row's setting: 716 MB after 1 step, 942 after 15, 1,047 after 45); "
+        "client.train bounds its caches to 64 (client.train.ONEDNN_CACHE); the footprint model is fitted to one "
+        "step of fixed-shape worst-case data",
         f"load average {load:.1f} at the start on 2 cores (other benchmarks running): s / step is not comparable "
         "across tables; RSS does not depend on load",
     ]
