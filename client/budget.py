@@ -110,7 +110,7 @@ FITS = {
         checkpoint_early=True,
     ),
 }
-"""Per compute dtype (``shared.model.compute_dtype`` of ``train.dtype``, without ``torch.``)."""
+"""Per compute dtype (``shared.model.compute_dtype_name`` of ``train.dtype``)."""
 LOGITS = 3.2
 """Float32 values per token and vocabulary entry: the logits, their log-softmax and its gradient (the
 2-layer model: 0.61 MB per token measured, 49,152 entries, when every token's logits were made at

@@ -22,7 +22,7 @@ from typing import Any
 from client.budget import ModelShape, Plan, parse_budget, plan
 from client.device import DeviceConfigError
 from shared.config import FleetConfig, LoraConfig, TrainConfig
-from shared.model import compute_dtype
+from shared.model import compute_dtype_name
 
 RANK_KEY = "lora-rank"
 
@@ -96,7 +96,7 @@ def device_training(node_config: Mapping[str, Any], cfg: FleetConfig, model_spec
         )
     shape = ModelShape.of(model_spec)
     t = cfg.train
-    dtype = str(compute_dtype(t.dtype)).removeprefix("torch.")  # what this device computes in
+    dtype = compute_dtype_name(t.dtype)  # what this device computes in
     chosen = plan(
         budget, shape, cfg.lora.target_modules, rank, t.batch_size, t.max_seq_len, t.micro_batch_size,
         t.gradient_checkpointing, dtype,

@@ -106,6 +106,11 @@ def compute_dtype(name: str = "auto") -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def compute_dtype_name(name: str = "auto") -> str:
+    """Return :func:`compute_dtype`'s dtype by name: ``float32`` or ``bfloat16``."""
+    return str(compute_dtype(name)).removeprefix("torch.")
+
+
 def cpu_flags() -> set[str]:
     """Return the CPU's feature flags as ``/proc/cpuinfo`` lists them (empty where it cannot be read)."""
     try:

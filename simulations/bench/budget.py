@@ -88,12 +88,12 @@ def _choice(spec: str, budget: int | None, dtype: str) -> tuple[int, int, int, s
 @register("budget")
 def budget() -> Table:
     """For each budget: the plan, then a process per kind of data training with it."""
-    from shared.model import compute_dtype
+    from shared.model import compute_dtype_name
     from simulations.bench.int4 import _int4_dir
 
     spec = str(_int4_dir())
     load = os.getloadavg()[0]
-    dtype = str(compute_dtype("auto")).removeprefix("torch.")  # as a device computes at train.dtype = auto
+    dtype = compute_dtype_name("auto")  # as a device computes at train.dtype = auto
     table = Table(
         title=f"Memory budget (node config memory-budget-mb): SmolLM2-135M 4-bit base, batch {BATCH}, seq {SEQ}, "
         f"run rank {RUN_RANK}, {dtype} compute",

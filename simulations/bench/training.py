@@ -50,16 +50,13 @@ def _code(code: str) -> Any:
     def plain(lm_head: Any, hidden: Any, targets: Any) -> Any:
         return torch.nn.functional.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
 
-    def stock(module: Any, *args: Any, **kwargs: Any) -> Any:
-        return sdpa_attention_forward(module, *args, **kwargs)
-
     saved = client.train.output_nll, client.train.lora_in_compute_dtype
     trims = client.checkpointing._DISCARDABLE, client.checkpointing._attention
     if code == "before":
         client.train.output_nll = plain
         client.train.lora_in_compute_dtype = lambda model: (contextlib.nullcontext(), contextlib.nullcontext)
     if code == "plain":  # no kept attention output, no skipped down projection (W is still kept)
-        client.checkpointing._DISCARDABLE, client.checkpointing._attention = {}, stock
+        client.checkpointing._DISCARDABLE, client.checkpointing._attention = {}, sdpa_attention_forward
     try:
         yield
     finally:
@@ -120,10 +117,10 @@ def measure(variant: str, steps: int, dtype: str) -> dict[str, float]:
 @register("training")
 def training() -> Table:
     """Alternate the variants in fresh processes; medians of s / step, peak RSS, held-out loss."""
-    from shared.model import compute_dtype
+    from shared.model import compute_dtype_name
 
     load_before = os.getloadavg()[0]
-    auto = str(compute_dtype("auto")).removeprefix("torch.")
+    auto = compute_dtype_name("auto")
     dtypes = {"auto": auto} | ({"float32": "float32"} if auto != "float32" else {})  # fp32 CPUs' rows too
     table = Table(
         title="Training memory and time: today's default, the new default, <= 1 GB (SmolLM2-135M 4-bit, "
