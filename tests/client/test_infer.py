@@ -166,3 +166,42 @@ def test_the_coordinator_publishes_the_onnx_base_an_edge_device_loads_as_fetched
     np.testing.assert_array_equal(model.logits(ids), by_hand.logits(ids))
     app._publish_onnx(store, KEY)
     assert (store / "onnx" / "manifest.json").read_bytes() == first  # the same release: devices see nothing new
+
+
+_HEAP_SLACK = """
+import sys
+from client.infer_cli import return_freed_heap
+
+def anon():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssAnon")) * 1024
+
+if sys.argv[1] == "set":
+    print("set", return_freed_heap(), file=sys.stderr)
+before = anon()
+big = b"x" * (24 << 20)  # served by mmap; freeing it raises glibc's thresholds unless they are fixed
+del big
+blocks = [b"y" * (1 << 20) for _ in range(16)]  # written: resident
+del blocks
+print(anon() - before)  # freed, yet resident
+"""
+
+
+OPERATOR = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}  # keeps freed heap
+
+
+@pytest.mark.parametrize("env", [{}, OPERATOR], ids=["default", "operator-setting"])
+def test_infer_gives_freed_memory_back_unless_the_operator_set_it(env):
+    """`fleetlora infer`'s process returns freed heap at once; glibc's own default keeps 16 MB of it here."""
+
+    def kept(mode):
+        done = subprocess.run([sys.executable, "-c", _HEAP_SLACK, mode], capture_output=True, text=True,
+                              cwd=REPO, env={"PATH": "/usr/bin:/bin", **env}, check=True)  # fmt: skip
+        return int(done.stdout), done.stderr
+
+    default, _ = kept("plain")
+    bounded, said = kept("set")
+    assert default >= 12 << 20  # glibc's default keeps the 16 MiB freed last (this operator's, all 24)
+    if env:
+        assert "set False" in said and bounded >= 12 << 20  # the operator's threshold is theirs
+    else:
+        assert "set True" in said and bounded <= 2 << 20
