@@ -56,14 +56,14 @@ def build_variants() -> dict[str, Path]:
     from client.infer import EdgeModel
     from client.onnx_adapter import lora_scale, onnx_lora_tensors, read_corrections
     from shared.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-    from shared.release import load_tensors
     from shared.sign import TrustList
+    from shared.tensors import load_arrays
 
     edge = EdgeModel(_base_release(), TrustList.load(TRUST), _cache(), threads=THREADS)
     release = _demo_release()
     corrections = read_corrections(edge.folder)
     lora = onnx_lora_tensors(
-        load_tensors((release / ADAPTER_WEIGHTS).read_bytes()),
+        load_arrays((release / ADAPTER_WEIGHTS).read_bytes()),  # as the device parses it (numpy)
         lora_scale((release / ADAPTER_CONFIG).read_bytes()),
         edge.lora_layers,
         corrections,

@@ -154,8 +154,8 @@ def measure_onnx(variant: str) -> dict[str, Any]:
     from client.onnx_adapter import lora_scale, onnx_lora_tensors, read_corrections
     from shared.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
     from shared.model import load_tokenizer
-    from shared.release import load_tensors
     from shared.sign import TrustList
+    from shared.tensors import load_arrays
 
     tok = load_tokenizer("smollm2-135m-instruct")
     adapter = variant.startswith("onnx-int4-adapter")
@@ -175,14 +175,15 @@ def measure_onnx(variant: str) -> dict[str, Any]:
             assert edge.active is not None
             files = {n: (release / n).read_bytes() for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}  # what was applied
             lora = onnx_lora_tensors(
-                load_tensors(files[ADAPTER_WEIGHTS]),
+                load_arrays(files[ADAPTER_WEIGHTS]),  # as the device parses it (numpy)
                 lora_scale(files[ADAPTER_CONFIG]),
                 edge.lora_layers,
                 read_corrections(edge.folder),
             )
         name = edge.adapter_name(adapter)  # the active adapter, or the base alone (its own adapter)
     short, long = _prompt_ids(tok)
-    decode, prompt = [], []
+    decode: list[float] = []
+    prompt: list[float] = []
     for _ in range(REPEATS):
         for ids, sink in ((long, prompt), (short, decode)):
             params = og.GeneratorParams(model)
