@@ -183,8 +183,8 @@ def return_freed_heap() -> bool:
     serves smaller blocks from the heap from then on): once the verified release files are freed
     (``correction.safetensors`` is 13 MB), up to twice that of freed heap stays resident for the
     life of the process. Fixing the threshold (``mallopt(M_TRIM_THRESHOLD)``, which also stops that
-    adjustment) gave 7 MB less peak RSS for ``fleetlora infer`` (SmolLM2 + a rank-8 adapter, 64
-    tokens, AMD EPYC; same time): ONNX Runtime's own arena serves the decode loop, which glibc's
+    adjustment) gave ~4 MB less peak RSS for ``fleetlora infer`` (SmolLM2 + a rank-8 adapter, 64
+    tokens, AMD EPYC; 3 runs each, same time): ONNX Runtime's own arena serves the decode loop, which glibc's
     adjustment exists to spare. Returns whether it was set: glibc only, and an operator's
     ``MALLOC_TRIM_THRESHOLD_`` is kept.
     """
