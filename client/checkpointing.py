@@ -68,7 +68,11 @@ def enable(model: Any) -> None:
         AttentionInterface.register(ATTENTION, _attention)
         config._attn_implementation = ATTENTION
     model.enable_input_require_grads()  # the reentrant variant differentiates through each layer's input
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    lm = causal_lm(model)
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers' name since 5.2x (the old one warns)
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     for module in model.modules():
         func = getattr(module, "_gradient_checkpointing_func", None)
         if func is not None and not isinstance(func, _Phased):
@@ -77,7 +81,8 @@ def enable(model: Any) -> None:
 
 def disable(model: Any) -> None:
     """Undo :func:`enable`: no checkpointing, no kept weights or attention outputs, the stock attention."""
-    model.gradient_checkpointing_disable()
+    lm = causal_lm(model)
+    getattr(lm, "activation_checkpointing_disable", lm.gradient_checkpointing_disable)()
     model.disable_input_require_grads()
     for module in model.modules():
         if isinstance(module, Int4Linear):

@@ -133,7 +133,7 @@ def _step(model: Any, batch: list[Encoded], pad_id: int, params: list[torch.nn.P
         return 0.0
     per_example = per_example_nll(model, collate(batch, pad_id))  # (B,)
     per_example.sum().backward()
-    return float(per_example.mean())
+    return float(per_example.detach().mean())
 
 
 def per_example_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

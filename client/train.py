@@ -183,8 +183,8 @@ def _hidden(decoder: Any, ids: torch.Tensor, mask: torch.Tensor, share_prefix: b
     inputs, same positions (right padding), same masked positions.
     """
     p = _common_prefix(ids, mask) if share_prefix and ids.shape[0] > 1 else 0
-    if p < MIN_SHARED_PREFIX:
-        return decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    if p < MIN_SHARED_PREFIX:  # no cache: nothing reads it (and checkpointing warns about one)
+        return decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     head = decoder(input_ids=ids[:1, :p], use_cache=True)
     cache = head.cache
     cache.batch_repeat_interleave(ids.shape[0])  # (1, heads, P, d) -> (B, heads, P, d), differentiable

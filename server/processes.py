@@ -34,6 +34,9 @@ def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str
         # SuperNodes spawn flower-superexec by name: the venv's bin must be on PATH
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
+    # Ray's coming default: it stops hiding accelerators from actors that ask for none (a CPU fleet has
+    # none to hide); opting in now silences the FutureWarning it prints at every simulation's start
+    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     env.update(extra or {})
     return env
 

@@ -9,6 +9,7 @@ How they travel is ``shared/wire.py``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,10 @@ from shared.config import LoraConfig
 from shared.int4_layer import Int4Linear, register_with_peft
 
 State = dict[str, torch.Tensor]
+_PEFT_NOISE = (
+    r"Unsupported layer type .*Int4Linear",  # peft's warning for any custom layer, though it dispatches ours itself
+    r"`is_gradient_checkpointing` is deprecated",  # peft reads transformers' deprecated alias
+)
 
 
 def attach_lora(model: Any, cfg: LoraConfig, seed: int, rank: int | None = None) -> Any:
@@ -44,7 +49,9 @@ def attach_lora(model: Any, cfg: LoraConfig, seed: int, rank: int | None = None)
     )
     if any(isinstance(m, Int4Linear) for m in model.modules()):
         register_with_peft(peft_cfg)  # LoRA on the frozen 4-bit layers, as on nn.Linear
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        for message in _PEFT_NOISE:  # operators read these as faults; neither is one
+            warnings.filterwarnings("ignore", message=message)
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, peft_cfg)
     return peft_model

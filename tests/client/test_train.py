@@ -234,3 +234,25 @@ def test_training_bounds_onednns_caches_unless_the_operator_set_them():
 
     assert run() == ["64", "64"]
     assert run(ONEDNN_PRIMITIVE_CACHE_CAPACITY="5") == ["5", "64"]
+
+
+def test_training_on_the_4bit_base_with_checkpointing_warns_of_nothing(tiny_int4_dir, food, tokenizer):
+    """No warning an operator reads as a fault: peft's 'unsupported layer' for our own 4-bit layer, deprecated
+    transformers names, a cache that checkpointing has to switch off."""
+    import logging
+    import warnings
+
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model = attach_lora(load_model(str(tiny_int4_dir), torch.float32), LoraConfig(rank=4), seed=0)
+            cfg = TrainConfig(steps=1, batch_size=4, gradient_checkpointing=1)
+            train_adapter(model, food, cfg, tokenizer.pad_token_id, seed=0)
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in said if "cache" in m.lower() or "deprecated" in m.lower()], said
