@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,11 +47,23 @@ def peak_rss() -> int:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 
-def run_child(module: str, *args: str) -> dict[str, Any]:
-    """Run ``python -m module args`` in a fresh process (its own peak RSS); return the JSON of its last line."""
-    out = subprocess.run([sys.executable, "-m", module, *args], check=True, capture_output=True, text=True).stdout
+def run_child(module: str, *args: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run ``python -m module args`` in a fresh process (its own peak RSS); return the JSON of its last line.
+
+    ``env``: the child's environment (default: this process's), e.g. a device's allocator (``trainer_env``).
+    """
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args], env=env, check=True, capture_output=True, text=True
+    ).stdout
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
+
+
+def trainer_env(allocator: str = "mimalloc") -> dict[str, str]:
+    """Return this process's environment with the heap allocator a device trains on (server/processes.py)."""
+    from server.processes import ALLOCATOR, with_allocator
+
+    return with_allocator({**os.environ, ALLOCATOR: allocator})
 
 
 REGISTRY: dict[str, Callable[[], Table | list[Table]]] = {}

@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from simulations.bench import Table, peak_rss, register, run_child
+from simulations.bench import Table, peak_rss, register, run_child, trainer_env
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "wordnet" / "noun.food"
 SEQ, BATCH, STEPS, RUN_RANK = 128, 4, 15, 8  # STEPS: a round of make demo (train.steps)
@@ -107,8 +107,9 @@ def budget() -> Table:
             table.rows.append([f"{mb:,}", "refused", said, "-", "-", "-", "refused"])
             continue
         args = (spec, str(rank), str(micro), str(ckpt), str(SEQ), str(BATCH))
-        demo = run_child("simulations.bench.budget", *args, str(STEPS), "demo", dtype)
-        full = run_child("simulations.bench.budget", *args, "1", "full", dtype)
+        device = trainer_env()  # the allocator a device trains on (server/processes.py)
+        demo = run_child("simulations.bench.budget", *args, str(STEPS), "demo", dtype, env=device)
+        full = run_child("simulations.bench.budget", *args, "1", "full", dtype, env=device)
         worst = max(demo["peak_rss"], full["peak_rss"])
         fits = "-" if mb is None else "yes" if worst <= mb * 10**6 else "NO"
         print(mb, rank, micro, ckpt, demo, full, flush=True)
@@ -119,7 +120,8 @@ def budget() -> Table:
     table.notes = [
         f"chosen by client.budget.plan (the footprint model of {dtype} compute, 10% margin); each row's training runs "
         "in fresh processes that import Flower's client app as a device's training process does, at train.dtype = "
-        f"auto ({dtype} on this CPU); peak RSS = the whole process",
+        f"auto ({dtype} on this CPU) and on the same heap allocator (mimalloc, server/processes.py); peak RSS = the "
+        "whole process",
         f"demo data: noun.food train.jsonl as make demo encodes it (~52 tokens), {STEPS} steps (a round of make demo), "
         "s / step the median after the first; worst case: packed sequences of exactly seq tokens, every position "
         "labelled, 1 step",

@@ -27,9 +27,11 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from simulations.bench import Table, peak_rss, register, run_child
+from simulations.bench import Table, peak_rss, register, run_child, trainer_env
 
 STEPS, TIMED = 20, 12
+GLIBC = ("new default", "<= 1 GB: new default + train.gradient-checkpointing = 1")
+"""Variants measured again on glibc's malloc (every row else runs on mimalloc, as a device's training process)."""
 VARIANTS = {  # name: (code: "before" issue 18, "plain" recomputation, "now"; gradient checkpointing)
     "today's default (before)": ("before", 0),
     "new default": ("now", 0),
@@ -136,15 +138,18 @@ def training() -> Table:
             f"held-out loss after {STEPS} steps",
         ],
     )
+    device, glibc = trainer_env(), trainer_env("glibc")
     for dtype, shown in dtypes.items():
-        runs = {name: run_child("simulations.bench.training", name, str(STEPS), dtype) for name in VARIANTS}
-        times = run_child("simulations.bench.training", "timed", str(TIMED), dtype)
+        runs = {name: run_child("simulations.bench.training", name, str(STEPS), dtype, env=device) for name in VARIANTS}
+        runs |= {f"{name}, glibc malloc": run_child("simulations.bench.training", name, str(STEPS), dtype, env=glibc)
+                 for name in GLIBC}  # fmt: skip
+        times = run_child("simulations.bench.training", "timed", str(TIMED), dtype, env=device)
         ref = statistics.median(times["today's default (before)"])
         for name, r in runs.items():
-            s = statistics.median(times[name])
+            s = statistics.median(times[name]) if name in times else None
             table.rows.append([
-                name, f"{shown} (train.dtype = {dtype})", f"{s:.2f}", f"{s / ref:.2f}", f"{r['s_per_step']:.2f}",
-                f"{r['peak_rss'] / 1e6:,.0f}", f"{r['heldout']:.4f}",
+                name, f"{shown} (train.dtype = {dtype})", f"{s:.2f}" if s else "-", f"{s / ref:.2f}" if s else "-",
+                f"{r['s_per_step']:.2f}", f"{r['peak_rss'] / 1e6:,.0f}", f"{r['heldout']:.4f}",
             ])  # fmt: skip
     table.notes = [
         f"train.dtype = auto computes in {auto} on this CPU; the float32 rows (where auto is bf16) show what a CPU "
@@ -162,6 +167,9 @@ def training() -> Table:
         "output and log-sum-exp kept from the first pass for the recomputation (not recomputed), the MLP's down "
         "projection not multiplied in the recomputation (its value is never read); plain recomputation: the same "
         "without the last two",
+        "allocator: every process runs on mimalloc, as a device's training process does (server/processes.py: "
+        f"{device.get('LD_PRELOAD', 'not installed: glibc')}); the rows marked glibc malloc run the same variant "
+        "on glibc's, in a process of their own (their time: alone only)",
         "held-out: noun.food heldout.jsonl, first 64 examples, cross-entropy per response token",
         f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores)",
     ]
