@@ -9,11 +9,13 @@ process and every descendant it can still see, however the run ended.
 Sharding in Action"), preloaded from ``cmeel-mimalloc`` (``fleetlora[device]``, ``[sim]``) where it
 is installed: glibc's malloc fragments under a training step's mix of tensor sizes. Measured on
 SmolLM2 (4-bit base, seq 256 x batch 4, r = 8, float32, checkpointed, AMD EPYC): after the backward
-pass glibc's heap held 1,040 MB with 180 MB of it in use; peak RSS 1,582 -> 978 MB with mimalloc,
-the float32 default 3,090 -> 2,143 MB at the same time per step (BENCHMARKS.md, "Training memory
-and time"). Freed pages are never purged (``MIMALLOC_PURGE_DELAY=-1``): mimalloc's default 10 ms
-purge gave the pages back between layers and faulted them in again (1.22x the time per step). An
-operator's own ``LD_PRELOAD`` is kept as it is; ``FLEETLORA_ALLOCATOR=glibc`` keeps the system's.
+pass glibc's heap held 1,040 MB with 180 MB of it in use. Peak RSS with mimalloc (BENCHMARKS.md,
+"Training memory and time"): checkpointed 1,602 -> 992 MB in float32, 926 -> 849 MB in bf16; the
+defaults 3,080 -> 2,137 (float32) and 1,771 -> 1,589 MB (bf16); time per step within this VM's
+drift between processes (-8% to +11%). Freed pages are never purged (``MIMALLOC_PURGE_DELAY=-1``):
+mimalloc's default 10 ms purge gave the pages back between layers and faulted them in again (1.22x
+the time per step). An operator's own ``LD_PRELOAD`` is kept as it is; ``FLEETLORA_ALLOCATOR=glibc``
+keeps the system's.
 """
 
 from __future__ import annotations
