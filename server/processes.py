@@ -13,7 +13,7 @@ pass glibc's heap held 1,040 MB with 180 MB of it in use. Peak RSS with mimalloc
 "Training memory and time"): checkpointed 1,602 -> 992 MB in float32, 926 -> 849 MB in bf16; the
 defaults 3,080 -> 2,137 (float32) and 1,771 -> 1,589 MB (bf16); time per step within this VM's
 drift between processes (-8% to +11%). The small checkpointed settings of a tight memory budget
-peak 20-53 MB higher on it, still within their budgets (``client/budget.py``). Freed pages are never
+peak up to 53 MB higher on it, still within their budgets (``client/budget.py``). Freed pages are never
 purged (``MIMALLOC_PURGE_DELAY=-1``): mimalloc's default 10 ms purge gave the pages back between
 layers and faulted them in again (1.22x the time per step). An operator's own ``LD_PRELOAD`` is kept
 as it is; ``FLEETLORA_ALLOCATOR=glibc`` keeps the system's.
