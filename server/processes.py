@@ -70,8 +70,10 @@ def with_allocator(env: Mapping[str, str]) -> dict[str, str]:
     choice = out.get(ALLOCATOR, "mimalloc")
     if choice not in ("mimalloc", "glibc"):
         raise ValueError(f"{ALLOCATOR}={choice!r}: use mimalloc or glibc")
-    library = mimalloc_library()
-    if choice == "glibc" or library is None or out.get("LD_PRELOAD") or not sys.platform.startswith("linux"):
+    if choice == "glibc" or out.get("LD_PRELOAD") or not sys.platform.startswith("linux"):
+        return out
+    library = mimalloc_library()  # looked up only where it would be used
+    if library is None:
         return out
     out["LD_PRELOAD"] = str(library)
     out.setdefault("MIMALLOC_PURGE_DELAY", "-1")

@@ -101,13 +101,13 @@ def budget() -> Table:
         header=["budget (MB)", "chosen: rank, micro-batch, checkpointing", "estimated peak (MB)",
                 "peak RSS, demo data (MB)", "s / step, demo data", "peak RSS, worst case (MB)", "within budget"],
     )  # fmt: skip
+    device = trainer_env()  # the allocator a device trains on (server/processes.py), for every row
     for mb in BUDGETS:
         rank, micro, ckpt, said = _choice(spec, mb, dtype)
         if not rank:
             table.rows.append([f"{mb:,}", "refused", said, "-", "-", "-", "refused"])
             continue
         args = (spec, str(rank), str(micro), str(ckpt), str(SEQ), str(BATCH))
-        device = trainer_env()  # the allocator a device trains on (server/processes.py)
         demo = run_child("simulations.bench.budget", *args, str(STEPS), "demo", dtype, env=device)
         full = run_child("simulations.bench.budget", *args, "1", "full", dtype, env=device)
         worst = max(demo["peak_rss"], full["peak_rss"])
