@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from client.generation import GenerationOptions, model_defaults
+from client.residency import release_model_pages
 from shared.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from shared.errors import ReleaseError
 from shared.manifest import Manifest
@@ -123,6 +124,7 @@ class EdgeModel:
         self._lock = threading.Lock()  # apply_release may run while another thread generates
         if first is not None and first[1] is not None:
             self._activate(first[0], first[1])
+        release_model_pages(self.folder)  # the scales MatMulNBits packed at load: mapped, never read again
 
     def apply_release(self, folder: str | Path) -> Manifest:
         """Verify the adapter release in ``folder`` and make it the active adapter.

@@ -12,6 +12,7 @@ import torch
 
 from client.infer import EdgeModel
 from client.infer_cli import _base_for, newest_base
+from client.residency import SMAPS, droppable, mappings
 from shared.cli import main
 from shared.errors import ReleaseError
 from shared.onnx_base import ExportError, ExportOptions
@@ -91,6 +92,15 @@ def test_the_prompt_is_in_the_models_chat_template_as_in_training(onnx_base, tok
     expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
     assert edge.prompt_ids(messages[0]["content"]) == expected
+
+
+def test_a_loaded_model_keeps_no_clean_page_of_its_files_mapped_and_still_answers(onnx_base):
+    edge = EdgeModel(onnx_base, TRUST, onnx_base.parent, threads=1)
+    folder = edge.folder.resolve()
+    mapped = [m for m in mappings(SMAPS.read_text()) if m.path.startswith(f"{folder}/")]
+    assert mapped  # ONNX Runtime maps the model's data file
+    assert [m for m in mapped if droppable(m, folder)] == []  # released after load (client/residency.py)
+    assert np.isfinite(edge.logits(edge.prompt_ids("Define 'otter'."))).all()  # read back from the file
 
 
 @pytest.mark.parametrize("victim", ["model.onnx.data", "genai_config.json", "export.json"])
