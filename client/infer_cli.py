@@ -81,7 +81,7 @@ def _infer(args: argparse.Namespace) -> int:
     base = args.base or _base_for(args.adapter, cache / "releases")
     export = None if args.output_bits is None else ExportOptions(output_bits=args.output_bits)
     accepted = AcceptedReleases(args.state or default_state_file(cache / "releases"))
-    trust = TrustList.load(args.trust)
+    trust = TrustList.load(args.trust, in_child=True)  # cryptography never mapped here (shared/sign.py)
     first = None  # converted before the model loads: the device never holds both
     if args.adapter is not None and not args.no_adapter:
         try:

@@ -41,7 +41,7 @@ from shared.config import FleetConfig
 from shared.model import cache_dir, load_model, model_digest, resolve_model
 from shared.release import load_tensors
 from shared.release_records import release_to_records
-from shared.sign import TrustList, key_id, load_private_key
+from shared.sign import TrustList, load_private_key
 
 app = ServerApp()
 
@@ -158,7 +158,7 @@ def _resume(
     store holds after the resume point were in flight, never signed: they are dropped, run again.
     """
     public = load_private_key(key_path).public_key()
-    trust = TrustList(trusted={key_id(public): public})  # the releases this server signed
+    trust = TrustList.of(public)  # the releases this server signed
     run_id = registry.run_id
     signed = state.last_signed_round(run_id)
     resume_from = resume_point(registry.folder, trust, run_id, registry.base_digest, registry.method)

@@ -11,6 +11,11 @@
 
   Several trusted keys allow rotation; a revoked line distrusts a key even if it is also
   listed as trusted. Blank lines and ``#`` comments are ignored.
+
+``cryptography`` is imported only where a key is made, read or used: a trust list is parsed
+without it, and one made with ``in_child=True`` checks each signature in a short-lived child
+process (``python -m shared.sign``), so a serving process (``fleetlora infer``) never maps the
+library (~11 MiB of its resident memory).
 """
 
 from __future__ import annotations
@@ -19,15 +24,20 @@ import base64
 import binascii
 import hashlib
 import stat
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from shared.atomic import write_atomic
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 SIGNATURE_BYTES = 64
+PUBLIC_KEY_BYTES = 32
+CHILD_TIMEOUT_S = 120  # a python start and one Ed25519 check, on a loaded device
 
 
 class SignatureError(ValueError):
@@ -36,7 +46,11 @@ class SignatureError(ValueError):
 
 def key_id(public_key: Ed25519PublicKey) -> str:
     """First 16 hex digits of SHA-256 of the raw public key."""
-    raw = public_key.public_bytes_raw()
+    return raw_key_id(public_key.public_bytes_raw())
+
+
+def raw_key_id(raw: bytes) -> str:
+    """:func:`key_id` of a raw 32-byte public key."""
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
@@ -58,6 +72,8 @@ def generate_key(path: str | Path, force: bool = False) -> Ed25519PrivateKey:
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists; refusing to overwrite a signing key (use --force)")
     path.parent.mkdir(parents=True, exist_ok=True)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = Ed25519PrivateKey.generate()
     from cryptography.hazmat.primitives import serialization  # here: 7 MB a verifier never needs
 
@@ -76,6 +92,8 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise SignatureError(f"signing key {path} has mode {mode:04o}: other users can read it; run `chmod 600 {path}`")
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         from cryptography.hazmat.primitives import serialization
 
@@ -94,15 +112,25 @@ def sign(key: Ed25519PrivateKey, data: bytes) -> bytes:
 
 @dataclass
 class TrustList:
-    """Trusted and revoked public keys, by key id."""
+    """Trusted and revoked public keys, by key id (raw 32-byte Ed25519 keys).
 
-    trusted: dict[str, Ed25519PublicKey] = field(default_factory=dict)
+    ``in_child``: check signatures in a child process, so this one never imports ``cryptography``
+    (the checks that need no key, revoked or unknown signer and signature length, stay here).
+    """
+
+    trusted: dict[str, bytes] = field(default_factory=dict)
     revoked: set[str] = field(default_factory=set)
+    in_child: bool = False
 
     @classmethod
-    def load(cls, path: str | Path) -> TrustList:
+    def of(cls, *keys: Ed25519PublicKey, revoked: tuple[Ed25519PublicKey, ...] = ()) -> TrustList:
+        """Trust ``keys``, distrust ``revoked``."""
+        return cls({key_id(k): k.public_bytes_raw() for k in keys}, {key_id(k) for k in revoked})
+
+    @classmethod
+    def load(cls, path: str | Path, in_child: bool = False) -> TrustList:
         """Parse a trust-list file (format in the module docstring); a bad line is named by number."""
-        trust = cls()
+        trust = cls(in_child=in_child)
         for number, line in enumerate(Path(path).read_text().splitlines(), 1):
             words = line.split("#", 1)[0].split()
             if not words:
@@ -113,13 +141,14 @@ class TrustList:
                 raise SignatureError(f"{path}:{number}: expected '[revoked] ed25519 <base64 key> [comment]'")
             try:
                 raw = base64.b64decode(words[1], validate=True)
-                public = Ed25519PublicKey.from_public_bytes(raw)
-            except (binascii.Error, ValueError):
-                raise SignatureError(f"{path}:{number}: not a base64 32-byte Ed25519 public key") from None
+            except binascii.Error:
+                raw = b""
+            if len(raw) != PUBLIC_KEY_BYTES:
+                raise SignatureError(f"{path}:{number}: not a base64 32-byte Ed25519 public key")
             if revoked:
-                trust.revoked.add(key_id(public))
+                trust.revoked.add(raw_key_id(raw))
             else:
-                trust.trusted[key_id(public)] = public
+                trust.trusted[raw_key_id(raw)] = raw
         return trust
 
     def verify(self, signer: str, data: bytes, signature: bytes) -> None:
@@ -136,7 +165,49 @@ class TrustList:
             raise SignatureError(f"signed by key {signer}, which is not in the trust list")
         if len(signature) != SIGNATURE_BYTES:
             raise SignatureError(f"signature is {len(signature)} bytes, expected {SIGNATURE_BYTES}")
-        try:
-            self.trusted[signer].verify(signature, data)
-        except InvalidSignature:
-            raise SignatureError(f"signature does not match the manifest for key {signer}") from None
+        raw = self.trusted[signer]
+        valid = _verify_in_child(raw, data, signature) if self.in_child else _verify(raw, data, signature)
+        if not valid:
+            raise SignatureError(f"signature does not match the manifest for key {signer}")
+
+
+def _verify(raw: bytes, data: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` over ``data`` is valid for the raw public key (here, with ``cryptography``)."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        Ed25519PublicKey.from_public_bytes(raw).verify(signature, data)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def _verify_in_child(raw: bytes, data: bytes, signature: bytes) -> bool:
+    """:func:`_verify` in ``python -m shared.sign``, handed key, signature and data on stdin; fails closed."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "shared.sign"], input=raw + signature + data,
+            capture_output=True, timeout=CHILD_TIMEOUT_S, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SignatureError(f"the signature check could not run: {exc}") from None
+    if done.returncode not in (0, 1):
+        detail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        raise SignatureError(f"the signature check failed (exit {done.returncode}): {detail[0]}")
+    return done.returncode == 0
+
+
+def _child_main() -> int:
+    """``python -m shared.sign``: stdin is a raw public key, a signature, then the data; exit 0 if valid, 1 if not."""
+    message = sys.stdin.buffer.read()
+    head = PUBLIC_KEY_BYTES + SIGNATURE_BYTES
+    if len(message) < head:
+        print(f"expected at least {head} bytes on stdin, got {len(message)}", file=sys.stderr)
+        return 2
+    raw, signature = message[:PUBLIC_KEY_BYTES], message[PUBLIC_KEY_BYTES:head]
+    return 0 if _verify(raw, message[head:], signature) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

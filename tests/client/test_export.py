@@ -16,10 +16,10 @@ from shared.config import LoraConfig
 from shared.int4_layer import INT4_WEIGHTS
 from shared.model import load_model
 from shared.release import make_release, save_tensors, write_release
-from shared.sign import TrustList, key_id
+from shared.sign import TrustList
 
 KEY = Ed25519PrivateKey.generate()
-TRUST = TrustList({key_id(KEY.public_key()): KEY.public_key()})
+TRUST = TrustList.of(KEY.public_key())
 EXACT = ExportOptions(accuracy_level=0)  # float32 activations: compared with PyTorch closely
 
 

@@ -16,10 +16,10 @@ from client.objects import OBJECTS
 from server.distribute import ArtifactServicer, ArtifactStore, serve
 from shared.proto import artifact_pb2
 from shared.release import follow_latest, make_release, read_release, verify_release, write_release
-from shared.sign import TrustList, key_id, public_line
+from shared.sign import TrustList, public_line
 
 KEY = Ed25519PrivateKey.generate()
-TRUST = TrustList({key_id(KEY.public_key()): KEY.public_key()})
+TRUST = TrustList.of(KEY.public_key())
 BASE = "b" * 64
 CHUNK = 64 * 1024
 CONFIG = os.urandom(1206)  # the size of the adapter_config.json of the original report

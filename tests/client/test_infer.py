@@ -123,7 +123,8 @@ def test_edge_inference_imports_neither_torch_nor_transformers(onnx_base, edge_b
     """``fleetlora infer`` from the ONNX base with an adapter, in a fresh interpreter: no torch module loaded.
 
     Nor onnxruntime's Python API: the adapter is converted in a child process, so its ~100 MB of
-    temporaries never join the serving process (onnxruntime-genai is ``onnxruntime_genai``).
+    temporaries never join the serving process (onnxruntime-genai is ``onnxruntime_genai``). Nor
+    ``cryptography``: signatures are checked in a child process too (~11 MiB not mapped).
     """
     model = device_model(edge_base.base)
     adapter, _ = signed_adapter(tmp_path / "a1", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest)
@@ -133,7 +134,7 @@ def test_edge_inference_imports_neither_torch_nor_transformers(onnx_base, edge_b
     argv += ["--cache", str(tmp_path / "cache"), "--max-new-tokens", "3", "Define 'otter'."]
     code = (
         "import sys, json; from shared.cli import main; rc = main(json.loads(sys.argv[1])); "
-        "heavy = ('torch', 'transformers', 'peft', 'onnx', 'onnxruntime'); "
+        "heavy = ('torch', 'transformers', 'peft', 'onnx', 'onnxruntime', 'cryptography'); "
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in heavy); "
         "print('LOADED', loaded); sys.exit(rc)"
     )

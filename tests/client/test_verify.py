@@ -13,12 +13,12 @@ from shared.errors import ReleaseError
 from shared.model import load_model
 from shared.release import make_release
 from shared.replay import AcceptedReleases
-from shared.sign import TrustList, key_id
+from shared.sign import TrustList
 from shared.tensors import save_tensors
 
 BASE = "a" * 64
 KEY = Ed25519PrivateKey.generate()
-TRUST = TrustList({key_id(KEY.public_key()): KEY.public_key()})
+TRUST = TrustList.of(KEY.public_key())
 
 
 @pytest.fixture

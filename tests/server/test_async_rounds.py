@@ -23,7 +23,7 @@ from shared.config import AggregationConfig, ConfigError, FleetConfig, LoraConfi
 from shared.manifest import parse
 from shared.release import load_tensors
 from shared.release_records import RELEASE_MANIFEST
-from shared.sign import TrustList, generate_key, key_id, load_private_key
+from shared.sign import TrustList, generate_key, load_private_key
 from tests.server.secagg.fleet import Fleet
 
 torch.manual_seed(0)
@@ -117,7 +117,7 @@ def test_a_stale_update_counts_with_its_staleness_weight_and_the_chain_is_unbrok
     assert third["clients"][str(fleet.nodes[A])]["contributions"] == 3
     # the chain: every release signed by the coordinator, each leading back to the one before it
     public = load_private_key(tmp_path / "server.key").public_key()
-    point = resume_point(strategy.registry.folder, TrustList({key_id(public): public}), "run-1", "b" * 64, "fedavg")
+    point = resume_point(strategy.registry.folder, TrustList.of(public), "run-1", "b" * 64, "fedavg")
     assert point is not None and point.round == 3 and len(point.chain) == 4
     # every device was sent the newest release each time it was free: C's first task was release 0
     sent = [(nid, _round_of(m)) for nid, m in fleet.tasks]

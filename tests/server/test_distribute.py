@@ -22,10 +22,10 @@ from shared.certs import make_fleet_certs
 from shared.manifest import parse
 from shared.proto import artifact_pb2, artifact_pb2_grpc
 from shared.release import make_release, write_release
-from shared.sign import TrustList, key_id
+from shared.sign import TrustList
 
 KEY = Ed25519PrivateKey.generate()
-TRUST = TrustList({key_id(KEY.public_key()): KEY.public_key()})
+TRUST = TrustList.of(KEY.public_key())
 BASE = "b" * 64
 CHUNK = 64 * 1024
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 123)  # 3 MB + a partial last chunk: 49 chunks

@@ -9,10 +9,10 @@ from server.onnx_release import publish_onnx_base
 from shared.errors import ReleaseError
 from shared.onnx_base import EXPORT_VERSION, is_onnx_base
 from shared.release import make_release, read_release, verify_release, write_release
-from shared.sign import TrustList, key_id
+from shared.sign import TrustList
 
 KEY = Ed25519PrivateKey.generate()
-TRUST = TrustList({key_id(KEY.public_key()): KEY.public_key()})
+TRUST = TrustList.of(KEY.public_key())
 DIGEST = "d" * 64
 
 

@@ -10,7 +10,7 @@ from server.quantize import publish_base, quantize_model
 from shared.int4_layer import Int4Linear
 from shared.model import load_model, model_digest
 from shared.release import read_release, verify_release
-from shared.sign import TrustList, key_id
+from shared.sign import TrustList
 
 
 def test_the_artifact_loads_as_a_4bit_model_close_to_its_source(tiny_model_dir, tmp_path):
@@ -29,7 +29,7 @@ def test_the_artifact_loads_as_a_4bit_model_close_to_its_source(tiny_model_dir, 
 
 def test_publish_signs_the_base_once_per_source(tiny_model_dir, tmp_path):
     key = Ed25519PrivateKey.generate()
-    trust = TrustList({key_id(key.public_key()): key.public_key()})
+    trust = TrustList.of(key.public_key())
     release, manifest = publish_base(tiny_model_dir, "s" * 64, tmp_path / "store", key)
     folder = tmp_path / "store" / "base"
     assert verify_release(read_release(folder), trust, manifest.base_digest) == manifest

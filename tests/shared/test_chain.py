@@ -10,11 +10,11 @@ from shared.chain import MAX_CLOCK_SKEW, ChainGapError, SignedManifest
 from shared.errors import ReleaseError
 from shared.release import make_release, verify_release
 from shared.replay import AcceptedReleases
-from shared.sign import TrustList, key_id
+from shared.sign import TrustList
 
 BASE = "b" * 64
 KEY = Ed25519PrivateKey.generate()
-TRUST = TrustList({key_id(KEY.public_key()): KEY.public_key()})
+TRUST = TrustList.of(KEY.public_key())
 
 
 def _signed(round, previous="", run_id="run-1", kind="adapter", created=None, key=KEY, salt=b""):

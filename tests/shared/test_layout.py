@@ -6,14 +6,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from shared.errors import ReleaseError
 from shared.layout import follow_latest, point_latest
 from shared.release import make_release, read_release, verify_release, write_release
-from shared.sign import TrustList, key_id
+from shared.sign import TrustList
 
 BASE = "b" * 64
 KEY = Ed25519PrivateKey.generate()
 
 
 def _trust(*keys):
-    return TrustList({key_id(k.public_key()): k.public_key() for k in keys})
+    return TrustList.of(*(k.public_key() for k in keys))
 
 
 def _release(round):

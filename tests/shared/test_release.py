@@ -22,7 +22,7 @@ FILES = {"adapter_config.json": b'{"r": 4}', "adapter_model.safetensors": save_t
 
 
 def _trust(*keys, revoked=()):
-    return TrustList({key_id(k.public_key()): k.public_key() for k in keys}, {key_id(k.public_key()) for k in revoked})
+    return TrustList.of(*(k.public_key() for k in keys), revoked=tuple(k.public_key() for k in revoked))
 
 
 def _release(round=1, key=KEY, base=BASE, previous="", files=FILES, run_id="run-1"):

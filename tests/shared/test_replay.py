@@ -10,12 +10,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from shared.errors import ReleaseError
 from shared.release import make_release, verify_release
 from shared.replay import AcceptedReleases, ReplayStoreError
-from shared.sign import TrustList, key_id
+from shared.sign import TrustList
 from shared.tensors import save_tensors
 
 BASE = "b" * 64
 KEY = Ed25519PrivateKey.generate()
-TRUST = TrustList({key_id(KEY.public_key()): KEY.public_key()})
+TRUST = TrustList.of(KEY.public_key())
 FILES = {"adapter_config.json": b'{"r": 4}', "adapter_model.safetensors": save_tensors({"w": torch.ones(2, 2)})}
 
 

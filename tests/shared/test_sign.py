@@ -1,11 +1,14 @@
 """Signing keys and trust lists: a key file others can read, a bad trust line or an unknown key is refused."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.sign import SignatureError, TrustList, generate_key, key_id, load_private_key, public_line
+from tests.conftest import REPO
 
 
 def test_key_files(tmp_path):
@@ -45,3 +48,39 @@ def test_a_link_planted_at_the_keys_temp_name_never_receives_the_key(tmp_path):
     generate_key(tmp_path / "server.key")
     assert victim.read_text() == "nothing secret\n"
     assert oct((tmp_path / "server.key").stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("in_child", [False, True])
+def test_a_signature_is_checked_alike_here_and_in_a_child_process(in_child):
+    key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    trust = TrustList.of(key.public_key(), revoked=(other.public_key(),))
+    trust.in_child = in_child
+    signer, data = key_id(key.public_key()), b'{"kind": "adapter"}'
+    trust.verify(signer, data, key.sign(data))
+    for bad_data, bad_signature in ((data + b" ", key.sign(data)), (data, other.sign(data)), (b"", key.sign(data))):
+        with pytest.raises(SignatureError, match=f"does not match the manifest for key {signer}"):
+            trust.verify(signer, bad_data, bad_signature)
+    with pytest.raises(SignatureError, match="which the trust list revokes"):
+        trust.verify(key_id(other.public_key()), data, other.sign(data))
+    with pytest.raises(SignatureError, match="signature is 3 bytes"):
+        trust.verify(signer, data, b"abc")
+
+
+def test_a_signature_check_that_cannot_run_is_a_refusal(monkeypatch):
+    key = Ed25519PrivateKey.generate()
+    trust = TrustList.of(key.public_key())
+    trust.in_child = True
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    with pytest.raises(SignatureError, match="the signature check could not run"):
+        trust.verify(key_id(key.public_key()), b"data", key.sign(b"data"))
+
+
+def test_parsing_a_trust_list_imports_no_cryptography(tmp_path):
+    path = tmp_path / "trust"
+    path.write_text(public_line(Ed25519PrivateKey.generate().public_key()) + "\n")
+    code = (
+        "import sys; from shared.sign import TrustList; t = TrustList.load(sys.argv[1]); "
+        "print(len(t.trusted), sorted(m for m in sys.modules if m.startswith('cryptography')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True, cwd=REPO)
+    assert done.stdout.split() == ["1", "[]"]
