@@ -204,7 +204,9 @@ def bench() -> Table:
         f"{RUNS} runs of each command, alternating; 1 MiB = 2^20 bytes, 1 MB = 10^6",
         "the adapter is verified, then converted to `.onnx_adapter` in a child process (`python -m "
         "client.onnx_adapter`, handed the verified bytes) before the model loads; the serving process imports "
-        "neither numpy's conversion code nor onnxruntime's Python API",
+        "neither numpy's conversion code nor onnxruntime's Python API, nor cryptography (each signature is "
+        "checked in a child process, `python -m shared.sign`); after the model loads, the clean pages of its "
+        "own files are dropped from the process (`client/residency.py`)",
         "the peak's parts: RssAnon and RssFile when a thread sampling the process's own RSS every 5 ms saw it "
         "highest; file-backed pages (mapped libraries, the mapped embedding rows, the adapter file) depend on "
         "the kernel's page cache (hence the two states), not only on the code; the anonymous part is the code's",
