@@ -54,6 +54,7 @@ import torch
 
 from client.onnx_adapter import base_tensors, write_onnx_adapter
 from client.onnx_graph import GraphEditor
+from shared.cli import python_module
 from shared.int4_layer import INT4_WEIGHTS, QUANT_CONFIG
 from shared.model import model_digest
 from shared.onnx_base import (
@@ -118,7 +119,7 @@ def export_base(int4_folder: str | Path, cache: str | Path, options: ExportOptio
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / DONE).is_file():
             # in a child process: the float copy and the graph (~1 GB) never stay in the device's memory
-            cmd = [sys.executable, "-m", "client.export", str(src), str(out), json.dumps(asdict(options))]
+            cmd = python_module("client.export", str(src), str(out), json.dumps(asdict(options)))
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0 or not (out / DONE).is_file():
                 tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
@@ -177,7 +178,7 @@ def _write_float_copy(src: Path, dst: Path) -> None:
 
 
 def _run_builder(float_dir: Path, out: Path, hf_cache: Path) -> None:
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(float_dir), "-o", str(out)]
+    cmd = python_module("onnxruntime_genai.models.builder", "-i", str(float_dir), "-o", str(out))
     cmd += ["-p", "fp32", "-e", "cpu", "-c", str(hf_cache)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)

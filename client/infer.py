@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -29,6 +28,7 @@ from typing import Any
 from client.generation import GenerationOptions, model_defaults
 from client.residency import release_model_pages
 from shared.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from shared.cli import python_module
 from shared.errors import ReleaseError
 from shared.manifest import Manifest
 from shared.onnx_base import BASE_ADAPTER, ExportError, ExportOptions, is_onnx_base, read_export_info
@@ -177,7 +177,7 @@ class EdgeModel:
         path = self._adapter_dir / f"{manifest.digest()[:32]}.onnx_adapter"
         self._adapter_dir.mkdir(parents=True, exist_ok=True)
         config = release.files[ADAPTER_CONFIG]
-        cmd = [sys.executable, "-m", "client.onnx_adapter", str(self.folder), str(path), str(len(config))]
+        cmd = python_module("client.onnx_adapter", str(self.folder), str(path), str(len(config)))
         try:  # the verified bytes themselves, not the files again: nothing can swap them in between
             done = subprocess.run(
                 cmd, input=config + release.files[ADAPTER_WEIGHTS], capture_output=True, timeout=CONVERT_TIMEOUT_S

@@ -36,6 +36,7 @@ import psutil
 
 from server.processes import config_arg, flower_env, free_port, signal_tree, start, stop_pid, wait_for_port
 from shared.certs import FleetCerts, make_fleet_certs
+from shared.cli import python_module
 from shared.sign import generate_key
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (pyproject.toml): this checkout
@@ -151,8 +152,7 @@ class LocalFleet:
         """Start the artifact service over mutual TLS (the fleet's devices only) on the store the ServerApp fills."""
         (self.folder / "store").mkdir(parents=True, exist_ok=True)
         cmd = [
-            sys.executable,
-            *("-m", "shared.cli", "serve-artifacts", "--root", str(self.folder / "store")),
+            *python_module("shared.cli", "serve-artifacts", "--root", str(self.folder / "store")),
             *("--address", self.artifact_address),
             *("--tls-cert", str(self.certs.server_cert), "--tls-key", str(self.certs.server_key)),
             *("--tls-ca", str(self.certs.ca)),

@@ -15,6 +15,16 @@ import sys
 from importlib.metadata import EntryPoint, entry_points
 
 
+def python_module(module: str, *args: str) -> list[str]:
+    """Return the command that runs ``python -m module args`` in this interpreter, for a child process.
+
+    With ``-P``: no directory is put before the installed packages on ``sys.path``. ``python -m``
+    puts the working directory first, so a package planted where the command runs (a ``shared/``
+    beside a downloaded release) would be the one imported, by the signature check among others.
+    """
+    return [sys.executable, "-P", "-m", module, *args]
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Build the parser with every registered subcommand, or only ``command``'s if it is registered."""
     parser = argparse.ArgumentParser(prog="fleetlora", description="Federated on-device LoRA adapter learning.")

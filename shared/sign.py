@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shared.atomic import write_atomic
+from shared.cli import python_module
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -187,7 +188,7 @@ def _verify_in_child(raw: bytes, data: bytes, signature: bytes) -> bool:
     """:func:`_verify` in ``python -m shared.sign``, handed key, signature and data on stdin; fails closed."""
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "shared.sign"], input=raw + signature + data,
+            python_module("shared.sign"), input=raw + signature + data,
             capture_output=True, timeout=CHILD_TIMEOUT_S, check=False,
         )  # fmt: skip
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -84,3 +84,16 @@ def test_parsing_a_trust_list_imports_no_cryptography(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True, cwd=REPO)
     assert done.stdout.split() == ["1", "[]"]
+
+
+def test_a_package_planted_in_the_working_directory_does_not_check_signatures(tmp_path, monkeypatch):
+    planted = tmp_path / "shared"
+    planted.mkdir()
+    (planted / "__init__.py").write_text("")
+    (planted / "sign.py").write_text("import sys\nsys.exit(0)  # 'valid', whatever it is handed\n")
+    monkeypatch.chdir(tmp_path)
+    key = Ed25519PrivateKey.generate()
+    trust = TrustList.of(key.public_key())
+    trust.in_child = True
+    with pytest.raises(SignatureError, match="does not match"):
+        trust.verify(key_id(key.public_key()), b"data", key.sign(b"other data"))
