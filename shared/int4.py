@@ -73,7 +73,7 @@ def quantize8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize8(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Return W = s * q as (N, K) in ``dtype``."""
     n, kb, _ = codes.shape
-    return (codes.to(dtype) * scales.to(dtype)[..., None]).reshape(n, kb * BLOCK)
+    return codes.to(dtype).mul_(scales.to(dtype)[..., None]).reshape(n, kb * BLOCK)  # in place: one (N, K) copy
 
 
 def matmulnbits_zero_points(scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
