@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 SIGNATURE_BYTES = 64
 PUBLIC_KEY_BYTES = 32
 CHILD_TIMEOUT_S = 120  # a python start and one Ed25519 check, on a loaded device
+VALID, INVALID = 0, 10  # the child's exit codes; any other (1: an uncaught exception) is a failed check
 
 
 class SignatureError(ValueError):
@@ -193,21 +194,21 @@ def _verify_in_child(raw: bytes, data: bytes, signature: bytes) -> bool:
         )  # fmt: skip
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SignatureError(f"the signature check could not run: {exc}") from None
-    if done.returncode not in (0, 1):
+    if done.returncode not in (VALID, INVALID):
         detail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
         raise SignatureError(f"the signature check failed (exit {done.returncode}): {detail[0]}")
-    return done.returncode == 0
+    return done.returncode == VALID
 
 
 def _child_main() -> int:
-    """``python -m shared.sign``: stdin is a raw public key, a signature, then the data; exit 0 if valid, 1 if not."""
+    """``python -m shared.sign``: stdin is a raw public key, a signature, then the data; exit VALID or INVALID."""
     message = sys.stdin.buffer.read()
     head = PUBLIC_KEY_BYTES + SIGNATURE_BYTES
     if len(message) < head:
         print(f"expected at least {head} bytes on stdin, got {len(message)}", file=sys.stderr)
         return 2
     raw, signature = message[:PUBLIC_KEY_BYTES], message[PUBLIC_KEY_BYTES:head]
-    return 0 if _verify(raw, message[head:], signature) else 1
+    return VALID if _verify(raw, message[head:], signature) else INVALID
 
 
 if __name__ == "__main__":

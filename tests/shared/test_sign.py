@@ -97,3 +97,15 @@ def test_a_package_planted_in_the_working_directory_does_not_check_signatures(tm
     trust.in_child = True
     with pytest.raises(SignatureError, match="does not match"):
         trust.verify(key_id(key.public_key()), b"data", key.sign(b"other data"))
+
+
+def test_a_signature_check_that_crashes_is_a_refusal_that_says_so(tmp_path, monkeypatch):
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'Traceback: something broke' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    key = Ed25519PrivateKey.generate()
+    trust = TrustList.of(key.public_key())
+    trust.in_child = True
+    with pytest.raises(SignatureError, match=r"the signature check failed \(exit 1\): Traceback: something broke"):
+        trust.verify(key_id(key.public_key()), b"data", key.sign(b"data"))
