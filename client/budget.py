@@ -40,7 +40,8 @@ bfloat16 ones to SmolLM2 at S = 128 and 256, m = 1, 2, 4, with and without check
 and 1 (every estimate 0-17% above its measurement; see :data:`FITS`), all on glibc's malloc. A device's
 training process runs on mimalloc (``server/processes.py``): 8-38% lower peaks at seq 256 x batch 4,
 but up to 53 MB higher for the small checkpointed settings of the budget benchmark, still within every
-budget there (800 MB: 786 measured). Not counted: evaluation of
+budget there (800 MB: 786 and 789 measured in two runs, against an estimate of 795 with the margin).
+Not counted: evaluation of
 the global adapter (same process, no gradients, ``eval.batch-size`` examples per forward pass; not
 measured against the budget), and a simulation's Ray actor (Ray's own imports).
 """
