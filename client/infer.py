@@ -30,9 +30,9 @@ from client.residency import release_model_pages
 from shared.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from shared.cli import python_module
 from shared.errors import ReleaseError
-from shared.manifest import Manifest
+from shared.manifest import MAX_MANIFEST_BYTES, Manifest, parse
 from shared.onnx_base import BASE_ADAPTER, ExportError, ExportOptions, is_onnx_base, read_export_info
-from shared.release import read_release, verify_release
+from shared.release import MANIFEST, read_release, verify_release
 from shared.replay import AcceptedReleases
 from shared.sign import TrustList
 
@@ -159,6 +159,9 @@ class EdgeModel:
 
         Returns its manifest and the file (None: it is the active adapter already).
         """
+        active = self.active
+        if active is not None and _manifest_digest(Path(folder)) == active.manifest.digest():
+            return active.manifest, None  # verified when it was applied; `infer` follows LATEST before each prompt
         release = read_release(folder)
         manifest = verify_release(release, self.trust, self.base_digest, self.accepted)
         if manifest.kind != "adapter":
@@ -274,6 +277,16 @@ def _onnx_folder(base: Path, manifest: Manifest, cache: Path, options: ExportOpt
     from client.export import export_base
 
     return export_base(base, cache, options)
+
+
+def _manifest_digest(folder: Path) -> str | None:
+    """Return the digest of the manifest in ``folder`` (unverified: only compared with a verified one), or None."""
+    try:
+        with (folder / MANIFEST).open("rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+        return parse(data).digest() if len(data) <= MAX_MANIFEST_BYTES else None
+    except (OSError, ValueError):
+        return None
 
 
 def _chat_template(folder: Path) -> str | None:

@@ -13,6 +13,7 @@ import torch
 from client.infer import EdgeModel
 from client.infer_cli import _base_for, newest_base
 from client.residency import SMAPS, droppable, mappings
+from shared.adapter_files import ADAPTER_WEIGHTS
 from shared.cli import main
 from shared.errors import ReleaseError
 from shared.onnx_base import ExportError, ExportOptions
@@ -53,6 +54,27 @@ def test_a_non_finite_adapter_is_refused_and_the_active_one_stays(edge_base, tmp
     assert edge.active is not None and edge.active.manifest == m1
     np.testing.assert_array_equal(edge.logits(ids), before)
     assert torch.isfinite(torch.from_numpy(before)).all()
+
+
+def test_the_active_adapter_is_not_verified_again_but_a_new_release_is(edge_base, tmp_path, monkeypatch):
+    """``fleetlora infer`` follows LATEST before every prompt: the active release costs no second check."""
+    import client.infer
+
+    model = device_model(edge_base.base)
+    edge = EdgeModel(edge_base.base, TRUST, edge_base.root / "cache", threads=1, options=EXACT)
+    first, m1 = signed_adapter(tmp_path / "a1", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest)
+    second, m2 = signed_adapter(tmp_path / "a2", model, trained_state(model, 2), edge_base.base, 2, edge_base.digest)
+    edge.apply_release(first)
+    checked = []
+    verify = client.infer.verify_release
+    monkeypatch.setattr(client.infer, "verify_release", lambda release, *a: checked.append(1) or verify(release, *a))
+    (first / ADAPTER_WEIGHTS).write_bytes(b"swapped after it was applied")  # what is served was converted then
+
+    assert edge.apply_release(first) == m1 and checked == []
+    assert edge.apply_release(second) == m2 and checked == [1]
+    with pytest.raises(ReleaseError, match=ADAPTER_WEIGHTS):  # no longer active: verified, its swapped file caught
+        edge.apply_release(first)
+    assert edge.active is not None and edge.active.manifest == m2
 
 
 def test_a_conversion_that_crashes_is_a_refusal_and_the_active_adapter_stays(onnx_base, edge_base, tmp_path):
