@@ -280,11 +280,17 @@ def _onnx_folder(base: Path, manifest: Manifest, cache: Path, options: ExportOpt
 
 
 def _manifest_digest(folder: Path) -> str | None:
-    """Return the digest of the manifest in ``folder`` (unverified: only compared with a verified one), or None."""
+    """Return the digest of the manifest in ``folder`` (unverified: only compared with a verified one), or None.
+
+    A regular file only, as :func:`shared.release.read_release` reads it (a FIFO would block the open); ``parse``
+    refuses more than ``MAX_MANIFEST_BYTES``.
+    """
+    path = folder / MANIFEST
     try:
-        with (folder / MANIFEST).open("rb") as f:
-            data = f.read(MAX_MANIFEST_BYTES + 1)
-        return parse(data).digest() if len(data) <= MAX_MANIFEST_BYTES else None
+        if not path.is_file():
+            return None
+        with path.open("rb") as f:
+            return parse(f.read(MAX_MANIFEST_BYTES + 1)).digest()
     except (OSError, ValueError):
         return None
 

@@ -53,7 +53,8 @@ def mappings(smaps: str) -> list[Mapping]:
             continue
         key, _, value = line.partition(":")
         if found and key in ("Rss", "Anonymous"):
-            kib = int(value.split()[0]) if value.split() and value.split()[0].isdigit() else -1
+            words = value.split()
+            kib = int(words[0]) if words and words[0].isdigit() else -1
             if key == "Rss":
                 found[-1].rss_kib = kib
             else:

@@ -2,9 +2,11 @@
 coordinator's signed ONNX base serves a device without torch (verified before it loads)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -75,6 +77,21 @@ def test_the_active_adapter_is_not_verified_again_but_a_new_release_is(edge_base
     with pytest.raises(ReleaseError, match=ADAPTER_WEIGHTS):  # no longer active: verified, its swapped file caught
         edge.apply_release(first)
     assert edge.active is not None and edge.active.manifest == m2
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "manifest.json")  # opening it to compare with the active manifest would wait for a writer
+    outcome: list[BaseException] = []
+    probe = threading.Thread(target=lambda: _refusal(edge.apply_release, fifo, outcome), daemon=True)
+    probe.start()
+    probe.join(timeout=60)
+    assert not probe.is_alive() and isinstance(outcome[0], ReleaseError), outcome
+
+
+def _refusal(call, arg, outcome: list[BaseException]) -> None:
+    try:
+        call(arg)
+    except BaseException as exc:  # noqa: BLE001 (handed to the test thread)
+        outcome.append(exc)
 
 
 def test_a_conversion_that_crashes_is_a_refusal_and_the_active_adapter_stays(onnx_base, edge_base, tmp_path):
