@@ -17,14 +17,14 @@ as ``--ca-file``, ``--cert-file``, ``--key-file`` (:func:`add_arguments`, :func:
 from __future__ import annotations
 
 import argparse
-import os
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
+from shared.files import FileRefusedError, read_bounded
 
 KEYS = ("ca-file", "cert-file", "key-file")
 MAX_PEM_BYTES = 64 * 1024  # a CA bundle or a certificate chain of a few certificates; anything larger is not one
@@ -104,16 +104,8 @@ def credentials_from_args(args: argparse.Namespace) -> grpc.ChannelCredentials |
 def _read(path: str | Path, key: str, private: bool = False) -> bytes:
     """Read a PEM file of at most ``MAX_PEM_BYTES`` (``private``: refuse one that others can read)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # non-blocking: a FIFO in its place cannot hang the device
+        return read_bounded(path, MAX_PEM_BYTES, private=private)  # a FIFO in its place cannot hang the device
+    except FileRefusedError as exc:
+        raise ChannelConfigError(f"{key} {exc}") from None
     except OSError as exc:
         raise ChannelConfigError(f"{key} {path}: cannot read it ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise ChannelConfigError(f"{key} {path}: not a regular file")
-        data = f.read(MAX_PEM_BYTES + 1)
-    if len(data) > MAX_PEM_BYTES:
-        raise ChannelConfigError(f"{key} {path}: larger than {MAX_PEM_BYTES:,} bytes, not a PEM file")
-    if private and mode & 0o077:
-        raise ChannelConfigError(f"{key} {path}: other users can read this private key; chmod 600 it")
-    return data

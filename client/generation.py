@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from shared.files import read_bounded
 from shared.onnx_base import GENERATION_CONFIG
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,10 @@ def model_defaults(folder: str | Path, base: GenerationOptions | None = None) ->
     options = base or GenerationOptions()
     path = Path(folder) / GENERATION_CONFIG
     try:
-        if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
-            return options
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        config = json.loads(read_bounded(path, MAX_CONFIG_BYTES).decode("utf-8"))
+    except FileNotFoundError:
+        return options
+    except (OSError, ValueError, RecursionError) as exc:
         log.warning("ignoring %s: %s", path, exc)
         return options
     if not isinstance(config, dict):

@@ -30,7 +30,8 @@ from client.residency import release_model_pages
 from shared.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from shared.cli import python_module
 from shared.errors import ReleaseError
-from shared.manifest import MAX_MANIFEST_BYTES, Manifest, parse
+from shared.files import read_bounded
+from shared.manifest import Manifest, read_manifest
 from shared.onnx_base import BASE_ADAPTER, ExportError, ExportOptions, is_onnx_base, read_export_info
 from shared.release import MANIFEST, read_release, verify_release
 from shared.replay import AcceptedReleases
@@ -282,15 +283,10 @@ def _onnx_folder(base: Path, manifest: Manifest, cache: Path, options: ExportOpt
 def _manifest_digest(folder: Path) -> str | None:
     """Return the digest of the manifest in ``folder`` (unverified: only compared with a verified one), or None.
 
-    A regular file only, as :func:`shared.release.read_release` reads it (a FIFO would block the open); ``parse``
-    refuses more than ``MAX_MANIFEST_BYTES``.
+    Read as :func:`shared.release.read_release` reads it: a regular file (a FIFO would block the open), bounded.
     """
-    path = folder / MANIFEST
     try:
-        if not path.is_file():
-            return None
-        with path.open("rb") as f:
-            return parse(f.read(MAX_MANIFEST_BYTES + 1)).digest()
+        return read_manifest(folder / MANIFEST).digest()
     except (OSError, ValueError):
         return None
 
@@ -298,8 +294,9 @@ def _manifest_digest(folder: Path) -> str | None:
 def _chat_template(folder: Path) -> str | None:
     """Return the model's chat template from the export (None: the tokenizer's own), bounded in size."""
     path = folder / CHAT_TEMPLATE
-    if not path.is_file():
+    try:
+        return read_bounded(path, MAX_TEMPLATE_BYTES).decode("utf-8")
+    except FileNotFoundError:
         return None
-    if path.stat().st_size > MAX_TEMPLATE_BYTES:
-        raise ExportError(f"{path} is larger than {MAX_TEMPLATE_BYTES:,} bytes; not a chat template")
-    return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path}: not a chat template ({exc})") from None

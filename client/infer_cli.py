@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from client.generation import GenerationOptions
 from shared.errors import ReleaseError
 from shared.layout import follow_latest
-from shared.manifest import Manifest, parse
+from shared.manifest import Manifest, read_manifest
 from shared.model import cache_dir
 from shared.onnx_base import RUN_ID, ExportOptions, is_onnx_base
 from shared.release import MANIFEST
@@ -120,9 +120,9 @@ def newest_base(releases: Path, digest: str | None = None) -> Path:
     bases = []
     for manifest in releases.glob(f"*/{MANIFEST}"):
         try:
-            m = parse(manifest.read_bytes())
-        except ValueError:
-            continue
+            m = read_manifest(manifest)
+        except (OSError, ValueError):
+            continue  # not a readable manifest: not a base this device can use
         if m.kind == "base" and digest in (None, m.base_digest):
             bases.append((is_onnx_base(m.files), m.created, manifest.parent))
     if not bases:
@@ -142,14 +142,14 @@ def _base_for(adapter: Path | None, releases: Path) -> Path:
         return newest_base(releases)
     try:
         folder = follow_latest(adapter)
-        digest = parse((folder / MANIFEST).read_bytes()).base_digest
+        digest = read_manifest(folder / MANIFEST).base_digest
     except (OSError, ValueError, ReleaseError):
         return newest_base(releases)  # EdgeModel reports what is wrong with the adapter
     parents = adapter.resolve().parents
     for name in (RUN_ID, "base") if len(parents) > 1 else ():  # the store's ONNX base first: nothing to export
         beside = parents[1] / name
         try:
-            if (beside / MANIFEST).is_file() and parse((beside / MANIFEST).read_bytes()).base_digest == digest:
+            if read_manifest(beside / MANIFEST).base_digest == digest:
                 return beside
         except (OSError, ValueError):
             continue

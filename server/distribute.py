@@ -46,14 +46,13 @@ from typing import Any
 import grpc
 
 from server.artifact_limits import CHUNK_BYTES, BusyError, ServiceLimits, Streams, grpc_options
-from shared.manifest import MAX_MANIFEST_BYTES, ManifestError, parse
+from shared.files import FileRefusedError, read_bounded
+from shared.manifest import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, ManifestError, parse
 from shared.proto import artifact_pb2, artifact_pb2_grpc
 from shared.release import FOLDER_NAME, LATEST, MANIFEST, SIGNATURE, ReleaseError, latest_name
 
 log = logging.getLogger(__name__)
 MAX_SEGMENTS = 8  # "adapter/<run-id>/round-NNNN" has 3; a deeper name is not an artifact
-MAX_SIGNATURE_BYTES = 1024  # an Ed25519 signature is 64 bytes
-MAX_LATEST_BYTES = 256  # LATEST holds one folder name
 
 
 class ArtifactNotFoundError(LookupError):
@@ -80,19 +79,17 @@ class ArtifactStore:
         return name, folder
 
     def manifest_bytes(self, name: str, folder: Path) -> bytes:
-        """Return the manifest of the resolved artifact ``name`` in ``folder`` (at most one byte over the limit)."""
-        return _read_small(self.inside(folder / MANIFEST, f"artifact '{name}'"), MAX_MANIFEST_BYTES)
+        """Return the manifest of the resolved artifact ``name`` in ``folder`` (not found: over its size bound)."""
+        what = f"manifest of '{name}'"
+        return _read_small(self.inside(folder / MANIFEST, what), MAX_MANIFEST_BYTES, what)
 
     def _latest(self, artifact: str, run: list[str]) -> str:
         """Return the release folder the run folder's LATEST names (LATEST itself inside the root, small)."""
         run_folder = self.inside(self.root.joinpath(*run), f"'{artifact}'")
         try:
-            pointer = self.inside(run_folder / LATEST, f"LATEST of '{artifact}'")
+            self.inside(run_folder / LATEST, f"LATEST of '{artifact}'")
         except ArtifactNotFoundError:
             raise ArtifactNotFoundError(f"'{artifact}': no LATEST release yet") from None
-        info = pointer.stat()
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_LATEST_BYTES:
-            raise ArtifactNotFoundError(f"'{artifact}': LATEST names an invalid release")
         try:
             latest = latest_name(run_folder)
         except (ReleaseError, OSError):
@@ -126,7 +123,8 @@ class ArtifactStore:
             files = parse(data).files
         except ManifestError as exc:
             raise ArtifactNotFoundError(f"artifact '{name}' has a malformed manifest: {exc}") from None
-        signature = _read_small(self.inside(folder / SIGNATURE, f"signature of '{name}'"), MAX_SIGNATURE_BYTES)
+        what = f"signature of '{name}'"
+        signature = _read_small(self.inside(folder / SIGNATURE, what), MAX_SIGNATURE_BYTES, what)
         sizes = {}
         for f in files:
             try:
@@ -153,16 +151,14 @@ class ArtifactStore:
         return path
 
 
-def _read_small(path: Path, limit: int) -> bytes:
-    """Read at most ``limit`` bytes of a resolved regular file (no link followed now: O_NOFOLLOW)."""
+def _read_small(path: Path, limit: int, what: str) -> bytes:
+    """Read the resolved regular file ``path``, at most ``limit`` bytes (no link followed now: O_NOFOLLOW)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        return read_bounded(path, limit, follow_links=False)
+    except FileRefusedError as exc:
+        raise ArtifactNotFoundError(f"{what} is not a file of at most {limit:,} bytes") from exc
     except OSError:
-        raise ArtifactNotFoundError(f"no {path.name} in '{path.parent.name}'") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ArtifactNotFoundError(f"{path.name} in '{path.parent.name}' is not a file")
-        return f.read(limit + 1)  # one byte more: the manifest parser refuses an oversized one by its size
+        raise ArtifactNotFoundError(f"no {what}") from None
 
 
 def _device(context: Any) -> str | None:

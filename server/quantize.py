@@ -32,7 +32,7 @@ from shared.int4_layer import INT4_WEIGHTS, QUANT_CONFIG
 from shared.manifest import Manifest, parse
 from shared.model import model_digest
 from shared.progress import Progress
-from shared.release import Release, make_release, read_release, write_release
+from shared.release import MANIFEST, Release, make_release, read_release, write_release
 
 SCHEME = "fleetlora-int4-b32-asym"
 EMBEDDING = "model.embed_tokens.weight"
@@ -93,7 +93,7 @@ def quantize_model(source: str | Path, out: str | Path, source_digest: str) -> d
 def publish_base(source: str | Path, source_digest: str, store: str | Path, key: Any) -> tuple[Release, Manifest]:
     """Quantize ``source`` (unless the store already holds its base) and sign it as ``<store>/base``."""
     folder = Path(store) / "base"
-    if (folder / "manifest.json").is_file():
+    if (folder / MANIFEST).is_file():
         release = read_release(folder)
         try:
             info = json.loads(release.files[QUANT_CONFIG])

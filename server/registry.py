@@ -29,8 +29,9 @@ import torch
 
 from shared.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from shared.chain import MAX_LINKS, SignedManifest
+from shared.files import read_bounded
 from shared.layout import folder_round, point_latest, round_folder
-from shared.manifest import Manifest
+from shared.manifest import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, Manifest
 from shared.release import MANIFEST, SIGNATURE, Release, make_release, write_release
 from shared.sign import load_private_key
 from shared.tensors import save_tensors
@@ -102,7 +103,7 @@ class Registry:
             if (number := folder_round(path.name)) is not None and number < newest and path.is_dir()
         )
         chosen = rounds[-min(k, MAX_LINKS) :]
-        return [SignedManifest((p / MANIFEST).read_bytes(), (p / SIGNATURE).read_bytes()) for _, p in reversed(chosen)]
+        return [_signed_manifest(p) for _, p in reversed(chosen)]
 
     def resume(self, release: Release, manifest: Manifest) -> None:
         """Continue the chain after ``release`` (``server/resume.py`` found and verified it)."""
@@ -151,3 +152,10 @@ def _unlock(key: Path) -> None:
         return
     del _HELD[key]
     held.close()  # closing the file drops the flock
+
+
+def _signed_manifest(folder: Path) -> SignedManifest:
+    """Read a release folder's manifest and signature, each within its bound."""
+    return SignedManifest(
+        read_bounded(folder / MANIFEST, MAX_MANIFEST_BYTES), read_bounded(folder / SIGNATURE, MAX_SIGNATURE_BYTES)
+    )

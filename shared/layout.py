@@ -16,10 +16,12 @@ from pathlib import Path
 
 from shared.atomic import write_atomic
 from shared.errors import ReleaseError
+from shared.files import FileRefusedError, read_bounded
 
 LATEST = "LATEST"
 _ROUND_FOLDER = re.compile(r"round-(\d{4,})")
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # one plain path segment: no '/', no '..'
+MAX_LATEST_BYTES = 256  # LATEST holds one folder name (at most 128 characters) and a newline
 
 
 def round_folder(server_round: int) -> str:
@@ -46,12 +48,18 @@ def latest_name(run_folder: str | Path) -> str | None:
     Raises
     ------
     ReleaseError
-        LATEST holds something other than one plain folder name (a path could leave the folder).
+        LATEST holds something other than one plain folder name (a path could leave the folder), or is not
+        a regular file of at most ``MAX_LATEST_BYTES``.
+    OSError
+        LATEST exists but cannot be read.
     """
     try:
-        name = (Path(run_folder) / LATEST).read_text(errors="replace").strip()
+        raw = read_bounded(Path(run_folder) / LATEST, MAX_LATEST_BYTES)  # a planted FIFO is refused, not waited on
     except FileNotFoundError:
         return None
+    except FileRefusedError as exc:
+        raise ReleaseError(f"LATEST is not a release pointer: {exc}") from None
+    name = raw.decode(errors="replace").strip()
     if not FOLDER_NAME.fullmatch(name):
         raise ReleaseError(f"{Path(run_folder) / LATEST} names {name!r:.80}, not a release folder")
     return name

@@ -30,10 +30,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.files import read_bounded
+
 FORMAT = 2
 OLD_FORMATS = {1: "it signs no file sizes"}  # why a device refuses each older format
 KINDS = ("base", "adapter")
 MAX_MANIFEST_BYTES = 64 * 1024  # a manifest lists a handful of files; anything larger is not one
+MAX_SIGNATURE_BYTES = 1024  # its signature file: an Ed25519 signature is 64 bytes; more is not one
 MAX_FILES = 64
 MAX_FILE_BYTES = 2 << 30  # no single release file is larger (a 4-bit base of a 1B model is < 1 GB)
 MAX_RELEASE_BYTES = 4 << 30  # nor all of a release's files together
@@ -127,6 +130,22 @@ def parse(data: bytes) -> Manifest:
     if manifest.canonical() != data:
         raise ManifestError("manifest bytes are not in canonical form (sorted keys, compact, UTF-8)")
     return manifest
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Parse the manifest file ``path`` (unverified: for choosing and comparing, never for trusting).
+
+    Read with :func:`shared.files.read_bounded`: a FIFO in its place is refused, not waited on, and
+    more than ``MAX_MANIFEST_BYTES`` is never read.
+
+    Raises
+    ------
+    OSError
+        Missing, unreadable, not a regular file or too large (``FileRefusedError``).
+    ManifestError
+        Its bytes are not a manifest (:func:`parse`).
+    """
+    return parse(read_bounded(path, MAX_MANIFEST_BYTES))
 
 
 def sha256_file(path: str | Path) -> str:

@@ -30,8 +30,18 @@ from typing import TYPE_CHECKING, Any
 from shared.atomic import fsync_dir, write_atomic
 from shared.chain import SignedManifest, verify_links
 from shared.errors import ReleaseError
+from shared.files import FileRefusedError, read_bounded
 from shared.layout import FOLDER_NAME, LATEST, folder_round, follow_latest, latest_name, point_latest, round_folder
-from shared.manifest import MAX_FILE_BYTES, MAX_MANIFEST_BYTES, Manifest, ManifestError, parse
+from shared.manifest import (
+    MAX_FILE_BYTES,
+    MAX_FILES,
+    MAX_MANIFEST_BYTES,
+    MAX_RELEASE_BYTES,
+    MAX_SIGNATURE_BYTES,
+    Manifest,
+    ManifestError,
+    parse,
+)
 from shared.sign import SignatureError, TrustList, key_id, sign
 
 if TYPE_CHECKING:
@@ -121,21 +131,31 @@ def write_release(release: Release, folder: str | Path) -> Path:
 
 
 def read_release(folder: str | Path) -> Release:
-    """Read a release folder; every regular file besides the manifest and signature is a release file."""
+    """Read a release folder; every regular file besides the manifest and signature is a release file.
+
+    Each file is read once, bounded before it is allocated (``shared/files.py``): the manifest and
+    signature to their limits, a release file to ``MAX_FILE_BYTES`` (all of them to ``MAX_RELEASE_BYTES``,
+    at most ``MAX_FILES``) and only if it is a plain file (no link followed). A FIFO or device in any
+    file's place is refused, not waited on.
+    """
     folder = Path(folder)
-    if not (folder / MANIFEST).is_file() or not (folder / SIGNATURE).is_file():
-        raise ReleaseError(f"{folder} is not a release: {MANIFEST} or {SIGNATURE} is missing")
-    files: dict[str, bytes] = {}
-    for path in sorted(folder.iterdir()):
-        if path.name in (MANIFEST, SIGNATURE):
-            continue
-        if path.is_symlink() or not path.is_file():
-            raise ReleaseError(f"{path} is not a regular file; a release holds plain files only")
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise ReleaseError(f"{path} is larger than {MAX_FILE_BYTES:,} bytes")
-        files[path.name] = path.read_bytes()
-    manifest_bytes = (folder / MANIFEST).read_bytes()[: MAX_MANIFEST_BYTES + 1]
-    return Release(files, manifest_bytes, (folder / SIGNATURE).read_bytes()[:1024])
+    try:
+        manifest_bytes = read_bounded(folder / MANIFEST, MAX_MANIFEST_BYTES)
+        signature = read_bounded(folder / SIGNATURE, MAX_SIGNATURE_BYTES)
+        paths = sorted(p for p in folder.iterdir() if p.name not in (MANIFEST, SIGNATURE))
+        if len(paths) > MAX_FILES:
+            raise ReleaseError(f"{folder} holds {len(paths)} files, more than a release's {MAX_FILES}")
+        files: dict[str, bytes] = {}
+        for path in paths:
+            left = MAX_RELEASE_BYTES - sum(len(b) for b in files.values())
+            files[path.name] = read_bounded(path, min(MAX_FILE_BYTES, left), follow_links=False)
+    except FileNotFoundError as exc:
+        raise ReleaseError(f"{folder} is not a release: {Path(exc.filename or folder).name} is missing") from None
+    except FileRefusedError as exc:
+        raise ReleaseError(f"refused: {exc} (a release holds plain files within their size bounds)") from None
+    except OSError as exc:
+        raise ReleaseError(f"{folder}: cannot read the release ({exc})") from None
+    return Release(files, manifest_bytes, signature)
 
 
 def verify_release(

@@ -23,6 +23,7 @@ from typing import Any
 from shared.atomic import write_atomic
 from shared.chain import check_chain, check_time
 from shared.errors import ReleaseError
+from shared.files import FileRefusedError, read_bounded
 from shared.manifest import Manifest
 
 STATE_FILE = "accepted.json"
@@ -115,11 +116,9 @@ def _load(path: Path) -> dict[str, dict[str, Any]]:
     try:
         if not path.exists() and not path.is_symlink():
             return {}
-        if not path.is_file():
-            raise _unusable(path, "it is not a regular file")
-        if path.stat().st_size > MAX_STORE_BYTES:
-            raise _unusable(path, f"it is larger than {MAX_STORE_BYTES:,} bytes")
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_STORE_BYTES)
+    except FileRefusedError as exc:
+        raise _unusable(path, f"it is {str(exc).removeprefix(f'{path}: ')}") from None
     except OSError as exc:
         raise _unusable(path, f"it cannot be read ({exc})") from None
     if not data.strip():

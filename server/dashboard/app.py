@@ -20,8 +20,6 @@ row is parsed by ``server/state/rows.py``, so a damaged or hostile row never mak
 from __future__ import annotations
 
 import json
-import os
-import stat
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,11 +34,11 @@ from server.dashboard.reader import StoreReader
 from server.state import StateStoreError
 from server.state.queries import list_runs, round_view, run_view
 from server.state.values import MAX_ID, MAX_ROUND
-from shared.manifest import MAX_MANIFEST_BYTES, parse
+from shared.files import read_bounded
+from shared.manifest import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, parse
 from shared.release import MANIFEST, SIGNATURE
 
 STATIC = Path(__file__).with_name("static")
-MAX_SIGNATURE_BYTES = 1024  # an Ed25519 signature is 64 bytes; more is not one
 RunId = Annotated[str, PathParam(max_length=MAX_ID)]
 Round = Annotated[int, PathParam(ge=0, le=MAX_ROUND)]
 
@@ -114,8 +112,8 @@ def release_details(folder: str | None, digest: str | None) -> dict[str, Any] | 
     if not folder:
         return None
     try:
-        data = _read_bounded(Path(folder) / MANIFEST, MAX_MANIFEST_BYTES)
-        signature = _read_bounded(Path(folder) / SIGNATURE, MAX_SIGNATURE_BYTES)
+        data = read_bounded(Path(folder) / MANIFEST, MAX_MANIFEST_BYTES)
+        signature = read_bounded(Path(folder) / SIGNATURE, MAX_SIGNATURE_BYTES)
         manifest = parse(data)
     except Exception as exc:  # noqa: BLE001 - hostile files: whatever the parser raises is a refusal, not a 500
         return {"folder": folder, "error": f"cannot read the release: {exc}"}
@@ -126,15 +124,3 @@ def release_details(folder: str | None, digest: str | None) -> dict[str, Any] | 
         "signature": signature.hex(),
         "digest_matches": manifest.digest() == digest,
     }
-
-
-def _read_bounded(path: Path, limit: int) -> bytes:
-    """Return the bytes of the regular file ``path``, refusing a FIFO or device, or more than ``limit``."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not hang a worker
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise OSError(f"{path} is not a regular file")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise OSError(f"{path} is larger than {limit:,} bytes")
-    return data

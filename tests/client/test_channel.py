@@ -46,7 +46,7 @@ def test_a_key_that_is_not_the_certificates_is_refused(certs):
 
 def test_a_private_key_others_can_read_is_refused(certs):
     os.chmod(certs.node_tls_key("dev-a"), 0o644)
-    with pytest.raises(ChannelConfigError, match="other users can read this private key"):
+    with pytest.raises(ChannelConfigError, match="key-file .*: other users can read it; chmod 600 it"):
         node_credentials(_config(certs))
 
 

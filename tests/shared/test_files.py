@@ -1,0 +1,166 @@
+"""Bounded reads of files someone else may have put there (shared/files.py), and the readers built on them."""
+
+from __future__ import annotations
+
+import os
+import threading
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from shared.errors import ReleaseError
+from shared.files import FileRefusedError, read_bounded
+from shared.layout import LATEST, latest_name
+from shared.manifest import MAX_MANIFEST_BYTES, read_manifest
+from shared.release import MANIFEST, SIGNATURE, read_release
+
+
+def _returns_without_blocking(call: Callable[[], object], fifo: Path) -> BaseException | None:
+    """Run ``call`` in a thread; fail if it is still waiting on ``fifo`` after a wide margin, else return its error."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=60)  # a blocking open never returns; 60 s is margin for a loaded machine
+    if worker.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a writer: the blocked open returns, the thread ends
+        pytest.fail(f"reading {fifo.name} waited for a writer on a FIFO")
+    return outcome[0]
+
+
+def test_a_regular_file_within_its_bound_is_read_whole(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 100)
+    assert read_bounded(path, 100) == b"x" * 100
+    assert read_bounded(path, 1000) == b"x" * 100
+
+
+def test_one_byte_over_the_bound_is_refused(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 101)
+    with pytest.raises(FileRefusedError, match="larger than 100 bytes"):
+        read_bounded(path, 100)
+
+
+def test_a_large_file_is_refused_without_being_read(tmp_path):
+    path = tmp_path / "huge"
+    with open(path, "wb") as f:
+        f.truncate(512 << 20)  # sparse: 512 MiB of zeros that take no disk
+    tracemalloc.start()
+    try:
+        with pytest.raises(FileRefusedError, match="larger than"):
+            read_bounded(path, 1024)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"refusing a 512 MiB file allocated {peak:,} bytes"
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    error = _returns_without_blocking(lambda: read_bounded(fifo, 100), fifo)
+    assert isinstance(error, FileRefusedError) and "not a regular file" in str(error)
+
+
+def test_a_folder_is_refused(tmp_path):
+    with pytest.raises(FileRefusedError, match="not a regular file"):
+        read_bounded(tmp_path, 100)
+
+
+def test_a_missing_file_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_bounded(tmp_path / "missing", 100)
+
+
+def test_a_link_is_followed_unless_refused(tmp_path):
+    (tmp_path / "target").write_bytes(b"data")
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    assert read_bounded(tmp_path / "link", 100) == b"data"
+    with pytest.raises(FileRefusedError, match="symbolic link"):
+        read_bounded(tmp_path / "link", 100, follow_links=False)
+
+
+def test_a_private_file_others_can_read_is_refused(tmp_path):
+    path = tmp_path / "key.pem"
+    path.write_bytes(b"secret")
+    path.chmod(0o640)
+    with pytest.raises(FileRefusedError, match="chmod 600"):
+        read_bounded(path, 100, private=True)
+    path.chmod(0o600)
+    assert read_bounded(path, 100, private=True) == b"secret"
+
+
+def _release_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "round-0001"
+    folder.mkdir()
+    (folder / MANIFEST).write_bytes(b"{}")
+    (folder / SIGNATURE).write_bytes(b"s" * 64)
+    (folder / "adapter_model.safetensors").write_bytes(b"w")
+    return folder
+
+
+@pytest.mark.parametrize("name", [MANIFEST, SIGNATURE, "adapter_model.safetensors"])
+def test_a_release_with_a_fifo_in_place_of_a_file_is_refused_not_waited_on(tmp_path, name):
+    folder = _release_folder(tmp_path)
+    (folder / name).unlink()
+    os.mkfifo(folder / name)
+    error = _returns_without_blocking(lambda: read_release(folder), folder / name)
+    assert isinstance(error, ReleaseError) and "not a regular file" in str(error)
+
+
+def test_an_oversized_manifest_in_a_release_is_refused_without_being_read(tmp_path):
+    folder = _release_folder(tmp_path)
+    with open(folder / MANIFEST, "wb") as f:
+        f.truncate(512 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ReleaseError, match=f"larger than {MAX_MANIFEST_BYTES:,} bytes"):
+            read_release(folder)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"refusing a 512 MiB manifest allocated {peak:,} bytes"
+
+
+def test_a_release_missing_its_signature_names_it(tmp_path):
+    folder = _release_folder(tmp_path)
+    (folder / SIGNATURE).unlink()
+    with pytest.raises(ReleaseError, match=f"not a release: {SIGNATURE} is missing"):
+        read_release(folder)
+
+
+def test_a_release_file_that_is_a_link_is_refused(tmp_path):
+    folder = _release_folder(tmp_path)
+    (tmp_path / "elsewhere").write_bytes(b"w")
+    (folder / "adapter_model.safetensors").unlink()
+    (folder / "adapter_model.safetensors").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ReleaseError, match="symbolic link"):
+        read_release(folder)
+
+
+def test_latest_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    os.mkfifo(tmp_path / LATEST)
+    error = _returns_without_blocking(lambda: latest_name(tmp_path), tmp_path / LATEST)
+    assert isinstance(error, ReleaseError) and "not a regular file" in str(error)
+
+
+def test_an_oversized_latest_is_refused(tmp_path):
+    (tmp_path / LATEST).write_bytes(b"round-0001" + b" " * 1000)
+    with pytest.raises(ReleaseError, match="larger than"):
+        latest_name(tmp_path)
+
+
+def test_a_manifest_read_for_comparison_is_bounded_and_never_waited_on(tmp_path):
+    os.mkfifo(tmp_path / MANIFEST)
+    error = _returns_without_blocking(lambda: read_manifest(tmp_path / MANIFEST), tmp_path / MANIFEST)
+    assert isinstance(error, FileRefusedError)
