@@ -1,15 +1,18 @@
 """Generation defaults of the edge runtime: repetition control, the model's own settings, the CLI's choice of base."""
 
 import json
+import os
 import shutil
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from client.generation import GenerationOptions, model_defaults
 from client.infer import EdgeModel
 from client.infer_cli import _base_for, newest_base
-from shared.release import make_release, write_release
+from shared.release import MANIFEST, make_release, write_release
 from tests.client.test_export import EXACT, KEY, TRUST, device_model, signed_adapter, trained_state
 
 
@@ -66,3 +69,19 @@ def test_infer_takes_the_base_the_adapter_names_not_the_newest_in_the_cache(edge
     assert _base_for(adapter, releases) == releases / "base-ours"
     with pytest.raises(ValueError, match="no base release of base model"):
         _base_for(adapter, tmp_path / "empty")
+
+
+def test_a_cache_entry_whose_manifest_is_not_a_file_is_skipped_not_a_crash_or_a_hang(edge_base, tmp_path):
+    releases = tmp_path / "releases"
+    shutil.copytree(edge_base.base, releases / "base-ours")
+    (releases / "junk-folder" / MANIFEST).mkdir(parents=True)  # read_bytes raised IsADirectoryError here
+    (releases / "junk-fifo").mkdir()
+    os.mkfifo(releases / "junk-fifo" / MANIFEST)  # a plain open waits for a writer forever
+    found: list[Path] = []
+    worker = threading.Thread(target=lambda: found.append(newest_base(releases)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)  # margin for a loaded machine; a blocked open never returns
+    if worker.is_alive():
+        os.close(os.open(releases / "junk-fifo" / MANIFEST, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("choosing the base waited on a FIFO named manifest.json")
+    assert found == [releases / "base-ours"]
