@@ -57,6 +57,7 @@ from typing import Any
 
 from client.device import DeviceConfigError
 from client.loss import CHUNK
+from shared.files import read_bounded
 from shared.int4_layer import is_int4_folder
 from shared.model import ModelError, resolve_model
 
@@ -150,13 +151,12 @@ class ModelShape:
         """
         try:
             folder = Path(resolve_model(spec))
-            with open(folder / "config.json", "rb") as f:
-                raw = json.loads(f.read(1 << 20))
+            raw = json.loads(read_bounded(folder / "config.json", 1 << 20))
             sizes = {k: raw[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size")}
             heads = raw.get("num_attention_heads", 1)
             kv_heads = raw.get("num_key_value_heads", heads)
             sizes["kv"] = raw.get("head_dim", raw["hidden_size"] // heads) * kv_heads
-        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, ModelError) as exc:
+        except (OSError, ValueError, RecursionError, KeyError, TypeError, ZeroDivisionError, ModelError) as exc:
             raise DeviceConfigError(
                 f"device setting {BUDGET_KEY} needs the base's config.json (layers, hidden size, vocabulary): {exc}"
             ) from exc

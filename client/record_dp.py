@@ -28,6 +28,7 @@ from shared.adapter import causal_lm
 from shared.atomic import write_atomic
 from shared.config import TrainConfig
 from shared.data import IGNORE_INDEX, Encoded, collate
+from shared.files import read_bounded
 
 MAX_LEDGER_BYTES = 1 << 20
 LEDGER_FILE = "dp-record-ledger.json"  # one per device, across runs: its examples are the same data
@@ -153,9 +154,7 @@ def per_example_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def _parse_ledger(path: Path) -> list[tuple[float, float, int]]:
     """Parse the ledger file; any doubt is a :class:`RecordBudgetError` (what was spent is unknown)."""
     try:
-        if path.stat().st_size > MAX_LEDGER_BYTES:
-            raise ValueError("larger than 1 MiB")
-        raw = json.loads(path.read_bytes())
+        raw = json.loads(read_bounded(path, MAX_LEDGER_BYTES))
         entries = raw["history"]
         out = []
         for z, q, steps in entries:

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ReleaseError
-from shared.manifest import MAX_FILE_BYTES, MAX_FILES, Manifest, parse
+from shared.files import FileRefusedError, read_bounded
+from shared.manifest import MAX_FILE_BYTES, MAX_FILES, Manifest, parse, read_manifest
 from shared.onnx_base import EXPORT_VERSION, RUN_ID, is_onnx_base, read_export_info
 from shared.release import MANIFEST, SIGNATURE, Release, make_release, read_release, write_release
 
@@ -38,9 +39,12 @@ def publish_onnx_base(export: str | Path, store: str | Path, key: Any) -> tuple[
     """
     export, store = Path(export), Path(store)
     base_manifest = store / "base" / MANIFEST
-    if not base_manifest.is_file():
-        raise ReleaseError(f"{store} holds no 4-bit base release ({base_manifest}); run the coordinator once")
-    base = parse(base_manifest.read_bytes())
+    try:
+        base = read_manifest(base_manifest)
+    except FileNotFoundError:
+        raise ReleaseError(f"{store} holds no 4-bit base release ({base_manifest}); run the coordinator once") from None
+    except OSError as exc:
+        raise ReleaseError(f"{store}: its base release's manifest cannot be read ({exc})") from None
     info = read_export_info(export)
     if info.base_digest != base.base_digest:
         raise ReleaseError(
@@ -67,11 +71,12 @@ def _export_files(export: Path) -> dict[str, bytes]:
         raise ReleaseError(f"{export} holds {len(paths)} entries, more than a release's {MAX_FILES}")
     files: dict[str, bytes] = {}
     for path in paths:
-        if path.is_symlink() or not path.is_file():
-            raise ReleaseError(f"{path} is not a regular file; an ONNX export is one flat folder")
-        if path.name in (MANIFEST, SIGNATURE) or path.stat().st_size > MAX_FILE_BYTES:
-            raise ReleaseError(f"{path} cannot be a release file (a reserved name, or over {MAX_FILE_BYTES:,} bytes)")
-        files[path.name] = path.read_bytes()
+        if path.name in (MANIFEST, SIGNATURE):
+            raise ReleaseError(f"{path} cannot be a release file (a reserved name)")
+        try:
+            files[path.name] = read_bounded(path, MAX_FILE_BYTES, follow_links=False)
+        except FileRefusedError as exc:
+            raise ReleaseError(f"{exc}; an ONNX export is one flat folder of plain files") from None
     if not is_onnx_base(files):
         raise ReleaseError(f"{export} is not a complete ONNX export (model, genai config, corrections, base adapter)")
     return files

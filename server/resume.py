@@ -24,9 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shared.files import read_bounded
 from shared.manifest import Manifest
 from shared.release import Release, ReleaseError, folder_round, read_release, verify_release
 from shared.sign import TrustList
+
+MAX_ROUND_LOG_BYTES = 256 << 20  # thousands of rounds of a large fleet's metrics; more is not a round log
 
 if TYPE_CHECKING:
     from server.state import SignedRound
@@ -138,7 +141,7 @@ def unrecorded_rounds(point: ResumePoint | None, signed: SignedRound | None, sto
 def carried_rounds(round_log: str | Path) -> list[dict[str, Any]]:
     """Return the round records of an earlier attempt's round log (none if there is none or it is unreadable)."""
     try:
-        data = json.loads(Path(round_log).read_text())
+        data = json.loads(read_bounded(round_log, MAX_ROUND_LOG_BYTES))
         return [r for r in data.get("rounds", []) if isinstance(r, dict) and isinstance(r.get("round"), int)]
     except (OSError, ValueError, AttributeError):
         return []

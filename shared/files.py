@@ -7,7 +7,8 @@ descriptor itself, so the file checked is the file read:
 - opened with ``O_NONBLOCK``: a FIFO (or a device) in a file's place cannot block the open, and
   is then refused as not a regular file — a plain ``open`` would wait for a writer forever;
 - ``fstat`` of that descriptor: a regular file only (no ``is_file()``-then-``open`` race);
-- at most ``limit + 1`` bytes are read: a larger file is refused, its size never allocated;
+- a file larger than ``limit`` (by ``fstat``, or by what a read returns if it grew) is refused; what is
+  allocated is the file's size, never the bound, and never more than ``limit + 1`` bytes are read;
 - ``follow_links=False`` opens with ``O_NOFOLLOW``; ``private`` refuses a file others can read.
 
 The counterpart for writing is :func:`shared.atomic.write_atomic`.
@@ -19,6 +20,8 @@ import errno
 import os
 import stat
 from pathlib import Path
+
+_CHUNK = 1 << 20
 
 
 class FileRefusedError(OSError):
@@ -44,17 +47,23 @@ def read_bounded(path: str | Path, limit: int, *, follow_links: bool = True, pri
             raise FileRefusedError(f"{path}: a symbolic link, not a regular file") from None
         raise
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise FileRefusedError(f"{path}: not a regular file")
-        if private and mode & 0o077:
+        if private and info.st_mode & 0o077:
             raise FileRefusedError(f"{path}: other users can read it; chmod 600 it")
-        f = os.fdopen(fd, "rb")  # owns the descriptor from here (a folder's could not be wrapped)
-    except BaseException:
+        if info.st_size > limit:
+            raise FileRefusedError(f"{path}: larger than {limit:,} bytes")
+        # os.read allocates what it is asked for: the file's size (+1 to see it grow), never the bound.
+        parts = [os.read(fd, info.st_size + 1)]
+        total = len(parts[0])
+        step = 4096  # then an end-of-file check that allocates little, growing for a long tail
+        while parts[-1] and total <= limit:  # a short read (> 2 GiB) or a file that grew since fstat
+            parts.append(os.read(fd, min(step, limit + 1 - total)))
+            total += len(parts[-1])
+            step = min(2 * step, _CHUNK)
+    finally:
         os.close(fd)
-        raise
-    with f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
+    if total > limit:
         raise FileRefusedError(f"{path}: larger than {limit:,} bytes")
-    return data
+    return parts[0] if total == len(parts[0]) else b"".join(parts)

@@ -18,9 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from shared.files import read_bounded
 from shared.int4 import BLOCK, dequantize4, dequantize8, quantize4
 
 INT4_WEIGHTS, QUANT_CONFIG = "model.int4.safetensors", "quantization.json"  # the artifact's file names
+MAX_QUANT_CONFIG_BYTES = 1 << 16  # quantization.json: a scheme, bits, block size
 
 
 class _Int4MatMul(torch.autograd.Function):
@@ -105,7 +107,7 @@ def build_int4_model(folder: str | Path, dtype: torch.dtype) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
-    info = json.loads((folder / QUANT_CONFIG).read_text())
+    info = json.loads(read_bounded(folder / QUANT_CONFIG, MAX_QUANT_CONFIG_BYTES))
     if info.get("block_size") != BLOCK or info.get("bits") != 4:
         raise ValueError(f"{folder}: unsupported quantization {info.get('scheme')!r}")
     config = AutoConfig.from_pretrained(folder)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.files import read_bounded
+
 EXPORT_VERSION = 6
 """Bump when the exported graph or folder changes: old cached exports are then rebuilt.
 
@@ -110,9 +112,7 @@ def read_export_info(folder: str | Path) -> ExportInfo:
     """
     path = Path(folder) / DONE
     try:
-        if path.stat().st_size > MAX_INFO_BYTES:
-            raise ExportError(f"{path} is larger than {MAX_INFO_BYTES:,} bytes")
-        raw = json.loads(path.read_bytes())
+        raw = json.loads(read_bounded(path, MAX_INFO_BYTES))
     except (OSError, ValueError, RecursionError) as exc:
         raise ExportError(f"{path} cannot be read as JSON: {exc}") from None
     if not isinstance(raw, dict):

@@ -64,7 +64,7 @@ def test_an_incomplete_or_nested_export_is_not_published(store, tmp_path):
         publish_onnx_base(export, store, KEY)
     (export / "base.onnx_adapter").write_bytes(b"a")
     (export / "sub").mkdir()
-    with pytest.raises(ReleaseError, match="sub is not a regular file"):
+    with pytest.raises(ReleaseError, match="sub: not a regular file"):
         publish_onnx_base(export, store, KEY)
 
 

@@ -65,6 +65,33 @@ def test_a_large_file_is_refused_without_being_read(tmp_path):
     assert peak < 1 << 20, f"refusing a 512 MiB file allocated {peak:,} bytes"
 
 
+def test_what_is_allocated_is_the_files_size_not_the_bound(tmp_path):
+    path = tmp_path / "small"
+    path.write_bytes(b"x" * 20)
+    tracemalloc.start()
+    try:
+        assert read_bounded(path, 2 << 30) == b"x" * 20  # a release file's bound: 2 GiB
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"reading 20 bytes under a 2 GiB bound allocated {peak:,} bytes"
+
+
+def test_a_file_that_grows_past_its_bound_after_fstat_is_refused_not_cut(tmp_path, monkeypatch):
+    path = tmp_path / "growing"
+    path.write_bytes(b"x" * 110)
+    real_fstat = os.fstat
+
+    def fstat_before_it_grew(fd):  # the size fstat saw before a writer appended 100 bytes
+        info = real_fstat(fd)
+        return os.stat_result((*info[:6], 10, *info[7:10]))
+
+    monkeypatch.setattr(os, "fstat", fstat_before_it_grew)
+    with pytest.raises(FileRefusedError, match="larger than 50 bytes"):
+        read_bounded(path, 50)
+    assert read_bounded(path, 200) == b"x" * 110  # within the bound: read whole, not cut at the old size
+
+
 def test_a_fifo_is_refused_not_waited_on(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
@@ -130,6 +157,19 @@ def test_an_oversized_manifest_in_a_release_is_refused_without_being_read(tmp_pa
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20, f"refusing a 512 MiB manifest allocated {peak:,} bytes"
+
+
+def test_reading_a_valid_release_allocates_about_its_size(tmp_path):
+    folder = _release_folder(tmp_path)
+    (folder / "adapter_model.safetensors").write_bytes(b"w" * (4 << 20))
+    tracemalloc.start()
+    try:
+        release = read_release(folder)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(release.files["adapter_model.safetensors"]) == 4 << 20
+    assert peak < 6 << 20, f"reading a 4 MiB release allocated {peak:,} bytes"
 
 
 def test_a_release_missing_its_signature_names_it(tmp_path):

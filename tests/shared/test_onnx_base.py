@@ -1,6 +1,8 @@
 """export.json, the ONNX base's own description, is parsed strictly: a bad field is refused by name."""
 
 import json
+import os
+import threading
 
 import pytest
 
@@ -54,6 +56,24 @@ def test_export_json_that_is_not_json_or_too_large_is_refused(tmp_path):
     (tmp_path / DONE).write_text(" " * (2 << 20))
     with pytest.raises(ExportError, match="larger than"):
         read_export_info(tmp_path)
+
+
+def test_export_json_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    os.mkfifo(tmp_path / DONE)  # infer reads export.json of the cached ONNX base before every load
+    refused: list[str] = []
+
+    def read() -> None:
+        with pytest.raises(ExportError) as exc:
+            read_export_info(tmp_path)
+        refused.append(str(exc.value))
+
+    worker = threading.Thread(target=read, daemon=True)
+    worker.start()
+    worker.join(timeout=60)  # margin for a loaded machine; a blocked open never returns
+    if worker.is_alive():
+        os.close(os.open(tmp_path / DONE, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("reading export.json waited for a writer on a FIFO")
+    assert refused and "not a regular file" in refused[0]
 
 
 def test_an_onnx_base_is_told_from_the_4bit_base_by_its_files():
