@@ -1,11 +1,13 @@
 """The replay store: the last release a device accepted, per run, so that it never goes back. It fails closed.
 
 One JSON file, ``{"<kind>:<run_id>": {"round": r, "digest": "<manifest sha256>", "created": t}}``
-(``created`` is absent in records written before it was kept). It is read once, strictly: a
-file that exists but is empty, truncated, not JSON, of the wrong shape, or not a regular file
-is a :class:`ReplayStoreError`, and the device refuses every release until an operator repairs
-it. A damaged record never reads as "no history": that would accept round 1 after round 3.
-Every change is written with :func:`shared.atomic.write_atomic` (fsync of the file and its folder).
+(``created`` is absent in records written before it was kept). It is read strictly, again before
+every check and every change (``fetch``, ``infer`` and the training client of one device share
+it): a file that exists but is empty, truncated, not JSON, of the wrong shape, or not a regular
+file is a :class:`ReplayStoreError`, and the device refuses every release until an operator
+repairs it. A damaged record never reads as "no history": that would accept round 1 after round 3.
+Every change is made under an exclusive lock (``accepted.json.lock``), to the run's record only,
+and written with :func:`shared.atomic.write_atomic` (fsync of the file and its folder).
 
 A missing file is a device that has accepted nothing yet: its first release is trusted on first
 use, as a fresh device must.
@@ -13,10 +15,14 @@ use, as a fresh device must.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
+import os
 import re
-from collections.abc import Sequence
+import stat
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +69,9 @@ class AcceptedReleases:
         """Refuse a release that does not follow the last accepted one of its run (``shared/chain.py``).
 
         ``links``: verified intermediate manifests of the run (``shared.chain.verify_links``), for
-        a device that missed rounds. ``now``: the device's clock (default: now, UTC).
+        a device that missed rounds. ``now``: the device's clock (default: now, UTC). The store is
+        read again first: another process of the device (``fetch``, a long ``infer`` session, the
+        training client) may have accepted a newer release since this one read it.
 
         Raises
         ------
@@ -71,6 +79,7 @@ class AcceptedReleases:
             A replay or rollback (not newer), a fork, a release off the chain
             (:class:`shared.chain.ChainGapError`), from the future, or older than the accepted one.
         """
+        self.runs = _load(self.path)
         last = self.runs.get(f"{manifest.kind}:{manifest.run_id}")
         check_time(manifest, "", now)
         if last is None:
@@ -96,19 +105,57 @@ class AcceptedReleases:
     def accept(self, manifest: Manifest) -> None:
         """Record ``manifest`` as the run's latest accepted release (atomically, durably).
 
+        Under an exclusive lock on the store, the store is read again and only this run's record
+        changes: two processes of one device (``fetch`` beside an ``infer`` session) no longer
+        write back each other's stale copies, which erased a record and let its run's old rounds
+        be accepted again. If another process accepted a newer release of the run since
+        :meth:`check`, this one is refused.
+
         Raises
         ------
         ReplayStoreError
             The record could not be written; the caller must not use the release.
+        ReleaseError
+            Another process of this device accepted a newer release of this run meanwhile.
         """
+        key = f"{manifest.kind}:{manifest.run_id}"
         entry = {"round": manifest.round, "digest": manifest.digest(), "created": manifest.created}
-        runs = {**self.runs, f"{manifest.kind}:{manifest.run_id}": entry}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.path, json.dumps(runs, indent=1, sort_keys=True).encode())
+            with _exclusive(self.path.with_name(self.path.name + ".lock")):
+                runs = _load(self.path)
+                _refuse_older(runs.get(key), manifest, self.path)
+                runs[key] = entry
+                write_atomic(self.path, json.dumps(runs, indent=1, sort_keys=True).encode())
         except OSError as exc:
             raise _unusable(self.path, f"it cannot be written ({exc})") from None
         self.runs = runs
+        self.runs = runs
+
+
+def _refuse_older(last: dict[str, Any] | None, manifest: Manifest, path: Path) -> None:
+    """Refuse ``manifest`` if the run's record ``last`` (as on disk now) is newer or another release of its round."""
+    if last is None or last["digest"] == manifest.digest():
+        return
+    newer = manifest.created > last.get("created", "") if manifest.kind == "base" else manifest.round > last["round"]
+    if not newer:
+        raise ReleaseError(
+            f"another process of this device accepted {manifest.kind} {manifest.run_id} round {last['round']} "
+            f"(manifest {last['digest'][:16]}…) in {path} meanwhile; round {manifest.round} is not newer: not used"
+        )
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock`` (a regular file, created 0600; a FIFO there is refused, not opened)."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o600)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FileRefusedError(f"{lock}: not a regular file")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
 
 
 def _load(path: Path) -> dict[str, dict[str, Any]]:

@@ -120,4 +120,43 @@ def test_each_record_is_written_durably(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", fsync)
     _accept(AcceptedReleases(tmp_path / "accepted.json"), _release(round=1)[0])
     assert len(synced) == 2 and synced[1] == str(tmp_path)  # the temp file's bytes, then the folder's rename
-    assert os.listdir(tmp_path) == ["accepted.json"]  # no temp file left
+    assert sorted(os.listdir(tmp_path)) == ["accepted.json", "accepted.json.lock"]  # no temp file left (the lock
+    # file stays: unlinking it would let two processes hold locks on two different files)
+
+
+def test_two_processes_sharing_the_store_do_not_erase_each_others_records(tmp_path):
+    path = tmp_path / "accepted.json"
+    infer_session = AcceptedReleases(path)  # a long `fleetlora infer` session, loaded before the fetch below
+    fetch = _round_3_accepted(path)  # `fleetlora fetch` accepts rounds 1-3 of run-1 meanwhile
+    _accept(infer_session, _release(round=1, run_id="run-2")[0])  # the session records another run
+    r1, _ = _release(round=1)
+    with pytest.raises(ReleaseError, match="replay: round 1 of run run-1 is not newer than the accepted round 3"):
+        verify_release(r1, TRUST, BASE, AcceptedReleases(path))  # run-1's record survived the session's write
+    assert fetch.runs["adapter:run-1"]["round"] == 3
+
+
+def test_a_check_sees_what_another_process_accepted_since(tmp_path):
+    path = tmp_path / "accepted.json"
+    stale = AcceptedReleases(path)  # read while the store was empty
+    _round_3_accepted(path)
+    r1, _ = _release(round=1)
+    with pytest.raises(ReleaseError, match="replay: round 1 .* accepted round 3"):
+        verify_release(r1, TRUST, BASE, stale)  # not "trusted on first use" from a stale, empty view
+
+
+def test_an_accept_after_another_process_accepted_a_newer_round_is_refused(tmp_path):
+    path = tmp_path / "accepted.json"
+    slow = AcceptedReleases(path)
+    r1, m1 = _release(round=1)
+    manifest = verify_release(r1, TRUST, BASE, slow)  # checked: nothing accepted yet
+    _round_3_accepted(path)  # another process accepts rounds 1-3 before the slow one records round 1
+    with pytest.raises(ReleaseError, match="accepted adapter run-1 round 3 .* meanwhile; round 1 is not newer"):
+        slow.accept(manifest)
+    assert AcceptedReleases(path).runs["adapter:run-1"]["round"] == 3
+
+
+def test_a_fifo_in_place_of_the_lock_is_refused_not_waited_on(tmp_path):
+    path = tmp_path / "accepted.json"
+    os.mkfifo(tmp_path / "accepted.json.lock")
+    with pytest.raises(ReplayStoreError, match="not a regular file"):
+        _accept(AcceptedReleases(path), _release(round=1)[0])
