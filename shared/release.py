@@ -33,10 +33,7 @@ from shared.errors import ReleaseError
 from shared.files import FileRefusedError, read_bounded
 from shared.layout import FOLDER_NAME, LATEST, folder_round, follow_latest, latest_name, point_latest, round_folder
 from shared.manifest import (
-    MAX_FILE_BYTES,
-    MAX_FILES,
     MAX_MANIFEST_BYTES,
-    MAX_RELEASE_BYTES,
     MAX_SIGNATURE_BYTES,
     Manifest,
     ManifestError,
@@ -131,30 +128,34 @@ def write_release(release: Release, folder: str | Path) -> Path:
 
 
 def read_release(folder: str | Path) -> Release:
-    """Read a release folder; every regular file besides the manifest and signature is a release file.
+    """Read a release folder: its manifest, its signature and the files the manifest lists.
 
     Each file is read once, bounded before it is allocated (``shared/files.py``): the manifest and
-    signature to their limits, a release file to ``MAX_FILE_BYTES`` (all of them to ``MAX_RELEASE_BYTES``,
-    at most ``MAX_FILES``) and only if it is a plain file (no link followed). A FIFO or device in any
-    file's place is refused, not waited on.
+    signature to their limits, then the manifest is parsed (not yet verified: that is
+    :func:`verify_release`'s work) and a file it does not list is refused before anything of it is
+    read; a listed file is read only if it is a plain file (no link followed) of at most its listed
+    size. A FIFO or device in any file's place is refused, not waited on.
     """
     folder = Path(folder)
     try:
         manifest_bytes = read_bounded(folder / MANIFEST, MAX_MANIFEST_BYTES)
         signature = read_bounded(folder / SIGNATURE, MAX_SIGNATURE_BYTES)
+        listed = parse(manifest_bytes)
         paths = sorted(p for p in folder.iterdir() if p.name not in (MANIFEST, SIGNATURE))
-        if len(paths) > MAX_FILES:
-            raise ReleaseError(f"{folder} holds {len(paths)} files, more than a release's {MAX_FILES}")
-        files: dict[str, bytes] = {}
-        for path in paths:
-            left = MAX_RELEASE_BYTES - sum(len(b) for b in files.values())
-            files[path.name] = read_bounded(path, min(MAX_FILE_BYTES, left), follow_links=False)
+        unlisted = [p.name for p in paths if p.name not in listed.files]
+        if unlisted:
+            raise ReleaseError(f"release files differ from the manifest: unexpected {unlisted[:8]} in {folder}")
+        files = {p.name: read_bounded(p, listed.sizes[p.name], follow_links=False) for p in paths}
+    except ManifestError as exc:
+        raise ReleaseError(f"{folder}: {exc}") from None
     except FileNotFoundError as exc:
         raise ReleaseError(f"{folder} is not a release: {Path(exc.filename or folder).name} is missing") from None
     except FileRefusedError as exc:
-        raise ReleaseError(f"refused: {exc} (a release holds plain files within their size bounds)") from None
+        raise ReleaseError(f"refused: {exc} (a release holds plain files within their signed sizes)") from None
     except OSError as exc:
         raise ReleaseError(f"{folder}: cannot read the release ({exc})") from None
+    except MemoryError:  # listed sizes are bounded, but a small device may not hold them: a refusal, not a crash
+        raise ReleaseError(f"{folder}: not enough memory to read the release's files") from None
     return Release(files, manifest_bytes, signature)
 
 

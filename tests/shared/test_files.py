@@ -9,12 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.errors import ReleaseError
 from shared.files import FileRefusedError, read_bounded
 from shared.layout import LATEST, latest_name
 from shared.manifest import MAX_MANIFEST_BYTES, read_manifest
-from shared.release import MANIFEST, SIGNATURE, read_release
+from shared.release import MANIFEST, SIGNATURE, make_release, read_release, write_release
+
+KEY = Ed25519PrivateKey.generate()
 
 
 def _returns_without_blocking(call: Callable[[], object], fifo: Path) -> BaseException | None:
@@ -127,13 +130,13 @@ def test_a_private_file_others_can_read_is_refused(tmp_path):
     assert read_bounded(path, 100, private=True) == b"secret"
 
 
-def _release_folder(tmp_path: Path) -> Path:
-    folder = tmp_path / "round-0001"
-    folder.mkdir()
-    (folder / MANIFEST).write_bytes(b"{}")
-    (folder / SIGNATURE).write_bytes(b"s" * 64)
-    (folder / "adapter_model.safetensors").write_bytes(b"w")
-    return folder
+def _release_folder(tmp_path: Path, weights: bytes = b"w") -> Path:
+    """Write a signed adapter release (config + weights) as the device's cache holds it."""
+    release, _ = make_release(
+        {"adapter_config.json": b"{}", "adapter_model.safetensors": weights},
+        kind="adapter", run_id="run", round=1, base_digest="b" * 64, method="fedavg", key=KEY,
+    )  # fmt: skip
+    return write_release(release, tmp_path / "round-0001")
 
 
 @pytest.mark.parametrize("name", [MANIFEST, SIGNATURE, "adapter_model.safetensors"])
@@ -160,8 +163,7 @@ def test_an_oversized_manifest_in_a_release_is_refused_without_being_read(tmp_pa
 
 
 def test_reading_a_valid_release_allocates_about_its_size(tmp_path):
-    folder = _release_folder(tmp_path)
-    (folder / "adapter_model.safetensors").write_bytes(b"w" * (4 << 20))
+    folder = _release_folder(tmp_path, b"w" * (4 << 20))
     tracemalloc.start()
     try:
         release = read_release(folder)
@@ -170,6 +172,28 @@ def test_reading_a_valid_release_allocates_about_its_size(tmp_path):
         tracemalloc.stop()
     assert len(release.files["adapter_model.safetensors"]) == 4 << 20
     assert peak < 6 << 20, f"reading a 4 MiB release allocated {peak:,} bytes"
+
+
+def test_a_file_the_manifest_does_not_list_is_refused_before_it_is_read(tmp_path):
+    folder = _release_folder(tmp_path)
+    with open(folder / "junk.bin", "wb") as f:
+        f.truncate(1900 << 20)  # sparse 1.9 GiB: read whole, it was a MemoryError on a small device
+    tracemalloc.start()
+    try:
+        with pytest.raises(ReleaseError, match=r"unexpected \['junk.bin'\]"):
+            read_release(folder)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"refusing an unlisted 1.9 GiB file allocated {peak:,} bytes"
+
+
+def test_a_listed_file_larger_than_its_signed_size_is_refused_unread(tmp_path):
+    folder = _release_folder(tmp_path)
+    with open(folder / "adapter_model.safetensors", "wb") as f:
+        f.truncate(1900 << 20)
+    with pytest.raises(ReleaseError, match="larger than 1 bytes"):
+        read_release(folder)
 
 
 def test_a_release_missing_its_signature_names_it(tmp_path):
