@@ -130,7 +130,10 @@ def _fetch(
         final = cache / manifest.digest()
         if final.is_dir():
             try:
-                verify_release(read_release(final), trust, base_digest)
+                cached = read_release(final)
+                if cached.manifest_bytes != reply.manifest:  # named by this digest, it must hold this manifest
+                    raise ReleaseError("it holds another release than its name says")
+                verify_release(cached, trust, base_digest)
                 return FetchResult(final, manifest, run_folder=_index(cache, manifest, final))
             except ReleaseError as exc:
                 log.warning("cached %s failed verification (%s); fetching it again", final, exc)
