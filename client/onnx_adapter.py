@@ -38,6 +38,8 @@ import numpy as np
 from shared.tensors import as_array
 
 PEFT_PREFIX = "base_model.model."
+MAX_RANK = 4096  # no layer of a model this serves is wider
+MAX_SCALE = 1e3  # alpha / r; PEFT's defaults are 1-2: a release scaled beyond this is refused, not served
 BLOCK = 32  # the 4-bit base's block size along K (shared/int4.py): the correction sums each block
 
 
@@ -49,14 +51,16 @@ def lora_scale(adapter_config: bytes) -> float:
     """Return the LoRA scale of PEFT's ``adapter_config.json``; refuse options the graph does not implement."""
     try:
         cfg = json.loads(adapter_config)
-        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    except (ValueError, KeyError, TypeError) as exc:
+        r, alpha = cfg["r"], cfg["lora_alpha"]
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise AdapterError(f"adapter_config.json is not a PEFT LoRA config: {exc}") from None
+    if type(r) is not int or not 1 <= r <= MAX_RANK:
+        raise AdapterError(f"adapter_config.json has r = {r!r:.40}; a LoRA rank is an integer in [1, {MAX_RANK}]")
+    if type(alpha) not in (int, float) or not 0 < alpha <= MAX_SCALE * r:  # NaN fails too
+        raise AdapterError(f"adapter_config.json has lora_alpha = {alpha!r:.40}; refused (scale beyond {MAX_SCALE:g})")
     for option in ("use_dora", "rank_pattern", "alpha_pattern"):
         if cfg.get(option):
             raise AdapterError(f"adapter_config.json sets {option}; the ONNX export serves plain LoRA only")
-    if r < 1:
-        raise AdapterError(f"adapter_config.json has r = {r}")
     return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 

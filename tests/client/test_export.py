@@ -186,6 +186,12 @@ def test_packed_qkv_adapter_computes_each_modules_own_update():
         (b'{"r": 8, "lora_alpha": 16, "use_dora": true}', "use_dora"),
         (b'{"r": 8, "lora_alpha": 16, "rank_pattern": {"q_proj": 4}}', "rank_pattern"),
         (b"not json", "not a PEFT"),
+        (b'{"r": 8, "lora_alpha": 1e12}', "scale beyond"),  # served: every logit 0
+        (b'{"r": 8, "lora_alpha": Infinity}', "scale beyond"),  # served: NaN logits
+        (b'{"r": 8, "lora_alpha": NaN}', "lora_alpha = nan"),
+        (b'{"r": 8, "lora_alpha": -16}', "lora_alpha = -16"),
+        (b'{"r": 1e400, "lora_alpha": 16}', "r = inf"),  # int(inf) raised OverflowError
+        (b'{"r": 8.5, "lora_alpha": 16}', "r = 8.5"),
     ],
 )
 def test_adapters_the_graph_cannot_serve_exactly_are_refused(config, reason):
