@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING
 
 from client.generation import GenerationOptions
 from shared.errors import ReleaseError
+from shared.files import read_bounded
 from shared.layout import follow_latest
-from shared.manifest import Manifest, read_manifest
+from shared.manifest import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, Manifest, parse, read_manifest
 from shared.model import cache_dir
 from shared.onnx_base import RUN_ID, ExportOptions, is_onnx_base
-from shared.release import MANIFEST
+from shared.release import MANIFEST, SIGNATURE
 from shared.replay import AcceptedReleases, default_state_file
-from shared.sign import TrustList
+from shared.sign import SignatureError, TrustList
 
 if TYPE_CHECKING:
     from client.infer import EdgeModel
@@ -78,10 +79,10 @@ def _infer(args: argparse.Namespace) -> int:
     if args.adapter is None and not args.no_adapter:
         raise ValueError("give --adapter <release folder> or --no-adapter")
     cache = args.cache or cache_dir()
-    base = args.base or _base_for(args.adapter, cache / "releases")
+    trust = TrustList.load(args.trust, in_child=True)  # cryptography never mapped here (shared/sign.py)
+    base = args.base or _base_for(args.adapter, cache / "releases", trust)
     export = None if args.output_bits is None else ExportOptions(output_bits=args.output_bits)
     accepted = AcceptedReleases(args.state or default_state_file(cache / "releases"))
-    trust = TrustList.load(args.trust, in_child=True)  # cryptography never mapped here (shared/sign.py)
     first = None  # converted before the model loads: the device never holds both
     if args.adapter is not None and not args.no_adapter:
         try:
@@ -115,23 +116,43 @@ def _generation(args: argparse.Namespace, defaults: GenerationOptions) -> Genera
     )
 
 
-def newest_base(releases: Path, digest: str | None = None) -> Path:
-    """Return the base release in a device's release cache (of ``digest``, if given): ONNX first, then the newest."""
+def newest_base(releases: Path, digest: str | None = None, trust: TrustList | None = None) -> Path:
+    """Return the base release in a device's release cache (of ``digest``, if given): ONNX first, then the newest.
+
+    Manifests are read unverified to rank the candidates; with ``trust``, the first whose manifest
+    signature verifies is taken, so that one unsigned ``manifest.json`` in the cache (dated in the
+    future, say) cannot shadow the signed base beside it. ``EdgeModel`` then verifies it whole.
+    """
     bases = []
-    for manifest in releases.glob(f"*/{MANIFEST}"):
+    for path in releases.glob(f"*/{MANIFEST}"):
         try:
-            m = read_manifest(manifest)
+            data = read_bounded(path, MAX_MANIFEST_BYTES)
+            m = parse(data)
         except (OSError, ValueError):
             continue  # not a readable manifest: not a base this device can use
         if m.kind == "base" and digest in (None, m.base_digest):
-            bases.append((is_onnx_base(m.files), m.created, manifest.parent))
-    if not bases:
-        which = f"base release of base model {digest[:16]}" if digest else "base release"
-        raise ValueError(f"no {which} in {releases}; fetch it (fleetlora fetch base) or give --base")
-    return max(bases)[2]
+            bases.append(((is_onnx_base(m.files), m.created, str(path.parent)), m, data))
+    skipped = 0
+    for (_, _, folder), m, data in sorted(bases, key=lambda b: b[0], reverse=True):
+        if trust is None or _signed(Path(folder), m, data, trust):
+            return Path(folder)
+        skipped += 1
+    which = f"base release of base model {digest[:16]}" if digest else "base release"
+    unsigned = f" ({skipped} whose signature does not verify skipped)" if skipped else ""
+    raise ValueError(f"no {which} in {releases}{unsigned}; fetch it (fleetlora fetch base) or give --base")
 
 
-def _base_for(adapter: Path | None, releases: Path) -> Path:
+def _signed(folder: Path, manifest: Manifest, data: bytes, trust: TrustList) -> bool:
+    """Return whether the manifest ``data`` of ``folder`` carries a valid signature of a trusted key."""
+    try:
+        trust.verify(manifest.key_id, data, read_bounded(folder / SIGNATURE, MAX_SIGNATURE_BYTES))
+    except (OSError, SignatureError) as exc:
+        print(f"[base {folder} skipped: {exc}]", file=sys.stderr)
+        return False
+    return True
+
+
+def _base_for(adapter: Path | None, releases: Path, trust: TrustList | None = None) -> Path:
     """Return the cached base the adapter release names (the newest base without an adapter).
 
     The adapter's manifest is read here only to choose; ``EdgeModel`` verifies base and adapter.
@@ -139,12 +160,12 @@ def _base_for(adapter: Path | None, releases: Path) -> Path:
     counts too.
     """
     if adapter is None:
-        return newest_base(releases)
+        return newest_base(releases, trust=trust)
     try:
         folder = follow_latest(adapter)
         digest = read_manifest(folder / MANIFEST).base_digest
     except (OSError, ValueError, ReleaseError):
-        return newest_base(releases)  # EdgeModel reports what is wrong with the adapter
+        return newest_base(releases, trust=trust)  # EdgeModel reports what is wrong with the adapter
     parents = adapter.resolve().parents
     for name in (RUN_ID, "base") if len(parents) > 1 else ():  # the store's ONNX base first: nothing to export
         beside = parents[1] / name
@@ -153,7 +174,7 @@ def _base_for(adapter: Path | None, releases: Path) -> Path:
                 return beside
         except (OSError, ValueError):
             continue
-    return newest_base(releases, digest)
+    return newest_base(releases, digest, trust)
 
 
 def _follow(model: EdgeModel, adapter: Path) -> None:

@@ -5,6 +5,7 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ import pytest
 from client.generation import GenerationOptions, model_defaults
 from client.infer import EdgeModel
 from client.infer_cli import _base_for, newest_base
-from shared.release import MANIFEST, make_release, write_release
+from shared.manifest import read_manifest
+from shared.release import MANIFEST, SIGNATURE, make_release, write_release
+from shared.sign import TrustList
 from tests.client.test_export import EXACT, KEY, TRUST, device_model, signed_adapter, trained_state
 
 
@@ -85,3 +88,18 @@ def test_a_cache_entry_whose_manifest_is_not_a_file_is_skipped_not_a_crash_or_a_
         os.close(os.open(releases / "junk-fifo" / MANIFEST, os.O_WRONLY | os.O_NONBLOCK))
         pytest.fail("choosing the base waited on a FIFO named manifest.json")
     assert found == [releases / "base-ours"]
+
+
+def test_an_unsigned_newer_base_manifest_does_not_shadow_the_signed_base(edge_base, tmp_path, capsys):
+    releases = tmp_path / "releases"
+    shutil.copytree(edge_base.base, releases / "base-ours")
+    good = read_manifest(releases / "base-ours" / MANIFEST)
+    forged = replace(good, created="2999-01-01T00:00:00Z")  # newer than any: ranked first
+    (releases / "zz").mkdir()
+    (releases / "zz" / MANIFEST).write_bytes(forged.canonical())  # no signature (or a copied, non-matching one)
+    (releases / "zz" / SIGNATURE).write_bytes((releases / "base-ours" / SIGNATURE).read_bytes())
+    assert newest_base(releases) == releases / "zz"  # ranked by the unverified manifests alone
+    assert newest_base(releases, trust=TRUST) == releases / "base-ours"
+    assert "[base" in capsys.readouterr().err  # the skipped one is named
+    with pytest.raises(ValueError, match="2 whose signature does not verify skipped"):
+        newest_base(releases, trust=TrustList.of())  # a device that trusts neither signer
