@@ -33,6 +33,7 @@ RETRYABLE = {
 }
 # a Download stream may also be CANCELLED by the service's watchdog (a stalled or too long stream): resume it
 STREAM_RETRYABLE = RETRYABLE | {grpc.StatusCode.CANCELLED}
+MIN_PROGRESS = 64 * 1024  # bytes one stream must bring (or the rest of the file) to count as progress
 
 
 class FetchError(RuntimeError):
@@ -116,19 +117,29 @@ def _until_complete(
     transfer: Transfer,
     progress: Progress,
 ) -> None:
-    """Ask for the rest of the file until ``out`` holds ``size`` bytes; retry with backoff while progress is made."""
+    """Ask for the rest of the file until ``out`` holds ``size`` bytes; retry with backoff while progress is made.
+
+    Progress means at least ``MIN_PROGRESS`` bytes (or the rest of the file) in one stream: a
+    service that trickles a few bytes per stream would otherwise reset the retries for ever (one
+    byte a stream: 3,000 streams for 3 kB, years for a base). At the default ``rpc_timeout`` that
+    asks a link for about 1 kB/s.
+    """
     failures = 0
     while out.tell() < size:
         start = out.tell()
+        enough = min(MIN_PROGRESS, size - start)
         request = artifact_pb2.DownloadRequest(artifact=artifact, file=name, offset=start)
         call = stub.Download(request, timeout=policy.rpc_timeout)
         try:
             _receive(call, name, size, out, transfer, progress)
-            if out.tell() < size and out.tell() == start:
-                raise _DamagedChunkError(f"the stream of {name} ended at byte {start}, before its {size:,}")
+            if out.tell() - start < enough:
+                raise _DamagedChunkError(
+                    f"the stream of {name} ended at byte {out.tell():,} ({out.tell() - start:,} bytes from "
+                    f"byte {start:,}), before its {size:,}"
+                )
         except (grpc.RpcError, _DamagedChunkError) as exc:
             call.cancel()
-            failures = 0 if out.tell() > start else failures  # progress since the last failure
+            failures = 0 if out.tell() - start >= enough else failures  # progress since the last failure
             code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.INTERNAL
             if code not in STREAM_RETRYABLE or failures >= policy.retries:
                 raise FetchError(

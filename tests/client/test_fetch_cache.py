@@ -1,6 +1,9 @@
-"""The fetch cache: a folder named by a manifest's digest is used only if it holds that very manifest."""
+"""The fetch cache and its downloads: a cached folder must hold the manifest its name says; a trickle is no progress."""
 
-from client.fetch import fetch_release
+import pytest
+
+from client.download import FetchPolicy
+from client.fetch import FetchError, fetch_release
 from server.distribute import ArtifactServicer
 from shared.manifest import parse
 from shared.release import make_release, read_release, write_release
@@ -19,3 +22,22 @@ def test_a_cached_folder_holding_another_signed_release_than_its_name_is_fetched
     assert got.manifest.digest() == parse(served.manifest_bytes).digest()
     assert read_release(got.folder).manifest_bytes == served.manifest_bytes  # the served release, not the plant
     assert got.bytes_downloaded > 0
+
+
+class TricklesOneBytePerStream(ArtifactServicer):
+    calls = 0
+
+    def Download(self, request, context):  # noqa: N802
+        type(self).calls += 1
+        for chunk in super().Download(request, context):
+            yield self.chunk(chunk.offset, chunk.data[:1])  # a well-formed chunk of one byte, then the stream ends
+            return
+
+
+def test_a_service_trickling_a_byte_per_stream_is_given_up_on_after_the_retries(root, tmp_path):  # noqa: F811
+    with _Started(root, TricklesOneBytePerStream) as address:
+        with pytest.raises(FetchError, match=r"adapter_config\.json of base: download failed at byte 3: .*ended"):
+            fetch_release(
+                address, "base", tmp_path / "cache", TRUST, BASE, FetchPolicy(retries=2), sleep=lambda _: None
+            )
+    assert TricklesOneBytePerStream.calls == 3  # before: a reset on every byte, 1,206 streams for this 1.2 kB file
