@@ -17,6 +17,7 @@ The counterpart for writing is :func:`shared.atomic.write_atomic`.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 from pathlib import Path
@@ -67,3 +68,32 @@ def read_bounded(path: str | Path, limit: int, *, follow_links: bool = True, pri
     if total > limit:
         raise FileRefusedError(f"{path}: larger than {limit:,} bytes")
     return parts[0] if total == len(parts[0]) else b"".join(parts)
+
+
+def open_regular(path: str | Path, *, follow_links: bool = True) -> io.BufferedReader:
+    """Open the regular file ``path`` for reading, checked as :func:`read_bounded` checks it (to stream a large one).
+
+    Raises
+    ------
+    FileRefusedError
+        Not a regular file (a FIFO in its place is refused, not waited on; a link with ``follow_links=False``).
+    OSError
+        The file cannot be opened.
+    """
+
+    def opener(name: str, flags: int) -> int:
+        try:
+            fd = os.open(name, flags | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW))
+        except OSError as exc:
+            if exc.errno == errno.ELOOP and not follow_links:
+                raise FileRefusedError(f"{path}: a symbolic link, not a regular file") from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise FileRefusedError(f"{path}: not a regular file")
+        except BaseException:
+            os.close(fd)  # open() owns the descriptor only once the opener returns it
+            raise
+        return fd
+
+    return open(path, "rb", opener=opener)

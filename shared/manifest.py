@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.files import read_bounded
+from shared.files import open_regular, read_bounded
 
 FORMAT = 2
 OLD_FORMATS = {1: "it signs no file sizes"}  # why a device refuses each older format
@@ -149,8 +149,8 @@ def read_manifest(path: str | Path) -> Manifest:
 
 
 def sha256_file(path: str | Path) -> str:
-    """SHA-256 (hex) of a file."""
-    with open(path, "rb") as f:
+    """SHA-256 (hex) of the regular file ``path`` (a FIFO in its place is refused, not waited on)."""
+    with open_regular(path) as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 

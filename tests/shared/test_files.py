@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import tracemalloc
@@ -14,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from shared.errors import ReleaseError
 from shared.files import FileRefusedError, read_bounded
 from shared.layout import LATEST, latest_name
-from shared.manifest import MAX_MANIFEST_BYTES, read_manifest
+from shared.manifest import MAX_MANIFEST_BYTES, read_manifest, sha256_file
 from shared.release import MANIFEST, SIGNATURE, make_release, read_release, write_release
 
 KEY = Ed25519PrivateKey.generate()
@@ -228,3 +229,12 @@ def test_a_manifest_read_for_comparison_is_bounded_and_never_waited_on(tmp_path)
     os.mkfifo(tmp_path / MANIFEST)
     error = _returns_without_blocking(lambda: read_manifest(tmp_path / MANIFEST), tmp_path / MANIFEST)
     assert isinstance(error, FileRefusedError)
+
+
+def test_hashing_a_fifo_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "object"
+    os.mkfifo(fifo)  # swapped in for a cached object between its type check and its hash
+    error = _returns_without_blocking(lambda: sha256_file(fifo), fifo)
+    assert isinstance(error, FileRefusedError) and "not a regular file" in str(error)
+    (tmp_path / "f").write_bytes(b"abc")
+    assert sha256_file(tmp_path / "f") == hashlib.sha256(b"abc").hexdigest()
