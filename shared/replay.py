@@ -22,6 +22,7 @@ import json
 import os
 import re
 import stat
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from shared.manifest import Manifest
 
 STATE_FILE = "accepted.json"
 MAX_STORE_BYTES = 1 << 20  # thousands of runs; a larger file is not ours
+LOCK_WAIT_S = 60  # an accept holds the store's lock for milliseconds
 _KEY = re.compile(r"(base|adapter):[^\x00-\x1f]{1,200}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")  # as manifests write it (shared/manifest.py)
@@ -64,6 +66,8 @@ class AcceptedReleases:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.runs: dict[str, dict[str, Any]] = _load(self.path)
+        self._checked: dict[str, str | None] = {}
+        """Per manifest digest checked, the digest of its run's record then (None: no record)."""
 
     def check(self, manifest: Manifest, links: Sequence[Manifest] = (), now: dt.datetime | None = None) -> None:
         """Refuse a release that does not follow the last accepted one of its run (``shared/chain.py``).
@@ -81,6 +85,7 @@ class AcceptedReleases:
         """
         self.runs = _load(self.path)
         last = self.runs.get(f"{manifest.kind}:{manifest.run_id}")
+        self._checked[manifest.digest()] = last["digest"] if last else None  # what accept() expects to find
         check_time(manifest, "", now)
         if last is None:
             return  # trusted on first use
@@ -108,15 +113,18 @@ class AcceptedReleases:
         Under an exclusive lock on the store, the store is read again and only this run's record
         changes: two processes of one device (``fetch`` beside an ``infer`` session) no longer
         write back each other's stale copies, which erased a record and let its run's old rounds
-        be accepted again. If another process accepted a newer release of the run since
-        :meth:`check`, this one is refused.
+        be accepted again. If the run's record changed since :meth:`check` passed this release
+        (another process accepted a release of the run meanwhile: a newer round, or another round on
+        a fork), this one is refused; it is checked again next time. Without a check before, a
+        release not newer than the record is refused.
 
         Raises
         ------
         ReplayStoreError
             The record could not be written; the caller must not use the release.
         ReleaseError
-            Another process of this device accepted a newer release of this run meanwhile.
+            Another process of this device accepted a release of this run meanwhile, or holds the
+            store's lock for more than ``LOCK_WAIT_S``.
         """
         key = f"{manifest.kind}:{manifest.run_id}"
         entry = {"round": manifest.round, "digest": manifest.digest(), "created": manifest.created}
@@ -124,12 +132,17 @@ class AcceptedReleases:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with _exclusive(self.path.with_name(self.path.name + ".lock")):
                 runs = _load(self.path)
-                _refuse_older(runs.get(key), manifest, self.path)
+                last = runs.get(key)
+                if manifest.digest() in self._checked:
+                    _refuse_changed(last, self._checked[manifest.digest()], manifest, self.path)
+                else:
+                    _refuse_older(last, manifest, self.path)
                 runs[key] = entry
                 write_atomic(self.path, json.dumps(runs, indent=1, sort_keys=True).encode())
+        except TimeoutError as exc:
+            raise ReleaseError(f"replay store {self.path}: {exc}; the release is not used") from None
         except OSError as exc:
             raise _unusable(self.path, f"it cannot be written ({exc})") from None
-        self.runs = runs
         self.runs = runs
 
 
@@ -145,14 +158,38 @@ def _refuse_older(last: dict[str, Any] | None, manifest: Manifest, path: Path) -
         )
 
 
+def _refuse_changed(last: dict[str, Any] | None, seen: str | None, manifest: Manifest, path: Path) -> None:
+    """Refuse ``manifest`` if its run's record is no longer the one :meth:`AcceptedReleases.check` saw."""
+    now = last["digest"] if last else None
+    if now not in (seen, manifest.digest()):
+        found = f"round {last['round']} (manifest {now[:16]}…)" if last and now else "no record (it was removed)"
+        raise ReleaseError(
+            f"the record of {manifest.kind} {manifest.run_id} in {path} changed after round {manifest.round} was "
+            f"checked: another process of this device left {found}; not used (checked again when it comes next)"
+        )
+
+
 @contextlib.contextmanager
 def _exclusive(lock: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock`` (a regular file, created 0600; a FIFO there is refused, not opened)."""
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o600)
+    """Hold an exclusive ``flock`` on ``lock`` (a regular file; a FIFO or link there is refused, not opened).
+
+    Opened read-only (``flock`` needs no more) and created with the store's own mode less the
+    umask, so that users who share a cache share its lock. Waits at most ``LOCK_WAIT_S``
+    (``TimeoutError``): an update holds it for milliseconds.
+    """
+    fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o666)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise FileRefusedError(f"{lock}: not a regular file")
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process held its lock {lock} for over {LOCK_WAIT_S} s") from None
+                time.sleep(0.02)
         yield
     finally:
         os.close(fd)  # closing drops the lock

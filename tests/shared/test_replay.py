@@ -1,12 +1,14 @@
 """The replay store: replays, rollbacks and forks are refused, and a damaged store refuses everything."""
 
 import json
+import multiprocessing
 import os
 
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from shared.chain import SignedManifest
 from shared.errors import ReleaseError
 from shared.release import make_release, verify_release
 from shared.replay import AcceptedReleases, ReplayStoreError
@@ -150,7 +152,7 @@ def test_an_accept_after_another_process_accepted_a_newer_round_is_refused(tmp_p
     r1, m1 = _release(round=1)
     manifest = verify_release(r1, TRUST, BASE, slow)  # checked: nothing accepted yet
     _round_3_accepted(path)  # another process accepts rounds 1-3 before the slow one records round 1
-    with pytest.raises(ReleaseError, match="accepted adapter run-1 round 3 .* meanwhile; round 1 is not newer"):
+    with pytest.raises(ReleaseError, match="changed after round 1 was checked: .* left round 3"):
         slow.accept(manifest)
     assert AcceptedReleases(path).runs["adapter:run-1"]["round"] == 3
 
@@ -160,3 +162,41 @@ def test_a_fifo_in_place_of_the_lock_is_refused_not_waited_on(tmp_path):
     os.mkfifo(tmp_path / "accepted.json.lock")
     with pytest.raises(ReplayStoreError, match="not a regular file"):
         _accept(AcceptedReleases(path), _release(round=1)[0])
+
+
+def test_an_accept_after_another_process_took_a_fork_is_refused(tmp_path):
+    path = tmp_path / "accepted.json"
+    r1, m1 = _release(round=1)
+    _accept(AcceptedReleases(path), r1)
+    r2a, m2a = _release(round=2, previous=m1.digest())
+    r3, _ = _release(round=3, previous=m2a.digest())
+    a = AcceptedReleases(path)
+    manifest = verify_release(r3, TRUST, BASE, a, [_link(r2a)])  # checked: 1 -> 2a -> 3
+    r2b, _ = _release(round=2, previous=m1.digest(), files={**FILES, "adapter_config.json": b'{"r": 2}'})
+    _accept(AcceptedReleases(path), r2b)  # another process takes 2b, a second round 2
+    with pytest.raises(ReleaseError, match="changed after round 3 was checked"):
+        a.accept(manifest)  # round 3 does not lead back to 2b: checked now, it is refused as off the chain
+    with pytest.raises(ReleaseError):  # checked again against 2b: refused (off its chain, and older than it)
+        verify_release(r3, TRUST, BASE, a, [_link(r2a)])
+
+
+def _link(release):
+    return SignedManifest(release.manifest_bytes, release.signature)
+
+
+def _accept_runs(path, first):
+    store = AcceptedReleases(path)
+    for n in range(first, first + 40):
+        _accept(store, _release(round=1, run_id=f"run-{n}")[0])
+
+
+def test_two_processes_accepting_at_once_keep_every_record(tmp_path):
+    path = tmp_path / "accepted.json"
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_accept_runs, args=(path, first)) for first in (0, 100)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert len(AcceptedReleases(path).runs) == 80  # without the lock, each write-back drops the other's records
