@@ -53,8 +53,11 @@ def publish_onnx_base(export: str | Path, store: str | Path, key: Any) -> tuple[
     files = _export_files(export)
     folder = store / RUN_ID
     if (folder / MANIFEST).is_file():
-        current = read_release(folder)
-        if dict(current.files) == files:
+        try:
+            current = read_release(folder)
+        except ReleaseError:
+            current = None  # an older format or a damaged folder: published again below
+        if current is not None and dict(current.files) == files:
             return current, parse(current.manifest_bytes)
     method = f"onnx-{info.options.key()}-v{EXPORT_VERSION}"
     release, manifest = make_release(

@@ -94,11 +94,11 @@ def publish_base(source: str | Path, source_digest: str, store: str | Path, key:
     """Quantize ``source`` (unless the store already holds its base) and sign it as ``<store>/base``."""
     folder = Path(store) / "base"
     if (folder / MANIFEST).is_file():
-        release = read_release(folder)
         try:
+            release = read_release(folder)
             info = json.loads(release.files[QUANT_CONFIG])
-        except (KeyError, ValueError):
-            info = {}
+        except (KeyError, ValueError):  # a ReleaseError too: an older format, a damaged folder
+            info = {}  # (or no quantization record): quantized and signed again
         if info.get("source_digest") == source_digest and info.get("scheme") == SCHEME:
             return release, parse(release.manifest_bytes)
     with tempfile.TemporaryDirectory() as tmp:

@@ -187,7 +187,8 @@ def test_packed_qkv_adapter_computes_each_modules_own_update():
         (b'{"r": 8, "lora_alpha": 16, "rank_pattern": {"q_proj": 4}}', "rank_pattern"),
         (b"not json", "not a PEFT"),
         (b'{"r": 8, "lora_alpha": 1e12}', "scale beyond"),  # served: every logit 0
-        (b'{"r": 8, "lora_alpha": Infinity}', "scale beyond"),  # served: NaN logits
+        (b'{"r": 8, "lora_alpha": Infinity}', "lora_alpha = inf"),  # served: NaN logits
+        (b'{"r": 4096, "lora_alpha": 4096000, "use_rslora": true}', "scales the update by 64000"),
         (b'{"r": 8, "lora_alpha": NaN}', "lora_alpha = nan"),
         (b'{"r": 8, "lora_alpha": -16}', "lora_alpha = -16"),
         (b'{"r": 1e400, "lora_alpha": 16}', "r = inf"),  # int(inf) raised OverflowError

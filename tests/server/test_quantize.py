@@ -42,6 +42,17 @@ def test_publish_signs_the_base_once_per_source(tiny_model_dir, tmp_path):
     assert other.digest() != manifest.digest()
 
 
+def test_a_store_base_that_no_longer_reads_as_a_release_is_published_again(tiny_model_dir, tmp_path):
+    key = Ed25519PrivateKey.generate()
+    folder = tmp_path / "store" / "base"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text('{"format": 1}')  # signed by an older fleetlora: no sizes
+    (folder / "manifest.sig").write_bytes(b"s" * 64)
+    (folder / "stray.bin").write_bytes(b"x")
+    _, manifest = publish_base(tiny_model_dir, "s" * 64, tmp_path / "store", key)  # raised ReleaseError
+    assert verify_release(read_release(folder), TrustList.of(key.public_key()), manifest.base_digest) == manifest
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_lost_store_requantized_gives_the_same_base_digest_on_any_thread_count(tiny_model_dir, tmp_path, threads):
     # a coordinator that re-quantizes (a lost store, a second coordinator) must not orphan the devices' base
