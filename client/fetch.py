@@ -40,7 +40,7 @@ from client.download import FetchError, FetchPolicy, Transfer, download_file, re
 from shared.atomic import fsync_dir, write_atomic
 from shared.chain import MAX_LINKS, ChainGapError, SignedManifest, verify_links
 from shared.errors import ReleaseError
-from shared.layout import FOLDER_NAME, folder_round, latest_name, point_latest, round_folder
+from shared.layout import FOLDER_NAME, PARTIAL, folder_round, latest_name, point_latest, round_folder
 from shared.manifest import Manifest, parse
 from shared.proto import artifact_pb2, artifact_pb2_grpc
 from shared.release import MANIFEST, SIGNATURE, read_release, verify_release
@@ -266,7 +266,7 @@ def _partial(cache: Path, manifest: Manifest, reply: Any) -> Path:
     FetchError
         The cache's disk lacks room for the rest of the release (its signed sizes).
     """
-    partial = cache / f"{manifest.digest()}.partial"
+    partial = cache / f"{manifest.digest()}{PARTIAL}"
     partial.mkdir(parents=True, exist_ok=True)
     for path in partial.iterdir():
         if path.name not in manifest.files:  # left by another version, or not a release file at all

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from client.generation import GenerationOptions
 from shared.errors import ReleaseError
 from shared.files import read_bounded
-from shared.layout import follow_latest
+from shared.layout import PARTIAL, follow_latest
 from shared.manifest import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, Manifest, parse, read_manifest
 from shared.model import cache_dir
 from shared.onnx_base import RUN_ID, ExportOptions, is_onnx_base
@@ -122,18 +122,23 @@ def newest_base(releases: Path, digest: str | None = None, trust: TrustList | No
     Manifests are read unverified to rank the candidates; with ``trust``, the first whose manifest
     signature verifies is taken, so that one unsigned ``manifest.json`` in the cache (dated in the
     future, say) cannot shadow the signed base beside it. ``EdgeModel`` then verifies it whole.
+    Between equals, a folder named by its manifest's digest (as ``fetch`` stores one) comes first;
+    an unfinished download (``*.partial``) is never a candidate.
     """
     bases = []
     for path in releases.glob(f"*/{MANIFEST}"):
+        if path.parent.name.endswith(PARTIAL):
+            continue
         try:
             data = read_bounded(path, MAX_MANIFEST_BYTES)
             m = parse(data)
         except (OSError, ValueError):
             continue  # not a readable manifest: not a base this device can use
         if m.kind == "base" and digest in (None, m.base_digest):
-            bases.append(((is_onnx_base(m.files), m.created, str(path.parent)), m, data))
+            rank = (is_onnx_base(m.files), m.created, path.parent.name == m.digest(), str(path.parent))
+            bases.append((rank, m, data))
     skipped = 0
-    for (_, _, folder), m, data in sorted(bases, key=lambda b: b[0], reverse=True):
+    for (*_, folder), m, data in sorted(bases, key=lambda b: b[0], reverse=True):
         if trust is None or _signed(Path(folder), m, data, trust):
             return Path(folder)
         skipped += 1
@@ -170,10 +175,12 @@ def _base_for(adapter: Path | None, releases: Path, trust: TrustList | None = No
     for name in (RUN_ID, "base") if len(parents) > 1 else ():  # the store's ONNX base first: nothing to export
         beside = parents[1] / name
         try:
-            if read_manifest(beside / MANIFEST).base_digest == digest:
-                return beside
+            data = read_bounded(beside / MANIFEST, MAX_MANIFEST_BYTES)
+            m = parse(data)
         except (OSError, ValueError):
             continue
+        if m.base_digest == digest and (trust is None or _signed(beside, m, data, trust)):
+            return beside
     return newest_base(releases, digest, trust)
 
 

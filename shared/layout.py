@@ -21,6 +21,7 @@ from shared.files import FileRefusedError, read_bounded
 LATEST = "LATEST"
 _ROUND_FOLDER = re.compile(r"round-(\d{4,})")
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # one plain path segment: no '/', no '..'
+PARTIAL = ".partial"  # a device cache's unfinished download: <cache>/<digest>.partial/ (client/fetch.py)
 MAX_LATEST_BYTES = 256  # LATEST holds one folder name (at most 128 characters) and a newline
 
 

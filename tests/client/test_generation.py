@@ -13,6 +13,7 @@ import pytest
 from client.generation import GenerationOptions, model_defaults
 from client.infer import EdgeModel
 from client.infer_cli import _base_for, newest_base
+from shared.layout import point_latest
 from shared.manifest import read_manifest
 from shared.release import MANIFEST, SIGNATURE, make_release, write_release
 from shared.sign import TrustList
@@ -103,3 +104,30 @@ def test_an_unsigned_newer_base_manifest_does_not_shadow_the_signed_base(edge_ba
     assert "[base" in capsys.readouterr().err  # the skipped one is named
     with pytest.raises(ValueError, match="2 whose signature does not verify skipped"):
         newest_base(releases, trust=TrustList.of())  # a device that trusts neither signer
+
+
+def test_an_unfinished_download_of_a_newer_base_is_not_chosen(edge_base, tmp_path):
+    releases = tmp_path / "releases"
+    shutil.copytree(edge_base.base, releases / "base-ours")
+    newer, manifest = make_release({"config.json": b"{}"}, kind="base", run_id="base", round=0, base_digest="d" * 64,
+                                   method="fleetlora-int4-b32-asym", key=KEY)  # fmt: skip
+    partial = releases / f"{manifest.digest()}.partial"  # a fetch cut short: signed manifest, files missing
+    partial.mkdir()
+    (partial / MANIFEST).write_bytes(newer.manifest_bytes)
+    (partial / SIGNATURE).write_bytes(newer.signature)
+    assert newest_base(releases, trust=TRUST) == releases / "base-ours"
+
+
+def test_a_forged_base_beside_the_adapter_run_is_not_taken(edge_base, tmp_path):
+    store = tmp_path / "store"
+    model = device_model(edge_base.base)
+    run = store / "adapter" / "run"  # as the README's `infer --adapter <store>/adapter/<run-id>` names it
+    signed_adapter(run / "round-0001", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest)
+    point_latest(run, "round-0001")
+    forged = replace(read_manifest(edge_base.base / MANIFEST), created="2999-01-01T00:00:00Z")
+    (store / "onnx").mkdir()
+    (store / "onnx" / MANIFEST).write_bytes(forged.canonical())  # unsigned
+    releases = tmp_path / "releases"
+    shutil.copytree(edge_base.base, releases / "base-ours")
+    assert _base_for(run, releases) == store / "onnx"  # chosen by the unverified manifest alone
+    assert _base_for(run, releases, TRUST) == releases / "base-ours"
