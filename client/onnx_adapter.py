@@ -35,11 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from shared.config import MAX_LORA_RANK, MAX_LORA_SCALE
 from shared.tensors import as_array
 
 PEFT_PREFIX = "base_model.model."
-MAX_RANK = 4096  # no layer of a model this serves is wider
-MAX_SCALE = 1e3  # alpha / r (alpha / sqrt(r) with rsLoRA), PEFT's defaults 1-2: a release beyond is refused
 BLOCK = 32  # the 4-bit base's block size along K (shared/int4.py): the correction sums each block
 
 
@@ -54,16 +53,16 @@ def lora_scale(adapter_config: bytes) -> float:
         r, alpha = cfg["r"], cfg["lora_alpha"]
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise AdapterError(f"adapter_config.json is not a PEFT LoRA config: {exc}") from None
-    if type(r) is not int or not 1 <= r <= MAX_RANK:
-        raise AdapterError(f"adapter_config.json has r = {r!r:.40}; a LoRA rank is an integer in [1, {MAX_RANK}]")
+    if type(r) is not int or not 1 <= r <= MAX_LORA_RANK:
+        raise AdapterError(f"adapter_config.json has r = {r!r:.40}; a LoRA rank is an integer in [1, {MAX_LORA_RANK}]")
     if type(alpha) not in (int, float) or not 0 < alpha < math.inf:  # NaN fails too
         raise AdapterError(f"adapter_config.json has lora_alpha = {alpha!r:.40}; a positive finite number is a scale")
     for option in ("use_dora", "rank_pattern", "alpha_pattern"):
         if cfg.get(option):
             raise AdapterError(f"adapter_config.json sets {option}; the ONNX export serves plain LoRA only")
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    if scale > MAX_SCALE:
-        raise AdapterError(f"adapter_config.json scales the update by {scale:g}: refused (scale beyond {MAX_SCALE:g})")
+    if scale > MAX_LORA_SCALE:
+        raise AdapterError(f"adapter_config.json scales the update by {scale:g}: refused (beyond {MAX_LORA_SCALE:g})")
     return scale
 
 

@@ -36,6 +36,10 @@ __all__ = [
 ]
 
 
+MAX_LORA_RANK = 4096  # no layer of a model this serves is wider; the edge refuses a larger r (client/onnx_adapter.py)
+MAX_LORA_SCALE = 1e3  # alpha / rank (PEFT's defaults: 1-2); the edge refuses a larger scale
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     """LoRA hyper-parameters (Hu et al., 2021, arXiv 2106.09685): W' = W + (alpha / r) * B @ A."""
@@ -53,11 +57,12 @@ class LoraConfig:
     ``rank``. A real device's own node config ``lora-rank`` decides for it (``client/capability.py``)."""
 
     def __post_init__(self) -> None:
-        _check(self.rank >= 1, "lora.rank", self.rank, "must be >= 1")
+        _check(1 <= self.rank <= MAX_LORA_RANK, "lora.rank", self.rank, f"must be in [1, {MAX_LORA_RANK}]")
         ok = all(len(r) <= 6 and r.isascii() and r.isdigit() and 1 <= int(r) <= self.rank for r in self.device_ranks)
         why = f"must be integers in [1, lora.rank = {self.rank}]"
         _check(ok, "lora.device-ranks", ",".join(self.device_ranks)[:80], why)
-        _check(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
+        why = f"must be > 0 and at most {MAX_LORA_SCALE:g} x lora.rank (an edge device refuses a larger scale)"
+        _check(0 < self.alpha <= MAX_LORA_SCALE * self.rank, "lora.alpha", self.alpha, why)
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
         _check(len(self.target_modules) > 0, "lora.target-modules", self.target_modules, "must name a layer")
 

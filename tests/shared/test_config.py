@@ -22,6 +22,8 @@ def test_unknown_key_is_named_with_a_suggestion():
         ("train.steps", 0, r"'train\.steps' = 0 must be >= 1"),
         ("train.steps", "ten", r"'train\.steps' must be an integer"),
         ("lora.rank", 2.5, r"'lora\.rank' must be an integer"),
+        ("lora.rank", 8192, r"'lora\.rank' = 8192 must be in \[1, 4096\]"),
+        ("lora.alpha", 9000, r"'lora\.alpha' = 9000 must be > 0 and at most 1000 x lora\.rank"),  # rank 8: scale 1125
         ("train.lr", 3, r"'train\.lr' = 3\.0 must be in \(0, 1\)"),
         ("aggregation.method", "median", r"'aggregation\.method' = 'median' must be one of"),
         ("train.dtype", "fp8", r"'train\.dtype' = 'fp8' must be one of"),
