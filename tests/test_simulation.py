@@ -186,7 +186,7 @@ def test_demo_cli_reports_a_bad_value_and_exits_2(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2
-    assert "run-config 'lora.rank' = 0 must be >= 1" in proc.stderr
+    assert "run-config 'lora.rank' = 0 must be in [1, 4096]" in proc.stderr
 
 
 def test_the_demo_serves_the_dashboard_and_runs_on_without_it_if_its_port_is_taken(tmp_path, capsys):
