@@ -16,7 +16,7 @@ from shared.errors import ReleaseError
 from shared.files import FileRefusedError, read_bounded
 from shared.layout import LATEST, latest_name
 from shared.manifest import MAX_MANIFEST_BYTES, read_manifest, sha256_file
-from shared.release import MANIFEST, SIGNATURE, make_release, read_release, write_release
+from shared.release import MANIFEST, SIGNATURE, Release, make_release, read_release, write_release
 
 KEY = Ed25519PrivateKey.generate()
 
@@ -41,6 +41,19 @@ def _returns_without_blocking(call: Callable[[], object], fifo: Path) -> BaseExc
     return outcome[0]
 
 
+def _peak_allocation(call: Callable[[], object]) -> tuple[object, int]:
+    """Run ``call``; return what it returned or raised, and the most Python allocated meanwhile (bytes)."""
+    tracemalloc.start()
+    try:
+        try:
+            outcome: object = call()
+        except Exception as exc:  # noqa: BLE001 - handed back to the test
+            outcome = exc
+        return outcome, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_a_regular_file_within_its_bound_is_read_whole(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"x" * 100)
@@ -59,25 +72,16 @@ def test_a_large_file_is_refused_without_being_read(tmp_path):
     path = tmp_path / "huge"
     with open(path, "wb") as f:
         f.truncate(512 << 20)  # sparse: 512 MiB of zeros that take no disk
-    tracemalloc.start()
-    try:
-        with pytest.raises(FileRefusedError, match="larger than"):
-            read_bounded(path, 1024)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    refused, peak = _peak_allocation(lambda: read_bounded(path, 1024))
+    assert isinstance(refused, FileRefusedError) and "larger than" in str(refused)
     assert peak < 1 << 20, f"refusing a 512 MiB file allocated {peak:,} bytes"
 
 
 def test_what_is_allocated_is_the_files_size_not_the_bound(tmp_path):
     path = tmp_path / "small"
     path.write_bytes(b"x" * 20)
-    tracemalloc.start()
-    try:
-        assert read_bounded(path, 2 << 30) == b"x" * 20  # a release file's bound: 2 GiB
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    data, peak = _peak_allocation(lambda: read_bounded(path, 2 << 30))  # a release file's bound: 2 GiB
+    assert data == b"x" * 20
     assert peak < 1 << 20, f"reading 20 bytes under a 2 GiB bound allocated {peak:,} bytes"
 
 
@@ -153,25 +157,15 @@ def test_an_oversized_manifest_in_a_release_is_refused_without_being_read(tmp_pa
     folder = _release_folder(tmp_path)
     with open(folder / MANIFEST, "wb") as f:
         f.truncate(512 << 20)
-    tracemalloc.start()
-    try:
-        with pytest.raises(ReleaseError, match=f"larger than {MAX_MANIFEST_BYTES:,} bytes"):
-            read_release(folder)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    refused, peak = _peak_allocation(lambda: read_release(folder))
+    assert isinstance(refused, ReleaseError) and f"larger than {MAX_MANIFEST_BYTES:,} bytes" in str(refused)
     assert peak < 1 << 20, f"refusing a 512 MiB manifest allocated {peak:,} bytes"
 
 
 def test_reading_a_valid_release_allocates_about_its_size(tmp_path):
     folder = _release_folder(tmp_path, b"w" * (4 << 20))
-    tracemalloc.start()
-    try:
-        release = read_release(folder)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert len(release.files["adapter_model.safetensors"]) == 4 << 20
+    release, peak = _peak_allocation(lambda: read_release(folder))
+    assert isinstance(release, Release) and len(release.files["adapter_model.safetensors"]) == 4 << 20
     assert peak < 6 << 20, f"reading a 4 MiB release allocated {peak:,} bytes"
 
 
@@ -179,13 +173,8 @@ def test_a_file_the_manifest_does_not_list_is_refused_before_it_is_read(tmp_path
     folder = _release_folder(tmp_path)
     with open(folder / "junk.bin", "wb") as f:
         f.truncate(1900 << 20)  # sparse 1.9 GiB: read whole, it was a MemoryError on a small device
-    tracemalloc.start()
-    try:
-        with pytest.raises(ReleaseError, match=r"unexpected \['junk.bin'\]"):
-            read_release(folder)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    refused, peak = _peak_allocation(lambda: read_release(folder))
+    assert isinstance(refused, ReleaseError) and "unexpected ['junk.bin']" in str(refused)
     assert peak < 1 << 20, f"refusing an unlisted 1.9 GiB file allocated {peak:,} bytes"
 
 
