@@ -255,19 +255,6 @@ def _fetch_counting(address, cache, **policy):
     return result, waits
 
 
-def test_first_run_downloads_once_and_second_run_downloads_nothing(base_root, tmp_path):
-    server, address = _serve_base(base_root)
-    try:
-        first, _ = _fetch_counting(address, tmp_path / "cache")
-        assert first.bytes_downloaded == len(PAYLOAD) + len(b'{"bits": 4}')
-        assert (first.folder / "model.int4.safetensors").read_bytes() == PAYLOAD
-        verify_release(read_release(first.folder), TRUST, BASE)
-        second, _ = _fetch_counting(address, tmp_path / "cache")
-        assert second.folder == first.folder and second.bytes_downloaded == 0
-    finally:
-        server.stop(None)
-
-
 class DropsTheConnectionOnce(ArtifactServicer):
     dropped = False
 

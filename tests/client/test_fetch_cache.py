@@ -1,4 +1,5 @@
-"""The fetch cache and its downloads: a cached folder must hold the manifest its name says; a trickle is no progress."""
+"""The fetch cache and its downloads: a second run downloads nothing, a cached folder must hold the manifest its
+name says, a trickle is no progress."""
 
 import pytest
 
@@ -6,8 +7,18 @@ from client.download import FetchPolicy
 from client.fetch import FetchError, fetch_release
 from server.distribute import ArtifactServicer
 from shared.manifest import parse
-from shared.release import make_release, read_release, write_release
-from tests.client.test_fetch import BASE, KEY, TRUST, _Started, root  # noqa: F401 - root is a fixture
+from shared.release import make_release, read_release, verify_release, write_release
+from tests.client.test_fetch import (  # noqa: F401 - root and base_root are fixtures
+    BASE,
+    KEY,
+    PAYLOAD,
+    TRUST,
+    _fetch_counting,
+    _serve_base,
+    _Started,
+    base_root,
+    root,
+)
 
 
 def test_a_cached_folder_holding_another_signed_release_than_its_name_is_fetched_again(root, tmp_path):  # noqa: F811
@@ -41,3 +52,16 @@ def test_a_service_trickling_a_byte_per_stream_is_given_up_on_after_the_retries(
                 address, "base", tmp_path / "cache", TRUST, BASE, FetchPolicy(retries=2), sleep=lambda _: None
             )
     assert TricklesOneBytePerStream.calls == 3  # before: a reset on every byte, 1,206 streams for this 1.2 kB file
+
+
+def test_first_run_downloads_once_and_second_run_downloads_nothing(base_root, tmp_path):  # noqa: F811
+    server, address = _serve_base(base_root)
+    try:
+        first, _ = _fetch_counting(address, tmp_path / "cache")
+        assert first.bytes_downloaded == len(PAYLOAD) + len(b'{"bits": 4}')
+        assert (first.folder / "model.int4.safetensors").read_bytes() == PAYLOAD
+        verify_release(read_release(first.folder), TRUST, BASE)
+        second, _ = _fetch_counting(address, tmp_path / "cache")
+        assert second.folder == first.folder and second.bytes_downloaded == 0
+    finally:
+        server.stop(None)
