@@ -40,17 +40,8 @@ def read_bounded(path: str | Path, limit: int, *, follow_links: bool = True, pri
     OSError
         The file cannot be opened (``FileNotFoundError`` for a missing one), as ``os.open`` raises it.
     """
-    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
+    fd, info = open_checked(path, follow_links=follow_links)
     try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP and not follow_links:
-            raise FileRefusedError(f"{path}: a symbolic link, not a regular file") from None
-        raise
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise FileRefusedError(f"{path}: not a regular file")
         if private and info.st_mode & 0o077:
             raise FileRefusedError(f"{path}: other users can read it; chmod 600 it")
         if info.st_size > limit:
@@ -80,20 +71,36 @@ def open_regular(path: str | Path, *, follow_links: bool = True) -> io.BufferedR
     OSError
         The file cannot be opened.
     """
+    return open(path, "rb", opener=lambda _, flags: open_checked(path, flags, follow_links=follow_links)[0])
 
-    def opener(name: str, flags: int) -> int:
-        try:
-            fd = os.open(name, flags | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW))
-        except OSError as exc:
-            if exc.errno == errno.ELOOP and not follow_links:
-                raise FileRefusedError(f"{path}: a symbolic link, not a regular file") from None
-            raise
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise FileRefusedError(f"{path}: not a regular file")
-        except BaseException:
-            os.close(fd)  # open() owns the descriptor only once the opener returns it
-            raise
-        return fd
 
-    return open(path, "rb", opener=opener)
+def open_checked(
+    path: str | Path, flags: int = os.O_RDONLY, *, follow_links: bool = True, mode: int = 0o666
+) -> tuple[int, os.stat_result]:
+    """Open ``path`` with ``flags`` | ``O_NONBLOCK``; return the descriptor and its ``fstat`` if it is a regular file.
+
+    The one check behind :func:`read_bounded` and :func:`open_regular` (and the replay store's
+    lock): a FIFO in the file's place is refused, not waited on. ``mode`` applies if ``flags``
+    has ``O_CREAT``. The caller closes the descriptor; on a refusal it is closed here.
+
+    Raises
+    ------
+    FileRefusedError
+        Not a regular file (a symbolic link with ``follow_links=False``).
+    OSError
+        The file cannot be opened.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW), mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_links:
+            raise FileRefusedError(f"{path}: a symbolic link, not a regular file") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FileRefusedError(f"{path}: not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info

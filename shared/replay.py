@@ -21,7 +21,6 @@ import fcntl
 import json
 import os
 import re
-import stat
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 from shared.atomic import write_atomic
 from shared.chain import check_chain, check_time
 from shared.errors import ReleaseError
-from shared.files import FileRefusedError, read_bounded
+from shared.files import FileRefusedError, open_checked, read_bounded
 from shared.manifest import Manifest
 
 STATE_FILE = "accepted.json"
@@ -177,10 +176,8 @@ def _exclusive(lock: Path) -> Iterator[None]:
     umask, so that users who share a cache share its lock. Waits at most ``LOCK_WAIT_S``
     (``TimeoutError``): an update holds it for milliseconds.
     """
-    fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW, 0o666)
+    fd, _ = open_checked(lock, os.O_RDONLY | os.O_CREAT, follow_links=False)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise FileRefusedError(f"{lock}: not a regular file")
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
             try:
