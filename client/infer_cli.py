@@ -27,7 +27,7 @@ from client.generation import GenerationOptions
 from shared.errors import ReleaseError
 from shared.files import read_bounded
 from shared.layout import PARTIAL, follow_latest
-from shared.manifest import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, Manifest, parse, read_manifest
+from shared.manifest import MAX_SIGNATURE_BYTES, Manifest, read_manifest
 from shared.model import cache_dir
 from shared.onnx_base import RUN_ID, ExportOptions, is_onnx_base
 from shared.release import MANIFEST, SIGNATURE
@@ -130,16 +130,15 @@ def newest_base(releases: Path, digest: str | None = None, trust: TrustList | No
         if path.parent.name.endswith(PARTIAL):
             continue
         try:
-            data = read_bounded(path, MAX_MANIFEST_BYTES)
-            m = parse(data)
+            m = read_manifest(path)
         except (OSError, ValueError):
             continue  # not a readable manifest: not a base this device can use
         if m.kind == "base" and digest in (None, m.base_digest):
             rank = (is_onnx_base(m.files), m.created, path.parent.name == m.digest(), str(path.parent))
-            bases.append((rank, m, data))
+            bases.append((rank, m))
     skipped = 0
-    for (*_, folder), m, data in sorted(bases, key=lambda b: b[0], reverse=True):
-        if trust is None or _signed(Path(folder), m, data, trust):
+    for (*_, folder), m in sorted(bases, key=lambda b: b[0], reverse=True):
+        if trust is None or _signed(Path(folder), m, trust):
             return Path(folder)
         skipped += 1
     which = f"base release of base model {digest[:16]}" if digest else "base release"
@@ -147,10 +146,13 @@ def newest_base(releases: Path, digest: str | None = None, trust: TrustList | No
     raise ValueError(f"no {which} in {releases}{unsigned}; fetch it (fleetlora fetch base) or give --base")
 
 
-def _signed(folder: Path, manifest: Manifest, data: bytes, trust: TrustList) -> bool:
-    """Return whether the manifest ``data`` of ``folder`` carries a valid signature of a trusted key."""
+def _signed(folder: Path, manifest: Manifest, trust: TrustList) -> bool:
+    """Return whether ``manifest``, read from ``folder``, carries a valid signature of a trusted key there.
+
+    Its bytes are its canonical form: :func:`shared.manifest.parse` accepts no other.
+    """
     try:
-        trust.verify(manifest.key_id, data, read_bounded(folder / SIGNATURE, MAX_SIGNATURE_BYTES))
+        trust.verify(manifest.key_id, manifest.canonical(), read_bounded(folder / SIGNATURE, MAX_SIGNATURE_BYTES))
     except (OSError, SignatureError) as exc:
         print(f"[base {folder} skipped: {exc}]", file=sys.stderr)
         return False
@@ -175,11 +177,10 @@ def _base_for(adapter: Path | None, releases: Path, trust: TrustList | None = No
     for name in (RUN_ID, "base") if len(parents) > 1 else ():  # the store's ONNX base first: nothing to export
         beside = parents[1] / name
         try:
-            data = read_bounded(beside / MANIFEST, MAX_MANIFEST_BYTES)
-            m = parse(data)
+            m = read_manifest(beside / MANIFEST)
         except (OSError, ValueError):
             continue
-        if m.base_digest == digest and (trust is None or _signed(beside, m, data, trust)):
+        if m.base_digest == digest and (trust is None or _signed(beside, m, trust)):
             return beside
     return newest_base(releases, digest, trust)
 
