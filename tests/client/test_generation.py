@@ -3,10 +3,8 @@
 import json
 import os
 import shutil
-import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -18,6 +16,7 @@ from shared.manifest import read_manifest
 from shared.release import MANIFEST, SIGNATURE, make_release, write_release
 from shared.sign import TrustList
 from tests.client.test_export import EXACT, KEY, TRUST, device_model, signed_adapter, trained_state
+from tests.fifo import outcome_without_blocking
 
 
 def _ngrams(tokens, n):
@@ -81,14 +80,8 @@ def test_a_cache_entry_whose_manifest_is_not_a_file_is_skipped_not_a_crash_or_a_
     (releases / "junk-folder" / MANIFEST).mkdir(parents=True)  # read_bytes raised IsADirectoryError here
     (releases / "junk-fifo").mkdir()
     os.mkfifo(releases / "junk-fifo" / MANIFEST)  # a plain open waits for a writer forever
-    found: list[Path] = []
-    worker = threading.Thread(target=lambda: found.append(newest_base(releases)), daemon=True)
-    worker.start()
-    worker.join(timeout=60)  # margin for a loaded machine; a blocked open never returns
-    if worker.is_alive():
-        os.close(os.open(releases / "junk-fifo" / MANIFEST, os.O_WRONLY | os.O_NONBLOCK))
-        pytest.fail("choosing the base waited on a FIFO named manifest.json")
-    assert found == [releases / "base-ours"]
+    found = outcome_without_blocking(lambda: newest_base(releases), releases / "junk-fifo" / MANIFEST)
+    assert found == releases / "base-ours"
 
 
 def test_an_unsigned_newer_base_manifest_does_not_shadow_the_signed_base(edge_base, tmp_path, capsys):

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from shared.onnx_base import ExportError, ExportOptions
 from shared.sign import public_line
 from tests.client.test_export import EXACT, KEY, TRUST, device_model, signed_adapter, trained_state
 from tests.conftest import REPO
+from tests.fifo import outcome_without_blocking
 
 
 def test_a_later_infer_session_refuses_an_older_round(edge_base, tmp_path, capsys):
@@ -80,18 +80,8 @@ def test_the_active_adapter_is_not_verified_again_but_a_new_release_is(edge_base
     fifo = tmp_path / "fifo"
     fifo.mkdir()
     os.mkfifo(fifo / "manifest.json")  # opening it to compare with the active manifest would wait for a writer
-    outcome: list[BaseException] = []
-    probe = threading.Thread(target=lambda: _refusal(edge.apply_release, fifo, outcome), daemon=True)
-    probe.start()
-    probe.join(timeout=60)
-    assert not probe.is_alive() and isinstance(outcome[0], ReleaseError), outcome
-
-
-def _refusal(call, arg, outcome: list[BaseException]) -> None:
-    try:
-        call(arg)
-    except BaseException as exc:  # noqa: BLE001 (handed to the test thread)
-        outcome.append(exc)
+    refused = outcome_without_blocking(lambda: edge.apply_release(fifo), fifo / "manifest.json")
+    assert isinstance(refused, ReleaseError), refused
 
 
 def test_a_conversion_that_crashes_is_a_refusal_and_the_active_adapter_stays(onnx_base, edge_base, tmp_path):

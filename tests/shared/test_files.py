@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -17,28 +16,9 @@ from shared.files import FileRefusedError, read_bounded
 from shared.layout import LATEST, latest_name
 from shared.manifest import MAX_MANIFEST_BYTES, read_manifest, sha256_file
 from shared.release import MANIFEST, SIGNATURE, Release, make_release, read_release, write_release
+from tests.fifo import outcome_without_blocking
 
 KEY = Ed25519PrivateKey.generate()
-
-
-def _returns_without_blocking(call: Callable[[], object], fifo: Path) -> BaseException | None:
-    """Run ``call`` in a thread; fail if it is still waiting on ``fifo`` after a wide margin, else return its error."""
-    outcome: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            call()
-            outcome.append(None)
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
-            outcome.append(exc)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(timeout=60)  # a blocking open never returns; 60 s is margin for a loaded machine
-    if worker.is_alive():
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a writer: the blocked open returns, the thread ends
-        pytest.fail(f"reading {fifo.name} waited for a writer on a FIFO")
-    return outcome[0]
 
 
 def _peak_allocation(call: Callable[[], object]) -> tuple[object, int]:
@@ -103,7 +83,7 @@ def test_a_file_that_grows_past_its_bound_after_fstat_is_refused_not_cut(tmp_pat
 def test_a_fifo_is_refused_not_waited_on(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    error = _returns_without_blocking(lambda: read_bounded(fifo, 100), fifo)
+    error = outcome_without_blocking(lambda: read_bounded(fifo, 100), fifo)
     assert isinstance(error, FileRefusedError) and "not a regular file" in str(error)
 
 
@@ -149,7 +129,7 @@ def test_a_release_with_a_fifo_in_place_of_a_file_is_refused_not_waited_on(tmp_p
     folder = _release_folder(tmp_path)
     (folder / name).unlink()
     os.mkfifo(folder / name)
-    error = _returns_without_blocking(lambda: read_release(folder), folder / name)
+    error = outcome_without_blocking(lambda: read_release(folder), folder / name)
     assert isinstance(error, ReleaseError) and "not a regular file" in str(error)
 
 
@@ -204,7 +184,7 @@ def test_a_release_file_that_is_a_link_is_refused(tmp_path):
 
 def test_latest_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
     os.mkfifo(tmp_path / LATEST)
-    error = _returns_without_blocking(lambda: latest_name(tmp_path), tmp_path / LATEST)
+    error = outcome_without_blocking(lambda: latest_name(tmp_path), tmp_path / LATEST)
     assert isinstance(error, ReleaseError) and "not a regular file" in str(error)
 
 
@@ -216,14 +196,14 @@ def test_an_oversized_latest_is_refused(tmp_path):
 
 def test_a_manifest_read_for_comparison_is_bounded_and_never_waited_on(tmp_path):
     os.mkfifo(tmp_path / MANIFEST)
-    error = _returns_without_blocking(lambda: read_manifest(tmp_path / MANIFEST), tmp_path / MANIFEST)
+    error = outcome_without_blocking(lambda: read_manifest(tmp_path / MANIFEST), tmp_path / MANIFEST)
     assert isinstance(error, FileRefusedError)
 
 
 def test_hashing_a_fifo_is_refused_not_waited_on(tmp_path):
     fifo = tmp_path / "object"
     os.mkfifo(fifo)  # swapped in for a cached object between its type check and its hash
-    error = _returns_without_blocking(lambda: sha256_file(fifo), fifo)
+    error = outcome_without_blocking(lambda: sha256_file(fifo), fifo)
     assert isinstance(error, FileRefusedError) and "not a regular file" in str(error)
     (tmp_path / "f").write_bytes(b"abc")
     assert sha256_file(tmp_path / "f") == hashlib.sha256(b"abc").hexdigest()

@@ -2,11 +2,11 @@
 
 import json
 import os
-import threading
 
 import pytest
 
 from shared.onnx_base import DONE, EXPORT_VERSION, ExportError, ExportOptions, is_onnx_base, read_export_info
+from tests.fifo import outcome_without_blocking
 
 LAYER = {"in": 64, "modules": ["model.layers.0.self_attn.q_proj"], "out": [64]}
 GOOD = {
@@ -60,20 +60,8 @@ def test_export_json_that_is_not_json_or_too_large_is_refused(tmp_path):
 
 def test_export_json_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
     os.mkfifo(tmp_path / DONE)  # infer reads export.json of the cached ONNX base before every load
-    refused: list[str] = []
-
-    def read() -> None:
-        with pytest.raises(ExportError) as exc:
-            read_export_info(tmp_path)
-        refused.append(str(exc.value))
-
-    worker = threading.Thread(target=read, daemon=True)
-    worker.start()
-    worker.join(timeout=60)  # margin for a loaded machine; a blocked open never returns
-    if worker.is_alive():
-        os.close(os.open(tmp_path / DONE, os.O_WRONLY | os.O_NONBLOCK))
-        pytest.fail("reading export.json waited for a writer on a FIFO")
-    assert refused and "not a regular file" in refused[0]
+    refused = outcome_without_blocking(lambda: read_export_info(tmp_path), tmp_path / DONE)
+    assert isinstance(refused, ExportError) and "not a regular file" in str(refused)
 
 
 def test_an_onnx_base_is_told_from_the_4bit_base_by_its_files():
