@@ -24,10 +24,9 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from shared.files import FileRefusedError, read_bounded
+from shared.files import MAX_PEM_BYTES, FileRefusedError, read_bounded
 
 KEYS = ("ca-file", "cert-file", "key-file")
-MAX_PEM_BYTES = 64 * 1024  # a CA bundle or a certificate chain of a few certificates; anything larger is not one
 
 
 class ChannelConfigError(ValueError):

@@ -46,7 +46,7 @@ from typing import Any
 import grpc
 
 from server.artifact_limits import CHUNK_BYTES, BusyError, ServiceLimits, Streams, grpc_options
-from shared.files import FileRefusedError, read_bounded
+from shared.files import MAX_PEM_BYTES, FileRefusedError, read_bounded
 from shared.manifest import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, ManifestError, parse
 from shared.proto import artifact_pb2, artifact_pb2_grpc
 from shared.release import FOLDER_NAME, LATEST, MANIFEST, SIGNATURE, ReleaseError, latest_name
@@ -282,8 +282,9 @@ def server_credentials(
             f"no fleet CA at {ca} to check device certificates with; name it (--tls-ca, or put ca.pem beside "
             f"{Path(cert).name}): the artifact service serves only devices with a certificate the fleet CA signed"
         )
-    pair = (Path(key).expanduser().read_bytes(), Path(cert).expanduser().read_bytes())
-    return grpc.ssl_server_credentials([pair], root_certificates=ca.read_bytes(), require_client_auth=True)
+    paths = (Path(key).expanduser(), Path(cert).expanduser(), ca)
+    key_pem, cert_pem, ca_pem = (read_bounded(p, MAX_PEM_BYTES) for p in paths)  # a FIFO is refused, not waited on
+    return grpc.ssl_server_credentials([(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -35,12 +35,15 @@ from typing import Any
 import psutil
 
 from server.processes import config_arg, flower_env, free_port, signal_tree, start, stop_pid, wait_for_port
+from server.resume import MAX_ROUND_LOG_BYTES
 from shared.certs import FleetCerts, make_fleet_certs
 from shared.cli import python_module
+from shared.files import read_bounded
 from shared.sign import generate_key
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (pyproject.toml): this checkout
 CONNECTION = "fleet"
+MAX_FLEET_FILE_BYTES = 1 << 20  # fleet.json: a few processes' pids and start times
 
 
 @dataclass(frozen=True)
@@ -240,7 +243,7 @@ class LocalFleet:
         path = Path(cfg["output-dir"]) / str(cfg["run-name"]) / "rounds.json"
         if not path.is_file():
             raise RuntimeError(f"the run wrote no round log ({path}); see {self.folder / 'logs'}")
-        data: dict[str, Any] = json.loads(path.read_text())
+        data: dict[str, Any] = json.loads(read_bounded(path, MAX_ROUND_LOG_BYTES))
         if check and "finished" not in data["run"]:
             raise RuntimeError(f"the run stopped before its last round; see {self.folder / 'logs'} and {path}")
         return data
@@ -309,7 +312,7 @@ def stop_recorded(folder: str | Path) -> list[str]:
     if not path.is_file():
         return []
     stopped = []
-    for name, rec in json.loads(path.read_text()).get("processes", {}).items():
+    for name, rec in json.loads(read_bounded(path, MAX_FLEET_FILE_BYTES)).get("processes", {}).items():
         try:
             alive = abs(psutil.Process(rec["pid"]).create_time() - rec["started"]) < 1e-3
         except psutil.NoSuchProcess:

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared.files import MAX_PEM_BYTES, read_bounded
 from shared.release import FOLDER_NAME
 
 DEFAULT_SANS = ("127.0.0.1", "localhost")
@@ -113,10 +114,10 @@ def make_fleet_certs(
         ca_key = ec.generate_private_key(ec.SECP384R1())
         _write_file(certs.ca_key, _pem(ca_key), private=True)
         _write_file(certs.ca, _ca_cert(ca_key).public_bytes(serialization.Encoding.PEM))
-    ca_key_loaded = serialization.load_pem_private_key(certs.ca_key.read_bytes(), password=None)
+    ca_key_loaded = serialization.load_pem_private_key(read_bounded(certs.ca_key, MAX_PEM_BYTES), password=None)
     if not isinstance(ca_key_loaded, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{certs.ca_key} is not an EC private key; remake the fleet's certificates with --force")
-    ca = _Issuer(ca_key_loaded, x509.load_pem_x509_certificate(certs.ca.read_bytes()))
+    ca = _Issuer(ca_key_loaded, x509.load_pem_x509_certificate(read_bounded(certs.ca, MAX_PEM_BYTES)))
     if force or not ca.issued(certs.server_cert, certs.server_key) or _sans(certs) != set(sans):
         ca.issue(certs.server_cert, certs.server_key, sans[0], ExtendedKeyUsageOID.SERVER_AUTH, _general_names(sans))
     for name in nodes:
@@ -151,8 +152,8 @@ class _Issuer:
     def issued(self, cert_path: Path, key_path: Path) -> bool:
         """Whether ``cert_path`` is signed by this CA, valid for ``RENEW_DAYS`` more and matches ``key_path``."""
         try:
-            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            cert = x509.load_pem_x509_certificate(read_bounded(cert_path, MAX_PEM_BYTES))
+            key = serialization.load_pem_private_key(read_bounded(key_path, MAX_PEM_BYTES), password=None)
             cert.verify_directly_issued_by(self.cert)
         except (OSError, ValueError, TypeError, InvalidSignature):
             return False
@@ -257,7 +258,7 @@ def _sans(certs: FleetCerts) -> set[str]:
     """Return the subjectAltNames of the existing server certificate (empty if there is none)."""
     if not certs.server_cert.is_file():
         return set()
-    cert = x509.load_pem_x509_certificate(certs.server_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate(read_bounded(certs.server_cert, MAX_PEM_BYTES))
     ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return {str(n.value) for n in ext}
 

@@ -23,6 +23,8 @@ import stat
 from pathlib import Path
 
 _CHUNK = 1 << 20
+MAX_PEM_BYTES = 64 * 1024
+"""A PEM key, certificate or CA bundle of a few certificates, or a token file: an operator's small file."""
 
 
 class FileRefusedError(OSError):

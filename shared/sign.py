@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -32,12 +31,14 @@ from typing import TYPE_CHECKING
 
 from shared.atomic import write_atomic
 from shared.cli import python_module
+from shared.files import MAX_PEM_BYTES, FileRefusedError, read_bounded
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 SIGNATURE_BYTES = 64
 PUBLIC_KEY_BYTES = 32
+MAX_TRUST_LIST_BYTES = 1 << 20  # a line of ~60 bytes per key: thousands of keys; more is not a trust list
 CHILD_TIMEOUT_S = 120  # a python start and one Ed25519 check, on a loaded device
 VALID, INVALID = 0, 10  # the child's exit codes; any other (1: an uncaught exception) is a failed check
 
@@ -88,18 +89,19 @@ def generate_key(path: str | Path, force: bool = False) -> Ed25519PrivateKey:
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     """Read a signing key, refusing one that other users can read or that is not Ed25519."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"signing key {path} not found; create one with `fleetlora keys generate {path}`")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise SignatureError(f"signing key {path} has mode {mode:04o}: other users can read it; run `chmod 600 {path}`")
+    try:
+        pem = read_bounded(path, MAX_PEM_BYTES, private=True)  # checked on the descriptor it is read from
+    except FileNotFoundError:
+        hint = f"create one with `fleetlora keys generate {path}`"
+        raise FileNotFoundError(f"signing key {path} not found; {hint}") from None
+    except FileRefusedError as exc:
+        raise SignatureError(f"signing key {exc}") from None
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     try:
         from cryptography.hazmat.primitives import serialization
 
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
         raise SignatureError(f"signing key {path} is not a readable PEM private key: {exc}") from None
     if not isinstance(key, Ed25519PrivateKey):
@@ -133,7 +135,11 @@ class TrustList:
     def load(cls, path: str | Path, in_child: bool = False) -> TrustList:
         """Parse a trust-list file (format in the module docstring); a bad line is named by number."""
         trust = cls(in_child=in_child)
-        for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        try:
+            text = read_bounded(path, MAX_TRUST_LIST_BYTES).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SignatureError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        for number, line in enumerate(text.splitlines(), 1):
             words = line.split("#", 1)[0].split()
             if not words:
                 continue

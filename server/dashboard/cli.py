@@ -26,6 +26,7 @@ from server.dashboard.app import create_app
 from server.dashboard.auth import new_token
 from server.dashboard.reader import StoreReader
 from server.state import StateStore, StateStoreError
+from shared.files import MAX_PEM_BYTES, FileRefusedError, read_bounded
 
 DEFAULT_ADDRESS = "127.0.0.1:8050"
 DEFAULT_DB = Path("outputs") / "state.sqlite"
@@ -117,6 +118,8 @@ def start(
 def _checked_tls(cert: Path, key: Path) -> tuple[str, str]:
     """Return ``cert`` and ``key`` once they load as a TLS server pair (an error now, not a dead server thread)."""
     try:
+        for path in (cert, key):  # OpenSSL would wait on a FIFO in a file's place, and read any size
+            read_bounded(path, MAX_PEM_BYTES)
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
         raise ValueError(f"cannot serve TLS with certificate {cert} and key {key}: {exc}") from None
@@ -126,7 +129,11 @@ def _checked_tls(cert: Path, key: Path) -> tuple[str, str]:
 def read_token(token_file: Path | None) -> str | None:
     """Return the token from ``token_file`` (first line), else from ``$FLEETLORA_DASHBOARD_TOKEN``, else None."""
     if token_file is not None:
-        lines = token_file.read_text().strip().splitlines()
+        try:
+            text = read_bounded(token_file, MAX_PEM_BYTES).decode("utf-8")
+        except (FileRefusedError, UnicodeDecodeError) as exc:
+            raise ValueError(f"token file {token_file}: {exc}") from None
+        lines = text.strip().splitlines()
         if not lines:
             raise ValueError(f"token file {token_file} is empty")
         return lines[0].strip()

@@ -1,11 +1,7 @@
-import http.client
 import json
 import os
 import re
 import socket
-import ssl
-import subprocess
-import sys
 import threading
 import tracemalloc
 from urllib.parse import urljoin, urlsplit
@@ -18,12 +14,10 @@ from hypothesis import strategies as st
 
 from server.dashboard.app import STATIC, SafeJSON, create_app, release_details
 from server.dashboard.auth import COOKIE, COOKIE_MAX_AGE_S, same_origin_path
-from server.dashboard.cli import TOKEN_ENV, read_token, start
+from server.dashboard.cli import start
 from server.dashboard.reader import StoreReader
 from server.report import RoundLog
 from server.state import StateStore
-from server.state.revision import head
-from shared.certs import make_fleet_certs
 from shared.release import make_release, write_release
 from shared.sign import generate_key
 from tests.server.state.records import execute, report, rows, store_at_revision
@@ -160,43 +154,6 @@ def test_every_reply_forbids_inline_script(client):
         assert r.headers["x-content-type-options"] == "nosniff"
 
 
-def test_over_tls_the_cookie_is_secure(tmp_path, round_log):
-    certs = make_fleet_certs(tmp_path / "certs", nodes=[])
-    dashboard = start(tmp_path / "state.sqlite", "127.0.0.1:0", token=TOKEN, tls=(certs.server_cert, certs.server_key))
-    try:
-        assert dashboard.url.startswith("https://127.0.0.1:")
-        context = ssl.create_default_context(cafile=certs.ca)  # verifies the certificate and 127.0.0.1
-        conn = http.client.HTTPSConnection("127.0.0.1", dashboard.port, context=context, timeout=30)
-        conn.request("GET", f"/runs/demo-1?token={TOKEN}")
-        r = conn.getresponse()
-        assert r.status == 303 and r.getheader("location") == "/runs/demo-1"
-        cookie = r.getheader("set-cookie")
-        assert "Secure" in cookie and "HttpOnly" in cookie and f"Max-Age={COOKIE_MAX_AGE_S}" in cookie
-        conn.close()
-        plain = http.client.HTTPConnection("127.0.0.1", dashboard.port, timeout=30)  # no plain HTTP beside it
-        with pytest.raises((http.client.HTTPException, ConnectionError)):
-            plain.request("GET", "/")
-            plain.getresponse()
-    finally:
-        dashboard.stop()
-
-
-def test_a_tls_pair_that_does_not_load_is_refused_before_serving(tmp_path, round_log):
-    certs = make_fleet_certs(tmp_path / "certs", nodes=[])
-    with pytest.raises(ValueError, match="cannot serve TLS with certificate"):
-        start(tmp_path / "state.sqlite", "127.0.0.1:0", token=TOKEN, tls=(certs.server_cert, certs.ca_key))
-
-
-def _cli(*args, env=None):
-    cmd = [sys.executable, "-m", "shared.cli", "dashboard", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
-
-
-def test_the_cli_wants_both_halves_of_a_tls_pair(tmp_path):
-    proc = _cli("--db", tmp_path / "s.sqlite", "--tls-cert", tmp_path / "c.pem", "--address", "127.0.0.1:0")
-    assert proc.returncode == 2 and "--tls-cert and --tls-key go together" in proc.stderr
-
-
 def test_the_api_shows_rounds_as_the_round_log_writes_them(client, round_log):
     runs = client.get("/api/runs", headers=AUTH).json()["runs"]
     assert [(r["run_id"], r["rounds_done"], r["last_heldout_loss"], r["finished"]) for r in runs] == [
@@ -284,21 +241,6 @@ def test_an_older_store_is_reported_and_left_alone_until_migrated(tmp_path):
         assert c.get("/api/runs", headers=AUTH).status_code == 200
 
 
-def test_the_cli_migrates_only_when_asked(tmp_path):
-    db = store_at_revision(tmp_path, "0002")
-    cmd = [sys.executable, "-m", "shared.cli", "dashboard", "--db", str(db), "--address", "127.0.0.1:0", "--migrate"]
-    proc = subprocess.Popen(cmd, env={**os.environ, TOKEN_ENV: TOKEN}, stdout=subprocess.PIPE, text=True)
-    try:
-        assert "(read-only): open http://127.0.0.1:" in proc.stdout.readline()
-        assert rows(db, "select version_num from alembic_version") == [(head(),)]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    missing = _cli("--db", tmp_path / "none.sqlite", "--migrate", "--address", "127.0.0.1:0")
-    assert missing.returncode == 2 and "--migrate: no state store at" in missing.stderr
-    assert not (tmp_path / "none.sqlite").exists()
-
-
 def test_the_round_api_reads_the_signed_release(client, round_log, tmp_path):
     key = generate_key(tmp_path / "server.key")
     release, manifest = make_release(
@@ -373,30 +315,6 @@ def test_the_pages_never_parse_data_as_markup():
         for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
             assert sink not in text, f"{name} uses {sink}"
     assert "<script>" not in (STATIC / "index.html").read_text()  # scripts only from files (the CSP forbids inline)
-
-
-def test_the_token_comes_from_a_file_then_the_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv(TOKEN_ENV, "from-the-environment-123")
-    assert read_token(None) == "from-the-environment-123"
-    (tmp_path / "token").write_text("from-a-file-0123456789\n")
-    assert read_token(tmp_path / "token") == "from-a-file-0123456789"
-    (tmp_path / "empty").write_text("\n")
-    with pytest.raises(ValueError, match="is empty"):
-        read_token(tmp_path / "empty")
-    monkeypatch.delenv(TOKEN_ENV)
-    assert read_token(None) is None
-
-
-def test_a_taken_port_is_reported_and_a_short_token_refused(tmp_path, round_log):
-    first = start(tmp_path / "state.sqlite", "127.0.0.1:0", token=TOKEN)
-    try:
-        assert first.url.startswith("http://127.0.0.1:") and first.url.endswith(f"/?token={TOKEN}")
-        with pytest.raises(OSError):
-            start(tmp_path / "state.sqlite", f"127.0.0.1:{first.port}", token=TOKEN)
-    finally:
-        first.stop()
-    with pytest.raises(ValueError, match="at least 16"):
-        start(tmp_path / "state.sqlite", "127.0.0.1:0", token="short")
 
 
 def test_a_store_whose_tables_were_altered_is_a_503_that_says_why(client, round_log):

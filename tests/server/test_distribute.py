@@ -19,10 +19,12 @@ from server.artifact_limits import ServiceLimits
 from server.distribute import ArtifactServicer, ArtifactStore, serve, server_credentials
 from server.fleet import Device, LocalFleet
 from shared.certs import make_fleet_certs
+from shared.files import FileRefusedError
 from shared.manifest import parse
 from shared.proto import artifact_pb2, artifact_pb2_grpc
 from shared.release import make_release, write_release
 from shared.sign import TrustList
+from tests.fifo import outcome_without_blocking
 
 KEY = Ed25519PrivateKey.generate()
 TRUST = TrustList.of(KEY.public_key())
@@ -323,3 +325,12 @@ def test_a_latest_that_is_not_a_regular_file_is_not_found_without_hanging_a_thre
         with contextlib.suppress(OSError):  # release a reader stuck on the FIFO, if any, so the test can end
             os.close(os.open(run / "LATEST", os.O_WRONLY | os.O_NONBLOCK))
         server.stop(None)
+
+
+def test_a_fifo_in_place_of_the_tls_key_is_refused_not_waited_on(tmp_path):
+    certs = make_fleet_certs(tmp_path / "certs", [])
+    certs.server_key.unlink()
+    os.mkfifo(certs.server_key, 0o600)
+    key = certs.server_key
+    refused = outcome_without_blocking(lambda: server_credentials(certs.server_cert, key), key)
+    assert isinstance(refused, FileRefusedError) and "not a regular file" in str(refused)

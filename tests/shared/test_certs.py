@@ -4,6 +4,7 @@ The certificates in use (mutual TLS of the artifact service) are tested in tests
 """
 
 import datetime as dt
+import os
 import stat
 
 import pytest
@@ -14,6 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import shared.certs
 from shared.certs import make_fleet_certs
+from tests.fifo import outcome_without_blocking
 
 
 def test_keys_are_private_and_the_server_certificate_names_loopback(tmp_path):
@@ -107,3 +109,14 @@ def test_a_link_planted_where_a_key_is_written_does_not_receive_the_key(tmp_path
     (tmp_path / "certs" / "nodes" / ".a.tls.key.tmp").symlink_to(bait)  # where the key is first written
     certs = make_fleet_certs(tmp_path / "certs", ["a"])
     assert bait.read_bytes() == b"" and certs.node_tls_key("a").is_file() and not certs.node_tls_key("a").is_symlink()
+
+
+def test_a_fifo_where_a_devices_certificate_was_is_replaced_not_waited_on(tmp_path):
+    certs = make_fleet_certs(tmp_path, ["dev-a"])
+    cert = certs.node_cert("dev-a")
+    cert.unlink()
+    os.mkfifo(cert, 0o600)
+    outcome = outcome_without_blocking(lambda: make_fleet_certs(tmp_path, ["dev-a"]), cert)
+    assert not isinstance(outcome, BaseException)
+    issued = x509.load_pem_x509_certificate(cert.read_bytes())  # a regular file again, issued anew
+    issued.verify_directly_issued_by(x509.load_pem_x509_certificate(certs.ca.read_bytes()))

@@ -7,8 +7,18 @@ import sys
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shared.sign import SignatureError, TrustList, generate_key, key_id, load_private_key, public_line
+from shared.files import FileRefusedError
+from shared.sign import (
+    MAX_TRUST_LIST_BYTES,
+    SignatureError,
+    TrustList,
+    generate_key,
+    key_id,
+    load_private_key,
+    public_line,
+)
 from tests.conftest import REPO
+from tests.fifo import outcome_without_blocking
 
 
 def test_key_files(tmp_path):
@@ -21,7 +31,7 @@ def test_key_files(tmp_path):
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         generate_key(path)
     os.chmod(path, 0o644)
-    with pytest.raises(SignatureError, match="mode 0644: other users can read it"):
+    with pytest.raises(SignatureError, match="server.key: other users can read it; chmod 600 it"):
         load_private_key(path)
     with pytest.raises(FileNotFoundError, match="fleetlora keys generate"):
         load_private_key(tmp_path / "nope.key")
@@ -109,3 +119,19 @@ def test_a_signature_check_that_crashes_is_a_refusal_that_says_so(tmp_path, monk
     trust.in_child = True
     with pytest.raises(SignatureError, match=r"the signature check failed \(exit 1\): Traceback: something broke"):
         trust.verify(key_id(key.public_key()), b"data", key.sign(b"data"))
+
+
+def test_a_fifo_or_an_oversized_file_as_key_or_trust_list_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "planted"
+    os.mkfifo(fifo, 0o600)
+    assert isinstance(outcome_without_blocking(lambda: TrustList.load(fifo), fifo), FileRefusedError)
+    refused = outcome_without_blocking(lambda: load_private_key(fifo), fifo)
+    assert isinstance(refused, SignatureError) and "not a regular file" in str(refused)
+    huge = tmp_path / "trust"
+    with huge.open("wb") as f:
+        f.truncate(MAX_TRUST_LIST_BYTES + 1)  # sparse: nothing to write, and nothing of it may be read
+    with pytest.raises(FileRefusedError, match="larger than"):
+        TrustList.load(huge)
+    huge.write_bytes(b"ed25519 \xff\xfe\n")
+    with pytest.raises(SignatureError, match="not UTF-8 text"):
+        TrustList.load(huge)
