@@ -201,19 +201,9 @@ class AdapterStrategy(FedAvg):
         """Under DP, account for the round just released and record its epsilon (log, round log, metrics)."""
         if self.dp is None:
             return
-        privacy = self.dp.spend(clipped_fraction)
+        privacy = self.dp.spend(clipped_fraction, server_round)
         self.round_log.note(server_round, privacy=privacy)
         metrics["dp-epsilon"] = privacy["epsilon"]
-        log(
-            logging.INFO,
-            "round %d: dp: epsilon spent %.4g at delta %g (z %.4g, C %g, %.0f%% of updates clipped)",
-            server_round,
-            privacy["epsilon"],
-            privacy["delta"],
-            privacy["noise_multiplier"],
-            privacy["clip_norm"],
-            100 * privacy["clipped_fraction"],
-        )
 
     def measure(self, reply: TrainReply, spec: UpdateSpec, sent: int | None = None) -> tuple[float, bool]:
         """Decode and check one update; return its norm and whether its contribution is (or was) clipped.

@@ -133,10 +133,13 @@ class DpRounds:
         """Raise :class:`BudgetExhaustedError` if one more round would exceed ``dp.max-epsilon``."""
         self._started().check_next()
 
-    def spend(self, clipped_fraction: float) -> dict[str, Any]:
-        """Account for one released round; return its privacy record for the round log."""
+    def spend(self, clipped_fraction: float, server_round: int) -> dict[str, Any]:
+        """Account for released round ``server_round`` and log it; return its privacy record for the round log."""
         budget = self._started()
         epsilon = budget.spend()
+        log(logging.INFO, "round %d: dp: epsilon spent %.4g at delta %g (z %.4g, C %g, %.0f%% of updates clipped)",
+            server_round, epsilon, self.cfg.delta, budget.noise_multiplier, self.cfg.clip_norm,
+            100 * clipped_fraction)  # fmt: skip
         return {
             "epsilon": epsilon,
             "delta": self.cfg.delta,

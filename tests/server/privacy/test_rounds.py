@@ -54,7 +54,7 @@ def test_server_clipping_clips_and_client_clipping_rejects_a_delta_above_the_bou
 def test_spending_a_round_records_what_the_round_log_and_dashboard_show():
     dp = _rounds(clip_norm=0.5)
     dp.start(40, [])
-    record = dp.spend(0.25)
+    record = dp.spend(0.25, 1)
     assert record["epsilon"] > 0 and record["clipped_fraction"] == 0.25
     assert record | {"epsilon": 0} == {
         "epsilon": 0,
