@@ -5,13 +5,13 @@ The credentials in use against a real service are tested in tests/server/test_di
 
 import argparse
 import os
-import threading
 
 import grpc
 import pytest
 
 from client.channel import ChannelConfigError, add_arguments, credentials_from_args, node_credentials
 from shared.certs import make_fleet_certs
+from tests.fifo import outcome_without_blocking
 
 
 @pytest.fixture
@@ -75,22 +75,8 @@ def test_a_value_that_is_not_a_path_is_refused(certs):
 def test_a_fifo_in_place_of_a_file_is_refused_without_hanging(certs, tmp_path):
     fifo = tmp_path / "ca.fifo"
     os.mkfifo(fifo)
-    errors = []
-
-    def parse():
-        try:
-            node_credentials(_config(certs, **{"ca-file": str(fifo)}))
-        except ChannelConfigError as exc:
-            errors.append(str(exc))
-
-    worker = threading.Thread(target=parse, daemon=True)
-    worker.start()
-    worker.join(timeout=60)  # wide: a blocking open would never return
-    if worker.is_alive():
-        with open(fifo, "wb"):  # unblock the reader so the thread ends, then fail
-            pass
-        pytest.fail("reading the node config's ca-file blocked on a FIFO")
-    assert errors and "not a regular file" in errors[0]
+    refused = outcome_without_blocking(lambda: node_credentials(_config(certs, **{"ca-file": str(fifo)})), fifo)
+    assert isinstance(refused, ChannelConfigError) and "not a regular file" in str(refused)
 
 
 def test_the_cli_flags_spell_the_same_keys(certs):
