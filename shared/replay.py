@@ -114,8 +114,8 @@ class AcceptedReleases:
         write back each other's stale copies, which erased a record and let its run's old rounds
         be accepted again. If the run's record changed since :meth:`check` passed this release
         (another process accepted a release of the run meanwhile: a newer round, or another round on
-        a fork), this one is refused; it is checked again next time. Without a check before, a
-        release not newer than the record is refused.
+        a fork), this one is refused; it is checked again next time. A release this store did not
+        :meth:`check` is refused (fail closed: nothing is recorded that was not checked).
 
         Raises
         ------
@@ -123,8 +123,13 @@ class AcceptedReleases:
             The record could not be written; the caller must not use the release.
         ReleaseError
             Another process of this device accepted a release of this run meanwhile, or holds the
-            store's lock for more than ``LOCK_WAIT_S``.
+            store's lock for more than ``LOCK_WAIT_S``; or this store never checked the release.
         """
+        if manifest.digest() not in self._checked:
+            raise ReleaseError(
+                f"{manifest.kind} {manifest.run_id} round {manifest.round} was not checked against {self.path}: "
+                "not recorded (verify it with this store first)"
+            )
         key = f"{manifest.kind}:{manifest.run_id}"
         entry = {"round": manifest.round, "digest": manifest.digest(), "created": manifest.created}
         try:
@@ -132,10 +137,7 @@ class AcceptedReleases:
             with _exclusive(self.path.with_name(self.path.name + ".lock")):
                 runs = _load(self.path)
                 last = runs.get(key)
-                if manifest.digest() in self._checked:
-                    _refuse_changed(last, self._checked[manifest.digest()], manifest, self.path)
-                else:
-                    _refuse_older(last, manifest, self.path)
+                _refuse_changed(last, self._checked[manifest.digest()], manifest, self.path)
                 runs[key] = entry
                 write_atomic(self.path, json.dumps(runs, indent=1, sort_keys=True).encode())
         except TimeoutError as exc:
@@ -143,18 +145,6 @@ class AcceptedReleases:
         except OSError as exc:
             raise _unusable(self.path, f"it cannot be written ({exc})") from None
         self.runs = runs
-
-
-def _refuse_older(last: dict[str, Any] | None, manifest: Manifest, path: Path) -> None:
-    """Refuse ``manifest`` if the run's record ``last`` (as on disk now) is newer or another release of its round."""
-    if last is None or last["digest"] == manifest.digest():
-        return
-    newer = manifest.created > last.get("created", "") if manifest.kind == "base" else manifest.round > last["round"]
-    if not newer:
-        raise ReleaseError(
-            f"another process of this device accepted {manifest.kind} {manifest.run_id} round {last['round']} "
-            f"(manifest {last['digest'][:16]}…) in {path} meanwhile; round {manifest.round} is not newer: not used"
-        )
 
 
 def _refuse_changed(last: dict[str, Any] | None, seen: str | None, manifest: Manifest, path: Path) -> None:

@@ -203,3 +203,12 @@ def test_two_processes_accepting_at_once_keep_every_record(tmp_path):
         worker.join(timeout=300)
     assert [w.exitcode for w in workers] == [0, 0]
     assert len(AcceptedReleases(path).runs) == 80  # without the lock, each write-back drops the other's records
+
+
+def test_a_release_this_store_never_checked_is_not_recorded(tmp_path):
+    path = tmp_path / "accepted.json"
+    r1, _ = _release(round=1)
+    manifest = verify_release(r1, TRUST, BASE, AcceptedReleases(path))  # checked by another store object
+    with pytest.raises(ReleaseError, match="was not checked against"):
+        AcceptedReleases(path).accept(manifest)
+    assert not path.exists()  # nothing recorded
