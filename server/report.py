@@ -9,7 +9,6 @@ a run that stops early still leaves every finished round on disk; with a state s
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from server.state import StateStore
 from server.state.facts import RoundPrivacy, round_privacy
+from shared.atomic import write_atomic
 
 
 class RoundLog:
@@ -96,9 +96,7 @@ class RoundLog:
     def _save(self, server_round: int | None = None, clients: Iterable[str] | None = None) -> None:
         """Rewrite the JSON file; commit the run (no round given) or the round's changed clients to the store."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.data, indent=1).encode())  # a restart resumes from it
         if self.store is None:
             return
         run = self.data["run"]

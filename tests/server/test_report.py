@@ -1,4 +1,5 @@
 import json
+import os
 import re
 
 from server.report import RoundLog, format_table
@@ -18,6 +19,24 @@ def test_round_log_persists_each_round_and_derives_means(tmp_path):
     on_disk = json.loads((tmp_path / "rounds.json").read_text())  # written as the run goes, not at the end
     assert [r["round"] for r in on_disk["rounds"]] == [0, 1]
     assert "finished" not in on_disk["run"]
+
+
+def test_each_change_reaches_the_disk_before_the_log_is_replaced(tmp_path, monkeypatch):
+    """A restart resumes from the round log (server/resume.py): a power loss must leave the old log or the new."""
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    (tmp_path / "rounds.tmp").symlink_to(tmp_path / "elsewhere")  # a fixed temp name would write through it
+    log = RoundLog(tmp_path / "rounds.json", run={"model": "m"})
+    log.note(1, release={"manifest": "f" * 64})
+    assert len(synced) == 4 and synced[1] == synced[3] == str(tmp_path)  # the new bytes, then the rename
+    assert json.loads((tmp_path / "rounds.json").read_text())["rounds"][0]["release"] == {"manifest": "f" * 64}
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "rounds.json").is_symlink()
 
 
 def test_table_has_a_before_row_and_one_column_per_client(tmp_path):
