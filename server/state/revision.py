@@ -15,6 +15,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, inspect
 from sqlalchemy.exc import DatabaseError
 
@@ -48,7 +49,10 @@ def head() -> str:
 def _current(conn: Connection, path: Path) -> str | None:
     """Return the store's revision (None: no schema yet); refuse a foreign or newer one."""
     known = _revisions()[1]
-    current = MigrationContext.configure(conn).get_current_revision()
+    try:
+        current = MigrationContext.configure(conn).get_current_revision()
+    except CommandError as exc:  # more than one row in alembic_version: no single revision to trust
+        raise StateStoreError(f"{path}: its alembic_version table is not one revision ({exc})") from None
     if current is None and set(inspect(conn).get_table_names()) - {"alembic_version"}:
         raise StateStoreError(f"{path} holds tables but no fleetlora state: not a state store")
     if current is not None and current not in known:

@@ -136,6 +136,11 @@ def test_the_read_only_open_never_migrates_an_older_store(tmp_path, revision):
             "schema revision 9z, which this fleetlora does not know",
         ),
         ("create table notes (text varchar)", "holds tables but no fleetlora state"),
+        (
+            "create table alembic_version (version_num varchar(32) primary key);"
+            "insert into alembic_version values ('0001'); insert into alembic_version values ('0002')",
+            "its alembic_version table is not one revision",  # alembic's own CommandError, uncaught before
+        ),
     ],
 )
 @pytest.mark.parametrize("read_only", [False, True])
