@@ -29,7 +29,7 @@ import torch
 
 from shared.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from shared.chain import MAX_LINKS, SignedManifest
-from shared.files import read_bounded
+from shared.files import FileRefusedError, open_checked, read_bounded
 from shared.layout import folder_round, point_latest, round_folder
 from shared.manifest import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, Manifest
 from shared.release import MANIFEST, SIGNATURE, Release, make_release, write_release
@@ -126,7 +126,11 @@ def _lock(folder: Path, run_id: str) -> Path:
         held, users = _HELD[key]
         _HELD[key] = (held, users + 1)
         return key
-    f = open(key / LOCK_FILE, "a+")  # noqa: SIM115 (held open for the life of the process)
+    try:  # a link planted there would have its target overwritten, a FIFO would not lock anything
+        fd, _ = open_checked(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, follow_links=False, mode=0o644)
+    except FileRefusedError as exc:
+        raise RunFolderLockedError(f"run folder {folder}: its lock {exc}; remove it, then start again") from None
+    f = os.fdopen(fd, "r+")  # held open for the life of the process
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

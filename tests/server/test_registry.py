@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.registry import Registry, RunFolderLockedError
+from server.registry import LOCK_FILE, Registry, RunFolderLockedError
 from server.resume import resume_point
 from shared.release import MANIFEST, read_release, verify_release
 from shared.release_records import links_config, links_from_config
 from shared.replay import AcceptedReleases
 from shared.sign import TrustList, generate_key
+from tests.fifo import outcome_without_blocking
 
 BASE = "b" * 64
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,6 +63,21 @@ def test_a_second_coordinator_of_a_run_folder_fails_at_once_and_names_the_first(
     registry.publish(0, STATE)
     assert verify_release(read_release(folder / "round-0000"), TrustList.load(f"{key}.pub"), BASE).round == 0
     registry.close()
+
+
+@pytest.mark.parametrize("planted", ["link", "fifo"])
+def test_a_link_or_fifo_planted_as_the_run_folders_lock_is_refused_and_nothing_written(tmp_path, key, planted):
+    folder = tmp_path / "releases" / "run-a"
+    folder.mkdir(parents=True)
+    victim = tmp_path / "operator-notes.txt"
+    victim.write_text("precious\n")
+    if planted == "link":
+        (folder / LOCK_FILE).symlink_to(victim)  # the lock's holder line would be written through it
+    else:
+        os.mkfifo(folder / LOCK_FILE)
+    refused = outcome_without_blocking(lambda: _registry(folder, key), folder / LOCK_FILE)
+    assert isinstance(refused, RunFolderLockedError) and "not a regular file" in str(refused), refused
+    assert victim.read_text() == "precious\n" and not list(folder.glob("round-*"))
 
 
 def test_registries_of_one_process_share_its_lock_and_release_it_when_closed(tmp_path, key):
