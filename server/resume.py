@@ -139,9 +139,24 @@ def unrecorded_rounds(point: ResumePoint | None, signed: SignedRound | None, sto
 
 
 def carried_rounds(round_log: str | Path) -> list[dict[str, Any]]:
-    """Return the round records of an earlier attempt's round log (none if there is none or it is unreadable)."""
+    """Return the round records of an earlier attempt's round log (none if there is none or it is unreadable).
+
+    Parsed as a file anyone may have written: a record is kept only with an integer ``round``, its
+    ``clients`` only as a mapping of mappings, ``privacy`` and ``secure`` only as mappings (the state
+    store bounds each value in them); its ``release`` is dropped: the resume takes every round's
+    release from the verified chain instead (``server_app._resume``), never from this file.
+    """
     try:
         data = json.loads(read_bounded(round_log, MAX_ROUND_LOG_BYTES))
-        return [r for r in data.get("rounds", []) if isinstance(r, dict) and isinstance(r.get("round"), int)]
-    except (OSError, ValueError, AttributeError):
+        rounds = data.get("rounds", []) if isinstance(data, dict) else []
+    except (OSError, ValueError, RecursionError):
         return []
+    return [_carried(r) for r in rounds if isinstance(r, dict) and type(r.get("round")) is int and r["round"] >= 0]
+
+
+def _carried(rec: dict[str, Any]) -> dict[str, Any]:
+    """Return one parsed round record of a carried round log (see :func:`carried_rounds`)."""
+    clients = rec.get("clients")
+    clients = {k: v for k, v in clients.items() if isinstance(v, dict)} if isinstance(clients, dict) else {}
+    out = {k: v for k, v in rec.items() if k not in ("release", "privacy", "secure")} | {"clients": clients}
+    return out | {k: rec[k] for k in ("privacy", "secure") if isinstance(rec.get(k), dict)}

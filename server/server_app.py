@@ -76,9 +76,9 @@ def main(grid: Grid, context: Context) -> None:
         on_exit.callback(Heartbeat(state, run_id).start().stop)  # lets the dashboard tell running from stopped
         if service is not None:
             on_exit.callback(service.stop, grace=1)
-        initial = _resume(registry, strategy, round_log, state, logged_rounds, key_path)
+        initial, released = _resume(registry, strategy, round_log, state, logged_rounds, key_path)
         if dp is not None:  # before any release: a run whose planned rounds overspend refuses to start
-            _start_privacy(dp, grid, cfg, round_log)
+            _start_privacy(dp, grid, cfg, round_log, released)
         if initial is None:
             initial = strategy.initial_arrays(adapter_state(peft_model))  # signed release 0
             strategy.evaluate_initial(grid, initial, timeout=cfg.round_timeout)
@@ -99,10 +99,13 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fleetlora: final adapter saved as a PEFT folder in %s\n%s", folder, format_table(round_log.data))
 
 
-def _start_privacy(dp: DpRounds, grid: Grid, cfg: FleetConfig, round_log: RoundLog) -> None:
-    """Fix the DP population (``dp.population``, else the devices connected now) and record the run's DP facts."""
+def _start_privacy(dp: DpRounds, grid: Grid, cfg: FleetConfig, round_log: RoundLog, released: list[int]) -> None:
+    """Fix the DP population (``dp.population``, else the devices connected now) and record the run's DP facts.
+
+    ``released``: the rounds (>= 1) of a resumed run's verified release chain, whose privacy was spent.
+    """
     connected = len(sample_nodes(grid, cfg.min_clients, 0)[1]) if not cfg.dp.population else 0
-    budget = dp.start(connected, round_log.data["rounds"])
+    budget = dp.start(connected, round_log.data["rounds"], released)
     facts: dict[str, Any] = {"population": budget.sampling.population, "sampling_rate": budget.sampling.rate}
     facts |= {"noise_multiplier": budget.noise_multiplier, "clip_norm": cfg.dp.clip_norm, "delta": cfg.dp.delta}
     facts |= {"clipping": cfg.dp.clipping, "max_epsilon": cfg.dp.max_epsilon or None}
@@ -150,12 +153,15 @@ def _resume(
     state: StateStore,
     logged_rounds: list[dict[str, Any]],
     key_path: Path,
-) -> Any:
-    """If the run already signed rounds, continue its chain; return what round N + 1 sends, else None.
+) -> tuple[Any, list[int]]:
+    """If the run already signed rounds, continue its chain; return what round N + 1 sends (else None).
 
+    Also returns the rounds >= 1 of the verified chain (the rounds whose release spent privacy).
     The state store says where the run stood (its last signed round), the signed releases what
     devices can verify; ``server.resume.unrecorded_rounds`` checks that both agree. Rounds the
     store holds after the resume point were in flight, never signed: they are dropped, run again.
+    Each carried round's ``release`` is the chain's, never the old round log's (it is rewritten
+    to the store with the resume round).
     """
     public = load_private_key(key_path).public_key()
     trust = TrustList.of(public)  # the releases this server signed
@@ -164,10 +170,14 @@ def _resume(
     resume_from = resume_point(registry.folder, trust, run_id, registry.base_digest, registry.method)
     unrecorded = unrecorded_rounds(resume_from, signed, state.path)  # raises if the store and the releases disagree
     if resume_from is None:
-        return None
+        return None, []
     registry.resume(resume_from.release, resume_from.manifest)
     strategy.round_offset = resume_from.round
     round_log.data["rounds"] = [r for r in logged_rounds if r["round"] <= resume_from.round]
+    for rec in round_log.data["rounds"]:  # carried_rounds dropped each release: the chain's, verified
+        manifest = resume_from.manifest_of(rec["round"])
+        if manifest is not None:
+            rec["release"] = strategy.release_record(rec["round"], manifest)
     for number in unrecorded:  # signed and written by a coordinator killed before it recorded them
         manifest = resume_from.manifest_of(number)
         assert manifest is not None  # unrecorded_rounds returns only rounds with a verified release
@@ -185,7 +195,7 @@ def _resume(
         f"up to round {signed.round}" if signed is not None else "not at all",
         f", {dropped} unsigned round(s) in flight dropped" if dropped else "",
     )
-    return release_to_records(resume_from.release)[0]
+    return release_to_records(resume_from.release)[0], [m.round for m in resume_from.manifests if m.round >= 1]
 
 
 def _publish_onnx(store: Path, key: Any) -> None:

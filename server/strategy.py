@@ -381,13 +381,12 @@ class AdapterStrategy(FedAvg):
 
     def record_release(self, server_round: int, manifest: Manifest) -> None:
         """Record in the round log (and its state store) that ``server_round`` ended with this signed release."""
-        release = {
-            "key_id": manifest.key_id,
-            "manifest": manifest.digest(),
-            "created": manifest.created,
-            "path": str(self.registry.release_folder(server_round)),
-        }
-        self.round_log.note(server_round, release=release)
+        self.round_log.note(server_round, release=self.release_record(server_round, manifest))
+
+    def release_record(self, server_round: int, manifest: Manifest) -> dict[str, str]:
+        """Return the round log's ``release`` of ``server_round``, signed as ``manifest``."""
+        folder = str(self.registry.release_folder(server_round))
+        return {"key_id": manifest.key_id, "manifest": manifest.digest(), "created": manifest.created, "path": folder}
 
     def evaluate_initial(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> None:
         """Federated evaluation of the initial adapter (round 0: the base model's held-out loss)."""

@@ -47,11 +47,15 @@ class DpRounds:
         self.budget: PrivacyBudget | None = None
         self._random = secrets.SystemRandom()
 
-    def start(self, connected: int, earlier: Sequence[Mapping[str, Any]]) -> PrivacyBudget:
+    def start(
+        self, connected: int, earlier: Sequence[Mapping[str, Any]], released: Sequence[int] = ()
+    ) -> PrivacyBudget:
         """Fix the population, solve z if needed, account for the rounds already released; refuse an overspend.
 
-        ``earlier`` are the round records of a resumed run: each released round (>= 1) must carry
-        its privacy record, else its privacy loss is unknown and the run refuses to go on.
+        ``released`` are the rounds (>= 1) a resumed run released, as its verified release chain
+        says (not its round log, which a crash or a hand can empty); ``earlier`` its round
+        records. Each released round must have its privacy record there, else its privacy loss is
+        unknown and the run refuses to go on.
 
         Raises
         ------
@@ -67,11 +71,12 @@ class DpRounds:
             self.cfg.epsilon, self.cfg.delta, sampling.rate, self.rounds
         )
         budget = PrivacyBudget(z, self.cfg.delta, sampling, self.cfg.max_epsilon or None)
-        released = [r for r in earlier if r.get("round", 0) >= 1 and "release" in r]
-        unknown = [r["round"] for r in released if not isinstance(r.get("privacy"), dict)]
+        records = {r.get("round"): r for r in earlier}
+        unknown = [n for n in released if not isinstance(records.get(n, {}).get("privacy"), Mapping)]
         if unknown:
             raise ConfigError(
-                f"dp: rounds {unknown[:5]} were released without DP records; their privacy loss is unknown"
+                f"dp: rounds {unknown[:5]} were released (the verified release chain) without a DP record in the round "
+                "log; their privacy loss is unknown: restore the run's rounds.json, or start a new run"
             )
         if released:
             budget.spend(len(released))

@@ -22,12 +22,11 @@ def test_a_target_epsilon_is_solved_for_the_fleet_connected_at_the_start():
     assert 0.99 * 4.0 <= budget.projected(6) <= 4.0
 
 
-def test_a_resumed_run_counts_the_rounds_it_released_and_fails_closed_without_their_record():
-    released = [{"round": 0, "release": {}}, {"round": 1, "release": {}, "privacy": {"epsilon": 1.0}}]
-    budget = _rounds().start(100, released)
-    assert budget.rounds == 1  # round 0 is the untrained initial adapter: no device data in it
-    with pytest.raises(ConfigError, match=r"rounds \[2\] were released without DP records"):
-        _rounds().start(100, [*released, {"round": 2, "release": {}}])
+def test_a_resumed_run_counts_the_rounds_its_chain_released_and_fails_closed_without_their_record():
+    records = [{"round": 0}, {"round": 1, "privacy": {"epsilon": 1.0}}]  # the round log; the chain says 1 released
+    assert _rounds().start(100, records, released=[1]).rounds == 1
+    with pytest.raises(ConfigError, match=r"rounds \[2\] were released \(the verified release chain\) without"):
+        _rounds().start(100, records, released=[1, 2])  # round 2 signed, its record lost: loss unknown
 
 
 def test_devices_are_poisson_sampled_at_the_rate_q():
