@@ -338,7 +338,8 @@ def _export_cli(args: argparse.Namespace) -> int:
     from shared.release import read_release, verify_release
     from shared.sign import TrustList
 
-    manifest = verify_release(read_release(args.base), TrustList.load(args.trust), None)  # verify before export
+    trust = TrustList.load(args.trust)
+    manifest = verify_release(read_release(args.base, trust), trust, None)  # verify before export
     if manifest.kind != "base":
         raise ExportError(f"{args.base} holds a {manifest.kind} release, not a base model")
     folder = export_base(args.base, args.cache or cache_dir(), ExportOptions(output_bits=args.output_bits))

@@ -130,7 +130,7 @@ def _fetch(
         final = cache / manifest.digest()
         if final.is_dir():
             try:
-                cached = read_release(final)
+                cached = read_release(final, trust)
                 if cached.manifest_bytes != reply.manifest:  # named by this digest, it must hold this manifest
                     raise ReleaseError("it holds another release than its name says")
                 verify_release(cached, trust, base_digest)
@@ -141,7 +141,7 @@ def _fetch(
         partial = _partial(cache, manifest, reply)
         transfer = _download(stub, reply, manifest, partial, policy, sleep, address)
         try:
-            verify_release(read_release(partial), trust, base_digest)
+            verify_release(read_release(partial, trust), trust, base_digest)
         except ReleaseError as exc:
             shutil.rmtree(partial)  # every file matched its hash: what failed is the release as a whole
             raise FetchError(f"{artifact} from {address}: release refused: {exc}") from None

@@ -92,7 +92,7 @@ class EdgeModel:
     ) -> None:
         import onnxruntime_genai as og
 
-        base = read_release(base_folder)
+        base = read_release(base_folder, trust)  # signature first: an unsigned base is never read whole
         manifest = verify_release(base, trust, None, accepted)
         del base  # the verified bytes: not kept while the model loads
         if manifest.kind != "base":
@@ -163,7 +163,7 @@ class EdgeModel:
         active = self.active
         if active is not None and _manifest_digest(Path(folder)) == active.manifest.digest():
             return active.manifest, None  # verified when it was applied; `infer` follows LATEST before each prompt
-        release = read_release(folder)
+        release = read_release(folder, self.trust)
         manifest = verify_release(release, self.trust, self.base_digest, self.accepted)
         if manifest.kind != "adapter":
             raise ReleaseError(f"{folder} holds a {manifest.kind} release, not an adapter")

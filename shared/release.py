@@ -23,7 +23,7 @@ import hashlib
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +79,13 @@ class Release:
     files: Mapping[str, bytes]
     manifest_bytes: bytes
     signature: bytes
+    checked: tuple[TrustList, bytes, bytes] | None = field(default=None, compare=False, repr=False)
+    """The trust list, manifest and signature :func:`read_release` checked before reading the files (once)."""
+
+    def signed_for(self, trust: TrustList) -> bool:
+        """Whether :func:`read_release` checked these very manifest and signature objects with ``trust``."""
+        c = self.checked
+        return c is not None and c[0] is trust and c[1] is self.manifest_bytes and c[2] is self.signature
 
 
 def make_release(
@@ -127,12 +134,13 @@ def write_release(release: Release, folder: str | Path) -> Path:
     return folder
 
 
-def read_release(folder: str | Path) -> Release:
+def read_release(folder: str | Path, trust: TrustList | None = None) -> Release:
     """Read a release folder: its manifest, its signature and the files the manifest lists.
 
     Each file is read once, bounded before it is allocated (``shared/files.py``): the manifest and
-    signature to their limits, then the manifest is parsed (not yet verified: that is
-    :func:`verify_release`'s work) and a file it does not list is refused before anything of it is
+    signature to their limits, then the manifest is parsed and, with ``trust``, its signature
+    checked (a forged or foreign manifest costs no read of the sizes it lists; the rest is
+    :func:`verify_release`'s work); a file it does not list is refused before anything of it is
     read; a listed file is read only if it is a plain file (no link followed) of at most its listed
     size. A FIFO or device in any file's place is refused, not waited on.
     """
@@ -141,12 +149,14 @@ def read_release(folder: str | Path) -> Release:
         manifest_bytes = read_bounded(folder / MANIFEST, MAX_MANIFEST_BYTES)
         signature = read_bounded(folder / SIGNATURE, MAX_SIGNATURE_BYTES)
         listed = parse(manifest_bytes)
+        if trust is not None:
+            trust.verify(listed.key_id, manifest_bytes, signature)
         paths = sorted(p for p in folder.iterdir() if p.name not in (MANIFEST, SIGNATURE))
         unlisted = [p.name for p in paths if p.name not in listed.files]
         if unlisted:
             raise ReleaseError(f"release files differ from the manifest: unexpected {unlisted[:8]} in {folder}")
         files = {p.name: read_bounded(p, listed.sizes[p.name], follow_links=False) for p in paths}
-    except ManifestError as exc:
+    except (ManifestError, SignatureError) as exc:
         raise ReleaseError(f"{folder}: {exc}") from None
     except FileNotFoundError as exc:
         raise ReleaseError(f"{folder} is not a release: {Path(exc.filename or folder).name} is missing") from None
@@ -156,7 +166,7 @@ def read_release(folder: str | Path) -> Release:
         raise ReleaseError(f"{folder}: cannot read the release ({exc})") from None
     except MemoryError:  # listed sizes are bounded, but a small device may not hold them: a refusal, not a crash
         raise ReleaseError(f"{folder}: not enough memory to read the release's files") from None
-    return Release(files, manifest_bytes, signature)
+    return Release(files, manifest_bytes, signature, None if trust is None else (trust, manifest_bytes, signature))
 
 
 def verify_release(
@@ -174,7 +184,8 @@ def verify_release(
     """
     try:
         manifest = parse(release.manifest_bytes)
-        trust.verify(manifest.key_id, release.manifest_bytes, release.signature)
+        if not release.signed_for(trust):  # else read_release checked these very bytes with it
+            trust.verify(manifest.key_id, release.manifest_bytes, release.signature)
     except (ManifestError, SignatureError) as exc:
         raise ReleaseError(str(exc)) from None
     missing = sorted(set(manifest.files) - set(release.files))

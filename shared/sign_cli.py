@@ -48,8 +48,9 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    trust = TrustList.load(args.trust)
     try:
-        manifest = verify_release(read_release(args.folder), TrustList.load(args.trust), args.base)
+        manifest = verify_release(read_release(args.folder, trust), trust, args.base)
     except ReleaseError as exc:
         print(f"REJECTED {args.folder}: {exc}")
         return 1

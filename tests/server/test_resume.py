@@ -1,6 +1,8 @@
 """resume_point: the last release of an unbroken signed chain, or a refusal naming the break."""
 
+import json
 import shutil
+import tracemalloc
 
 import pytest
 import torch
@@ -8,7 +10,9 @@ import torch
 from server.registry import Registry
 from server.resume import ResumeError, resume_point, unrecorded_rounds
 from server.state import SignedRound
-from shared.sign import TrustList, generate_key
+from shared.adapter import ADAPTER_WEIGHTS
+from shared.release import MANIFEST, SIGNATURE, make_release
+from shared.sign import TrustList, generate_key, load_private_key
 
 BASE = "b" * 64
 
@@ -107,3 +111,30 @@ def test_a_round_that_published_nothing_does_not_break_the_resume(tmp_path):
     assert unrecorded_rounds(point, None, db) == [0, 1, 3]
     with pytest.raises(ResumeError, match="holds no release for that round"):  # the store and the disk disagree
         unrecorded_rounds(point, _signed("run-a", 2, "f" * 64), db)
+
+
+def test_a_forged_round_folder_is_refused_before_the_sizes_its_manifest_claims_are_read(tmp_path):
+    registry = _registry(tmp_path)
+    registry.publish(0, _state(0))
+    generate_key(tmp_path / "attacker.key")
+    size = 512 << 20  # a sparse file: a few KB on disk, 512 MiB if read
+    release, _ = make_release(
+        {ADAPTER_WEIGHTS: b""}, kind="adapter", run_id="run-a", round=1, base_digest=BASE, method="fedavg",
+        key=load_private_key(tmp_path / "attacker.key"), previous=registry.latest[1].digest(),
+    )  # fmt: skip
+    manifest = json.loads(release.manifest_bytes)
+    manifest["sizes"][ADAPTER_WEIGHTS] = size
+    folder = registry.folder / "round-0001"
+    folder.mkdir()
+    (folder / MANIFEST).write_text(json.dumps(manifest, sort_keys=True, separators=(",", ":")))
+    (folder / SIGNATURE).write_bytes(release.signature)
+    with open(folder / ADAPTER_WEIGHTS, "wb") as f:
+        f.truncate(size)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ResumeError, match="not in the trust list"):
+            resume_point(registry.folder, _trust(tmp_path), "run-a", BASE, "fedavg")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak:,} bytes allocated before the forged signature was refused"
