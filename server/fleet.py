@@ -23,7 +23,7 @@ local Runtime API (SuperNode to its own app processes, on loopback inside the de
 from __future__ import annotations
 
 import json
-import os
+import math
 import subprocess
 import sys
 import time
@@ -36,6 +36,7 @@ import psutil
 
 from server.processes import config_arg, flower_env, free_port, signal_tree, start, stop_pid, wait_for_port
 from server.resume import MAX_ROUND_LOG_BYTES
+from shared.atomic import write_atomic
 from shared.certs import FleetCerts, make_fleet_certs
 from shared.cli import python_module
 from shared.files import read_bounded
@@ -301,9 +302,7 @@ class LocalFleet:
                 continue
         state = {"superlink": self.superlink_address, "artifacts": self.artifact_address, "processes": procs}
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / "fleet.json.tmp"
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, self.folder / "fleet.json")
+        write_atomic(self.folder / "fleet.json", json.dumps(state, indent=1).encode())  # `fleet down` relies on it
 
 
 def stop_recorded(folder: str | Path) -> list[str]:
@@ -312,16 +311,38 @@ def stop_recorded(folder: str | Path) -> list[str]:
     if not path.is_file():
         return []
     stopped = []
-    for name, rec in json.loads(read_bounded(path, MAX_FLEET_FILE_BYTES)).get("processes", {}).items():
+    for name, (pid, started) in _recorded(path).items():
         try:
-            alive = abs(psutil.Process(rec["pid"]).create_time() - rec["started"]) < 1e-3
+            alive = abs(psutil.Process(pid).create_time() - started) < 1e-3
         except psutil.NoSuchProcess:
             alive = False
         if alive:  # the same process, not a later one that reuses the PID
-            stop_pid(rec["pid"])
+            stop_pid(pid)
             stopped.append(name)
     path.unlink()
     return stopped
+
+
+def _recorded(path: Path) -> dict[str, tuple[int, float]]:
+    """Parse ``fleet.json``'s processes: name -> (PID, start time); refuse, naming the file and entry, anything else.
+
+    Nothing is stopped on a record that does not parse: a wrong PID would signal someone else's process.
+    """
+    hint = f"stop its processes by hand (see {path.parent / 'logs'}), then remove {path}"
+    try:
+        data = json.loads(read_bounded(path, MAX_FLEET_FILE_BYTES))
+        processes = data["processes"] if isinstance(data, dict) else None
+    except (OSError, ValueError, KeyError, RecursionError) as exc:
+        raise ValueError(f"{path} is not a fleet record ({exc}); {hint}") from None
+    if not isinstance(processes, dict):
+        raise ValueError(f"{path}: 'processes' is not a mapping; {hint}")
+    out = {}
+    for name, rec in processes.items():
+        pid, started = (rec.get("pid"), rec.get("started")) if isinstance(rec, dict) else (None, None)
+        if type(pid) is not int or not 1 < pid < 1 << 22 or type(started) is not float or not math.isfinite(started):
+            raise ValueError(f"{path}: process {name!r:.40} has no PID and start time ({rec!r:.80}); {hint}")
+        out[name] = (pid, started)
+    return out
 
 
 def _echo(log_file: Path, offset: int) -> int:
