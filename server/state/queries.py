@@ -13,10 +13,10 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
 from server.state.heartbeat import run_state
-from server.state.rows import ClientRow, RoundRow, RunRow, parse_client, parse_round, parse_run, raw
+from server.state.rows import ClientRow, RoundRow, RunRow, parse_client, parse_round, parse_run, raw_rows
 from server.state.schema import STATUSES, client_results, rounds, runs
 
 _SUMMARY = ("run_id", "name", "model", "method", "num_rounds", "started", "finished", "heard")
@@ -133,10 +133,8 @@ def _by_name(client: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def _runs(conn: Connection, run_id: str | None = None) -> list[RunRow]:
-    query = select(*raw(runs))
-    if run_id is not None:
-        query = query.where(runs.c.run_id == run_id)
-    parsed = (parse_run(row) for row in conn.execute(query).mappings())
+    where = [] if run_id is None else [runs.c.run_id == run_id]
+    parsed = (parse_run(row) for row in raw_rows(conn, runs, *where))
     return [r for r in parsed if r is not None]
 
 
@@ -145,18 +143,15 @@ def _run(conn: Connection, run_id: str) -> RunRow | None:
 
 
 def _rounds(conn: Connection, run_id: str, server_round: int | None = None) -> list[RoundRow]:
-    query = select(*raw(rounds)).where(rounds.c.run_id == run_id)
-    if server_round is not None:
-        query = query.where(rounds.c.round == server_round)
-    parsed = (parse_round(row) for row in conn.execute(query).mappings())
+    where = [rounds.c.run_id == run_id] + ([] if server_round is None else [rounds.c.round == server_round])
+    parsed = (parse_round(row) for row in raw_rows(conn, rounds, *where))
     return sorted((r for r in parsed if r is not None), key=lambda r: r["round"])
 
 
 def _clients(conn: Connection, run_id: str, server_round: int | None = None) -> list[ClientRow]:
-    query = select(*raw(client_results)).where(client_results.c.run_id == run_id)
-    if server_round is not None:
-        query = query.where(client_results.c.round == server_round)
-    parsed = (parse_client(row) for row in conn.execute(query).mappings())
+    where = [client_results.c.run_id == run_id]
+    where += [] if server_round is None else [client_results.c.round == server_round]
+    parsed = (parse_client(row) for row in raw_rows(conn, client_results, *where))
     return sorted((c for c in parsed if c is not None), key=lambda c: (c["round"], *_by_name(c)))
 
 

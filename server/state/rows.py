@@ -11,9 +11,11 @@ the ``parse_*`` functions here, so a value that is not what its column says show
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any, TypedDict
 
-from sqlalchemy import ColumnElement, Table, type_coerce
+from sqlalchemy import ColumnElement, Connection, Table, literal_column, select, type_coerce
+from sqlalchemy.exc import DataError
 from sqlalchemy.types import NullType
 
 from server.state.facts import (
@@ -43,6 +45,8 @@ from server.state.values import (
 )
 
 MAX_CONFIG_BYTES = 1 << 20
+MAX_VALUE_BYTES = 8 << 20  # the longest value a reader loads: a config of MAX_CONFIG_BYTES characters, in UTF-8
+ROWID: ColumnElement[int] = literal_column("rowid")
 MAX_CONFIG_KEYS = 1000
 Scalar = str | int | float | bool | None
 
@@ -99,6 +103,29 @@ def _scalar(value: Any) -> Scalar:
 def raw(table: Table) -> list[ColumnElement[Any]]:
     """Select every column of ``table`` as SQLite stored it (no SQLAlchemy type processing, e.g. JSON)."""
     return [type_coerce(column, NullType()).label(column.name) for column in table.c]
+
+
+def raw_rows(conn: Connection, table: Table, *where: ColumnElement[bool]) -> list[Mapping[str, Any]]:
+    """Return the rows of ``table`` matching ``where``, every column as :func:`raw` selects it.
+
+    On a read-only connection SQLite refuses, unread, a value longer than ``MAX_VALUE_BYTES``
+    (``SQLITE_LIMIT_LENGTH``; a 200 MB text cost 400 MB per dashboard request). Then the rows
+    are read one by one and column by column: only that value is None, every other row and
+    column is served.
+    """
+    try:
+        return [dict(row) for row in conn.execute(select(*raw(table)).where(*where)).mappings()]
+    except DataError:  # "string or blob too big"
+        ids = conn.execute(select(ROWID).select_from(table).where(*where)).scalars().all()
+        return [{c.name: _value(conn, table, c, rowid) for c in table.c} for rowid in ids]
+
+
+def _value(conn: Connection, table: Table, column: ColumnElement[Any], rowid: int) -> Any:
+    """Return one stored value (None if SQLite refuses it as too long)."""
+    try:
+        return conn.execute(select(type_coerce(column, NullType())).where(ROWID == rowid)).scalar()
+    except DataError:
+        return None
 
 
 class RunRow(TypedDict):

@@ -33,7 +33,7 @@ from sqlalchemy.pool import QueuePool
 
 from server.state.facts import round_privacy, round_secure, run_privacy
 from server.state.revision import StateStoreError, check_revision, migrate
-from server.state.rows import parse_round, plain, raw
+from server.state.rows import MAX_VALUE_BYTES, parse_round, plain, raw
 from server.state.schema import client_results, rounds, runs
 from server.state.values import (
     CLIENT_SETTINGS,
@@ -291,6 +291,7 @@ def _reader_engine(path: Path) -> Engine:
         conn.text_factory = _decode
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA query_only = ON")  # a second lock: even a bug here cannot write
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)  # a larger value is refused unread (rows.py)
         return conn
 
     # "sqlite://" only names the dialect; without an explicit pool SQLAlchemy would treat it as :memory:

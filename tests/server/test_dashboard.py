@@ -319,3 +319,20 @@ def test_a_store_whose_tables_were_altered_is_a_503_that_says_why(client, round_
     r = client.get("/api/runs/demo-1", headers=AUTH)
     assert r.status_code == 503 and "no such column" in r.json()["detail"]
     assert client.get("/", headers=AUTH).status_code == 200  # the page still loads and shows the reason
+
+
+def test_a_huge_value_in_one_row_is_left_unread_and_every_other_value_served(client, round_log):
+    report(round_log, 1, "6", node_id=6, name="motion", train_loss=2.5, num_examples=10)
+    round_log.close_round(1)
+    huge = "A" * (64 << 20)  # 64 MiB of text written straight into SQLite: read whole, 128 MB per request
+    execute(round_log.store.path, "update client_results set name = ? where client = '6'", (huge,))
+    tracemalloc.start()
+    try:
+        r = client.get("/api/runs/demo-1", headers=AUTH)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == 200
+    names = {c["client"]: c["name"] for c in r.json()["clients"]}
+    assert names["5"] == "food" and not names["6"].startswith("AAAA")  # the huge name unread, the others served
+    assert peak < 16 << 20, f"{peak:,} bytes allocated for one request"
