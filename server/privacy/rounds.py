@@ -15,6 +15,7 @@ for ``server/strategy.py``:
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -78,6 +79,8 @@ class DpRounds:
                 f"dp: rounds {unknown[:5]} were released (the verified release chain) without a DP record in the round "
                 "log; their privacy loss is unknown: restore the run's rounds.json, or start a new run"
             )
+        for n in released:  # the accountant composes rounds of one mechanism: the earlier ones must be this one
+            _same_mechanism(n, records[n]["privacy"], z, sampling)
         if released:
             budget.spend(len(released))
         planned = budget.projected(self.rounds - len(released))
@@ -160,6 +163,25 @@ class DpRounds:
         if self.budget is None:
             raise RuntimeError("dp: start() was not called before the first round")
         return self.budget
+
+
+def _same_mechanism(server_round: int, record: Mapping[str, Any], z: float, sampling: Sampling) -> None:
+    """Refuse a released round whose privacy record names another z or q than this start's (see ``start``)."""
+    z0, q0, expected = record.get("noise_multiplier"), record.get("sampling_rate"), record.get("expected_clients")
+    if _close(z0, z) and _close(q0, sampling.rate):
+        return
+    hint = ""
+    if isinstance(expected, float) and isinstance(q0, float) and q0 > 0:
+        hint = f"dp.population = {round(expected / q0)} and "  # N = k / q, as the record has them
+    raise ConfigError(
+        f"dp: round {server_round} was released with z = {z0!r:.12}, q = {q0!r:.12}; this start has z = {z:.6g}, "
+        f"q = {sampling.rate:.6g} ({sampling.expected} of {sampling.population} devices), at which its privacy "
+        f"loss would be counted: resume with {hint}the earlier dp.* settings, or start a new run"
+    )
+
+
+def _close(was: Any, now: float) -> bool:
+    return type(was) in (int, float) and was > 0 and math.isclose(was, now, rel_tol=1e-9)
 
 
 __all__ = ["BudgetExhaustedError", "DpRounds"]

@@ -23,10 +23,21 @@ def test_a_target_epsilon_is_solved_for_the_fleet_connected_at_the_start():
 
 
 def test_a_resumed_run_counts_the_rounds_its_chain_released_and_fails_closed_without_their_record():
-    records = [{"round": 0}, {"round": 1, "privacy": {"epsilon": 1.0}}]  # the round log; the chain says 1 released
+    spent = {"epsilon": 1.0, "noise_multiplier": 1.0, "sampling_rate": 0.1, "expected_clients": 10.0}
+    records = [{"round": 0}, {"round": 1, "privacy": spent}]  # the round log; the chain says round 1 was released
     assert _rounds().start(100, records, released=[1]).rounds == 1
     with pytest.raises(ConfigError, match=r"rounds \[2\] were released \(the verified release chain\) without"):
         _rounds().start(100, records, released=[1, 2])  # round 2 signed, its record lost: loss unknown
+
+
+def test_a_resumed_run_whose_population_or_noise_changed_refuses_rather_than_count_its_rounds_wrong():
+    spent = {"epsilon": 1.0, "noise_multiplier": 1.0, "sampling_rate": 0.1, "expected_clients": 10.0}
+    records = [{"round": 1, "privacy": spent}]  # released with q = 10/100
+    with pytest.raises(ConfigError, match=r"round 1 was released with z = 1.0, q = 0.1; .* dp.population = 100 and"):
+        _rounds().start(45, records, released=[1])  # 45 devices connected at the restart: q would be 4/45
+    with pytest.raises(ConfigError, match="round 1 was released with z = 1.0"):
+        _rounds(noise_multiplier=2.0).start(100, records, released=[1])
+    assert _rounds(population=100).start(45, records, released=[1]).rounds == 1  # the hint: the earlier N
 
 
 def test_devices_are_poisson_sampled_at_the_rate_q():
