@@ -27,7 +27,7 @@ from client.capability import DeviceTraining, device_training
 from client.fetch import FetchError, fetch_links, fetch_release
 from client.partition import Partition, partition_for
 from client.privacy import clip_and_pack
-from client.record_dp import LEDGER_FILE, Ledger, RecordDp, train_record_dp
+from client.record_dp import LEDGER_FILE, Ledger, RecordBudgetError, RecordDp, train_record_dp
 from client.secagg import secagg_mod
 from client.slowdown import device_slowdown, slow_down
 from client.train import TrainResult, evaluate, train_adapter
@@ -37,7 +37,7 @@ from shared.chain import ChainGapError
 from shared.config import FleetConfig, LoraConfig
 from shared.data import Encoded, encode, load_jsonl
 from shared.errors import ReleaseError
-from shared.model import compute_dtype, load_model, load_tokenizer, model_digest
+from shared.model import ModelError, compute_dtype, load_model, load_tokenizer, model_digest
 from shared.ranks import pad, rank_shapes
 from shared.release_records import links_from_config, release_from_records
 from shared.replay import AcceptedReleases
@@ -47,23 +47,74 @@ from shared.wire import WireError, pack
 app = ClientApp(mods=[secagg_mod])  # SecAgg+ stages (aggregation.secure); every other message passes through
 
 
+# What a round's message, the run config or this device's own data can make fail: the round is
+# refused with the reason (public_reason: no path of this device), never an exception that Flower
+# would send back with its raw text. The device's log keeps the whole message.
+REFUSALS = (ReleaseError, SignatureError, FetchError, OSError, ValueError, ModelError, RecordBudgetError, MemoryError)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global adapter on local data; reply with the delta only."""
+    """Train the received global adapter on local data; reply with the delta only (or why not)."""
+    return _answer(msg, context, _train)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Score the received global adapter on the local held-out file (or reply why not)."""
+    return _answer(msg, context, _evaluate)
+
+
+def _answer(msg: Message, context: Context, handler: Any) -> Message:
+    """Run ``handler``; a failure of :data:`REFUSALS` is this device's refusal of the round, not an exception."""
+    try:
+        return handler(msg, context)
+    except REFUSALS as exc:
+        return _refuse(msg, _name(context), _claimed_round(msg), exc)
+
+
+def _round_config(msg: Message) -> ConfigRecord:
+    """Return the message's ``config`` record, refusing a message without one."""
+    config = msg.content["config"] if "config" in msg.content else None
+    if not isinstance(config, ConfigRecord):
+        raise WireError("the message carries no 'config' record")
+    return config
+
+
+def _server_round(msg: Message) -> int:
+    """Return the message's ``server-round``, an integer >= 0."""
+    value = _round_config(msg).get("server-round")
+    if type(value) is not int or value < 0:
+        raise WireError(f"the message carries server-round {value!r:.40}, expected an integer >= 0")
+    return value
+
+
+def _claimed_round(msg: Message) -> int:
+    """Return the round a message says it is of, for a refusal's log line (-1: none readable)."""
+    try:
+        return _server_round(msg)
+    except WireError:
+        return -1
+
+
+def _name(context: Context) -> str:
+    """Return this device's partition name, or its node config's ``name`` if the run config does not parse."""
+    try:
+        return partition_for(context.node_config, FleetConfig.from_run_config(context.run_config)).name
+    except ValueError:
+        return str(context.node_config.get("name", "this device"))[:80]
+
+
+def _train(msg: Message, context: Context) -> Message:
     cfg = FleetConfig.from_run_config(context.run_config)
     part = partition_for(context.node_config, cfg)
-    server_round = msg.content["config"]["server-round"]
-    if not isinstance(server_round, int):
-        raise TypeError(f"train message carries server-round {server_round!r}, expected an integer")
-    try:
-        base = _base(cfg, context, part)
-        own = device_training(context.node_config, cfg, base.spec)
-        rank = own.rank
-        model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype, rank)
-        release_round = _install(msg, context, cfg, part, model, base.digest, rank)
-        slowdown = device_slowdown(context.node_config, cfg.train)
-    except (ReleaseError, WireError, SignatureError, FetchError, OSError) as exc:
-        return _refuse(msg, part, server_round, exc)
+    server_round = _server_round(msg)
+    base = _base(cfg, context, part)
+    own = device_training(context.node_config, cfg, base.spec)
+    rank = own.rank
+    model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype, rank)
+    release_round = _install(msg, context, cfg, part, model, base.digest, rank)
+    slowdown = device_slowdown(context.node_config, cfg.train)
     _log_plan(own, part, server_round)
     start = adapter_state(model)
     set_trainable_factors(model, cfg.aggregation.method)
@@ -114,18 +165,14 @@ def train(msg: Message, context: Context) -> Message:
     return _reply(msg, part, metrics, arrays=pack(delta, cfg.aggregation.delta_encoding))
 
 
-@app.evaluate()
-def evaluate_global(msg: Message, context: Context) -> Message:
-    """Score the received global adapter on the local held-out file."""
+def _evaluate(msg: Message, context: Context) -> Message:
     cfg = FleetConfig.from_run_config(context.run_config)
     part = partition_for(context.node_config, cfg)
-    try:
-        base = _base(cfg, context, part)
-        rank = device_training(context.node_config, cfg, base.spec).rank  # the rank it trains at: one runtime
-        model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype, rank)
-        _install(msg, context, cfg, part, model, base.digest, rank)
-    except (ReleaseError, WireError, SignatureError, FetchError, OSError) as exc:
-        return _refuse(msg, part, msg.content["config"].get("server-round", -1), exc)
+    _round_config(msg)
+    base = _base(cfg, context, part)
+    rank = device_training(context.node_config, cfg, base.spec).rank  # the rank it trains at: one runtime
+    model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype, rank)
+    _install(msg, context, cfg, part, model, base.digest, rank)
     data = _encoded(part.heldout_file, base.spec, cfg.train.max_seq_len)
     result = evaluate(model, data, cfg.eval, tok.pad_token_id)
     metrics = MetricRecord(
@@ -176,8 +223,9 @@ def _install(
     A device that missed more published rounds than the message carries chain manifests for
     fetches the missing ones from the artifact service (int4 base), else it refuses the release.
     """
-    release = release_from_records(msg.content["arrays"], msg.content["config"])
-    links = links_from_config(msg.content["config"])
+    config, arrays = _round_config(msg), msg.content["arrays"] if "arrays" in msg.content else None
+    release = release_from_records(arrays, config)
+    links = links_from_config(config)
     accepted = AcceptedReleases(device.state_file(context.node_config, part.name))
     trust = device.load_trust(context.node_config)
     own_rank = rank if rank < cfg.lora.rank else None
@@ -231,19 +279,20 @@ def _dispatch(msg: Message) -> str:
     return f"/{value}" if isinstance(value, int) and not isinstance(value, bool) else ""
 
 
-def _refuse(msg: Message, part: Partition, server_round: Any, exc: Exception) -> Message:
-    """Reply that this device refused the release; its last good adapter stays active."""
+def _refuse(msg: Message, name: str, server_round: int, exc: Exception) -> Message:
+    """Reply that this device refused the round's release (or the round); its last good adapter stays active."""
     log(
         logging.WARNING,
-        "client %s round %s: refused the release, keeping the last good adapter: %s",
-        part.name,
+        "client %s round %s: refused the release, keeping the last good adapter: %s: %s",
+        name,
         server_round,
+        type(exc).__name__,
         exc,
     )
     content = RecordDict(
         {
             "metrics": MetricRecord({"refused-release": 1}),
-            "client": ConfigRecord({"name": part.name, "refused-release": public_reason(exc)}),
+            "client": ConfigRecord({"name": name, "refused-release": public_reason(exc)}),
         }
     )
     return Message(content, reply_to=msg)

@@ -50,6 +50,7 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
+from shared.config_aggregation import MAX_SECURE_SHARES
 from shared.secagg_prg import masks as prg_masks
 
 MAX_SAMPLE = 100_000
@@ -161,7 +162,7 @@ def _setup(values: Mapping[str, Any], msg: Message) -> _Round:
     _check(all(type(values[k]) is int for k in names), "setup values that are not integers")
     n, s, t = values["sample_num"], values["share_num"], values["threshold"]
     levels, modulus, clip_range = values["target_range"], values["mod_range"], values["clipping_range"]
-    _check(2 <= s <= n <= MAX_SAMPLE, f"{s} shares for {n} devices")
+    _check(2 <= s <= n <= MAX_SAMPLE and s <= MAX_SECURE_SHARES, f"{s} shares for {n} devices")
     # t <= s/2 would let the coordinator gather both the seed and the key of one device: refused
     _check(s // 2 + 1 <= t <= s, f"threshold {t} of {s} shares (must be more than half)")
     _check(0 < modulus <= MAX_MODULUS and modulus & (modulus - 1) == 0, f"modulus {modulus}")

@@ -16,6 +16,7 @@ from shared.config_aggregation import DELTA_ENCODINGS, DP_METHODS, AggregationCo
 from shared.config_checks import ConfigError
 from shared.config_checks import check as _check
 from shared.config_checks import number_in as _number_in
+from shared.layout import FOLDER_NAME
 
 __all__ = [
     "BASE_FORMATS",
@@ -69,6 +70,7 @@ class LoraConfig:
 
 DTYPES = ("auto", "float32", "bfloat16")
 MAX_SLOWDOWN = 100
+MAX_TRAIN_STEPS = 100_000  # local steps a round may ask of a device (the demo's are 30); more is not a round
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ class TrainConfig:
     slower than float32, so ``auto`` takes float32 there."""
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
+        _check(1 <= self.steps <= MAX_TRAIN_STEPS, "train.steps", self.steps, f"must be in [1, {MAX_TRAIN_STEPS}]")
         _check(self.batch_size >= 1, "train.batch-size", self.batch_size, "must be >= 1")
         _check(0 < self.lr < 1, "train.lr", self.lr, "must be in (0, 1)")
         _check(self.micro_batch_size >= 0, "train.micro-batch-size", self.micro_batch_size, "must be >= 0")
@@ -242,6 +244,8 @@ class FleetConfig:
         _check(0 <= self.fraction_evaluate <= 1, "fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
         _check(all(c.isalnum() or c in "._-" for c in self.run_id), "run-id", self.run_id, "must be [A-Za-z0-9._-]")
         _check(len(self.topics) >= 1, "topics", self.topics, "must name at least one topic")
+        plain = all(FOLDER_NAME.fullmatch(t) for t in self.topics)  # each names a folder of data-dir
+        _check(plain, "topics", ",".join(self.topics)[:80], "must be plain folder names ([A-Za-z0-9._-], no '/')")
         method = self.aggregation.method
         why = (
             f"cannot run with differential privacy (dp.*): its aggregate is not a sum of clipped updates, so no "

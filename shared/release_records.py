@@ -10,13 +10,14 @@ back to the one it accepted without fetching anything (:func:`links_config`, :fu
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from shared.chain import MAX_LINKS, SignedManifest
-from shared.manifest import MAX_MANIFEST_BYTES
+from shared.manifest import MAX_FILES, MAX_MANIFEST_BYTES
 from shared.release import Release
 from shared.sign import SIGNATURE_BYTES
 from shared.wire import WireError
@@ -49,12 +50,38 @@ def release_from_records(arrays: Any, config: Any) -> Release:
         if not isinstance(value, bytes):
             raise WireError(f"the message carries no '{key}' (bytes); the adapter is unsigned")
         parts.append(value)
-    files = {}
-    for name, arr in arrays.items():
-        if arr.dtype != "uint8" or len(arr.shape) != 1:
-            raise WireError(f"release file {name} arrived as {arr.dtype} {tuple(arr.shape)}, expected uint8 bytes")
-        files[name] = arr.numpy().tobytes()
+    if arrays is None or len(arrays) > MAX_FILES:
+        count = "no" if arrays is None else len(arrays)
+        raise WireError(f"the message carries {count} release files (1 to {MAX_FILES})")
+    files = {name: _file_bytes(name, arr) for name, arr in arrays.items()}
     return Release(files, parts[0], parts[1])
+
+
+def _file_bytes(name: str, arr: Any) -> bytes:
+    """Return a release file's bytes from its array: a 1-D uint8 ``.npy`` whose header and length agree.
+
+    The header is parsed here, not by ``np.load``: a header claiming 1 TiB over 128 bytes of data
+    made ``np.load`` try to allocate 1 TiB before anything was checked.
+    """
+    shape, dtype = tuple(getattr(arr, "shape", ())), getattr(arr, "dtype", None)
+    data = getattr(arr, "data", None)
+    if getattr(arr, "stype", None) != "numpy.ndarray" or dtype != "uint8" or len(shape) != 1 or type(data) is not bytes:
+        what = f"{getattr(arr, 'stype', None)!r:.30} {dtype!r:.20} {shape!r:.40}"
+        raise WireError(f"release file {name!r:.80} arrived as {what}, expected a numpy uint8 byte array")
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        header_shape, fortran, header_dtype = read(f, max_header_size=1024)
+    except (ValueError, SyntaxError, TypeError) as exc:
+        raise WireError(f"release file {name!r:.80}: not a .npy array ({str(exc)[:120]})") from None
+    body = len(data) - f.tell()
+    if header_shape != shape or header_dtype != np.uint8 or fortran or body != shape[0]:
+        raise WireError(
+            f"release file {name!r:.80}: its .npy header says {header_dtype} {header_shape!r:.40}, the array "
+            f"{dtype} {shape!r:.40}, and {body:,} bytes follow: they do not agree"
+        )
+    return data[f.tell() :]
 
 
 def links_config(links: Sequence[SignedManifest]) -> dict[str, list[bytes]]:

@@ -34,6 +34,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from shared.config_aggregation import MAX_SECURE_SHARES
+
 MAX_MODULUS = 1 << 32  # shared/secagg_prg.py draws masks as uint32 words (mod M)
 MIN_SHARES = 3  # as Flower's workflow: 2 shares would let one neighbour hold everything
 MAX_DEVICES = 100_000  # bounds every per-round list before it is allocated
@@ -64,7 +66,8 @@ class SecAggParams:
 
     def __post_init__(self) -> None:
         s, t = self.num_shares, self.threshold
-        _check(isinstance(s, int) and s >= MIN_SHARES and s % 2 == 1, "num-shares", s, "must be an odd integer >= 3")
+        why = f"must be an odd integer in [{MIN_SHARES}, {MAX_SECURE_SHARES}]"
+        _check(isinstance(s, int) and MIN_SHARES <= s <= MAX_SECURE_SHARES and s % 2 == 1, "num-shares", s, why)
         _check(isinstance(t, int) and s // 2 + 1 <= t <= s, "threshold", t, f"must be in [{s // 2 + 1}, {s}]")
         _check(math.isfinite(self.clip_range) and self.clip_range > 0, "clip-range", self.clip_range, "must be > 0")
         n, m = self.max_devices, self.modulus

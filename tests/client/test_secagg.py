@@ -100,6 +100,12 @@ def test_setup_parameters_the_protocol_cannot_honour_are_refused(key, value, rea
         send(devices()[11], ins(11, Stage.SETUP, {**SETUP, key: value}))
 
 
+def test_more_shares_than_a_device_splits_in_bounded_time_are_refused():
+    many = {**SETUP, "sample_num": 1000, "share_num": 257, "threshold": 129, "target_range": 1 << 20}
+    with pytest.raises(SecAggDeviceError, match="257 shares for 1000 devices"):  # 74 s of CPU at 800, ~ shares^2
+        send(devices()[11], ins(11, Stage.SETUP, many))
+
+
 def test_stages_out_of_order_or_of_another_round_are_refused():
     ctx = devices()[11]
     with pytest.raises(SecAggDeviceError, match="after ''"):

@@ -19,7 +19,9 @@ def test_unknown_key_is_named_with_a_suggestion():
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("train.steps", 0, r"'train\.steps' = 0 must be >= 1"),
+        ("train.steps", 0, r"'train\.steps' = 0 must be in \[1, 100000\]"),
+        ("train.steps", 10**12, r"'train\.steps' = 1000000000000 must be in \[1, 100000\]"),  # years of a device's CPU
+        ("topics", "../../elsewhere", r"'topics' = '\.\./\.\./elsewhere' must be plain folder names"),  # paths from it
         ("train.steps", "ten", r"'train\.steps' must be an integer"),
         ("lora.rank", 2.5, r"'lora\.rank' must be an integer"),
         ("lora.rank", 8192, r"'lora\.rank' = 8192 must be in \[1, 4096\]"),

@@ -12,6 +12,7 @@ from server.secagg.params import SecAggConfigError, SecAggParams, sensitivity
         ({"num_shares": 5, "threshold": 6}, "threshold"),  # more than the shares: never rebuilt
         ({"num_shares": 4, "threshold": 3}, "num-shares"),  # even: no symmetric ring
         ({"num_shares": 1, "threshold": 1}, "num-shares"),
+        ({"num_shares": 257, "threshold": 129}, "num-shares"),  # each device would split its secrets 257 ways
         ({"modulus": 3 << 20}, "modulus"),
         ({"modulus": 1 << 33}, "modulus"),
         ({"max_devices": 1000, "levels": 1 << 23}, "levels"),  # 1000 * 2**23 >= 2**32: a sum could wrap
