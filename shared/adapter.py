@@ -10,7 +10,7 @@ How they travel is ``shared/wire.py``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,12 @@ def attach_lora(model: Any, cfg: LoraConfig, seed: int, rank: int | None = None)
     at the run's scale alpha / r (PEFT's ``lora_alpha`` = alpha * rank / r).
     """
     rank = cfg.rank if rank is None else rank
+    narrowest = _narrowest(model, cfg.target_modules)
+    if narrowest is not None and rank > narrowest[1]:  # B·A of such a layer cannot have that rank: memory for nothing
+        raise ValueError(
+            f"lora rank {rank} is more than {narrowest[0]} is wide ({narrowest[1]}): refused before the adapter is "
+            f"allocated; a rank of at most {narrowest[1]} fits every targeted layer"
+        )
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -55,6 +61,16 @@ def attach_lora(model: Any, cfg: LoraConfig, seed: int, rank: int | None = None)
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, peft_cfg)
     return peft_model
+
+
+def _narrowest(model: Any, targets: Sequence[str]) -> tuple[str, int] | None:
+    """Return the targeted layer with the smallest min(in, out) features, and that width (None: none found)."""
+    widths = [
+        (name, min(m.in_features, m.out_features))
+        for name, m in model.named_modules()
+        if name.rsplit(".", 1)[-1] in targets and isinstance(getattr(m, "in_features", None), int)
+    ]
+    return min(widths, key=lambda w: w[1]) if widths else None
 
 
 def causal_lm(model: Any) -> Any:
