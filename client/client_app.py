@@ -109,6 +109,8 @@ def _train(msg: Message, context: Context) -> Message:
     cfg = FleetConfig.from_run_config(context.run_config)
     part = partition_for(context.node_config, cfg)
     server_round = _server_round(msg)
+    record_dp = cfg.dp.enabled and cfg.dp.level == "record"
+    device.privacy_floor(context.node_config).check(record_dp, cfg.dp.noise_multiplier, cfg.aggregation.secure)
     base = _base(cfg, context, part)
     own = device_training(context.node_config, cfg, base.spec)
     rank = own.rank
@@ -121,7 +123,7 @@ def _train(msg: Message, context: Context) -> Message:
     data = _encoded(part.train_file, base.spec, cfg.train.max_seq_len)
     seed = zlib.crc32(f"{cfg.seed}/{server_round}{_dispatch(msg)}/{part.name}".encode())  # stable across processes
     record_epsilon = None
-    if cfg.dp.enabled and cfg.dp.level == "record":
+    if record_dp:
         result, record_epsilon = _train_record_dp(model, data, cfg, tok.pad_token_id, context, part)
     else:
         result = train_adapter(model, data, own.train, tok.pad_token_id, seed)
@@ -204,7 +206,8 @@ def _train_record_dp(
     model: Any, data: list[Encoded], cfg: FleetConfig, pad_id: int, context: Context, part: Partition
 ) -> tuple[TrainResult, float]:
     """DP-SGD on this device's examples (``dp.level = record``); its ledger lives beside its replay store."""
-    dp = RecordDp(cfg.dp.noise_multiplier, cfg.dp.clip_norm, cfg.dp.delta, cfg.dp.max_epsilon or None)
+    cap = device.privacy_floor(context.node_config).epsilon_cap(cfg.dp.max_epsilon or None)  # the device's own too
+    dp = RecordDp(cfg.dp.noise_multiplier, cfg.dp.clip_norm, cfg.dp.delta, cap)
     ledger = Ledger(device.state_file(context.node_config, part.name).parent / LEDGER_FILE)
     loss, epsilon, seconds = train_record_dp(model, data, cfg.train, pad_id, dp, ledger)
     log(logging.INFO, "client %s: record-level DP-SGD, epsilon %.4g at delta %g so far", part.name, epsilon, dp.delta)

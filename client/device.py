@@ -15,6 +15,10 @@ float base          ``allow-float-base = true``     ``$FLEETLORA_ALLOW_FLOAT_BAS
 replay store        ``state-dir``                   ``<cache>/devices/<name>/``
 release cache       ``cache-dir``                   ``<cache>/releases/``
 artifact TLS        ``ca-file``                     plaintext (a simulation on loopback)
+privacy floor       ``require-record-dp``,          none: the run config decides (:class:`PrivacyFloor`)
+                    ``min-noise-multiplier``,
+                    ``max-epsilon``,
+                    ``require-secure-aggregation``
 ==================  ==============================  ======================================================
 
 ``<cache>`` is ``shared.model.cache_dir()`` (``$FLEETLORA_CACHE``, else ``~/.cache/fleetlora``).
@@ -22,8 +26,10 @@ artifact TLS        ``ca-file``                     plaintext (a simulation on l
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +121,70 @@ def channel_credentials(node_config: Mapping[str, Any]) -> grpc.ChannelCredentia
         return node_credentials(node_config)
     except ChannelConfigError as exc:
         raise DeviceConfigError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class PrivacyFloor:
+    """What this device requires of a round before its data trains anything; a run config cannot lower it.
+
+    Record-level DP (``dp.level = record``) and secure aggregation are what a device can enforce
+    itself: the noise is added here, the masks are made here. Client-level DP's noise is added by
+    the coordinator, which the device cannot check, so it does not count for ``require-record-dp``.
+    """
+
+    record_dp: bool = False
+    """``require-record-dp``: train only under record-level DP-SGD."""
+    min_noise_multiplier: float = 0.0
+    """``min-noise-multiplier``: under record-level DP, refuse a round whose ``dp.noise-multiplier`` is lower."""
+    max_epsilon: float | None = None
+    """``max-epsilon``: this device's own cap on its record-level epsilon (its ledger), whatever ``dp.max-epsilon``."""
+    secure: bool = False
+    """``require-secure-aggregation``: train only in SecAgg+ rounds (the coordinator sees only the sum)."""
+
+    def check(self, record_dp: bool, noise_multiplier: float, secure: bool) -> None:
+        """Refuse a round that asks less than this floor (the message names the setting).
+
+        Raises
+        ------
+        DeviceConfigError
+            The round's privacy is below what this device's node config requires.
+        """
+        if self.record_dp and not record_dp:
+            raise DeviceConfigError("this device trains only under record-level DP (node config require-record-dp)")
+        if record_dp and noise_multiplier < self.min_noise_multiplier:
+            raise DeviceConfigError(
+                f"the run's dp.noise-multiplier {noise_multiplier:g} is below this device's min-noise-multiplier "
+                f"{self.min_noise_multiplier:g}"
+            )
+        if self.secure and not secure:
+            raise DeviceConfigError("this device trains only in secure rounds (node config require-secure-aggregation)")
+
+    def epsilon_cap(self, run_cap: float | None) -> float | None:
+        """Return the record-level epsilon cap: the lower of the run's and this device's (None: neither)."""
+        caps = [c for c in (run_cap, self.max_epsilon) if c]
+        return min(caps) if caps else None
+
+
+def privacy_floor(node_config: Mapping[str, Any]) -> PrivacyFloor:
+    """Parse this device's :class:`PrivacyFloor` from its node config (none set: no floor).
+
+    Raises
+    ------
+    DeviceConfigError
+        A setting that is not a boolean, or not a positive finite number.
+    """
+    numbers = {}
+    for key in ("min-noise-multiplier", "max-epsilon"):
+        value = node_config.get(key)
+        if value is not None and (type(value) not in (int, float) or not 0 < value < math.inf):
+            raise DeviceConfigError(f"device setting {key} = {value!r:.40} is not a positive number")
+        numbers[key] = None if value is None else float(value)
+    return PrivacyFloor(
+        record_dp=_flag(node_config.get("require-record-dp", False), "require-record-dp"),
+        min_noise_multiplier=numbers["min-noise-multiplier"] or 0.0,
+        max_epsilon=numbers["max-epsilon"],
+        secure=_flag(node_config.get("require-secure-aggregation", False), "require-secure-aggregation"),
+    )
 
 
 def _flag(value: Any, name: str) -> bool:

@@ -168,3 +168,19 @@ def test_record_level_dp_trains_with_dp_sgd_and_reports_the_devices_epsilon(flee
     assert epsilon > 0
     ledger = json.loads((fleet / "state" / "dp-record-ledger.json").read_text())
     assert ledger["history"] == [[1.0, 4 / 500, 1]]  # z, q = batch / examples, steps
+
+
+def test_a_round_below_the_devices_privacy_floor_is_refused_and_its_own_epsilon_cap_holds(
+    fleet, tiny_model_dir, monkeypatch
+):
+    monkeypatch.setenv(TRUST_ENV, str(fleet / "honest.key.pub"))
+    node = {"allow-float-base": True, "require-record-dp": True, "min-noise-multiplier": 0.5}
+    weak = {**_run_config(fleet, tiny_model_dir), "dp.level": "record", "dp.noise-multiplier": 0.05}  # dp.max-epsilon 0
+    refused, reply = _send(fleet, weak, _release(fleet, tiny_model_dir, "honest"), node)
+    assert refused and "below this device's min-noise-multiplier 0.5" in refused and "arrays" not in reply.content
+    plain = _run_config(fleet, tiny_model_dir)  # no DP at all: the device's data would train unprotected
+    refused, _ = _send(fleet, plain, _release(fleet, tiny_model_dir, "honest"), node)
+    assert refused and "only under record-level DP" in refused
+    strong = {**weak, "dp.noise-multiplier": 1.0}
+    refused, _ = _send(fleet, strong, _release(fleet, tiny_model_dir, "honest"), {**node, "max-epsilon": 1e-9})
+    assert refused and "epsilon" in refused  # the run sets no cap; the device's own one stops the training

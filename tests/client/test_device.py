@@ -6,7 +6,9 @@ from client.device import (
     FLOAT_BASE_ENV,
     TRUST_ENV,
     DeviceConfigError,
+    PrivacyFloor,
     check_base_format,
+    privacy_floor,
     state_file,
     trust_file,
 )
@@ -52,3 +54,19 @@ def test_a_float_base_needs_the_devices_own_opt_in(device_env):
 def test_the_replay_store_is_per_device(tmp_path, device_env):
     assert state_file({}, "noun.animal") == tmp_path / "cache" / "devices" / "noun.animal" / "accepted.json"
     assert state_file({"state-dir": str(tmp_path / "s")}, "x") == tmp_path / "s" / "accepted.json"
+
+
+def test_a_privacy_floor_comes_from_the_node_config_and_refuses_a_round_below_it():
+    assert privacy_floor({}) == PrivacyFloor()  # none set: the run config decides, as before
+    floor = privacy_floor({"require-record-dp": "true", "min-noise-multiplier": 0.8, "max-epsilon": 4})
+    floor.check(record_dp=True, noise_multiplier=1.0, secure=False)
+    with pytest.raises(DeviceConfigError, match="only under record-level DP"):
+        floor.check(record_dp=False, noise_multiplier=0.0, secure=True)  # client-level noise is the coordinator's
+    with pytest.raises(DeviceConfigError, match="noise-multiplier 0.05 is below this device's min-noise-multiplier"):
+        floor.check(record_dp=True, noise_multiplier=0.05, secure=False)
+    assert floor.epsilon_cap(None) == 4.0 and floor.epsilon_cap(8.0) == 4.0 and floor.epsilon_cap(2.0) == 2.0
+    with pytest.raises(DeviceConfigError, match="only in secure rounds"):
+        privacy_floor({"require-secure-aggregation": True}).check(record_dp=True, noise_multiplier=1.0, secure=False)
+    for bad in ({"max-epsilon": 0}, {"min-noise-multiplier": float("inf")}, {"max-epsilon": "4"}):
+        with pytest.raises(DeviceConfigError, match="is not a positive number"):
+            privacy_floor(bad)
