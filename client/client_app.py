@@ -232,14 +232,15 @@ def _install(
     accepted = AcceptedReleases(device.state_file(context.node_config, part.name))
     trust = device.load_trust(context.node_config)
     own_rank = rank if rank < cfg.lora.rank else None
+    run_id = cfg.release_run_id(context.run_id)  # as the coordinator signs them: another run's release is refused
     try:
-        return install_release(model, release, trust, base_digest, accepted, links, own_rank).round
+        return install_release(model, release, trust, base_digest, accepted, links, own_rank, run_id).round
     except ChainGapError as gap:
         if cfg.base.format != "int4":
             raise
         tls = device.channel_credentials(context.node_config)
         more = fetch_links(cfg.base.address, gap.manifest, gap.accepted_round, credentials=tls)
-        return install_release(model, release, trust, base_digest, accepted, [*links, *more], own_rank).round
+        return install_release(model, release, trust, base_digest, accepted, [*links, *more], own_rank, run_id).round
 
 
 @dataclass

@@ -40,13 +40,15 @@ def install_release(
     accepted: AcceptedReleases,
     links: Sequence[SignedManifest] = (),
     rank: int | None = None,
+    run_id: str | None = None,
 ) -> Manifest:
     """Verify ``release`` and load its adapter into ``peft_model``; record it as accepted.
 
     ``links``: signed manifests of the run's releases before it (the round message carries
     the last few), through which it must lead back to the release the device accepted last.
     ``rank``: a device training below the run's rank loads the release's first ``rank``
-    components (``shared/ranks.py``), after the whole release was verified.
+    components (``shared/ranks.py``), after the whole release was verified. ``run_id``: the run
+    the device serves (``FleetConfig.release_run_id``); a signed release of another run is refused.
 
     Raises
     ------
@@ -61,6 +63,10 @@ def install_release(
     if manifest.kind != "adapter":
         raise ReleaseError(
             f"release of run {manifest.run_id} round {manifest.round} is a {manifest.kind}, not an adapter"
+        )
+    if run_id is not None and manifest.run_id != run_id:
+        raise ReleaseError(
+            f"release of run {manifest.run_id!r} round {manifest.round}: this round is of run {run_id!r}"
         )
     if ADAPTER_WEIGHTS not in release.files:
         raise ReleaseError(f"release has no {ADAPTER_WEIGHTS}")

@@ -53,7 +53,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = FleetConfig.from_run_config(context.run_config)
     out = Path(cfg.output_dir).expanduser().resolve() / cfg.run_name
     store = Path(cfg.base.store).expanduser() if cfg.base.store else out.parent / "store"
-    key_path, run_id = Path(cfg.signing.key).expanduser(), cfg.run_id or f"{cfg.run_name}-{context.run_id}"
+    key_path, run_id = Path(cfg.signing.key).expanduser(), cfg.release_run_id(context.run_id)
     base_digest, service = _distribute_base(cfg, store, key_path)
     peft_model = attach_lora(load_model(cfg.model), cfg.lora, cfg.seed)  # the float reference: same adapter shapes
     registry = Registry(

@@ -278,6 +278,15 @@ class FleetConfig:
         client_dp = self.dp.enabled and self.dp.level == "client"
         return self.dp.clip_norm if client_dp else self.aggregation.secure_clip_range
 
+    def release_run_id(self, flower_run_id: int) -> str:
+        """Return the run id this run's releases carry: ``run-id``, else ``<run-name>-<Flower run id>``.
+
+        The coordinator signs its releases with it; a device refuses a release of any other run
+        (``client/verify.py``): replay protection is per run id, so an old release of another run
+        would otherwise pass as this run's first.
+        """
+        return self.run_id or f"{self.run_name}-{flower_run_id}"
+
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FleetConfig:
         """Build and validate from Flower's flat run config (``"train.steps"`` style keys).

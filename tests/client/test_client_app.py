@@ -41,6 +41,7 @@ def _run_config(fleet, tiny_model_dir):
         "signing.trust-file": str(fleet / "attacker.key.pub"),
         "train.steps": 1,
         "train.max-seq-len": 32,
+        "run-id": "run-1",  # the run whose releases the device takes (theirs are signed as run-1)
     }
 
 
@@ -184,3 +185,10 @@ def test_a_round_below_the_devices_privacy_floor_is_refused_and_its_own_epsilon_
     strong = {**weak, "dp.noise-multiplier": 1.0}
     refused, _ = _send(fleet, strong, _release(fleet, tiny_model_dir, "honest"), {**node, "max-epsilon": 1e-9})
     assert refused and "epsilon" in refused  # the run sets no cap; the device's own one stops the training
+
+
+def test_a_signed_release_of_another_run_is_refused(fleet, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv(TRUST_ENV, str(fleet / "honest.key.pub"))
+    other = {**_run_config(fleet, tiny_model_dir), "run-id": "run-2"}  # replay protection is per run: run-1's
+    refused, _ = _send(fleet, other, _release(fleet, tiny_model_dir, "honest"), {"allow-float-base": True})
+    assert refused and "release of run 'run-1' round 0: this round is of run 'run-2'" in refused
