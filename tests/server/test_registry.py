@@ -95,12 +95,9 @@ def test_registries_of_one_process_share_its_lock_and_release_it_when_closed(tmp
     assert free.returncode == 0, free.stderr
 
 
-def test_each_release_and_latest_are_written_durably(tmp_path, key, monkeypatch):
+def test_each_release_and_latest_are_written_durably(tmp_path, key, synced):
     folder = tmp_path / "releases" / "run-a"
     registry = _registry(folder, key)
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
     registry.publish(0, STATE)
     staging = folder / "round-0000.partial"
     for name in ("adapter_config.json", "adapter_model.safetensors", "manifest.json", "manifest.sig", "LATEST"):

@@ -1,5 +1,4 @@
 import json
-import os
 import re
 
 from server.report import RoundLog, format_table
@@ -21,16 +20,8 @@ def test_round_log_persists_each_round_and_derives_means(tmp_path):
     assert "finished" not in on_disk["run"]
 
 
-def test_each_change_reaches_the_disk_before_the_log_is_replaced(tmp_path, monkeypatch):
+def test_each_change_reaches_the_disk_before_the_log_is_replaced(tmp_path, synced):
     """A restart resumes from the round log (server/resume.py): a power loss must leave the old log or the new."""
-    synced = []
-    real_fsync = os.fsync
-
-    def fsync(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
     (tmp_path / "rounds.tmp").symlink_to(tmp_path / "elsewhere")  # a fixed temp name would write through it
     log = RoundLog(tmp_path / "rounds.json", run={"model": "m"})
     log.note(1, release={"manifest": "f" * 64})

@@ -7,10 +7,7 @@ import pytest
 from shared.atomic import write_atomic
 
 
-def test_a_file_is_replaced_whole_and_durably(tmp_path, monkeypatch):
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+def test_a_file_is_replaced_whole_and_durably(tmp_path, synced):
     target = tmp_path / "LATEST"
     target.write_text("round-0001\n")
     write_atomic(target, b"round-0002\n")
