@@ -34,8 +34,8 @@ from client.train import TrainResult, evaluate, train_adapter
 from client.verify import install_release
 from shared.adapter import adapter_state, attach_lora, set_trainable_factors, uploaded_keys
 from shared.chain import ChainGapError
-from shared.config import FleetConfig, LoraConfig
-from shared.data import Encoded, encode, load_jsonl
+from shared.config import ConfigError, FleetConfig, LoraConfig
+from shared.data import DataError, Encoded, encode, load_jsonl
 from shared.errors import ReleaseError
 from shared.model import ModelError, compute_dtype, load_model, load_tokenizer, model_digest
 from shared.ranks import pad, rank_shapes
@@ -284,7 +284,12 @@ def _dispatch(msg: Message) -> str:
 
 
 def _refuse(msg: Message, name: str, server_round: int, exc: Exception) -> Message:
-    """Reply that this device refused the round's release (or the round); its last good adapter stays active."""
+    """Reply that this device refused the round's release (or the round); its last good adapter stays active.
+
+    The device's log names the error; one that is not a check of the round's input (a value or OS error
+    from deeper down: a bug, or this device's own data) also gets its traceback there.
+    """
+    checked = isinstance(exc, (ReleaseError, WireError, SignatureError, FetchError, ConfigError, DataError))
     log(
         logging.WARNING,
         "client %s round %s: refused the release, keeping the last good adapter: %s: %s",
@@ -292,6 +297,7 @@ def _refuse(msg: Message, name: str, server_round: int, exc: Exception) -> Messa
         server_round,
         type(exc).__name__,
         exc,
+        exc_info=None if checked else exc,
     )
     content = RecordDict(
         {

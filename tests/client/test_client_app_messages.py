@@ -102,3 +102,13 @@ def test_a_run_config_the_device_cannot_serve_is_refused_by_name(fleet, signed, 
         fleet, {"arrays": arrays, "config": ConfigRecord({"server-round": 1, **config})}, {**run, key: value}
     )
     assert refused is not None and why in refused and str(fleet) not in refused, refused
+
+
+def test_an_error_beyond_the_rounds_checks_is_refused_and_its_traceback_stays_in_the_devices_log(fleet, signed, caplog):
+    arrays, config, run = signed
+    content = {"arrays": arrays, "config": ConfigRecord({"server-round": 1, **config})}
+    with caplog.at_level("WARNING", logger="flwr"):
+        refused = _call(fleet, content, {**run, "lora.target-modules": "nope_proj"})  # raised inside peft
+    assert refused is not None and "nope_proj" in refused and "Traceback" not in refused
+    logged = [r for r in caplog.records if "refused the release" in r.getMessage()]
+    assert logged and logged[-1].exc_info is not None  # for whoever debugs the device: where it was raised
