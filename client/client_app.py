@@ -110,7 +110,8 @@ def _train(msg: Message, context: Context) -> Message:
     part = partition_for(context.node_config, cfg)
     server_round = _server_round(msg)
     record_dp = cfg.dp.enabled and cfg.dp.level == "record"
-    device.privacy_floor(context.node_config).check(record_dp, cfg.dp.noise_multiplier, cfg.aggregation.secure)
+    floor = device.privacy_floor(context.node_config)
+    floor.check(record_dp, cfg.dp.noise_multiplier, cfg.aggregation.secure)
     base = _base(cfg, context, part)
     own = device_training(context.node_config, cfg, base.spec)
     rank = own.rank
@@ -124,7 +125,7 @@ def _train(msg: Message, context: Context) -> Message:
     seed = zlib.crc32(f"{cfg.seed}/{server_round}{_dispatch(msg)}/{part.name}".encode())  # stable across processes
     record_epsilon = None
     if record_dp:
-        result, record_epsilon = _train_record_dp(model, data, cfg, tok.pad_token_id, context, part)
+        result, record_epsilon = _train_record_dp(model, data, cfg, tok.pad_token_id, context, part, floor)
     else:
         result = train_adapter(model, data, own.train, tok.pad_token_id, seed)
     result = slow_down(result, slowdown)
@@ -203,10 +204,16 @@ def _log_plan(own: DeviceTraining, part: Partition, server_round: int) -> None:
 
 
 def _train_record_dp(
-    model: Any, data: list[Encoded], cfg: FleetConfig, pad_id: int, context: Context, part: Partition
+    model: Any,
+    data: list[Encoded],
+    cfg: FleetConfig,
+    pad_id: int,
+    context: Context,
+    part: Partition,
+    floor: device.PrivacyFloor,
 ) -> tuple[TrainResult, float]:
     """DP-SGD on this device's examples (``dp.level = record``); its ledger lives beside its replay store."""
-    cap = device.privacy_floor(context.node_config).epsilon_cap(cfg.dp.max_epsilon or None)  # the device's own too
+    cap = floor.epsilon_cap(cfg.dp.max_epsilon or None)  # the device's own cap too
     dp = RecordDp(cfg.dp.noise_multiplier, cfg.dp.clip_norm, cfg.dp.delta, cap)
     ledger = Ledger(device.state_file(context.node_config, part.name).parent / LEDGER_FILE)
     loss, epsilon, seconds = train_record_dp(model, data, cfg.train, pad_id, dp, ledger)
