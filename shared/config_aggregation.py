@@ -13,9 +13,8 @@ AGGREGATION_METHODS = ("fedavg", "exact", "ffa", "ties")
 AGGREGATION_MODES = ("sync", "async")
 ASYNC_METHODS = ("fedavg", "ffa")  # a device's change applies to a newer release's factors as it is
 DELTA_ENCODINGS = ("fp16", "q8", "q4")  # shared/wire.py
-MAX_SECURE_SHARES = (
-    255  # a device's Shamir split costs ~ shares^2: ~6 s of CPU at 255 (74 s at 800), bounded on both sides
-)
+# a device's Shamir split costs ~ shares^2: ~6 s of CPU at 255 (74 s at 800); both sides refuse more
+MAX_SECURE_SHARES = 255
 
 
 @dataclass(frozen=True)

@@ -81,8 +81,8 @@ def open_checked(
 ) -> tuple[int, os.stat_result]:
     """Open ``path`` with ``flags`` | ``O_NONBLOCK``; return the descriptor and its ``fstat`` if it is a regular file.
 
-    The one check behind :func:`read_bounded` and :func:`open_regular` (and the replay store's
-    lock): a FIFO in the file's place is refused, not waited on. ``mode`` applies if ``flags``
+    The one check behind :func:`read_bounded` and :func:`open_regular` (and the replay store's and
+    the run folder's locks): a FIFO in the file's place is refused, not waited on. ``mode`` applies if ``flags``
     has ``O_CREAT``. The caller closes the descriptor; on a refusal it is closed here.
 
     Raises
