@@ -64,6 +64,11 @@ def _release(fleet, tiny_model_dir, signer):
 def _send(fleet, run_config, release, node):
     """Call the ClientApp's train as Flower does, with ``release`` in the message; return (refusal, reply)."""
     arrays, signed = release_to_records(release)
+    return _deliver(fleet, {"arrays": arrays, "config": ConfigRecord({"server-round": 1, **signed})}, run_config, node)
+
+
+def _deliver(fleet, content, run_config, node, handler="train"):
+    """Call the ClientApp's ``handler`` as Flower does with a message of ``content``; return (refusal, reply)."""
     meta = Metadata(
         run_id=1,
         message_id="q1",
@@ -73,9 +78,8 @@ def _send(fleet, run_config, release, node):
         group_id="1",
         created_at=time.time(),
         ttl=600,
-        message_type="train",
+        message_type=handler,
     )
-    msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1, **signed})}), metadata=meta)
     node_config = {
         "train-file": str(DATA / "train.jsonl"),
         "heldout-file": str(DATA / "heldout.jsonl"),
@@ -84,7 +88,8 @@ def _send(fleet, run_config, release, node):
         **node,
     }
     context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
-    reply = client_app.train(msg, context)
+    call = client_app.train if handler == "train" else client_app.evaluate_global
+    reply = call(Message(RecordDict(content), metadata=meta), context)
     return reply.content["client"].get("refused-release"), reply
 
 

@@ -5,32 +5,22 @@ device's reply would say nothing of what was wrong (``client_app.REFUSALS``, ``p
 """
 
 import io
-import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from client import client_app
 from shared.release_records import release_to_records
 from tests.client import test_client_app
-from tests.client.test_client_app import DATA, _release, _run_config
+from tests.client.test_client_app import _deliver, _release, _run_config
 
 fleet = test_client_app.fleet  # the fixture: an honest and an attacker's key, an empty device cache
 
 
 def _call(fleet, content, run_config, handler="train"):
-    """Send ``content`` to the ClientApp's ``handler`` as Flower does; return the refusal reason (None: served)."""
-    meta = Metadata(
-        run_id=1, message_id="q1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
-        created_at=time.time(), ttl=600, message_type=handler,
-    )  # fmt: skip
-    node = {"train-file": str(DATA / "train.jsonl"), "heldout-file": str(DATA / "heldout.jsonl"), "name": "dev-1"}
-    node |= {"state-dir": str(fleet / "state"), "allow-float-base": True, "trust-file": str(fleet / "honest.key.pub")}
-    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=run_config)
-    call = client_app.train if handler == "train" else client_app.evaluate_global
-    reply = call(Message(RecordDict(content), metadata=meta), context)
-    return reply.content["client"].get("refused-release")
+    """Send ``content`` to the ClientApp's ``handler`` (a device trusting the honest key); return its refusal."""
+    node = {"allow-float-base": True, "trust-file": str(fleet / "honest.key.pub")}
+    return _deliver(fleet, content, run_config, node, handler)[0]
 
 
 def _npy_header(length):
