@@ -1,23 +1,27 @@
-"""The artifact service's limits: a Download budget that leaves room for manifests, and a stall watchdog.
+"""The artifact service's limits: what one device, or a crowd, can hold of it.
 
-gRPC's synchronous server gives each RPC a thread and blocks it while the reader's flow-control
-window is full, so a handful of slow readers could hold every thread (issue 15: 8 slow ``Download``
-streams starved a 9th device's ``GetManifest``). :class:`Streams` bounds the downloads in all and
-per device below the thread count, and cancels a stream whose reader stalls or that outlives its
-deadline; :func:`grpc_options` sets the keepalive, connection-age and message-size limits.
+The service runs on gRPC's asyncio server (``grpc.aio``): a call that waits (for its request, or
+for its reader to take the next chunk) costs a coroutine, not a thread. On the synchronous server
+each call took a thread before its request had arrived, so 12 calls that sent their headers and
+never their request stalled every other device. What still needs a bound, and where it is:
+
+- calls of one device, and in all, from their headers until they have ended (including ones that
+  wait for their request, or for their reader to take a queued reply): :class:`Budget`
+  (``calls_per_device``, ``open_calls``), and ``request_timeout`` for the request to arrive;
+- calls gRPC holds at all, the refused ones included: ``maximum_concurrent_rpcs`` (``grpc_calls``), a
+  memory guard (a refused call whose client does not read its TCP socket stays open until the
+  keepalive closes that connection, ~80 s);
+- ``Download`` streams in all and per device: :class:`Budget`; a reader that takes no chunk for
+  ``progress_timeout``, or a stream older than ``stream_deadline``, is cut off (``server/distribute.py``);
+- keepalive, connection age, message and header sizes, HTTP/2 streams per connection: :func:`grpc_options`.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from shared.manifest import MAX_MANIFEST_BYTES
 
-log = logging.getLogger("server.distribute")
 CHUNK_BYTES = 1 << 20  # a Download chunk
 
 
@@ -26,35 +30,44 @@ class ServiceLimits:
     """How much of the service one client, or a crowd, can hold; every value bounds an abuse of issue 15."""
 
     download_streams: int = 8
-    """Concurrent ``Download`` streams in all. Each holds a handler thread while its reader reads;
-    one more is refused with RESOURCE_EXHAUSTED at once, a status to retry with backoff."""
+    """Concurrent ``Download`` streams in all (each reads the disk and fills a network link); one
+    more is refused with RESOURCE_EXHAUSTED at once, a status to retry with backoff."""
     streams_per_device: int = 2
     """Concurrent ``Download`` streams of one device (its client certificate's name, over mutual
     TLS): one device cannot take the whole budget. A fetcher downloads one file at a time."""
-    spare_workers: int = 4
-    """Handler threads beyond ``download_streams``: kept for ``GetManifest`` and for refusing a
-    ``Download`` fast, so slow readers never starve a device asking for the manifest."""
-    queued_rpcs: int = 32
-    """RPCs that may wait for a free thread; beyond that gRPC answers RESOURCE_EXHAUSTED at once
-    (``maximum_concurrent_rpcs`` = threads + this) rather than queueing without bound."""
+    calls_per_device: int = 8
+    """Open calls of one device, of any method, counted from the moment their headers arrive (before
+    their request) until the call has ended (its reply taken): one device cannot hold the service's
+    calls by opening many and sending, or reading, nothing. One more is refused at once."""
+    open_calls: int = 512
+    """Open calls in all, counted as per device; one more is refused with RESOURCE_EXHAUSTED at once.
+    A waiting call costs a few kilobytes, not a thread."""
+    grpc_calls: int = 8192
+    """Calls gRPC itself holds (``maximum_concurrent_rpcs``), refused ones included until their
+    status is sent: a bound on memory, well above ``open_calls``; beyond it gRPC refuses new calls."""
+    request_timeout: float = 10.0
+    """Seconds a call may take to send its request (under 16 KiB: an artifact name, a file name, an
+    offset) after its headers; a call that sends nothing is ended with DEADLINE_EXCEEDED."""
     progress_timeout: float = 60.0
     """Seconds a ``Download`` may wait for its reader to take the next chunk (1 MiB): slower than
-    ~17 KiB/s, or not reading at all, and the stream is cancelled (a fetcher can resume from its offset)."""
+    ~17 KiB/s, or not reading at all, and the stream is cut off (a fetcher can resume from its offset)."""
     stream_deadline: float = 1800.0
     """Seconds one ``Download`` stream may last however fast it reads (a 1 GB file at 1 MB/s takes
     1000 s); a reader trickling just above the progress rate is cut off here."""
 
     def __post_init__(self) -> None:
-        for name in ("download_streams", "streams_per_device", "spare_workers", "progress_timeout", "stream_deadline"):
+        for name in (
+            "download_streams",
+            "streams_per_device",
+            "calls_per_device",
+            "open_calls",
+            "grpc_calls",
+            "request_timeout",
+            "progress_timeout",
+            "stream_deadline",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ServiceLimits.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.queued_rpcs < 0:
-            raise ValueError(f"ServiceLimits.queued_rpcs must be >= 0, got {self.queued_rpcs!r}")
-
-    @property
-    def workers(self) -> int:
-        """Handler threads: the Download budget plus the spare ones."""
-        return self.download_streams + self.spare_workers
 
 
 def grpc_options(limits: ServiceLimits, chunk_bytes: int = CHUNK_BYTES) -> list[tuple[str, int]]:
@@ -76,91 +89,35 @@ def grpc_options(limits: ServiceLimits, chunk_bytes: int = CHUNK_BYTES) -> list[
 
 
 class BusyError(RuntimeError):
-    """No Download slot is free (in all, or for this device); the message says which."""
+    """No slot is free (in all, or for this device); the message says which."""
 
 
-@dataclass
-class Stream:
-    """One running ``Download``: when it started, when its reader last took a chunk."""
+class Budget:
+    """Slots in all (``total``; None: no bound of its own) and per device.
 
-    context: Any
-    device: str | None
-    what: str
-    started: float = field(default_factory=time.monotonic)
-    last: float = field(default_factory=time.monotonic)
-    released: bool = False
-    cut: bool = False
-
-
-class Streams:
-    """The Download budget (in all, per device) and the watchdog that cancels stalled or overlong streams.
-
-    The watchdog is one thread that lives while streams run (it ends when the last one does), so
-    a stopped service leaves no thread behind. Cancelling a stream fails its blocked send, which
-    frees the handler thread: the only way to free it, as gRPC's sync server blocks the thread
-    while the reader's flow-control window is full.
+    A plaintext client (no name) has no per-device bound: it has no name to be counted by. Used
+    from the service's event loop only: no lock.
     """
 
-    def __init__(self, limits: ServiceLimits) -> None:
-        self.limits = limits
-        self._lock = threading.Lock()
-        self._running: dict[int, Stream] = {}
+    def __init__(self, what: str, per_device: int, total: int | None = None) -> None:
+        self.what, self.per_device, self.total = what, per_device, total
+        self.running = 0
         self._by_device: dict[str, int] = {}
-        self._watchdog: threading.Thread | None = None
 
-    def open(self, context: Any, device: str | None, what: str) -> Stream:
-        """Take a slot for a stream of ``device`` (None: plaintext, no name); :class:`BusyError` if there is none."""
-        with self._lock:
-            if len(self._running) >= self.limits.download_streams:
-                raise BusyError(f"the service is busy ({self.limits.download_streams} downloads running); retry later")
-            if device is not None and self._by_device.get(device, 0) >= self.limits.streams_per_device:
-                raise BusyError(f"device '{device:.64}' already runs {self.limits.streams_per_device} downloads")
-            stream = Stream(context, device, what)
-            self._running[id(stream)] = stream
-            if device is not None:
-                self._by_device[device] = self._by_device.get(device, 0) + 1
-            if self._watchdog is None:
-                self._watchdog = threading.Thread(target=self._watch, name="artifact-watchdog", daemon=True)
-                self._watchdog.start()
-        context.add_callback(lambda: self.close(stream))  # however the RPC ends: done, cancelled, cut off
-        return stream
+    def take(self, device: str | None) -> None:
+        """Take a slot of ``device`` (give it back with :meth:`give`); :class:`BusyError` if there is none."""
+        if self.total is not None and self.running >= self.total:
+            raise BusyError(f"the service is busy ({self.total} {self.what} running); retry later")
+        if device is not None and self._by_device.get(device, 0) >= self.per_device:
+            raise BusyError(f"device '{device:.64}' already has {self.per_device} {self.what} open")
+        self.running += 1
+        if device is not None:
+            self._by_device[device] = self._by_device.get(device, 0) + 1
 
-    def close(self, stream: Stream) -> None:
-        """Give the stream's slot back (idempotent: the generator's end and the RPC's end both call it)."""
-        with self._lock:
-            if stream.released:
-                return
-            stream.released = True
-            self._running.pop(id(stream), None)
-            if stream.device is not None:
-                self._by_device[stream.device] -= 1
-                if not self._by_device[stream.device]:
-                    del self._by_device[stream.device]
-
-    def _watch(self) -> None:
-        interval = min(self.limits.progress_timeout, self.limits.stream_deadline) / 4
-        while True:
-            time.sleep(interval)
-            now = time.monotonic()
-            with self._lock:
-                if not self._running:
-                    self._watchdog = None
-                    return
-                late = [
-                    s
-                    for s in self._running.values()
-                    if not s.cut
-                    and (now - s.last > self.limits.progress_timeout or now - s.started > self.limits.stream_deadline)
-                ]
-            for s in late:
-                s.cut = True  # once: its slot comes back when the RPC ends (add_callback in open)
-                stalled = now - s.last > self.limits.progress_timeout
-                log.warning(
-                    "artifact service: cut off %s after %.0f s: %s",
-                    s.what,
-                    now - s.started,
-                    f"its reader took no chunk for {now - s.last:.0f} s (limit {self.limits.progress_timeout:.0f} s)"
-                    if stalled
-                    else f"the stream outlived its deadline of {self.limits.stream_deadline:.0f} s",
-                )
-                s.context.cancel()  # fails the blocked send: the handler thread returns, the slot is given back
+    def give(self, device: str | None) -> None:
+        """Give back a slot :meth:`take` gave ``device``."""
+        self.running -= 1
+        if device is not None:
+            self._by_device[device] -= 1
+            if not self._by_device[device]:
+                del self._by_device[device]

@@ -14,13 +14,15 @@ It holds under abuse (issue 15):
 - **Mutual TLS.** With a certificate it speaks TLS only and serves only devices presenting a
   client certificate signed by the fleet CA (``fleetlora certs --node``): the adapters were
   trained on private data. Plaintext only on a loopback address (a simulation), unless ``insecure``.
-- **No path out of the root.** Every folder, ``LATEST`` and file is resolved (symlinks followed)
-  and must stay inside the root; one that leaves it is NOT_FOUND, and logged.
-- **Limits** (:class:`ServiceLimits`, each value documented there): ``Download`` streams have
-  their own budget, so ``GetManifest`` always finds a thread; a busy service answers
-  RESOURCE_EXHAUSTED at once; a reader that takes no chunk for ``progress-timeout`` seconds, or a
-  stream older than ``stream-deadline``, is cancelled and its thread freed; keepalive,
-  connection-age and message-size limits are gRPC server options (:func:`grpc_options`).
+- **No path out of the root** (``server/artifact_store.py``): every folder, ``LATEST`` and file is
+  resolved (symlinks followed) and must stay inside the root; one that leaves it is NOT_FOUND, and logged.
+- **Limits** (:class:`ServiceLimits`, each value documented there): an asyncio server
+  (``grpc.aio``), so a waiting call holds no thread; each device's open calls are counted from
+  their headers on, and a call's request must arrive within ``request_timeout``; ``Download``
+  streams have a budget in all and per device; a busy service answers RESOURCE_EXHAUSTED at
+  once; a reader that takes no chunk for ``progress_timeout`` seconds, or a stream older than
+  ``stream_deadline``, is cut off and its Download slot freed; keepalive, connection-age and
+  message-size limits are gRPC server options (:func:`grpc_options`).
 
 Start it with ``fleetlora serve-artifacts --root DIR --address HOST:PORT [--tls-cert PEM --tls-key PEM
 --tls-ca PEM]`` (see the README); devices name the CA and their certificate in their node config
@@ -30,135 +32,29 @@ Start it with ``fleetlora serve-artifacts --root DIR --address HOST:PORT [--tls-
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import hashlib
 import ipaddress
 import logging
 import os
 import signal
-import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from server.artifact_limits import CHUNK_BYTES, BusyError, ServiceLimits, Streams, grpc_options
-from shared.files import MAX_PEM_BYTES, FileRefusedError, read_bounded
-from shared.manifest import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, ManifestError, parse
-from shared.proto import artifact_pb2, artifact_pb2_grpc
-from shared.release import FOLDER_NAME, LATEST, MANIFEST, SIGNATURE, ReleaseError, latest_name
+from server.artifact_limits import CHUNK_BYTES, Budget, BusyError, ServiceLimits, grpc_options
+from server.artifact_store import ArtifactNotFoundError, ArtifactStore
+from shared.files import MAX_PEM_BYTES, read_bounded
+from shared.proto import artifact_pb2
 
 log = logging.getLogger(__name__)
-MAX_SEGMENTS = 8  # "adapter/<run-id>/round-NNNN" has 3; a deeper name is not an artifact
-
-
-class ArtifactNotFoundError(LookupError):
-    """No such artifact or file; the message names it."""
-
-
-class ArtifactStore:
-    """Read-only view of the release folders under ``root``; nothing outside ``root`` is ever read."""
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root).resolve()
-
-    def resolve(self, artifact: str) -> tuple[str, Path]:
-        """Return the artifact's resolved name and folder (``latest`` followed), refusing names outside the root."""
-        parts = artifact.split("/")
-        if not artifact or len(parts) > MAX_SEGMENTS or not all(FOLDER_NAME.fullmatch(p) for p in parts):
-            raise ArtifactNotFoundError(f"'{artifact:.100}' is not an artifact name (segments of [A-Za-z0-9._-])")
-        if parts[-1] == "latest":
-            parts[-1] = self._latest(artifact, parts[:-1])
-        name = "/".join(parts)
-        folder = self.inside(self.root.joinpath(*parts), f"artifact '{name}'")
-        if not stat.S_ISREG(self.inside(folder / MANIFEST, f"artifact '{name}'").stat().st_mode):
-            raise ArtifactNotFoundError(f"no artifact '{name}'")
-        return name, folder
-
-    def manifest_bytes(self, name: str, folder: Path) -> bytes:
-        """Return the manifest of the resolved artifact ``name`` in ``folder`` (not found: over its size bound)."""
-        what = f"manifest of '{name}'"
-        return _read_small(self.inside(folder / MANIFEST, what), MAX_MANIFEST_BYTES, what)
-
-    def _latest(self, artifact: str, run: list[str]) -> str:
-        """Return the release folder the run folder's LATEST names (LATEST itself inside the root, small)."""
-        run_folder = self.inside(self.root.joinpath(*run), f"'{artifact}'")
-        try:
-            self.inside(run_folder / LATEST, f"LATEST of '{artifact}'")
-        except ArtifactNotFoundError:
-            raise ArtifactNotFoundError(f"'{artifact}': no LATEST release yet") from None
-        try:
-            latest = latest_name(run_folder)
-        except (ReleaseError, OSError):
-            raise ArtifactNotFoundError(f"'{artifact}': LATEST names an invalid release") from None
-        if latest is None:
-            raise ArtifactNotFoundError(f"'{artifact}': no LATEST release yet")
-        return latest
-
-    def inside(self, path: Path, what: str) -> Path:
-        """Return ``path`` resolved (symlinks followed); NOT_FOUND if it does not exist or leaves the root."""
-        try:
-            real = path.resolve(strict=True)
-        except (OSError, RuntimeError):  # missing, or a symlink loop
-            raise ArtifactNotFoundError(f"no {what}") from None
-        if not real.is_relative_to(self.root):
-            log.warning(
-                "artifact service: refused %s: %s leads out of the store %s (to %s); remove that link from the store",
-                what,
-                path,
-                self.root,
-                real,
-            )
-            raise ArtifactNotFoundError(f"no {what}")
-        return real
-
-    def manifest(self, artifact: str) -> tuple[str, bytes, bytes, dict[str, int]]:
-        """Return (resolved name, manifest bytes, signature, file sizes)."""
-        name, folder = self.resolve(artifact)
-        data = self.manifest_bytes(name, folder)
-        try:
-            files = parse(data).files
-        except ManifestError as exc:
-            raise ArtifactNotFoundError(f"artifact '{name}' has a malformed manifest: {exc}") from None
-        what = f"signature of '{name}'"
-        signature = _read_small(self.inside(folder / SIGNATURE, what), MAX_SIGNATURE_BYTES, what)
-        sizes = {}
-        for f in files:
-            try:
-                sizes[f] = self._file(name, folder, f).stat().st_size
-            except ArtifactNotFoundError:
-                continue  # the device's fetch then fails on that file, naming it
-        return name, data, signature, sizes
-
-    def path(self, artifact: str, file: str) -> Path:
-        """Return the resolved path of a file the artifact's manifest lists."""
-        name, folder = self.resolve(artifact)
-        try:
-            listed = file in parse(self.manifest_bytes(name, folder)).files
-        except ManifestError:
-            listed = False
-        if not listed:
-            raise ArtifactNotFoundError(f"artifact '{artifact}' has no file '{file:.100}'")
-        return self._file(name, folder, file)
-
-    def _file(self, name: str, folder: Path, file: str) -> Path:
-        path = self.inside(folder / file, f"file '{file:.100}' of artifact '{name}'")
-        if not stat.S_ISREG(path.stat().st_mode):
-            raise ArtifactNotFoundError(f"artifact '{name}' has no file '{file:.100}'")
-        return path
-
-
-def _read_small(path: Path, limit: int, what: str) -> bytes:
-    """Read the resolved regular file ``path``, at most ``limit`` bytes (no link followed now: O_NOFOLLOW)."""
-    try:
-        return read_bounded(path, limit, follow_links=False)
-    except FileRefusedError as exc:
-        raise ArtifactNotFoundError(f"{what} is not a file of at most {limit:,} bytes") from exc
-    except OSError:
-        raise ArtifactNotFoundError(f"no {what}") from None
 
 
 def _device(context: Any) -> str | None:
@@ -167,57 +63,201 @@ def _device(context: Any) -> str | None:
     return names[0].decode(errors="replace") if names else None
 
 
-class ArtifactServicer(artifact_pb2_grpc.ArtifactServiceServicer):
-    """gRPC front of an :class:`ArtifactStore`, within :class:`ServiceLimits`."""
+SERVICE = artifact_pb2.DESCRIPTOR.services_by_name["ArtifactService"].full_name
+
+
+class ArtifactServicer:
+    """gRPC front of an :class:`ArtifactStore`, within :class:`ServiceLimits` (on ``grpc.aio``).
+
+    Both methods are registered as taking a request *stream* (on the wire the same as a unary
+    request: one message), so the service holds a call from its headers on: it counts the call
+    against its device, gives its request ``request_timeout`` to arrive and parses it itself (a
+    malformed one is INVALID_ARGUMENT). ``GetManifest`` and ``Download`` take the parsed request;
+    tests override them.
+    """
 
     def __init__(
         self, store: ArtifactStore, chunk_bytes: int = CHUNK_BYTES, limits: ServiceLimits | None = None
     ) -> None:
         self.store, self.chunk_bytes = store, chunk_bytes
         self.limits = limits or ServiceLimits()
-        self.streams = Streams(self.limits)
+        self.calls = Budget("calls", self.limits.calls_per_device, self.limits.open_calls)
+        self.downloads = Budget("downloads", self.limits.streams_per_device, self.limits.download_streams)
 
-    def GetManifest(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC method name)
+    def handler(self) -> grpc.GenericRpcHandler:
+        """Return the service's methods for a gRPC server (in place of the generated ``add_...Servicer_to_server``)."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "GetManifest": grpc.stream_unary_rpc_method_handler(
+                    self._get_manifest, response_serializer=artifact_pb2.ManifestReply.SerializeToString
+                ),
+                "Download": grpc.stream_stream_rpc_method_handler(
+                    self._download, response_serializer=artifact_pb2.Chunk.SerializeToString
+                ),
+            },
+        )
+
+    async def _get_manifest(self, requests: AsyncIterator[bytes], context: Any) -> Any:
+        await self._call(context)
+        request = await self._request(requests, context, artifact_pb2.ManifestRequest)
+        return await self.GetManifest(request, context)
+
+    async def _download(self, requests: AsyncIterator[bytes], context: Any) -> None:
+        device = await self._call(context)
+        request = await self._request(requests, context, artifact_pb2.DownloadRequest)
+        started, cut = time.monotonic(), None
+        async with contextlib.aclosing(self.Download(request, context)) as chunks:
+            async for chunk in chunks:
+                if cut := await self._send(context, chunk, started):
+                    break
+        if cut:  # the Download slot and the file are given back (the generator is closed); the call is ended
+            what = f"download of {request.artifact:.200}/{request.file:.100} by {device or context.peer()}"
+            log.warning("artifact service: cut off %s after %.0f s: %s", what, time.monotonic() - started, cut)
+            await context.abort(grpc.StatusCode.CANCELLED, f"cut off: {cut}")
+
+    async def _call(self, context: Any) -> str | None:
+        """Take a call slot of the caller's device until the call has ended; return the device.
+
+        Until the call has *ended*, not until this handler returns: gRPC sends a reply, or a cut-off
+        stream's status, only once the reader takes what is queued before it, so a client that reads
+        nothing (an HTTP/2 window of 0) keeps the call open after its handler is done, and that call
+        counts here, against its device, until then.
+        """
+        device = await _take(self.calls, context, "call")
+        context.add_done_callback(lambda _: self.calls.give(device))
+        return device
+
+    async def _send(self, context: Any, chunk: Any, started: float) -> str | None:
+        """Write one chunk; return why the stream is cut off if its reader did not take it in time (None: it did)."""
+        limits = self.limits
+        wait = min(limits.progress_timeout, started + limits.stream_deadline - time.monotonic())
+        try:
+            if wait > 0:
+                await asyncio.wait_for(context.write(chunk), wait)  # done once the reader's window took it
+                return None
+        except TimeoutError:
+            pass
+        if wait < limits.progress_timeout:
+            return f"the stream outlived its deadline of {limits.stream_deadline:.0f} s"
+        return f"its reader took no chunk for {wait:.0f} s (limit {limits.progress_timeout:.0f} s)"
+
+    async def _request(self, requests: AsyncIterator[bytes], context: Any, message: Any) -> Any:
+        """Return the call's one request, parsed; end the call if it sends none in time, or a malformed one."""
+        timeout = self.limits.request_timeout
+        try:
+            raw = await asyncio.wait_for(anext(requests), timeout)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no request within {timeout:.0f} s")
+        except StopAsyncIteration:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request")
+        try:
+            return message.FromString(raw)
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a {message.DESCRIPTOR.name}")
+
+    async def GetManifest(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC method name)
         """Return the signed manifest and file sizes of an artifact."""
         try:
-            name, data, signature, sizes = self.store.manifest(request.artifact)
+            name, data, signature, sizes = await asyncio.to_thread(self.store.manifest, request.artifact)
         except ArtifactNotFoundError as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except OSError as exc:  # a file removed or unreadable while it is read: its path is told the log only
+            log.warning("artifact service: manifest of '%.200s' unreadable: %s", request.artifact, exc)
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"artifact '{request.artifact:.100}' cannot be read now")
         return artifact_pb2.ManifestReply(artifact=name, manifest=data, signature=signature, sizes=sizes)
 
-    def Download(self, request: Any, context: Any) -> Iterator[Any]:  # noqa: N802 (gRPC method name)
-        """Stream a file from ``offset`` in chunks, each with its SHA-256."""
+    async def Download(self, request: Any, context: Any) -> AsyncGenerator[Any, None]:  # noqa: N802 (gRPC method name)
+        """Yield a file's chunks from ``offset``, each with its SHA-256, while holding a Download slot."""
         try:
-            path = self.store.path(request.artifact, request.file)
+            path = await asyncio.to_thread(self.store.path, request.artifact, request.file)
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # no link swapped in since resolving
         except (ArtifactNotFoundError, OSError) as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(exc) if isinstance(exc, LookupError) else "no such file")
-        with os.fdopen(fd, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if request.offset > size:
-                context.abort(
-                    grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is past the end of {request.file}"
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc) if isinstance(exc, LookupError) else "no such file")
+        try:
+            if request.offset > os.fstat(fd).st_size:
+                await context.abort(
+                    grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is past the end of {request.file:.100}"
                 )
-            device = _device(context)
-            what = f"download of {request.artifact}/{request.file} by {device or context.peer()}"
+            device = await _take(self.downloads, context, f"download of {request.file:.100}")
             try:
-                stream = self.streams.open(context, device, what)
-            except BusyError as exc:
-                log.info("artifact service: refused a %s: %s", what, exc)
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-            try:
-                f.seek(request.offset)
                 offset = request.offset
-                while data := f.read(self.chunk_bytes):
+                while data := await asyncio.to_thread(os.pread, fd, self.chunk_bytes, offset):  # off the event loop
                     yield self.chunk(offset, data)
-                    stream.last = time.monotonic()  # the reader took the chunk: it makes progress
                     offset += len(data)
+            except OSError as exc:  # a read error: the device retries (UNAVAILABLE); the path is told the log only
+                log.warning("artifact service: reading %.100s at %d failed: %s", request.file, offset, exc)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{request.file:.100} unreadable at {offset}; retry")
             finally:
-                self.streams.close(stream)
+                self.downloads.give(device)
+        finally:
+            os.close(fd)
 
     def chunk(self, offset: int, data: bytes) -> Any:
         """Build one chunk message (a seam where tests inject transport damage)."""
         return artifact_pb2.Chunk(offset=offset, data=data, sha256=hashlib.sha256(data).digest())
+
+
+async def _take(budget: Budget, context: Any, what: str) -> str | None:
+    """Take a slot of ``budget`` for the caller's device and return the device; RESOURCE_EXHAUSTED if none is free."""
+    device = _device(context)
+    try:
+        budget.take(device)
+    except BusyError as exc:
+        log.info("artifact service: refused a %s of %s: %s", what, device or context.peer(), exc)
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    return device
+
+
+class ArtifactServer:
+    """A running artifact service: a ``grpc.aio`` server on an event loop of its own thread."""
+
+    def __init__(self, servicer: ArtifactServicer, credentials: grpc.ServerCredentials | None, address: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="artifact-service", daemon=True)
+        self._thread.start()
+        try:
+            self._server, self.port = asyncio.run_coroutine_threadsafe(
+                self._start(servicer, credentials, address), self._loop
+            ).result()
+        except BaseException:
+            self._end()
+            raise
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        reads = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="artifacts")  # the store's file reads
+        self._loop.set_default_executor(reads)
+        self._loop.run_forever()
+        reads.shutdown(wait=False, cancel_futures=True)  # a read stuck on a hung disk does not hold up stop()
+        self._loop.close()
+
+    @staticmethod
+    async def _start(
+        servicer: ArtifactServicer, credentials: grpc.ServerCredentials | None, address: str
+    ) -> tuple[grpc.aio.Server, int]:
+        limits = servicer.limits
+        server = grpc.aio.server(
+            options=grpc_options(limits, servicer.chunk_bytes), maximum_concurrent_rpcs=limits.grpc_calls
+        )
+        server.add_generic_rpc_handlers((servicer.handler(),))
+        try:
+            port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        except RuntimeError as exc:  # gRPC's "Failed to bind to address"
+            raise OSError(f"the artifact service cannot listen on {address} (in use, or not this machine's)") from exc
+        await server.start()
+        return server, port
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop serving (running calls get ``grace`` seconds to end), then end the thread. Idempotent."""
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result()
+        self._end()
+
+    def _end(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
 
 
 def serve(
@@ -226,7 +266,7 @@ def serve(
     servicer: ArtifactServicer | None = None,
     credentials: grpc.ServerCredentials | None = None,
     insecure: bool = False,
-) -> tuple[grpc.Server, int]:
+) -> tuple[ArtifactServer, int]:
     """Start the artifact service on ``address`` (port 0: any free port); return the server and its port.
 
     Raises
@@ -240,19 +280,8 @@ def serve(
             f"the artifact service would serve {address} in plaintext: every run's adapters to anyone who reaches "
             "it; give it a TLS certificate (fleetlora certs), or listen on 127.0.0.1"
         )
-    servicer = servicer or ArtifactServicer(ArtifactStore(root))
-    limits = servicer.limits
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="artifacts"),
-        options=grpc_options(limits, servicer.chunk_bytes),
-        maximum_concurrent_rpcs=limits.workers + limits.queued_rpcs,
-    )
-    artifact_pb2_grpc.add_ArtifactServiceServicer_to_server(servicer, server)
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
-    server.start()
-    return server, port
+    server = ArtifactServer(servicer or ArtifactServicer(ArtifactStore(root)), credentials, address)
+    return server, server.port
 
 
 def _loopback(address: str) -> bool:
@@ -313,5 +342,5 @@ def _serve_cli(args: argparse.Namespace) -> int:
         stop.wait()
     except KeyboardInterrupt:
         pass
-    server.stop(grace=2).wait()
+    server.stop(grace=2)
     return 0

@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.fetch import FetchError, FetchPolicy, fetch_release
 from client.objects import OBJECTS
-from server.distribute import ArtifactServicer, ArtifactStore, serve
+from server.artifact_store import ArtifactStore
+from server.distribute import ArtifactServicer, serve
 from shared.proto import artifact_pb2
 from shared.release import follow_latest, make_release, read_release, verify_release, write_release
 from shared.sign import TrustList, public_line
@@ -60,8 +61,8 @@ def _bytes_on_disk(cache):
 class ReplaysARealManifestButAnnouncesHugeFiles(ArtifactServicer):
     """Replays the real signed manifest, announces 64 MiB per file, streams 16 MiB of it, then drops the stream."""
 
-    def GetManifest(self, request, context):  # noqa: N802
-        reply = super().GetManifest(request, context)
+    async def GetManifest(self, request, context):  # noqa: N802
+        reply = await super().GetManifest(request, context)
         return artifact_pb2.ManifestReply(
             artifact=reply.artifact,
             manifest=reply.manifest,
@@ -69,14 +70,14 @@ class ReplaysARealManifestButAnnouncesHugeFiles(ArtifactServicer):
             sizes={name: LIE for name in reply.sizes},
         )
 
-    def Download(self, request, context):  # noqa: N802
+    async def Download(self, request, context):  # noqa: N802
         real = self.store.path(request.artifact, request.file).read_bytes()
         offset = request.offset
         while offset < LIE // 4:  # the real bytes, then junk, in well-formed chunks with correct hashes
             data = (real[offset : offset + CHUNK] + bytes(CHUNK))[:CHUNK]
             yield self.chunk(offset, data)
             offset += len(data)
-        context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost")  # the device gives up: what stays on disk?
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost")  # the device gives up: what stays on disk?
 
 
 def test_a_service_announcing_and_streaming_more_than_the_signed_sizes_is_cut_off(root, tmp_path):
@@ -90,9 +91,9 @@ def test_a_service_announcing_and_streaming_more_than_the_signed_sizes_is_cut_of
 
 
 class StreamsPastTheEndOfTheFile(ArtifactServicer):
-    def Download(self, request, context):  # noqa: N802
+    async def Download(self, request, context):  # noqa: N802
         last = None
-        for chunk in super().Download(request, context):
+        async for chunk in super().Download(request, context):
             last = chunk
             yield chunk
         end = (last.offset + len(last.data)) if last is not None else request.offset
@@ -109,8 +110,9 @@ def test_a_service_streaming_past_the_end_of_a_file_never_gets_it_written(root, 
 
 
 class EndsEveryStreamAtOnce(ArtifactServicer):
-    def Download(self, request, context):  # noqa: N802
-        yield from ()
+    async def Download(self, request, context):  # noqa: N802
+        return
+        yield
 
 
 def test_a_service_whose_streams_end_early_is_given_up_on_after_the_retries(root, tmp_path):
@@ -152,9 +154,9 @@ def test_the_signed_size_not_the_announced_one_bounds_an_honest_looking_file(roo
 
 def test_grpc_status_of_a_refusing_service_is_named(root, tmp_path):
     class Refuses(ArtifactServicer):
-        def Download(self, request, context):  # noqa: N802
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
-            yield from ()
+        async def Download(self, request, context):  # noqa: N802
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
+            yield
 
     with _Started(root, Refuses) as address:
         with pytest.raises(FetchError, match="PERMISSION_DENIED: no"):
@@ -258,12 +260,14 @@ def _fetch_counting(address, cache, **policy):
 class DropsTheConnectionOnce(ArtifactServicer):
     dropped = False
 
-    def Download(self, request, context):  # noqa: N802
-        for i, chunk in enumerate(super().Download(request, context)):
+    async def Download(self, request, context):  # noqa: N802
+        i = 0
+        async for chunk in super().Download(request, context):
             if i == 20 and not DropsTheConnectionOnce.dropped:
                 DropsTheConnectionOnce.dropped = True
-                context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost")
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost")
             yield chunk
+            i += 1
 
 
 def test_a_download_interrupted_mid_file_resumes_where_it_stopped(base_root, tmp_path):

@@ -38,9 +38,9 @@ def test_a_cached_folder_holding_another_signed_release_than_its_name_is_fetched
 class TricklesOneBytePerStream(ArtifactServicer):
     calls = 0
 
-    def Download(self, request, context):  # noqa: N802
+    async def Download(self, request, context):  # noqa: N802
         type(self).calls += 1
-        for chunk in super().Download(request, context):
+        async for chunk in super().Download(request, context):
             yield self.chunk(chunk.offset, chunk.data[:1])  # a well-formed chunk of one byte, then the stream ends
             return
 

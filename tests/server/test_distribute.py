@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import shutil
+import threading
 import time
 
 import grpc
@@ -16,7 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from client.channel import device_credentials, node_credentials
 from client.fetch import FetchError, FetchPolicy, fetch_release
 from server.artifact_limits import ServiceLimits
-from server.distribute import ArtifactServicer, ArtifactStore, serve, server_credentials
+from server.artifact_store import ArtifactStore
+from server.distribute import ArtifactServicer, serve, server_credentials
 from server.fleet import Device, LocalFleet
 from shared.certs import make_fleet_certs
 from shared.files import FileRefusedError
@@ -57,7 +59,7 @@ def test_unknown_artifacts_and_escaping_names_are_not_found(root, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------
-# The service under abuse (issue 15): Download budget and watchdog, no path out of the root, mutual TLS.
+# The service under abuse (issue 15): Download budget and stalled readers cut off, no path out of the root, mutual TLS.
 # A raw stub plays the hostile client; the real fetcher plays the device.
 
 
@@ -94,7 +96,7 @@ def _stalled_download(stack, address, credentials=None):
     call = _stub(stack, address, credentials).Download(
         artifact_pb2.DownloadRequest(artifact="base", file=BIG_FILE), timeout=300
     )
-    next(call)  # the handler runs: it holds a thread and a Download slot from now on
+    next(call)  # the handler runs: it holds a Download slot from now on
     stack.callback(call.cancel)
     return call
 
@@ -234,6 +236,40 @@ def test_plaintext_is_refused_on_an_address_that_is_not_loopback(root):
         serve(root, "192.0.2.1:0")  # TEST-NET-1: never reached, the check comes first
 
 
+def test_a_port_in_use_is_refused_naming_the_address(root):
+    server, address = _serve(root)
+    try:
+        with pytest.raises(OSError, match=f"cannot listen on {address} \\(in use"):
+            serve(root, address)
+    finally:
+        server.stop(None)
+
+
+def test_stop_returns_while_a_store_read_hangs(root):
+    class HangingStore(ArtifactStore):
+        def manifest(self, artifact):
+            reading.set()
+            released.wait(60)  # a read stuck on a hung disk (an NFS mount gone away)
+            return super().manifest(artifact)
+
+    reading, released = threading.Event(), threading.Event()
+    server, port = serve(root, "127.0.0.1:0", servicer=ArtifactServicer(HangingStore(root)))
+    try:
+        with contextlib.ExitStack() as stack:
+            call = _stub(stack, f"127.0.0.1:{port}").GetManifest.future(
+                artifact_pb2.ManifestRequest(artifact="base"), timeout=60
+            )
+            assert reading.wait(30)
+            stopped = threading.Thread(target=server.stop, args=(None,))
+            stopped.start()
+            stopped.join(30)  # wide: stopping takes milliseconds; the read would hold it for 60 s
+            assert not stopped.is_alive(), "stop() waited for the hung read"
+            with pytest.raises(grpc.RpcError):
+                call.result(timeout=30)
+    finally:
+        released.set()
+
+
 @pytest.fixture
 def fleet_certs(tmp_path):
     return make_fleet_certs(tmp_path / "certs", ["dev-a", "dev-b"])
@@ -315,7 +351,7 @@ def test_the_fleets_artifact_service_serves_its_devices_node_config_and_no_one_e
 def test_a_latest_that_is_not_a_regular_file_is_not_found_without_hanging_a_thread(root):
     run = root / "adapter" / "r"
     run.mkdir(parents=True)
-    os.mkfifo(run / "LATEST")  # reading it would block a handler thread until someone writes
+    os.mkfifo(run / "LATEST")  # reading it would block a reader thread until someone writes
     server, address = _serve(root)
     try:
         with contextlib.ExitStack() as stack, pytest.raises(grpc.RpcError) as exc:
