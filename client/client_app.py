@@ -112,6 +112,7 @@ def _train(msg: Message, context: Context) -> Message:
     record_dp = cfg.dp.enabled and cfg.dp.level == "record"
     floor = device.privacy_floor(context.node_config)
     floor.check(record_dp, cfg.dp.noise_multiplier, cfg.aggregation.secure)
+    device.check_train_steps(context.node_config, cfg.train.steps)
     base = _base(cfg, context, part)
     own = device_training(context.node_config, cfg, base.spec)
     rank = own.rank

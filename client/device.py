@@ -19,6 +19,8 @@ privacy floor       ``require-record-dp``,          none: the run config decides
                     ``min-noise-multiplier``,
                     ``max-epsilon``,
                     ``require-secure-aggregation``
+work ceiling        ``max-train-steps``             the run's ``train.steps``, at most 100,000
+                                                    (:func:`check_train_steps`)
 ==================  ==============================  ======================================================
 
 ``<cache>`` is ``shared.model.cache_dir()`` (``$FLEETLORA_CACHE``, else ``~/.cache/fleetlora``).
@@ -36,6 +38,7 @@ from typing import Any
 import grpc
 
 from client.channel import ChannelConfigError, node_credentials
+from shared.config import MAX_TRAIN_STEPS
 from shared.errors import ReleaseError
 from shared.model import cache_dir
 from shared.replay import STATE_FILE
@@ -44,6 +47,7 @@ from shared.sign import TrustList
 TRUST_ENV = "FLEETLORA_TRUST_FILE"
 FLOAT_BASE_ENV = "FLEETLORA_ALLOW_FLOAT_BASE"
 DEFAULT_TRUST_FILE = "trust.pub"
+STEPS_KEY = "max-train-steps"  # node config: the most local steps a round may ask of this device
 _YES, _NO = ("1", "true", "yes"), ("", "0", "false", "no")
 
 
@@ -185,6 +189,32 @@ def privacy_floor(node_config: Mapping[str, Any]) -> PrivacyFloor:
         max_epsilon=numbers["max-epsilon"],
         secure=_flag(node_config.get("require-secure-aggregation", False), "require-secure-aggregation"),
     )
+
+
+def check_train_steps(node_config: Mapping[str, Any], steps: int) -> None:
+    """Refuse a round that asks more local steps than this device's ``max-train-steps`` (none set: no ceiling).
+
+    A run may ask up to ``MAX_TRAIN_STEPS`` (100,000) steps a round, hours of a small device's CPU
+    or battery; a device that pays for its own compute bounds what one round can cost it.
+
+    Raises
+    ------
+    DeviceConfigError
+        The setting is not an integer in [1, ``MAX_TRAIN_STEPS``], or the round asks more steps.
+    """
+    value = node_config.get(STEPS_KEY)
+    if value is None:
+        return
+    if isinstance(value, str) and 0 < len(value.strip()) <= 6 and value.strip().isascii() and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TRAIN_STEPS:
+        raise DeviceConfigError(
+            f"device setting {STEPS_KEY} = {value!r:.40} must be an integer in [1, {MAX_TRAIN_STEPS:,}]"
+        )
+    if steps > value:
+        raise DeviceConfigError(
+            f"the run asks {steps:,} local steps a round, more than this device's {STEPS_KEY} {value:,}"
+        )
 
 
 def _flag(value: Any, name: str) -> bool:

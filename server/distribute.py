@@ -243,8 +243,10 @@ class ArtifactServer:
         server.add_generic_rpc_handlers((servicer.handler(),))
         try:
             port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-        except RuntimeError as exc:  # gRPC's "Failed to bind to address"
+        except RuntimeError as exc:  # gRPC's "Failed to bind to address" (older releases returned port 0)
             raise OSError(f"the artifact service cannot listen on {address} (in use, or not this machine's)") from exc
+        if port == 0:
+            raise OSError(f"the artifact service cannot listen on {address} (in use, or not this machine's)")
         await server.start()
         return server, port
 

@@ -192,6 +192,19 @@ def test_a_round_below_the_devices_privacy_floor_is_refused_and_its_own_epsilon_
     assert refused and "epsilon" in refused  # the run sets no cap; the device's own one stops the training
 
 
+def test_a_round_asking_more_steps_than_the_devices_ceiling_is_refused_before_training(
+    fleet, tiny_model_dir, monkeypatch
+):
+    monkeypatch.setenv(TRUST_ENV, str(fleet / "honest.key.pub"))
+    node = {"allow-float-base": True, "max-train-steps": 1}
+    run = {**_run_config(fleet, tiny_model_dir), "train.steps": 3}  # a coordinator may ask up to 100,000
+    refused, reply = _send(fleet, run, _release(fleet, tiny_model_dir, "honest"), node)
+    assert refused and "asks 3 local steps a round, more than this device's max-train-steps 1" in refused
+    assert "arrays" not in reply.content
+    refused, reply = _send(fleet, _run_config(fleet, tiny_model_dir), _release(fleet, tiny_model_dir, "honest"), node)
+    assert refused is None and "arrays" in reply.content  # 1 step: within the ceiling
+
+
 def test_a_signed_release_of_another_run_is_refused(fleet, tiny_model_dir, monkeypatch):
     monkeypatch.setenv(TRUST_ENV, str(fleet / "honest.key.pub"))
     other = {**_run_config(fleet, tiny_model_dir), "run-id": "run-2"}  # replay protection is per run: run-1's

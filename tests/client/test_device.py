@@ -8,6 +8,7 @@ from client.device import (
     DeviceConfigError,
     PrivacyFloor,
     check_base_format,
+    check_train_steps,
     privacy_floor,
     state_file,
     trust_file,
@@ -70,3 +71,14 @@ def test_a_privacy_floor_comes_from_the_node_config_and_refuses_a_round_below_it
     for bad in ({"max-epsilon": 0}, {"min-noise-multiplier": float("inf")}, {"max-epsilon": "4"}):
         with pytest.raises(DeviceConfigError, match="is not a positive number"):
             privacy_floor(bad)
+
+
+def test_a_device_refuses_a_round_asking_more_steps_than_its_own_ceiling():
+    check_train_steps({}, 100_000)  # none set: the run decides (train.steps is at most 100,000)
+    check_train_steps({"max-train-steps": 200}, 200)
+    check_train_steps({"max-train-steps": "200"}, 30)  # as `flower-supernode --node-config` may pass it
+    with pytest.raises(DeviceConfigError, match="the run asks 100,000 local steps a round, more than .* 200$"):
+        check_train_steps({"max-train-steps": 200}, 100_000)
+    for bad in (0, -1, True, 1.5, "ten", "1e3", 100_001, "9" * 40):
+        with pytest.raises(DeviceConfigError, match=r"max-train-steps = .* must be an integer in \[1, 100,000\]"):
+            check_train_steps({"max-train-steps": bad}, 1)
