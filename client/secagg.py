@@ -248,13 +248,13 @@ def mask_delta(state: _Round, arrays: ArrayRecord) -> ArrayRecord:
     modulus, nid = state.mod_range, state.nid
     codes = [c.astype(np.int64) for c in quantize(delta, state.clipping_range, state.target_range)]
     shapes = [c.shape for c in codes]
-    masks = [(1, prg_masks(state.seed, modulus, shapes))]
+    codes = [(c + m) % modulus for c, m in zip(codes, prg_masks(state.seed, modulus, shapes), strict=True)]
     sk1 = bytes_to_private_key(state.sk1)
     for other in state.linked:  # one mask per pair, added by the larger id, subtracted by the smaller: they cancel
         pair = generate_shared_key(sk1, bytes_to_public_key(state.neighbours[other][0]))
-        masks.append((1 if nid > other else -1, prg_masks(pair, modulus, shapes)))
-    for sign, mask in masks:
-        codes = [(c + sign * m) % modulus for c, m in zip(codes, mask, strict=True)]
+        sign = 1 if nid > other else -1
+        # one pair's mask at a time, added and dropped: memory does not grow with the neighbours (255 at most)
+        codes = [(c + sign * m) % modulus for c, m in zip(codes, prg_masks(pair, modulus, shapes), strict=True)]
     return ArrayRecord({k: Array(c.astype(np.uint32)) for k, c in zip(keys, codes, strict=True)})
 
 

@@ -185,8 +185,22 @@ def _add(total: Vector, mask: Vector, sign: int, modulus: int) -> Vector:
 
 
 def _dequantize(state: RoundState, total: Vector) -> dict[str, np.ndarray]:
-    """``sum_i x_i = S 2c / L - n c`` (Flower's ``dequantize`` gives ``S 2c / L - c``; the rest is the offset)."""
+    """``sum_i x_i = S 2c / L - n c`` (Flower's ``dequantize`` gives ``S 2c / L - c``; the rest is the offset).
+
+    Each survivor's codes lie in [0, L], so an honest sum S lies in [0, n L] (below the modulus: the
+    parameters ensure it). An entry above that is a mask that did not come off: a forged share (the
+    self-mask seeds have no commitment to check a share against) or a forged masked vector left
+    uniform noise in the sum, and the round is refused rather than signed.
+    """
     p, n = state.params, len(state.survivors)
+    bound = n * p.quant_levels
+    for key, value in total.items():
+        if (above := int(np.count_nonzero(value > bound))) > 0:
+            raise SecAggAbortedError(
+                f"secure aggregation: {above:,} entries of '{key:.80}' in the unmasked sum are above {bound:,} "
+                f"({n} devices x {p.quant_levels:,} levels): a mask did not come off (a forged share or masked "
+                "vector); the global adapter stays"
+            )
     keys = list(total)
     values = dequantize([total[k] for k in keys], p.clip_range, p.quant_levels)
     return {k: v - (n - 1) * p.clip_range for k, v in zip(keys, values, strict=True)}

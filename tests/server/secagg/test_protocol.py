@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
-from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from server.secagg.params import SecAggParams
 from server.secagg.protocol import SecAggAbortedError, run_secagg
@@ -123,3 +123,20 @@ def test_a_device_sending_its_plain_delta_instead_is_refused_and_the_round_sums_
         result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
     assert result.recovered == (fleet.nodes[0],) and "expected uint32" in result.rejected[fleet.nodes[0]]
     assert_within_quantization(result.total, plain_sum(ds[1:]), 4)
+
+
+def test_a_forged_unmask_share_aborts_the_round_instead_of_signing_noise():
+    """A well-formed but forged share rebuilds a wrong seed: the wrong mask comes off, the sum is noise."""
+    ds = deltas(5, seed=6)
+    rng = np.random.default_rng(0)
+
+    def forge(msg, context, call_next):  # a hostile survivor: its shares keep their index, padding, length
+        reply = call_next(msg, context)
+        if msg.content[RECORD_KEY_CONFIGS][Key.STAGE] == Stage.UNMASK and not reply.has_error():
+            config = reply.content[RECORD_KEY_CONFIGS]
+            config[Key.SHARE_LIST] = [s[:4] + rng.bytes(32) + s[36:] for s in config[Key.SHARE_LIST]]
+        return reply
+
+    with Fleet(ds, mods={0: [forge]}) as fleet, pytest.raises(SecAggAbortedError) as aborted:
+        run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    assert "in the unmasked sum are above" in str(aborted.value) and "a mask did not come off" in str(aborted.value)
