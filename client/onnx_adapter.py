@@ -14,8 +14,9 @@ A layer the builder packs (q, k, v in one ``qkv_proj``) gets ``A = [A_q | A_k | 
 A module the adapter does not target contributes zeros. Every adapter file, and the base's own
 (``C`` and a zero LoRA column, :func:`base_tensors`), carries the correction: ONNX Runtime GenAI feeds
 *empty* factors to a generation with no adapter active, so one must always be active. Conversion refuses, naming the
-cause, an adapter this graph cannot serve exactly (DoRA, per-module ranks or alphas, a
-module the graph has no LoRA input for, a shape that does not fit).
+cause, an adapter this graph cannot serve exactly (DoRA, per-module ranks or alphas, factors of
+another rank than the config's ``r``, a module named twice, a module the graph has no LoRA input
+for, a shape that does not fit, a rank wider than its layer).
 
 numpy only (``shared.tensors.load_arrays`` parses the release): an inference-only device
 (``fleetlora[edge]``) converts adapters without torch. :class:`client.infer.EdgeModel` runs the
@@ -48,6 +49,11 @@ class AdapterError(ValueError):
 
 def lora_scale(adapter_config: bytes) -> float:
     """Return the LoRA scale of PEFT's ``adapter_config.json``; refuse options the graph does not implement."""
+    return lora_rank_and_scale(adapter_config)[1]
+
+
+def lora_rank_and_scale(adapter_config: bytes) -> tuple[int, float]:
+    """Return the rank ``r`` and the LoRA scale of PEFT's ``adapter_config.json`` (see :func:`lora_scale`)."""
     try:
         cfg = json.loads(adapter_config)
         r, alpha = cfg["r"], cfg["lora_alpha"]
@@ -63,7 +69,7 @@ def lora_scale(adapter_config: bytes) -> float:
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     if scale > MAX_LORA_SCALE:
         raise AdapterError(f"adapter_config.json scales the update by {scale:g}: refused (beyond {MAX_LORA_SCALE:g})")
-    return scale
+    return r, scale
 
 
 def base_tensors(corrections: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -80,12 +86,16 @@ def onnx_lora_tensors(
     scale: float,
     layers: Mapping[str, Mapping[str, Any]],
     corrections: Mapping[str, np.ndarray],
+    rank: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Map PEFT tensors onto the graph's branch inputs after the base's correction.
 
-    ``layers`` is ``export.json``'s ``lora_layers``; ``corrections`` the export's per-layer ``C``.
+    ``layers`` is ``export.json``'s ``lora_layers``; ``corrections`` the export's per-layer ``C``;
+    ``rank`` the config's ``r``, which every module's factors must have (None: one rank, any).
+    A rank wider than the layer it adapts (min of its in and out features) is refused: it adds
+    nothing a narrower one could not, and the converted inputs grow with it.
     """
-    modules = _by_module(state)
+    modules = _by_module(state, rank)
     known = {m for info in layers.values() for m in info["modules"]}
     unknown = sorted(set(modules) - known)
     if unknown:
@@ -95,10 +105,10 @@ def onnx_lora_tensors(
         a_parts, b_parts = [], []
         for module, n in zip(info["modules"], info["out"], strict=True):
             a, b = modules.get(module, (np.zeros((1, info["in"]), np.float32), np.zeros((n, 1), np.float32)))
-            if a.shape[1] != info["in"] or b.shape[0] != n or a.shape[0] != b.shape[1]:
+            if a.shape[1] != info["in"] or b.shape[0] != n or a.shape[0] > min(info["in"], n):
                 raise AdapterError(
                     f"{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit a "
-                    f"{info['in']} -> {n} layer"
+                    f"{info['in']} -> {n} layer (a rank is at most {min(info['in'], n)} there)"
                 )
             a_parts.append(a.T)  # (K, r)
             b_parts.append(scale * b.T)  # (r, N)
@@ -134,17 +144,32 @@ def _block_diag(blocks: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _by_module(state: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Group PEFT tensors as ``{module: (lora_A (r, K), lora_B (N, r))}``, refusing anything else."""
+def _by_module(state: Mapping[str, np.ndarray], rank: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Group PEFT tensors as ``{module: (lora_A (r, K), lora_B (N, r))}``, refusing anything else.
+
+    Every module's two factors share one rank in [1, ``MAX_LORA_RANK``], ``rank`` when given (the
+    config's ``r``: its scale is ``alpha / r``); a module named twice (with and without PEFT's
+    prefix) is refused, not one of them dropped.
+    """
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for key, value in state.items():
         stem, dot, factor = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
         if not dot or factor not in ("A.weight", "B.weight") or np.ndim(value) != 2:
-            raise AdapterError(f"adapter tensor {key!r} is not a LoRA factor (….lora_A.weight / ….lora_B.weight)")
+            raise AdapterError(f"adapter tensor {key!r:.120} is not a LoRA factor (….lora_A.weight / ….lora_B.weight)")
+        if factor[0] in pairs.get(stem, {}):
+            raise AdapterError(f"adapter has two lora_{factor} tensors for {stem!r:.120}")
         pairs.setdefault(stem, {})[factor[0]] = as_array(value).astype(np.float32)
     incomplete = sorted(m for m, p in pairs.items() if set(p) != {"A", "B"})
     if incomplete:
         raise AdapterError(f"adapter has only one LoRA factor for {incomplete[:3]}")
+    for module, p in pairs.items():
+        r_a, r_b = p["A"].shape[0], p["B"].shape[1]
+        if r_a != r_b or not 1 <= r_a <= MAX_LORA_RANK or rank is not None and r_a != rank:
+            expected = f"r = {rank} (adapter_config.json)" if rank is not None else f"one rank in [1, {MAX_LORA_RANK}]"
+            raise AdapterError(
+                f"{module:.120}: lora_A of rank {r_a} and lora_B of rank {r_b}; this graph serves {expected} "
+                "for every module"
+            )
     return {m: (p["A"], p["B"]) for m, p in pairs.items()}
 
 
@@ -162,14 +187,14 @@ def convert(adapter_config: bytes, weights: bytes, export: str | Path, out: str 
     from shared.onnx_base import read_export_info
     from shared.tensors import load_arrays
 
-    scale = lora_scale(adapter_config)
+    rank, scale = lora_rank_and_scale(adapter_config)
     try:
         state = load_arrays(weights)
         check_adapter_values(state)
     except (ReleaseError, ValueError) as exc:
         raise AdapterError(str(exc)) from None
     layers = read_export_info(export).layers_json()
-    tensors = onnx_lora_tensors(state, scale, layers, read_corrections(export))
+    tensors = onnx_lora_tensors(state, scale, layers, read_corrections(export), rank)
     return write_onnx_adapter(tensors, out)
 
 

@@ -178,6 +178,23 @@ def test_packed_qkv_adapter_computes_each_modules_own_update():
         onnx_lora_tensors({**state, **head}, 2.0, layers, corr)
     with pytest.raises(AdapterError, match="only one LoRA factor"):
         onnx_lora_tensors({f"base_model.model.{mods[0]}.lora_A.weight": torch.ones(r, k)}, 2.0, layers, corr)
+    with pytest.raises(AdapterError, match=r"this graph serves r = 3 \(adapter_config.json\)"):
+        onnx_lora_tensors(state, 2.0, layers, corr, rank=3)  # the config's r: the scale is alpha / r
+    q_a = f"base_model.model.{mods[0]}.lora_A.weight"
+    with pytest.raises(AdapterError, match="two lora_A.weight tensors for"):  # was: one of them silently dropped
+        onnx_lora_tensors({**state, q_a.removeprefix("base_model.model."): state[q_a]}, 2.0, layers, corr)
+    empty = {
+        f"base_model.model.{mods[0]}.lora_A.weight": torch.ones(0, k),
+        f"base_model.model.{mods[0]}.lora_B.weight": torch.ones(4, 0),
+    }
+    with pytest.raises(AdapterError, match="lora_A of rank 0"):
+        onnx_lora_tensors(empty, 2.0, layers, corr)
+    wide = {  # rank 3 on k_proj, a 64 -> 2 layer: no update of rank 3 exists there
+        f"base_model.model.{mods[1]}.lora_A.weight": torch.ones(3, k),
+        f"base_model.model.{mods[1]}.lora_B.weight": torch.ones(2, 3),
+    }
+    with pytest.raises(AdapterError, match=r"a rank is at most 2 there"):
+        onnx_lora_tensors(wide, 2.0, layers, corr)
 
 
 @pytest.mark.parametrize(

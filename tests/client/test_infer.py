@@ -58,6 +58,23 @@ def test_a_non_finite_adapter_is_refused_and_the_active_one_stays(edge_base, tmp
     assert torch.isfinite(torch.from_numpy(before)).all()
 
 
+def test_a_signed_adapter_whose_factors_are_not_of_its_configs_rank_is_refused(edge_base, tmp_path):
+    """Its scale is alpha / r of the config: wider factors would be served, scaled wrongly, and cost their size."""
+    model = device_model(edge_base.base)
+    edge = EdgeModel(edge_base.base, TRUST, edge_base.root / "cache", threads=1, options=EXACT)
+    good, m1 = signed_adapter(tmp_path / "a1", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest)
+    edge.apply_release(good)
+    wider = trained_state(model, 2)
+    module = sorted(k for k in wider if "lora_A" in k)[0].removesuffix(".lora_A.weight")
+    a, b = wider[f"{module}.lora_A.weight"], wider[f"{module}.lora_B.weight"]
+    wider[f"{module}.lora_A.weight"] = torch.cat([a, a])  # (2r, K): still a LoRA pair, of twice the config's r
+    wider[f"{module}.lora_B.weight"] = torch.cat([b, b], dim=1)
+    bad, _ = signed_adapter(tmp_path / "a2", model, wider, edge_base.base, 2, edge_base.digest)
+    with pytest.raises(ReleaseError, match=r"lora_A of rank \d+ and lora_B of rank \d+; this graph serves r = "):
+        edge.apply_release(bad)
+    assert edge.active is not None and edge.active.manifest == m1
+
+
 def test_the_active_adapter_is_not_verified_again_but_a_new_release_is(edge_base, tmp_path, monkeypatch):
     """``fleetlora infer`` follows LATEST before every prompt: the active release costs no second check."""
     import client.infer
