@@ -22,6 +22,7 @@ import grpc
 from shared.manifest import sha256_file
 from shared.progress import Progress
 from shared.proto import artifact_pb2
+from shared.text import printable
 
 log = logging.getLogger(__name__)
 # the service is down or busy (RESOURCE_EXHAUSTED: its download budget is full), or the transfer broke
@@ -205,5 +206,5 @@ def retry(call: Callable[[], Any], policy: FetchPolicy, sleep: Callable[[float],
 def describe(exc: BaseException) -> str:
     """One line for an operator: a gRPC status and its details, or the exception's message."""
     if isinstance(exc, grpc.RpcError):
-        return f"{exc.code().name}: {exc.details()}"
+        return f"{exc.code().name}: {printable(exc.details(), 300)}"  # the host's words, escaped
     return str(exc)

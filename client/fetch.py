@@ -42,10 +42,12 @@ from shared.chain import MAX_LINKS, ChainGapError, SignedManifest, verify_links
 from shared.errors import ReleaseError
 from shared.layout import FOLDER_NAME, PARTIAL, folder_round, latest_name, point_latest, round_folder
 from shared.manifest import Manifest, parse
+from shared.onnx_base import RUN_ID as ONNX_RUN_ID
 from shared.proto import artifact_pb2, artifact_pb2_grpc
 from shared.release import MANIFEST, SIGNATURE, read_release, verify_release
 from shared.replay import AcceptedReleases, default_state_file
 from shared.sign import TrustList
+from shared.text import printable
 
 __all__ = ["FetchError", "FetchPolicy", "FetchResult", "fetch_links", "fetch_release", "register"]
 log = logging.getLogger(__name__)
@@ -123,6 +125,7 @@ def _fetch(
         try:  # signature first: an unsigned or foreign manifest costs no download
             manifest = parse(reply.manifest)
             trust.verify(manifest.key_id, reply.manifest, reply.signature)
+            _check_asked(artifact, manifest)
             if accepted is not None:  # a replayed, rolled-back or off-chain manifest costs no download either
                 _check_follows(stub, manifest, accepted, trust, policy, sleep, address)
         except ValueError as exc:
@@ -158,6 +161,37 @@ def _fetch(
         )
 
 
+def _check_asked(artifact: str, manifest: Manifest) -> None:
+    """Refuse a signed manifest that is not of the artifact asked for (kind, run, round), where its name says.
+
+    ``base`` is the 4-bit base, ``onnx`` the ONNX base, ``adapter/<run>/latest`` and
+    ``adapter/<run>/round-NNNN`` a run's releases; any other name (an operator's alias in the
+    store) says nothing. A host that answers with another signed release (another run's, the
+    other base) is refused: the signature says who made a release, not that it is the one asked for.
+
+    Raises
+    ------
+    ValueError
+        What the manifest is, and what was asked.
+    """
+    parts = artifact.split("/")
+    asked: dict[str, Any] = {}
+    if parts == [ONNX_RUN_ID]:
+        asked = {"kind": "base", "run_id": ONNX_RUN_ID}
+    elif parts == ["base"] and manifest.run_id == ONNX_RUN_ID:
+        raise ValueError(f"asked for 'base', the service sent the ONNX base (run_id '{ONNX_RUN_ID}')")
+    elif parts == ["base"]:  # a 4-bit base: its run id is the publisher's
+        asked = {"kind": "base"}
+    elif len(parts) == 3 and parts[0] == "adapter":
+        asked = {"kind": "adapter", "run_id": parts[1]}
+        if (number := folder_round(parts[2])) is not None:
+            asked["round"] = number
+    wrong = {k: getattr(manifest, k) for k, v in asked.items() if getattr(manifest, k) != v}
+    if wrong:
+        got = ", ".join(f"{k} {v!r:.80}" for k, v in wrong.items())
+        raise ValueError(f"asked for {artifact!r:.120}, the service sent a signed release of {got}")
+
+
 def _download(
     stub: Any,
     reply: Any,
@@ -174,7 +208,7 @@ def _download(
         if reply.sizes.get(name, size) != size:
             log.warning(
                 "%s from %s announces %d bytes for %s, its signed manifest %d: only the signed size is fetched",
-                reply.artifact, address, reply.sizes[name], name, size,
+                printable(reply.artifact, 120), address, reply.sizes[name], name, size,
             )  # fmt: skip
         download_file(stub, reply.artifact, name, sha256, size, partial, policy, sleep, transfer)
     return transfer

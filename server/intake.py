@@ -17,6 +17,7 @@ from flwr.common.logger import log
 from server.replies import EvalReply, Refusal, TrainReply, reported_name
 from server.report import RoundLog
 from server.roster import Roster
+from shared.text import printable
 
 
 class Intake:
@@ -46,7 +47,7 @@ class Intake:
                     server_round,
                     self.roster.label(node),
                     phase,
-                    msg.error.reason,
+                    printable(msg.error.reason, 300),
                 )
                 continue
             try:
@@ -92,7 +93,7 @@ class Intake:
 
 def rejection_reason(exc: BaseException) -> str:
     """Return an exception as a rejection reason: its message, with its type where the type says more."""
-    text = str(exc)
+    text = str(exc)  # it may quote what the device sent: escaped, one line
     if isinstance(exc, ValueError) and text:
-        return text[:500]
-    return f"malformed reply ({type(exc).__name__}: {text[:300]})"
+        return printable(text, 500)
+    return f"malformed reply ({type(exc).__name__}: {printable(text, 300)})"

@@ -29,6 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from server.validate import check_size, check_update
 from shared.manifest import MAX_ROUND
 from shared.ranks import pad, rank_of, rank_shapes
+from shared.text import printable
 from shared.wire import unpack, wire_bytes
 
 MAX_NAME = 128
@@ -244,7 +245,7 @@ def _refusal(msg: Message, client: ConfigRecord, node_id: int, name: str) -> Ref
     reason = client["refused-release"]
     if not isinstance(reason, str):
         raise ReplyError(f"the refusal reason is a {type(reason).__name__}, expected text")
-    return Refusal(node_id, name, reason[:MAX_REASON])
+    return Refusal(node_id, name, printable(reason, MAX_REASON))  # into logs and the round log: one line
 
 
 def _records(msg: Message, expected: Mapping[str, type]) -> None:

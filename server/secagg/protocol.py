@@ -36,6 +36,7 @@ from server.secagg import stages
 from server.secagg.params import SecAggParams
 from server.secagg.replies import parse_ciphertexts, parse_masked, parse_public_keys, parse_shares
 from server.secagg.stages import RoundState, SecAggAbortedError
+from shared.text import printable
 
 __all__ = ["SecAggAbortedError", "SecAggResult", "run_secagg"]
 T = TypeVar("T")
@@ -107,7 +108,7 @@ def run_secagg(
         n: _content(Stage.UNMASK, {Key.ACTIVE_NODE_ID_LIST: alive, Key.DEAD_NODE_ID_LIST: dead})
         for n, (alive, dead) in asked.items()
     }
-    got_shares = ex.run(Stage.UNMASK, unmask, lambda m, n: parse_shares(m, [*asked[n][0], *asked[n][1]]))
+    got_shares = ex.run(Stage.UNMASK, unmask, lambda m, n: parse_shares(m, [*asked[n][0], *asked[n][1]]), in_sum=True)
     collected: dict[int, list[bytes]] = {}
     for row in got_shares.values():
         for owner, share in row.items():
@@ -188,7 +189,14 @@ class _Exchange:
     bytes_up: dict[int, int]
     bytes_down: dict[int, int]
 
-    def run(self, stage: str, contents: Mapping[int, RecordDict], parse: Callable[[Message, int], T]) -> dict[int, T]:
+    def run(
+        self, stage: str, contents: Mapping[int, RecordDict], parse: Callable[[Message, int], T], in_sum: bool = False
+    ) -> dict[int, T]:
+        """Send each device its content; return the parsed replies.
+
+        A failed reply puts its device out of the round, or, with ``in_sum`` (unmask: its masked
+        vector is already in the sum), is only logged.
+        """
         sent = {
             nid: Message(content, dst_node_id=nid, message_type=MessageType.TRAIN, group_id=str(self.server_round))
             for nid, content in contents.items()
@@ -203,18 +211,29 @@ class _Exchange:
             if nid is None:
                 continue  # not an answer to this stage's messages, or a second answer
             if reply.has_error():
-                self._reject(stage, nid, f"error reply: {str(reply.error.reason)[:200]}")
+                self._reject(stage, nid, f"error reply: {printable(reply.error.reason, 200)}", in_sum)
                 continue
             self.bytes_up[nid] = self.bytes_up.get(nid, 0) + payload_bytes(reply.content)
             try:
                 out[nid] = parse(reply, nid)
             except Exception as exc:  # noqa: BLE001 (one device's reply: a rejection, never a crash)
-                self._reject(stage, nid, f"{type(exc).__name__}: {str(exc)[:200]}")
+                self._reject(stage, nid, f"{type(exc).__name__}: {printable(exc, 200)}", in_sum)
         for nid in by_id.values():
-            self._reject(stage, nid, f"no answer within {self.timeout:g} s")
+            self._reject(stage, nid, f"no answer within {self.timeout:g} s", in_sum)
         return out
 
-    def _reject(self, stage: str, nid: int, reason: str) -> None:
+    def _reject(self, stage: str, nid: int, reason: str, in_sum: bool) -> None:
+        if in_sum:  # its vector is summed; the other survivors' shares remove its masks
+            log(
+                logging.WARNING,
+                "round %d: secure aggregation: device %d gave no shares at stage '%s' (%s); its update stays in "
+                "the sum",
+                self.server_round,
+                nid,
+                stage,
+                reason,
+            )
+            return
         self.rejected[nid] = f"{stage}: {reason}"
         log(
             logging.WARNING,

@@ -162,6 +162,16 @@ def test_grpc_status_of_a_refusing_service_is_named(root, tmp_path):
         with pytest.raises(FetchError, match="PERMISSION_DENIED: no"):
             _fetch(address, tmp_path / "cache")
 
+    class RewritesTheScreen(ArtifactServicer):  # a hostile host's status details: erase the line, print a verdict
+        async def GetManifest(self, request, context):  # noqa: N802
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "\x1b[2K\rfleetlora fetch: ok, all verified\n")
+
+    with _Started(root, RewritesTheScreen) as address:
+        with pytest.raises(FetchError) as refused:
+            _fetch(address, tmp_path / "cache", retries=0)
+    assert "PERMISSION_DENIED: \\x1b[2K\\rfleetlora fetch: ok, all verified\\n" in str(refused.value)
+    assert str(refused.value).isprintable()
+
 
 def _adapter_rounds(root, rounds):
     previous = ""
@@ -385,6 +395,44 @@ def test_latest_resolves_through_the_latest_file(base_root, tmp_path):
     assert newest.files["adapter_model.safetensors"] == bytes([2]) * 10
     assert verify_release(newest, TRUST, BASE).round == 2
     assert read_release(result.run_folder / "round-0001").files["adapter_model.safetensors"] == bytes([1]) * 10
+
+
+class AnswersWith(ArtifactServicer):
+    """A hostile host: whatever is asked, it answers with the signed release named ``answer``."""
+
+    answer = "base"
+
+    async def GetManifest(self, request, context):  # noqa: N802
+        request.artifact = self.answer
+        return await super().GetManifest(request, context)
+
+
+@pytest.mark.parametrize(
+    ("asked", "answer", "reason"),
+    [
+        ("adapter/r/latest", "adapter/other/round-0001", "run_id 'other'"),  # another run's release
+        ("adapter/r/round-0002", "adapter/r/round-0001", "round 1"),  # an older round of the run asked for
+        ("onnx", "base", "run_id 'base'"),  # the 4-bit base where the ONNX base was asked for
+        ("base", "adapter/r/round-0001", "kind 'adapter'"),
+        ("base", "onnx", "run_id 'onnx'"),  # the ONNX base where the 4-bit base was asked for
+    ],
+)
+def test_a_signed_release_other_than_the_one_asked_for_is_refused(base_root, tmp_path, asked, answer, reason):
+    _adapter_rounds(base_root, [1, 2])
+    release, _ = make_release(
+        {"w": b"o"}, kind="adapter", run_id="other", round=1, base_digest=BASE, method="fedavg", key=KEY
+    )
+    write_release(release, base_root / "adapter" / "other" / "round-0001")
+    onnx, _ = make_release({"m": b"o"}, kind="base", run_id="onnx", round=0, base_digest=BASE, method="onnx", key=KEY)
+    write_release(onnx, base_root / "onnx")
+    AnswersWith.answer = answer
+    server, address = _serve_base(base_root, AnswersWith)
+    try:
+        with pytest.raises(FetchError, match=f"manifest refused: asked for '{asked}', the service sent .*{reason}"):
+            fetch_release(address, asked, tmp_path / "cache", TRUST, None, FetchPolicy(retries=0))
+    finally:
+        server.stop(None)
+    assert not any(p.is_dir() for p in (tmp_path / "cache").iterdir())  # nothing downloaded
 
 
 def test_a_base_is_not_indexed_by_run(base_root, tmp_path):

@@ -116,6 +116,10 @@ def test_a_refusal_is_parsed_and_its_reason_bounded():
     )
     refusal = parse_train(through_flower(msg), 3, SPEC)
     assert isinstance(refusal, Refusal) and len(refusal.reason) == 1000
+    forged = "no\nINFO : round 3: aggregated 9 devices"  # a second log line, forged by a device
+    client = ConfigRecord({"refused-release": forged})
+    msg = message({"metrics": MetricRecord({"refused-release": 1}), "client": client})
+    assert parse_train(through_flower(msg), 3, SPEC).reason == "no\\nINFO : round 3: aggregated 9 devices"
 
 
 def _q8_record() -> dict:

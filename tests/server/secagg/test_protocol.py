@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Error, Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from server.secagg.params import SecAggParams
@@ -140,3 +140,20 @@ def test_a_forged_unmask_share_aborts_the_round_instead_of_signing_noise():
     with Fleet(ds, mods={0: [forge]}) as fleet, pytest.raises(SecAggAbortedError) as aborted:
         run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
     assert "in the unmasked sum are above" in str(aborted.value) and "a mask did not come off" in str(aborted.value)
+
+
+def test_a_survivor_failing_its_unmask_reply_stays_in_the_sum_and_is_not_counted_out(caplog):
+    ds = deltas(5, seed=2)
+
+    def fail(msg, context, call_next):  # answers unmask with an error whose text forges a log line
+        reply = call_next(msg, context)
+        if msg.content[RECORD_KEY_CONFIGS][Key.STAGE] == Stage.UNMASK:
+            return Message(Error(code=0, reason="x\nINFO : round 1: securely aggregated 9 devices"), reply_to=msg)
+        return reply
+
+    with Fleet(ds, mods={0: [fail]}) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    assert fleet.nodes[0] in result.survivors and result.rejected == {}  # was: in the sum and "out of the round"
+    assert_within_quantization(result.total, plain_sum(ds), 5)  # its update is in the sum, its masks came off
+    warned = [r.getMessage() for r in caplog.records if "gave no shares at stage 'unmask'" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0] and "x\\nINFO" in warned[0]  # one line, escaped
