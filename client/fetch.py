@@ -44,7 +44,7 @@ from shared.layout import FOLDER_NAME, PARTIAL, folder_round, latest_name, point
 from shared.manifest import Manifest, parse
 from shared.onnx_base import RUN_ID as ONNX_RUN_ID
 from shared.proto import artifact_pb2, artifact_pb2_grpc
-from shared.release import MANIFEST, SIGNATURE, read_release, verify_release
+from shared.release import MANIFEST, SIGNATURE, check_base, read_release, verify_release
 from shared.replay import AcceptedReleases, default_state_file
 from shared.sign import TrustList
 from shared.text import printable
@@ -126,6 +126,7 @@ def _fetch(
             manifest = parse(reply.manifest)
             trust.verify(manifest.key_id, reply.manifest, reply.signature)
             _check_asked(artifact, manifest)
+            check_base(manifest, base_digest)  # on the signed manifest: a release for another base costs nothing
             if accepted is not None:  # a replayed, rolled-back or off-chain manifest costs no download either
                 _check_follows(stub, manifest, accepted, trust, policy, sleep, address)
         except ValueError as exc:

@@ -16,9 +16,12 @@ model's chat template by onnxruntime-genai's own tokenizer (a test checks both f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -36,6 +39,7 @@ from shared.onnx_base import BASE_ADAPTER, ExportError, ExportOptions, is_onnx_b
 from shared.release import MANIFEST, read_release, verify_release
 from shared.replay import AcceptedReleases
 from shared.sign import TrustList
+from shared.text import printable
 
 log = logging.getLogger(__name__)
 BASE = "base"  # the adapter name of the base alone
@@ -51,6 +55,43 @@ class ActiveAdapter:
 
     name: str
     manifest: Manifest
+
+
+def _convert(cmd: list[str], config: bytes, weights: bytes) -> tuple[int, str]:
+    """Run the conversion child on the verified bytes; return its exit code and its last line of stderr.
+
+    That line is escaped and at most ``MAX_REASON`` characters. The bytes go to its stdin one after
+    the other (not joined into a second copy), its stderr to a file of which only the end is read:
+    the serving process holds neither twice, whatever the child says.
+
+    Raises
+    ------
+    ReleaseError
+        The child took longer than ``CONVERT_TIMEOUT_S`` (it is killed).
+    """
+    late = threading.Event()
+
+    def kill() -> None:
+        late.set()
+        child.kill()
+
+    with tempfile.TemporaryFile() as err:
+        child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+        timer = threading.Timer(CONVERT_TIMEOUT_S, kill)  # also ends a write the child never reads
+        timer.start()
+        try:
+            assert child.stdin is not None
+            with contextlib.suppress(BrokenPipeError), child.stdin:  # ended early: its exit code says why
+                child.stdin.write(config)  # the verified bytes themselves, not the files again
+                child.stdin.write(weights)
+            code = child.wait()
+        finally:
+            timer.cancel()
+        if late.is_set():
+            raise ReleaseError(f"converting the adapter took longer than {CONVERT_TIMEOUT_S} s")
+        err.seek(max(0, err.seek(0, os.SEEK_END) - 4 * MAX_REASON))
+        tail = err.read().decode(errors="replace").strip().splitlines()
+    return code, printable(tail[-1] if tail else "", MAX_REASON)
 
 
 class EdgeModel:
@@ -182,17 +223,11 @@ class EdgeModel:
         self._adapter_dir.mkdir(parents=True, exist_ok=True)
         config = release.files[ADAPTER_CONFIG]
         cmd = python_module("client.onnx_adapter", str(self.folder), str(path), str(len(config)))
-        try:  # the verified bytes themselves, not the files again: nothing can swap them in between
-            done = subprocess.run(
-                cmd, input=config + release.files[ADAPTER_WEIGHTS], capture_output=True, timeout=CONVERT_TIMEOUT_S
-            )
-        except subprocess.TimeoutExpired:
-            raise ReleaseError(f"converting the adapter took longer than {CONVERT_TIMEOUT_S} s") from None
-        if done.returncode != 0:
-            reason = (done.stderr.decode(errors="replace").strip().splitlines() or [""])[-1][:MAX_REASON]
-            if done.returncode == 2:  # the child's refusal (client.onnx_adapter._main)
-                raise ReleaseError(f"the adapter does not fit the exported model: {reason}")
-            raise ReleaseError(f"converting the adapter failed (exit {done.returncode}): {reason}")
+        code, reason = _convert(cmd, config, release.files[ADAPTER_WEIGHTS])
+        if code == 2:  # the child's refusal (client.onnx_adapter._main)
+            raise ReleaseError(f"the adapter does not fit the exported model: {reason}")
+        if code != 0:
+            raise ReleaseError(f"converting the adapter failed (exit {code}): {reason}")
         if self.accepted is not None:
             self.accepted.accept(manifest)  # recorded before it is used: a restart never goes back
         return manifest, path

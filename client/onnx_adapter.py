@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -128,9 +130,14 @@ def write_onnx_adapter(tensors: Mapping[str, np.ndarray], path: str | Path) -> P
     fmt.set_model_version(1)
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fmt.export_adapter(str(tmp))
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # its own: two sessions
+    os.close(fd)  # converting one release at once each write their own file, and the last rename wins
+    try:
+        fmt.export_adapter(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -200,13 +200,18 @@ def verify_release(
             raise ReleaseError(
                 f"{name}: {len(release.files[name]):,} bytes, the manifest signs {manifest.sizes[name]:,}"
             )
+    check_base(manifest, base_digest)
+    if accepted is not None:
+        accepted.check(manifest, verify_links(links, trust))
+    return manifest
+
+
+def check_base(manifest: Manifest, base_digest: str | None) -> None:
+    """Refuse a release for another base than ``base_digest`` (None: any base)."""
     if base_digest is not None and manifest.base_digest != base_digest:
         raise ReleaseError(
             f"release is for base model {manifest.base_digest[:16]}…, this device has {base_digest[:16]}…"
         )
-    if accepted is not None:
-        accepted.check(manifest, verify_links(links, trust))
-    return manifest
 
 
 def __getattr__(name: str) -> Any:

@@ -65,3 +65,14 @@ def test_first_run_downloads_once_and_second_run_downloads_nothing(base_root, tm
         assert second.folder == first.folder and second.bytes_downloaded == 0
     finally:
         server.stop(None)
+
+
+def test_a_fetch_for_another_base_is_refused_and_the_cached_release_stays(base_root, tmp_path):  # noqa: F811
+    server, address = _serve_base(base_root)
+    try:
+        first, _ = _fetch_counting(address, tmp_path / "cache")
+        with pytest.raises(FetchError, match="release is for base model"):
+            fetch_release(address, "base", tmp_path / "cache", TRUST, "c" * 64, FetchPolicy(retries=0))
+    finally:
+        server.stop(None)
+    assert verify_release(read_release(first.folder), TRUST, BASE)  # was deleted, then downloaded again to be refused

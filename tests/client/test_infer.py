@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -117,6 +118,35 @@ def test_a_conversion_that_crashes_is_a_refusal_and_the_active_adapter_stays(onn
         edge.apply_release(newer)
     assert edge.active is not None and edge.active.manifest == m1
     np.testing.assert_array_equal(edge.logits(ids), before)
+
+
+@pytest.mark.parametrize(
+    ("child", "refusal"),
+    [  # what a conversion child that goes wrong does: talks too much, or hangs without reading its input
+        (
+            "import sys; sys.stderr.write('x' * 20_000_000 + '\\nlast words\\x1b[2K'); sys.exit(1)",
+            r"converting the adapter failed \(exit 1\): last words\\x1b\[2K$",
+        ),
+        ("import time; time.sleep(60)", "converting the adapter took longer than 1 s"),
+    ],
+)
+def test_a_conversion_child_is_bounded_in_what_it_says_and_how_long_it_takes(
+    edge_base, tmp_path, monkeypatch, child, refusal
+):
+    model = device_model(edge_base.base)
+    edge = EdgeModel(edge_base.base, TRUST, edge_base.root / "cache", threads=1, options=EXACT)
+    release, _ = signed_adapter(tmp_path / "a1", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest)
+    monkeypatch.setattr("client.infer.python_module", lambda *_: [sys.executable, "-c", child])
+    monkeypatch.setattr("client.infer.CONVERT_TIMEOUT_S", 1)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ReleaseError, match=refusal):
+            edge.apply_release(release)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000  # the 20 MB the child wrote stayed in a file: was all of it, in this process
+    assert edge.active is None
 
 
 def test_the_onnx_base_release_answers_as_the_local_export_and_needs_no_export(onnx_base, edge_base, tmp_path):
