@@ -237,7 +237,11 @@ class EdgeModel:
         name = manifest.digest()
         with self._lock:
             active = self.active
-            self.adapters.load(str(path), name)
+            try:
+                self.adapters.load(str(path), name)
+            except RuntimeError as exc:  # onnxruntime-genai's error (the file, its shapes, memory): a refusal
+                why = printable(exc, 300)
+                raise ReleaseError(f"ONNX Runtime could not load the converted adapter: {why}") from None
             self.active = ActiveAdapter(name, manifest)
             if active:
                 self.adapters.unload(active.name)

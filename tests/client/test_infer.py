@@ -149,6 +149,20 @@ def test_a_conversion_child_is_bounded_in_what_it_says_and_how_long_it_takes(
     assert edge.active is None
 
 
+def test_an_adapter_onnx_runtime_cannot_load_is_a_refusal_and_the_active_one_stays(edge_base, tmp_path):
+    model = device_model(edge_base.base)
+    edge = EdgeModel(edge_base.base, TRUST, edge_base.root / "cache", threads=1, options=EXACT)
+    good, m1 = signed_adapter(tmp_path / "a1", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest)
+    edge.apply_release(good)
+    _, m2 = signed_adapter(tmp_path / "a2", model, trained_state(model, 2), edge_base.base, 2, edge_base.digest)
+    damaged = tmp_path / "damaged.onnx_adapter"  # what a full disk or a bug in the converter could leave
+    damaged.write_bytes(b"\0" * 100)
+    with pytest.raises(ReleaseError, match="ONNX Runtime could not load the converted adapter"):
+        edge._activate(m2, damaged)  # was a RuntimeError, which `infer` does not treat as a refusal
+    assert edge.active is not None and edge.active.manifest == m1
+    assert edge.logits(edge.prompt_ids("Define 'hammer'.")).shape[0] > 0  # still answering
+
+
 def test_the_onnx_base_release_answers_as_the_local_export_and_needs_no_export(onnx_base, edge_base, tmp_path):
     model = device_model(edge_base.base)
     adapter, _ = signed_adapter(tmp_path / "a1", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest)
