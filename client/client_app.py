@@ -247,7 +247,7 @@ def _install(
         if cfg.base.format != "int4":
             raise
         tls = device.channel_credentials(context.node_config)
-        more = fetch_links(cfg.base.address, gap.manifest, gap.accepted_round, credentials=tls)
+        more = fetch_links(cfg.base.address, gap.manifest, gap.accepted_round, trust, credentials=tls)
         return install_release(model, release, trust, base_digest, accepted, [*links, *more], own_rank, run_id).round
 
 

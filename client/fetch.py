@@ -38,7 +38,7 @@ import grpc
 from client import channel, objects
 from client.download import FetchError, FetchPolicy, Transfer, download_file, retry
 from shared.atomic import fsync_dir, write_atomic
-from shared.chain import MAX_LINKS, ChainGapError, SignedManifest, verify_links
+from shared.chain import MAX_CATCH_UP, ChainGapError, SignedManifest, verify_links
 from shared.errors import ReleaseError
 from shared.layout import FOLDER_NAME, PARTIAL, folder_round, latest_name, point_latest, round_folder
 from shared.manifest import Manifest, parse
@@ -228,7 +228,7 @@ def _check_follows(
     try:
         accepted.check(manifest)
     except ChainGapError as gap:
-        links = _chain_links(stub, manifest, gap.accepted_round, policy, sleep, address)
+        links = _chain_links(stub, manifest, gap.accepted_round, trust, policy, sleep, address)
         accepted.check(manifest, verify_links(links, trust))
 
 
@@ -236,6 +236,7 @@ def fetch_links(
     address: str,
     manifest: Manifest,
     accepted_round: int,
+    trust: TrustList,
     credentials: grpc.ChannelCredentials | None = None,
     policy: FetchPolicy | None = None,
 ) -> list[SignedManifest]:
@@ -248,34 +249,41 @@ def fetch_links(
     Raises
     ------
     FetchError
-        The service is unreachable, or more than ``MAX_LINKS`` rounds are missing.
+        The service is unreachable, more than ``MAX_CATCH_UP`` rounds are missing, or a manifest it
+        sends is not one the trust list signed (checked as it arrives: only signed manifests are held).
     """
     policy = policy or FetchPolicy()
     channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
     with channel:
         stub = artifact_pb2_grpc.ArtifactServiceStub(channel)
-        return _chain_links(stub, manifest, accepted_round, policy, time.sleep, address)
+        return _chain_links(stub, manifest, accepted_round, trust, policy, time.sleep, address)
 
 
 def _chain_links(
     stub: Any,
     manifest: Manifest,
     accepted_round: int,
+    trust: TrustList,
     policy: FetchPolicy,
     sleep: Callable[[float], None],
     address: str,
 ) -> list[SignedManifest]:
     missing = range(manifest.round - 1, accepted_round, -1)
-    if len(missing) > MAX_LINKS:
+    if len(missing) > MAX_CATCH_UP:
         raise FetchError(
             f"round {manifest.round} of run {manifest.run_id}: this device accepted round {accepted_round}, "
-            f"{len(missing)} rounds behind, more than the {MAX_LINKS} it checks the chain through; refused"
+            f"{len(missing)} rounds behind, more than the {MAX_CATCH_UP:,} it fetches the chain through; refused"
         )
     links = []
     for number in missing:
         reply = _manifest_if_any(stub, f"adapter/{manifest.run_id}/{round_folder(number)}", policy, sleep, address)
         if reply is not None:  # None: a round that published nothing
-            links.append(SignedManifest(reply.manifest, reply.signature))
+            link = SignedManifest(reply.manifest, reply.signature)
+            try:  # now, not after thousands: a host's unsigned filler is never held
+                verify_links([link], trust)
+            except ReleaseError as exc:
+                raise FetchError(f"round {number} of run {manifest.run_id} from {address}: {exc}") from None
+            links.append(link)
     return links
 
 

@@ -5,7 +5,8 @@ rounds that published nothing leave gaps in the round numbers, never in the chai
 that accepted round ``L`` takes round ``R > L`` only if ``R`` leads back to ``L`` through
 ``previous`` links: directly, or through intermediate manifests it is given (the round
 message carries the last few, ``shared/release_records.py``; a device further behind fetches
-the rest from the artifact service, ``client/fetch.py``), each verified against the trust list.
+the rest from the artifact service, up to :data:`MAX_CATCH_UP` rounds, ``client/fetch.py``), each
+verified against the trust list.
 A signed release that does not lead back (a fork, or one from another history) is refused.
 
 Time: ``created`` may not lie more than :data:`MAX_CLOCK_SKEW` ahead of the device's clock (a
@@ -24,7 +25,11 @@ from shared.errors import ReleaseError
 from shared.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse
 from shared.sign import SignatureError, TrustList
 
-MAX_LINKS = 64  # intermediate manifests one check may walk through (a device further behind is refused)
+MAX_LINKS = 64  # intermediate manifests a round message may carry (``shared/release_records.py``)
+MAX_CATCH_UP = 10_000
+"""Rounds a device behind may fetch the manifests of, one by one from the artifact service, each
+signature-checked as it arrives (``client/fetch.py``): a device offline for weeks catches up (a few
+kB and one call per round); one further behind is refused, naming the gap."""
 MAX_CLOCK_SKEW = dt.timedelta(days=1)
 
 
@@ -49,10 +54,11 @@ def verify_links(links: Sequence[SignedManifest], trust: TrustList) -> list[Mani
     Raises
     ------
     ReleaseError
-        More than :data:`MAX_LINKS` links, or one that is malformed or not signed by a trusted key.
+        More than :data:`MAX_LINKS` + :data:`MAX_CATCH_UP` links (a message's and the fetched ones), or
+        one that is malformed or not signed by a trusted key.
     """
-    if len(links) > MAX_LINKS:
-        raise ReleaseError(f"{len(links)} chain manifests given, more than {MAX_LINKS}")
+    if len(links) > MAX_LINKS + MAX_CATCH_UP:
+        raise ReleaseError(f"{len(links)} chain manifests given, more than {MAX_LINKS + MAX_CATCH_UP}")
     verified = []
     for number, link in enumerate(links, 1):
         try:

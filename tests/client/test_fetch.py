@@ -17,6 +17,7 @@ from server.artifact_store import ArtifactStore
 from server.distribute import ArtifactServicer, serve
 from shared.proto import artifact_pb2
 from shared.release import follow_latest, make_release, read_release, verify_release, write_release
+from shared.replay import AcceptedReleases
 from shared.sign import TrustList, public_line
 
 KEY = Ed25519PrivateKey.generate()
@@ -230,17 +231,22 @@ def test_fleetlora_fetch_follows_the_chain_across_missed_and_empty_rounds(root, 
     assert not (cache / "adapter" / "r" / "round-0005").exists()  # refused before anything was downloaded
 
 
-def test_a_device_too_far_behind_is_refused_with_its_reason(root, tmp_path):
+def test_a_device_far_behind_catches_up_and_one_too_far_is_refused_with_its_reason(root, tmp_path, monkeypatch):
     from client.fetch import fetch_links
     from shared.chain import MAX_LINKS
-    from shared.manifest import parse
 
-    _adapter_rounds(root, (1, MAX_LINKS + 3))
+    rounds = [*range(1, MAX_LINKS + 4), MAX_LINKS + 6]  # one round published nothing
+    _adapter_rounds(root, rounds)
+    (root / "adapter" / "r" / "LATEST").write_text(f"round-{MAX_LINKS + 6:04d}\n")
+    cache, state = tmp_path / "cache", AcceptedReleases(tmp_path / "accepted.json")
     with _Started(root, ArtifactServicer) as address:
-        latest = parse((root / "adapter" / "r" / f"round-{MAX_LINKS + 3:04d}" / "manifest.json").read_bytes())
-        assert fetch_links(address, latest, MAX_LINKS + 1) == []  # round MAX_LINKS + 2 published nothing
-        with pytest.raises(FetchError, match=r"66 rounds behind, more than the 64 it checks the chain through"):
-            fetch_links(address, latest, 0)
+        fetch_release(address, "adapter/r/round-0001", cache, TRUST, BASE, accepted=state)  # accepted: round 1
+        latest = fetch_release(address, "adapter/r/latest", cache, TRUST, BASE, accepted=state)  # 69 rounds on
+        assert latest.manifest.round == MAX_LINKS + 6  # was refused: more than 64 rounds behind, for good
+        assert len(fetch_links(address, latest.manifest, 1, TRUST)) == MAX_LINKS + 2
+        monkeypatch.setattr("client.fetch.MAX_CATCH_UP", MAX_LINKS)
+        with pytest.raises(FetchError, match=r"68 rounds behind, more than the 64 it fetches the chain through"):
+            fetch_links(address, latest.manifest, 1, TRUST)
 
 
 # ---------------------------------------------------------------- resume, retry, verify: an honest service
