@@ -150,6 +150,7 @@ class EdgeModel:
         self.lora_layers = info.layers_json()
         self._adapter_dir = Path(cache) / "onnx-adapters"
         self.active: ActiveAdapter | None = None
+        self._refused: dict[str, str] = {}  # manifest digest -> why its verified content cannot be served
         try:
             first = self._prepare(adapter) if adapter is not None else None
         except (ReleaseError, OSError) as exc:
@@ -201,9 +202,11 @@ class EdgeModel:
 
         Returns its manifest and the file (None: it is the active adapter already).
         """
-        active = self.active
-        if active is not None and _manifest_digest(Path(folder)) == active.manifest.digest():
+        active, digest = self.active, _manifest_digest(Path(folder))
+        if active is not None and digest == active.manifest.digest():
             return active.manifest, None  # verified when it was applied; `infer` follows LATEST before each prompt
+        if digest in self._refused:  # these very manifest bytes: their hashed files convert or load no better now
+            raise ReleaseError(f"{self._refused[digest]} (refused before in this session)")
         release = read_release(folder, self.trust)
         manifest = verify_release(release, self.trust, self.base_digest, self.accepted)
         if manifest.kind != "adapter":
@@ -224,8 +227,9 @@ class EdgeModel:
         config = release.files[ADAPTER_CONFIG]
         cmd = python_module("client.onnx_adapter", str(self.folder), str(path), str(len(config)))
         code, reason = _convert(cmd, config, release.files[ADAPTER_WEIGHTS])
-        if code == 2:  # the child's refusal (client.onnx_adapter._main)
-            raise ReleaseError(f"the adapter does not fit the exported model: {reason}")
+        if code == 2:  # the child's refusal (client.onnx_adapter._main): of the verified content, so for good
+            self._refused[manifest.digest()] = f"the adapter does not fit the exported model: {reason}"
+            raise ReleaseError(self._refused[manifest.digest()])
         if code != 0:
             raise ReleaseError(f"converting the adapter failed (exit {code}): {reason}")
         if self.accepted is not None:
@@ -240,7 +244,7 @@ class EdgeModel:
             try:
                 self.adapters.load(str(path), name)
             except RuntimeError as exc:  # onnxruntime-genai's error (the file, its shapes, memory): a refusal
-                why = printable(exc, 300)
+                why = printable(exc, 300)  # not remembered: memory may be what it lacked
                 raise ReleaseError(f"ONNX Runtime could not load the converted adapter: {why}") from None
             self.active = ActiveAdapter(name, manifest)
             if active:

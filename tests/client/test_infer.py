@@ -59,7 +59,7 @@ def test_a_non_finite_adapter_is_refused_and_the_active_one_stays(edge_base, tmp
     assert torch.isfinite(torch.from_numpy(before)).all()
 
 
-def test_a_signed_adapter_whose_factors_are_not_of_its_configs_rank_is_refused(edge_base, tmp_path):
+def test_a_signed_adapter_whose_factors_are_not_of_its_configs_rank_is_refused(edge_base, tmp_path, monkeypatch):
     """Its scale is alpha / r of the config: wider factors would be served, scaled wrongly, and cost their size."""
     model = device_model(edge_base.base)
     edge = EdgeModel(edge_base.base, TRUST, edge_base.root / "cache", threads=1, options=EXACT)
@@ -74,6 +74,9 @@ def test_a_signed_adapter_whose_factors_are_not_of_its_configs_rank_is_refused(e
     with pytest.raises(ReleaseError, match=r"lora_A of rank \d+ and lora_B of rank \d+; this graph serves r = "):
         edge.apply_release(bad)
     assert edge.active is not None and edge.active.manifest == m1
+    monkeypatch.setattr("client.infer._convert", None)  # `infer` asks again before every prompt: no second child
+    with pytest.raises(ReleaseError, match=r"this graph serves r = .*\(refused before in this session\)$"):
+        edge.apply_release(bad)
 
 
 def test_the_active_adapter_is_not_verified_again_but_a_new_release_is(edge_base, tmp_path, monkeypatch):
