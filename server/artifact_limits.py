@@ -95,8 +95,8 @@ class BusyError(RuntimeError):
 class Budget:
     """Slots in all (``total``; None: no bound of its own) and per device.
 
-    A plaintext client (no name) has no per-device bound: it has no name to be counted by. Used
-    from the service's event loop only: no lock.
+    A plaintext client on loopback (no name: ``server.distribute.device_of``) has no per-device
+    bound. Used from the service's event loop only: no lock.
     """
 
     def __init__(self, what: str, per_device: int, total: int | None = None) -> None:

@@ -57,10 +57,25 @@ from shared.proto import artifact_pb2
 log = logging.getLogger(__name__)
 
 
-def _device(context: Any) -> str | None:
-    """Return the name in the client certificate (mutual TLS), or None over plaintext."""
+def device_of(context: Any) -> str | None:
+    """Return who is calling, for the per-device bounds: the name in its client certificate (mutual TLS).
+
+    Over plaintext (``--insecure``), ``ip:<address>`` of a peer that is not on loopback (every
+    connection from one address counts as one device); None on loopback, where a simulation's
+    devices all come from 127.0.0.1 and have no name to be counted by.
+    """
     names = context.auth_context().get("x509_common_name") or []
-    return names[0].decode(errors="replace") if names else None
+    if names:
+        return names[0].decode(errors="replace")
+    kind, _, rest = str(context.peer()).partition(":")  # "ipv4:10.0.0.7:50123", "ipv6:[2001:db8::1]:50123"
+    host = rest.rpartition(":")[0].strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None  # a unix socket or something else without an address
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped  # "::ffff:127.0.0.1" is loopback too
+    return None if kind not in ("ipv4", "ipv6") or address.is_loopback else f"ip:{address}"
 
 
 SERVICE = artifact_pb2.DESCRIPTOR.services_by_name["ArtifactService"].full_name
@@ -200,7 +215,7 @@ class ArtifactServicer:
 
 async def _take(budget: Budget, context: Any, what: str) -> str | None:
     """Take a slot of ``budget`` for the caller's device and return the device; RESOURCE_EXHAUSTED if none is free."""
-    device = _device(context)
+    device = device_of(context)
     try:
         budget.take(device)
     except BusyError as exc:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from client.channel import device_credentials
 from server.artifact_limits import ServiceLimits
 from server.artifact_store import ArtifactStore
-from server.distribute import SERVICE, ArtifactServicer, serve, server_credentials
+from server.distribute import SERVICE, ArtifactServicer, device_of, serve, server_credentials
 from shared.certs import make_fleet_certs
 from shared.manifest import parse
 from shared.proto import artifact_pb2, artifact_pb2_grpc
@@ -73,7 +73,7 @@ def _silent_call(stack, address, credentials=None):
     return future
 
 
-def _device(certs, name):
+def _credentials(certs, name):
     return device_credentials(certs.ca, certs.node_cert(name), certs.node_tls_key(name))
 
 
@@ -129,13 +129,13 @@ def test_one_device_cannot_hold_every_call_with_silent_ones(service, tmp_path):
 
     with contextlib.ExitStack() as stack:
         for _ in range(limits.calls_per_device):
-            _silent_call(stack, address, _device(certs, "dev-a"))
+            _silent_call(stack, address, _credentials(certs, "dev-a"))
         _until(lambda: servicer.calls.running == limits.calls_per_device, "dev-a's calls did not reach the service")
         with pytest.raises(grpc.RpcError) as refused:
-            _manifest(stack, address, _device(certs, "dev-a"))  # one call more of the same device: refused at once
+            _manifest(stack, address, _credentials(certs, "dev-a"))  # one call more of the same device: refused at once
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert f"device 'dev-a' already has {limits.calls_per_device} calls open" in refused.value.details()
-        assert parse(_manifest(stack, address, _device(certs, "dev-b")).manifest).files.keys() == {FILE}
+        assert parse(_manifest(stack, address, _credentials(certs, "dev-b")).manifest).files.keys() == {FILE}
 
 
 def test_replies_a_device_never_reads_count_against_it_until_their_calls_end(service, tmp_path):
@@ -154,9 +154,37 @@ def test_replies_a_device_never_reads_count_against_it_until_their_calls_end(ser
         assert servicer.calls.running == per_device  # was 0: handlers done, replies queued, nothing counted
         with contextlib.ExitStack() as stack:
             with pytest.raises(grpc.RpcError) as refused:
-                _manifest(stack, address, _device(certs, "dev-a"))
+                _manifest(stack, address, _credentials(certs, "dev-a"))
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert parse(_manifest(stack, address, _device(certs, "dev-b")).manifest).files.keys() == {FILE}
+            assert parse(_manifest(stack, address, _credentials(certs, "dev-b")).manifest).files.keys() == {FILE}
     finally:
         hostile.close()
     _until(lambda: servicer.calls.running == 0, "the slots were not given back when the connection closed")
+
+
+class _Peer:  # what the service reads of a call to know who makes it
+    def __init__(self, peer, names=()):
+        self._peer, self._names = peer, list(names)
+
+    def peer(self):
+        return self._peer
+
+    def auth_context(self):
+        return {"x509_common_name": self._names} if self._names else {}
+
+
+@pytest.mark.parametrize(
+    ("peer", "names", "device"),
+    [
+        ("ipv4:10.0.0.7:50123", [b"dev-a"], "dev-a"),  # mutual TLS: the certificate's name
+        ("ipv4:10.0.0.7:50123", [], "ip:10.0.0.7"),  # plaintext (--insecure): one address, one device
+        ("ipv4:10.0.0.7:61000", [], "ip:10.0.0.7"),  # another connection from it: the same
+        ("ipv6:[2001:db8::1]:50123", [], "ip:2001:db8::1"),
+        ("ipv4:127.0.0.1:50123", [], None),  # loopback: a simulation's devices, no name to count by
+        ("ipv6:[::1]:50123", [], None),
+        ("ipv6:[::ffff:127.0.0.1]:50123", [], None),
+        ("unix:/tmp/socket", [], None),
+    ],
+)
+def test_who_calls_is_the_certificates_name_else_a_non_loopback_address(peer, names, device):
+    assert device_of(_Peer(peer, names)) == device
