@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from client.generation import GenerationOptions
 from shared.errors import ReleaseError
 from shared.files import read_bounded
-from shared.layout import PARTIAL, follow_latest
+from shared.layout import PARTIAL, follow_latest, round_folder
 from shared.manifest import MAX_SIGNATURE_BYTES, Manifest, read_manifest
 from shared.model import cache_dir
 from shared.onnx_base import RUN_ID, ExportOptions, is_onnx_base
@@ -89,7 +89,14 @@ def _infer(args: argparse.Namespace) -> int:
             first = follow_latest(args.adapter)
         except (ReleaseError, OSError) as exc:
             raise ReleaseError(f"adapter {args.adapter} refused: {exc}") from None
-    model = EdgeModel(base, trust, cache, threads=args.threads, options=export, accepted=accepted, adapter=first)
+    try:
+        model = EdgeModel(base, trust, cache, threads=args.threads, options=export, accepted=accepted, adapter=first)
+    except ReleaseError as exc:
+        fallback = _last_accepted(args.adapter, first, accepted)
+        if fallback is None:
+            raise
+        print(f"[{exc}; round {fallback.name} of this run, the last this device accepted, serves]", file=sys.stderr)
+        model = EdgeModel(base, trust, cache, threads=args.threads, options=export, accepted=accepted, adapter=fallback)
     if model.active is not None:
         _announce(model.active.manifest)
     options = _generation(args, model.generation)
@@ -183,6 +190,22 @@ def _base_for(adapter: Path | None, releases: Path, trust: TrustList | None = No
         if m.base_digest == digest and (trust is None or _signed(beside, m, trust)):
             return beside
     return newest_base(releases, digest, trust)
+
+
+def _last_accepted(adapter: Path | None, refused: Path | None, accepted: AcceptedReleases) -> Path | None:
+    """Return the folder of the round this device last accepted of the run folder ``adapter``, if not ``refused``.
+
+    The run folder's name is its run id (as ``fetch`` and the coordinator lay them out); None when
+    ``adapter`` is a release folder, or that round is not in it.
+    """
+    if adapter is None or refused is None or refused == adapter:  # a release folder given, not a run's
+        return None
+    record = accepted.runs.get(f"adapter:{Path(adapter).name}") or {}
+    number = record.get("round")
+    if type(number) is not int:
+        return None
+    folder = Path(adapter) / round_folder(number)
+    return folder if folder != refused and folder.is_dir() else None
 
 
 def _follow(model: EdgeModel, adapter: Path) -> None:

@@ -41,6 +41,27 @@ def test_a_later_infer_session_refuses_an_older_round(edge_base, tmp_path, capsy
     assert main(["infer", *common, "--no-adapter", "Define 'otter'."]) == 0  # the base itself stays pinned, usable
 
 
+def test_a_new_session_whose_latest_release_is_refused_serves_the_last_accepted_round(edge_base, tmp_path, capsys):
+    trust = tmp_path / "trust.pub"
+    trust.write_text(public_line(KEY.public_key()) + "\n")
+    model = device_model(edge_base.base)
+    run, state = tmp_path / "run", tmp_path / "accepted.json"
+    signed_adapter(run / "round-0001", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest)
+    # signed, but off the chain (it does not name round 1 as its previous): what a hostile LATEST may name
+    signed_adapter(run / "round-0002", model, trained_state(model, 2), edge_base.base, 2, edge_base.digest)
+    common = ["--base", str(edge_base.base), "--trust", str(trust), "--cache", str(edge_base.root / "cache")]
+    common += ["--state", str(state), "--max-new-tokens", "2", "--adapter", str(run), "Define 'otter'."]
+    (run / "LATEST").write_text("round-0001\n")
+    assert main(["infer", *common]) == 0  # accepts round 1
+    (run / "LATEST").write_text("round-0002\n")
+    capsys.readouterr()
+    assert main(["infer", *common]) == 0  # was: exit 2, no answer at all
+    err = capsys.readouterr().err
+    assert "chain broken: round 2 of run run" in err
+    assert "round-0001 of this run, the last this device accepted, serves" in err
+    assert "[adapter: run run round 1" in err
+
+
 def test_a_non_finite_adapter_is_refused_and_the_active_one_stays(edge_base, tmp_path):
     model = device_model(edge_base.base)
     edge = EdgeModel(edge_base.base, TRUST, edge_base.root / "cache", threads=1, options=EXACT)
