@@ -25,15 +25,23 @@ from tests.conftest import REPO
 from tests.fifo import outcome_without_blocking
 
 
-def test_a_later_infer_session_refuses_an_older_round(edge_base, tmp_path, capsys):
+def _two_rounds(edge_base, tmp_path):
+    """Return a run folder with signed rounds 1 and 2 and the options of an `infer` session on them.
+
+    Round 2 does not name round 1 as its previous; the session has its own trust file and replay store.
+    """
     trust = tmp_path / "trust.pub"
     trust.write_text(public_line(KEY.public_key()) + "\n")
     model = device_model(edge_base.base)
-    run, state = tmp_path / "run", tmp_path / "accepted.json"
+    run = tmp_path / "run"
     signed_adapter(run / "round-0001", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest)
     signed_adapter(run / "round-0002", model, trained_state(model, 2), edge_base.base, 2, edge_base.digest)
     common = ["--base", str(edge_base.base), "--trust", str(trust), "--cache", str(edge_base.root / "cache")]
-    common += ["--state", str(state), "--max-new-tokens", "2"]
+    return run, [*common, "--state", str(tmp_path / "accepted.json"), "--max-new-tokens", "2"]
+
+
+def test_a_later_infer_session_refuses_an_older_round(edge_base, tmp_path, capsys):
+    run, common = _two_rounds(edge_base, tmp_path)
     assert main(["infer", *common, "--adapter", str(run / "round-0002"), "Define 'otter'."]) == 0
     capsys.readouterr()
     assert main(["infer", *common, "--adapter", str(run / "round-0001"), "Define 'otter'."]) == 2  # a new session
@@ -42,20 +50,13 @@ def test_a_later_infer_session_refuses_an_older_round(edge_base, tmp_path, capsy
 
 
 def test_a_new_session_whose_latest_release_is_refused_serves_the_last_accepted_round(edge_base, tmp_path, capsys):
-    trust = tmp_path / "trust.pub"
-    trust.write_text(public_line(KEY.public_key()) + "\n")
-    model = device_model(edge_base.base)
-    run, state = tmp_path / "run", tmp_path / "accepted.json"
-    signed_adapter(run / "round-0001", model, trained_state(model, 1), edge_base.base, 1, edge_base.digest)
-    # signed, but off the chain (it does not name round 1 as its previous): what a hostile LATEST may name
-    signed_adapter(run / "round-0002", model, trained_state(model, 2), edge_base.base, 2, edge_base.digest)
-    common = ["--base", str(edge_base.base), "--trust", str(trust), "--cache", str(edge_base.root / "cache")]
-    common += ["--state", str(state), "--max-new-tokens", "2", "--adapter", str(run), "Define 'otter'."]
+    run, common = _two_rounds(edge_base, tmp_path)  # round 2 is off the chain: what a hostile LATEST may name
+    session = ["infer", *common, "--adapter", str(run), "Define 'otter'."]
     (run / "LATEST").write_text("round-0001\n")
-    assert main(["infer", *common]) == 0  # accepts round 1
+    assert main(session) == 0  # accepts round 1
     (run / "LATEST").write_text("round-0002\n")
     capsys.readouterr()
-    assert main(["infer", *common]) == 0  # was: exit 2, no answer at all
+    assert main(session) == 0  # was: exit 2, no answer at all
     err = capsys.readouterr().err
     assert "chain broken: round 2 of run run" in err
     assert "round-0001 of this run, the last this device accepted, serves" in err
