@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.device import DeviceConfigError
+from client.device import DeviceConfigError, node_integer
 from client.loss import CHUNK
 from shared.files import read_bounded
 from shared.int4_layer import is_int4_folder
@@ -200,16 +200,7 @@ def parse_budget(node_config: Mapping[str, Any]) -> int | None:
     DeviceConfigError
         The value is not a whole number of MB in that range.
     """
-    if BUDGET_KEY not in node_config:
-        return None
-    value = node_config[BUDGET_KEY]
-    if isinstance(value, str) and 0 < len(value.strip()) <= 8 and value.strip().isascii() and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BUDGET_MB:
-        raise DeviceConfigError(
-            f"device setting {BUDGET_KEY} = {value!r:.40} must be a whole number of MB in [1, {MAX_BUDGET_MB}]"
-        )
-    return value
+    return node_integer(node_config, BUDGET_KEY, MAX_BUDGET_MB, 8, f"a whole number of MB in [1, {MAX_BUDGET_MB}]")
 
 
 def footprint(shape: ModelShape, targets: tuple[str, ...], rank: int, micro: int, checkpointing: int, seq: int,

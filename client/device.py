@@ -191,6 +191,28 @@ def privacy_floor(node_config: Mapping[str, Any]) -> PrivacyFloor:
     )
 
 
+def node_integer(node_config: Mapping[str, Any], key: str, high: int, digits: int, what: str) -> int | None:
+    """Return the node config's ``key`` as an integer in [1, ``high``], None when it is not set.
+
+    ``flower-supernode --node-config`` may pass a number as text: ASCII digits, at most ``digits``
+    of them, are read as one. ``what`` names the range in the refusal.
+
+    Raises
+    ------
+    DeviceConfigError
+        Anything else: ``device setting <key> = <value> must be <what>``.
+    """
+    if key not in node_config:
+        return None
+    value = node_config[key]
+    text = value.strip() if isinstance(value, str) else ""
+    if 0 < len(text) <= digits and text.isascii() and text.isdigit():
+        value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise DeviceConfigError(f"device setting {key} = {value!r:.40} must be {what}")
+    return value
+
+
 def check_train_steps(node_config: Mapping[str, Any], steps: int) -> None:
     """Refuse a round that asks more local steps than this device's ``max-train-steps`` (none set: no ceiling).
 
@@ -202,16 +224,8 @@ def check_train_steps(node_config: Mapping[str, Any], steps: int) -> None:
     DeviceConfigError
         The setting is not an integer in [1, ``MAX_TRAIN_STEPS``], or the round asks more steps.
     """
-    value = node_config.get(STEPS_KEY)
-    if value is None:
-        return
-    if isinstance(value, str) and 0 < len(value.strip()) <= 6 and value.strip().isascii() and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TRAIN_STEPS:
-        raise DeviceConfigError(
-            f"device setting {STEPS_KEY} = {value!r:.40} must be an integer in [1, {MAX_TRAIN_STEPS:,}]"
-        )
-    if steps > value:
+    value = node_integer(node_config, STEPS_KEY, MAX_TRAIN_STEPS, 6, f"an integer in [1, {MAX_TRAIN_STEPS:,}]")
+    if value is not None and steps > value:
         raise DeviceConfigError(
             f"the run asks {steps:,} local steps a round, more than this device's {STEPS_KEY} {value:,}"
         )

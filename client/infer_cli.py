@@ -200,9 +200,8 @@ def _last_accepted(adapter: Path | None, refused: Path | None, accepted: Accepte
     """
     if adapter is None or refused is None or refused == adapter:  # a release folder given, not a run's
         return None
-    record = accepted.runs.get(f"adapter:{Path(adapter).name}") or {}
-    number = record.get("round")
-    if type(number) is not int:
+    number = accepted.accepted_round("adapter", Path(adapter).name)
+    if number is None:
         return None
     folder = Path(adapter) / round_folder(number)
     return folder if folder != refused and folder.is_dir() else None

@@ -68,6 +68,11 @@ class AcceptedReleases:
         self._checked: dict[str, str | None] = {}
         """Per manifest digest checked, the digest of its run's record then (None: no record)."""
 
+    def accepted_round(self, kind: str, run_id: str) -> int | None:
+        """Return the round of the run's release this device accepted last (None: none), as the store was last read."""
+        last = self.runs.get(_key(kind, run_id))
+        return None if last is None else int(last["round"])
+
     def check(self, manifest: Manifest, links: Sequence[Manifest] = (), now: dt.datetime | None = None) -> None:
         """Refuse a release that does not follow the last accepted one of its run (``shared/chain.py``).
 
@@ -83,7 +88,7 @@ class AcceptedReleases:
             (:class:`shared.chain.ChainGapError`), from the future, or older than the accepted one.
         """
         self.runs = _load(self.path)
-        last = self.runs.get(f"{manifest.kind}:{manifest.run_id}")
+        last = self.runs.get(_key(manifest.kind, manifest.run_id))
         self._checked[manifest.digest()] = last["digest"] if last else None  # what accept() expects to find
         check_time(manifest, "", now)
         if last is None:
@@ -130,7 +135,7 @@ class AcceptedReleases:
                 f"{manifest.kind} {manifest.run_id} round {manifest.round} was not checked against {self.path}: "
                 "not recorded (verify it with this store first)"
             )
-        key = f"{manifest.kind}:{manifest.run_id}"
+        key = _key(manifest.kind, manifest.run_id)
         entry = {"round": manifest.round, "digest": manifest.digest(), "created": manifest.created}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,6 +185,11 @@ def _exclusive(lock: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing drops the lock
+
+
+def _key(kind: str, run_id: str) -> str:
+    """Return the key of a run's record in the store: ``adapter:<run-id>``, ``base:base``."""
+    return f"{kind}:{run_id}"
 
 
 def _load(path: Path) -> dict[str, dict[str, Any]]:
