@@ -229,7 +229,7 @@ def _check_follows(
         accepted.check(manifest)
     except ChainGapError as gap:
         links = _chain_links(stub, manifest, gap.accepted_round, trust, policy, sleep, address)
-        accepted.check(manifest, verify_links(links, trust))
+        accepted.check(manifest, [verified for _, verified in links])
 
 
 def fetch_links(
@@ -243,8 +243,9 @@ def fetch_links(
     """Fetch the signed manifests of the run's releases between ``accepted_round`` and ``manifest.round``.
 
     For a device that missed more rounds than its round message carries links for
-    (``shared/chain.py``); rounds that published nothing are skipped. The manifests are not
-    verified here: ``verify_release`` checks each against the trust list.
+    (``shared/chain.py``); rounds that published nothing are skipped. Each is signature-checked as
+    it arrives (so only signed ones are held), and ``verify_release`` checks them again with the
+    release they lead to.
 
     Raises
     ------
@@ -256,7 +257,8 @@ def fetch_links(
     channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
     with channel:
         stub = artifact_pb2_grpc.ArtifactServiceStub(channel)
-        return _chain_links(stub, manifest, accepted_round, trust, policy, time.sleep, address)
+        links = _chain_links(stub, manifest, accepted_round, trust, policy, time.sleep, address)
+    return [signed for signed, _ in links]
 
 
 def _chain_links(
@@ -267,7 +269,8 @@ def _chain_links(
     policy: FetchPolicy,
     sleep: Callable[[float], None],
     address: str,
-) -> list[SignedManifest]:
+) -> list[tuple[SignedManifest, Manifest]]:
+    """Fetch the run's manifests between ``accepted_round`` and ``manifest``; return each with its verified parse."""
     missing = range(manifest.round - 1, accepted_round, -1)
     if len(missing) > MAX_CATCH_UP:
         raise FetchError(
@@ -280,10 +283,10 @@ def _chain_links(
         if reply is not None:  # None: a round that published nothing
             link = SignedManifest(reply.manifest, reply.signature)
             try:  # now, not after thousands: a host's unsigned filler is never held
-                verify_links([link], trust)
+                (verified,) = verify_links([link], trust)
             except ReleaseError as exc:
                 raise FetchError(f"round {number} of run {manifest.run_id} from {address}: {exc}") from None
-            links.append(link)
+            links.append((link, verified))
     return links
 
 
