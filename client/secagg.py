@@ -7,9 +7,12 @@ CCS 2020; the coordinator's side is ``server/secagg/``); any other message passe
 * ``setup``: check the coordinator's parameters, make two key pairs, return the public keys;
 * ``share_keys``: split a fresh private-mask seed and the pairwise-mask key into Shamir shares,
   encrypt one of each for every neighbour (ECDH + HKDF + Fernet);
-* ``collect_masked_vectors``: keep the shares meant for this device, run the train handler
-  (``call_next``), quantize its delta and add the private mask and one pairwise mask per linked
-  neighbour, modulo M; return the masked vector *instead of* the delta, with the metrics and name;
+* ``confirm_shares`` (ours, ``shared/secagg_stages.py``): decrypt the shares forwarded to this device,
+  keep those that decrypt, name this pair and have a share's form, and say whose they are;
+* ``collect_masked_vectors``: check that the neighbours the coordinator links it with are ones whose
+  shares it kept, run the train handler (``call_next``), quantize its delta and add the private mask
+  and one pairwise mask per linked neighbour, modulo M; return the masked vector *instead of* the
+  delta, with the metrics and name;
 * ``unmask``: for each neighbour, the seed share if the coordinator says it survived, the key
   share if it dropped, never both (checked), and only once per round.
 
@@ -52,12 +55,18 @@ from flwr.supercore.primitives.asymmetric import (
 
 from shared.config_aggregation import MAX_SECURE_SHARES
 from shared.secagg_prg import masks as prg_masks
+from shared.secagg_stages import ACCEPTED_LIST, CONFIRM_SHARES, is_share
 
 MAX_SAMPLE = 100_000
 MAX_MODULUS = 1 << 32  # the range of shared.secagg_prg's uint32 keystream
 MAX_KEY_BYTES = 1024
 MAX_CIPHERTEXT_BYTES = 4096
-_PREVIOUS = {Stage.SHARE_KEYS: Stage.SETUP, Stage.COLLECT_MASKED_VECTORS: Stage.SHARE_KEYS, Stage.UNMASK: "masked"}
+_PREVIOUS = {
+    Stage.SHARE_KEYS: Stage.SETUP,
+    CONFIRM_SHARES: Stage.SHARE_KEYS,
+    Stage.COLLECT_MASKED_VECTORS: CONFIRM_SHARES,
+    Stage.UNMASK: "masked",
+}
 
 
 class SecAggDeviceError(ValueError):
@@ -79,6 +88,8 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
             _check(state.round == msg.metadata.group_id, f"stage {stage} of another round")
             if stage == Stage.SHARE_KEYS:
                 out = _configs(_share_keys(state, values))
+            elif stage == CONFIRM_SHARES:
+                out = _configs(_confirm(state, values))
             elif stage == Stage.COLLECT_MASKED_VECTORS:
                 out = _collect(state, values, msg, context, call_next)
                 stage = "masked" if Key.MASKED_PARAMETERS in out else stage
@@ -211,23 +222,54 @@ def _share_keys(state: _Round, values: Mapping[str, Any]) -> dict[str, Any]:
     return {Key.DESTINATION_LIST: dsts, Key.CIPHERTEXT_LIST: texts}
 
 
-def _collect(
-    state: _Round, values: Mapping[str, Any], msg: Message, context: Context, call_next: ClientAppCallable
-) -> RecordDict:
-    """Keep the neighbours' shares, train, and return the delta masked (or the train reply as is, if it has none)."""
-    _check(set(values) == {Key.CIPHERTEXT_LIST, Key.SOURCE_LIST}, f"collect keys {sorted(values)[:4]}")
+def _confirm(state: _Round, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Keep the neighbours' shares that decrypt, name this pair and have a share's form; say whose they are.
+
+    A ciphertext that fails is not this device's fault nor, alone, a reason to stop: its sender (or
+    the coordinator that forwarded it) is the one at fault, and the coordinator unlinks that pair.
+    A forwarding that breaks the protocol (a source that is not a neighbour, lists that do not pair
+    up) is the coordinator's, and refused.
+    """
+    _check(set(values) == {Key.CIPHERTEXT_LIST, Key.SOURCE_LIST}, f"confirm keys {sorted(values)[:4]}")
     srcs, texts = values[Key.SOURCE_LIST], values[Key.CIPHERTEXT_LIST]
     _check(isinstance(srcs, list) and isinstance(texts, list) and len(srcs) == len(texts), "sources and ciphertexts")
     others = set(state.neighbours) - {state.nid}
     _check(len(set(srcs)) == len(srcs) and set(srcs) <= others, "sources that are not its neighbours")
-    _check(len(srcs) + 1 >= state.threshold, f"{len(srcs)} linked neighbours, fewer than the threshold - 1")
     sk2 = bytes_to_private_key(state.sk2)
+    accepted = []
     for src, text in zip(srcs, texts, strict=True):
-        _check(isinstance(text, bytes) and len(text) <= MAX_CIPHERTEXT_BYTES, f"the ciphertext from {src}")
+        shares = _open(state, sk2, src, text)
+        if shares is not None:
+            state.shares[src] = shares
+            accepted.append(src)
+    return {ACCEPTED_LIST: accepted}
+
+
+def _open(state: _Round, sk2: ec.EllipticCurvePrivateKey, src: int, text: Any) -> tuple[bytes, bytes] | None:
+    """Return the two shares ``src`` encrypted for this device, or None if the ciphertext is not that."""
+    if not isinstance(text, bytes) or len(text) > MAX_CIPHERTEXT_BYTES:
+        return None
+    try:
         plain = decrypt(generate_shared_key(sk2, bytes_to_public_key(state.neighbours[src][1])), text)
         actual, dst, seed_share, key_share = share_keys_plaintext_separate(plain)
-        _check(actual == src and dst == state.nid, f"a ciphertext from {actual} to {dst} forwarded from {src}")
-        state.shares[src] = (seed_share, key_share)
+    except Exception:  # noqa: BLE001 (Fernet's InvalidToken, or a plaintext that does not split: the same refusal)
+        return None
+    if actual != src or dst != state.nid or not (is_share(seed_share) and is_share(key_share)):
+        return None
+    return seed_share, key_share
+
+
+def _collect(
+    state: _Round, values: Mapping[str, Any], msg: Message, context: Context, call_next: ClientAppCallable
+) -> RecordDict:
+    """Check the links against the shares kept, train, and return the delta masked (or the reply as is, if none)."""
+    _check(set(values) == {Key.SOURCE_LIST}, f"collect keys {sorted(values)[:4]}")
+    srcs = values[Key.SOURCE_LIST]
+    _check(isinstance(srcs, list) and len(set(srcs)) == len(srcs), "sources")
+    kept = set(state.shares) - {state.nid}
+    _check(set(srcs) <= kept, "a link with a neighbour whose shares it does not hold")
+    _check(len(srcs) + 1 >= state.threshold, f"{len(srcs)} linked neighbours, fewer than the threshold - 1")
+    state.shares = {n: state.shares[n] for n in [state.nid, *srcs]}  # the unlinked ones' shares are never revealed
     reply = call_next(msg, context)
     if reply.has_error():
         raise SecAggDeviceError(f"the train handler failed: {str(reply.error.reason)[:200]}")

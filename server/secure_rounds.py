@@ -1,7 +1,7 @@
 """Secure rounds of the strategy: the train exchange replaced by SecAgg+, the global from the sum alone.
 
 With ``aggregation.secure = 1`` a round's train messages are not sent as they are: their content
-goes into the protocol (``server/secagg/protocol.py``: four Message exchanges), and what comes back
+goes into the protocol (``server/secagg/protocol.py``: five Message exchanges), and what comes back
 is the float32 sum of the survivors' deltas, their metrics and names, and who fell out. The new
 global is ``global + sum / n`` over the n survivors (uniform weights: a weight would have to be
 applied before masking, by the device, on its own claim), or under client-level DP the noised

@@ -107,7 +107,7 @@ class AdapterStrategy(FedAvg):
         self.round_log.round(server_round)  # the round's clock starts as its messages go out, not at the first reply
         if self.secure is None:
             return self.roster.sending(messages)
-        self.secure.run(grid, messages, self.uploaded_shapes(), server_round)  # four exchanges of its own
+        self.secure.run(grid, messages, self.uploaded_shapes(), server_round)  # five exchanges of its own
         return []  # aggregate_train takes the sum from self.secure
 
     def _sample_train(self, server_round: int, arrays: ArrayRecord, signed: ConfigRecord, grid: Grid) -> list[Message]:

@@ -51,7 +51,7 @@ def test_a_secure_round_reveals_only_the_sum_and_its_mean_is_the_plain_mean(tmp_
     true = {n: {k.removeprefix("arrays/"): v for k, v in t.items()} for n, t in true.items()}
     assert len(true) == 5
     received = [m for m in read_recordings(tmp_path / "sent") if m.received["message_type"] == "train"]
-    assert len(received) == 5 * 4  # four protocol stages, five devices
+    assert len(received) == 5 * 5  # five protocol stages, five devices
     records = {name.split("/", 1)[0] for m in received for name in m.tensors}
     assert records == {Key.MASKED_PARAMETERS}  # no plain delta ever left a device: only masked vectors
     masked = {m.node_id: m.tensors for m in received if m.tensors}

@@ -1,4 +1,4 @@
-"""Run one round of SecAgg+ through a Flower ``Grid``: four Message exchanges, then the unmasked sum.
+"""Run one round of SecAgg+ through a Flower ``Grid``: five Message exchanges, then the unmasked sum.
 
 The stages (Bell et al., CCS 2020; Flower's ``SecAggPlusWorkflow``, ported in
 ``server/secagg/stages.py``), each one ``grid.send_and_receive`` of ``train`` messages whose
@@ -7,10 +7,13 @@ The stages (Bell et al., CCS 2020; Flower's ``SecAggPlusWorkflow``, ported in
 1. setup: the parameters out; two public keys back from each device;
 2. share keys: each device gets its neighbours' keys; it returns its two secrets' Shamir shares,
    encrypted for each neighbour;
-3. collect masked vectors: each device gets the shares meant for it *and the round's own train
-   content* (the signed release, the config); it trains, quantizes and masks its delta, and
-   returns only the masked vector (plus its scalar metrics and name);
-4. unmask: each survivor returns, per neighbour, the share that removes that neighbour's masks
+3. confirm shares (ours, not in Flower's workflow): each device gets the shares meant for it and
+   says whose it kept (they decrypted and named the pair); a pair stays linked only if each kept
+   the other's, so a device whose ciphertexts do not decrypt loses its own links, and is named;
+4. collect masked vectors: each device gets its final links *and the round's own train content*
+   (the signed release, the config); it trains, quantizes and masks its delta, and returns only
+   the masked vector (plus its scalar metrics and name);
+5. unmask: each survivor returns, per neighbour, the share that removes that neighbour's masks
    (the seed share of a survivor, the key share of a device that dropped after sharing keys).
 
 Every reply is parsed at the boundary (``server/secagg/replies.py``); one that does not parse, an
@@ -34,8 +37,9 @@ from flwr.serverapp import Grid
 
 from server.secagg import stages
 from server.secagg.params import SecAggParams
-from server.secagg.replies import parse_ciphertexts, parse_masked, parse_public_keys, parse_shares
+from server.secagg.replies import parse_accepted, parse_ciphertexts, parse_masked, parse_public_keys, parse_shares
 from server.secagg.stages import RoundState, SecAggAbortedError
+from shared.secagg_stages import CONFIRM_SHARES
 from shared.text import printable
 
 __all__ = ["SecAggAbortedError", "SecAggResult", "run_secagg"]
@@ -55,9 +59,11 @@ class SecAggResult:
     replies: dict[int, RecordDict]
     """Each collect reply's own records (``metrics``, ``client``; a refusal too) for ``server/replies.py``."""
     rejected: dict[int, str]
-    """Node id -> why it fell out of the protocol (no answer, an error, or a reply that did not parse)."""
+    """Node id -> why it fell out of the protocol (no answer, an error, a reply that did not parse, too few links)."""
+    refused_shares: dict[int, tuple[int, ...]]
+    """Node id -> the devices that refused the shares it encrypted for them (confirm stage): those pairs unlinked."""
     bytes_up: dict[int, int]
-    """Node id -> payload bytes of its replies over the four stages (see :func:`payload_bytes`)."""
+    """Node id -> payload bytes of its replies over the five stages (see :func:`payload_bytes`)."""
     bytes_down: dict[int, int]
     """Node id -> payload bytes of the messages it was sent (the release, keys, shares, the unmask lists)."""
 
@@ -99,6 +105,25 @@ def run_secagg(
     )
     stages.link(state, sent)
 
+    def forward(nid: int) -> RecordDict:
+        links = state.links[nid]
+        return _content(CONFIRM_SHARES, {Key.SOURCE_LIST: list(links), Key.CIPHERTEXT_LIST: list(links.values())})
+
+    kept = ex.run(CONFIRM_SHARES, {n: forward(n) for n in state.links}, lambda m, n: parse_accepted(m, state.links[n]))
+    refused, short = stages.confirm(state, kept)
+    for nid, reason in short.items():
+        ex.reject(CONFIRM_SHARES, nid, reason)
+    for src, by in refused.items():
+        log(
+            logging.WARNING,
+            "round %d: secure aggregation: %d devices refused the shares device %d encrypted for them (%s): "
+            "those pairs are unlinked",
+            server_round,
+            len(by),
+            src,
+            ", ".join(map(str, by[:8])) + (", ..." if len(by) > 8 else ""),
+        )
+
     replies = _collect(ex, state, contents)
     stages.check(state, state.survivors, "collect masked vectors")
     state.dropped = set(state.links) - state.survivors
@@ -129,6 +154,7 @@ def run_secagg(
         recovered=tuple(sorted(state.dropped)),
         replies=replies,
         rejected=rejected,
+        refused_shares={src: tuple(by) for src, by in refused.items()},
         bytes_up=ex.bytes_up,
         bytes_down=ex.bytes_down,
     )
@@ -152,12 +178,11 @@ def payload_bytes(content: RecordDict) -> int:
 
 
 def _collect(ex: _Exchange, state: RoundState, contents: Mapping[int, RecordDict]) -> dict[int, RecordDict]:
-    """Stage 3: forward the shares with each device's train content; sum the masked vectors as they parse."""
+    """Stage 4: send each device its links with its train content; sum the masked vectors as they parse."""
     out: dict[int, RecordDict] = {}
 
     def content(nid: int) -> RecordDict:
-        links = state.links[nid]
-        cfg = {Key.CIPHERTEXT_LIST: list(links.values()), Key.SOURCE_LIST: list(links)}
+        cfg = {Key.SOURCE_LIST: list(state.links[nid])}
         record = RecordDict(dict(contents[nid].items()))
         record[RECORD_KEY_CONFIGS] = _content(Stage.COLLECT_MASKED_VECTORS, cfg)[RECORD_KEY_CONFIGS]
         return record
@@ -211,18 +236,19 @@ class _Exchange:
             if nid is None:
                 continue  # not an answer to this stage's messages, or a second answer
             if reply.has_error():
-                self._reject(stage, nid, f"error reply: {printable(reply.error.reason, 200)}", in_sum)
+                self.reject(stage, nid, f"error reply: {printable(reply.error.reason, 200)}", in_sum)
                 continue
             self.bytes_up[nid] = self.bytes_up.get(nid, 0) + payload_bytes(reply.content)
             try:
                 out[nid] = parse(reply, nid)
             except Exception as exc:  # noqa: BLE001 (one device's reply: a rejection, never a crash)
-                self._reject(stage, nid, f"{type(exc).__name__}: {printable(exc, 200)}", in_sum)
+                self.reject(stage, nid, f"{type(exc).__name__}: {printable(exc, 200)}", in_sum)
         for nid in by_id.values():
-            self._reject(stage, nid, f"no answer within {self.timeout:g} s", in_sum)
+            self.reject(stage, nid, f"no answer within {self.timeout:g} s", in_sum)
         return out
 
-    def _reject(self, stage: str, nid: int, reason: str, in_sum: bool) -> None:
+    def reject(self, stage: str, nid: int, reason: str, in_sum: bool = False) -> None:
+        """Put ``nid`` out of the round at ``stage`` (logged), or, ``in_sum``, only log it."""
         if in_sum:  # its vector is summed; the other survivors' shares remove its masks
             log(
                 logging.WARNING,

@@ -21,9 +21,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
+from shared.secagg_stages import ACCEPTED_LIST, is_share
+
 MAX_KEY_BYTES = 1024  # a PEM SECP384R1 public key is 215 bytes
 MAX_CIPHERTEXT_BYTES = 4096  # Fernet of two shares and two node ids: ~600 bytes
-MAX_SHARE_BYTES = 1024  # Shamir share of a PEM SECP384R1 private key: 4 + 16 * 20 bytes
 PASSED_THROUGH = ("metrics", "client")  # the train reply's own records, parsed by the strategy (server/replies.py)
 MASK_DTYPE = "uint32"  # masked entries are in [0, M), M <= 2**32
 NPY_HEADER_MAX = 192
@@ -65,6 +66,16 @@ def parse_ciphertexts(msg: Message, neighbours: Collection[int]) -> dict[int, by
     return dict(zip(dsts, texts, strict=True))
 
 
+def parse_accepted(msg: Message, sources: Collection[int]) -> set[int]:
+    """Return a confirm reply's sources whose shares the device kept: a subset of the ``sources`` forwarded to it."""
+    cfg = _configs(msg, {RECORD_KEY_CONFIGS})
+    _keys(cfg, {ACCEPTED_LIST})
+    accepted = _list(cfg, ACCEPTED_LIST, int, len(sources))
+    if len(set(accepted)) != len(accepted) or not set(accepted) <= set(sources):
+        raise SecAggReplyError(f"accepted sources {sorted(accepted)[:3]}... are repeated or were not forwarded to it")
+    return set(accepted)
+
+
 def parse_masked(
     msg: Message, shapes: Mapping[str, tuple[int, ...]], modulus: int
 ) -> tuple[dict[str, np.ndarray] | None, RecordDict]:
@@ -97,7 +108,7 @@ def parse_shares(msg: Message, asked: Collection[int]) -> dict[int, bytes]:
     shares = _list(cfg, Key.SHARE_LIST, bytes, len(asked))
     if len(nids) != len(shares) or set(nids) != set(asked) or len(set(nids)) != len(nids):
         raise SecAggReplyError(f"shares for nodes {sorted(nids)[:3]}..., expected one each for the {len(asked)} asked")
-    if any(not 4 < len(s) <= MAX_SHARE_BYTES or (len(s) - 4) % 16 for s in shares):
+    if not all(is_share(s) for s in shares):
         raise SecAggReplyError("a share is not a 4-byte index and whole 16-byte chunks (at most 1 KiB)")
     return dict(zip(nids, shares, strict=True))
 

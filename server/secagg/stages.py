@@ -15,6 +15,8 @@ Differences from Flower's workflow, each a fix:
   and is left out (Flower counts it as dropped, finds none of its shares and halts the round);
 * a pair of devices is linked (their ciphertexts forwarded, their pairwise mask used) only if each
   sent the other a ciphertext, so both or neither add the mask;
+* and only if each kept the other's shares (our ``confirm_shares`` stage, ``shared/secagg_stages.py``):
+  a device whose ciphertexts do not decrypt loses its links, not its neighbours their round;
 * a rebuilt pairwise-mask key must match the public key its owner announced, else the round fails.
 """
 
@@ -97,6 +99,36 @@ def link(state: RoundState, sent: Mapping[int, Mapping[int, bytes]]) -> None:
             if dst in sent and src in sent[dst] and dst != src:
                 state.links[dst][src] = text
     check(state, set(state.links), "share keys")
+
+
+def confirm(state: RoundState, accepted: Mapping[int, set[int]]) -> tuple[dict[int, list[int]], dict[int, str]]:
+    """Keep the links where each of the pair kept the other's shares (``accepted``: device -> sources it kept).
+
+    A device left with fewer than ``threshold - 1`` links cannot have its secrets rebuilt: it is
+    taken out, which can take its neighbours below too, until none is. Returns who refused whose
+    shares (sender -> the devices that refused them) and the devices taken out, with why.
+    """
+    refused: dict[int, list[int]] = {}
+    for dst in sorted(accepted):
+        for src in sorted(set(state.links[dst]) - accepted[dst]):
+            refused.setdefault(src, []).append(dst)
+    links = {
+        n: {s: t for s, t in state.links[n].items() if s in accepted and s in accepted[n] and n in accepted[s]}
+        for n in accepted
+    }
+    out: dict[int, str] = {}
+    while short := sorted(n for n, row in links.items() if len(row) + 1 < state.threshold):
+        for nid in short:
+            by = refused.get(nid, [])
+            out[nid] = (
+                f"{len(links[nid])} neighbours and it kept each other's shares, fewer than the threshold - 1 "
+                f"({state.threshold - 1})" + (f"; its shares were refused by {len(by)}: {by[:8]}" if by else "")
+            )
+            del links[nid]
+        links = {n: {s: t for s, t in row.items() if s not in out} for n, row in links.items()}
+    state.links = links
+    check(state, set(links), "confirm shares")
+    return refused, out
 
 
 def add_masked(state: RoundState, nid: int, vector: Vector) -> None:

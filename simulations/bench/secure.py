@@ -8,7 +8,7 @@ the held-out losses should agree within SecAgg+'s quantization error (entries cl
 [-c, c] and rounded to ``c / 2**k``; the sum's error is below ``n`` steps per entry).
 
 Bytes are payloads per device-round (array data, plus under SecAgg+ the public keys, encrypted
-shares and unmask lists of the four stages); seconds are each trained round's wall time in the
+shares and unmask lists of the five stages); seconds are each trained round's wall time in the
 round log (from its first message to its evaluation). Every device's cache is a fresh folder.
 """
 

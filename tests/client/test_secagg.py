@@ -9,6 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadat
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
 from client.secagg import SecAggDeviceError, secagg_mod
+from shared.secagg_stages import ACCEPTED_LIST, CONFIRM_SHARES
 from tests.server.messages import through_flower
 
 NODES = (11, 22, 33)
@@ -49,8 +50,8 @@ def devices() -> dict[int, Context]:
     return {n: Context(1, n, {}, RecordDict(), {}) for n in NODES}
 
 
-def to_collect(ctxs: dict[int, Context], setup: dict = SETUP) -> dict[int, dict]:
-    """Run setup and share keys honestly for every device; return what each gets in the collect stage."""
+def to_confirm(ctxs: dict[int, Context], setup: dict = SETUP) -> dict[int, dict]:
+    """Run setup and share keys honestly for every device; return what each gets in the confirm stage."""
     keys = {n: send(c, ins(n, Stage.SETUP, setup))[RECORD_KEY_CONFIGS] for n, c in ctxs.items()}
     table = {str(n): [k[Key.PUBLIC_KEY_1], k[Key.PUBLIC_KEY_2]] for n, k in keys.items()}
     forwarded: dict[int, dict] = {n: {Key.SOURCE_LIST: [], Key.CIPHERTEXT_LIST: []} for n in ctxs}
@@ -60,6 +61,14 @@ def to_collect(ctxs: dict[int, Context], setup: dict = SETUP) -> dict[int, dict]
             forwarded[dst][Key.SOURCE_LIST].append(n)
             forwarded[dst][Key.CIPHERTEXT_LIST].append(text)
     return forwarded
+
+
+def to_collect(ctxs: dict[int, Context], setup: dict = SETUP) -> dict[int, dict]:
+    """Run setup, share keys and confirm honestly; return each device's links for the collect stage."""
+    forwarded = to_confirm(ctxs, setup)
+    replies = {n: send(c, ins(n, CONFIRM_SHARES, forwarded[n])) for n, c in ctxs.items()}
+    kept = {n: r[RECORD_KEY_CONFIGS][ACCEPTED_LIST] for n, r in replies.items()}
+    return {n: {Key.SOURCE_LIST: [s for s in kept[n] if n in kept[s]]} for n in ctxs}
 
 
 def masked(ctxs: dict[int, Context]) -> dict[int, RecordDict]:
@@ -145,6 +154,39 @@ def test_unmask_with_fewer_survivors_than_the_threshold_is_refused():
     masked(ctxs)
     with pytest.raises(SecAggDeviceError, match="fewer survivors than the threshold"):
         send(ctxs[11], ins(11, Stage.UNMASK, {Key.ACTIVE_NODE_ID_LIST: [11], Key.DEAD_NODE_ID_LIST: [22, 33]}))
+
+
+def test_confirm_keeps_the_shares_that_decrypt_and_names_the_rest_without_stopping():
+    ctxs = devices()
+    forwarded = to_confirm(ctxs)
+    texts = forwarded[11][Key.CIPHERTEXT_LIST]
+    at = forwarded[11][Key.SOURCE_LIST].index(22)
+    texts[at] = texts[at][:-8] + bytes(8)  # 22's shares for 11, spoiled (by 22 or on the way: 11 cannot tell)
+    out = send(ctxs[11], ins(11, CONFIRM_SHARES, forwarded[11]))[RECORD_KEY_CONFIGS]
+    assert out[ACCEPTED_LIST] == [33]  # was: the round's end for 11 (Fernet's InvalidToken at collect)
+    with pytest.raises(SecAggDeviceError, match="whose shares it does not hold"):  # a link it never confirmed
+        send(ctxs[11], ins(11, Stage.COLLECT_MASKED_VECTORS, {Key.SOURCE_LIST: [22, 33]}))
+
+
+def test_shares_that_name_another_pair_or_are_not_shares_are_not_kept():
+    ctxs = devices()
+    forwarded = to_confirm(ctxs)
+    to_11, to_22 = forwarded[11], forwarded[22]
+    swapped = {**to_11, Key.CIPHERTEXT_LIST: list(to_11[Key.CIPHERTEXT_LIST])}
+    # 33's ciphertext for 22, forwarded to 11 as if from 33: it names the pair (33, 22), not (33, 11)
+    swapped[Key.CIPHERTEXT_LIST][to_11[Key.SOURCE_LIST].index(33)] = to_22[Key.CIPHERTEXT_LIST][
+        to_22[Key.SOURCE_LIST].index(33)
+    ]
+    out = send(ctxs[11], ins(11, CONFIRM_SHARES, swapped))[RECORD_KEY_CONFIGS]
+    assert out[ACCEPTED_LIST] == [22]
+
+
+def test_a_confirm_forwarding_from_devices_that_are_not_neighbours_is_refused():
+    ctxs = devices()
+    forwarded = to_confirm(ctxs)
+    bad = {Key.SOURCE_LIST: [22, 44], Key.CIPHERTEXT_LIST: forwarded[11][Key.CIPHERTEXT_LIST]}
+    with pytest.raises(SecAggDeviceError, match="not its neighbours"):
+        send(ctxs[11], ins(11, CONFIRM_SHARES, bad))
 
 
 def test_a_delta_that_is_not_finite_is_never_masked():

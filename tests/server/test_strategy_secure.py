@@ -114,7 +114,7 @@ def test_a_rounds_clock_starts_when_its_messages_go_out_not_at_the_first_reply(t
     strategy, arrays = _strategy(tmp_path)
     with Fleet(_deltas(5)) as fleet:
         before = time.time()
-        list(strategy.configure_train(1, arrays, ConfigRecord(), fleet.grid))  # the four exchanges, training included
+        list(strategy.configure_train(1, arrays, ConfigRecord(), fleet.grid))  # the five exchanges, training included
         sent = time.time()
         strategy.aggregate_train(1, [])
     rec = next(r for r in json.loads((tmp_path / "rounds.json").read_text())["rounds"] if r["round"] == 1)

@@ -7,6 +7,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from server.secagg.params import SecAggParams
 from server.secagg.protocol import SecAggAbortedError, run_secagg
+from shared.secagg_stages import ACCEPTED_LIST, CONFIRM_SHARES
 from tests.server.secagg.fleet import Fleet
 
 SHAPES = {"m.lora_B.weight": (64, 4), "m.lora_A.weight": (4, 64)}  # not in sorted order: the devices sort
@@ -157,3 +158,59 @@ def test_a_survivor_failing_its_unmask_reply_stays_in_the_sum_and_is_not_counted
     assert_within_quantization(result.total, plain_sum(ds), 5)  # its update is in the sum, its masks came off
     warned = [r.getMessage() for r in caplog.records if "gave no shares at stage 'unmask'" in r.getMessage()]
     assert len(warned) == 1 and "\n" not in warned[0] and "x\\nINFO" in warned[0]  # one line, escaped
+
+
+def test_a_device_whose_shares_do_not_decrypt_is_named_and_the_round_sums_the_others(caplog):
+    """One hostile device spoils every ciphertext it sends: it used to take each neighbour out of the round."""
+    ds = deltas(5, seed=7)
+
+    def spoil(msg, context, call_next):
+        reply = call_next(msg, context)
+        if msg.content[RECORD_KEY_CONFIGS][Key.STAGE] == Stage.SHARE_KEYS and not reply.has_error():
+            config = reply.content[RECORD_KEY_CONFIGS]
+            config[Key.CIPHERTEXT_LIST] = [t[:-8] + bytes(8) for t in config[Key.CIPHERTEXT_LIST]]
+        return reply
+
+    with Fleet(ds, mods={0: [spoil]}) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    hostile, others = fleet.nodes[0], sorted(fleet.nodes[1:])
+    assert result.survivors == tuple(others) and result.recovered == ()
+    assert result.refused_shares == {hostile: tuple(others)}
+    assert "its shares were refused by 4" in result.rejected[hostile] and set(result.rejected) == {hostile}
+    assert hostile not in fleet.trained  # taken out before training: nothing of it to mask or recover
+    assert_within_quantization(result.total, plain_sum(ds[1:]), 4)
+    named = [r.getMessage() for r in caplog.records if f"shares device {hostile} encrypted" in r.getMessage()]
+    assert len(named) == 1 and "4 devices refused" in named[0]
+
+
+def test_a_device_refusing_every_neighbours_shares_only_takes_itself_out():
+    ds = deltas(5, seed=8)
+
+    def accuse(msg, context, call_next):  # a false accuser: says no share reached it
+        reply = call_next(msg, context)
+        if msg.content[RECORD_KEY_CONFIGS][Key.STAGE] == CONFIRM_SHARES and not reply.has_error():
+            reply.content[RECORD_KEY_CONFIGS][ACCEPTED_LIST] = []
+        return reply
+
+    with Fleet(ds, mods={2: [accuse]}) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    assert set(result.rejected) == {fleet.nodes[2]} and fleet.nodes[2] not in result.survivors
+    assert len(result.survivors) == 4 and set(result.refused_shares) == set(fleet.nodes) - {fleet.nodes[2]}
+    assert_within_quantization(result.total, plain_sum([d for i, d in enumerate(ds) if i != 2]), 4)
+
+
+def test_a_confirm_reply_accepting_a_device_never_forwarded_to_it_is_a_rejection():
+    ds = deltas(5, seed=9)
+
+    def invent(msg, context, call_next):
+        reply = call_next(msg, context)
+        if msg.content[RECORD_KEY_CONFIGS][Key.STAGE] == CONFIRM_SHARES and not reply.has_error():
+            config = reply.content[RECORD_KEY_CONFIGS]
+            config[ACCEPTED_LIST] = [7, *config[ACCEPTED_LIST][1:]]
+        return reply
+
+    with Fleet(ds, mods={1: [invent]}) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    assert "confirm_shares: SecAggReplyError" in result.rejected[fleet.nodes[1]]
+    assert "were not forwarded to it" in result.rejected[fleet.nodes[1]]
+    assert_within_quantization(result.total, plain_sum([d for i, d in enumerate(ds) if i != 1]), 4)

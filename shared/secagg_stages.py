@@ -1,0 +1,23 @@
+"""SecAgg+ names of our own, beside Flower's (``secaggplus_constants``): coordinator and device must agree.
+
+Flower's SecAgg+ forwards the encrypted shares with the collect stage, and a device that cannot
+decrypt one leaves the round: one device sending its neighbours ciphertexts that do not decrypt
+stops every secure round it is in, and the devices it wrote to are the ones that look broken.
+Ours confirms the shares first, in a stage of its own between share keys and collect: each device
+decrypts what was forwarded to it and says which sources' shares it keeps; a pair masks with each
+other only if each kept the other's (``server/secagg/protocol.py``, ``client/secagg.py``).
+"""
+
+CONFIRM_SHARES = "confirm_shares"
+"""The stage: the coordinator forwards ``Key.SOURCE_LIST`` and ``Key.CIPHERTEXT_LIST``; the device replies
+with :data:`ACCEPTED_LIST`."""
+ACCEPTED_LIST = "accepted_list"
+"""The sources whose ciphertext decrypted, named the pair and held two well-formed shares (node ids)."""
+SHARE_MAX_BYTES = 1024
+"""A Shamir share of Flower's ``create_shares``: a 4-byte index and whole 16-byte chunks, at most this long
+(of a PEM SECP384R1 private key: 4 + 16 * 20 bytes)."""
+
+
+def is_share(value: object) -> bool:
+    """Return whether ``value`` has the form of one Shamir share (its index and chunks; not whether it is true)."""
+    return isinstance(value, bytes) and 4 < len(value) <= SHARE_MAX_BYTES and (len(value) - 4) % 16 == 0
