@@ -21,6 +21,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client import device
 from client.capability import DeviceTraining, device_training
@@ -118,6 +119,9 @@ def _train(msg: Message, context: Context) -> Message:
     rank = own.rank
     model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype, rank)
     release_round = _install(msg, context, cfg, part, model, base.digest, rank)
+    if RECORD_KEY_CONFIGS in msg.content:  # a secure round's collect stage: this delta leaves masked (client/secagg.py)
+        store = AcceptedReleases(device.state_file(context.node_config, part.name))
+        store.mask_once(cfg.release_run_id(context.run_id), server_round)
     slowdown = device_slowdown(context.node_config, cfg.train)
     _log_plan(own, part, server_round)
     start = adapter_state(model)

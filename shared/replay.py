@@ -1,7 +1,9 @@
 """The replay store: the last release a device accepted, per run, so that it never goes back. It fails closed.
 
 One JSON file, ``{"<kind>:<run_id>": {"round": r, "digest": "<manifest sha256>", "created": t}}``
-(``created`` is absent in records written before it was kept). It is read strictly, again before
+(``created`` is absent in records written before it was kept), and per run whose rounds ran under
+secure aggregation ``{"secure:<run_id>": {"round": r}}``: the last server round this device masked
+a delta for (:meth:`AcceptedReleases.mask_once`). It is read strictly, again before
 every check and every change (``fetch``, ``infer`` and the training client of one device share
 it): a file that exists but is empty, truncated, not JSON, of the wrong shape, or not a regular
 file is a :class:`ReplayStoreError`, and the device refuses every release until an operator
@@ -35,7 +37,7 @@ from shared.manifest import Manifest
 STATE_FILE = "accepted.json"
 MAX_STORE_BYTES = 1 << 20  # thousands of runs; a larger file is not ours
 LOCK_WAIT_S = 60  # an accept holds the store's lock for milliseconds
-_KEY = re.compile(r"(base|adapter):[^\x00-\x1f]{1,200}")
+_KEY = re.compile(r"(base|adapter|secure):[^\x00-\x1f]{1,200}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")  # as manifests write it (shared/manifest.py)
 
@@ -151,6 +153,43 @@ class AcceptedReleases:
             raise _unusable(self.path, f"it cannot be written ({exc})") from None
         self.runs = runs
 
+    def mask_once(self, run_id: str, server_round: int) -> None:
+        """Record that this device masks a delta for ``server_round`` of ``run_id``; refuse a round not after the last.
+
+        A device trains the same delta for the same round (its seed is the run's seed, the round and
+        its name): a secure round run twice, once with a device and once without it (a coordinator
+        that restarts mid-round and resumes it, or one that does so on purpose), gives two sums whose
+        difference is that device's delta. So a device masks at most once per round of a run, in
+        increasing rounds; the record is written before training (fail closed: a round whose
+        training then fails is not trained again) and kept across restarts.
+
+        Raises
+        ------
+        ReleaseError
+            ``server_round`` is not after the last round this device masked for the run.
+        ReplayStoreError
+            The record could not be written; the caller must not train.
+        """
+        key = _key("secure", run_id)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with _exclusive(self.path.with_name(self.path.name + ".lock")):
+                runs = _load(self.path)
+                last = runs.get(key)
+                if last is not None and server_round <= last["round"]:
+                    raise ReleaseError(
+                        f"secure round {server_round} of run {run_id}: this device already masked a delta for round "
+                        f"{last['round']}; it masks once per round, in increasing rounds (two sums of one round that "
+                        "differ by one device would reveal that device's delta)"
+                    )
+                runs[key] = {"round": server_round}
+                write_atomic(self.path, json.dumps(runs, indent=1, sort_keys=True).encode())
+        except TimeoutError as exc:
+            raise ReleaseError(f"replay store {self.path}: {exc}; the secure round is not trained") from None
+        except OSError as exc:
+            raise _unusable(self.path, f"it cannot be written ({exc})") from None
+        self.runs = runs
+
 
 def _refuse_changed(last: dict[str, Any] | None, seen: str | None, manifest: Manifest, path: Path) -> None:
     """Refuse ``manifest`` if its run's record is no longer the one :meth:`AcceptedReleases.check` saw."""
@@ -217,7 +256,13 @@ def _load(path: Path) -> dict[str, dict[str, Any]]:
 
 def _check_entry(path: Path, key: str, entry: Any) -> None:
     if not _KEY.fullmatch(key):
-        raise _unusable(path, f"its key {key!r:.80} is not '<base|adapter>:<run id>'")
+        raise _unusable(path, f"its key {key!r:.80} is not '<base|adapter|secure>:<run id>'")
+    if key.startswith("secure:"):
+        if not isinstance(entry, dict) or set(entry) != {"round"} or type(entry["round"]) is not int:
+            raise _unusable(path, f"the record of {key!r:.80} is not {{round}}")
+        if entry["round"] < 0:
+            raise _unusable(path, f"the round of {key!r:.80} is not a round number")
+        return
     if not isinstance(entry, dict) or not {"round", "digest"} <= set(entry) <= {"round", "digest", "created"}:
         raise _unusable(path, f"the record of {key!r:.80} is not {{round, digest[, created]}}")
     if type(entry["round"]) is not int or entry["round"] < 0:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from client import client_app
 from client.device import FLOAT_BASE_ENV, TRUST_ENV
@@ -210,3 +211,29 @@ def test_a_signed_release_of_another_run_is_refused(fleet, tiny_model_dir, monke
     other = {**_run_config(fleet, tiny_model_dir), "run-id": "run-2"}  # replay protection is per run: run-1's
     refused, _ = _send(fleet, other, _release(fleet, tiny_model_dir, "honest"), {"allow-float-base": True})
     assert refused and "release of run 'run-1' round 0: this round is of run 'run-2'" in refused
+
+
+def test_a_secure_round_is_masked_once_per_round_of_a_run_even_across_restarts(fleet, tiny_model_dir, monkeypatch):
+    """Run twice, with and without one device, a secure round's two sums would differ by that device's delta."""
+    monkeypatch.setenv(TRUST_ENV, str(fleet / "honest.key.pub"))
+    arrays, signed = release_to_records(_release(fleet, tiny_model_dir, "honest"))
+    run, node = _run_config(fleet, tiny_model_dir), {"allow-float-base": True}
+
+    def collect(server_round):  # the train content of SecAgg+'s collect stage, as client/secagg.py hands it on
+        stage = ConfigRecord({Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.SOURCE_LIST: []})
+        config = ConfigRecord({"server-round": server_round, **signed})
+        return _deliver(fleet, {"arrays": arrays, "config": config, RECORD_KEY_CONFIGS: stage}, run, node)
+
+    refused, reply = collect(3)
+    assert refused is None and "arrays" in reply.content
+    for again in (3, 2):  # each call a fresh Context: what remembers is the device's replay store, on disk
+        refused, reply = collect(again)
+        assert refused and f"secure round {again} of run run-1: this device already masked a delta for round 3" in (
+            refused
+        )
+        assert "arrays" not in reply.content
+    plain = _deliver(fleet, {"arrays": arrays, "config": ConfigRecord({"server-round": 3, **signed})}, run, node)
+    assert plain[0] is None  # a plain round (no delta masked) is not bound by it
+    assert collect(4)[0] is None
+    store = json.loads((fleet / "state" / "accepted.json").read_text())
+    assert store["secure:run-1"] == {"round": 4}

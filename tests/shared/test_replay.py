@@ -76,6 +76,11 @@ DAMAGE = {
         json.dumps({"adapter:run-1": {"round": 3, "digest": "a" * 64, "created": "9"}})
     ),
     "a directory": lambda p: (p.unlink(), p.mkdir()),
+    "a secure round as text": lambda p: p.write_text(json.dumps({"secure:run-1": {"round": "3"}})),
+    "a secure record with a digest": lambda p: p.write_text(
+        json.dumps({"secure:run-1": {"round": 3, "digest": "a" * 64}})
+    ),
+    "a negative secure round": lambda p: p.write_text(json.dumps({"secure:run-1": {"round": -1}})),
 }
 
 
@@ -89,6 +94,22 @@ def test_a_damaged_store_refuses_every_release_and_says_what_to_do(tmp_path, dam
         verify_release(r1, TRUST, BASE, AcceptedReleases(path))  # never "round 1 after round 3"
     assert str(path) in str(refused.value) and "restore it from a backup, or delete it" in str(refused.value)
     assert isinstance(refused.value, ReleaseError)  # every caller that refuses a bad release refuses this too
+
+
+def test_a_secure_round_is_masked_once_in_increasing_rounds_and_a_damaged_store_refuses_it(tmp_path):
+    path = tmp_path / "accepted.json"
+    accepted = _round_3_accepted(path)
+    accepted.mask_once("run-1", 5)
+    for again in (5, 4):
+        with pytest.raises(ReleaseError, match=f"secure round {again} of run run-1: this device already masked"):
+            AcceptedReleases(path).mask_once("run-1", again)
+    AcceptedReleases(path).mask_once("run-2", 1)  # per run
+    AcceptedReleases(path).mask_once("run-1", 6)
+    assert json.loads(path.read_text())["secure:run-1"] == {"round": 6}
+    assert AcceptedReleases(path).accepted_round("adapter", "run-1") == 3  # the release record is untouched
+    path.write_text(json.dumps({"secure:run-1": {"round": "6"}}))
+    with pytest.raises(ReplayStoreError, match="refuses every release"):  # never read as "masked nothing yet"
+        AcceptedReleases(path).mask_once("run-1", 1)
 
 
 def test_a_missing_store_is_a_device_that_accepted_nothing_yet(tmp_path):
