@@ -72,9 +72,10 @@ class AsyncRounds:
     ``task_timeout``: a device silent this long after its task was sent is given up (logged; its
     late reply, if it comes, is ignored) and sent the newest release; a device whose reply did not
     count (failed, refused, rejected) is sent its next task ``retry_after`` seconds later, not at
-    once; ``stall_timeout``: the run ends, keeping its last release, when no update was accepted
-    for this long. ``clock`` and
-    ``poll`` let tests drive it.
+    once; ``stall_timeout``: the run ends, keeping its last release, when no release was signed
+    for this long (updates accepted into buffers that are then refused do not count: a device
+    whose updates make every buffer fail must not keep the run going). ``clock`` and ``poll`` let
+    tests drive it.
     """
 
     def __init__(
@@ -92,7 +93,7 @@ class AsyncRounds:
         self.poll, self.clock, self.retry_after = poll, clock, retry_after
         self.inflight: dict[str, Task] = {}
         self.contributions: dict[int, int] = {}  # accepted updates per node over the run
-        self._dispatched = self._signed_now = self._rounds = 0
+        self._dispatched = self._signed_now = self._rounds = self._refused = 0
         self.resting: dict[int, float] = {}  # node -> when it may have a task again (its last reply did not count)
         self._buffer = Buffer()
 
@@ -110,22 +111,24 @@ class AsyncRounds:
         self.strategy.roster.sending([])
         self._rounds, self._signed_now = num_rounds, 0
         self._buffer = self._adopt_latest(True)
-        last_accept = self.clock()
+        last_release, signed = self.clock(), 0
         while self._signed_now < num_rounds:
             self._dispatch(grid, set(self._buffer.updates))
             for msg in grid.pull_messages(list(self.inflight)):
                 if self._signed_now >= num_rounds:
                     self._late(msg)
                 elif self._take(msg, self._buffer):
-                    last_accept = self.clock()
                     self._release_if_full()
+            if self._signed_now > signed:
+                last_release, signed = self.clock(), self._signed_now
             self._expire()
-            if self._signed_now < num_rounds and self.clock() - last_accept > self.stall_timeout:
+            if self._signed_now < num_rounds and self.clock() - last_release > self.stall_timeout:
                 log(
                     logging.WARNING,
-                    "async: no update accepted for %.0f s (%d in the buffer of %d, %d devices busy); the run stops "
-                    "with release %d",
+                    "async: no release signed for %.0f s (%d buffers refused meanwhile; %d in the buffer of %d, %d "
+                    "devices busy); the run stops with release %d",
                     self.stall_timeout,
+                    self._refused,
                     len(self._buffer.updates),
                     self.buffer_size,
                     len(self.inflight),
@@ -142,6 +145,9 @@ class AsyncRounds:
             return
         if self._release(self._buffer):
             self._signed_now += 1
+            self._refused = 0
+        else:
+            self._refused += 1
         self._buffer = self._adopt_latest(self._signed_now < self._rounds)
 
     def _adopt_latest(self, more: bool) -> Buffer:
@@ -175,9 +181,12 @@ class AsyncRounds:
             content = RecordDict({strategy.arrayrecord_key: arrays, strategy.configrecord_key: signed})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         strategy.bytes_down = wire_bytes(arrays) + extra
-        ids = list(grid.push_messages(messages))  # in order; None (or none at all) for a message not pushed
+        # the ids of the messages the SuperLink took: each grid sets a message's id on it as it pushes; the
+        # deployment grid returns None in place of one not taken, the in-memory grid leaves it out (no gap: by
+        # position, a later device's task was credited to the one before it)
+        taken = {i for i in grid.push_messages(messages) if i}
         now = self.clock()
-        pushed = [(i, m) for i, m in zip(ids, messages, strict=False) if i]
+        pushed = [(m.metadata.message_id, m) for m in messages if m.metadata.message_id in taken]
         for msg_id, msg in pushed:
             self.inflight[msg_id] = Task(int(msg.metadata.dst_node_id), self.version, now)
         strategy.roster.add(m for _, m in pushed)
@@ -326,9 +335,22 @@ class AsyncRounds:
 
 
 def evaluate_latest(strategy: AdapterStrategy, grid: Grid, timeout: float) -> MetricRecord | None:
-    """Federated evaluation of the newest release on every connected device (a device still training answers after)."""
+    """Federated evaluation of the newest release on every connected device (a device still training answers after).
+
+    The devices connected now, not Flower's sampler: it waits, without end, for ``min-clients``
+    to be connected, and a run that stopped because its fleet was gone would never end.
+    """
     assert strategy.registry.latest is not None
-    arrays: ArrayRecord = release_to_records(strategy.registry.latest[0])[0]
+    release = strategy.registry.latest[0]
     number = strategy._latest_round() - strategy.round_offset  # the strategy adds the offset back
-    messages = strategy.configure_evaluate(number, arrays, ConfigRecord(), grid)
-    return strategy.aggregate_evaluate(number, grid.send_and_receive(messages, timeout=timeout))
+    nodes = sorted(grid.get_node_ids())
+    if strategy.fraction_evaluate == 0 or not nodes:
+        if not nodes:
+            log(logging.WARNING, "async: no device is connected to evaluate release %d; not evaluated", number)
+        return None
+    arrays: ArrayRecord = release_to_records(release)[0]
+    signed, _ = strategy._signed(ConfigRecord({"server-round": number + strategy.round_offset}), release)
+    content = RecordDict({strategy.arrayrecord_key: arrays, strategy.configrecord_key: signed})
+    messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes]
+    replies = grid.send_and_receive(strategy.roster.sending(messages), timeout=timeout)
+    return strategy.aggregate_evaluate(number, replies)

@@ -84,7 +84,7 @@ def main(grid: Grid, context: Context) -> None:
             strategy.evaluate_initial(grid, initial, timeout=cfg.round_timeout)
         remaining = cfg.num_server_rounds - strategy.round_offset
         if remaining > 0 and cfg.aggregation.mode == "async":
-            AsyncRounds(strategy, cfg.round_timeout, cfg.round_timeout).run(grid, remaining)
+            AsyncRounds(strategy, cfg.round_timeout, 2 * cfg.round_timeout).run(grid, remaining)
             evaluate_latest(strategy, grid, cfg.round_timeout)
         elif remaining > 0:
             try:

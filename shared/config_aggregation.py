@@ -60,8 +60,10 @@ class AggregationConfig:
     to ``round-timeout``); ``async``: buffered asynchronous aggregation (FedBuff, ``server/async_rounds.py``):
     every device trains whenever it is free on the newest release, and each ``buffer-size`` arrived
     updates, weighted down by their staleness, make the next signed release."""
-    buffer_size: int = 2
-    """async: accepted updates that make one release (FedBuff's K)."""
+    buffer_size: int = 3
+    """async: accepted updates that make one release (FedBuff's K). 3, not 2: a device that answers at once is
+    in every buffer, and of two updates the norm rule refuses the one more than ``max-norm-ratio`` x the
+    other: a zero delta, sent at once, vetoed every release. From 3 on, fewer than half of a buffer cannot."""
     max_staleness: int = 4
     """async: an update of a release this many rounds older than the newest is still counted (weighted
     1 / sqrt(1 + staleness)); an older one is rejected, with its staleness as the reason."""

@@ -41,7 +41,7 @@ def _deltas():
 def _strategy(tmp_path, **agg):
     generate_key(tmp_path / "server.key")
     registry = Registry(tmp_path / "releases", tmp_path / "server.key", "run-1", "b" * 64, "fedavg", b"{}")
-    config = AggregationConfig(method="fedavg", mode="async", buffer_size=2, min_accepted=2, **agg)
+    config = AggregationConfig(**{"method": "fedavg", "mode": "async", "buffer_size": 2, "min_accepted": 2, **agg})
     strategy = AdapterStrategy(RoundLog(tmp_path / "rounds.json", {}), 2, config, LoraConfig(rank=4), registry)
     strategy.initial_arrays(GLOBAL)
     return strategy
@@ -174,7 +174,7 @@ def test_the_staleness_weight_is_fedbuffs():
         ({"aggregation.method": "ties"}, "aggregation.method"),
         ({"aggregation.method": "exact"}, "aggregation.method"),
         ({"aggregation.method": "fedavg", "aggregation.secure": True}, "aggregation.secure"),
-        ({"aggregation.method": "fedavg", "aggregation.min-accepted": 3}, "aggregation.min-accepted"),
+        ({"aggregation.method": "fedavg", "aggregation.min-accepted": 4}, "aggregation.min-accepted"),
         ({"aggregation.method": "fedavg", "dp.noise-multiplier": 1.0}, "aggregation.mode"),
         ({"aggregation.method": "fedavg", "aggregation.max-staleness": -1}, "aggregation.max-staleness"),
     ],

@@ -1,0 +1,112 @@
+"""FedBuff rounds against a hostile device and bad luck: a zero delta sent at once, a device leaving mid-dispatch,
+a fleet gone before the final evaluation. Through Flower's InMemoryGrid, as ``test_async_rounds.py``."""
+
+import threading
+import time
+
+import numpy as np
+from flwr.common.constant import NOOP_FLWR_AID
+
+from server.async_rounds import AsyncRounds, evaluate_latest
+from shared.config import AggregationConfig
+from tests.server.secagg.fleet import Fleet
+from tests.server.test_async_rounds import _deltas, _strategy
+
+HOSTILE = 2
+
+
+def _zero_delta_fleet(rounds_of):
+    """Devices 0 and 1 train honestly; HOSTILE sends a zero delta at once, so it is in every buffer first."""
+    deltas = _deltas()
+    deltas[HOSTILE] = {k: np.zeros_like(v) for k, v in deltas[HOSTILE].items()}
+    fleet = None
+
+    def after_the_hostile(msg):  # an honest device answers once HOSTILE's update waits in the buffer
+        rounds = rounds_of()
+        return rounds is None or fleet.nodes[HOSTILE] not in rounds._buffer.updates
+
+    fleet = Fleet(deltas, hold={0: after_the_hostile, 1: after_the_hostile})
+    return fleet
+
+
+def test_a_device_sending_a_zero_delta_at_once_cannot_veto_releases_with_the_default_buffer(tmp_path):
+    strategy = _strategy(tmp_path, buffer_size=AggregationConfig().buffer_size)  # the default: 3
+    rounds = None
+    fleet = _zero_delta_fleet(lambda: rounds)
+    rounds = AsyncRounds(strategy, task_timeout=60, stall_timeout=60, poll=0.01)
+    with fleet:
+        signed = rounds.run(fleet.grid, num_rounds=2)
+    assert signed == 2  # with a buffer of 2 every release was refused: the honest update, > 5x the zero one
+
+
+def test_a_run_whose_buffers_keep_being_refused_ends_instead_of_running_on(tmp_path, caplog):
+    """A buffer of 2 (an operator's choice): the zero delta still vetoes, but the run ends and says so."""
+    strategy = _strategy(tmp_path)  # buffer 2
+    rounds = None
+    fleet = _zero_delta_fleet(lambda: rounds)
+    start = time.monotonic()
+    rounds = AsyncRounds(strategy, task_timeout=5, stall_timeout=1, poll=0.01)
+    finished = threading.Event()
+
+    def run():
+        rounds.run(fleet.grid, num_rounds=1)
+        finished.set()
+
+    with fleet:
+        threading.Thread(target=run, daemon=True).start()
+        ended = finished.wait(120)  # stall 1 s: ends within seconds; the old stall (no update *accepted*) never fired
+        if not ended:
+            rounds._rounds = 0  # stop it (it signs nothing: the loop ends at its next pass)
+            finished.wait(30)
+    assert ended, "the run kept going although every buffer was refused"
+    assert rounds._signed_now == 0 and time.monotonic() - start < 120
+    stopped = [r.getMessage() for r in caplog.records if "no release signed for" in r.getMessage()]
+    assert len(stopped) == 1 and "buffers refused meanwhile" in stopped[0]
+    assert int(stopped[0].split("(")[1].split()[0]) >= 1  # at least one buffer refused
+
+
+class _NodeLeavesDuringDispatch:
+    """The fleet's real InMemoryGrid; the second node unregisters right after the first ``get_node_ids``."""
+
+    def __init__(self, fleet):
+        self.grid, self.fleet, self.left = fleet.grid, fleet, None
+
+    def get_node_ids(self):
+        ids = list(self.grid.get_node_ids())
+        if self.left is None:
+            self.left = sorted(ids)[1]  # the dispatch sends to the free devices in sorted order
+            self.fleet.state.delete_node(NOOP_FLWR_AID, self.left)
+        return ids
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+
+def test_a_device_leaving_during_a_dispatch_is_not_credited_with_another_devices_update(tmp_path):
+    strategy = _strategy(tmp_path)
+    fleet = Fleet(_deltas())
+    fleet.hold = {sorted(fleet.nodes)[0]: lambda msg: True}  # the first device never answers: the third must
+    grid = _NodeLeavesDuringDispatch(fleet)
+    with fleet:
+        rounds = AsyncRounds(strategy, task_timeout=2, stall_timeout=3, poll=0.01, retry_after=0)
+        rounds.run(grid, num_rounds=1)
+    trained = [nid for nid, _ in fleet.tasks]
+    assert grid.left not in trained
+    assert grid.left not in rounds.contributions  # was: the third device's update, credited to the one that left
+    assert all(trained.count(n) == 1 for n in trained), trained  # and the third device not sent a second task
+
+
+def test_the_final_evaluation_does_not_wait_for_devices_that_are_gone(tmp_path):
+    strategy = _strategy(tmp_path)  # min-clients 2
+    fleet = Fleet(_deltas())
+    with fleet:
+        for gone in fleet.nodes[1:]:  # two of three devices' SuperNodes stop (their heartbeats lapse)
+            fleet.state.deactivate_node(gone)
+        AsyncRounds(strategy, task_timeout=2, stall_timeout=2, poll=0.01).run(fleet.grid, num_rounds=1)
+        done = threading.Event()
+        threading.Thread(
+            target=lambda: (evaluate_latest(strategy, fleet.grid, timeout=10), done.set()), daemon=True
+        ).start()
+        assert done.wait(60), "the final evaluation waited for min-clients devices to connect"
+    evaluated = [nid for nid, msg in fleet.received if msg.metadata.message_type == "evaluate"]
+    assert evaluated == [fleet.nodes[0]]  # the one device still connected
