@@ -93,7 +93,9 @@ def run_secagg(
     setup = stages.setup_config(state, len(contents))
     got = ex.run(Stage.SETUP, {n: _content(Stage.SETUP, setup) for n in contents}, lambda m, n: parse_public_keys(m))
     state.public_keys = got
-    stages.check(state, set(got), "setup")
+    for nid, reason in stages.drop_shared_keys(state).items():
+        ex.reject(Stage.SETUP, nid, reason)
+    stages.check(state, set(state.public_keys), "setup")
 
     def keys_for(nid: int) -> RecordDict:
         return _content(Stage.SHARE_KEYS, {str(n): list(k) for n, k in stages.keyed_neighbours(state, nid).items()})
@@ -113,15 +115,16 @@ def run_secagg(
     refused, short = stages.confirm(state, kept)
     for nid, reason in short.items():
         ex.reject(CONFIRM_SHARES, nid, reason)
-    for src, by in refused.items():
+    for src, by in refused.items():  # either side may be the one at fault: the coordinator cannot tell which
         log(
             logging.WARNING,
-            "round %d: secure aggregation: %d devices refused the shares device %d encrypted for them (%s): "
-            "those pairs are unlinked",
+            "round %d: secure aggregation: %d devices (%s) did not keep the shares device %d encrypted for them "
+            "(they did not decrypt, named another pair or were malformed, or those devices say so): the pairs are "
+            "unlinked",
             server_round,
             len(by),
-            src,
             ", ".join(map(str, by[:8])) + (", ..." if len(by) > 8 else ""),
+            src,
         )
 
     replies = _collect(ex, state, contents)
@@ -133,7 +136,10 @@ def run_secagg(
         n: _content(Stage.UNMASK, {Key.ACTIVE_NODE_ID_LIST: alive, Key.DEAD_NODE_ID_LIST: dead})
         for n, (alive, dead) in asked.items()
     }
-    got_shares = ex.run(Stage.UNMASK, unmask, lambda m, n: parse_shares(m, [*asked[n][0], *asked[n][1]]), in_sum=True)
+    def parse_unmask(msg: Message, nid: int) -> dict[int, bytes]:
+        return parse_shares(msg, {o: stages.share_index(state, o, nid) for o in [*asked[nid][0], *asked[nid][1]]})
+
+    got_shares = ex.run(Stage.UNMASK, unmask, parse_unmask, in_sum=True)
     collected: dict[int, list[bytes]] = {}
     for row in got_shares.values():
         for owner, share in row.items():

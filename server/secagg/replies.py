@@ -100,8 +100,11 @@ def parse_masked(
     return {key: _masked_array(record, key, shape, modulus) for key, shape in shapes.items()}, rest
 
 
-def parse_shares(msg: Message, asked: Collection[int]) -> dict[int, bytes]:
-    """Return an unmask reply as owner -> share, exactly one share for each node in ``asked``."""
+def parse_shares(msg: Message, asked: Mapping[int, int]) -> dict[int, bytes]:
+    """Return an unmask reply as owner -> share, exactly one share for each owner in ``asked`` (owner -> its index).
+
+    Each share must carry the Shamir index its owner gave this device (``stages.share_index``).
+    """
     cfg = _configs(msg, {RECORD_KEY_CONFIGS})
     _keys(cfg, {Key.NODE_ID_LIST, Key.SHARE_LIST})
     nids = _list(cfg, Key.NODE_ID_LIST, int, len(asked))
@@ -110,6 +113,9 @@ def parse_shares(msg: Message, asked: Collection[int]) -> dict[int, bytes]:
         raise SecAggReplyError(f"shares for nodes {sorted(nids)[:3]}..., expected one each for the {len(asked)} asked")
     if not all(is_share(s) for s in shares):
         raise SecAggReplyError("a share is not a 4-byte index and whole 16-byte chunks (at most 1 KiB)")
+    for owner, share in zip(nids, shares, strict=True):
+        if (index := int.from_bytes(share[:4], "little")) != asked[owner]:
+            raise SecAggReplyError(f"the share of device {owner} carries index {index}, not {asked[owner]}: not its own")
     return dict(zip(nids, shares, strict=True))
 
 

@@ -86,9 +86,40 @@ def setup_config(state: RoundState, sampled: int) -> dict[str, int | float | str
     }
 
 
+def drop_shared_keys(state: RoundState) -> dict[int, str]:
+    """Take out of the round every device whose public key another device announced too; return them, with why.
+
+    A device refuses a share-keys message in which two neighbours share a key (it could be made to
+    encrypt one neighbour's shares for another): two colluding devices announcing one key would
+    take their honest neighbours out. Neither of the two can be told from the other: both go.
+    """
+    holders: dict[bytes, list[int]] = {}
+    for nid, keys in state.public_keys.items():
+        for key in set(keys):
+            holders.setdefault(key, []).append(nid)
+    out = {}
+    for nodes in holders.values():
+        if len(nodes) > 1:
+            for nid in nodes:
+                out[nid] = f"announced a public key that device(s) {sorted(set(nodes) - {nid})[:4]} announced too"
+    for nid in out:
+        del state.public_keys[nid]
+    return out
+
+
 def keyed_neighbours(state: RoundState, nid: int) -> dict[int, tuple[bytes, bytes]]:
     """Return the public keys ``nid`` gets in share keys: of its neighbours that sent keys (itself too)."""
     return {n: state.public_keys[n] for n in state.neighbours[nid] if n in state.public_keys}
+
+
+def share_index(state: RoundState, owner: int, holder: int) -> int:
+    """Return the Shamir index of the share ``owner`` made for ``holder``: its place among the owner's keyed neighbours.
+
+    The device splits its secrets over its neighbours in sorted order (``client/secagg.py``), so
+    the coordinator knows which index each holder's share must carry: a share with another index
+    (one copied from another holder's, which ``combine_shares`` refuses as a duplicate) names its sender.
+    """
+    return sorted(keyed_neighbours(state, owner)).index(holder) + 1
 
 
 def link(state: RoundState, sent: Mapping[int, Mapping[int, bytes]]) -> None:

@@ -180,7 +180,7 @@ def test_a_device_whose_shares_do_not_decrypt_is_named_and_the_round_sums_the_ot
     assert hostile not in fleet.trained  # taken out before training: nothing of it to mask or recover
     assert_within_quantization(result.total, plain_sum(ds[1:]), 4)
     named = [r.getMessage() for r in caplog.records if f"shares device {hostile} encrypted" in r.getMessage()]
-    assert len(named) == 1 and "4 devices refused" in named[0]
+    assert len(named) == 1 and "4 devices (" in named[0] and "or those devices say so" in named[0]
 
 
 def test_a_device_refusing_every_neighbours_shares_only_takes_itself_out():
@@ -214,3 +214,44 @@ def test_a_confirm_reply_accepting_a_device_never_forwarded_to_it_is_a_rejection
     assert "confirm_shares: SecAggReplyError" in result.rejected[fleet.nodes[1]]
     assert "were not forwarded to it" in result.rejected[fleet.nodes[1]]
     assert_within_quantization(result.total, plain_sum([d for i, d in enumerate(ds) if i != 1]), 4)
+
+
+def test_two_devices_announcing_one_public_key_are_taken_out_not_their_neighbours():
+    ds = deltas(5, seed=10)
+    announced = {}
+
+    def copy_keys(msg, context, call_next):  # devices 0 and 1 collude: both announce device 0's keys
+        reply = call_next(msg, context)
+        if msg.content[RECORD_KEY_CONFIGS][Key.STAGE] == Stage.SETUP and not reply.has_error():
+            config = reply.content[RECORD_KEY_CONFIGS]
+            mine = announced.setdefault("keys", (config[Key.PUBLIC_KEY_1], config[Key.PUBLIC_KEY_2]))
+            config[Key.PUBLIC_KEY_1], config[Key.PUBLIC_KEY_2] = mine
+        return reply
+
+    with Fleet(ds, mods={0: [copy_keys], 1: [copy_keys]}) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    colluders = {fleet.nodes[0], fleet.nodes[1]}
+    assert set(result.rejected) == colluders and all("announced too" in result.rejected[n] for n in colluders)
+    assert set(result.survivors) == set(fleet.nodes[2:])  # was: each honest device refused share keys, round aborted
+    assert_within_quantization(result.total, plain_sum(ds[2:]), 3)
+
+
+def test_an_unmask_share_copied_from_another_holder_names_its_sender_and_the_round_completes(caplog):
+    """A share with another holder's index made combine_shares fail ("Duplicate share"), naming the owner."""
+    ds = deltas(5, seed=11)
+
+    def copy_index(msg, context, call_next):  # a hostile survivor: its shares carry the next holder's index
+        reply = call_next(msg, context)
+        if msg.content[RECORD_KEY_CONFIGS][Key.STAGE] == Stage.UNMASK and not reply.has_error():
+            config = reply.content[RECORD_KEY_CONFIGS]
+            shifted = [
+                (int.from_bytes(s[:4], "little") % 5 + 1).to_bytes(4, "little") + s[4:] for s in config[Key.SHARE_LIST]
+            ]
+            config[Key.SHARE_LIST] = shifted
+        return reply
+
+    with Fleet(ds, mods={0: [copy_index]}) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    assert_within_quantization(result.total, plain_sum(ds), 5)  # the other four survivors' shares suffice
+    named = [r.getMessage() for r in caplog.records if "gave no shares at stage 'unmask'" in r.getMessage()]
+    assert len(named) == 1 and f"device {fleet.nodes[0]} gave no shares" in named[0] and "not its own" in named[0]

@@ -90,10 +90,13 @@ def test_a_masked_vector_with_other_records_or_tensors_is_refused():
 
 def test_shares_exactly_one_for_each_node_asked():
     share = b"\x01\x00\x00\x00" + b"s" * 16
-    assert parse_shares(reply(cfg(**{Key.NODE_ID_LIST: [1, 2], Key.SHARE_LIST: [share, share]})), [1, 2]) == {
+    asked = {1: 1, 2: 1}  # owner -> the index its share for this device carries
+    assert parse_shares(reply(cfg(**{Key.NODE_ID_LIST: [1, 2], Key.SHARE_LIST: [share, share]})), asked) == {
         1: share,
         2: share,
     }
     for nids, shares, reason in [([1, 3], [share, share], "expected one each"), ([1, 2], [share, b"xx"], "chunks")]:
         with pytest.raises(SecAggReplyError, match=reason):
-            parse_shares(reply(cfg(**{Key.NODE_ID_LIST: nids, Key.SHARE_LIST: shares})), [1, 2])
+            parse_shares(reply(cfg(**{Key.NODE_ID_LIST: nids, Key.SHARE_LIST: shares})), asked)
+    with pytest.raises(SecAggReplyError, match="the share of device 2 carries index 1, not 3: not its own"):
+        parse_shares(reply(cfg(**{Key.NODE_ID_LIST: [1, 2], Key.SHARE_LIST: [share, share]})), {1: 1, 2: 3})
