@@ -136,6 +136,7 @@ def run_secagg(
         n: _content(Stage.UNMASK, {Key.ACTIVE_NODE_ID_LIST: alive, Key.DEAD_NODE_ID_LIST: dead})
         for n, (alive, dead) in asked.items()
     }
+
     def parse_unmask(msg: Message, nid: int) -> dict[int, bytes]:
         return parse_shares(msg, {o: stages.share_index(state, o, nid) for o in [*asked[nid][0], *asked[nid][1]]})
 

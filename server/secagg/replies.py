@@ -115,7 +115,8 @@ def parse_shares(msg: Message, asked: Mapping[int, int]) -> dict[int, bytes]:
         raise SecAggReplyError("a share is not a 4-byte index and whole 16-byte chunks (at most 1 KiB)")
     for owner, share in zip(nids, shares, strict=True):
         if (index := int.from_bytes(share[:4], "little")) != asked[owner]:
-            raise SecAggReplyError(f"the share of device {owner} carries index {index}, not {asked[owner]}: not its own")
+            want = asked[owner]
+            raise SecAggReplyError(f"the share of device {owner} carries index {index}, not {want}: not its own")
     return dict(zip(nids, shares, strict=True))
 
 
