@@ -26,8 +26,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
@@ -92,7 +93,8 @@ class AsyncRounds:
         self.task_timeout, self.stall_timeout = task_timeout, stall_timeout
         self.poll, self.clock, self.retry_after = poll, clock, retry_after
         self.inflight: dict[str, Task] = {}
-        self.contributions: dict[int, int] = {}  # accepted updates per node over the run
+        self.contributions = carried_contributions(strategy.round_log.data.get("rounds", []))
+        """Updates per node in the run's signed releases (a resumed run's counted on from its round log)."""
         self._dispatched = self._signed_now = self._rounds = self._refused = 0
         self.resting: dict[int, float] = {}  # node -> when it may have a task again (its last reply did not count)
         self._buffer = Buffer()
@@ -263,14 +265,15 @@ class AsyncRounds:
                 server_round,
                 len(updates),
             )
+            self._refuse(server_round, updates, "too few updates left after the norm rule")
             return False
-        for node in updates:
-            self.contributions[node] = self.contributions.get(node, 0) + 1
+        for node in updates:  # an earlier attempt of this release rejected it, or gave it up: this one counts
+            strategy.round_log.forget(server_round, node, "rejected", "timed_out", "refused_release")
         notes = {
             n: {
                 "staleness": buffer.staleness[n],
                 "release_round": self.version - buffer.staleness[n],
-                "contributions": self.contributions[n],
+                "contributions": self.contributions.get(n, 0) + 1,
             }
             for n in updates
         }
@@ -278,9 +281,17 @@ class AsyncRounds:
         spec = self._spec()
         published = strategy._aggregate(server_round, updates, spec, buffer.norms, clipped, weights, notes)
         if published is None:
+            self._refuse(server_round, updates, "its aggregate was refused")
             return False
+        for node in updates:
+            self.contributions[node] = self.contributions.get(node, 0) + 1
         strategy.round_log.close_round(server_round, buffer={"size": self.buffer_size, "updates": len(updates)})
         return True
+
+    def _refuse(self, server_round: int, updates: Mapping[int, TrainReply], why: str) -> None:
+        """Record that the updates of a refused buffer are in no release (the round's next attempt may take them)."""
+        for node in updates:
+            self.strategy.round_log.client(server_round, node, None, rejected=f"in a buffer that was refused: {why}")
 
     def _expire(self) -> None:
         """Give up tasks older than ``task_timeout``: the device is logged and gets the newest release."""
@@ -332,6 +343,22 @@ class AsyncRounds:
                 self.strategy.roster.label(task.node),
                 task.release_round,
             )
+
+
+def carried_contributions(rounds: Any) -> dict[int, int]:
+    """Per node, the highest ``contributions`` its entries in the round log's ``rounds`` hold (0 if none).
+
+    The log a resumed run carries (``server/resume.py``) is read defensively: entries that are not a
+    node's non-negative counts are skipped, never trusted to raise.
+    """
+    counts: dict[int, int] = {}
+    for rec in rounds if isinstance(rounds, list) else []:
+        clients = rec.get("clients") if isinstance(rec, dict) else None
+        for key, entry in clients.items() if isinstance(clients, dict) else []:
+            value = entry.get("contributions") if isinstance(entry, dict) and "rejected" not in entry else None
+            if type(value) is int and value >= 0 and isinstance(key, str) and key.isdigit() and len(key) <= 20:
+                counts[int(key)] = max(counts.get(int(key), 0), value)
+    return counts
 
 
 def evaluate_latest(strategy: AdapterStrategy, grid: Grid, timeout: float) -> MetricRecord | None:

@@ -63,6 +63,18 @@ class RoundLog:
         entry.update(values)
         self._save(server_round, [key])
 
+    def forget(self, server_round: int, node_id: int, *keys: str) -> None:
+        """Remove ``keys`` from the entry of node ``node_id`` for the round (if it has one) and persist.
+
+        An asynchronous release may take a device's second update of the round after its first was
+        rejected: the entry then says what the release holds, not what an earlier attempt did.
+        """
+        entry = self.round(server_round)["clients"].get(str(node_id))
+        if entry is not None and any(k in entry for k in keys):
+            for key in keys:
+                entry.pop(key, None)
+            self._save(server_round, [str(node_id)])
+
     def note(self, server_round: int, **values: Any) -> None:
         """Record round-level ``values`` (e.g. the signed release) and persist."""
         self.round(server_round).update(values)

@@ -1,14 +1,17 @@
 """FedBuff rounds against a hostile device and bad luck: a zero delta sent at once, a device leaving mid-dispatch,
 a fleet gone before the final evaluation. Through Flower's InMemoryGrid, as ``test_async_rounds.py``."""
 
+import json
 import threading
 import time
 
 import numpy as np
+import torch
 from flwr.common.constant import NOOP_FLWR_AID
 
-from server.async_rounds import AsyncRounds, evaluate_latest
+from server.async_rounds import AsyncRounds, carried_contributions, evaluate_latest
 from shared.config import AggregationConfig
+from shared.wire import pack
 from tests.server.secagg.fleet import Fleet
 from tests.server.test_async_rounds import _deltas, _strategy
 
@@ -110,3 +113,46 @@ def test_the_final_evaluation_does_not_wait_for_devices_that_are_gone(tmp_path):
         assert done.wait(60), "the final evaluation waited for min-clients devices to connect"
     evaluated = [nid for nid, msg in fleet.received if msg.metadata.message_type == "evaluate"]
     assert evaluated == [fleet.nodes[0]]  # the one device still connected
+
+
+def test_the_round_log_says_which_updates_a_release_holds_when_an_attempt_failed(tmp_path):
+    """A's and B's first updates diverge: their buffer's aggregate is refused; release 1 is A's second and C's."""
+    strategy = _strategy(tmp_path)
+    ds = _deltas()
+    sent = {0: 0, 1: 0}
+
+    def diverged(i):  # finite, within the norm rule (both alike), too large to sign
+        def mod(msg, context, call_next):
+            reply = call_next(msg, context)
+            sent[i] += 1
+            if sent[i] == 1:
+                reply.content["arrays"] = pack({k: torch.full(v.shape, 2e4) for k, v in ds[i].items()}, "fp16")
+            return reply
+
+        return mod
+
+    fleet = None
+
+    def answered(i):
+        return sum(1 for nid, _ in fleet.received if nid == fleet.nodes[i])
+
+    hold = {0: lambda msg: answered(0) >= 2, 1: lambda msg: answered(1) >= 1, 2: lambda msg: answered(0) < 2}
+    fleet = Fleet(ds, mods={0: [diverged(0)], 1: [diverged(1)]}, hold=hold)
+    rounds = AsyncRounds(strategy, task_timeout=3, stall_timeout=30, poll=0.01)
+    with fleet:
+        assert rounds.run(fleet.grid, num_rounds=1) == 1
+    r1 = next(r for r in json.loads((tmp_path / "rounds.json").read_text())["rounds"] if r["round"] == 1)
+    a, b, c = (r1["clients"][str(n)] for n in fleet.nodes)
+    assert "in a buffer that was refused: its aggregate was refused" in b["rejected"]  # was: listed as accepted
+    assert "rejected" not in a and "rejected" not in c and a["contributions"] == c["contributions"] == 1  # was: 2
+    assert rounds.contributions == {fleet.nodes[0]: 1, fleet.nodes[2]: 1}
+
+
+def test_a_resumed_run_counts_each_devices_contributions_on():
+    rounds = [
+        {"round": 1, "clients": {"11": {"contributions": 1}, "22": {"contributions": 1}}},
+        {"round": 2, "clients": {"11": {"contributions": 2}, "22": {"contributions": 5, "rejected": "refused"}}},
+        {"round": 3, "clients": {"x": {"contributions": 9}, "33": {"contributions": "7"}, "44": []}},
+    ]
+    assert carried_contributions(rounds) == {11: 2, 22: 1}  # malformed entries skipped, never trusted to raise
+    assert carried_contributions({"not": "a list"}) == {}
