@@ -71,6 +71,7 @@ class LoraConfig:
 DTYPES = ("auto", "float32", "bfloat16")
 MAX_SLOWDOWN = 100
 MAX_TRAIN_STEPS = 100_000  # local steps a round may ask of a device (the demo's are 30); more is not a round
+MAX_ROUND_TIMEOUT = 7 * 24 * 3600.0  # a week: a phase that waits longer for a silent device is stopped by it
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ class FleetConfig:
     """Stable identity of the run: its releases live in ``<store>/adapter/<run-id>/``. Empty: a
     new id per ``flwr run`` (``<run-name>-<Flower run id>``). Set, a restarted ``flwr run`` with
     the same ``run-id`` resumes after the last signed release of that folder (``server/resume.py``)."""
-    round_timeout: float = 3600.0
+    round_timeout: float = 3600.0  # at most MAX_ROUND_TIMEOUT
     """Seconds the server waits for replies in each train or evaluate phase; a device that has
     not replied by then is logged and left out of that round, which goes on with the others."""
     fraction_train: float = 1.0
@@ -239,7 +240,9 @@ class FleetConfig:
     def __post_init__(self) -> None:
         _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "must be >= 1")
         _check(self.min_clients >= 1, "min-clients", self.min_clients, "must be >= 1")
-        _check(self.round_timeout > 0, "round-timeout", self.round_timeout, "must be > 0 seconds")
+        # finite: a device that never answers must be left out at some point (async: given up, the run's stall)
+        why = f"must be in (0, {MAX_ROUND_TIMEOUT:g}] seconds"
+        _check(0 < self.round_timeout <= MAX_ROUND_TIMEOUT, "round-timeout", self.round_timeout, why)
         _check(0 < self.fraction_train <= 1, "fraction-train", self.fraction_train, "must be in (0, 1]")
         _check(0 <= self.fraction_evaluate <= 1, "fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
         _check(all(c.isalnum() or c in "._-" for c in self.run_id), "run-id", self.run_id, "must be [A-Za-z0-9._-]")

@@ -34,6 +34,7 @@ def test_unknown_key_is_named_with_a_suggestion():
         ("aggregation.min-accepted", 0, r"'aggregation\.min-accepted' = 0 must be >= 1"),
         ("state.db", "outputs/", r"'state\.db' = 'outputs/' must name a file"),
         ("base.onnx", 2, r"'base\.onnx' = 2 must be 0 or 1"),
+        ("round-timeout", float("inf"), r"'round-timeout' = inf must be in \(0, 604800\] seconds"),  # never given up
     ],
 )
 def test_bad_values_are_refused_with_the_key(key, value, message):
