@@ -54,7 +54,7 @@ from flwr.supercore.primitives.asymmetric import (
 )
 
 from shared.config_aggregation import MAX_SECURE_SHARES
-from shared.secagg_prg import masks as prg_masks
+from shared.secagg_prg import keystreams as prg_keystreams
 from shared.secagg_stages import ACCEPTED_LIST, CONFIRM_SHARES, is_share
 
 MAX_SAMPLE = 100_000
@@ -283,21 +283,34 @@ def _collect(
 
 
 def mask_delta(state: _Round, arrays: ArrayRecord) -> ArrayRecord:
-    """Quantize the delta (Flower's ``quantize``) and add the private and pairwise masks, modulo M (as uint32)."""
+    """Quantize the delta (Flower's ``quantize``) and add the private and pairwise masks, modulo M (as uint32).
+
+    In uint32, in place, one tensor's mask at a time: M divides 2^32, so uint32 arithmetic, which
+    wraps modulo 2^32, reduced by ``& (M - 1)`` is arithmetic modulo M. The codes are 4 bytes an
+    entry whatever the neighbours (255 at most), and a mask is one tensor's.
+    """
     keys = sorted(arrays)  # the coordinator sums in the same order
-    delta = [arrays[k].numpy().astype(np.float64) for k in keys]
-    _check(all(bool(np.isfinite(d).all()) for d in delta), "a delta that is not finite")
-    modulus, nid = state.mod_range, state.nid
-    codes = [c.astype(np.int64) for c in quantize(delta, state.clipping_range, state.target_range)]
-    shapes = [c.shape for c in codes]
-    codes = [(c + m) % modulus for c, m in zip(codes, prg_masks(state.seed, modulus, shapes), strict=True)]
+    codes = []
+    for key in keys:
+        delta = arrays[key].numpy()
+        _check(bool(np.isfinite(delta).all()), "a delta that is not finite")
+        quantized = quantize([delta.astype(np.float64)], state.clipping_range, state.target_range)[0]
+        codes.append(quantized.astype(np.uint32))  # in [0, L], L < M <= 2^32
+    _add_masks(codes, state.seed, state.mod_range, 1)
     sk1 = bytes_to_private_key(state.sk1)
     for other in state.linked:  # one mask per pair, added by the larger id, subtracted by the smaller: they cancel
         pair = generate_shared_key(sk1, bytes_to_public_key(state.neighbours[other][0]))
-        sign = 1 if nid > other else -1
-        # one pair's mask at a time, added and dropped: memory does not grow with the neighbours (255 at most)
-        codes = [(c + sign * m) % modulus for c, m in zip(codes, prg_masks(pair, modulus, shapes), strict=True)]
-    return ArrayRecord({k: Array(c.astype(np.uint32)) for k, c in zip(keys, codes, strict=True)})
+        _add_masks(codes, pair, state.mod_range, 1 if state.nid > other else -1)
+    return ArrayRecord({k: Array(c) for k, c in zip(keys, codes, strict=True)})
+
+
+def _add_masks(codes: list[np.ndarray], seed: bytes, modulus: int, sign: int) -> None:
+    """Add (``sign`` 1) or subtract (-1) the masks of ``seed`` to ``codes``, modulo ``modulus``, in place."""
+    low = np.uint32(modulus - 1)
+    op = np.add if sign > 0 else np.subtract
+    for code, mask in zip(codes, prg_keystreams(seed, modulus, [c.shape for c in codes]), strict=True):
+        op(code, mask, out=code)
+        np.bitwise_and(code, low, out=code)
 
 
 def _unmask(state: _Round, values: Mapping[str, Any]) -> dict[str, Any]:

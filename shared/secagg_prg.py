@@ -13,7 +13,7 @@ M <= 2^32 the reduction mod M keeps them uniform.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -32,15 +32,27 @@ def masks(seed: bytes, modulus: int, shapes: Sequence[tuple[int, ...]]) -> list[
     ValueError
         For a seed shorter than 16 bytes, or a modulus that is not a power of two in [2, 2^32].
     """
+    return [m.astype(np.int64) for m in keystreams(seed, modulus, shapes)]
+
+
+def keystreams(seed: bytes, modulus: int, shapes: Sequence[tuple[int, ...]]) -> Iterator[np.ndarray]:
+    """Yield :func:`masks`'s arrays as uint32, one shape at a time (a device holds one tensor's mask at once).
+
+    Raises
+    ------
+    ValueError
+        As :func:`masks`, before the first array.
+    """
     if len(seed) < MIN_SEED_BYTES:
         raise ValueError(f"a mask seed must have at least {MIN_SEED_BYTES} bytes, got {len(seed)}")
     if not (2 <= modulus <= 1 << 32 and modulus & (modulus - 1) == 0):
         raise ValueError(f"the modulus must be a power of two in [2, 2^32], got {modulus}")
+    return _keystreams(seed, np.uint32(modulus - 1), shapes)
+
+
+def _keystreams(seed: bytes, low: np.uint32, shapes: Sequence[tuple[int, ...]]) -> Iterator[np.ndarray]:
     key = HKDF(algorithm=SHA256(), length=32, salt=None, info=INFO).derive(seed)
     stream = Cipher(algorithms.ChaCha20(key, b"\0" * 16), mode=None).encryptor()
-    out = []
     for shape in shapes:
-        count = math.prod(shape)
-        words = np.frombuffer(stream.update(b"\0" * (4 * count)), dtype="<u4")
-        out.append((words.astype(np.int64) % modulus).reshape(shape))
-    return out
+        words = np.frombuffer(stream.update(bytes(4 * math.prod(shape))), dtype="<u4")
+        yield np.bitwise_and(words, low).astype(np.uint32, copy=False).reshape(shape)  # mod M: M divides 2^32
