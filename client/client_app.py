@@ -112,14 +112,20 @@ def _train(msg: Message, context: Context) -> Message:
     server_round = _server_round(msg)
     record_dp = cfg.dp.enabled and cfg.dp.level == "record"
     floor = device.privacy_floor(context.node_config)
-    floor.check(record_dp, cfg.dp.noise_multiplier, cfg.aggregation.secure)
+    masked = RECORD_KEY_CONFIGS in msg.content  # a secure round's collect stage: the delta leaves masked (secagg_mod)
+    if cfg.aggregation.secure and not masked:
+        raise ConfigError(
+            "the run is secure (aggregation.secure) but this train message is not a secure round's: this device "
+            "uploads its delta only masked"
+        )
+    floor.check(record_dp, cfg.dp.noise_multiplier, masked)  # what this message does, not what the run config says
     device.check_train_steps(context.node_config, cfg.train.steps)
     base = _base(cfg, context, part)
     own = device_training(context.node_config, cfg, base.spec)
     rank = own.rank
     model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype, rank)
     release_round = _install(msg, context, cfg, part, model, base.digest, rank)
-    if RECORD_KEY_CONFIGS in msg.content:  # a secure round's collect stage: this delta leaves masked (client/secagg.py)
+    if masked:
         store = AcceptedReleases(device.state_file(context.node_config, part.name))
         store.mask_once(cfg.release_run_id(context.run_id), server_round)
     slowdown = device_slowdown(context.node_config, cfg.train)

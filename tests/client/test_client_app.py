@@ -237,3 +237,19 @@ def test_a_secure_round_is_masked_once_per_round_of_a_run_even_across_restarts(f
     assert collect(4)[0] is None
     store = json.loads((fleet / "state" / "accepted.json").read_text())
     assert store["secure:run-1"] == {"round": 4}
+
+
+def test_a_secure_run_or_device_never_uploads_a_delta_in_the_clear(fleet, tiny_model_dir, monkeypatch):
+    """A hostile coordinator sends a plain train message where the run, or the device, asks for secure rounds."""
+    monkeypatch.setenv(TRUST_ENV, str(fleet / "honest.key.pub"))
+    arrays, signed = release_to_records(_release(fleet, tiny_model_dir, "honest"))
+    plain = {"arrays": arrays, "config": ConfigRecord({"server-round": 1, **signed})}
+    secure_run = {**_run_config(fleet, tiny_model_dir), "aggregation.method": "fedavg", "aggregation.secure": True}
+    refused, reply = _deliver(fleet, plain, secure_run, {"allow-float-base": True})
+    assert refused and "this device uploads its delta only masked" in refused and "arrays" not in reply.content
+    node = {"allow-float-base": True, "require-secure-aggregation": True}
+    refused, reply = _deliver(fleet, plain, _run_config(fleet, tiny_model_dir), node)
+    assert refused and "trains only in secure rounds" in refused and "arrays" not in reply.content
+    stage = ConfigRecord({Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.SOURCE_LIST: []})
+    refused, reply = _deliver(fleet, {**plain, RECORD_KEY_CONFIGS: stage}, secure_run, node)
+    assert refused is None and "arrays" in reply.content  # a secure round's collect: secagg_mod masks it
