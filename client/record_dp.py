@@ -27,6 +27,7 @@ import torch
 from shared.adapter import causal_lm
 from shared.atomic import write_atomic
 from shared.config import TrainConfig
+from shared.config_aggregation import MIN_NOISE_MULTIPLIER
 from shared.data import IGNORE_INDEX, Encoded, collate
 from shared.files import read_bounded
 
@@ -159,7 +160,7 @@ def _parse_ledger(path: Path) -> list[tuple[float, float, int]]:
         out = []
         for z, q, steps in entries:
             ok = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (z, q, steps))
-            if not ok or not (z > 0 and 0 < q <= 1 and isinstance(steps, int) and steps >= 1):
+            if not ok or not (z >= MIN_NOISE_MULTIPLIER and 0 < q <= 1 and isinstance(steps, int) and steps >= 1):
                 raise ValueError(f"bad entry {[z, q, steps]!r:.80}")
             out.append((float(z), float(q), steps))
         return out

@@ -9,6 +9,13 @@ from dataclasses import dataclass
 
 from shared.config_checks import check as _check
 
+MIN_NOISE_MULTIPLIER = 0.1
+"""Below it a DP round is no privacy worth the name (epsilon ~ 96 a round at q = 1, delta 1e-5), and the
+accountants' numerics give way: z = 1e-155 accounted epsilon 0 (no noise, "within" any max-epsilon), and
+Opacus' hung on the device."""
+MAX_NOISE_MULTIPLIER = 1e3
+"""Above it a run's noise buries any update (and a solved z there means the target cannot be met)."""
+
 AGGREGATION_METHODS = ("fedavg", "exact", "ffa", "ties")
 AGGREGATION_MODES = ("sync", "async")
 ASYNC_METHODS = ("fedavg", "ffa")  # a device's change applies to a newer release's factors as it is
@@ -157,7 +164,8 @@ class DpConfig:
         return self.noise_multiplier > 0 or self.epsilon > 0
 
     def __post_init__(self) -> None:
-        _check(self.noise_multiplier >= 0, "dp.noise-multiplier", self.noise_multiplier, "must be >= 0")
+        z, low, high = self.noise_multiplier, MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER
+        _check(z == 0 or low <= z <= high, "dp.noise-multiplier", z, f"must be 0 (off) or in [{low:g}, {high:g}]")
         _check(self.epsilon >= 0, "dp.epsilon", self.epsilon, "must be >= 0")
         both = self.noise_multiplier > 0 and self.epsilon > 0
         _check(not both, "dp.epsilon", self.epsilon, "and dp.noise-multiplier are exclusive: set one")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from dp_accounting.rdp import RdpAccountant as DpAccountingRdp
 from flwr.serverapp import GaussianPrivacyEvent, PrivacyConfig, RdpAccountant
 from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
 
-MAX_NOISE_MULTIPLIER = 1e3
+from shared.config_aggregation import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER
 
 
 @contextlib.contextmanager
@@ -99,7 +100,7 @@ class PrivacyBudget:
         if not self.rounds:
             return 0.0
         with _quiet_accounting():
-            return self._accountant.get_epsilon(self.config.target_delta)
+            return _fail_closed(self._accountant.get_epsilon(self.config.target_delta))
 
     def projected(self, rounds: int) -> float:
         """Return the epsilon after ``rounds`` more releases, without spending them."""
@@ -108,7 +109,7 @@ class PrivacyBudget:
         ahead = RdpAccountant(self.config)
         ahead.compose(self.event, self.rounds + rounds)
         with _quiet_accounting():
-            return ahead.get_epsilon(self.config.target_delta)
+            return _fail_closed(ahead.get_epsilon(self.config.target_delta))
 
     def check_next(self) -> None:
         """Raise :class:`BudgetExhaustedError` if one more round would exceed ``max_epsilon``."""
@@ -123,6 +124,11 @@ class PrivacyBudget:
         """Account for ``rounds`` released rounds; return the epsilon spent so far."""
         self._accountant.compose(self.event, rounds)
         return self.epsilon
+
+
+def _fail_closed(epsilon: float) -> float:
+    """Return ``epsilon``, or infinity where, after a release, it is not finite and above 0 (the numerics failed)."""
+    return epsilon if math.isfinite(epsilon) and epsilon > 0 else math.inf
 
 
 def solve_noise_multiplier(epsilon: float, delta: float, sampling_rate: float, rounds: int) -> float:
@@ -153,6 +159,9 @@ def solve_noise_multiplier(epsilon: float, delta: float, sampling_rate: float, r
             )
     except mechanism_calibration.NoBracketIntervalFoundError as exc:
         raise ValueError(f"no noise multiplier reaches epsilon {epsilon} at delta {delta} in {rounds} rounds") from exc
-    if not 0 < z <= MAX_NOISE_MULTIPLIER:
-        raise ValueError(f"the noise multiplier for epsilon {epsilon} would be {z:.4g}")
+    if not MIN_NOISE_MULTIPLIER <= z <= MAX_NOISE_MULTIPLIER:
+        raise ValueError(
+            f"the noise multiplier for epsilon {epsilon} would be {z:.4g}, outside [{MIN_NOISE_MULTIPLIER:g}, "
+            f"{MAX_NOISE_MULTIPLIER:g}]"
+        )
     return float(z)

@@ -70,7 +70,7 @@ def test_differential_privacy_runs_with_fedavg_and_ffa(method):
     ("values", "message"),
     [
         ({"dp.noise-multiplier": 1.0, "dp.epsilon": 2.0}, r"exclusive"),
-        ({"dp.noise-multiplier": -1.0}, r"'dp\.noise-multiplier' = -1\.0 must be >= 0"),
+        ({"dp.noise-multiplier": -1.0}, r"'dp\.noise-multiplier' = -1\.0 must be 0 \(off\) or in \[0\.1, 1000\]"),
         ({"dp.clip-norm": 0.0}, r"'dp\.clip-norm' = 0\.0 must be > 0"),
         ({"dp.clipping": "device"}, r"'dp\.clipping' = 'device' must be one of"),
         ({"dp.delta": 1.0}, r"'dp\.delta' = 1\.0 must be in \(0, 1\)"),

@@ -1,10 +1,13 @@
 """The run's privacy budget: Flower's RDP accountant checked against an independent one (Opacus)."""
 
+import math
+
 import pytest
 from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
 from opacus.accountants.analysis import rdp as opacus_rdp
 
 from server.privacy.accountant import BudgetExhaustedError, PrivacyBudget, Sampling, solve_noise_multiplier
+from shared.config import ConfigError, DpConfig
 
 
 def _opacus_epsilon(q, z, rounds, delta):
@@ -56,3 +59,18 @@ def test_sampling_rounds_the_fraction_to_a_count_of_devices():
     assert Sampling.of(3, 0.01).expected == 1  # at least one device
     with pytest.raises(ValueError, match="population"):
         Sampling(3, 4)
+
+
+def test_an_epsilon_the_numerics_cannot_give_is_infinite_not_zero():
+    """z = 1e-155 (no noise at all) accounted epsilon 0.0, "within" any dp.max-epsilon: now infinite, refused."""
+    budget = PrivacyBudget(1e-155, 1e-5, Sampling(5, 3), max_epsilon=1.0)
+    assert budget.projected(1) == math.inf
+    with pytest.raises(BudgetExhaustedError, match="would spend epsilon inf"):
+        budget.check_next()
+    assert budget.spend() == math.inf and budget.epsilon == math.inf
+
+
+@pytest.mark.parametrize("z", [1e-155, 1e-6, 0.09, 1001.0])
+def test_a_noise_multiplier_outside_the_meaningful_range_is_refused_by_the_run_config(z):
+    with pytest.raises(ConfigError, match=r"'dp\.noise-multiplier' = .* must be 0 \(off\) or in \[0\.1, 1000\]"):
+        DpConfig(noise_multiplier=z)
