@@ -225,7 +225,7 @@ def _train_record_dp(
 ) -> tuple[TrainResult, float]:
     """DP-SGD on this device's examples (``dp.level = record``); its ledger lives beside its replay store."""
     cap = floor.epsilon_cap(cfg.dp.max_epsilon or None)  # the device's own cap too
-    dp = RecordDp(cfg.dp.noise_multiplier, cfg.dp.clip_norm, cfg.dp.delta, cap)
+    dp = RecordDp(cfg.dp.noise_multiplier, cfg.dp.clip_norm, floor.accounting_delta(cfg.dp.delta), cap)
     ledger = Ledger(device.state_file(context.node_config, part.name).parent / LEDGER_FILE)
     loss, epsilon, seconds = train_record_dp(model, data, cfg.train, pad_id, dp, ledger)
     log(logging.INFO, "client %s: record-level DP-SGD, epsilon %.4g at delta %g so far", part.name, epsilon, dp.delta)

@@ -182,7 +182,7 @@ def test_a_round_below_the_devices_privacy_floor_is_refused_and_its_own_epsilon_
 ):
     monkeypatch.setenv(TRUST_ENV, str(fleet / "honest.key.pub"))
     node = {"allow-float-base": True, "require-record-dp": True, "min-noise-multiplier": 0.5}
-    weak = {**_run_config(fleet, tiny_model_dir), "dp.level": "record", "dp.noise-multiplier": 0.05}  # dp.max-epsilon 0
+    weak = {**_run_config(fleet, tiny_model_dir), "dp.level": "record", "dp.noise-multiplier": 0.2}  # dp.max-epsilon 0
     refused, reply = _send(fleet, weak, _release(fleet, tiny_model_dir, "honest"), node)
     assert refused and "below this device's min-noise-multiplier 0.5" in refused and "arrays" not in reply.content
     plain = _run_config(fleet, tiny_model_dir)  # no DP at all: the device's data would train unprotected
@@ -253,3 +253,21 @@ def test_a_secure_run_or_device_never_uploads_a_delta_in_the_clear(fleet, tiny_m
     stage = ConfigRecord({Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.SOURCE_LIST: []})
     refused, reply = _deliver(fleet, {**plain, RECORD_KEY_CONFIGS: stage}, secure_run, node)
     assert refused is None and "arrays" in reply.content  # a secure round's collect: secagg_mod masks it
+
+
+def test_a_devices_epsilon_cap_holds_at_its_own_delta_whatever_the_runs(fleet, tiny_model_dir, monkeypatch):
+    """dp.delta 0.5 (a run config's choice) read one step as epsilon ~0: the device's max-epsilon let it through."""
+    from opacus.accountants import RDPAccountant
+
+    monkeypatch.setenv(TRUST_ENV, str(fleet / "honest.key.pub"))
+    accountant = RDPAccountant()
+    accountant.history = [(1.0, 4 / 500, 1)]  # z, q = batch / examples, steps: one round of this run
+    at_own, at_run = accountant.get_epsilon(1e-5), accountant.get_epsilon(0.5)
+    assert at_run < at_own / 4  # what the run's delta made of the same step
+    node = {"allow-float-base": True, "max-epsilon": at_own / 2}  # dp-delta: 1e-5 by default
+    run = {**_run_config(fleet, tiny_model_dir), "dp.level": "record", "dp.noise-multiplier": 1.0, "dp.delta": 0.5}
+    release = _release(fleet, tiny_model_dir, "honest")  # one release: the second call gets it again
+    refused, reply = _send(fleet, run, release, node)
+    assert refused and "exceed dp.max-epsilon" in refused and "arrays" not in reply.content
+    refused, reply = _send(fleet, run, release, {**node, "dp-delta": 0.5})
+    assert refused is None and reply.content["metrics"]["dp-record-epsilon"] == pytest.approx(at_run, rel=1e-6)
