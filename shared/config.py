@@ -71,6 +71,7 @@ class LoraConfig:
 DTYPES = ("auto", "float32", "bfloat16")
 MAX_SLOWDOWN = 100
 MAX_TRAIN_STEPS = 100_000  # local steps a round may ask of a device (the demo's are 30); more is not a round
+MAX_SERVER_ROUNDS = 100_000  # 10^15 was accepted: a DP run's start then projected epsilon round count by count
 MAX_ROUND_TIMEOUT = 7 * 24 * 3600.0  # a week: a phase that waits longer for a silent device is stopped by it
 
 
@@ -238,7 +239,8 @@ class FleetConfig:
     dp: DpConfig = field(default_factory=DpConfig)
 
     def __post_init__(self) -> None:
-        _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "must be >= 1")
+        rounds, most = self.num_server_rounds, MAX_SERVER_ROUNDS
+        _check(1 <= rounds <= most, "num-server-rounds", rounds, f"must be in [1, {most:,}]")
         _check(self.min_clients >= 1, "min-clients", self.min_clients, "must be >= 1")
         # finite: a device that never answers must be left out at some point (async: given up, the run's stall)
         why = f"must be in (0, {MAX_ROUND_TIMEOUT:g}] seconds"

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from server.privacy.accountant import PrivacyBudget, Sampling
 from server.privacy.rounds import DpRounds
-from shared.config import ConfigError, DpConfig
+from shared.config import ConfigError, DpConfig, FleetConfig
 
 
 def _rounds(rounds=5, fraction=0.1, **dp):
@@ -76,3 +77,21 @@ def test_spending_a_round_records_what_the_round_log_and_dashboard_show():
         "expected_clients": 4.0,
         "clipping": "server",
     }
+
+
+def test_how_many_rounds_fit_is_found_by_bisection_not_by_trying_every_count(monkeypatch):
+    """Each projection runs the accountant (~60 ms): trying every count held a start for 2 minutes at 2,000."""
+    calls = []
+    projected = PrivacyBudget.projected
+    monkeypatch.setattr(PrivacyBudget, "projected", lambda self, n: calls.append(n) or projected(self, n))
+    with pytest.raises(ConfigError, match=r"2000 rounds .* > dp\.max-epsilon 8.*\b(\d+) more round") as refused:
+        DpRounds(DpConfig(noise_multiplier=1.0, max_epsilon=8.0), 0.1, 2000).start(100, [])
+    fit = int(str(refused.value).split(" more round")[0].rsplit(" ", 1)[1])
+    budget = PrivacyBudget(1.0, 1e-5, Sampling.of(100, 0.1), 8.0)
+    assert budget.projected(fit) <= 8.0 < budget.projected(fit + 1)  # the most that fit, exactly
+    assert len(calls) <= 16  # log2(2000) + the plan's own
+
+
+def test_a_run_config_planning_more_rounds_than_a_run_can_have_is_refused():
+    with pytest.raises(ConfigError, match=r"'num-server-rounds' = 1000000000000000 must be in \[1, 100,000\]"):
+        FleetConfig.from_run_config({"num-server-rounds": 10**15})
