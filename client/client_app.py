@@ -154,12 +154,13 @@ def _train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {
             "num-examples": len(data),
-            "train-loss": result.mean_loss,
             "train-seconds": result.seconds,
             "base-download-bytes": base.downloaded,
             "release-round": release_round,  # the release this delta is a change of (async: its staleness)
         }
     )
+    if not record_dp:  # under record-level DP the loss is not noised: at batch 1 it is one example's exact loss
+        metrics["train-loss"] = result.mean_loss
     metrics.update(own.metrics())  # memory-budget-mb and what this device chose to fit it
     base.downloaded = 0  # reported once
     if rank < cfg.lora.rank:  # the coordinator zero-pads it to the run's rank (shared/ranks.py)

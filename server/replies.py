@@ -43,7 +43,7 @@ MAX_BATCH = 1 << 16
 # key -> (type, low, high, required)
 TRAIN_METRICS: dict[str, tuple[type, float, float, bool]] = {
     "num-examples": (int, 1, math.inf, True),  # high: aggregation.max-examples
-    "train-loss": (float, 0.0, MAX_LOSS, True),
+    "train-loss": (float, 0.0, MAX_LOSS, False),  # withheld under record-level DP: it is not noised
     "train-seconds": (float, 0.0, MAX_SECONDS, True),
     "base-download-bytes": (int, 0, MAX_BYTES, False),
     "dp-clipped": (int, 0, 1, False),  # dp.clipping = client: 1 if the device clipped its delta
@@ -84,7 +84,8 @@ class TrainReply:
     node_id: int
     name: str
     num_examples: int
-    train_loss: float
+    train_loss: float | None
+    """None: the device withheld it (record-level DP: one example's exact loss at batch 1)."""
     train_seconds: float
     base_download_bytes: int
     dp_clipped: bool
@@ -199,7 +200,7 @@ def _train_reply(node_id: int, name: str, metrics: Mapping[str, int | float], ar
         node_id=node_id,
         name=name,
         num_examples=int(metrics["num-examples"]),
-        train_loss=float(metrics["train-loss"]),
+        train_loss=float(metrics["train-loss"]) if "train-loss" in metrics else None,
         train_seconds=float(metrics["train-seconds"]),
         base_download_bytes=int(metrics.get("base-download-bytes", 0)),
         dp_clipped=bool(metrics.get("dp-clipped", 0)),

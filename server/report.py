@@ -139,7 +139,7 @@ def format_table(data: dict[str, Any]) -> str:
     head += ["MB up", "MB down", "key id", "manifest"]
     rows = []
     for r, p in zip(rounds, privacy, strict=True):
-        trained = [c for c in r["clients"].values() if "train_loss" in c]
+        trained = [c for c in r["clients"].values() if "train_loss" in c or "num_examples" in c]
         row = [
             "before" if r["round"] == 0 else str(r["round"]),
             str(len(trained) if r["round"] else len(r["clients"])),

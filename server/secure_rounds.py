@@ -111,8 +111,9 @@ def aggregate_secure(strategy: AdapterStrategy, server_round: int, outcome: Secu
     tally["secure-survivors"] = survivors
     up, down = sum(result.bytes_up.values()), sum(result.bytes_down.values())
     metrics = MetricRecord({**tally, "bytes-up": up, "bytes-down": down})
-    if replies:
-        metrics["train-loss"] = sum(r.train_loss for r in replies) / len(replies)
+    losses = [r.train_loss for r in replies if r.train_loss is not None]
+    if losses:
+        metrics["train-loss"] = sum(losses) / len(losses)
     if survivors < strategy.agg.min_accepted:
         log(logging.WARNING, "round %d: %d devices in the secure sum, fewer than aggregation.min-accepted = %d; "
             "the global adapter stays as it was", server_round, survivors, strategy.agg.min_accepted)  # fmt: skip
@@ -153,7 +154,9 @@ def _parse_metrics(
             tally["refused-releases"] += 1
             strategy.round_log.client(server_round, node, reply.name, refused_release=reply.reason)
             continue
-        entry = {"num_examples": reply.num_examples, "train_loss": reply.train_loss, "secure": True}
+        entry: dict[str, Any] = {"num_examples": reply.num_examples, "secure": True}
+        if reply.train_loss is not None:
+            entry["train_loss"] = reply.train_loss
         entry |= {"train_seconds": reply.train_seconds, "bytes_up": result.bytes_up.get(node, 0)}
         entry["bytes_down"] = result.bytes_down.get(node, 0)  # the release, its neighbours' keys and shares
         if strategy.dp is not None:

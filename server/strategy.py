@@ -269,7 +269,9 @@ class AdapterStrategy(FedAvg):
         ``weights`` as :meth:`_fold`; ``notes``: more round-log values per node (an update's staleness).
         """
         for reply in updates.values():
-            entry: dict[str, Any] = {"num_examples": reply.num_examples, "train_loss": reply.train_loss}
+            entry: dict[str, Any] = {"num_examples": reply.num_examples}
+            if reply.train_loss is not None:
+                entry["train_loss"] = reply.train_loss
             entry |= {k.replace("-", "_"): v for k, v in reply.settings.items()}  # a budget device's choice
             entry |= (notes or {}).get(reply.node_id, {})
             entry |= {"train_seconds": reply.train_seconds, "update_norm": norms[reply.node_id]}
@@ -299,12 +301,12 @@ class AdapterStrategy(FedAvg):
             return None
         log(
             logging.INFO,
-            "round %d: aggregated %d client updates (%s, %s deltas), mean train loss %.4f",
+            "round %d: aggregated %d client updates (%s, %s deltas), mean train loss %s",
             server_round,
             len(updates),
             self.agg.method,
             self.agg.delta_encoding,
-            sum(u.train_loss for u in updates.values()) / len(updates),
+            _mean_loss(list(updates.values())),
         )
         return self.sign(server_round, state)
 
@@ -324,7 +326,9 @@ class AdapterStrategy(FedAvg):
         total = sum(u.num_examples for u in updates.values())
         if updates:
             metrics["num-examples"] = total
-            metrics["train-loss"] = sum(u.train_loss * u.num_examples for u in updates.values()) / total
+        told = [(u.train_loss, u.num_examples) for u in updates.values() if u.train_loss is not None]
+        if told:
+            metrics["train-loss"] = sum(loss * n for loss, n in told) / sum(n for _, n in told)
         return MetricRecord(metrics)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -392,3 +396,9 @@ class AdapterStrategy(FedAvg):
         """Federated evaluation of the initial adapter (round 0: the base model's held-out loss)."""
         replies = grid.send_and_receive(self.configure_evaluate(0, arrays, ConfigRecord(), grid), timeout=timeout)
         self.aggregate_evaluate(0, replies)
+
+
+def _mean_loss(replies: list[TrainReply]) -> str:
+    """Return the mean train loss of the replies that reported one, as text ("withheld" if none did)."""
+    losses = [r.train_loss for r in replies if r.train_loss is not None]
+    return f"{sum(losses) / len(losses):.4f}" if losses else "withheld"

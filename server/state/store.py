@@ -333,7 +333,7 @@ def _client_row(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
         status, reason = "rejected", _text(entry["rejected"])
     elif "refused_release" in entry:
         status, reason = "refused", _text(entry["refused_release"])
-    elif "train_loss" in entry:
+    elif "train_loss" in entry or "num_examples" in entry:  # an accepted update (its loss may be withheld)
         status, reason = "accepted", None
     else:
         status, reason = "evaluated", None

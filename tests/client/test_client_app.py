@@ -173,6 +173,7 @@ def test_record_level_dp_trains_with_dp_sgd_and_reports_the_devices_epsilon(flee
     assert refused is None and "arrays" in reply.content
     epsilon = reply.content["metrics"]["dp-record-epsilon"]
     assert epsilon > 0
+    assert "train-loss" not in reply.content["metrics"]  # not noised: at batch 1, one example's exact loss
     ledger = json.loads((fleet / "state" / "dp-record-ledger.json").read_text())
     assert ledger["history"] == [[1.0, 4 / 500, 1]]  # z, q = batch / examples, steps
 

@@ -45,6 +45,12 @@ def test_an_honest_train_reply_parses_into_typed_values():
     assert set(decode_update(reply, SPEC)) == set(GLOBAL)
 
 
+def test_a_train_reply_may_withhold_its_loss():
+    """Under record-level DP a device does not send its train loss (it is not noised: at batch 1, one example's)."""
+    reply = parse_train(train_reply({k: v for k, v in TRAIN.items() if k != "train-loss"}), 7, SPEC)
+    assert isinstance(reply, TrainReply) and reply.train_loss is None and reply.num_examples == 500
+
+
 @pytest.mark.parametrize(
     ("metrics", "reason"),
     [

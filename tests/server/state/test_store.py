@@ -58,6 +58,13 @@ def test_two_clients_reporting_the_same_name_keep_a_row_each(tmp_path):
     assert (view["round"]["accepted"], view["round"]["rejected"]) == (1, 1)
 
 
+def test_an_accepted_update_whose_loss_was_withheld_is_accepted(tmp_path):
+    db = tmp_path / "state.sqlite"
+    log = RoundLog(tmp_path / "rounds.json", run=RUN, store=StateStore(db))
+    report(log, 1, "11", node_id=11, name="food", num_examples=500, update_norm=0.3)  # record-level DP: no loss
+    assert rows(db, "select client, status, train_loss from client_results") == [("11", "accepted", None)]
+
+
 def test_an_entry_without_a_name_shows_its_key(tmp_path):
     db = tmp_path / "state.sqlite"
     store = StateStore(db)
