@@ -24,7 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from server.replies import Refusal, TrainReply, parse_secure_train
-from server.secagg.params import SecAggConfigError, SecAggParams
+from server.secagg.params import SecAggConfigError, SecAggParams, sensitivity
 from server.secagg.protocol import SecAggAbortedError, SecAggResult, run_secagg
 from server.validate import check_aggregate
 from shared.config import FleetConfig
@@ -120,7 +120,9 @@ def aggregate_secure(strategy: AdapterStrategy, server_round: int, outcome: Secu
         return None, metrics
     try:
         if strategy.dp is not None:  # the sum is the round's only contribution; m, z, C as without SecAgg
-            state = strategy.dp.aggregate(strategy.global_adapter, result.total, [result.total])
+            entries = sum(v.numel() for v in result.total.values())  # the rounding adds to C: noise for both
+            bound = sensitivity(strategy.secure.params, entries) if strategy.secure is not None else None
+            state = strategy.dp.aggregate(strategy.global_adapter, result.total, [result.total], bound)
         else:
             state = mean_of_sum(strategy.global_adapter, result.total, survivors)
         check_aggregate(state)

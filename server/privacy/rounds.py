@@ -130,12 +130,22 @@ class DpRounds:
         return clipped, norm, norm > c
 
     def aggregate(
-        self, global_: Mapping[str, torch.Tensor], keys: Iterable[str], deltas: Iterable[Mapping[str, torch.Tensor]]
+        self,
+        global_: Mapping[str, torch.Tensor],
+        keys: Iterable[str],
+        deltas: Iterable[Mapping[str, torch.Tensor]],
+        sensitivity: float | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Return the new global adapter: the noised fixed-denominator mean of the contributions."""
+        """Return the new global adapter: the noised fixed-denominator mean of the contributions.
+
+        ``sensitivity``: the L2 bound of one device's contribution where it exceeds C (SecAgg+'s
+        rounding, ``server.secagg.params.sensitivity``): the noise is z times it, so z, and the
+        accountant's epsilon, stay what they say.
+        """
         budget = self._started()
         z, m = budget.noise_multiplier, budget.sampling.expected
-        return dp_mean(global_, keys, deltas, m, z, self.cfg.clip_norm, os_generator())
+        bound = max(self.cfg.clip_norm, sensitivity or 0.0)
+        return dp_mean(global_, keys, deltas, m, z, bound, os_generator())
 
     def check_next(self) -> None:
         """Raise :class:`BudgetExhaustedError` if one more round would exceed ``dp.max-epsilon``."""

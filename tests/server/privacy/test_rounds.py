@@ -95,3 +95,14 @@ def test_how_many_rounds_fit_is_found_by_bisection_not_by_trying_every_count(mon
 def test_a_run_config_planning_more_rounds_than_a_run_can_have_is_refused():
     with pytest.raises(ConfigError, match=r"'num-server-rounds' = 1000000000000000 must be in \[1, 100,000\]"):
         FleetConfig.from_run_config({"num-server-rounds": 10**15})
+
+
+def test_the_noise_covers_a_contribution_bound_above_the_clip_norm():
+    """SecAgg+'s rounding moves one device's contribution by up to sqrt(d) 2c / L beyond C: the noise is z times that."""
+    rounds = DpRounds(DpConfig(noise_multiplier=1.0, clip_norm=1.0), 1.0, 3)
+    rounds.start(4, [])  # m = 4: noise std z C / m = 0.25
+    zero = {"w": torch.zeros(200_000)}
+    plain = rounds.aggregate(zero, ["w"], [zero])["w"].std()
+    wider = rounds.aggregate(zero, ["w"], [zero], sensitivity=1.5)["w"].std()
+    assert float(plain) == pytest.approx(0.25, rel=0.02) and float(wider) == pytest.approx(0.375, rel=0.02)
+    assert float(rounds.aggregate(zero, ["w"], [zero], sensitivity=0.5)["w"].std()) == pytest.approx(0.25, rel=0.02)
