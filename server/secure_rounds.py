@@ -114,7 +114,7 @@ def aggregate_secure(strategy: AdapterStrategy, server_round: int, outcome: Secu
     losses = [r.train_loss for r in replies if r.train_loss is not None]
     if losses:
         metrics["train-loss"] = sum(losses) / len(losses)
-    if survivors < strategy.agg.min_accepted:
+    if strategy.dp is None and survivors < strategy.agg.min_accepted:  # under DP every round releases (strategy.py)
         log(logging.WARNING, "round %d: %d devices in the secure sum, fewer than aggregation.min-accepted = %d; "
             "the global adapter stays as it was", server_round, survivors, strategy.agg.min_accepted)  # fmt: skip
         return None, metrics

@@ -181,7 +181,9 @@ class AdapterStrategy(FedAvg):
                 self.intake.reject(server_round, node, updates.pop(node).name, reason)
         tally["rejected-updates"] += len(parsed) - len(updates)
         metrics = self._train_metrics(tally, replies, updates)
-        if len(updates) < self.agg.min_accepted:
+        # under DP every round releases (min-accepted off): whether a round released would depend on how many
+        # devices took part, a count the noise does not cover, and a round that released nothing spent nothing
+        if self.dp is None and len(updates) < self.agg.min_accepted:
             log(
                 logging.WARNING,
                 "round %d: %d of %d client updates passed validation, fewer than aggregation.min-accepted = %d; "
@@ -194,7 +196,7 @@ class AdapterStrategy(FedAvg):
             return None, metrics
         published = self._aggregate(server_round, updates, spec, norms, clipped)
         if published is not None:
-            self.spend_privacy(server_round, sum(clipped.values()) / len(updates), metrics)
+            self.spend_privacy(server_round, sum(clipped.values()) / max(1, len(updates)), metrics)
         return published, metrics
 
     def spend_privacy(self, server_round: int, clipped_fraction: float, metrics: MetricRecord) -> None:

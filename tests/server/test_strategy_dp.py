@@ -116,9 +116,13 @@ def test_under_client_clipping_a_delta_above_the_bound_is_rejected_and_the_clipp
     assert rec["privacy"]["clipping"] == "client"
 
 
-def test_a_round_refused_for_too_few_updates_spends_no_epsilon(tmp_path):
+def test_every_round_releases_and_spends_epsilon_whatever_the_number_of_updates(tmp_path):
+    """A DP round below min-accepted used to release nothing and spend nothing: whether a round released said
+    whether a device took part (a count the noise does not cover), and that was never charged."""
     strategy = _strategy(tmp_path)
     arrays, metrics = strategy.aggregate_train(1, [_reply(1, _delta(0.1, 1))])  # min-accepted is 2
-    assert arrays is None and "dp-epsilon" not in metrics
+    assert arrays is not None and metrics["dp-epsilon"] > 0 and strategy.dp.budget.rounds == 1
+    arrays, metrics = strategy.aggregate_train(2, [])  # nobody answered: the noise alone, and the round counted
+    assert arrays is not None and strategy.dp.budget.rounds == 2
     rounds = json.loads((tmp_path / "rounds.json").read_text())["rounds"]
-    assert strategy.dp.budget.rounds == 0 and not any("privacy" in r for r in rounds)
+    assert [r["round"] for r in rounds if "privacy" in r] == [1, 2]

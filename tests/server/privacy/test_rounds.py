@@ -98,7 +98,7 @@ def test_a_run_config_planning_more_rounds_than_a_run_can_have_is_refused():
 
 
 def test_the_noise_covers_a_contribution_bound_above_the_clip_norm():
-    """SecAgg+'s rounding moves one device's contribution by up to sqrt(d) 2c / L beyond C: the noise is z times that."""
+    """SecAgg+'s rounding moves a device's contribution up to sqrt(d) 2c / L beyond C: the noise is z times that."""
     rounds = DpRounds(DpConfig(noise_multiplier=1.0, clip_norm=1.0), 1.0, 3)
     rounds.start(4, [])  # m = 4: noise std z C / m = 0.25
     zero = {"w": torch.zeros(200_000)}
