@@ -24,7 +24,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,21 +137,13 @@ class AcceptedReleases:
                 f"{manifest.kind} {manifest.run_id} round {manifest.round} was not checked against {self.path}: "
                 "not recorded (verify it with this store first)"
             )
-        key = _key(manifest.kind, manifest.run_id)
         entry = {"round": manifest.round, "digest": manifest.digest(), "created": manifest.created}
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with _exclusive(self.path.with_name(self.path.name + ".lock")):
-                runs = _load(self.path)
-                last = runs.get(key)
-                _refuse_changed(last, self._checked[manifest.digest()], manifest, self.path)
-                runs[key] = entry
-                write_atomic(self.path, json.dumps(runs, indent=1, sort_keys=True).encode())
-        except TimeoutError as exc:
-            raise ReleaseError(f"replay store {self.path}: {exc}; the release is not used") from None
-        except OSError as exc:
-            raise _unusable(self.path, f"it cannot be written ({exc})") from None
-        self.runs = runs
+
+        def change(last: dict[str, Any] | None) -> dict[str, Any]:
+            _refuse_changed(last, self._checked[manifest.digest()], manifest, self.path)
+            return entry
+
+        self._update(_key(manifest.kind, manifest.run_id), change, "the release is not used")
 
     def mask_once(self, run_id: str, server_round: int) -> None:
         """Record that this device masks a delta for ``server_round`` of ``run_id``; refuse a round not after the last.
@@ -170,22 +162,31 @@ class AcceptedReleases:
         ReplayStoreError
             The record could not be written; the caller must not train.
         """
-        key = _key("secure", run_id)
+
+        def change(last: dict[str, Any] | None) -> dict[str, Any]:
+            if last is not None and server_round <= last["round"]:
+                raise ReleaseError(
+                    f"secure round {server_round} of run {run_id}: this device already masked a delta for round "
+                    f"{last['round']}; it masks once per round, in increasing rounds (two sums of one round that "
+                    "differ by one device would reveal that device's delta)"
+                )
+            return {"round": server_round}
+
+        self._update(_key("secure", run_id), change, "the secure round is not trained")
+
+    def _update(self, key: str, change: Callable[[dict[str, Any] | None], dict[str, Any]], refused: str) -> None:
+        """Under the store's lock, read it again and set ``key``'s record to ``change(its record now)``; persist it.
+
+        Only that record changes (another process's records stay); ``change`` raises to refuse.
+        """
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with _exclusive(self.path.with_name(self.path.name + ".lock")):
                 runs = _load(self.path)
-                last = runs.get(key)
-                if last is not None and server_round <= last["round"]:
-                    raise ReleaseError(
-                        f"secure round {server_round} of run {run_id}: this device already masked a delta for round "
-                        f"{last['round']}; it masks once per round, in increasing rounds (two sums of one round that "
-                        "differ by one device would reveal that device's delta)"
-                    )
-                runs[key] = {"round": server_round}
+                runs[key] = change(runs.get(key))
                 write_atomic(self.path, json.dumps(runs, indent=1, sort_keys=True).encode())
         except TimeoutError as exc:
-            raise ReleaseError(f"replay store {self.path}: {exc}; the secure round is not trained") from None
+            raise ReleaseError(f"replay store {self.path}: {exc}; {refused}") from None
         except OSError as exc:
             raise _unusable(self.path, f"it cannot be written ({exc})") from None
         self.runs = runs
