@@ -257,7 +257,7 @@ class AsyncRounds:
             contribution_norms(buffer.norms, weights), strategy.agg.max_norm_ratio
         ).items():
             strategy.intake.reject(server_round, node, updates.pop(node).name, reason)
-        if len(updates) < strategy.agg.min_accepted:
+        if strategy.too_few(len(updates)):
             log(
                 logging.WARNING,
                 "async: release %d: %d updates left after the norm rule, fewer than "

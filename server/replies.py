@@ -19,7 +19,7 @@ is wrong. What a reply must hold:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,6 +193,12 @@ def check_release_round(reply: TrainReply, sent: int) -> None:
     """
     if reply.release_round is not None and reply.release_round != sent:
         raise ReplyError(f"the update is of release round {reply.release_round}, but the device was sent round {sent}")
+
+
+def mean_train_loss(replies: Iterable[TrainReply]) -> float | None:
+    """Return the mean train loss of the replies that reported one (None: none did; record-level DP withholds it)."""
+    losses = [r.train_loss for r in replies if r.train_loss is not None]
+    return sum(losses) / len(losses) if losses else None
 
 
 def _train_reply(node_id: int, name: str, metrics: Mapping[str, int | float], arrays: ArrayRecord) -> TrainReply:

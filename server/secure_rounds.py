@@ -23,7 +23,7 @@ from flwr.app import Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from server.replies import Refusal, TrainReply, parse_secure_train
+from server.replies import Refusal, TrainReply, mean_train_loss, parse_secure_train
 from server.secagg.params import SecAggConfigError, SecAggParams, sensitivity
 from server.secagg.protocol import SecAggAbortedError, SecAggResult, run_secagg
 from server.validate import check_aggregate
@@ -111,10 +111,9 @@ def aggregate_secure(strategy: AdapterStrategy, server_round: int, outcome: Secu
     tally["secure-survivors"] = survivors
     up, down = sum(result.bytes_up.values()), sum(result.bytes_down.values())
     metrics = MetricRecord({**tally, "bytes-up": up, "bytes-down": down})
-    losses = [r.train_loss for r in replies if r.train_loss is not None]
-    if losses:
-        metrics["train-loss"] = sum(losses) / len(losses)
-    if strategy.dp is None and survivors < strategy.agg.min_accepted:  # under DP every round releases (strategy.py)
+    if (loss := mean_train_loss(replies)) is not None:
+        metrics["train-loss"] = loss
+    if strategy.too_few(survivors):
         log(logging.WARNING, "round %d: %d devices in the secure sum, fewer than aggregation.min-accepted = %d; "
             "the global adapter stays as it was", server_round, survivors, strategy.agg.min_accepted)  # fmt: skip
         return None, metrics

@@ -36,6 +36,7 @@ from server.replies import (
     UpdateSpec,
     check_release_round,
     decode_update,
+    mean_train_loss,
     parse_evaluate,
     parse_train,
 )
@@ -181,9 +182,7 @@ class AdapterStrategy(FedAvg):
                 self.intake.reject(server_round, node, updates.pop(node).name, reason)
         tally["rejected-updates"] += len(parsed) - len(updates)
         metrics = self._train_metrics(tally, replies, updates)
-        # under DP every round releases (min-accepted off): whether a round released would depend on how many
-        # devices took part, a count the noise does not cover, and a round that released nothing spent nothing
-        if self.dp is None and len(updates) < self.agg.min_accepted:
+        if self.too_few(len(updates)):
             log(
                 logging.WARNING,
                 "round %d: %d of %d client updates passed validation, fewer than aggregation.min-accepted = %d; "
@@ -198,6 +197,14 @@ class AdapterStrategy(FedAvg):
         if published is not None:
             self.spend_privacy(server_round, sum(clipped.values()) / max(1, len(updates)), metrics)
         return published, metrics
+
+    def too_few(self, accepted: int) -> bool:
+        """Whether ``accepted`` updates are too few to release (below ``aggregation.min-accepted``; never under DP).
+
+        Under DP every round releases: whether a round released would depend on how many devices took
+        part, a count the noise does not cover, and a round that released nothing spent nothing.
+        """
+        return self.dp is None and accepted < self.agg.min_accepted
 
     def spend_privacy(self, server_round: int, clipped_fraction: float, metrics: MetricRecord) -> None:
         """Under DP, account for the round just released and record its epsilon (log, round log, metrics)."""
@@ -308,7 +315,7 @@ class AdapterStrategy(FedAvg):
             len(updates),
             self.agg.method,
             self.agg.delta_encoding,
-            _mean_loss(list(updates.values())),
+            "withheld" if (loss := mean_train_loss(updates.values())) is None else f"{loss:.4f}",
         )
         return self.sign(server_round, state)
 
@@ -398,9 +405,3 @@ class AdapterStrategy(FedAvg):
         """Federated evaluation of the initial adapter (round 0: the base model's held-out loss)."""
         replies = grid.send_and_receive(self.configure_evaluate(0, arrays, ConfigRecord(), grid), timeout=timeout)
         self.aggregate_evaluate(0, replies)
-
-
-def _mean_loss(replies: list[TrainReply]) -> str:
-    """Return the mean train loss of the replies that reported one, as text ("withheld" if none did)."""
-    losses = [r.train_loss for r in replies if r.train_loss is not None]
-    return f"{sum(losses) / len(losses):.4f}" if losses else "withheld"

@@ -194,18 +194,15 @@ def _close(was: Any, now: float) -> bool:
     return type(was) in (int, float) and was > 0 and math.isclose(was, now, rel_tol=1e-9)
 
 
-__all__ = ["BudgetExhaustedError", "DpRounds"]
-
-
 def _rounds_that_fit(budget: PrivacyBudget, cap: float, most: int) -> int:
     """Return the most rounds in [0, ``most``] whose projected epsilon stays within ``cap``, by bisection.
 
     Epsilon only grows with the rounds; each projection is one accountant run (~60 ms), so a scan of
     every count took 2 minutes at 2,000 planned rounds.
     """
-    low, high = 0, most  # projected(low) <= cap is assumed of 0 rounds more; high is tried
     if budget.projected(0) > cap:
         return 0
+    low, high = 0, most  # projected(low) <= cap holds throughout
     while low < high:
         mid = (low + high + 1) // 2
         if budget.projected(mid) <= cap:
@@ -213,3 +210,6 @@ def _rounds_that_fit(budget: PrivacyBudget, cap: float, most: int) -> int:
         else:
             high = mid - 1
     return low
+
+
+__all__ = ["BudgetExhaustedError", "DpRounds"]
