@@ -73,7 +73,8 @@ def test_a_dashboard_started_before_its_store_says_why_and_creates_nothing(page,
     dashboard = start(db, "127.0.0.1:0", token=TOKEN)
     try:
         page.goto(dashboard.url)
-        page.wait_for_function("document.getElementById('status').innerText.includes('503')")
+        # a locator wait, not wait_for_function: its string predicate is an eval the page's CSP may refuse (seen: CI)
+        page.locator("#status", has_text="503").wait_for()
         assert "no state store at" in page.inner_text("#status")
         assert not (tmp_path / "out").exists()
         StateStore(db).save_run({"run_id": "appeared", "started": time.time(), "config": {}})
