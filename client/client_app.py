@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from client.privacy import clip_and_pack
 from client.record_dp import LEDGER_FILE, Ledger, RecordBudgetError, RecordDp, train_record_dp
 from client.secagg import secagg_mod
 from client.slowdown import device_slowdown, slow_down
-from client.train import TrainResult, evaluate, train_adapter
+from client.train import TrainResult, evaluate, round_seed, train_adapter
 from client.verify import install_release
 from shared.adapter import adapter_state, attach_lora, set_trainable_factors, uploaded_keys
 from shared.chain import ChainGapError
@@ -125,15 +124,16 @@ def _train(msg: Message, context: Context) -> Message:
     rank = own.rank
     model, tok = _runtime(base.spec, cfg.lora, cfg.seed, cfg.train.dtype, rank)
     release_round = _install(msg, context, cfg, part, model, base.digest, rank)
-    if masked:
+    masked_run = cfg.release_run_id(context.run_id) if masked else None
+    if masked_run is not None:
         store = AcceptedReleases(device.state_file(context.node_config, part.name))
-        store.mask_once(cfg.release_run_id(context.run_id), server_round)
+        store.mask_once(masked_run, server_round)
     slowdown = device_slowdown(context.node_config, cfg.train)
     _log_plan(own, part, server_round)
     start = adapter_state(model)
     set_trainable_factors(model, cfg.aggregation.method)
     data = _encoded(part.train_file, base.spec, cfg.train.max_seq_len)
-    seed = zlib.crc32(f"{cfg.seed}/{server_round}{_dispatch(msg)}/{part.name}".encode())  # stable across processes
+    seed = round_seed(cfg.seed, server_round, part.name, _dispatch(msg), masked_run)
     record_epsilon = None
     if record_dp:
         result, record_epsilon = _train_record_dp(model, data, cfg, tok.pad_token_id, context, part, floor)

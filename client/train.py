@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import math
 import os
 import random
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +68,25 @@ class EvalResult:
     loss: float
     tokens: int
     examples: int
+
+
+def round_seed(run_seed: int, server_round: int, name: str, dispatch: str = "", masked_run: str | None = None) -> int:
+    """Return the seed of the batches a device draws for a round (``dispatch``: async's ``"/<task>"`` or ``""``).
+
+    A plain round: crc32 of ``"<seed>/<round><dispatch>/<name>"``, the same in every process, so a
+    run is reproducible; not a secret, and it need not be one: the delta leaves in the clear.
+
+    A round whose delta leaves masked (``masked_run``: the release run id): 64 bits of SHA-256 over
+    the run id as well. A device masks once per round of a run (``AcceptedReleases.mask_once``), so
+    every delta it masks is trained on batches drawn from a seed of its own: a coordinator that runs
+    the same secure round again in another run (same seed, same round, without one device) gets two
+    sums whose difference is a delta trained on other batches, not that device's delta, and no
+    choice of seed or run id makes two such seeds collide (crc32's state could be steered to).
+    """
+    if masked_run is None:
+        return zlib.crc32(f"{run_seed}/{server_round}{dispatch}/{name}".encode())
+    text = json.dumps(["fleetlora masked round", masked_run, run_seed, server_round, dispatch, name])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
 def train_adapter(model: Any, data: list[Encoded], cfg: TrainConfig, pad_id: int, seed: int) -> TrainResult:

@@ -30,7 +30,6 @@ import logging
 import math
 import statistics
 import time
-import zlib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -207,7 +206,7 @@ def run(fleet: Fleet, settings: Settings, method: str, epsilon: float, loss_befo
 
 def local_delta(fleet: Fleet, settings: Settings, global_: State, method: str, device: int, server_round: int) -> State:
     """One device's round: train the global on its shard, return what it uploads (trained - global)."""
-    from client.train import train_adapter
+    from client.train import round_seed, train_adapter
     from shared.adapter import adapter_state, load_adapter_state, set_trainable_factors, uploaded_keys
     from shared.config import TrainConfig
 
@@ -217,8 +216,7 @@ def local_delta(fleet: Fleet, settings: Settings, global_: State, method: str, d
     cfg = TrainConfig(
         steps=settings.local_steps, batch_size=len(shard), lr=settings.lr, max_seq_len=settings.max_seq_len
     )
-    seed = zlib.crc32(f"{settings.seed}/{server_round}/{device}".encode())  # as client_app seeds a round
-    train_adapter(fleet.model, shard, cfg, fleet.pad_id, seed)
+    train_adapter(fleet.model, shard, cfg, fleet.pad_id, round_seed(settings.seed, server_round, str(device)))
     trained = adapter_state(fleet.model)
     return {k: trained[k] - global_[k] for k in uploaded_keys(method, trained)}
 

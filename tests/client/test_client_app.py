@@ -46,14 +46,14 @@ def _run_config(fleet, tiny_model_dir):
     }
 
 
-def _release(fleet, tiny_model_dir, signer):
+def _release(fleet, tiny_model_dir, signer, run_id="run-1"):
     cfg = FleetConfig.from_run_config(_run_config(fleet, tiny_model_dir))
     model = attach_lora(load_model(str(tiny_model_dir), torch.float32), cfg.lora, cfg.seed)
     files = {"adapter_config.json": b"{}", "adapter_model.safetensors": save_tensors(adapter_state(model))}
     release, _ = make_release(
         files,
         kind="adapter",
-        run_id="run-1",
+        run_id=run_id,
         round=0,
         base_digest=model_digest(str(tiny_model_dir)),
         method="fedavg",
@@ -238,6 +238,28 @@ def test_a_secure_round_is_masked_once_per_round_of_a_run_even_across_restarts(f
     assert collect(4)[0] is None
     store = json.loads((fleet / "state" / "accepted.json").read_text())
     assert store["secure:run-1"] == {"round": 4}
+
+
+def test_the_same_secure_round_in_another_run_trains_on_other_batches(fleet, tiny_model_dir, monkeypatch):
+    """mask_once is per run: a coordinator could run round 1 again as another run, with the same seed and start.
+
+    Had the device trained the same delta there (its seed was crc32(seed/round/name)), the two runs' sums,
+    one with the device and one without it, would differ by exactly its delta.
+    """
+    monkeypatch.setenv(TRUST_ENV, str(fleet / "honest.key.pub"))
+    stage = ConfigRecord({Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.SOURCE_LIST: []})
+    deltas = []
+    for run_id in ("run-1", "run-2"):
+        arrays, signed = release_to_records(_release(fleet, tiny_model_dir, "honest", run_id))
+        content = {"arrays": arrays, "config": ConfigRecord({"server-round": 1, **signed}), RECORD_KEY_CONFIGS: stage}
+        run = {**_run_config(fleet, tiny_model_dir), "run-id": run_id, "train.max-seq-len": 128}
+        refused, reply = _deliver(fleet, content, run, {"allow-float-base": True})
+        assert refused is None and "arrays" in reply.content
+        deltas.append(reply.content["arrays"].to_torch_state_dict())
+    assert deltas[0].keys() == deltas[1].keys()
+    assert all(deltas[0][k].shape == deltas[1][k].shape for k in deltas[0])
+    diff = max(float((deltas[0][k] - deltas[1][k]).abs().max()) for k in deltas[0])
+    assert diff > 1e-6  # other batches: the two sums differ by more than one device's delta
 
 
 def test_a_secure_run_or_device_never_uploads_a_delta_in_the_clear(fleet, tiny_model_dir, monkeypatch):
