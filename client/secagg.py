@@ -55,12 +55,10 @@ from flwr.supercore.primitives.asymmetric import (
 
 from shared.config_aggregation import MAX_SECURE_SHARES
 from shared.secagg_prg import keystreams as prg_keystreams
-from shared.secagg_stages import ACCEPTED_LIST, CONFIRM_SHARES, is_share
+from shared.secagg_stages import ACCEPTED_LIST, CONFIRM_SHARES, MAX_CIPHERTEXT_BYTES, MAX_KEY_BYTES, is_share
 
 MAX_SAMPLE = 100_000
 MAX_MODULUS = 1 << 32  # the range of shared.secagg_prg's uint32 keystream
-MAX_KEY_BYTES = 1024
-MAX_CIPHERTEXT_BYTES = 4096
 _PREVIOUS = {
     Stage.SHARE_KEYS: Stage.SETUP,
     CONFIRM_SHARES: Stage.SHARE_KEYS,

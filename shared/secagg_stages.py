@@ -13,6 +13,10 @@ CONFIRM_SHARES = "confirm_shares"
 with :data:`ACCEPTED_LIST`."""
 ACCEPTED_LIST = "accepted_list"
 """The sources whose ciphertext decrypted, named the pair and held two well-formed shares (node ids)."""
+MAX_KEY_BYTES = 1024
+"""A public key a device announces (a PEM SECP384R1 public key is 215 bytes)."""
+MAX_CIPHERTEXT_BYTES = 4096
+"""One encrypted pair of shares (Fernet of two shares and two node ids: ~600 bytes)."""
 SHARE_MAX_BYTES = 1024
 """A Shamir share of Flower's ``create_shares``: a 4-byte index and whole 16-byte chunks, at most this long
 (of a PEM SECP384R1 private key: 4 + 16 * 20 bytes)."""

@@ -21,10 +21,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
-from shared.secagg_stages import ACCEPTED_LIST, is_share
+from shared.secagg_stages import ACCEPTED_LIST, MAX_CIPHERTEXT_BYTES, MAX_KEY_BYTES, is_share
 
-MAX_KEY_BYTES = 1024  # a PEM SECP384R1 public key is 215 bytes
-MAX_CIPHERTEXT_BYTES = 4096  # Fernet of two shares and two node ids: ~600 bytes
 PASSED_THROUGH = ("metrics", "client")  # the train reply's own records, parsed by the strategy (server/replies.py)
 MASK_DTYPE = "uint32"  # masked entries are in [0, M), M <= 2**32
 NPY_HEADER_MAX = 192
