@@ -21,6 +21,10 @@ privacy floor       ``require-record-dp``,          none: the run config decides
                     ``require-secure-aggregation``
 work ceiling        ``max-train-steps``             the run's ``train.steps``, at most 100,000
                                                     (:func:`check_train_steps`)
+SecAgg+ identity    ``secagg-identity-key``,        none: its SecAgg+ keys go unsigned
+                    ``secagg-enrolment``
+enrolled neighbours ``secagg-enrolment-trust``      none: shares go to any neighbour the coordinator names
+                                                    (:func:`secagg_enrolment`)
 ==================  ==============================  ======================================================
 
 ``<cache>`` is ``shared.model.cache_dir()`` (``$FLEETLORA_CACHE``, else ``~/.cache/fleetlora``).
@@ -39,6 +43,7 @@ import grpc
 
 from client.channel import ChannelConfigError, node_credentials
 from shared.config import MAX_TRAIN_STEPS
+from shared.enrolment import Identity, load_identity
 from shared.errors import ReleaseError
 from shared.model import cache_dir
 from shared.replay import STATE_FILE
@@ -80,6 +85,34 @@ def trust_file(node_config: Mapping[str, Any]) -> Path:
 def load_trust(node_config: Mapping[str, Any]) -> TrustList:
     """Load the device's trust list (:func:`trust_file`)."""
     return TrustList.load(trust_file(node_config))
+
+
+def secagg_enrolment(node_config: Mapping[str, Any]) -> tuple[Identity | None, TrustList | None]:
+    """Return the device's SecAgg+ identity and the enrolment authorities it trusts (``shared/enrolment.py``).
+
+    ``secagg-identity-key`` (its Ed25519 key) and ``secagg-enrolment`` (the authority's signature over
+    it, ``fleetlora keys enrol``) sign its keys; ``secagg-enrolment-trust`` (a trust list of
+    authorities) makes it share only with neighbours whose keys an identity they enrolled signed.
+
+    Raises
+    ------
+    DeviceConfigError
+        One of the identity's two settings without the other, or a file that does not load.
+    """
+    key, enrolment, trust = (node_config.get(k) for k in ("secagg-identity-key", "secagg-enrolment",
+                                                          "secagg-enrolment-trust"))  # fmt: skip
+    if (key is None) != (enrolment is None):
+        raise DeviceConfigError("secagg-identity-key and secagg-enrolment are set together (a key and its enrolment)")
+    try:
+        identity = None if key is None else load_identity(_path(key), _path(enrolment))
+        trusted = None if trust is None else TrustList.load(_path(trust))
+    except (OSError, ValueError) as exc:
+        raise DeviceConfigError(f"this device's SecAgg+ enrolment does not load: {exc}") from None
+    return identity, trusted
+
+
+def _path(value: Any) -> Path:
+    return Path(str(value)).expanduser()
 
 
 def check_base_format(base_format: str, node_config: Mapping[str, Any]) -> None:

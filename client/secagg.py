@@ -4,9 +4,12 @@ Install as ``ClientApp(mods=[secagg_mod])`` (or ``@app.train(mods=[secagg_mod])`
 message that carries a ``secaggplus_configs`` record is one stage of the protocol (Bell et al.,
 CCS 2020; the coordinator's side is ``server/secagg/``); any other message passes through:
 
-* ``setup``: check the coordinator's parameters, make two key pairs, return the public keys;
+* ``setup``: check the coordinator's parameters, make two key pairs, return the public keys (an
+  enrolled device signs them with its identity: ``shared/enrolment.py``);
 * ``share_keys``: split a fresh private-mask seed and the pairwise-mask key into Shamir shares,
-  encrypt one of each for every neighbour (ECDH + HKDF + Fernet);
+  encrypt one of each for every neighbour (ECDH + HKDF + Fernet); a device that takes only enrolled
+  neighbours (node config ``secagg-enrolment-trust``) encrypts nothing for keys no enrolled identity
+  signed for that neighbour, and keeps nothing of theirs at confirm;
 * ``confirm_shares`` (ours, ``shared/secagg_stages.py``): decrypt the shares forwarded to this device,
   keep those that decrypt, name this pair and have a share's form, and say whose they are;
 * ``collect_masked_vectors``: check that the neighbours the coordinator links it with are ones whose
@@ -53,9 +56,19 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
+from client.device import secagg_enrolment
 from shared.config_aggregation import MAX_SECURE_SHARES
+from shared.enrolment import KeysProof, check_keys, keys_message, prove_keys
 from shared.secagg_prg import keystreams as prg_keystreams
-from shared.secagg_stages import ACCEPTED_LIST, CONFIRM_SHARES, MAX_CIPHERTEXT_BYTES, MAX_KEY_BYTES, is_share
+from shared.secagg_stages import (
+    ACCEPTED_LIST,
+    CONFIRM_SHARES,
+    MAX_CIPHERTEXT_BYTES,
+    MAX_KEY_BYTES,
+    PROOF_KEYS,
+    is_share,
+)
+from shared.sign import SignatureError, TrustList
 
 MAX_SAMPLE = 100_000
 MAX_MODULUS = 1 << 32  # the range of shared.secagg_prg's uint32 keystream
@@ -80,12 +93,25 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         stage, values = _stage(msg, str(record["stage"]))
         if stage == Stage.SETUP:
             state = _setup(values, msg)
-            out = _configs({Key.PUBLIC_KEY_1: state.pk1, Key.PUBLIC_KEY_2: state.pk2})
+            identity, trust = secagg_enrolment(context.node_config)
+            _check(
+                identity is not None or trust is None,
+                "this device takes only enrolled neighbours "
+                "(secagg-enrolment-trust) and has no identity of its own (secagg-identity-key, secagg-enrolment)",
+            )
+            state.enrolled_only = trust is not None
+            keys = {Key.PUBLIC_KEY_1: state.pk1, Key.PUBLIC_KEY_2: state.pk2}
+            if identity is not None:
+                proof = prove_keys(identity, context.run_id, state.round, state.nid, state.pk1, state.pk2)
+                keys |= dict(zip(PROOF_KEYS, (proof.identity, proof.enrolment, proof.signature), strict=True))
+            out = _configs(keys)
         else:
             state = _Round.from_record(record)
             _check(state.round == msg.metadata.group_id, f"stage {stage} of another round")
             if stage == Stage.SHARE_KEYS:
-                out = _configs(_share_keys(state, values))
+                trust = secagg_enrolment(context.node_config)[1] if state.enrolled_only else None
+                _check(trust is not None or not state.enrolled_only, "its enrolment trust list is gone")
+                out = _configs(_share_keys(state, values, trust, context.run_id))
             elif stage == CONFIRM_SHARES:
                 out = _configs(_confirm(state, values))
             elif stage == Stage.COLLECT_MASKED_VECTORS:
@@ -119,9 +145,11 @@ class _Round:
     sk2: bytes
     pk2: bytes
     seed: bytes = b""
+    enrolled_only: bool = False  # shares only for neighbours whose keys an enrolled identity signed
     neighbours: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # id -> (pk1, pk2), itself too
     shares: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # owner -> (seed share, key share)
     linked: list[int] = field(default_factory=list)  # neighbours whose pairwise masks are in the masked vector
+    unverified: list[int] = field(default_factory=list)  # neighbours it shares nothing with (enrolled_only)
 
     def to_record(self, stage: str) -> ConfigRecord:
         """Return the state as a ConfigRecord (dicts as parallel lists)."""
@@ -130,7 +158,7 @@ class _Round:
             table: dict[int, tuple[bytes, bytes]] = getattr(self, name)
             flat |= {f"{name}:id": list(table), f"{name}:a": [v[0] for v in table.values()]}
             flat[f"{name}:b"] = [v[1] for v in table.values()]
-        return ConfigRecord({**flat, "linked": list(self.linked), "stage": stage})
+        return ConfigRecord({**flat, "linked": list(self.linked), "unverified": list(self.unverified), "stage": stage})
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> _Round:
@@ -139,7 +167,7 @@ class _Round:
         for name in ("neighbours", "shares"):
             ids, a, b = (_items(record, f"{name}:{p}") for p in ("id", "a", "b"))
             values[name] = {i: (x, y) for i, x, y in zip(ids, a, b, strict=True)}
-        values["linked"] = _items(record, "linked")
+        values["linked"], values["unverified"] = _items(record, "linked"), _items(record, "unverified")
         return cls(**values)
 
 
@@ -195,29 +223,75 @@ def _setup(values: Mapping[str, Any], msg: Message) -> _Round:
     )
 
 
-def _share_keys(state: _Round, values: Mapping[str, Any]) -> dict[str, Any]:
-    """Encrypt a share of a fresh seed and of the pairwise-mask key for each neighbour the coordinator named."""
+def _share_keys(state: _Round, values: Mapping[str, Any], trust: TrustList | None, run_id: int) -> dict[str, Any]:
+    """Encrypt a share of a fresh seed and of the pairwise-mask key for each neighbour the coordinator named.
+
+    With ``trust`` (the device takes only enrolled neighbours), only for those whose keys an identity
+    ``trust`` enrolled signed for this run, round and node (:func:`_unverified`): a coordinator that
+    forwards keys of its own as a neighbour's gets no share encrypted for them.
+    """
     _check(state.threshold <= len(values) <= state.share_num, f"{len(values)} neighbours' keys")
-    for name, pair in values.items():
+    proofs: dict[int, KeysProof] = {}
+    for name, keys in values.items():
         _check(name.isdigit() and len(name) <= 20, f"neighbour id {name!r:.30}")
-        _check(isinstance(pair, list) and len(pair) == 2 and all(_is_key(k) for k in pair), f"keys of {name}")
-        state.neighbours[int(name)] = (pair[0], pair[1])
+        _check(isinstance(keys, list) and len(keys) in (2, 2 + len(PROOF_KEYS)), f"keys of {name}")
+        _check(all(_is_key(k) for k in keys[:2]) and all(isinstance(k, bytes) for k in keys), f"keys of {name}")
+        state.neighbours[int(name)] = (keys[0], keys[1])
+        if len(keys) > 2:
+            proofs[int(name)] = KeysProof(*keys[2:])
     _check(state.neighbours.get(state.nid) == (state.pk1, state.pk2), "its own public keys are missing or altered")
     flat = [k for pair in state.neighbours.values() for k in pair]
     _check(len(set(flat)) == len(flat), "two neighbours share a public key")
+    if trust is not None:
+        why = _unverified(state, trust, proofs, run_id)
+        state.unverified = sorted(why)
+        verified = len(state.neighbours) - len(why)
+        _check(
+            verified >= state.threshold,
+            f"{verified - 1} neighbours whose keys an enrolled identity signed, fewer than the threshold - 1; "
+            + "; ".join(f"{n}: {reason}" for n, reason in sorted(why.items())[:4]),
+        )
     state.seed = os.urandom(32)
     seed_shares = create_shares(state.seed, state.threshold, state.share_num)
     key_shares = create_shares(state.sk1, state.threshold, state.share_num)
     sk2 = bytes_to_private_key(state.sk2)
     dsts, texts = [], []
-    for idx, other in enumerate(sorted(state.neighbours)):
+    for idx, other in enumerate(sorted(state.neighbours)):  # a share's index is its holder's place: kept
         if other == state.nid:
             state.shares[other] = (seed_shares[idx], key_shares[idx])
+            continue
+        if other in state.unverified:
             continue
         plaintext = share_keys_plaintext_concat(state.nid, other, seed_shares[idx], key_shares[idx])
         dsts.append(other)
         texts.append(encrypt(generate_shared_key(sk2, bytes_to_public_key(state.neighbours[other][1])), plaintext))
     return {Key.DESTINATION_LIST: dsts, Key.CIPHERTEXT_LIST: texts}
+
+
+def _unverified(state: _Round, trust: TrustList, proofs: Mapping[int, KeysProof], run_id: int) -> dict[int, str]:
+    """Return the neighbours whose keys no enrolled identity signed for them, with why; each identity counts once.
+
+    Its own entry must carry its own identity: one a neighbour presents too is not that neighbour's.
+    """
+    why: dict[int, str] = {}
+    holders: dict[bytes, list[int]] = {}
+    for nid, (pk1, pk2) in state.neighbours.items():
+        proof = proofs.get(nid)
+        if proof is None:
+            why[nid] = "its keys carry no enrolment"
+            continue
+        holders.setdefault(proof.identity, []).append(nid)
+        if nid == state.nid:
+            continue
+        try:
+            check_keys(trust, proof, keys_message(run_id, state.round, nid, pk1, pk2))
+        except SignatureError as exc:
+            why[nid] = str(exc)
+    _check(state.nid not in why and len(holders.get(proofs[state.nid].identity, [])) == 1, "its own enrolment")
+    for nodes in holders.values():
+        if len(nodes) > 1:
+            why |= {n: "an identity that signs for another node too" for n in nodes}
+    return why
 
 
 def _confirm(state: _Round, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -236,6 +310,8 @@ def _confirm(state: _Round, values: Mapping[str, Any]) -> dict[str, Any]:
     sk2 = bytes_to_private_key(state.sk2)
     accepted = []
     for src, text in zip(srcs, texts, strict=True):
+        if src in state.unverified:
+            continue  # whoever wrote it, it is not a neighbour's this device can vouch for
         shares = _open(state, sk2, src, text)
         if shares is not None:
             state.shares[src] = shares

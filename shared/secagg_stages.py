@@ -13,6 +13,11 @@ CONFIRM_SHARES = "confirm_shares"
 with :data:`ACCEPTED_LIST`."""
 ACCEPTED_LIST = "accepted_list"
 """The sources whose ciphertext decrypted, named the pair and held two well-formed shares (node ids)."""
+IDENTITY, ENROLMENT, KEYS_SIGNATURE = "identity", "enrolment", "keys-signature"
+"""An enrolled device's setup reply adds these to its two public keys (``shared/enrolment.py``): its identity
+(32 bytes), its enrolment (96) and its identity's signature over the keys (64). The coordinator forwards them
+in share keys after the two keys: ``[pk1, pk2, identity, enrolment, signature]`` per neighbour."""
+PROOF_KEYS = (IDENTITY, ENROLMENT, KEYS_SIGNATURE)
 MAX_KEY_BYTES = 1024
 """A public key a device announces (a PEM SECP384R1 public key is 215 bytes)."""
 MAX_CIPHERTEXT_BYTES = 4096

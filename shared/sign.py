@@ -174,12 +174,12 @@ class TrustList:
         if len(signature) != SIGNATURE_BYTES:
             raise SignatureError(f"signature is {len(signature)} bytes, expected {SIGNATURE_BYTES}")
         raw = self.trusted[signer]
-        valid = _verify_in_child(raw, data, signature) if self.in_child else _verify(raw, data, signature)
+        valid = _verify_in_child(raw, data, signature) if self.in_child else verify_raw(raw, data, signature)
         if not valid:
             raise SignatureError(f"signature does not match the manifest for key {signer}")
 
 
-def _verify(raw: bytes, data: bytes, signature: bytes) -> bool:
+def verify_raw(raw: bytes, data: bytes, signature: bytes) -> bool:
     """Whether ``signature`` over ``data`` is valid for the raw public key (here, with ``cryptography``)."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -192,7 +192,7 @@ def _verify(raw: bytes, data: bytes, signature: bytes) -> bool:
 
 
 def _verify_in_child(raw: bytes, data: bytes, signature: bytes) -> bool:
-    """:func:`_verify` in ``python -m shared.sign``, handed key, signature and data on stdin; fails closed."""
+    """:func:`verify_raw` in ``python -m shared.sign``, handed key, signature and data on stdin; fails closed."""
     try:
         done = subprocess.run(
             python_module("shared.sign"), input=raw + signature + data,
@@ -214,7 +214,7 @@ def _child_main() -> int:
         print(f"expected at least {head} bytes on stdin, got {len(message)}", file=sys.stderr)
         return 2
     raw, signature = message[:PUBLIC_KEY_BYTES], message[PUBLIC_KEY_BYTES:head]
-    return VALID if _verify(raw, message[head:], signature) else INVALID
+    return VALID if verify_raw(raw, message[head:], signature) else INVALID
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
-"""``fleetlora keys generate|show`` and ``fleetlora verify <release-folder>``."""
+"""``fleetlora keys generate|show|enrol`` and ``fleetlora verify <release-folder>``."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from shared.enrolment import enrol, write_enrolment
 from shared.release import ReleaseError, read_release, verify_release
-from shared.sign import TrustList, generate_key, key_id, load_private_key, public_line
+from shared.sign import TrustList, generate_key, key_id, load_private_key, public_line, raw_key_id
 
 DEFAULT_KEY = Path(".fleetlora/keys/server.key")
 
@@ -22,6 +23,14 @@ def register_keys(sub: argparse._SubParsersAction) -> None:
     show = verbs.add_parser("show", help="print the key id and the trust-list line devices need")
     show.add_argument("path", nargs="?", type=Path, default=DEFAULT_KEY)
     show.set_defaults(func=_show)
+    enrol = verbs.add_parser(
+        "enrol",
+        help="as an enrolment authority, vouch for a device's SecAgg+ identity (its <key>.pub): write its enrolment",
+    )
+    enrol.add_argument("identity", type=Path, help="the device's identity, the .pub of `fleetlora keys generate`")
+    enrol.add_argument("--authority", type=Path, required=True, help="the enrolment authority's key (not the server's)")
+    enrol.add_argument("--out", type=Path, required=True, help="the enrolment file (node config secagg-enrolment)")
+    enrol.set_defaults(func=_enrol)
 
 
 def register_verify(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +53,18 @@ def _show(args: argparse.Namespace) -> int:
     public = load_private_key(args.path).public_key()
     print(f"key id {key_id(public)}")
     print(public_line(public, f"fleetlora {key_id(public)}"))
+    return 0
+
+
+def _enrol(args: argparse.Namespace) -> int:
+    listed = TrustList.load(args.identity)
+    if len(listed.trusted) != 1 or listed.revoked:
+        print(f"{args.identity}: expected one identity's line (the .pub of `fleetlora keys generate`)")
+        return 1
+    identity = next(iter(listed.trusted.values()))
+    authority = load_private_key(args.authority)
+    write_enrolment(args.out, identity, enrol(authority, identity))
+    print(f"wrote {args.out}: identity {raw_key_id(identity)}, enrolled by {key_id(authority.public_key())}")
     return 0
 
 

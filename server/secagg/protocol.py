@@ -92,13 +92,14 @@ def run_secagg(
 
     setup = stages.setup_config(state, len(contents))
     got = ex.run(Stage.SETUP, {n: _content(Stage.SETUP, setup) for n in contents}, lambda m, n: parse_public_keys(m))
-    state.public_keys = got
+    state.public_keys = {n: keys for n, (keys, _) in got.items()}
+    state.proofs = {n: proof for n, (_, proof) in got.items() if proof is not None}
     for nid, reason in stages.drop_shared_keys(state).items():
         ex.reject(Stage.SETUP, nid, reason)
     stages.check(state, set(state.public_keys), "setup")
 
     def keys_for(nid: int) -> RecordDict:
-        return _content(Stage.SHARE_KEYS, {str(n): list(k) for n, k in stages.keyed_neighbours(state, nid).items()})
+        return _content(Stage.SHARE_KEYS, stages.forwarded_keys(state, nid))
 
     sent = ex.run(
         Stage.SHARE_KEYS,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -21,7 +21,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
-from shared.secagg_stages import ACCEPTED_LIST, MAX_CIPHERTEXT_BYTES, MAX_KEY_BYTES, is_share
+from shared.enrolment import ENROLMENT_BYTES, KeysProof
+from shared.secagg_stages import ACCEPTED_LIST, MAX_CIPHERTEXT_BYTES, MAX_KEY_BYTES, PROOF_KEYS, is_share
+from shared.sign import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
 
 PASSED_THROUGH = ("metrics", "client")  # the train reply's own records, parsed by the strategy (server/replies.py)
 MASK_DTYPE = "uint32"  # masked entries are in [0, M), M <= 2**32
@@ -32,10 +34,23 @@ class SecAggReplyError(ValueError):
     """A device's SecAgg+ reply cannot count; the message says what is wrong with it."""
 
 
-def parse_public_keys(msg: Message) -> tuple[bytes, bytes]:
-    """Return a setup reply's two public keys (pairwise masks, share encryption): distinct SECP384R1 keys."""
+def parse_public_keys(msg: Message) -> tuple[tuple[bytes, bytes], KeysProof | None]:
+    """Return a setup reply's two public keys (pairwise masks, share encryption): distinct SECP384R1 keys.
+
+    With them, an enrolled device's proof (its identity, enrolment and signature over the keys), of
+    the sizes they have: the devices check it (``shared/enrolment.py``), the coordinator only carries it.
+    """
     cfg = _configs(msg, {RECORD_KEY_CONFIGS})
-    _keys(cfg, {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2})
+    proof = None
+    if set(cfg) & set(PROOF_KEYS):
+        _keys(cfg, {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2, *PROOF_KEYS})
+        sizes = (PUBLIC_KEY_BYTES, ENROLMENT_BYTES, SIGNATURE_BYTES)
+        for name, size in zip(PROOF_KEYS, sizes, strict=True):
+            if len(_bytes(cfg, name, size)) != size:
+                raise SecAggReplyError(f"'{name}' is not {size} bytes")
+        proof = KeysProof(*(cast(bytes, cfg[name]) for name in PROOF_KEYS))
+    else:
+        _keys(cfg, {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2})
     keys = tuple(_bytes(cfg, k, MAX_KEY_BYTES) for k in (Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2))
     for key in keys:
         try:
@@ -46,7 +61,7 @@ def parse_public_keys(msg: Message) -> tuple[bytes, bytes]:
             raise SecAggReplyError(f"a public key is on {curve.name}, expected secp384r1")
     if keys[0] == keys[1]:
         raise SecAggReplyError("the two public keys are identical")
-    return keys[0], keys[1]
+    return (keys[0], keys[1]), proof
 
 
 def parse_ciphertexts(msg: Message, neighbours: Collection[int]) -> dict[int, bytes]:

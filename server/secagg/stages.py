@@ -34,6 +34,7 @@ from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key, public_key_to_bytes
 
 from server.secagg.params import SecAggParams
+from shared.enrolment import KeysProof
 from shared.secagg_prg import masks as prg_masks
 
 Vector = dict[str, np.ndarray]
@@ -54,6 +55,7 @@ class RoundState:
     threshold: int
     neighbours: dict[int, frozenset[int]]  # node -> its ring neighbourhood, itself included
     public_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # the keyed devices
+    proofs: dict[int, KeysProof] = field(default_factory=dict)  # of the enrolled ones (shared/enrolment.py)
     links: dict[int, dict[int, bytes]] = field(default_factory=dict)  # dst -> src -> ciphertext for dst
     masked_sum: Vector = field(default_factory=dict)
     survivors: set[int] = field(default_factory=set)
@@ -87,29 +89,41 @@ def setup_config(state: RoundState, sampled: int) -> dict[str, int | float | str
 
 
 def drop_shared_keys(state: RoundState) -> dict[int, str]:
-    """Take out of the round every device whose public key another device announced too; return them, with why.
+    """Take out of the round every device whose public key or identity another device announced too; say why.
 
     A device refuses a share-keys message in which two neighbours share a key (it could be made to
-    encrypt one neighbour's shares for another): two colluding devices announcing one key would
+    encrypt one neighbour's shares for another), and an enrolled one a neighbourhood in which one
+    identity signs for two nodes: two colluding devices announcing one key (or one identity) would
     take their honest neighbours out. Neither of the two can be told from the other: both go.
     """
-    holders: dict[bytes, list[int]] = {}
+    holders: dict[tuple[str, bytes], list[int]] = {}
     for nid, keys in state.public_keys.items():
-        for key in set(keys):
-            holders.setdefault(key, []).append(nid)
+        proof = state.proofs.get(nid)
+        for held in {("a public key", k) for k in keys} | ({("an identity", proof.identity)} if proof else set()):
+            holders.setdefault(held, []).append(nid)
     out = {}
-    for nodes in holders.values():
+    for (what, _), nodes in holders.items():
         if len(nodes) > 1:
             for nid in nodes:
-                out[nid] = f"announced a public key that device(s) {sorted(set(nodes) - {nid})[:4]} announced too"
+                out[nid] = f"announced {what} that device(s) {sorted(set(nodes) - {nid})[:4]} announced too"
     for nid in out:
         del state.public_keys[nid]
+        state.proofs.pop(nid, None)
     return out
 
 
 def keyed_neighbours(state: RoundState, nid: int) -> dict[int, tuple[bytes, bytes]]:
     """Return the public keys ``nid`` gets in share keys: of its neighbours that sent keys (itself too)."""
     return {n: state.public_keys[n] for n in state.neighbours[nid] if n in state.public_keys}
+
+
+def forwarded_keys(state: RoundState, nid: int) -> dict[str, list[bytes]]:
+    """Return the share-keys message for ``nid``: per keyed neighbour, its two keys and, if enrolled, its proof."""
+    out = {}
+    for n, keys in keyed_neighbours(state, nid).items():
+        proof = state.proofs.get(n)
+        out[str(n)] = [*keys, *((proof.identity, proof.enrolment, proof.signature) if proof else ())]
+    return out
 
 
 def share_index(state: RoundState, owner: int, holder: int) -> int:

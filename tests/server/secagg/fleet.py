@@ -47,7 +47,8 @@ Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Messag
 
 
 class Fleet:
-    """``deltas[i]`` is device i's delta; ``drop[i]`` the stage at which it goes offline; ``mods`` its client mods."""
+    """``deltas[i]`` is device i's delta; ``drop[i]`` the stage at which it goes offline; ``mods[i]`` its client
+    mods; ``node_configs[i]`` its node config."""
 
     def __init__(
         self,
@@ -55,6 +56,7 @@ class Fleet:
         drop: Mapping[int, str] | None = None,
         mods: Mapping[int, list[Mod]] | None = None,
         hold: Mapping[int, Callable[[Message], bool]] | None = None,
+        node_configs: Mapping[int, Mapping[str, str]] | None = None,
     ) -> None:
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = RUN_ID, TASK_ID, SUPERLINK_NODE_ID
         factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
@@ -76,7 +78,8 @@ class Fleet:
         self.drop = {self.nodes[i]: stage for i, stage in (drop or {}).items()}
         self.hold = {self.nodes[i]: rule for i, rule in (hold or {}).items()}
         self.apps = {nid: _app(self, nid, (mods or {}).get(i, [])) for i, nid in enumerate(self.nodes)}
-        self.contexts = {nid: Context(RUN_ID, nid, {}, RecordDict(), {}) for nid in self.nodes}
+        configs = {self.nodes[i]: dict(c) for i, c in (node_configs or {}).items()}
+        self.contexts = {nid: Context(RUN_ID, nid, configs.get(nid, {}), RecordDict(), {}) for nid in self.nodes}
         self.received: list[tuple[int, Message]] = []  # (sender, reply) as the coordinator gets it
         self.trained: set[int] = set()
         self.tasks: list[tuple[int, Message]] = []  # (device, train message) in the order devices trained

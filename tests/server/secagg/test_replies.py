@@ -13,6 +13,8 @@ from server.secagg.replies import (
     parse_public_keys,
     parse_shares,
 )
+from shared.enrolment import KeysProof
+from shared.secagg_stages import ENROLMENT, IDENTITY, KEYS_SIGNATURE
 from tests.server.messages import message, through_flower
 
 SHAPES = {"a": (2, 3)}
@@ -33,7 +35,7 @@ def pk() -> bytes:
 
 def test_public_keys_parse_and_hostile_keys_are_refused():
     k1, k2 = pk(), pk()
-    assert parse_public_keys(reply(cfg(pk1=k1, pk2=k2))) == (k1, k2)
+    assert parse_public_keys(reply(cfg(pk1=k1, pk2=k2))) == ((k1, k2), None)
     for bad, reason in [(cfg(pk1=k1, pk2=k1), "identical"), (cfg(pk1=b"x" * 99, pk2=k2), "does not parse")]:
         with pytest.raises(SecAggReplyError, match=reason):
             parse_public_keys(reply(bad))
@@ -41,6 +43,18 @@ def test_public_keys_parse_and_hostile_keys_are_refused():
         parse_public_keys(reply(cfg(pk1=b"x" * 5000, pk2=k2)))
     with pytest.raises(SecAggReplyError, match="keys are"):
         parse_public_keys(reply(cfg(pk1=k1, pk2=k2, extra=1)))
+
+
+def test_an_enrolled_devices_proof_is_carried_whole_and_of_its_sizes():
+    k1, k2 = pk(), pk()
+    proof = {IDENTITY: b"i" * 32, ENROLMENT: b"e" * 96, KEYS_SIGNATURE: b"s" * 64}
+    assert parse_public_keys(reply(cfg(pk1=k1, pk2=k2, **proof))) == ((k1, k2), KeysProof(*proof.values()))
+    for name, size in ((IDENTITY, 32), (ENROLMENT, 96), (KEYS_SIGNATURE, 64)):
+        with pytest.raises(SecAggReplyError, match=f"'{name}' is not"):
+            parse_public_keys(reply(cfg(pk1=k1, pk2=k2, **{**proof, name: b"x" * (size - 1)})))
+        part = {k: v for k, v in proof.items() if k != name}  # a proof without one of its parts
+        with pytest.raises(SecAggReplyError, match="keys are"):
+            parse_public_keys(reply(cfg(pk1=k1, pk2=k2, **part)))
 
 
 def test_ciphertexts_only_to_neighbours_once_each():

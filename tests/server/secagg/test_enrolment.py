@@ -1,0 +1,178 @@
+"""SecAgg+ against a coordinator that substitutes keys: enrolled devices share only with keys an identity signed.
+
+Real protocol (our coordinator stages, our client mod, Flower's InMemoryGrid and encoding), real Ed25519
+identities and enrolments written by ``fleetlora keys``' functions. The hostile coordinator is a mod in
+front of device 0's ``secagg_mod`` that rewrites the share-keys message it forwards, as a coordinator can.
+"""
+
+from pathlib import Path
+
+import pytest
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, generate_shared_key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    generate_key_pairs,
+    public_key_to_bytes,
+)
+
+from server.secagg.protocol import run_secagg
+from shared.enrolment import enrol, write_enrolment
+from shared.secagg_stages import IDENTITY, PROOF_KEYS
+from shared.sign import generate_key, public_line
+from tests.server.secagg.fleet import Fleet
+from tests.server.secagg.test_protocol import PARAMS, SHAPES, assert_within_quantization, deltas, plain_sum
+
+
+def enrolled(folder: Path, n: int, authority: str = "authority") -> list[dict[str, str]]:
+    """``n`` devices' node configs: an identity each, enrolled by ``authority``, which each of them trusts."""
+    key = generate_key(folder / f"{authority}.key")
+    trust = folder / f"{authority}.trust"
+    trust.write_text(public_line(key.public_key()) + "\n")
+    configs = []
+    for i in range(n):
+        identity = generate_key(folder / f"{authority}-device-{i}.key")
+        raw = identity.public_key().public_bytes_raw()
+        write_enrolment(folder / f"{authority}-device-{i}.enrolment", raw, enrol(key, raw))
+        configs.append({
+            "secagg-identity-key": str(folder / f"{authority}-device-{i}.key"),
+            "secagg-enrolment": str(folder / f"{authority}-device-{i}.enrolment"),
+            "secagg-enrolment-trust": str(trust),
+        })  # fmt: skip
+    return configs
+
+
+class Substitute:
+    """A hostile coordinator: device 0 is sent keys of the coordinator's own as every neighbour's."""
+
+    def __init__(self) -> None:
+        self.pairs: dict[str, tuple] = {}  # neighbour -> (sk1, pk1, sk2, pk2) the coordinator made
+        self.victim: tuple[bytes, bytes] | None = None
+        self.ciphertexts: list[bytes] = []
+
+    def __call__(self, msg, context, call_next):
+        config = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if config is None or config[Key.STAGE] != Stage.SHARE_KEYS:
+            return call_next(msg, context)
+        own = str(msg.metadata.dst_node_id)
+        self.victim = (config[own][0], config[own][1])
+        for name in [k for k in config if k not in (own, Key.STAGE)]:
+            sk1, pk1 = generate_key_pairs()
+            sk2, pk2 = generate_key_pairs()
+            self.pairs[name] = (sk1, sk2)
+            keys = list(config[name])
+            keys[0], keys[1] = public_key_to_bytes(pk1), public_key_to_bytes(pk2)
+            config[name] = keys  # the neighbour's enrolment and signature stay: they are all it can forward
+        reply = call_next(msg, context)
+        if not reply.has_error():
+            self.ciphertexts = list(reply.content[RECORD_KEY_CONFIGS][Key.CIPHERTEXT_LIST])
+        return reply
+
+    def victims_secrets(self) -> tuple[bytes, bytes] | None:
+        """Decrypt what device 0 encrypted for the substituted keys; rebuild its mask seed and pairwise-mask key."""
+        assert self.victim is not None
+        seed_shares, key_shares = [], []
+        for text in self.ciphertexts:
+            for _, sk2 in self.pairs.values():
+                try:
+                    plain = decrypt(generate_shared_key(sk2, bytes_to_public_key(self.victim[1])), text)
+                except Exception:  # noqa: BLE001 (not encrypted for this pair)
+                    continue
+                _, _, seed_share, key_share = share_keys_plaintext_separate(plain)
+                seed_shares.append(seed_share)
+                key_shares.append(key_share)
+        if len(key_shares) < PARAMS.threshold:
+            return None
+        return combine_shares(seed_shares), combine_shares(key_shares)
+
+
+def test_an_enrolled_fleet_sums_every_device_and_each_setup_reply_carried_a_signed_proof(tmp_path):
+    ds = deltas(5, seed=20)
+    with Fleet(ds, node_configs=dict(enumerate(enrolled(tmp_path, 5)))) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    assert result.survivors == tuple(sorted(fleet.nodes)) and result.rejected == {}
+    assert_within_quantization(result.total, plain_sum(ds), 5)
+    configs = [m.content.config_records.get(RECORD_KEY_CONFIGS, {}) for _, m in fleet.received]
+    setups = [c for c in configs if Key.PUBLIC_KEY_1 in c]
+    assert len(setups) == 5 and all(len(c[IDENTITY]) == 32 for c in setups)
+
+
+def test_without_enrolment_a_coordinator_substituting_keys_rebuilds_a_devices_private_key():
+    """The threat, as the README states it: SecAgg+ alone trusts the coordinator to forward keys as sent."""
+    attack = Substitute()
+    with Fleet(deltas(5, seed=21), mods={0: [attack]}) as fleet:
+        run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    secrets = attack.victims_secrets()
+    assert secrets is not None and attack.victim is not None
+    seed, key = secrets  # everything that hides device 0's masked vector: its own mask and its pairwise ones
+    assert len(seed) == 32 and public_key_to_bytes(bytes_to_private_key(key).public_key()) == attack.victim[0]
+
+
+def test_enrolled_devices_encrypt_nothing_for_substituted_keys_and_the_round_sums_the_others(tmp_path):
+    attack = Substitute()
+    ds = deltas(5, seed=22)
+    with Fleet(ds, mods={0: [attack]}, node_configs=dict(enumerate(enrolled(tmp_path, 5)))) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    assert attack.ciphertexts == [] and attack.victims_secrets() is None
+    victim = fleet.nodes[0]
+    assert set(result.rejected) == {victim} and "fewer than the threshold - 1" in result.rejected[victim]
+    assert "0 neighbours whose keys an enrolled identity signed" in result.rejected[victim]
+    assert ": the public keys are not the ones" in result.rejected[victim]  # (the rejection is cut to a bound)
+    assert_within_quantization(result.total, plain_sum(ds[1:]), 4)
+
+
+def test_a_device_another_authority_enrolled_gets_no_shares_and_only_it_leaves(tmp_path):
+    configs = enrolled(tmp_path, 5)
+    configs[3] = {
+        **enrolled(tmp_path, 1, "stranger")[0],
+        "secagg-enrolment-trust": configs[0]["secagg-enrolment-trust"],
+    }
+    ds = deltas(5, seed=23)
+    with Fleet(ds, node_configs=dict(enumerate(configs))) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    stranger = fleet.nodes[3]
+    assert stranger not in result.survivors and set(result.survivors) == set(fleet.nodes) - {stranger}
+    assert_within_quantization(result.total, plain_sum([d for i, d in enumerate(ds) if i != 3]), 4)
+
+
+def test_a_device_that_takes_only_enrolled_neighbours_but_has_no_identity_says_so(tmp_path):
+    configs = enrolled(tmp_path, 5)
+    configs[1] = {"secagg-enrolment-trust": configs[1]["secagg-enrolment-trust"]}
+    with Fleet(deltas(5, seed=24), node_configs=dict(enumerate(configs))) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    assert "has no identity of its own" in result.rejected[fleet.nodes[1]]
+    assert len(result.survivors) == 4
+
+
+@pytest.mark.parametrize("missing", ["secagg-identity-key", "secagg-enrolment"])
+def test_an_identity_without_its_enrolment_or_key_is_a_config_error(tmp_path, missing):
+    from client.device import DeviceConfigError, secagg_enrolment
+
+    config = {k: v for k, v in enrolled(tmp_path, 1)[0].items() if k != missing}
+    with pytest.raises(DeviceConfigError, match="are set together"):
+        secagg_enrolment(config)
+
+
+def test_two_devices_announcing_one_identity_are_taken_out_not_their_neighbours(tmp_path):
+    """One enrolled device lending its identity to another node: both leave at setup, the other three sum."""
+    announced = {}
+
+    def lend(msg, context, call_next):  # device 1 announces device 0's identity and enrolment (and signature)
+        reply = call_next(msg, context)
+        config = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+        if config is not None and IDENTITY in config:
+            proof = announced.setdefault("proof", {k: config[k] for k in PROOF_KEYS})
+            config.update(proof)
+        return reply
+
+    ds = deltas(5, seed=25)
+    mods = {0: [lend], 1: [lend]}
+    with Fleet(ds, mods=mods, node_configs=dict(enumerate(enrolled(tmp_path, 5)))) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    pair = {fleet.nodes[0], fleet.nodes[1]}
+    assert set(result.rejected) == pair and all("announced an identity that" in result.rejected[n] for n in pair)
+    assert set(result.survivors) == set(fleet.nodes[2:])
+    assert_within_quantization(result.total, plain_sum(ds[2:]), 3)
