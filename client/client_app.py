@@ -133,6 +133,12 @@ def _train(msg: Message, context: Context) -> Message:
     start = adapter_state(model)
     set_trainable_factors(model, cfg.aggregation.method)
     data = _encoded(part.train_file, base.spec, cfg.train.max_seq_len)
+    if masked_run is not None and not record_dp and own.train.batch_size >= len(data):
+        raise ConfigError(
+            f"a secure round at train.batch-size {own.train.batch_size} trains on all {len(data)} of this device's "
+            "examples at every step: the same delta from the same start whatever the seed, so two sums of such "
+            f"rounds, one without this device, would differ by it; this device masks only batches below {len(data)}"
+        )
     seed = round_seed(cfg.seed, server_round, part.name, _dispatch(msg), masked_run)
     record_epsilon = None
     if record_dp:

@@ -108,7 +108,21 @@ def secagg_enrolment(node_config: Mapping[str, Any]) -> tuple[Identity | None, T
         trusted = None if trust is None else TrustList.load(_path(trust))
     except (OSError, ValueError) as exc:
         raise DeviceConfigError(f"this device's SecAgg+ enrolment does not load: {exc}") from None
+    if trusted is not None and set(trusted.trusted) & set(_release_keys(node_config)):
+        raise DeviceConfigError(
+            "secagg-enrolment-trust lists a key of this device's release trust list: that key is the coordinator's, "
+            "and an enrolment authority the coordinator holds can enrol devices of its own (SecAgg+ then protects "
+            "nothing from it); trust the authority that admits devices to the fleet instead"
+        )
     return identity, trusted
+
+
+def _release_keys(node_config: Mapping[str, Any]) -> dict[str, bytes]:
+    """Return the coordinator's signing keys this device trusts (none if it has no trust list yet)."""
+    try:
+        return load_trust(node_config).trusted
+    except (OSError, ValueError):  # DeviceConfigError is a ValueError: no list at all
+        return {}
 
 
 def _path(value: Any) -> Path:

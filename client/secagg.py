@@ -109,9 +109,13 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
             state = _Round.from_record(record)
             _check(state.round == msg.metadata.group_id, f"stage {stage} of another round")
             if stage == Stage.SHARE_KEYS:
-                trust = secagg_enrolment(context.node_config)[1] if state.enrolled_only else None
-                _check(trust is not None or not state.enrolled_only, "its enrolment trust list is gone")
-                out = _configs(_share_keys(state, values, trust, context.run_id))
+                enrolled = None
+                if state.enrolled_only:
+                    identity, trust = secagg_enrolment(context.node_config)
+                    if identity is None or trust is None:
+                        raise SecAggDeviceError("secure aggregation refused: its enrolment left its node config")
+                    enrolled = (trust, identity.public)
+                out = _configs(_share_keys(state, values, enrolled, context.run_id))
             elif stage == CONFIRM_SHARES:
                 out = _configs(_confirm(state, values))
             elif stage == Stage.COLLECT_MASKED_VECTORS:
@@ -223,17 +227,20 @@ def _setup(values: Mapping[str, Any], msg: Message) -> _Round:
     )
 
 
-def _share_keys(state: _Round, values: Mapping[str, Any], trust: TrustList | None, run_id: int) -> dict[str, Any]:
+def _share_keys(
+    state: _Round, values: Mapping[str, Any], enrolled: tuple[TrustList, bytes] | None, run_id: int
+) -> dict[str, Any]:
     """Encrypt a share of a fresh seed and of the pairwise-mask key for each neighbour the coordinator named.
 
-    With ``trust`` (the device takes only enrolled neighbours), only for those whose keys an identity
-    ``trust`` enrolled signed for this run, round and node (:func:`_unverified`): a coordinator that
-    forwards keys of its own as a neighbour's gets no share encrypted for them.
+    With ``enrolled`` (the authorities it trusts and its own identity: it takes only enrolled
+    neighbours), only for those whose keys an identity they enrolled signed for this run, round and
+    node (:func:`_unverified`): a coordinator that forwards keys of its own as a neighbour's gets no
+    share encrypted for them.
     """
     _check(state.threshold <= len(values) <= state.share_num, f"{len(values)} neighbours' keys")
     proofs: dict[int, KeysProof] = {}
     for name, keys in values.items():
-        _check(name.isdigit() and len(name) <= 20, f"neighbour id {name!r:.30}")
+        _check(name.isascii() and name.isdigit() and str(int(name)) == name, f"neighbour id {name!r:.30}")
         _check(isinstance(keys, list) and len(keys) in (2, 2 + len(PROOF_KEYS)), f"keys of {name}")
         _check(all(_is_key(k) for k in keys[:2]) and all(isinstance(k, bytes) for k in keys), f"keys of {name}")
         state.neighbours[int(name)] = (keys[0], keys[1])
@@ -242,8 +249,8 @@ def _share_keys(state: _Round, values: Mapping[str, Any], trust: TrustList | Non
     _check(state.neighbours.get(state.nid) == (state.pk1, state.pk2), "its own public keys are missing or altered")
     flat = [k for pair in state.neighbours.values() for k in pair]
     _check(len(set(flat)) == len(flat), "two neighbours share a public key")
-    if trust is not None:
-        why = _unverified(state, trust, proofs, run_id)
+    if enrolled is not None:
+        why = _unverified(state, *enrolled, proofs, run_id)
         state.unverified = sorted(why)
         verified = len(state.neighbours) - len(why)
         _check(
@@ -268,29 +275,34 @@ def _share_keys(state: _Round, values: Mapping[str, Any], trust: TrustList | Non
     return {Key.DESTINATION_LIST: dsts, Key.CIPHERTEXT_LIST: texts}
 
 
-def _unverified(state: _Round, trust: TrustList, proofs: Mapping[int, KeysProof], run_id: int) -> dict[int, str]:
-    """Return the neighbours whose keys no enrolled identity signed for them, with why; each identity counts once.
+def _unverified(
+    state: _Round, trust: TrustList, own: bytes, proofs: Mapping[int, KeysProof], run_id: int
+) -> dict[int, str]:
+    """Return the neighbours whose keys no enrolled identity signed for them, with why.
 
-    Its own entry must carry its own identity: one a neighbour presents too is not that neighbour's.
+    An identity counts for one node: two neighbours whose keys one identity signed (its owner lent
+    it) are both left out, and so is one that signed for this device's identity. A proof that does
+    not verify counts for no one, so copying another device's proof takes nobody out but the copier.
     """
+    _check(proofs.get(state.nid, KeysProof(b"", b"", b"")).identity == own, "its own identity is missing or altered")
     why: dict[int, str] = {}
-    holders: dict[bytes, list[int]] = {}
+    holders: dict[bytes, list[int]] = {own: [state.nid]}
     for nid, (pk1, pk2) in state.neighbours.items():
         proof = proofs.get(nid)
+        if nid == state.nid:
+            continue
         if proof is None:
             why[nid] = "its keys carry no enrolment"
-            continue
-        holders.setdefault(proof.identity, []).append(nid)
-        if nid == state.nid:
             continue
         try:
             check_keys(trust, proof, keys_message(run_id, state.round, nid, pk1, pk2))
         except SignatureError as exc:
             why[nid] = str(exc)
-    _check(state.nid not in why and len(holders.get(proofs[state.nid].identity, [])) == 1, "its own enrolment")
+            continue
+        holders.setdefault(proof.identity, []).append(nid)
     for nodes in holders.values():
         if len(nodes) > 1:
-            why |= {n: "an identity that signs for another node too" for n in nodes}
+            why |= {n: "an identity that signs for another node too" for n in nodes if n != state.nid}
     return why
 
 

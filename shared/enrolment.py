@@ -126,14 +126,22 @@ def prove_keys(identity: Identity, run_id: int, round_id: str, node_id: int, pk1
 def check_keys(trust: TrustList, proof: KeysProof, message: bytes) -> None:
     """Check that an identity ``trust`` enrolled signed ``message`` (:func:`keys_message`).
 
+    A ``revoked`` line in ``trust`` revokes an authority (every identity it enrolled) or one identity
+    (a device lost, or gone from the fleet): enrolments do not expire.
+
     Raises
     ------
     SignatureError
-        Naming what failed: sizes, the authority (unknown or revoked), the enrolment, the keys' signature.
+        Naming what failed: sizes, a revoked identity, the authority (unknown or revoked), the enrolment,
+        the keys' signature.
     """
     sizes = (len(proof.identity), len(proof.enrolment), len(proof.signature))
     if sizes != (PUBLIC_KEY_BYTES, ENROLMENT_BYTES, SIGNATURE_BYTES):
         raise SignatureError(f"a keys proof of {sizes} bytes, expected (32, 96, 64)")
+    if raw_key_id(proof.identity) in trust.revoked:
+        raise SignatureError(
+            f"its identity {raw_key_id(proof.identity)} is revoked in the device's enrolment trust list"
+        )
     authority = proof.enrolment[:PUBLIC_KEY_BYTES]
     signer = raw_key_id(authority)
     if signer in trust.revoked:

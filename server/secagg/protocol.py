@@ -91,7 +91,10 @@ def run_secagg(
     ex = _Exchange(grid, server_round, params.timeout, rejected, {}, {})
 
     setup = stages.setup_config(state, len(contents))
-    got = ex.run(Stage.SETUP, {n: _content(Stage.SETUP, setup) for n in contents}, lambda m, n: parse_public_keys(m))
+    round_id = str(server_round)  # the group id of every message of the round (_Exchange)
+    got = ex.run(
+        Stage.SETUP, {n: _content(Stage.SETUP, setup) for n in contents}, lambda m, n: parse_public_keys(m, n, round_id)
+    )
     state.public_keys = {n: keys for n, (keys, _) in got.items()}
     state.proofs = {n: proof for n, (_, proof) in got.items() if proof is not None}
     for nid, reason in stages.drop_shared_keys(state).items():

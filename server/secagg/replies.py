@@ -21,9 +21,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
-from shared.enrolment import ENROLMENT_BYTES, KeysProof
+from shared.enrolment import ENROLMENT_BYTES, KeysProof, keys_message
 from shared.secagg_stages import ACCEPTED_LIST, MAX_CIPHERTEXT_BYTES, MAX_KEY_BYTES, PROOF_KEYS, is_share
-from shared.sign import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
+from shared.sign import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, verify_raw
 
 PASSED_THROUGH = ("metrics", "client")  # the train reply's own records, parsed by the strategy (server/replies.py)
 MASK_DTYPE = "uint32"  # masked entries are in [0, M), M <= 2**32
@@ -34,11 +34,14 @@ class SecAggReplyError(ValueError):
     """A device's SecAgg+ reply cannot count; the message says what is wrong with it."""
 
 
-def parse_public_keys(msg: Message) -> tuple[tuple[bytes, bytes], KeysProof | None]:
+def parse_public_keys(msg: Message, nid: int, round_id: str) -> tuple[tuple[bytes, bytes], KeysProof | None]:
     """Return a setup reply's two public keys (pairwise masks, share encryption): distinct SECP384R1 keys.
 
-    With them, an enrolled device's proof (its identity, enrolment and signature over the keys), of
-    the sizes they have: the devices check it (``shared/enrolment.py``), the coordinator only carries it.
+    With them, an enrolled device's proof (its identity, enrolment and signature over the keys): of
+    its sizes, and signed by its identity for these keys, this run, round ``round_id`` and node
+    ``nid``. The coordinator cannot check the enrolment (the devices do, ``shared/enrolment.py``), but
+    it refuses a proof its identity did not make here: another device's proof, copied, would
+    otherwise make both look like one identity lent to two nodes.
     """
     cfg = _configs(msg, {RECORD_KEY_CONFIGS})
     proof = None
@@ -61,6 +64,10 @@ def parse_public_keys(msg: Message) -> tuple[tuple[bytes, bytes], KeysProof | No
             raise SecAggReplyError(f"a public key is on {curve.name}, expected secp384r1")
     if keys[0] == keys[1]:
         raise SecAggReplyError("the two public keys are identical")
+    if proof is not None and not verify_raw(
+        proof.identity, keys_message(msg.metadata.run_id, round_id, nid, *keys), proof.signature
+    ):
+        raise SecAggReplyError("its identity did not sign these keys for this run, round and node")
     return (keys[0], keys[1]), proof
 
 

@@ -262,6 +262,21 @@ def test_the_same_secure_round_in_another_run_trains_on_other_batches(fleet, tin
     assert diff > 1e-6  # other batches: the two sums differ by more than one device's delta
 
 
+def test_a_secure_round_whose_batch_holds_the_whole_shard_is_refused(fleet, tiny_model_dir, monkeypatch):
+    """Every step on all examples: the seed changes nothing, and a rerun without the device would reveal its delta."""
+    monkeypatch.setenv(TRUST_ENV, str(fleet / "honest.key.pub"))
+    arrays, signed = release_to_records(_release(fleet, tiny_model_dir, "honest"))
+    stage = ConfigRecord({Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.SOURCE_LIST: []})
+    content = {"arrays": arrays, "config": ConfigRecord({"server-round": 1, **signed}), RECORD_KEY_CONFIGS: stage}
+    run = {**_run_config(fleet, tiny_model_dir), "train.batch-size": 500}  # noun.animal: 500 training examples
+    refused, reply = _deliver(fleet, content, run, {"allow-float-base": True})
+    assert refused and "trains on all 500 of this device's examples at every step" in refused
+    assert "arrays" not in reply.content
+    plain = {"arrays": arrays, "config": ConfigRecord({"server-round": 1, **signed})}
+    refused, reply = _deliver(fleet, plain, run, {"allow-float-base": True})
+    assert refused is None and "arrays" in reply.content  # a plain round: its delta leaves in the clear anyway
+
+
 def test_a_secure_run_or_device_never_uploads_a_delta_in_the_clear(fleet, tiny_model_dir, monkeypatch):
     """A hostile coordinator sends a plain train message where the run, or the device, asks for secure rounds."""
     monkeypatch.setenv(TRUST_ENV, str(fleet / "honest.key.pub"))

@@ -220,7 +220,8 @@ def test_fuzz_any_reply_is_parsed_or_cleanly_rejected(metrics, client, arrays, e
         except ReplyError:
             continue
         if isinstance(reply, TrainReply):
-            assert 1 <= reply.num_examples <= 10_000 and math.isfinite(reply.train_loss)
+            assert 1 <= reply.num_examples <= 10_000
+            assert reply.train_loss is None or math.isfinite(reply.train_loss)  # optional: record DP withholds it
             try:
                 delta = decode_update(reply, spec)
             except ValueError:  # WireError and RejectedUpdateError are ValueErrors with a reason

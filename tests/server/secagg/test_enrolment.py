@@ -8,6 +8,7 @@ front of device 0's ``secagg_mod`` that rewrites the share-keys message it forwa
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, generate_shared_key
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
@@ -20,7 +21,7 @@ from flwr.supercore.primitives.asymmetric import (
 )
 
 from server.secagg.protocol import run_secagg
-from shared.enrolment import enrol, write_enrolment
+from shared.enrolment import enrol, load_identity, prove_keys, write_enrolment
 from shared.secagg_stages import IDENTITY, PROOF_KEYS
 from shared.sign import generate_key, public_line
 from tests.server.secagg.fleet import Fleet
@@ -157,22 +158,98 @@ def test_an_identity_without_its_enrolment_or_key_is_a_config_error(tmp_path, mi
 
 
 def test_two_devices_announcing_one_identity_are_taken_out_not_their_neighbours(tmp_path):
-    """One enrolled device lending its identity to another node: both leave at setup, the other three sum."""
-    announced = {}
+    """Device 0 lends its identity to device 1 (it signs device 1's keys): both leave at setup, the other three sum."""
+    configs = enrolled(tmp_path, 5)
+    lender = load_identity(configs[0]["secagg-identity-key"], configs[0]["secagg-enrolment"])
 
-    def lend(msg, context, call_next):  # device 1 announces device 0's identity and enrolment (and signature)
+    def borrow(msg, context, call_next):
         reply = call_next(msg, context)
         config = reply.content.config_records.get(RECORD_KEY_CONFIGS)
         if config is not None and IDENTITY in config:
-            proof = announced.setdefault("proof", {k: config[k] for k in PROOF_KEYS})
-            config.update(proof)
+            keys = (config[Key.PUBLIC_KEY_1], config[Key.PUBLIC_KEY_2])
+            proof = prove_keys(lender, context.run_id, msg.metadata.group_id, msg.metadata.dst_node_id, *keys)
+            config.update(zip(PROOF_KEYS, (proof.identity, proof.enrolment, proof.signature), strict=True))
         return reply
 
     ds = deltas(5, seed=25)
-    mods = {0: [lend], 1: [lend]}
-    with Fleet(ds, mods=mods, node_configs=dict(enumerate(enrolled(tmp_path, 5)))) as fleet:
+    with Fleet(ds, mods={1: [borrow]}, node_configs=dict(enumerate(configs))) as fleet:
         result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
     pair = {fleet.nodes[0], fleet.nodes[1]}
     assert set(result.rejected) == pair and all("announced an identity that" in result.rejected[n] for n in pair)
     assert set(result.survivors) == set(fleet.nodes[2:])
     assert_within_quantization(result.total, plain_sum(ds[2:]), 3)
+
+
+def test_a_device_copying_anothers_proof_takes_only_itself_out(tmp_path):
+    """Identities and their proofs travel to every neighbour: a copied proof must not evict its owner."""
+    seen = {}
+
+    def squat(msg, context, call_next):  # device 1 announces device 0's proof (its own keys stay)
+        reply = call_next(msg, context)
+        config = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+        if config is not None and IDENTITY in config:
+            config.update(seen.setdefault("proof", {k: config[k] for k in PROOF_KEYS}))
+        return reply
+
+    ds = deltas(5, seed=26)
+    with Fleet(ds, mods={0: [squat], 1: [squat]}, node_configs=dict(enumerate(enrolled(tmp_path, 5)))) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    copier = fleet.nodes[1]
+    assert set(result.rejected) == {copier} and "did not sign these keys" in result.rejected[copier]
+    assert fleet.nodes[0] in result.survivors  # was: both out, the owner named for the copier's act
+    assert_within_quantization(result.total, plain_sum([d for i, d in enumerate(ds) if i != 1]), 4)
+
+
+def test_a_revoked_identity_gets_no_shares_and_only_it_leaves(tmp_path):
+    configs = enrolled(tmp_path, 5)
+    gone = load_identity(configs[2]["secagg-identity-key"], configs[2]["secagg-enrolment"])
+    trust = Path(configs[0]["secagg-enrolment-trust"])
+    line = public_line(Ed25519PublicKey.from_public_bytes(gone.public))
+    trust.write_text(trust.read_text() + f"revoked {line}\n")  # a device lost or gone from the fleet
+    ds = deltas(5, seed=27)
+    with Fleet(ds, node_configs=dict(enumerate(configs))) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    assert set(result.survivors) == set(fleet.nodes) - {fleet.nodes[2]}
+    assert_within_quantization(result.total, plain_sum([d for i, d in enumerate(ds) if i != 2]), 4)
+
+
+def test_a_neighbour_id_written_another_way_is_refused():
+    """'0…', or a digit of another script, would name one node twice in a share-keys message."""
+
+    def alias(msg, context, call_next):
+        config = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if config is not None and config[Key.STAGE] == Stage.SHARE_KEYS:
+            name = next(k for k in config if k not in (Key.STAGE, str(msg.metadata.dst_node_id)))
+            config["0" + name] = config.pop(name)  # the same node, written with a leading zero
+        return call_next(msg, context)
+
+    with Fleet(deltas(5, seed=28), mods={0: [alias]}) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    assert "neighbour id '0" in result.rejected[fleet.nodes[0]]
+
+
+def test_the_coordinators_release_key_is_refused_as_an_enrolment_authority(tmp_path):
+    from client.device import DeviceConfigError, secagg_enrolment
+
+    config = enrolled(tmp_path, 1)[0]
+    with pytest.raises(DeviceConfigError, match="a key of this device's release trust list"):
+        secagg_enrolment({**config, "trust-file": config["secagg-enrolment-trust"]})
+    assert secagg_enrolment(config)[1] is not None  # with no release trust list of its own: nothing to compare
+
+
+def test_a_devices_own_proof_forwarded_as_a_neighbours_costs_only_that_link(tmp_path):
+    """A hostile coordinator copies device 0's proof onto neighbour 1's keys in what it forwards to device 0."""
+
+    def copy_own(msg, context, call_next):
+        config = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if config is not None and config[Key.STAGE] == Stage.SHARE_KEYS:
+            own = config[str(msg.metadata.dst_node_id)]
+            name = next(k for k in config if k not in (Key.STAGE, str(msg.metadata.dst_node_id)))
+            config[name] = [*config[name][:2], *own[2:]]
+        return call_next(msg, context)
+
+    ds = deltas(5, seed=29)
+    with Fleet(ds, mods={0: [copy_own]}, node_configs=dict(enumerate(enrolled(tmp_path, 5)))) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    assert fleet.nodes[0] in result.survivors and len(result.survivors) == 5  # was: device 0 refused the round
+    assert_within_quantization(result.total, plain_sum(ds), 5)

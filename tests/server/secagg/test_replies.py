@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
@@ -13,7 +14,7 @@ from server.secagg.replies import (
     parse_public_keys,
     parse_shares,
 )
-from shared.enrolment import KeysProof
+from shared.enrolment import Identity, prove_keys
 from shared.secagg_stages import ENROLMENT, IDENTITY, KEYS_SIGNATURE
 from tests.server.messages import message, through_flower
 
@@ -35,26 +36,31 @@ def pk() -> bytes:
 
 def test_public_keys_parse_and_hostile_keys_are_refused():
     k1, k2 = pk(), pk()
-    assert parse_public_keys(reply(cfg(pk1=k1, pk2=k2))) == ((k1, k2), None)
+    assert parse_public_keys(reply(cfg(pk1=k1, pk2=k2)), 7, "1") == ((k1, k2), None)
     for bad, reason in [(cfg(pk1=k1, pk2=k1), "identical"), (cfg(pk1=b"x" * 99, pk2=k2), "does not parse")]:
         with pytest.raises(SecAggReplyError, match=reason):
-            parse_public_keys(reply(bad))
+            parse_public_keys(reply(bad), 7, "1")
     with pytest.raises(SecAggReplyError, match="not 1 to 1024 bytes"):
-        parse_public_keys(reply(cfg(pk1=b"x" * 5000, pk2=k2)))
+        parse_public_keys(reply(cfg(pk1=b"x" * 5000, pk2=k2)), 7, "1")
     with pytest.raises(SecAggReplyError, match="keys are"):
-        parse_public_keys(reply(cfg(pk1=k1, pk2=k2, extra=1)))
+        parse_public_keys(reply(cfg(pk1=k1, pk2=k2, extra=1)), 7, "1")
 
 
-def test_an_enrolled_devices_proof_is_carried_whole_and_of_its_sizes():
+def test_an_enrolled_devices_proof_is_carried_whole_of_its_sizes_and_signed_for_its_node(tmp_path):
     k1, k2 = pk(), pk()
-    proof = {IDENTITY: b"i" * 32, ENROLMENT: b"e" * 96, KEYS_SIGNATURE: b"s" * 64}
-    assert parse_public_keys(reply(cfg(pk1=k1, pk2=k2, **proof))) == ((k1, k2), KeysProof(*proof.values()))
+    identity = Ed25519PrivateKey.generate()
+    signed = prove_keys(Identity(identity, identity.public_key().public_bytes_raw(), b"e" * 96), 1, "1", 7, k1, k2)
+    proof = {IDENTITY: signed.identity, ENROLMENT: signed.enrolment, KEYS_SIGNATURE: signed.signature}
+    assert parse_public_keys(reply(cfg(pk1=k1, pk2=k2, **proof)), 7, "1") == ((k1, k2), signed)  # run 1, node 7
+    for node, round_id in ((8, "1"), (7, "2")):  # a proof copied to another node, or kept from another round
+        with pytest.raises(SecAggReplyError, match="did not sign these keys for this run, round and node"):
+            parse_public_keys(reply(cfg(pk1=k1, pk2=k2, **proof)), node, round_id)
     for name, size in ((IDENTITY, 32), (ENROLMENT, 96), (KEYS_SIGNATURE, 64)):
         with pytest.raises(SecAggReplyError, match=f"'{name}' is not"):
-            parse_public_keys(reply(cfg(pk1=k1, pk2=k2, **{**proof, name: b"x" * (size - 1)})))
+            parse_public_keys(reply(cfg(pk1=k1, pk2=k2, **{**proof, name: b"x" * (size - 1)})), 7, "1")
         part = {k: v for k, v in proof.items() if k != name}  # a proof without one of its parts
         with pytest.raises(SecAggReplyError, match="keys are"):
-            parse_public_keys(reply(cfg(pk1=k1, pk2=k2, **part)))
+            parse_public_keys(reply(cfg(pk1=k1, pk2=k2, **part)), 7, "1")
 
 
 def test_ciphertexts_only_to_neighbours_once_each():
