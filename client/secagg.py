@@ -16,8 +16,12 @@ CCS 2020; the coordinator's side is ``server/secagg/``); any other message passe
   shares it kept, run the train handler (``call_next``), quantize its delta and add the private mask
   and one pairwise mask per linked neighbour, modulo M; return the masked vector *instead of* the
   delta, with the metrics and name;
+* ``consistency`` (ours, enrolled rounds): keep the lists unmask will use and sign the survivors among
+  them with its identity, once a round;
 * ``unmask``: for each neighbour, the seed share if the coordinator says it survived, the key
-  share if it dropped, never both (checked), and only once per round.
+  share if it dropped, never both (checked), and only once per round; a device that takes only
+  enrolled neighbours reveals only by the lists it signed, and only if every neighbour it lists as
+  survived signed a list holding it (:func:`_unmask`).
 
 Ported from Flower 1.41's ``flwr/client/mod/secure_aggregation/secaggplus_mod.py`` (which only
 runs under the legacy client and masks Flower's ``Parameters``); all cryptography and arithmetic
@@ -58,14 +62,18 @@ from flwr.supercore.primitives.asymmetric import (
 
 from client.device import secagg_enrolment
 from shared.config_aggregation import MAX_SECURE_SHARES
-from shared.enrolment import KeysProof, check_keys, keys_message, prove_keys
+from shared.enrolment import Identity, KeysProof, check_keys, check_story, keys_message, prove_keys, story_message
 from shared.secagg_prg import keystreams as prg_keystreams
 from shared.secagg_stages import (
     ACCEPTED_LIST,
     CONFIRM_SHARES,
+    CONSISTENCY,
     MAX_CIPHERTEXT_BYTES,
     MAX_KEY_BYTES,
     PROOF_KEYS,
+    STORY,
+    STORY_SIGNATURE,
+    STORY_SIGNATURE_OF,
     is_share,
 )
 from shared.sign import SignatureError, TrustList
@@ -73,10 +81,11 @@ from shared.sign import SignatureError, TrustList
 MAX_SAMPLE = 100_000
 MAX_MODULUS = 1 << 32  # the range of shared.secagg_prg's uint32 keystream
 _PREVIOUS = {
-    Stage.SHARE_KEYS: Stage.SETUP,
-    CONFIRM_SHARES: Stage.SHARE_KEYS,
-    Stage.COLLECT_MASKED_VECTORS: CONFIRM_SHARES,
-    Stage.UNMASK: "masked",
+    Stage.SHARE_KEYS: (Stage.SETUP,),
+    CONFIRM_SHARES: (Stage.SHARE_KEYS,),
+    Stage.COLLECT_MASKED_VECTORS: (CONFIRM_SHARES,),
+    CONSISTENCY: ("masked",),
+    Stage.UNMASK: ("masked", CONSISTENCY),  # an enrolled device takes it only after consistency (_unmask)
 }
 
 
@@ -121,8 +130,10 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
             elif stage == Stage.COLLECT_MASKED_VECTORS:
                 out = _collect(state, values, msg, context, call_next)
                 stage = "masked" if Key.MASKED_PARAMETERS in out else stage
+            elif stage == CONSISTENCY:
+                out = _configs(_consistency(state, values, secagg_enrolment(context.node_config)[0], context.run_id))
             else:
-                out = _configs(_unmask(state, values))
+                out = _configs(_unmask(state, values, context.run_id))
         kept = ConfigRecord({"stage": stage}) if stage == Stage.UNMASK else state.to_record(stage)
     except Exception:
         kept = ConfigRecord({"stage": "aborted"})  # the round's secrets are forgotten
@@ -154,15 +165,20 @@ class _Round:
     shares: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # owner -> (seed share, key share)
     linked: list[int] = field(default_factory=list)  # neighbours whose pairwise masks are in the masked vector
     unverified: list[int] = field(default_factory=list)  # neighbours it shares nothing with (enrolled_only)
+    identities: dict[int, bytes] = field(default_factory=dict)  # verified neighbours' identities (enrolled_only)
+    told: bool = False  # the consistency stage gave it the lists below, and it signed its survivors
+    alive: list[int] = field(default_factory=list)
+    dead: list[int] = field(default_factory=list)
 
     def to_record(self, stage: str) -> ConfigRecord:
         """Return the state as a ConfigRecord (dicts as parallel lists)."""
-        flat: dict[str, Any] = {k: v for k, v in vars(self).items() if not isinstance(v, dict | list)}
+        flat: dict[str, Any] = {k: v for k, v in vars(self).items() if not isinstance(v, dict)}
         for name in ("neighbours", "shares"):
             table: dict[int, tuple[bytes, bytes]] = getattr(self, name)
             flat |= {f"{name}:id": list(table), f"{name}:a": [v[0] for v in table.values()]}
             flat[f"{name}:b"] = [v[1] for v in table.values()]
-        return ConfigRecord({**flat, "linked": list(self.linked), "unverified": list(self.unverified), "stage": stage})
+        flat |= {"identities:id": list(self.identities), "identities:key": list(self.identities.values())}
+        return ConfigRecord({**{k: list(v) if isinstance(v, list) else v for k, v in flat.items()}, "stage": stage})
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> _Round:
@@ -171,7 +187,10 @@ class _Round:
         for name in ("neighbours", "shares"):
             ids, a, b = (_items(record, f"{name}:{p}") for p in ("id", "a", "b"))
             values[name] = {i: (x, y) for i, x, y in zip(ids, a, b, strict=True)}
-        values["linked"], values["unverified"] = _items(record, "linked"), _items(record, "unverified")
+        ids, keys = _items(record, "identities:id"), _items(record, "identities:key")
+        values["identities"] = dict(zip(ids, keys, strict=True))
+        for name in ("linked", "unverified", "alive", "dead"):
+            values[name] = _items(record, name)
         return cls(**values)
 
 
@@ -188,7 +207,7 @@ def _stage(msg: Message, previous: str) -> tuple[str, dict[str, Any]]:
     stage = values.pop(Key.STAGE, None)
     if stage != Stage.SETUP:
         _check(stage in _PREVIOUS, f"unknown stage {stage!r:.40}")
-        _check(previous == _PREVIOUS[str(stage)], f"stage {stage} after {previous!r}")
+        _check(previous in _PREVIOUS[str(stage)], f"stage {stage} after {previous!r}")
     return str(stage), values
 
 
@@ -252,6 +271,7 @@ def _share_keys(
     if enrolled is not None:
         why = _unverified(state, *enrolled, proofs, run_id)
         state.unverified = sorted(why)
+        state.identities = {n: proofs[n].identity for n in state.neighbours if n != state.nid and n not in why}
         verified = len(state.neighbours) - len(why)
         _check(
             verified >= state.threshold,
@@ -399,17 +419,70 @@ def _add_masks(codes: list[np.ndarray], seed: bytes, modulus: int, sign: int) ->
         np.bitwise_and(code, low, out=code)
 
 
-def _unmask(state: _Round, values: Mapping[str, Any]) -> dict[str, Any]:
-    """Reveal, per linked neighbour, the seed share (survived) or the key share (dropped): one kind each, once."""
-    _check(set(values) == {Key.ACTIVE_NODE_ID_LIST, Key.DEAD_NODE_ID_LIST}, f"unmask keys {sorted(values)[:4]}")
-    alive, dead = values[Key.ACTIVE_NODE_ID_LIST], values[Key.DEAD_NODE_ID_LIST]
-    _check(isinstance(alive, list) and isinstance(dead, list), "unmask lists")
+def _lists(state: _Round, values: Mapping[str, Any]) -> tuple[list[int], list[int]]:
+    """Return the survived and dropped lists the coordinator sent, checked against this device's links."""
+    alive, dead = values.get(Key.ACTIVE_NODE_ID_LIST), values.get(Key.DEAD_NODE_ID_LIST)
+    if not (isinstance(alive, list) and isinstance(dead, list)):
+        raise SecAggDeviceError("secure aggregation refused: unmask lists")
     _check(len(set(alive)) == len(alive) and len(set(dead)) == len(dead), "a node listed twice")
     _check(not set(alive) & set(dead), "a node listed as both survived and dropped")
     _check(state.nid in alive and set(alive) | set(dead) <= {*state.linked, state.nid}, "nodes it is not linked with")
     _check(len(alive) >= state.threshold, "fewer survivors than the threshold")
+    return alive, dead
+
+
+def _consistency(state: _Round, values: Mapping[str, Any], identity: Identity | None, run_id: int) -> dict[str, Any]:
+    """Keep the lists unmask will use; sign the survivors among them with its identity (empty without one).
+
+    Signed once per round (the stage follows collect only): a device tells every neighbour the same story.
+    """
+    _check(set(values) == {Key.ACTIVE_NODE_ID_LIST, Key.DEAD_NODE_ID_LIST}, f"consistency keys {sorted(values)[:4]}")
+    state.alive, state.dead = _lists(state, values)
+    state.told = True
+    if identity is None:
+        return {STORY_SIGNATURE: b""}
+    return {STORY_SIGNATURE: identity.key.sign(story_message(run_id, state.round, state.nid, state.alive))}
+
+
+def _unmask(state: _Round, values: Mapping[str, Any], run_id: int) -> dict[str, Any]:
+    """Reveal, per linked neighbour, the seed share (survived) or the key share (dropped): one kind each, once.
+
+    A device that takes only enrolled neighbours first checks that every neighbour its list calls
+    survived signed a list (at consistency, once a round) that calls this device survived. Opening
+    one device X's masked vector takes X's seed (threshold seed shares, from holders told X
+    survived) and the pairwise key of X with each such holder G. X's own key cannot be rebuilt: its
+    key shares come from holders told X dropped, disjoint from the seed's, and there are at most
+    ``share_num`` holders in all, fewer than twice the threshold. G's key cannot either: G revealed,
+    so every neighbour in G's survived list signed that G survived and reveals nothing of G's key,
+    and the ones outside that list are at most ``share_num`` minus the threshold, fewer than the
+    threshold. This holds against a coordinator with honest devices; colluding devices that sign two
+    lists weaken it, as they weaken the threshold itself.
+    """
+    stories = {k for k in values if k.startswith((STORY, STORY_SIGNATURE_OF))}
+    _check(
+        set(values) - stories == {Key.ACTIVE_NODE_ID_LIST, Key.DEAD_NODE_ID_LIST}, f"unmask keys {sorted(values)[:4]}"
+    )
+    alive, dead = _lists(state, values)
+    if state.told:
+        _check((alive, dead) == (state.alive, state.dead), "unmask lists other than the ones it signed")
+    if state.enrolled_only:
+        _check(state.told, "an unmask without the consistency stage (this device takes only enrolled neighbours)")
+        for other in alive:
+            if other != state.nid:
+                _check(_corroborates(state, values, other, run_id), f"neighbour {other} did not sign that it survived")
     shares = [state.shares[n][0] for n in alive] + [state.shares[n][1] for n in dead]
     return {Key.NODE_ID_LIST: [*alive, *dead], Key.SHARE_LIST: shares}
+
+
+def _corroborates(state: _Round, values: Mapping[str, Any], other: int, run_id: int) -> bool:
+    """Whether ``other``'s identity signed a survivor list for this round that holds this device."""
+    story, signature = values.get(f"{STORY}{other}"), values.get(f"{STORY_SIGNATURE_OF}{other}")
+    identity = state.identities.get(other)
+    if identity is None or not isinstance(story, list) or not isinstance(signature, bytes):
+        return False
+    if len(story) > state.share_num or not all(type(n) is int for n in story) or state.nid not in story:
+        return False
+    return check_story(identity, story_message(run_id, state.round, other, story), signature)
 
 
 def _is_key(value: Any) -> bool:

@@ -50,6 +50,7 @@ ENROLMENT_BYTES = PUBLIC_KEY_BYTES + SIGNATURE_BYTES
 MAX_ENROLMENT_FILE_BYTES = 4096
 _ENROLMENT_CONTEXT = b"fleetlora secagg enrolment v1\0"
 _KEYS_CONTEXT = b"fleetlora secagg keys v1\0"
+_STORY_CONTEXT = b"fleetlora secagg survivors v1\0"
 _FILE_TAG = "fleetlora-enrolment-v1"
 
 
@@ -152,3 +153,13 @@ def check_keys(trust: TrustList, proof: KeysProof, message: bytes) -> None:
         raise SignatureError(f"its enrolment by authority {signer} does not hold")
     if not verify_raw(proof.identity, message, proof.signature):
         raise SignatureError("the public keys are not the ones its identity signed for this run, round and node")
+
+
+def story_message(run_id: int, round_id: str, node_id: int, alive: list[int]) -> bytes:
+    """Return the bytes a device signs before unmask: the neighbours the coordinator told it survived (itself too)."""
+    return _STORY_CONTEXT + json.dumps([run_id, round_id, node_id, sorted(alive)]).encode()
+
+
+def check_story(identity: bytes, message: bytes, signature: bytes) -> bool:
+    """Return whether ``identity`` (a neighbour's, checked at share keys) signed ``message`` (a story_message)."""
+    return len(signature) == SIGNATURE_BYTES and verify_raw(identity, message, signature)

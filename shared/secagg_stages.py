@@ -18,6 +18,14 @@ IDENTITY, ENROLMENT, KEYS_SIGNATURE = "identity", "enrolment", "keys-signature"
 (32 bytes), its enrolment (96) and its identity's signature over the keys (64). The coordinator forwards them
 in share keys after the two keys: ``[pk1, pk2, identity, enrolment, signature]`` per neighbour."""
 PROOF_KEYS = (IDENTITY, ENROLMENT, KEYS_SIGNATURE)
+CONSISTENCY = "consistency"
+"""The stage between collect and unmask when the round has enrolled devices: the coordinator sends each survivor
+the lists unmask will use (``Key.ACTIVE_NODE_ID_LIST``, ``Key.DEAD_NODE_ID_LIST``); the device keeps them and,
+enrolled, signs its survivor list (``shared/enrolment.story_message``), replying :data:`STORY_SIGNATURE` (empty
+if it has no identity). Unmask then carries, per neighbour a device's list calls survived, that neighbour's list
+(``story:<id>``) and signature (``story-signature:<id>``)."""
+STORY_SIGNATURE = "story-signature"
+STORY, STORY_SIGNATURE_OF = "story:", "story-signature:"
 MAX_KEY_BYTES = 1024
 """A public key a device announces (a PEM SECP384R1 public key is 215 bytes)."""
 MAX_CIPHERTEXT_BYTES = 4096

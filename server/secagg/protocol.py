@@ -1,4 +1,4 @@
-"""Run one round of SecAgg+ through a Flower ``Grid``: five Message exchanges, then the unmasked sum.
+"""Run one round of SecAgg+ through a Flower ``Grid``: five Message exchanges (six enrolled), then the unmasked sum.
 
 The stages (Bell et al., CCS 2020; Flower's ``SecAggPlusWorkflow``, ported in
 ``server/secagg/stages.py``), each one ``grid.send_and_receive`` of ``train`` messages whose
@@ -13,8 +13,11 @@ The stages (Bell et al., CCS 2020; Flower's ``SecAggPlusWorkflow``, ported in
 4. collect masked vectors: each device gets its final links *and the round's own train content*
    (the signed release, the config); it trains, quantizes and masks its delta, and returns only
    the masked vector (plus its scalar metrics and name);
-5. unmask: each survivor returns, per neighbour, the share that removes that neighbour's masks
-   (the seed share of a survivor, the key share of a device that dropped after sharing keys).
+5. consistency (ours, only when devices are enrolled, ``shared/enrolment.py``): each survivor gets the
+   lists unmask will use and signs its survivor list with its identity;
+6. unmask: each survivor returns, per neighbour, the share that removes that neighbour's masks
+   (the seed share of a survivor, the key share of a device that dropped after sharing keys); an
+   enrolled round also forwards, per neighbour a survivor's list holds, that neighbour's signed list.
 
 Every reply is parsed at the boundary (``server/secagg/replies.py``); one that does not parse, an
 error reply, or a device that does not answer within the timeout make that device a dropout of the
@@ -37,9 +40,16 @@ from flwr.serverapp import Grid
 
 from server.secagg import stages
 from server.secagg.params import SecAggParams
-from server.secagg.replies import parse_accepted, parse_ciphertexts, parse_masked, parse_public_keys, parse_shares
+from server.secagg.replies import (
+    parse_accepted,
+    parse_ciphertexts,
+    parse_masked,
+    parse_public_keys,
+    parse_shares,
+    parse_story_signature,
+)
 from server.secagg.stages import RoundState, SecAggAbortedError
-from shared.secagg_stages import CONFIRM_SHARES
+from shared.secagg_stages import CONFIRM_SHARES, CONSISTENCY
 from shared.text import printable
 
 __all__ = ["SecAggAbortedError", "SecAggResult", "run_secagg"]
@@ -136,10 +146,12 @@ def run_secagg(
     state.dropped = set(state.links) - state.survivors
 
     asked = {n: stages.unmask_request(state, n) for n in sorted(state.survivors)}
-    unmask = {
-        n: _content(Stage.UNMASK, {Key.ACTIVE_NODE_ID_LIST: alive, Key.DEAD_NODE_ID_LIST: dead})
-        for n, (alive, dead) in asked.items()
-    }
+    lists = {n: {Key.ACTIVE_NODE_ID_LIST: alive, Key.DEAD_NODE_ID_LIST: dead} for n, (alive, dead) in asked.items()}
+    stories: dict[int, bytes] = {}
+    if state.proofs:  # enrolled devices: each signs the survivors it is told of before any reveals (client/secagg.py)
+        told = {n: _content(CONSISTENCY, lists[n]) for n in asked}
+        stories = ex.run(CONSISTENCY, told, lambda m, n: parse_story_signature(m), in_sum=True)
+    unmask = {n: _content(Stage.UNMASK, {**lists[n], **stages.stories_for(asked, stories, n)}) for n in asked}
 
     def parse_unmask(msg: Message, nid: int) -> dict[int, bytes]:
         return parse_shares(msg, {o: stages.share_index(state, o, nid) for o in [*asked[nid][0], *asked[nid][1]]})

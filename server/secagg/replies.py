@@ -22,7 +22,14 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
 from shared.enrolment import ENROLMENT_BYTES, KeysProof, keys_message
-from shared.secagg_stages import ACCEPTED_LIST, MAX_CIPHERTEXT_BYTES, MAX_KEY_BYTES, PROOF_KEYS, is_share
+from shared.secagg_stages import (
+    ACCEPTED_LIST,
+    MAX_CIPHERTEXT_BYTES,
+    MAX_KEY_BYTES,
+    PROOF_KEYS,
+    STORY_SIGNATURE,
+    is_share,
+)
 from shared.sign import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, verify_raw
 
 PASSED_THROUGH = ("metrics", "client")  # the train reply's own records, parsed by the strategy (server/replies.py)
@@ -69,6 +76,16 @@ def parse_public_keys(msg: Message, nid: int, round_id: str) -> tuple[tuple[byte
     ):
         raise SecAggReplyError("its identity did not sign these keys for this run, round and node")
     return (keys[0], keys[1]), proof
+
+
+def parse_story_signature(msg: Message) -> bytes:
+    """Return a consistency reply's signature over the survivors it was told of: 64 bytes, or empty (no identity)."""
+    cfg = _configs(msg, {RECORD_KEY_CONFIGS})
+    _keys(cfg, {STORY_SIGNATURE})
+    value = cfg[STORY_SIGNATURE]
+    if not isinstance(value, bytes) or len(value) not in (0, SIGNATURE_BYTES):
+        raise SecAggReplyError(f"'{STORY_SIGNATURE}' is not {SIGNATURE_BYTES} bytes (or empty)")
+    return value
 
 
 def parse_ciphertexts(msg: Message, neighbours: Collection[int]) -> dict[int, bytes]:

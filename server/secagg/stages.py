@@ -36,6 +36,7 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 from server.secagg.params import SecAggParams
 from shared.enrolment import KeysProof
 from shared.secagg_prg import masks as prg_masks
+from shared.secagg_stages import STORY, STORY_SIGNATURE_OF
 
 Vector = dict[str, np.ndarray]
 SEED_BYTES = 32  # a device's private-mask seed (os.urandom(32), as Flower's mod)
@@ -189,6 +190,17 @@ def unmask_request(state: RoundState, nid: int) -> tuple[list[int], list[int]]:
     """Return whose seed shares (survivors) and key shares (dropped) a survivor is asked for, among its links."""
     linked = set(state.links[nid])
     return sorted((linked & state.survivors) | {nid}), sorted(linked & state.dropped)
+
+
+def stories_for(
+    asked: Mapping[int, tuple[list[int], list[int]]], signed: Mapping[int, bytes], nid: int
+) -> dict[str, list[int] | bytes]:
+    """Return what unmask carries for ``nid``: each survivor in its list that signed, with the list it signed."""
+    out: dict[str, list[int] | bytes] = {}
+    for other in asked[nid][0]:
+        if other != nid and signed.get(other):
+            out[f"{STORY}{other}"], out[f"{STORY_SIGNATURE_OF}{other}"] = asked[other][0], signed[other]
+    return out
 
 
 def check(state: RoundState, active: set[int], stage: str) -> None:

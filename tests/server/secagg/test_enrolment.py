@@ -5,10 +5,12 @@ identities and enrolments written by ``fleetlora keys``' functions. The hostile 
 front of device 0's ``secagg_mod`` that rewrites the share-keys message it forwards, as a coordinator can.
 """
 
+import contextlib
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, generate_shared_key
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
@@ -20,9 +22,9 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
-from server.secagg.protocol import run_secagg
+from server.secagg.protocol import SecAggAbortedError, run_secagg
 from shared.enrolment import enrol, load_identity, prove_keys, write_enrolment
-from shared.secagg_stages import IDENTITY, PROOF_KEYS
+from shared.secagg_stages import CONSISTENCY, IDENTITY, PROOF_KEYS, STORY_SIGNATURE
 from shared.sign import generate_key, public_line
 from tests.server.secagg.fleet import Fleet
 from tests.server.secagg.test_protocol import PARAMS, SHAPES, assert_within_quantization, deltas, plain_sum
@@ -253,3 +255,73 @@ def test_a_devices_own_proof_forwarded_as_a_neighbours_costs_only_that_link(tmp_
         result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
     assert fleet.nodes[0] in result.survivors and len(result.survivors) == 5  # was: device 0 refused the round
     assert_within_quantization(result.total, plain_sum(ds), 5)
+
+
+def test_every_survivor_signs_the_survivors_it_was_told_of_before_any_reveals(tmp_path):
+    ds = deltas(5, seed=30)
+    with Fleet(ds, node_configs=dict(enumerate(enrolled(tmp_path, 5)))) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    assert_within_quantization(result.total, plain_sum(ds), 5)
+    configs = [m.content.config_records.get(RECORD_KEY_CONFIGS, {}) for _, m in fleet.received]
+    assert sum(len(c.get(STORY_SIGNATURE, b"")) == 64 for c in configs) == 5
+
+
+def test_a_device_told_a_neighbour_dropped_cannot_make_that_neighbour_reveal(tmp_path):
+    """A coordinator telling device 0 that device 1 dropped, and device 1 that device 0 survived.
+
+    Device 1 would reveal device 0's seed share, device 0 device 1's key share: the two halves of
+    opening a vector. Device 1 now needs device 0's signed word that device 1 survived, and has not.
+    """
+    victim = {}
+
+    def lie(msg, context, call_next):  # what device 0 is told at consistency and unmask: device 1 dropped
+        config = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if config is not None and config[Key.STAGE] in (CONSISTENCY, Stage.UNMASK):
+            other = victim.setdefault(
+                "id", sorted(n for n in config[Key.ACTIVE_NODE_ID_LIST] if n != context.node_id)[0]
+            )
+            config[Key.ACTIVE_NODE_ID_LIST] = [n for n in config[Key.ACTIVE_NODE_ID_LIST] if n != other]
+            config[Key.DEAD_NODE_ID_LIST] = [*config[Key.DEAD_NODE_ID_LIST], other]
+        return call_next(msg, context)
+
+    with Fleet(deltas(5, seed=31), mods={0: [lie]}, node_configs=dict(enumerate(enrolled(tmp_path, 5)))) as fleet:
+        with contextlib.suppress(SecAggAbortedError):  # the honest coordinator's sum may not open: not the point
+            run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    told = victim["id"]
+    errors = [m.error.reason for n, m in fleet.received if n == told and m.has_error()]
+    assert any(f"neighbour {fleet.nodes[0]} did not sign that it survived" in e for e in errors), errors
+    shares = [m for n, m in fleet.received if n == told and not m.has_error() and Key.SHARE_LIST in
+              m.content.config_records.get(RECORD_KEY_CONFIGS, {})]  # fmt: skip
+    assert shares == []  # it revealed nothing
+
+
+def test_an_enrolled_device_sent_to_unmask_without_the_consistency_stage_reveals_nothing(tmp_path):
+    def skip(msg, context, call_next):  # a coordinator that leaves device 2 out of the consistency stage
+        config = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if config is not None and config[Key.STAGE] == CONSISTENCY:
+            return Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({STORY_SIGNATURE: b""})}), reply_to=msg)
+        return call_next(msg, context)
+
+    ds = deltas(5, seed=32)
+    with Fleet(ds, mods={2: [skip]}, node_configs=dict(enumerate(enrolled(tmp_path, 5)))) as fleet:
+        with contextlib.suppress(SecAggAbortedError):
+            run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    errors = [m.error.reason for n, m in fleet.received if n == fleet.nodes[2] and m.has_error()]
+    assert any("an unmask without the consistency stage" in e for e in errors), errors
+
+
+def test_unmask_lists_other_than_the_signed_ones_are_refused(tmp_path):
+    def switch(msg, context, call_next):  # the lists change between consistency and unmask
+        config = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if config is not None and config[Key.STAGE] == Stage.UNMASK:
+            other = max(n for n in config[Key.ACTIVE_NODE_ID_LIST] if n != context.node_id)
+            config[Key.ACTIVE_NODE_ID_LIST] = [n for n in config[Key.ACTIVE_NODE_ID_LIST] if n != other]
+            config[Key.DEAD_NODE_ID_LIST] = [*config[Key.DEAD_NODE_ID_LIST], other]
+        return call_next(msg, context)
+
+    ds = deltas(5, seed=33)
+    with Fleet(ds, mods={2: [switch]}, node_configs=dict(enumerate(enrolled(tmp_path, 5)))) as fleet:
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
+    errors = [m.error.reason for n, m in fleet.received if n == fleet.nodes[2] and m.has_error()]
+    assert any("unmask lists other than the ones it signed" in e for e in errors), errors
+    assert_within_quantization(result.total, plain_sum(ds), 5)  # the other four survivors' shares suffice

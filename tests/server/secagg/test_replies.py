@@ -13,9 +13,10 @@ from server.secagg.replies import (
     parse_masked,
     parse_public_keys,
     parse_shares,
+    parse_story_signature,
 )
 from shared.enrolment import Identity, prove_keys
-from shared.secagg_stages import ENROLMENT, IDENTITY, KEYS_SIGNATURE
+from shared.secagg_stages import ENROLMENT, IDENTITY, KEYS_SIGNATURE, STORY_SIGNATURE
 from tests.server.messages import message, through_flower
 
 SHAPES = {"a": (2, 3)}
@@ -120,3 +121,11 @@ def test_shares_exactly_one_for_each_node_asked():
             parse_shares(reply(cfg(**{Key.NODE_ID_LIST: nids, Key.SHARE_LIST: shares})), asked)
     with pytest.raises(SecAggReplyError, match="the share of device 2 carries index 1, not 3: not its own"):
         parse_shares(reply(cfg(**{Key.NODE_ID_LIST: [1, 2], Key.SHARE_LIST: [share, share]})), {1: 1, 2: 3})
+
+
+def test_a_consistency_reply_is_a_signature_or_nothing():
+    assert parse_story_signature(reply(cfg(**{STORY_SIGNATURE: b"s" * 64}))) == b"s" * 64
+    assert parse_story_signature(reply(cfg(**{STORY_SIGNATURE: b""}))) == b""  # a device without an identity
+    for bad in (cfg(**{STORY_SIGNATURE: b"s" * 63}), cfg(**{STORY_SIGNATURE: "text"}), cfg(other=b"")):
+        with pytest.raises(SecAggReplyError):
+            parse_story_signature(reply(bad))
