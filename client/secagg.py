@@ -441,7 +441,7 @@ def _consistency(state: _Round, values: Mapping[str, Any], identity: Identity | 
     state.told = True
     if identity is None:
         return {STORY_SIGNATURE: b""}
-    return {STORY_SIGNATURE: identity.key.sign(story_message(run_id, state.round, state.nid, state.alive))}
+    return {STORY_SIGNATURE: identity.key.sign(story_message(run_id, state.round, state.nid, state.pk1, state.alive))}
 
 
 def _unmask(state: _Round, values: Mapping[str, Any], run_id: int) -> dict[str, Any]:
@@ -482,7 +482,9 @@ def _corroborates(state: _Round, values: Mapping[str, Any], other: int, run_id: 
         return False
     if len(story) > state.share_num or not all(type(n) is int for n in story) or state.nid not in story:
         return False
-    return check_story(identity, story_message(run_id, state.round, other, story), signature)
+    return check_story(
+        identity, story_message(run_id, state.round, other, state.neighbours[other][0], story), signature
+    )
 
 
 def _is_key(value: Any) -> bool:

@@ -155,9 +155,14 @@ def check_keys(trust: TrustList, proof: KeysProof, message: bytes) -> None:
         raise SignatureError("the public keys are not the ones its identity signed for this run, round and node")
 
 
-def story_message(run_id: int, round_id: str, node_id: int, alive: list[int]) -> bytes:
-    """Return the bytes a device signs before unmask: the neighbours the coordinator told it survived (itself too)."""
-    return _STORY_CONTEXT + json.dumps([run_id, round_id, node_id, sorted(alive)]).encode()
+def story_message(run_id: int, round_id: str, node_id: int, pk1: bytes, alive: list[int]) -> bytes:
+    """Return the bytes a device signs before unmask: the neighbours the coordinator told it survived (itself too).
+
+    Bound to the round's first public key too, so a list signed in a setup the coordinator restarted
+    does not pass for one of the keys in use.
+    """
+    fields = [run_id, round_id, node_id, base64.b64encode(pk1).decode(), sorted(alive)]
+    return _STORY_CONTEXT + json.dumps(fields).encode()
 
 
 def check_story(identity: bytes, message: bytes, signature: bytes) -> bool:
