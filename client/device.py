@@ -92,17 +92,22 @@ def secagg_enrolment(node_config: Mapping[str, Any]) -> tuple[Identity | None, T
 
     ``secagg-identity-key`` (its Ed25519 key) and ``secagg-enrolment`` (the authority's signature over
     it, ``fleetlora keys enrol``) sign its keys; ``secagg-enrolment-trust`` (a trust list of
-    authorities) makes it share only with neighbours whose keys an identity they enrolled signed.
+    authorities) makes it share only with neighbours whose keys an identity they enrolled signed, and
+    reveal only what their signed survivor lists corroborate. All three or none.
 
     Raises
     ------
     DeviceConfigError
-        One of the identity's two settings without the other, or a file that does not load.
+        Some of the three settings without the others, or a file that does not load.
     """
     key, enrolment, trust = (node_config.get(k) for k in ("secagg-identity-key", "secagg-enrolment",
                                                           "secagg-enrolment-trust"))  # fmt: skip
-    if (key is None) != (enrolment is None):
-        raise DeviceConfigError("secagg-identity-key and secagg-enrolment are set together (a key and its enrolment)")
+    if len({key is None, enrolment is None, trust is None}) > 1:
+        raise DeviceConfigError(
+            "secagg-identity-key, secagg-enrolment and secagg-enrolment-trust are set together: a device that signs "
+            "its keys also checks its neighbours' (one that signed without checking could be made to reveal what "
+            "opens an enrolled neighbour's vector)"
+        )
     try:
         identity = None if key is None else load_identity(_path(key), _path(enrolment))
         trusted = None if trust is None else TrustList.load(_path(trust))

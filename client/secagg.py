@@ -102,12 +102,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         stage, values = _stage(msg, str(record["stage"]))
         if stage == Stage.SETUP:
             state = _setup(values, msg)
-            identity, trust = secagg_enrolment(context.node_config)
-            _check(
-                identity is not None or trust is None,
-                "this device takes only enrolled neighbours "
-                "(secagg-enrolment-trust) and has no identity of its own (secagg-identity-key, secagg-enrolment)",
-            )
+            identity, trust = secagg_enrolment(context.node_config)  # all three settings or none
             state.enrolled_only = trust is not None
             keys = {Key.PUBLIC_KEY_1: state.pk1, Key.PUBLIC_KEY_2: state.pk2}
             if identity is not None:
@@ -370,6 +365,10 @@ def _collect(
 ) -> RecordDict:
     """Check the links against the shares kept, train, and return the delta masked (or the reply as is, if none)."""
     _check(set(values) == {Key.SOURCE_LIST}, f"collect keys {sorted(values)[:4]}")
+    config = msg.content.config_records.get("config")
+    server_round = None if config is None else config.get("server-round")
+    # what it signs names the round by the messages' group id; the replay store keeps the server round: one round
+    _check(server_round is None or state.round == str(server_round), f"group {state.round!r:.24} for another round")
     srcs = values[Key.SOURCE_LIST]
     _check(isinstance(srcs, list) and len(set(srcs)) == len(srcs), "sources")
     kept = set(state.shares) - {state.nid}

@@ -49,6 +49,7 @@ from server.secagg.replies import (
     parse_story_signature,
 )
 from server.secagg.stages import RoundState, SecAggAbortedError
+from shared.enrolment import story_message
 from shared.secagg_stages import CONFIRM_SHARES, CONSISTENCY
 from shared.text import printable
 
@@ -150,7 +151,13 @@ def run_secagg(
     stories: dict[int, bytes] = {}
     if state.proofs:  # enrolled devices: each signs the survivors it is told of before any reveals (client/secagg.py)
         told = {n: _content(CONSISTENCY, lists[n]) for n in asked}
-        stories = ex.run(CONSISTENCY, told, lambda m, n: parse_story_signature(m), in_sum=True)
+
+        def signed(msg: Message, nid: int) -> bytes:
+            proof = state.proofs.get(nid)
+            story = story_message(msg.metadata.run_id, round_id, nid, state.public_keys[nid][0], asked[nid][0])
+            return parse_story_signature(msg, None if proof is None else proof.identity, story)
+
+        stories = ex.run(CONSISTENCY, told, signed, in_sum=True)
     unmask = {n: _content(Stage.UNMASK, {**lists[n], **stages.stories_for(asked, stories, n)}) for n in asked}
 
     def parse_unmask(msg: Message, nid: int) -> dict[int, bytes]:

@@ -78,13 +78,21 @@ def parse_public_keys(msg: Message, nid: int, round_id: str) -> tuple[tuple[byte
     return (keys[0], keys[1]), proof
 
 
-def parse_story_signature(msg: Message) -> bytes:
-    """Return a consistency reply's signature over the survivors it was told of: 64 bytes, or empty (no identity)."""
+def parse_story_signature(msg: Message, identity: bytes | None, story: bytes) -> bytes:
+    """Return a consistency reply's signature: by ``identity`` over ``story`` (the survivor list it was sent).
+
+    Empty from a device without an identity. A signature that does not hold is that device's
+    rejection, by name: its neighbours would refuse to reveal for want of it.
+    """
     cfg = _configs(msg, {RECORD_KEY_CONFIGS})
     _keys(cfg, {STORY_SIGNATURE})
     value = cfg[STORY_SIGNATURE]
-    if not isinstance(value, bytes) or len(value) not in (0, SIGNATURE_BYTES):
-        raise SecAggReplyError(f"'{STORY_SIGNATURE}' is not {SIGNATURE_BYTES} bytes (or empty)")
+    if identity is None:
+        if value != b"":
+            raise SecAggReplyError(f"'{STORY_SIGNATURE}' from a device that announced no identity")
+        return value
+    if not isinstance(value, bytes) or len(value) != SIGNATURE_BYTES or not verify_raw(identity, story, value):
+        raise SecAggReplyError("its identity did not sign the survivor list it was sent")
     return value
 
 

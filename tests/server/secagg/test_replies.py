@@ -123,9 +123,20 @@ def test_shares_exactly_one_for_each_node_asked():
         parse_shares(reply(cfg(**{Key.NODE_ID_LIST: [1, 2], Key.SHARE_LIST: [share, share]})), {1: 1, 2: 3})
 
 
-def test_a_consistency_reply_is_a_signature_or_nothing():
-    assert parse_story_signature(reply(cfg(**{STORY_SIGNATURE: b"s" * 64}))) == b"s" * 64
-    assert parse_story_signature(reply(cfg(**{STORY_SIGNATURE: b""}))) == b""  # a device without an identity
-    for bad in (cfg(**{STORY_SIGNATURE: b"s" * 63}), cfg(**{STORY_SIGNATURE: "text"}), cfg(other=b"")):
-        with pytest.raises(SecAggReplyError):
-            parse_story_signature(reply(bad))
+def test_a_consistency_reply_is_the_devices_signature_over_its_list_or_nothing():
+    key = Ed25519PrivateKey.generate()
+    identity, story = key.public_key().public_bytes_raw(), b"the list it was sent"
+    signature = key.sign(story)
+    assert parse_story_signature(reply(cfg(**{STORY_SIGNATURE: signature})), identity, story) == signature
+    assert parse_story_signature(reply(cfg(**{STORY_SIGNATURE: b""})), None, story) == b""  # no identity announced
+    bad = [
+        (cfg(**{STORY_SIGNATURE: bytes(64)}), identity, "did not sign the survivor list"),  # 64 zero bytes
+        (cfg(**{STORY_SIGNATURE: key.sign(b"another list")}), identity, "did not sign the survivor list"),
+        (cfg(**{STORY_SIGNATURE: signature[:63]}), identity, "did not sign the survivor list"),
+        (cfg(**{STORY_SIGNATURE: "text"}), identity, "did not sign the survivor list"),
+        (cfg(**{STORY_SIGNATURE: signature}), None, "announced no identity"),
+        (cfg(other=b""), identity, "keys are"),
+    ]
+    for records, who, reason in bad:
+        with pytest.raises(SecAggReplyError, match=reason):
+            parse_story_signature(reply(records), who, story)
