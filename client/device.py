@@ -25,6 +25,7 @@ SecAgg+ identity    ``secagg-identity-key``,        none: its SecAgg+ keys go un
                     ``secagg-enrolment``
 enrolled neighbours ``secagg-enrolment-trust``      none: shares go to any neighbour the coordinator names
                                                     (:func:`secagg_enrolment`)
+sum floor           ``secagg-min-threshold``        the round's SecAgg+ threshold (``client/secagg.py``)
 ==================  ==============================  ======================================================
 
 ``<cache>`` is ``shared.model.cache_dir()`` (``$FLEETLORA_CACHE``, else ``~/.cache/fleetlora``).

@@ -28,8 +28,13 @@ runs under the legacy client and masks Flower's ``Parameters``); all cryptograph
 are Flower's primitives (``flwr.common.secure_aggregation``, ``flwr.supercore.primitives``). Ours:
 the checks of every coordinator input (a hostile coordinator must learn nothing but the sum),
 the stage and round binding, and the state, kept in ``context.state`` between stages (a ConfigRecord:
-Flower keeps it per run and node), never in globals. Any refusal raises, which Flower returns to
-the coordinator as an error reply, and forgets the round's secrets.
+Flower keeps it per node and carries it into the next run of a run series), never in globals. Any
+refusal raises, which Flower returns to the coordinator as an error reply, and forgets the round's
+secrets.
+
+Masking once per round is the train handler's job (``client/client_app.py`` keeps it per run and
+server round in the device's replay store); this mod binds what it signs (the group id) to the
+collect message's ``server-round``, so the two name one round.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
-from client.device import secagg_enrolment
+from client.device import node_integer, secagg_enrolment
 from shared.config_aggregation import MAX_SECURE_SHARES
 from shared.enrolment import Identity, KeysProof, check_keys, check_story, keys_message, prove_keys, story_message
 from shared.secagg_prg import keystreams as prg_keystreams
@@ -78,6 +83,8 @@ from shared.secagg_stages import (
 )
 from shared.sign import SignatureError, TrustList
 
+MIN_THRESHOLD_KEY = "secagg-min-threshold"
+"""Node config: the fewest devices whose sum this device lets a round reveal (the coordinator picks the graph)."""
 MAX_SAMPLE = 100_000
 MAX_MODULUS = 1 << 32  # the range of shared.secagg_prg's uint32 keystream
 _PREVIOUS = {
@@ -102,6 +109,8 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         stage, values = _stage(msg, str(record["stage"]))
         if stage == Stage.SETUP:
             state = _setup(values, msg)
+            floor = node_integer(context.node_config, MIN_THRESHOLD_KEY, MAX_SECURE_SHARES, 4, "an integer >= 1")
+            _check(floor is None or state.threshold >= floor, f"threshold {state.threshold} below {MIN_THRESHOLD_KEY}")
             identity, trust = secagg_enrolment(context.node_config)  # all three settings or none
             state.enrolled_only = trust is not None
             keys = {Key.PUBLIC_KEY_1: state.pk1, Key.PUBLIC_KEY_2: state.pk2}
@@ -367,8 +376,11 @@ def _collect(
     _check(set(values) == {Key.SOURCE_LIST}, f"collect keys {sorted(values)[:4]}")
     config = msg.content.config_records.get("config")
     server_round = None if config is None else config.get("server-round")
-    # what it signs names the round by the messages' group id; the replay store keeps the server round: one round
-    _check(server_round is None or state.round == str(server_round), f"group {state.round!r:.24} for another round")
+    # what it signs names the round by the group id, the train handler masks once per server round: one round
+    _check(
+        type(server_round) is int and state.round == str(server_round),
+        f"group {state.round!r:.24} for another round (server-round {server_round!r:.24})",
+    )
     srcs = values[Key.SOURCE_LIST]
     _check(isinstance(srcs, list) and len(set(srcs)) == len(srcs), "sources")
     kept = set(state.shares) - {state.nid}

@@ -30,6 +30,8 @@ def ins(nid: int, stage: str, values: dict, group: str = "1", extra: dict | None
         ttl=60,
         message_type="train",
     )
+    if stage == Stage.COLLECT_MASKED_VECTORS and extra is None:  # the round's train content names its server round
+        extra = {"config": ConfigRecord({"server-round": int(group)})}
     content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: stage, **values}), **(extra or {})})
     return through_flower(Message(content, metadata=meta))
 
@@ -228,3 +230,12 @@ def test_masking_memory_does_not_grow_with_the_neighbours(layout, most):
         tracemalloc.stop()
     assert Key.MASKED_PARAMETERS in out
     assert peak < most * size, f"{peak / size:.1f}x the delta"
+
+
+def test_a_collect_that_names_no_server_round_is_refused():
+    """The mod binds what it signs (the group id) to the round the train handler masks once: it must be named."""
+    for extra in ({}, {"config": ConfigRecord({"server-round": "1"})}, {"config": ConfigRecord({"server-round": 2})}):
+        ctxs = devices()  # a refusal forgets the round: a fresh one each time
+        forwarded = to_collect(ctxs)
+        with pytest.raises(SecAggDeviceError, match="for another round"):
+            send(ctxs[11], ins(11, Stage.COLLECT_MASKED_VECTORS, forwarded[11], extra=extra))

@@ -357,3 +357,12 @@ def test_a_collect_message_of_another_server_round_than_its_group_is_refused(tmp
     with Fleet(deltas(5, seed=35), mods={0: [renumber]}, node_configs=dict(enumerate(enrolled(tmp_path, 5)))) as fleet:
         result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)
     assert "group '1' for another round" in result.rejected[fleet.nodes[0]]
+
+
+def test_a_device_refuses_a_threshold_below_its_own_floor():
+    """The coordinator picks the graph: a threshold-t round can reveal the sum of t devices of its choosing."""
+    ds = deltas(5, seed=36)
+    with Fleet(ds, node_configs={0: {"secagg-min-threshold": "4"}}) as fleet:  # as flower-supernode passes it
+        result = run_secagg(fleet.grid, fleet.train_contents(), SHAPES, PARAMS, server_round=1)  # threshold 3
+    assert "threshold 3 below secagg-min-threshold" in result.rejected[fleet.nodes[0]]
+    assert_within_quantization(result.total, plain_sum(ds[1:]), 4)
