@@ -34,7 +34,14 @@ def test_worker_settings_are_checked(overrides, key):
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    for attempt in (1, 2):  # Ray gives its raylet 30 s to register (hard-coded): a loaded 2-core CI missed it once
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            break
+        except Exception as exc:  # noqa: BLE001 (Ray raises a bare Exception for it)
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
+            ray.shutdown()
     yield ray
     ray.shutdown()
 
