@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -67,7 +67,7 @@ from flwr.supercore.primitives.asymmetric import (
 
 from client.device import node_integer, secagg_enrolment
 from shared.config_aggregation import MAX_SECURE_SHARES
-from shared.enrolment import Identity, KeysProof, check_keys, check_story, keys_message, prove_keys, story_message
+from shared.enrolment import Identity, KeysProof, check_keys, identity_signed, keys_message, prove_keys, story_message
 from shared.secagg_prg import keystreams as prg_keystreams
 from shared.secagg_stages import (
     ACCEPTED_LIST,
@@ -116,7 +116,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
             keys = {Key.PUBLIC_KEY_1: state.pk1, Key.PUBLIC_KEY_2: state.pk2}
             if identity is not None:
                 proof = prove_keys(identity, context.run_id, state.round, state.nid, state.pk1, state.pk2)
-                keys |= dict(zip(PROOF_KEYS, (proof.identity, proof.enrolment, proof.signature), strict=True))
+                keys |= dict(zip(PROOF_KEYS, astuple(proof), strict=True))
             out = _configs(keys)
         else:
             state = _Round.from_record(record)
@@ -489,11 +489,11 @@ def _corroborates(state: _Round, values: Mapping[str, Any], other: int, run_id: 
     """Whether ``other``'s identity signed a survivor list for this round that holds this device."""
     story, signature = values.get(f"{STORY}{other}"), values.get(f"{STORY_SIGNATURE_OF}{other}")
     identity = state.identities.get(other)
-    if identity is None or not isinstance(story, list) or not isinstance(signature, bytes):
+    if identity is None or not isinstance(story, list):
         return False
     if len(story) > state.share_num or not all(type(n) is int for n in story) or state.nid not in story:
         return False
-    return check_story(
+    return identity_signed(
         identity, story_message(run_id, state.round, other, state.neighbours[other][0], story), signature
     )
 

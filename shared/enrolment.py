@@ -65,7 +65,10 @@ class Identity:
 
 @dataclass(frozen=True)
 class KeysProof:
-    """What a device adds to its setup reply: its identity, its enrolment, its signature over its keys."""
+    """What a device adds to its setup reply: its identity, its enrolment, its signature over its keys.
+
+    The fields are in ``shared.secagg_stages.PROOF_KEYS``' order (``astuple`` gives them as they travel).
+    """
 
     identity: bytes
     enrolment: bytes
@@ -105,17 +108,29 @@ def load_identity(key_path: str | Path, enrolment_path: str | Path) -> Identity:
     public = key.public_key().public_bytes_raw()
     if identity != public:
         raise SignatureError(f"{enrolment_path} enrols another identity than the key {key_path}")
-    if len(enrolment) != ENROLMENT_BYTES or not verify_raw(
-        enrolment[:PUBLIC_KEY_BYTES], _ENROLMENT_CONTEXT + public, enrolment[PUBLIC_KEY_BYTES:]
-    ):
+    if not _enrolment_holds(public, enrolment):
         raise SignatureError(f"{enrolment_path}: the enrolment's signature does not hold")
     return Identity(key, public, enrolment)
+
+
+def _enrolment_holds(identity: bytes, enrolment: bytes) -> bool:
+    """Whether ``enrolment`` is the signature of the authority it names over ``identity`` (not whether trusted)."""
+    if len(enrolment) != ENROLMENT_BYTES:
+        return False
+    return verify_raw(enrolment[:PUBLIC_KEY_BYTES], _ENROLMENT_CONTEXT + identity, enrolment[PUBLIC_KEY_BYTES:])
 
 
 def keys_message(run_id: int, round_id: str, node_id: int, pk1: bytes, pk2: bytes) -> bytes:
     """Return the bytes a device signs in setup: its two public keys, for this run, round and node id."""
     fields = [run_id, round_id, node_id, base64.b64encode(pk1).decode(), base64.b64encode(pk2).decode()]
     return _KEYS_CONTEXT + json.dumps(fields).encode()
+
+
+def identity_signed(identity: bytes, message: bytes, signature: object) -> bool:
+    """Return whether ``signature`` is the raw Ed25519 identity's over ``message`` (keys or survivor list)."""
+    return (
+        isinstance(signature, bytes) and len(signature) == SIGNATURE_BYTES and verify_raw(identity, message, signature)
+    )
 
 
 def prove_keys(identity: Identity, run_id: int, round_id: str, node_id: int, pk1: bytes, pk2: bytes) -> KeysProof:
@@ -149,9 +164,9 @@ def check_keys(trust: TrustList, proof: KeysProof, message: bytes) -> None:
         raise SignatureError(f"enrolled by authority {signer}, which the device's enrolment trust list revokes")
     if trust.trusted.get(signer) != authority:
         raise SignatureError(f"enrolled by authority {signer}, which is not in the device's enrolment trust list")
-    if not verify_raw(authority, _ENROLMENT_CONTEXT + proof.identity, proof.enrolment[PUBLIC_KEY_BYTES:]):
+    if not _enrolment_holds(proof.identity, proof.enrolment):
         raise SignatureError(f"its enrolment by authority {signer} does not hold")
-    if not verify_raw(proof.identity, message, proof.signature):
+    if not identity_signed(proof.identity, message, proof.signature):
         raise SignatureError("the public keys are not the ones its identity signed for this run, round and node")
 
 
@@ -163,8 +178,3 @@ def story_message(run_id: int, round_id: str, node_id: int, pk1: bytes, alive: l
     """
     fields = [run_id, round_id, node_id, base64.b64encode(pk1).decode(), sorted(alive)]
     return _STORY_CONTEXT + json.dumps(fields).encode()
-
-
-def check_story(identity: bytes, message: bytes, signature: bytes) -> bool:
-    """Return whether ``identity`` (a neighbour's, checked at share keys) signed ``message`` (a story_message)."""
-    return len(signature) == SIGNATURE_BYTES and verify_raw(identity, message, signature)

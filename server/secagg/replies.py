@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
-from shared.enrolment import ENROLMENT_BYTES, KeysProof, keys_message
+from shared.enrolment import ENROLMENT_BYTES, KeysProof, identity_signed, keys_message
 from shared.secagg_stages import (
     ACCEPTED_LIST,
     MAX_CIPHERTEXT_BYTES,
@@ -30,7 +30,7 @@ from shared.secagg_stages import (
     STORY_SIGNATURE,
     is_share,
 )
-from shared.sign import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, verify_raw
+from shared.sign import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
 
 PASSED_THROUGH = ("metrics", "client")  # the train reply's own records, parsed by the strategy (server/replies.py)
 MASK_DTYPE = "uint32"  # masked entries are in [0, M), M <= 2**32
@@ -71,7 +71,7 @@ def parse_public_keys(msg: Message, nid: int, round_id: str) -> tuple[tuple[byte
             raise SecAggReplyError(f"a public key is on {curve.name}, expected secp384r1")
     if keys[0] == keys[1]:
         raise SecAggReplyError("the two public keys are identical")
-    if proof is not None and not verify_raw(
+    if proof is not None and not identity_signed(
         proof.identity, keys_message(msg.metadata.run_id, round_id, nid, *keys), proof.signature
     ):
         raise SecAggReplyError("its identity did not sign these keys for this run, round and node")
@@ -91,9 +91,9 @@ def parse_story_signature(msg: Message, identity: bytes | None, story: bytes) ->
         if value != b"":
             raise SecAggReplyError(f"'{STORY_SIGNATURE}' from a device that announced no identity")
         return value
-    if not isinstance(value, bytes) or len(value) != SIGNATURE_BYTES or not verify_raw(identity, story, value):
+    if not identity_signed(identity, story, value):
         raise SecAggReplyError("its identity did not sign the survivor list it was sent")
-    return value
+    return cast(bytes, value)
 
 
 def parse_ciphertexts(msg: Message, neighbours: Collection[int]) -> dict[int, bytes]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -123,7 +123,7 @@ def forwarded_keys(state: RoundState, nid: int) -> dict[str, list[bytes]]:
     out = {}
     for n, keys in keyed_neighbours(state, nid).items():
         proof = state.proofs.get(n)
-        out[str(n)] = [*keys, *((proof.identity, proof.enrolment, proof.signature) if proof else ())]
+        out[str(n)] = [*keys, *(astuple(proof) if proof else ())]
     return out
 
 
