@@ -21,10 +21,10 @@ privacy floor       ``require-record-dp``,          none: the run config decides
                     ``require-secure-aggregation``
 work ceiling        ``max-train-steps``             the run's ``train.steps``, at most 100,000
                                                     (:func:`check_train_steps`)
-SecAgg+ identity    ``secagg-identity-key``,        none: its SecAgg+ keys go unsigned
-                    ``secagg-enrolment``
-enrolled neighbours ``secagg-enrolment-trust``      none: shares go to any neighbour the coordinator names
-                                                    (:func:`secagg_enrolment`)
+SecAgg+ identity    ``secagg-identity-key``,        ``$FLEETLORA_SECAGG_ENROLMENT_DIR``: the three files
+                    ``secagg-enrolment``            of this device there (:func:`secagg_enrolment`); none:
+enrolled neighbours ``secagg-enrolment-trust``      its keys go unsigned, its shares to any neighbour the
+                                                    coordinator names
 sum floor           ``secagg-min-threshold``        the round's SecAgg+ threshold (``client/secagg.py``)
 ==================  ==============================  ======================================================
 
@@ -53,6 +53,8 @@ from shared.sign import TrustList
 TRUST_ENV = "FLEETLORA_TRUST_FILE"
 FLOAT_BASE_ENV = "FLEETLORA_ALLOW_FLOAT_BASE"
 DEFAULT_TRUST_FILE = "trust.pub"
+ENROLMENT_DIR_ENV = "FLEETLORA_SECAGG_ENROLMENT_DIR"
+ENROLMENT_TRUST_FILE = "trust.pub"  # in $FLEETLORA_SECAGG_ENROLMENT_DIR: the enrolment authorities, one list
 STEPS_KEY = "max-train-steps"  # node config: the most local steps a round may ask of this device
 _YES, _NO = ("1", "true", "yes"), ("", "0", "false", "no")
 
@@ -96,6 +98,11 @@ def secagg_enrolment(node_config: Mapping[str, Any]) -> tuple[Identity | None, T
     authorities) makes it share only with neighbours whose keys an identity they enrolled signed, and
     reveal only what their signed survivor lists corroborate. All three or none.
 
+    With none of them, ``$FLEETLORA_SECAGG_ENROLMENT_DIR`` (set by whoever starts the SuperNode or
+    the simulation) names a folder of enrolments: ``trust.pub`` and the device's ``<device>.key``
+    and ``<device>.enrolment``, ``<device>`` its node config ``name``, in a simulation
+    ``partition-<partition-id>`` (:func:`enrolment_files`).
+
     Raises
     ------
     DeviceConfigError
@@ -103,6 +110,9 @@ def secagg_enrolment(node_config: Mapping[str, Any]) -> tuple[Identity | None, T
     """
     key, enrolment, trust = (node_config.get(k) for k in ("secagg-identity-key", "secagg-enrolment",
                                                           "secagg-enrolment-trust"))  # fmt: skip
+    folder = os.environ.get(ENROLMENT_DIR_ENV)
+    if key is None and enrolment is None and trust is None and folder:
+        key, enrolment, trust = enrolment_files(Path(folder), _enrolled_name(node_config))
     if len({key is None, enrolment is None, trust is None}) > 1:
         raise DeviceConfigError(
             "secagg-identity-key, secagg-enrolment and secagg-enrolment-trust are set together: a device that signs "
@@ -121,6 +131,24 @@ def secagg_enrolment(node_config: Mapping[str, Any]) -> tuple[Identity | None, T
             "nothing from it); trust the authority that admits devices to the fleet instead"
         )
     return identity, trusted
+
+
+def enrolment_files(folder: Path, device: str) -> tuple[Path, Path, Path]:
+    """Return a device's identity key, its enrolment and the authorities' trust list in an enrolment folder."""
+    return folder / f"{device}.key", folder / f"{device}.enrolment", folder / ENROLMENT_TRUST_FILE
+
+
+def _enrolled_name(node_config: Mapping[str, Any]) -> str:
+    """Return the name a device's files have in ``$FLEETLORA_SECAGG_ENROLMENT_DIR``."""
+    if "name" in node_config:
+        name = str(node_config["name"])
+    elif "partition-id" in node_config:
+        name = f"partition-{node_config['partition-id']}"
+    else:
+        raise DeviceConfigError(f"{ENROLMENT_DIR_ENV} is set but this device's node config has no name")
+    if not name or "/" in name or name.startswith("."):
+        raise DeviceConfigError(f"node config name {name!r:.60} cannot name files in {ENROLMENT_DIR_ENV}")
+    return name
 
 
 def _release_keys(node_config: Mapping[str, Any]) -> dict[str, bytes]:

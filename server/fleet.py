@@ -5,10 +5,15 @@
     certs/                 fleet CA, server certificate (SANs 127.0.0.1, localhost), per device an identity
                            key and a TLS client certificate (``shared/certs.py``)
     keys/server.key(.pub)  the coordinator's Ed25519 release-signing key and the devices' trust list
+    enrolment/authority.key(.pub)
+                           the enrolment authority (``shared/enrolment.py``): it admits devices to secure
+                           aggregation; its ``.pub`` is every device's enrolment trust list. In a real
+                           deployment it is held by whoever admits devices, never on the coordinator
     superlink/             flower-superlink: TLS, SuperNode authentication, state database, Flower home
     cli/                   the operator's Flower home: one connection, "fleet", to the SuperLink (TLS)
     store/                 the artifact store, served by ``fleetlora serve-artifacts`` over mutual TLS
-    nodes/<name>/          one SuperNode each: its Flower home, release cache and state
+    nodes/<name>/          one SuperNode each: its Flower home, release cache and state, and its SecAgg+
+                           identity key with the authority's enrolment of it (``identity.key``, ``.enrolment``)
     outputs/<run-name>/    round log and final adapter;  logs/  one log file per process
     fleet.json             what runs: every process's PID (``fleetlora fleet down`` reads it)
 
@@ -18,6 +23,10 @@ identity key, registered on the SuperLink before it connects, and TLS client cer
 its node config names (``ca-file``, ``cert-file``, ``key-file``: ``client/channel.py``) and which
 the artifact service requires. Everything speaks TLS with the fleet's CA; only the SuperNodes'
 local Runtime API (SuperNode to its own app processes, on loopback inside the device) stays plaintext.
+Every device is enrolled (node config ``secagg-identity-key``, ``secagg-enrolment``,
+``secagg-enrolment-trust``: ``client/device.secagg_enrolment``), so a run with
+``aggregation.secure = true`` runs SecAgg+ against a coordinator that does not follow the protocol
+too (signed keys, one survivor story); rounds without secure aggregation do not use them.
 """
 
 from __future__ import annotations
@@ -39,8 +48,9 @@ from server.resume import MAX_ROUND_LOG_BYTES
 from shared.atomic import write_atomic
 from shared.certs import FleetCerts, make_fleet_certs
 from shared.cli import python_module
+from shared.enrolment import enrol_identity
 from shared.files import read_bounded
-from shared.sign import generate_key
+from shared.sign import generate_key, load_private_key
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (pyproject.toml): this checkout
 CONNECTION = "fleet"
@@ -85,6 +95,7 @@ class LocalFleet:
         self.app_dir = app_dir
         self.certs = FleetCerts(self.folder / "certs")
         self.signing_key = self.folder / "keys" / "server.key"
+        self.authority_key = self.folder / "enrolment" / "authority.key"
         self.link_port = free_port()
         self.artifact_port = free_port()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -117,10 +128,23 @@ class LocalFleet:
         self.wait_online()
 
     def make_keys(self) -> None:
-        """Make what is missing of the fleet's certificates (device certificates too) and its signing key."""
+        """Make what is missing of the fleet's keys; (re)write every device's enrolment by the fleet's authority.
+
+        Missing: the certificates (device certificates too), the signing key, the enrolment authority,
+        a device's SecAgg+ identity.
+        """
         make_fleet_certs(self.certs.folder, list(self.devices))
-        if not self.signing_key.exists():
-            generate_key(self.signing_key)
+        for key in (self.signing_key, self.authority_key):
+            if not key.exists():
+                generate_key(key)
+        authority = load_private_key(self.authority_key)
+        for name in self.devices:
+            enrol_identity(authority, *self.identity(name))
+
+    def identity(self, name: str) -> tuple[Path, Path]:
+        """Return device ``name``'s SecAgg+ identity key file and its enrolment file."""
+        home = self.folder / "nodes" / name
+        return home / "identity.key", home / "identity.enrolment"
 
     def down(self) -> None:
         """Stop every process this fleet started (devices first, the SuperLink last), by PID."""
@@ -164,7 +188,7 @@ class LocalFleet:
         self._start("artifacts", cmd, self.folder / "superlink" / "flwr", self.artifact_address)
 
     def node_config(self, name: str) -> dict[str, str]:
-        """Return device ``name``'s node config: its data, cache, state, trust list and TLS files."""
+        """Return device ``name``'s node config: its data, cache, state, trust lists, TLS files and enrolment."""
         device, home = self.devices[name], self.folder / "nodes" / name
         return {
             "name": name,
@@ -176,6 +200,9 @@ class LocalFleet:
             "ca-file": str(self.certs.ca),
             "cert-file": str(self.certs.node_cert(name)),
             "key-file": str(self.certs.node_tls_key(name)),
+            "secagg-identity-key": str(self.identity(name)[0]),
+            "secagg-enrolment": str(self.identity(name)[1]),
+            "secagg-enrolment-trust": f"{self.authority_key}.pub",
         }
 
     def start_device(self, name: str) -> None:

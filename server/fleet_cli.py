@@ -1,8 +1,9 @@
 """``fleetlora fleet up|down``: a local fleet on loopback (``server/fleet.py``), for operators and CI.
 
 ``up`` starts the SuperLink (TLS, SuperNode authentication), one SuperNode per device (each on
-its own topic partition, with its own identity key, TLS client certificate, cache and state), and
-the artifact service (mutual TLS: the fleet's devices only); runs ``flwr run . fleet`` to the end;
+its own topic partition, with its own identity key, TLS client certificate, cache and state, and a
+SecAgg+ identity the fleet's enrolment authority enrolled), and the artifact service (mutual TLS:
+the fleet's devices only); runs ``flwr run . fleet`` to the end;
 prints the round table; and stops every process it started. ``--keep`` leaves the fleet running
 after the run, for ``flwr`` commands against it (``FLWR_HOME=<dir>/cli flwr supernode list fleet``);
 ``down`` then stops it by the PIDs in ``<dir>/fleet.json``.

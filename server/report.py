@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from server.state import StateStore
-from server.state.facts import RoundPrivacy, round_privacy
+from server.state.facts import RoundPrivacy, round_privacy, round_secure
 from shared.atomic import write_atomic
 
 
@@ -126,7 +126,8 @@ def format_table(data: dict[str, Any]) -> str:
     SHA-256, first 16 hex digits; ``fleetlora verify`` prints it whole). When any round released
     under differential privacy, ``ε`` is the privacy spent by the run after that round and
     ``clipped`` the share of its updates clipped to C; a line under the table says at which δ.
-    ``secure sum``: a round aggregated by SecAgg+, its survivors (and devices recovered after dropping out).
+    ``secure sum``: a round aggregated by SecAgg+, its survivors (and devices recovered after dropping out, and
+    how many survivors were enrolled devices: their keys signed, the round checked for one survivor story).
     """
     rounds = sorted(data["rounds"], key=lambda r: r["round"])
     privacy = [_privacy(r) for r in rounds]
@@ -195,14 +196,14 @@ def _labels(rounds: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def _secure(values: Any) -> str:
-    """Return a secure round's survivors and devices recovered after dropping out ("5 (1 recovered)"), else "-"."""
+    """Return a secure round's survivors, with the recovered and enrolled ("5 (1 recovered, 5 enrolled)"), or "-"."""
     if not isinstance(values, Mapping):
         return "-"
-    survivors, recovered = values.get("survivors"), values.get("recovered")
-    if not isinstance(survivors, int) or isinstance(survivors, bool) or not 0 <= survivors < 1 << 31:
+    facts = round_secure(values)
+    if facts["survivors"] is None:
         return "-"
-    ok = isinstance(recovered, int) and not isinstance(recovered, bool) and 0 < recovered < 1 << 31
-    return f"{survivors} ({recovered} recovered)" if ok else str(survivors)
+    notes = [f"{n} {what}" for what, n in (("recovered", facts["recovered"]), ("enrolled", facts["enrolled"])) if n]
+    return f"{facts['survivors']} ({', '.join(notes)})" if notes else str(facts["survivors"])
 
 
 def _privacy(rec: Mapping[str, Any]) -> RoundPrivacy | None:

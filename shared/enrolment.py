@@ -37,6 +37,7 @@ from shared.sign import (
     SIGNATURE_BYTES,
     SignatureError,
     TrustList,
+    generate_key,
     load_private_key,
     raw_key_id,
     verify_raw,
@@ -86,6 +87,18 @@ def write_enrolment(path: str | Path, identity: bytes, enrolment: bytes) -> None
     """Write the enrolment file a device's node config names (``secagg-enrolment``)."""
     words = [_FILE_TAG, base64.b64encode(identity).decode(), base64.b64encode(enrolment).decode()]
     write_atomic(Path(path), (" ".join(words) + "\n").encode())
+
+
+def enrol_identity(authority: Ed25519PrivateKey, key_path: Path, enrolment_path: Path) -> bytes:
+    """Make a device's identity key at ``key_path`` if it has none; (re)write its enrolment by ``authority``.
+
+    For whoever holds both (a local fleet, the demo's virtual devices); a real device keeps its key
+    and sends only its ``.pub`` to be enrolled (``fleetlora keys enrol``). Returns the raw identity.
+    """
+    key = load_private_key(key_path) if key_path.exists() else generate_key(key_path)
+    public = key.public_key().public_bytes_raw()
+    write_enrolment(enrolment_path, public, enrol(authority, public))
+    return public
 
 
 def load_identity(key_path: str | Path, enrolment_path: str | Path) -> Identity:

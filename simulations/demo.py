@@ -20,13 +20,21 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from client.device import DEFAULT_TRUST_FILE, FLOAT_BASE_ENV, TRUST_ENV
+from client.device import (
+    DEFAULT_TRUST_FILE,
+    ENROLMENT_DIR_ENV,
+    ENROLMENT_TRUST_FILE,
+    FLOAT_BASE_ENV,
+    TRUST_ENV,
+    enrolment_files,
+)
 from server.dashboard.cli import Dashboard, read_token, start
 from server.report import format_table
 from shared.atomic import write_atomic
 from shared.config import ConfigError, FleetConfig
+from shared.enrolment import enrol_identity
 from shared.model import cache_dir
-from shared.sign import generate_key, key_id
+from shared.sign import generate_key, key_id, load_private_key
 from simulations.demo_infer import answer_per_domain
 from simulations.flower_local import ROOT, free_port, local_superlink, run_app
 
@@ -89,7 +97,7 @@ def run_demo(
     if not Path(cfg.signing.key).exists():
         created = generate_key(cfg.signing.key)
         print(f"demo: created signing key {cfg.signing.key} (key id {key_id(created.public_key())})", file=sys.stderr)
-    devices = device_env(cfg)
+    devices = device_env(cfg, num_supernodes)
     rounds_file = Path(cfg.output_dir) / cfg.run_name / "rounds.json"
     rounds_file.unlink(missing_ok=True)
     log_file = Path(cfg.output_dir) / cfg.run_name / "flower.log"
@@ -126,16 +134,19 @@ def run_demo(
     return data
 
 
-def device_env(cfg: FleetConfig) -> dict[str, str]:
+def device_env(cfg: FleetConfig, num_supernodes: int) -> dict[str, str]:
     """Return the settings of the demo's virtual devices, chosen by the demo as their operator (``client/device.py``).
 
     They trust ``signing.trust-file`` (the run config names it for the demo; a device never reads
     it there), through ``FLEETLORA_TRUST_FILE`` for the processes the demo starts and as their
     default trust list in the device cache, so a by-hand ``flwr run`` afterwards finds it too. A
-    ``base.format=float`` demo opts its devices in to an unverified base.
+    ``base.format=float`` demo opts its devices in to an unverified base. A secure demo
+    (``aggregation.secure``) enrols them (:func:`enrol_devices`).
     """
     trust = Path(cfg.signing.trust_file)
     env = {TRUST_ENV: str(trust)}
+    if cfg.aggregation.secure:
+        env[ENROLMENT_DIR_ENV] = str(enrol_devices(Path(cfg.signing.key).parent / "enrolment", num_supernodes))
     if trust.is_file():
         default = cache_dir() / DEFAULT_TRUST_FILE
         default.parent.mkdir(parents=True, exist_ok=True)
@@ -144,6 +155,24 @@ def device_env(cfg: FleetConfig) -> dict[str, str]:
     if cfg.base.format == "float":
         env[FLOAT_BASE_ENV] = "1"
     return env
+
+
+def enrol_devices(folder: Path, num_supernodes: int) -> Path:
+    """Enrol the virtual devices for SecAgg+ (``shared/enrolment.py``); return their enrolment folder.
+
+    The demo plays the enrolment authority too (``<folder>/authority.key``; in a fleet, whoever admits
+    devices holds it, not the coordinator): virtual device i gets an identity and its enrolment in
+    ``<folder>/devices`` as ``partition-<i>.key`` / ``.enrolment``, beside ``trust.pub`` (the
+    authority), which it finds through ``FLEETLORA_SECAGG_ENROLMENT_DIR`` (``client/device.py``).
+    """
+    authority_key = folder / "authority.key"
+    authority = load_private_key(authority_key) if authority_key.exists() else generate_key(authority_key)
+    devices = folder / "devices"
+    for pid in range(num_supernodes):
+        enrol_identity(authority, *enrolment_files(devices, f"partition-{pid}")[:2])
+    write_atomic(devices / ENROLMENT_TRUST_FILE, Path(f"{authority_key}.pub").read_bytes())
+    print(f"demo: enrolled {num_supernodes} virtual devices for SecAgg+ in {devices}", file=sys.stderr)
+    return devices
 
 
 def state_db(overrides: dict[str, Any], output_dir: Path) -> Path:

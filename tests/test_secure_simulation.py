@@ -44,6 +44,7 @@ def test_a_secure_round_reveals_only_the_sum_and_its_mean_is_the_plain_mean(tmp_
     )
     rounds = {r["round"]: r for r in data["rounds"]}
     assert rounds[1]["secure"]["survivors"] == 5 and rounds[1]["secure"]["dropped"] == 0
+    assert rounds[1]["secure"]["enrolled"] == 5  # the demo enrols its virtual devices: keys signed, lists checked
     assert all(c["secure"] for c in clients_by_name(rounds[1]).values() if "train_loss" in c)
     assert sorted(str(c.get("lora_rank")) for c in rounds[1]["clients"].values()) == ["2", *["None"] * 4]
     # each device's true delta, recorded inside the SecAgg+ mod, before masking
@@ -51,7 +52,7 @@ def test_a_secure_round_reveals_only_the_sum_and_its_mean_is_the_plain_mean(tmp_
     true = {n: {k.removeprefix("arrays/"): v for k, v in t.items()} for n, t in true.items()}
     assert len(true) == 5
     received = [m for m in read_recordings(tmp_path / "sent") if m.received["message_type"] == "train"]
-    assert len(received) == 5 * 5  # five protocol stages, five devices
+    assert len(received) == 6 * 5  # six protocol stages (enrolled devices add consistency), five devices
     records = {name.split("/", 1)[0] for m in received for name in m.tensors}
     assert records == {Key.MASKED_PARAMETERS}  # no plain delta ever left a device: only masked vectors
     masked = {m.node_id: m.tensors for m in received if m.tensors}

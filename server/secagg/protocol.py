@@ -67,6 +67,9 @@ class SecAggResult:
     """Node ids whose masked vectors are in the sum."""
     recovered: tuple[int, ...]
     """Node ids that dropped after sharing their keys, their masks removed through the survivors' shares."""
+    enrolled: tuple[int, ...]
+    """Survivors whose public keys an identity signed (enrolled devices, ``shared/enrolment.py``): the coordinator
+    checked each signature; their neighbours checked the enrolments against their own trust lists."""
     replies: dict[int, RecordDict]
     """Each collect reply's own records (``metrics``, ``client``; a refusal too) for ``server/replies.py``."""
     rejected: dict[int, str]
@@ -182,6 +185,7 @@ def run_secagg(
         total={k: torch.from_numpy(v).to(torch.float32) for k, v in total.items()},
         survivors=tuple(sorted(state.survivors)),
         recovered=tuple(sorted(state.dropped)),
+        enrolled=tuple(sorted(state.survivors & set(state.proofs))),
         replies=replies,
         rejected=rejected,
         refused_shares={src: tuple(by) for src, by in refused.items()},

@@ -120,6 +120,8 @@ class RoundSecure(TypedDict):
     """Devices that dropped after sharing their keys, their masks removed through the survivors' shares."""
     dropped: int | None
     """Devices out of the protocol in all (no answer, an error, or a reply that did not parse)."""
+    enrolled: int | None
+    """Survivors whose keys an enrolled identity signed (the round ran the consistency stage when > 0)."""
     shares: int | None
     """The SecAgg+ share count each device's secrets were split into, >= 1."""
     threshold: int | None
@@ -134,6 +136,7 @@ def round_secure(values: Mapping[str, Any]) -> RoundSecure:
         survivors=integer(values.get("survivors"), 0, MAX_DEVICES),
         recovered=integer(values.get("recovered"), 0, MAX_DEVICES),
         dropped=integer(values.get("dropped"), 0, MAX_DEVICES),
+        enrolled=integer(values.get("enrolled"), 0, MAX_DEVICES),
         shares=integer(values.get("shares"), 1, MAX_DEVICES),
         threshold=integer(values.get("threshold"), 1, MAX_DEVICES),
         clip_range=within(values.get("clip_range"), 0.0, open_low=True),

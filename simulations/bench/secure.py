@@ -9,9 +9,12 @@ losses differ by that, not only by SecAgg+'s quantization error (entries clipped
 rounded to ``c / 2**k``; the sum's error is below ``n`` steps per entry, checked in
 ``tests/server/secagg/``). Tables measured before that change (commit 5ec30a8) drew the same batches.
 
-Bytes are payloads per device-round (array data, plus under SecAgg+ the public keys, encrypted
-shares and unmask lists of the five stages); seconds are each trained round's wall time in the
-round log (from its first message to its evaluation). Every device's cache is a fresh folder.
+The SecAgg+ runs are the secure demo's: its virtual devices are enrolled (``simulations.demo.enrol_devices``),
+so each round has six exchanges, consistency among them (tables measured at commit 7b1eb74 or before
+ran five, unenrolled). Bytes are payloads per device-round (array data, plus under
+SecAgg+ the public keys with their signed proofs, encrypted shares, survivor lists and their
+signatures); seconds are each trained round's wall time in the round log (from its first message
+to its evaluation). Every device's cache is a fresh folder.
 """
 
 from __future__ import annotations
@@ -108,8 +111,8 @@ def secure() -> Table:
     )
     table.notes.append(
         "bytes up under SecAgg+: each entry travels as a masked integer modulo 2**k (4 bytes, where the plain fp16 "
-        "delta is 2), plus two public keys and the encrypted shares for each neighbour; bytes down add the "
-        "neighbours' keys and shares to the release"
+        "delta is 2), plus two public keys with their signed proof, the encrypted shares for each neighbour and a "
+        "signed survivor list; bytes down add the neighbours' keys, proofs, shares and lists to the release"
     )
     table.notes.append(_load_note(load_before))
     return table

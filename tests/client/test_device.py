@@ -3,6 +3,7 @@
 import pytest
 
 from client.device import (
+    ENROLMENT_DIR_ENV,
     FLOAT_BASE_ENV,
     TRUST_ENV,
     DeviceConfigError,
@@ -10,9 +11,12 @@ from client.device import (
     check_base_format,
     check_train_steps,
     privacy_floor,
+    secagg_enrolment,
     state_file,
     trust_file,
 )
+from shared.enrolment import enrol_identity
+from shared.sign import generate_key
 
 
 @pytest.fixture
@@ -21,6 +25,7 @@ def device_env(tmp_path, monkeypatch):
     monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(TRUST_ENV, raising=False)
     monkeypatch.delenv(FLOAT_BASE_ENV, raising=False)
+    monkeypatch.delenv(ENROLMENT_DIR_ENV, raising=False)
     return monkeypatch
 
 
@@ -82,3 +87,30 @@ def test_a_device_refuses_a_round_asking_more_steps_than_its_own_ceiling():
     for bad in (0, -1, True, 1.5, "ten", "1e3", 100_001, "9" * 40):
         with pytest.raises(DeviceConfigError, match=r"max-train-steps = .* must be an integer in \[1, 100,000\]"):
             check_train_steps({"max-train-steps": bad}, 1)
+
+
+def test_a_secagg_enrolment_comes_from_the_node_config_else_the_devices_file_in_the_enrolment_folder(
+    tmp_path, device_env
+):
+    authority = generate_key(tmp_path / "authority.key")
+    folder = tmp_path / "enrolments"
+    (folder / "trust.pub").parent.mkdir()
+    (folder / "trust.pub").write_bytes((tmp_path / "authority.key.pub").read_bytes())
+    sim = enrol_identity(authority, folder / "partition-3.key", folder / "partition-3.enrolment")
+    named = enrol_identity(authority, folder / "site-7.key", folder / "site-7.enrolment")
+    assert secagg_enrolment({"partition-id": 3}) == (None, None)  # no folder, no node config: unsigned keys
+    device_env.setenv(ENROLMENT_DIR_ENV, str(folder))
+    identity, trust = secagg_enrolment({"partition-id": 3})  # a simulation's virtual device 3
+    assert identity is not None and identity.public == sim and trust is not None and len(trust.trusted) == 1
+    identity, _ = secagg_enrolment({"name": "site-7"})  # a SuperNode named in its node config
+    assert identity is not None and identity.public == named
+    with pytest.raises(DeviceConfigError, match="does not load"):  # the operator asked for one: none is an error
+        secagg_enrolment({"partition-id": 4})
+    for bad in ("../site-7", ".hidden", ""):
+        with pytest.raises(DeviceConfigError, match="cannot name files"):
+            secagg_enrolment({"name": bad})
+    own = enrol_identity(authority, tmp_path / "own.key", tmp_path / "own.enrolment")
+    config = {"secagg-identity-key": str(tmp_path / "own.key"), "secagg-enrolment": str(tmp_path / "own.enrolment"),
+              "secagg-enrolment-trust": str(folder / "trust.pub"), "partition-id": 3}  # fmt: skip
+    identity, _ = secagg_enrolment(config)  # the node config comes first
+    assert identity is not None and identity.public == own

@@ -87,7 +87,7 @@ def test_a_dp_run_shows_epsilon_per_round_and_a_run_without_dp_no_privacy_panel(
     """Round records written through a round log into a real store, as the coordinator writes them under DP.
 
     Its rounds 2 and 3 also ran secure aggregation (DP with client clipping composes with SecAgg+):
-    the round table says how many devices were in the sum and recovered, the round view its facts.
+    the round table says how many devices were in the sum, recovered and enrolled, the round view its facts.
     """
     store = StateStore(tmp_path / "state.sqlite")
     dp = RoundLog(tmp_path / "dp.json", run={"run_id": "dp", "rounds": 3, "privacy": RUN_PRIVACY}, store=store)
@@ -118,8 +118,8 @@ def test_a_dp_run_shows_epsilon_per_round_and_a_run_without_dp_no_privacy_panel(
         assert [rounds.nth(i).locator("td").nth(6).inner_text() for i in range(4)] == [
             "-",
             "-",
-            "4 in sum",
-            "4 in sum, 1 recovered",
+            "4 in sum, 3 enrolled",
+            "4 in sum, 1 recovered, 3 enrolled",
         ]
         panel = page.locator("h2:text('Privacy') + dl").inner_text()
         assert re.search(r"spent\s+ε = 1\.520 at δ = 1e-5 after round 3", panel), panel
@@ -132,7 +132,8 @@ def test_a_dp_run_shows_epsilon_per_round_and_a_run_without_dp_no_privacy_panel(
         facts = page.locator("h2:text('Privacy') + dl").inner_text()
         assert re.search(r"ε spent after this round\s+1\.070 at δ = 1e-5\b", facts), facts
         secure = page.locator("h2:text('Secure aggregation (SecAgg+)') + dl").inner_text()
-        for fact in (r"devices in the sum\s+4\b", r"masks removed\)\s+0\b", r"in all\s+1\b", r"threshold\s+5 / 3"):
+        for fact in (r"devices in the sum\s+4\b", r"masks removed\)\s+0\b", r"in all\s+1\b", r"threshold\s+5 / 3",
+                     r"list checked\)\s+3\b"):  # fmt: skip
             assert re.search(fact, secure), (fact, secure)
         assert re.search(r"\[-c, c\]\)\s+0\.05\b", secure), secure
         page.goto(dashboard.url.replace("/?", "/runs/dp/rounds/1?"))

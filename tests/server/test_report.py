@@ -118,14 +118,17 @@ def test_privacy_values_out_of_bound_show_as_missing_in_the_table(tmp_path):
     assert "at δ = ?" in lines[-1]
 
 
-def test_a_secure_round_shows_its_survivors_and_the_devices_recovered():
+def test_a_secure_round_shows_its_survivors_the_devices_recovered_and_the_enrolled():
     rounds = [
         {"round": 0, "clients": {}},
         {"round": 1, "clients": {}, "secure": {"survivors": 5, "recovered": 1}},
         {"round": 2, "clients": {}, "secure": {"survivors": "5; DROP TABLE", "recovered": 0}},
+        {"round": 3, "clients": {}, "secure": {"survivors": 4, "recovered": 0, "enrolled": 4}},
+        {"round": 4, "clients": {}, "secure": {"survivors": 4, "recovered": 2, "enrolled": True}},
     ]
     table = format_table({"run": {}, "rounds": rounds})
-    header, _, before, one, two = table.splitlines()[:5]
+    header, _, before, one, two, three, four = table.splitlines()[:7]
     assert "secure sum" in header
     assert "5 (1 recovered)" in one and "recovered" not in two and "DROP" not in table
+    assert "4 (4 enrolled)" in three and "4 (2 recovered)" in four  # a count, not a flag
     assert "secure sum" not in format_table({"run": {}, "rounds": rounds[:1]})

@@ -74,7 +74,7 @@ def test_the_secure_global_is_the_uniform_mean_of_the_five_deltas(tmp_path):
     _assert_mean(step, ds)
     assert all(torch.equal(step[k], torch.zeros_like(step[k])) for k in GLOBAL if "lora_A" in k)  # FFA: A frozen
     assert metrics["secure-survivors"] == 5 and rec["secure"] == {
-        "survivors": 5, "recovered": 0, "dropped": 0, "shares": 5, "threshold": 3, "clip_range": 0.05
+        "survivors": 5, "recovered": 0, "dropped": 0, "enrolled": 0, "shares": 5, "threshold": 3, "clip_range": 0.05
     }  # fmt: skip
     assert all(c["secure"] and "update_norm" not in c for c in rec["clients"].values())  # no delta to measure
 

@@ -155,12 +155,14 @@ function privacyPanel(data) {
 }
 
 // ---------------------------------------------------------------- secure aggregation (SecAgg+, issue 17)
-// A round's cell in the round table: how many devices are in the sum, and how many were recovered after dropping.
+// A round's cell in the round table: how many devices are in the sum, how many were recovered after dropping, and
+// how many of the sum were enrolled devices (shared/enrolment.py).
 function secureCell(r) {
   const s = r.secure;
   if (!s) return "-";
   const recovered = s.recovered ? `, ${s.recovered} recovered` : "";
-  return `${s.survivors ?? "?"} in sum${recovered}`;
+  const enrolled = s.enrolled ? `, ${s.enrolled} enrolled` : "";
+  return `${s.survivors ?? "?"} in sum${recovered}${enrolled}`;
 }
 
 // The round view's facts of a secure round: who is in the sum, who fell out, the parameters.
@@ -170,6 +172,8 @@ function secureSection(s) {
     ["devices in the sum", String(s.survivors ?? "-")],
     ["dropped after sharing keys (masks removed)", String(s.recovered ?? "-")],
     ["out of the protocol in all", String(s.dropped ?? "-")],
+    ["enrolled devices in the sum (keys signed by an identity; one survivor list checked)",
+      String(s.enrolled ?? "-")],
     ["shares / threshold", `${s.shares ?? "-"} / ${s.threshold ?? "-"}`],
     ["clip range c (each entry in [-c, c])", sig(s.clip_range)]])];
 }

@@ -25,7 +25,7 @@ ANY = st.one_of(
 )
 """Any value a parser of the store may be handed."""
 
-SECURE = {"survivors": 4, "recovered": 1, "dropped": 1, "shares": 5, "threshold": 3, "clip_range": 0.05}
+SECURE = {"survivors": 4, "recovered": 1, "dropped": 1, "enrolled": 3, "shares": 5, "threshold": 3, "clip_range": 0.05}
 """The round log's ``secure`` of a SecAgg+ round as ``server/secure_rounds.py`` notes it (one device dropped)."""
 
 RUN_PRIVACY = {

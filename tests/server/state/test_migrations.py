@@ -27,7 +27,7 @@ def test_an_empty_file_is_migrated_to_the_schema_of_schema_py(tmp_path):
     db = tmp_path / "state.sqlite"
     db.touch()  # e.g. created by hand, or by a process killed before its first write
     StateStore(db).close()
-    assert rows(db, "select version_num from alembic_version") == [(head(),)] == [("0006",)]
+    assert rows(db, "select version_num from alembic_version") == [(head(),)] == [("0007",)]
     with create_engine(f"sqlite:///{db}").connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
 
@@ -37,7 +37,7 @@ def test_a_store_at_an_older_revision_is_upgraded_by_the_writer(tmp_path):
     assert rows(db, "select count(*) from alembic_version") == [(0,)]
     assert "runs" not in {r[0] for r in rows(db, "select name from sqlite_master")}
     store = StateStore(db)
-    assert rows(db, "select version_num from alembic_version") == [("0006",)]
+    assert rows(db, "select version_num from alembic_version") == [("0007",)]
     store.save_run({**RUN, "started": 2.0})  # the upgraded tables take rows again
     assert rows(db, "select run_id from runs") == [("demo-7",)]
 
@@ -117,11 +117,24 @@ def test_0006_keeps_the_client_rows_before_async_and_reads_them_with_no_stalenes
     assert not any(r[1] == "staleness" for r in rows(db, "pragma table_info(client_results)"))
 
 
-@pytest.mark.parametrize("revision", ["0001", "0002", "0003", "0004", "0005"])
+def test_0007_keeps_the_secure_rounds_before_enrolment_and_reads_them_as_not_enrolled(tmp_path):
+    db = store_at_revision(tmp_path, "0006")  # a store of the fleetlora before enrolled devices
+    execute(db, "insert into rounds (run_id, round, started, secure_survivors) values ('demo-7', 1, 1.0, 4)")
+    StateStore(db).close()  # the coordinator's open migrates
+    assert rows(db, "select round, secure_survivors, secure_enrolled from rounds") == [(1, 4, None)]
+    with StateStore(db, read_only=True).read() as conn:
+        secure = run_view(conn, "demo-7")["rounds"][0]["secure"]
+        assert (secure["survivors"], secure["enrolled"]) == (4, None)
+    alembic(db, command.downgrade, "0006")  # and back: the round stays, with its other secure facts
+    assert rows(db, "select round, secure_survivors from rounds") == [(1, 4)]
+    assert not any(r[1] == "secure_enrolled" for r in rows(db, "pragma table_info(rounds)"))
+
+
+@pytest.mark.parametrize("revision", ["0001", "0002", "0003", "0004", "0005", "0006"])
 def test_the_read_only_open_never_migrates_an_older_store(tmp_path, revision):
     db = store_at_revision(tmp_path, revision)
     before = db.read_bytes()
-    with pytest.raises(StateStoreError, match=f"at schema revision {revision}, older than this fleetlora's 0006"):
+    with pytest.raises(StateStoreError, match=f"at schema revision {revision}, older than this fleetlora's 0007"):
         StateStore(db, read_only=True)
     assert _unchanged(db, before)  # no migration
     assert rows(db, "select version_num from alembic_version") == [(revision,)]

@@ -1,0 +1,100 @@
+"""A secure round of enrolled devices on a real fleet: SuperLink (TLS, SuperNode auth), SuperNodes, real gRPC.
+
+The in-process SecAgg+ tests (``tests/server/secagg/``) drive the protocol through Flower's own
+Grid and LinkState; this one runs it where it is deployed: each of the six exchanges of an
+enrolled round (setup, share keys, confirm, collect, consistency, unmask) is a message through
+the SuperLink to a SuperNode, a fresh ClientApp process per message, the device's SecAgg+ state
+carried between them in its Flower context, its identity and enrolment named by its node config
+(``server/fleet.py`` enrols every device). The devices run the product's ClientApp behind a
+recording mod (``tests/recording_app.py``): what each one sent, and its delta before masking.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+from server.fleet import LocalFleet, topic_devices
+from server.report import clients_by_name
+from shared.release import load_tensors, read_release
+from shared.secagg_stages import IDENTITY, STORY_SIGNATURE
+from shared.sign import TrustList
+from tests.processes import processes_with_env
+from tests.recording_app import RECORD_ENV, SentMessage, read_recordings
+from tests.test_outgoing_messages import recording_project
+
+DATA = Path(__file__).resolve().parents[2] / "simulations" / "data" / "wordnet"
+TOPICS = ["noun.animal", "verb.motion", "noun.food"]  # three devices: the default threshold (3) sums them all
+RUN_TIMEOUT = 900  # seconds: the hard bound of the run (18 app processes, each a fresh Python with torch)
+
+
+def _flat(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([arrays[k].astype(np.float64).ravel() for k in sorted(arrays)])
+
+
+def _sent(m: SentMessage, key: str) -> bytes | None:
+    """The bytes value ``key`` of a recorded SecAgg+ reply's config record, if it sent one."""
+    value = m.records.get(RECORD_KEY_CONFIGS, {}).get("values", {}).get(key)
+    return None if value is None else bytes.fromhex(value["value"])
+
+
+@pytest.mark.slow
+def test_an_enrolled_fleet_sums_a_secure_round_over_the_superlink_and_only_masked_vectors_leave(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(RECORD_ENV, str(tmp_path / "sent"))
+    overrides = {
+        "model": str(tiny_model_dir),
+        "num-server-rounds": 1,
+        "min-clients": len(TOPICS),
+        "train.steps": 2,
+        "eval.max-examples": 4,
+        "fraction-evaluate": 0.0,  # train only
+        "aggregation.method": "fedavg",
+        "aggregation.secure": True,
+    }
+    app = recording_project(tmp_path / "project")
+    with LocalFleet(tmp_path / "fleet", topic_devices(DATA, TOPICS, len(TOPICS)), app_dir=app) as fleet:
+        data = fleet.run(overrides, timeout=RUN_TIMEOUT)
+        identities = {name: fleet.identity(name)[0] for name in TOPICS}
+        node_ids = dict(fleet.node_ids)
+    assert not processes_with_env("FLEETLORA_CACHE", str(tmp_path / "cache")), "a fleet process outlived the test"
+    rounds = {r["round"]: r for r in data["rounds"]}
+    secure = rounds[1]["secure"]
+    assert (secure["survivors"], secure["enrolled"], secure["recovered"], secure["dropped"]) == (3, 3, 0, 0)
+    trained = clients_by_name(rounds[1])
+    assert sorted(trained) == sorted(TOPICS) and all(trained[n]["secure"] for n in TOPICS)
+
+    received = [m for m in read_recordings(tmp_path / "sent") if m.received["message_type"] == "train"]
+    assert len(received) == 6 * 3 and not [m.error for m in received if m.error]  # six exchanges, three devices
+    # setup: each device announced its keys with the identity its node config names (its enrolment checked by the
+    # others); consistency: each signed the survivor list it was told of, before any device revealed a share
+    for name, key in identities.items():
+        public = TrustList.load(Path(f"{key}.pub")).trusted.popitem()[1]
+        mine = [m for m in received if m.node_id == node_ids[name]]
+        assert [v for m in mine if (v := _sent(m, IDENTITY)) is not None] == [public], name
+        signatures = [v for m in mine if (v := _sent(m, STORY_SIGNATURE)) is not None]
+        assert len(signatures) == 1 and len(signatures[0]) == 64, name
+
+    # no plain delta left a device: only masked vectors, none like any device's true delta
+    true = {m.node_id: {k.removeprefix("arrays/"): v for k, v in m.tensors.items()}
+            for m in read_recordings(tmp_path / "sent" / "true") if "arrays" in m.records}  # fmt: skip
+    masked = {m.node_id: {k.split("/", 1)[1]: v for k, v in m.tensors.items()} for m in received if m.tensors}
+    assert sorted(true) == sorted(masked) == sorted(node_ids.values())
+    assert {name.split("/", 1)[0] for m in received for name in m.tensors} == {Key.MASKED_PARAMETERS}
+    for sender, vector in masked.items():
+        for delta in true.values():
+            assert abs(np.corrcoef(_flat(vector), _flat(delta))[0, 1]) < 0.1, sender
+
+    # the signed release's step is the mean of the three true deltas (fp16 release, SecAgg+ quantization)
+    releases = Path(data["run"]["releases"])
+    before = load_tensors(read_release(releases / "round-0000").files["adapter_model.safetensors"])
+    after = load_tensors(read_release(releases / "round-0001").files["adapter_model.safetensors"])
+    keys = sorted(next(iter(true.values())))
+    step = np.concatenate([(after[k] - before[k]).double().numpy().ravel() for k in keys])
+    mean = np.mean([_flat(d) for d in true.values()], axis=0)
+    assert np.linalg.norm(step - mean) < 0.05 * np.linalg.norm(mean)
