@@ -110,9 +110,11 @@ def secagg_enrolment(node_config: Mapping[str, Any]) -> tuple[Identity | None, T
     """
     key, enrolment, trust = (node_config.get(k) for k in ("secagg-identity-key", "secagg-enrolment",
                                                           "secagg-enrolment-trust"))  # fmt: skip
-    folder = os.environ.get(ENROLMENT_DIR_ENV)
+    folder, where = os.environ.get(ENROLMENT_DIR_ENV), ""
     if key is None and enrolment is None and trust is None and folder:
-        key, enrolment, trust = enrolment_files(Path(folder), _enrolled_name(node_config))
+        name = _enrolled_name(node_config)
+        key, enrolment, trust = enrolment_files(Path(folder), name)
+        where = f" ({ENROLMENT_DIR_ENV}={folder}, device {name}: {key.name}, {enrolment.name} and {trust.name} there)"
     if len({key is None, enrolment is None, trust is None}) > 1:
         raise DeviceConfigError(
             "secagg-identity-key, secagg-enrolment and secagg-enrolment-trust are set together: a device that signs "
@@ -123,7 +125,7 @@ def secagg_enrolment(node_config: Mapping[str, Any]) -> tuple[Identity | None, T
         identity = None if key is None else load_identity(_path(key), _path(enrolment))
         trusted = None if trust is None else TrustList.load(_path(trust))
     except (OSError, ValueError) as exc:
-        raise DeviceConfigError(f"this device's SecAgg+ enrolment does not load: {exc}") from None
+        raise DeviceConfigError(f"this device's SecAgg+ enrolment does not load{where}: {exc}") from None
     if trusted is not None and set(trusted.trusted) & set(_release_keys(node_config)):
         raise DeviceConfigError(
             "secagg-enrolment-trust lists a key of this device's release trust list: that key is the coordinator's, "

@@ -25,8 +25,9 @@ the artifact service requires. Everything speaks TLS with the fleet's CA; only t
 local Runtime API (SuperNode to its own app processes, on loopback inside the device) stays plaintext.
 Every device is enrolled (node config ``secagg-identity-key``, ``secagg-enrolment``,
 ``secagg-enrolment-trust``: ``client/device.secagg_enrolment``), so a run with
-``aggregation.secure = true`` runs SecAgg+ against a coordinator that does not follow the protocol
-too (signed keys, one survivor story); rounds without secure aggregation do not use them.
+``aggregation.secure = true`` runs SecAgg+ against a coordinator that sends other messages than the
+protocol's too (signed keys, one survivor story) — not against one that ships the devices other app
+code (README, threat model); rounds without secure aggregation do not use them.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from shared.certs import FleetCerts, make_fleet_certs
 from shared.cli import python_module
 from shared.enrolment import enrol_identity
 from shared.files import read_bounded
-from shared.sign import generate_key, load_private_key
+from shared.sign import generate_key, load_private_key, write_trust_line
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (pyproject.toml): this checkout
 CONNECTION = "fleet"
@@ -138,6 +139,7 @@ class LocalFleet:
             if not key.exists():
                 generate_key(key)
         authority = load_private_key(self.authority_key)
+        write_trust_line(f"{self.authority_key}.pub", authority)  # the devices' list names the key that enrols them
         for name in self.devices:
             enrol_identity(authority, *self.identity(name))
 

@@ -202,7 +202,8 @@ def _secure(values: Any) -> str:
     facts = round_secure(values)
     if facts["survivors"] is None:
         return "-"
-    notes = [f"{n} {what}" for what, n in (("recovered", facts["recovered"]), ("enrolled", facts["enrolled"])) if n]
+    enrolled = facts["enrolled"] if (facts["enrolled"] or 0) <= facts["survivors"] else None  # a damaged log
+    notes = [f"{n} {what}" for what, n in (("recovered", facts["recovered"]), ("enrolled", enrolled)) if n]
     return f"{facts['survivors']} ({', '.join(notes)})" if notes else str(facts["survivors"])
 
 

@@ -121,12 +121,12 @@ def load_identity(key_path: str | Path, enrolment_path: str | Path) -> Identity:
     public = key.public_key().public_bytes_raw()
     if identity != public:
         raise SignatureError(f"{enrolment_path} enrols another identity than the key {key_path}")
-    if not _enrolment_holds(public, enrolment):
+    if not enrolment_holds(public, enrolment):
         raise SignatureError(f"{enrolment_path}: the enrolment's signature does not hold")
     return Identity(key, public, enrolment)
 
 
-def _enrolment_holds(identity: bytes, enrolment: bytes) -> bool:
+def enrolment_holds(identity: bytes, enrolment: bytes) -> bool:
     """Whether ``enrolment`` is the signature of the authority it names over ``identity`` (not whether trusted)."""
     if len(enrolment) != ENROLMENT_BYTES:
         return False
@@ -177,7 +177,7 @@ def check_keys(trust: TrustList, proof: KeysProof, message: bytes) -> None:
         raise SignatureError(f"enrolled by authority {signer}, which the device's enrolment trust list revokes")
     if trust.trusted.get(signer) != authority:
         raise SignatureError(f"enrolled by authority {signer}, which is not in the device's enrolment trust list")
-    if not _enrolment_holds(proof.identity, proof.enrolment):
+    if not enrolment_holds(proof.identity, proof.enrolment):
         raise SignatureError(f"its enrolment by authority {signer} does not hold")
     if not identity_signed(proof.identity, message, proof.signature):
         raise SignatureError("the public keys are not the ones its identity signed for this run, round and node")

@@ -82,9 +82,14 @@ def generate_key(path: str | Path, force: bool = False) -> Ed25519PrivateKey:
 
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     write_atomic(path, pem, mode=0o600)  # a fresh temp file (O_EXCL | O_NOFOLLOW): never through a planted link
-    line = public_line(key.public_key(), f"fleetlora {key_id(key.public_key())}")
-    write_atomic(Path(str(path) + ".pub"), f"{line}\n".encode())
+    write_trust_line(Path(str(path) + ".pub"), key)
     return key
+
+
+def write_trust_line(path: str | Path, key: Ed25519PrivateKey) -> None:
+    """Write ``path``: a trust list of one line, ``key``'s public key (what ``generate_key`` writes as ``.pub``)."""
+    line = public_line(key.public_key(), f"fleetlora {key_id(key.public_key())}")
+    write_atomic(Path(path), f"{line}\n".encode())
 
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:

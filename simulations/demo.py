@@ -34,7 +34,7 @@ from shared.atomic import write_atomic
 from shared.config import ConfigError, FleetConfig
 from shared.enrolment import enrol_identity
 from shared.model import cache_dir
-from shared.sign import generate_key, key_id, load_private_key
+from shared.sign import generate_key, key_id, load_private_key, write_trust_line
 from simulations.demo_infer import answer_per_domain
 from simulations.flower_local import ROOT, free_port, local_superlink, run_app
 
@@ -170,7 +170,7 @@ def enrol_devices(folder: Path, num_supernodes: int) -> Path:
     devices = folder / "devices"
     for pid in range(num_supernodes):
         enrol_identity(authority, *enrolment_files(devices, f"partition-{pid}")[:2])
-    write_atomic(devices / ENROLMENT_TRUST_FILE, Path(f"{authority_key}.pub").read_bytes())
+    write_trust_line(devices / ENROLMENT_TRUST_FILE, authority)  # the key that enrolled them, whatever the .pub says
     print(f"demo: enrolled {num_supernodes} virtual devices for SecAgg+ in {devices}", file=sys.stderr)
     return devices
 

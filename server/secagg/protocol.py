@@ -68,8 +68,9 @@ class SecAggResult:
     recovered: tuple[int, ...]
     """Node ids that dropped after sharing their keys, their masks removed through the survivors' shares."""
     enrolled: tuple[int, ...]
-    """Survivors whose public keys an identity signed (enrolled devices, ``shared/enrolment.py``): the coordinator
-    checked each signature; their neighbours checked the enrolments against their own trust lists."""
+    """Survivors that announced an enrolled identity (``shared/enrolment.py``): the coordinator checked that the
+    authority each names signed it and that it signed the device's keys; whether that authority counts is each
+    neighbour's trust list, which the coordinator does not see (a device can enrol itself in its own eyes)."""
     replies: dict[int, RecordDict]
     """Each collect reply's own records (``metrics``, ``client``; a refusal too) for ``server/replies.py``."""
     rejected: dict[int, str]

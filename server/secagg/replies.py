@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
-from shared.enrolment import ENROLMENT_BYTES, KeysProof, identity_signed, keys_message
+from shared.enrolment import ENROLMENT_BYTES, KeysProof, enrolment_holds, identity_signed, keys_message
 from shared.secagg_stages import (
     ACCEPTED_LIST,
     MAX_CIPHERTEXT_BYTES,
@@ -45,9 +45,10 @@ def parse_public_keys(msg: Message, nid: int, round_id: str) -> tuple[tuple[byte
     """Return a setup reply's two public keys (pairwise masks, share encryption): distinct SECP384R1 keys.
 
     With them, an enrolled device's proof (its identity, enrolment and signature over the keys): of
-    its sizes, and signed by its identity for these keys, this run, round ``round_id`` and node
-    ``nid``. The coordinator cannot check the enrolment (the devices do, ``shared/enrolment.py``), but
-    it refuses a proof its identity did not make here: another device's proof, copied, would
+    its sizes, its enrolment signed by the authority it names, and signed by its identity for these
+    keys, this run, round ``round_id`` and node ``nid``. Whether that authority counts is each
+    device's trust list (``shared/enrolment.py``): the coordinator knows none. It refuses a proof that
+    fails on its face, and one its identity did not make here: another device's proof, copied, would
     otherwise make both look like one identity lent to two nodes.
     """
     cfg = _configs(msg, {RECORD_KEY_CONFIGS})
@@ -71,6 +72,8 @@ def parse_public_keys(msg: Message, nid: int, round_id: str) -> tuple[tuple[byte
             raise SecAggReplyError(f"a public key is on {curve.name}, expected secp384r1")
     if keys[0] == keys[1]:
         raise SecAggReplyError("the two public keys are identical")
+    if proof is not None and not enrolment_holds(proof.identity, proof.enrolment):
+        raise SecAggReplyError("its enrolment is not signed by the authority it names")
     if proof is not None and not identity_signed(
         proof.identity, keys_message(msg.metadata.run_id, round_id, nid, *keys), proof.signature
     ):

@@ -121,7 +121,8 @@ class RoundSecure(TypedDict):
     dropped: int | None
     """Devices out of the protocol in all (no answer, an error, or a reply that did not parse)."""
     enrolled: int | None
-    """Survivors whose keys an enrolled identity signed (the round ran the consistency stage when > 0)."""
+    """Survivors that announced an enrolled identity (the round ran the consistency stage when > 0); which
+    authorities count is each device's trust list, not the coordinator's view."""
     shares: int | None
     """The SecAgg+ share count each device's secrets were split into, >= 1."""
     threshold: int | None

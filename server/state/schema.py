@@ -97,7 +97,7 @@ rounds = Table(
     Column("secure_shares", Integer),  # SecAgg+ share count and reconstruction threshold the round ran with
     Column("secure_threshold", Integer),
     Column("secure_clip_range", Float),  # every delta entry was clipped to [-c, c] before quantization
-    Column("secure_enrolled", Integer),  # survivors whose keys an enrolled identity signed (0007)
+    Column("secure_enrolled", Integer),  # survivors that announced an enrolled identity (0007)
     ForeignKeyConstraint(["run_id"], ["runs.run_id"], ondelete="CASCADE"),
 )
 

@@ -133,7 +133,7 @@ def test_a_dp_run_shows_epsilon_per_round_and_a_run_without_dp_no_privacy_panel(
         assert re.search(r"ε spent after this round\s+1\.070 at δ = 1e-5\b", facts), facts
         secure = page.locator("h2:text('Secure aggregation (SecAgg+)') + dl").inner_text()
         for fact in (r"devices in the sum\s+4\b", r"masks removed\)\s+0\b", r"in all\s+1\b", r"threshold\s+5 / 3",
-                     r"list checked\)\s+3\b"):  # fmt: skip
+                     r"survivor list\)\s+3\b"):  # fmt: skip
             assert re.search(fact, secure), (fact, secure)
         assert re.search(r"\[-c, c\]\)\s+0\.05\b", secure), secure
         page.goto(dashboard.url.replace("/?", "/runs/dp/rounds/1?"))

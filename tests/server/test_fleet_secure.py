@@ -6,7 +6,9 @@ enrolled round (setup, share keys, confirm, collect, consistency, unmask) is a m
 the SuperLink to a SuperNode, a fresh ClientApp process per message, the device's SecAgg+ state
 carried between them in its Flower context, its identity and enrolment named by its node config
 (``server/fleet.py`` enrols every device). The devices run the product's ClientApp behind a
-recording mod (``tests/recording_app.py``): what each one sent, and its delta before masking.
+recording mod (``tests/recording_app.py``): what each one sent, and its delta before masking. A
+fourth device, admitted to the SuperLink but enrolled by another authority, gets no shares: the
+trust lists in the node configs are what the devices check.
 """
 
 from __future__ import annotations
@@ -17,18 +19,30 @@ import numpy as np
 import pytest
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
+from client.device import secagg_enrolment
 from server.fleet import LocalFleet, topic_devices
 from server.report import clients_by_name
+from shared.enrolment import enrol_identity
 from shared.release import load_tensors, read_release
 from shared.secagg_stages import IDENTITY, STORY_SIGNATURE
-from shared.sign import TrustList
+from shared.sign import TrustList, generate_key, load_private_key
 from tests.processes import processes_with_env
 from tests.recording_app import RECORD_ENV, SentMessage, read_recordings
 from tests.test_outgoing_messages import recording_project
 
 DATA = Path(__file__).resolve().parents[2] / "simulations" / "data" / "wordnet"
-TOPICS = ["noun.animal", "verb.motion", "noun.food"]  # three devices: the default threshold (3) sums them all
-RUN_TIMEOUT = 900  # seconds: the hard bound of the run (18 app processes, each a fresh Python with torch)
+TOPICS = ["noun.animal", "verb.motion", "noun.food"]  # three enrolled devices: the default threshold (3) sums them
+OUTSIDER = "noun.artifact"  # admitted to the SuperLink, but enrolled by another authority than the fleet's
+RUN_TIMEOUT = 900  # seconds: the hard bound of the run (~22 app processes, each a fresh Python with torch)
+
+
+class _FleetWithOutsider(LocalFleet):
+    """A fleet whose device OUTSIDER holds an enrolment by an authority of its own (its trust list: the fleet's)."""
+
+    def make_keys(self) -> None:
+        super().make_keys()
+        other = self.folder / "other-authority.key"
+        enrol_identity(load_private_key(other) if other.exists() else generate_key(other), *self.identity(OUTSIDER))
 
 
 def _flat(arrays: dict[str, np.ndarray]) -> np.ndarray:
@@ -50,7 +64,7 @@ def test_an_enrolled_fleet_sums_a_secure_round_over_the_superlink_and_only_maske
     overrides = {
         "model": str(tiny_model_dir),
         "num-server-rounds": 1,
-        "min-clients": len(TOPICS),
+        "min-clients": len(TOPICS) + 1,
         "train.steps": 2,
         "eval.max-examples": 4,
         "fraction-evaluate": 0.0,  # train only
@@ -58,19 +72,24 @@ def test_an_enrolled_fleet_sums_a_secure_round_over_the_superlink_and_only_maske
         "aggregation.secure": True,
     }
     app = recording_project(tmp_path / "project")
-    with LocalFleet(tmp_path / "fleet", topic_devices(DATA, TOPICS, len(TOPICS)), app_dir=app) as fleet:
+    devices = topic_devices(DATA, [*TOPICS, OUTSIDER], len(TOPICS) + 1)
+    with _FleetWithOutsider(tmp_path / "fleet", devices, app_dir=app) as fleet:
         data = fleet.run(overrides, timeout=RUN_TIMEOUT)
         identities = {name: fleet.identity(name)[0] for name in TOPICS}
         node_ids = dict(fleet.node_ids)
     assert not processes_with_env("FLEETLORA_CACHE", str(tmp_path / "cache")), "a fleet process outlived the test"
     rounds = {r["round"]: r for r in data["rounds"]}
     secure = rounds[1]["secure"]
-    assert (secure["survivors"], secure["enrolled"], secure["recovered"], secure["dropped"]) == (3, 3, 0, 0)
-    trained = clients_by_name(rounds[1])
+    assert (secure["survivors"], secure["enrolled"], secure["recovered"], secure["dropped"]) == (3, 3, 0, 1)
+    trained = {name: c for name, c in clients_by_name(rounds[1]).items() if "train_loss" in c}
     assert sorted(trained) == sorted(TOPICS) and all(trained[n]["secure"] for n in TOPICS)
 
-    received = [m for m in read_recordings(tmp_path / "sent") if m.received["message_type"] == "train"]
+    recorded = [m for m in read_recordings(tmp_path / "sent") if m.received["message_type"] == "train"]
+    received = [m for m in recorded if m.node_id != node_ids[OUTSIDER]]
     assert len(received) == 6 * 3 and not [m.error for m in received if m.error]  # six exchanges, three devices
+    # the outsider's keys got no shares from the enrolled devices (their trust lists name only the fleet's
+    # authority): it never reached collect, and nothing it could have masked is in the sum
+    assert not [m for m in recorded if m.node_id == node_ids[OUTSIDER] and m.tensors]
     # setup: each device announced its keys with the identity its node config names (its enrolment checked by the
     # others); consistency: each signed the survivor list it was told of, before any device revealed a share
     for name, key in identities.items():
@@ -84,7 +103,7 @@ def test_an_enrolled_fleet_sums_a_secure_round_over_the_superlink_and_only_maske
     true = {m.node_id: {k.removeprefix("arrays/"): v for k, v in m.tensors.items()}
             for m in read_recordings(tmp_path / "sent" / "true") if "arrays" in m.records}  # fmt: skip
     masked = {m.node_id: {k.split("/", 1)[1]: v for k, v in m.tensors.items()} for m in received if m.tensors}
-    assert sorted(true) == sorted(masked) == sorted(node_ids.values())
+    assert sorted(true) == sorted(masked) == sorted(node_ids[name] for name in TOPICS)
     assert {name.split("/", 1)[0] for m in received for name in m.tensors} == {Key.MASKED_PARAMETERS}
     for sender, vector in masked.items():
         for delta in true.values():
@@ -98,3 +117,19 @@ def test_an_enrolled_fleet_sums_a_secure_round_over_the_superlink_and_only_maske
     step = np.concatenate([(after[k] - before[k]).double().numpy().ravel() for k in keys])
     mean = np.mean([_flat(d) for d in true.values()], axis=0)
     assert np.linalg.norm(step - mean) < 0.05 * np.linalg.norm(mean)
+
+
+def test_a_fleet_keeps_its_devices_identities_and_enrols_them_by_the_authority_its_trust_list_names(tmp_path):
+    fleet = LocalFleet(tmp_path / "fleet", topic_devices(DATA, TOPICS, len(TOPICS)))
+    fleet.make_keys()
+    before = {name: secagg_enrolment(fleet.node_config(name))[0] for name in TOPICS}
+    stale = (Path(f"{fleet.authority_key}.pub")).read_bytes()
+    generate_key(fleet.authority_key, force=True)  # the authority rotated; its old .pub put back beside it
+    Path(f"{fleet.authority_key}.pub").write_bytes(stale)
+    fleet.make_keys()
+    for name in TOPICS:
+        identity, trust = secagg_enrolment(fleet.node_config(name))
+        assert identity is not None and trust is not None
+        assert identity.public == before[name].public  # the device keeps its identity
+        assert list(trust.trusted.values()) == [identity.enrolment[:32]]  # enrolled by the key its list names
+        assert identity.enrolment != before[name].enrolment

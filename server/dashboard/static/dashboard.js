@@ -172,7 +172,7 @@ function secureSection(s) {
     ["devices in the sum", String(s.survivors ?? "-")],
     ["dropped after sharing keys (masks removed)", String(s.recovered ?? "-")],
     ["out of the protocol in all", String(s.dropped ?? "-")],
-    ["enrolled devices in the sum (keys signed by an identity; one survivor list checked)",
+    ["devices in the sum that announced an enrolled identity (then every survivor signed its survivor list)",
       String(s.enrolled ?? "-")],
     ["shares / threshold", `${s.shares ?? "-"} / ${s.threshold ?? "-"}`],
     ["clip range c (each entry in [-c, c])", sig(s.clip_range)]])];

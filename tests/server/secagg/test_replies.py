@@ -15,7 +15,7 @@ from server.secagg.replies import (
     parse_shares,
     parse_story_signature,
 )
-from shared.enrolment import Identity, prove_keys
+from shared.enrolment import Identity, enrol, prove_keys
 from shared.secagg_stages import ENROLMENT, IDENTITY, KEYS_SIGNATURE, STORY_SIGNATURE
 from tests.server.messages import message, through_flower
 
@@ -50,9 +50,13 @@ def test_public_keys_parse_and_hostile_keys_are_refused():
 def test_an_enrolled_devices_proof_is_carried_whole_of_its_sizes_and_signed_for_its_node(tmp_path):
     k1, k2 = pk(), pk()
     identity = Ed25519PrivateKey.generate()
-    signed = prove_keys(Identity(identity, identity.public_key().public_bytes_raw(), b"e" * 96), 1, "1", 7, k1, k2)
+    public = identity.public_key().public_bytes_raw()
+    signed = prove_keys(Identity(identity, public, enrol(Ed25519PrivateKey.generate(), public)), 1, "1", 7, k1, k2)
     proof = {IDENTITY: signed.identity, ENROLMENT: signed.enrolment, KEYS_SIGNATURE: signed.signature}
     assert parse_public_keys(reply(cfg(pk1=k1, pk2=k2, **proof)), 7, "1") == ((k1, k2), signed)  # run 1, node 7
+    forged = prove_keys(Identity(identity, public, signed.enrolment[:32] + b"e" * 64), 1, "1", 7, k1, k2)
+    with pytest.raises(SecAggReplyError, match="enrolment is not signed by the authority it names"):  # not counted
+        parse_public_keys(reply(cfg(pk1=k1, pk2=k2, **{**proof, ENROLMENT: forged.enrolment})), 7, "1")
     for node, round_id in ((8, "1"), (7, "2")):  # a proof copied to another node, or kept from another round
         with pytest.raises(SecAggReplyError, match="did not sign these keys for this run, round and node"):
             parse_public_keys(reply(cfg(pk1=k1, pk2=k2, **proof)), node, round_id)

@@ -5,7 +5,7 @@ import sqlite3
 from alembic import command
 from alembic.config import Config
 from hypothesis import strategies as st
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, event
 
 from server.state import StateStore
 from server.state.revision import MIGRATIONS
@@ -72,11 +72,16 @@ def execute(path, sql, params=()):
         conn.execute(sql, params)
 
 
-def alembic(db, step, revision):
-    """Run the project's migrations on the file: ``step`` is ``command.upgrade`` or ``command.downgrade``."""
+def alembic(db, step, revision, foreign_keys=False):
+    """Run the project's migrations on the file: ``step`` is ``command.upgrade`` or ``command.downgrade``.
+
+    ``foreign_keys``: with SQLite's foreign keys on, as the store's own engine has them.
+    """
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     engine = create_engine(f"sqlite:///{db}")
+    if foreign_keys:
+        event.listen(engine, "connect", lambda conn, _: conn.execute("pragma foreign_keys = on"))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         step(cfg, revision)

@@ -120,13 +120,15 @@ def test_0006_keeps_the_client_rows_before_async_and_reads_them_with_no_stalenes
 def test_0007_keeps_the_secure_rounds_before_enrolment_and_reads_them_as_not_enrolled(tmp_path):
     db = store_at_revision(tmp_path, "0006")  # a store of the fleetlora before enrolled devices
     execute(db, "insert into rounds (run_id, round, started, secure_survivors) values ('demo-7', 1, 1.0, 4)")
+    execute(db, "insert into client_results (run_id, round, client, name, status) values ('demo-7', 1, '5', 'a', 'ok')")
     StateStore(db).close()  # the coordinator's open migrates
     assert rows(db, "select round, secure_survivors, secure_enrolled from rounds") == [(1, 4, None)]
     with StateStore(db, read_only=True).read() as conn:
         secure = run_view(conn, "demo-7")["rounds"][0]["secure"]
         assert (secure["survivors"], secure["enrolled"]) == (4, None)
-    alembic(db, command.downgrade, "0006")  # and back: the round stays, with its other secure facts
+    alembic(db, command.downgrade, "0006", foreign_keys=True)  # and back: the round stays, with its other facts
     assert rows(db, "select round, secure_survivors from rounds") == [(1, 4)]
+    assert rows(db, "select client from client_results") == [("5",)]  # not dropped with a recreated rounds table
     assert not any(r[1] == "secure_enrolled" for r in rows(db, "pragma table_info(rounds)"))
 
 
