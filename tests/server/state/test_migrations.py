@@ -132,6 +132,17 @@ def test_0007_keeps_the_secure_rounds_before_enrolment_and_reads_them_as_not_enr
     assert not any(r[1] == "secure_enrolled" for r in rows(db, "pragma table_info(rounds)"))
 
 
+def test_a_downgrade_with_foreign_keys_on_keeps_every_run_round_and_client_row(tmp_path):
+    """The store's engine turns SQLite's foreign keys on: a migration that recreated ``runs`` or ``rounds`` to drop a
+    column dropped the old table, and every child row with it (0002, 0004, 0005, 0007 did)."""
+    db = store_at_revision(tmp_path, head())
+    execute(db, "insert into rounds (run_id, round, started) values ('demo-7', 1, 1.0)")
+    execute(db, "insert into client_results (run_id, round, client, name, status) values ('demo-7', 1, '5', 'a', 'ok')")
+    alembic(db, command.downgrade, "0001", foreign_keys=True)
+    counts = [rows(db, f"select count(*) from {t}")[0][0] for t in ("runs", "rounds", "client_results")]
+    assert counts == [1, 1, 1]
+
+
 @pytest.mark.parametrize("revision", ["0001", "0002", "0003", "0004", "0005", "0006"])
 def test_the_read_only_open_never_migrates_an_older_store(tmp_path, revision):
     db = store_at_revision(tmp_path, revision)

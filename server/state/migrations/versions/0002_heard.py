@@ -23,5 +23,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     """Drop ``runs.heard``."""
-    with op.batch_alter_table("runs") as batch:
+    with op.batch_alter_table("runs", recreate="never") as batch:  # in place: see 0007
         batch.drop_column("heard")

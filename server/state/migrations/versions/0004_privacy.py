@@ -49,9 +49,9 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     """Drop the ``dp_*`` columns (the rows stay, without their privacy facts)."""
-    with op.batch_alter_table("rounds") as batch:
+    with op.batch_alter_table("rounds", recreate="never") as batch:  # in place: see 0007
         for name in (*ROUND_FLOATS, "dp_clipping"):
             batch.drop_column(name)
-    with op.batch_alter_table("runs") as batch:
+    with op.batch_alter_table("runs", recreate="never") as batch:
         for name in (*RUN_FLOATS, "dp_clipping", "dp_population"):
             batch.drop_column(name)
