@@ -8,14 +8,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import Key
 
 import simulations.flower_local
 from server.report import clients_by_name
-from shared.release import load_tensors, read_release
 from simulations.demo import run_demo
 from tests.recording_app import RECORD_ENV, read_recordings
+from tests.secure_checks import assert_step_is_the_mean, first_step, flat
 from tests.test_outgoing_messages import recording_project
-
-
-def _flat(arrays: dict[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate([arrays[k].astype(np.float64).ravel() for k in sorted(arrays)])
 
 
 @pytest.mark.slow
@@ -63,17 +59,13 @@ def test_a_secure_round_reveals_only_the_sum_and_its_mean_is_the_plain_mean(tmp_
         vector_bytes = sum(v.nbytes for v in tensors.values())
         assert vector_bytes <= up[sender] < vector_bytes + 64 * 1024, (sender, up[sender], vector_bytes)
     for sender, tensors in masked.items():
-        vector = _flat({k.split("/", 1)[1]: v for k, v in tensors.items()})  # one device's upload, ~8k entries
+        vector = flat({k.split("/", 1)[1]: v for k, v in tensors.items()})  # one device's upload, ~8k entries
         for delta in true.values():  # equal to none, correlated with none (any device's, the sender's too)
-            d = _flat(delta)
+            d = flat(delta)
             assert vector.shape == d.shape and not np.array_equal(vector, d)
             assert abs(np.corrcoef(vector, d)[0, 1]) < 0.1, sender  # 9 standard errors at 8k entries
     # the new global is the plain mean of the five true deltas (fp16 releases, quantization ~1e-8)
     releases = Path(data["run"]["releases"])
-    before = load_tensors(read_release(releases / "round-0000").files["adapter_model.safetensors"])
-    after = load_tensors(read_release(releases / "round-0001").files["adapter_model.safetensors"])
-    keys = sorted(next(iter(true.values())))
-    step = np.concatenate([(after[k] - before[k]).double().numpy().ravel() for k in keys])
-    mean = np.mean([_flat(d) for d in true.values()], axis=0)
-    assert np.linalg.norm(step - mean) < 0.05 * np.linalg.norm(mean)
+    mean = assert_step_is_the_mean(releases, true)
+    step = first_step(releases, sorted(next(iter(true.values()))))
     assert np.linalg.norm(step - 5 * mean) > np.linalg.norm(mean)  # a mean, not the sum

@@ -23,11 +23,11 @@ from client.device import secagg_enrolment
 from server.fleet import LocalFleet, topic_devices
 from server.report import clients_by_name
 from shared.enrolment import enrol_identity
-from shared.release import load_tensors, read_release
 from shared.secagg_stages import IDENTITY, STORY_SIGNATURE
 from shared.sign import TrustList, generate_key, load_private_key
 from tests.processes import processes_with_env
 from tests.recording_app import RECORD_ENV, SentMessage, read_recordings
+from tests.secure_checks import assert_step_is_the_mean, flat
 from tests.test_outgoing_messages import recording_project
 
 DATA = Path(__file__).resolve().parents[2] / "simulations" / "data" / "wordnet"
@@ -43,10 +43,6 @@ class _FleetWithOutsider(LocalFleet):
         super().make_keys()
         other = self.folder / "other-authority.key"
         enrol_identity(load_private_key(other) if other.exists() else generate_key(other), *self.identity(OUTSIDER))
-
-
-def _flat(arrays: dict[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate([arrays[k].astype(np.float64).ravel() for k in sorted(arrays)])
 
 
 def _sent(m: SentMessage, key: str) -> bytes | None:
@@ -107,16 +103,10 @@ def test_an_enrolled_fleet_sums_a_secure_round_over_the_superlink_and_only_maske
     assert {name.split("/", 1)[0] for m in received for name in m.tensors} == {Key.MASKED_PARAMETERS}
     for sender, vector in masked.items():
         for delta in true.values():
-            assert abs(np.corrcoef(_flat(vector), _flat(delta))[0, 1]) < 0.1, sender
+            assert abs(np.corrcoef(flat(vector), flat(delta))[0, 1]) < 0.1, sender
 
-    # the signed release's step is the mean of the three true deltas (fp16 release, SecAgg+ quantization)
-    releases = Path(data["run"]["releases"])
-    before = load_tensors(read_release(releases / "round-0000").files["adapter_model.safetensors"])
-    after = load_tensors(read_release(releases / "round-0001").files["adapter_model.safetensors"])
-    keys = sorted(next(iter(true.values())))
-    step = np.concatenate([(after[k] - before[k]).double().numpy().ravel() for k in keys])
-    mean = np.mean([_flat(d) for d in true.values()], axis=0)
-    assert np.linalg.norm(step - mean) < 0.05 * np.linalg.norm(mean)
+    # the signed release's step is the mean of the three true deltas
+    assert_step_is_the_mean(Path(data["run"]["releases"]), true)
 
 
 def test_a_fleet_keeps_its_devices_identities_and_enrols_them_by_the_authority_its_trust_list_names(tmp_path):
