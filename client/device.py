@@ -26,6 +26,8 @@ SecAgg+ identity    ``secagg-identity-key``,        ``$FLEETLORA_SECAGG_ENROLMEN
 enrolled neighbours ``secagg-enrolment-trust``      its keys go unsigned, its shares to any neighbour the
                                                     coordinator names
 sum floor           ``secagg-min-threshold``        the round's SecAgg+ threshold (``client/secagg.py``)
+app pin             ``app-pins``                    read before the app loads, by ``client/app_pin.py``
+                                                    (the SuperNode's ``flwr-clientapp``), not by this code
 ==================  ==============================  ======================================================
 
 ``<cache>`` is ``shared.model.cache_dir()`` (``$FLEETLORA_CACHE``, else ``~/.cache/fleetlora``).

@@ -26,17 +26,23 @@ local Runtime API (SuperNode to its own app processes, on loopback inside the de
 Every device is enrolled (node config ``secagg-identity-key``, ``secagg-enrolment``,
 ``secagg-enrolment-trust``: ``client/device.secagg_enrolment``), so a run with
 ``aggregation.secure = true`` runs SecAgg+ against a coordinator that sends other messages than the
-protocol's too (signed keys, one survivor story) — not against one that ships the devices other app
-code (README, threat model); rounds without secure aggregation do not use them.
+protocol's too (signed keys, one survivor story); rounds without secure aggregation do not use them.
+With ``app_pins`` (``fleetlora fleet up`` sets it to the checkout's own app) every device runs only
+the app code whose FAB sha256 that file lists (``client/app_pin.py``, first on the SuperNode's PATH):
+an app submitted by anyone else, or handed over by a hostile SuperLink, is refused before any of its
+code runs (README, threat model).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,9 +94,15 @@ class LocalFleet:
     """
 
     def __init__(
-        self, folder: str | Path, devices: list[Device], app_dir: Path = APP_DIR, persistent: bool = False
+        self,
+        folder: str | Path,
+        devices: list[Device],
+        app_dir: Path = APP_DIR,
+        persistent: bool = False,
+        app_pins: Path | None = None,
     ) -> None:
         self.folder = Path(folder).resolve()
+        self.app_pins = app_pins  # set: every device runs only FABs whose sha256 this file lists (client/app_pin.py)
         self.persistent = persistent
         self.devices = {d.name: d for d in devices}
         self.app_dir = app_dir
@@ -205,6 +217,7 @@ class LocalFleet:
             "secagg-identity-key": str(self.identity(name)[0]),
             "secagg-enrolment": str(self.identity(name)[1]),
             "secagg-enrolment-trust": f"{self.authority_key}.pub",
+            **({"app-pins": str(self.app_pins)} if self.app_pins is not None else {}),
         }
 
     def start_device(self, name: str) -> None:
@@ -216,11 +229,16 @@ class LocalFleet:
             *("--auth-supernode-private-key", str(self.certs.node_key(name))),
             *("--port", str(free_port()), "--node-config", config_arg(node_config)),
         ]
-        self._start(f"device-{name}", cmd, home / "flwr", None)
+        self._start(f"device-{name}", cmd, home / "flwr", None, pinned=self.app_pins is not None)
 
-    def _start(self, name: str, cmd: list[str], home: Path, address: str | None) -> None:
+    def _pin_shim(self) -> Path:
+        return write_pin_shim(self.folder / "pin-bin")
+
+    def _start(self, name: str, cmd: list[str], home: Path, address: str | None, pinned: bool = False) -> None:
         log_file = self.folder / "logs" / f"{name}.log"
         env = flower_env(home, {"PYTHONPATH": str(self.app_dir)})
+        if pinned:
+            env["PATH"] = f"{self._pin_shim()}{os.pathsep}{env['PATH']}"
         self.procs[name] = start(cmd, env, log_file, cwd=self.app_dir)
         self._save_state()
         if address is not None:
@@ -332,6 +350,31 @@ class LocalFleet:
         state = {"superlink": self.superlink_address, "artifacts": self.artifact_address, "processes": procs}
         self.folder.mkdir(parents=True, exist_ok=True)
         write_atomic(self.folder / "fleet.json", json.dumps(state, indent=1).encode())  # `fleet down` relies on it
+
+
+def write_pin_shim(folder: Path) -> Path:
+    """Write ``folder/flwr-clientapp``, which runs ``client/app_pin.py``; return ``folder``, to go first on PATH.
+
+    A SuperNode whose PATH starts with it runs only the FABs its node config's ``app-pins`` file lists;
+    the script is this checkout's, the device's own, never the FAB's.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    script = Path(__file__).resolve().parents[1] / "client" / "app_pin.py"
+    shim = folder / "flwr-clientapp"
+    write_atomic(shim, f'#!/bin/sh\nexec "{sys.executable}" -P "{script}" "$@"\n'.encode(), mode=0o755)
+    return folder
+
+
+def app_hash(app_dir: Path = APP_DIR) -> str:
+    """Return the sha256 of the FAB ``flwr run <app_dir>`` sends (Flower builds it reproducibly: fixed dates).
+
+    Any file Flower packs (``*.py``, ``*.md``, ``*.toml``, ... not ignored by ``.gitignore``) changes it.
+    """
+    from flwr.cli.build import build_fab_from_disk
+
+    with warnings.catch_warnings():  # Flower's build matches .gitignore with pathspec's deprecated 'gitwildmatch'
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        return hashlib.sha256(build_fab_from_disk(app_dir)).hexdigest()
 
 
 def stop_recorded(folder: str | Path) -> list[str]:
