@@ -36,6 +36,7 @@ from flwr.common.config import get_project_dir
 from flwr.supercore import log
 from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
+PINNED_ENV = "FLEETLORA_APP_PINNED"  # = client.device.PINNED_ENV: the product's ClientApp refuses to run without it
 PIN_KEY = "app-pins"  # node config key: a file of sha256 hex digests of approved FABs, one a line (# comments)
 MAX_PINS_BYTES = 1 << 16
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -125,6 +126,7 @@ def main() -> None:
     """Run Flower's ``flwr-clientapp`` with the two hooks in place."""
     rc.pull_task_input = pull_task_input  # run_clientapp() looks both up in its module's globals
     rc.install_from_fab = install_from_fab
+    os.environ[PINNED_ENV] = "1"
     flwr_clientapp()
 
 

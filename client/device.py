@@ -55,6 +55,7 @@ from shared.sign import TrustList
 TRUST_ENV = "FLEETLORA_TRUST_FILE"
 FLOAT_BASE_ENV = "FLEETLORA_ALLOW_FLOAT_BASE"
 DEFAULT_TRUST_FILE = "trust.pub"
+PINNED_ENV = "FLEETLORA_APP_PINNED"  # set to "1" by client/app_pin.py in the ClientApp processes it starts
 ENROLMENT_DIR_ENV = "FLEETLORA_SECAGG_ENROLMENT_DIR"
 ENROLMENT_TRUST_FILE = "trust.pub"  # in $FLEETLORA_SECAGG_ENROLMENT_DIR: the enrolment authorities, one list
 STEPS_KEY = "max-train-steps"  # node config: the most local steps a round may ask of this device
@@ -135,6 +136,25 @@ def secagg_enrolment(node_config: Mapping[str, Any]) -> tuple[Identity | None, T
             "nothing from it); trust the authority that admits devices to the fleet instead"
         )
     return identity, trusted
+
+
+def check_app_pinned(node_config: Mapping[str, Any]) -> None:
+    """Refuse to run when the node config names ``app-pins`` but this process was not started by the pin.
+
+    Only the fleet's own app makes this check (another app would not): it catches a SuperNode started
+    without the pin's ``flwr-clientapp`` first on its PATH, which runs whatever app it is sent.
+
+    Raises
+    ------
+    DeviceConfigError
+        ``app-pins`` is set and ``client/app_pin.py`` did not start this ClientApp.
+    """
+    if "app-pins" in node_config and os.environ.get(PINNED_ENV) != "1":
+        raise DeviceConfigError(
+            "this device's node config names app-pins, but its ClientApp was not started by the pin: put a folder "
+            "holding the pin's flwr-clientapp (server.fleet.write_pin_shim) first on the SuperNode's PATH; without "
+            "it the SuperNode runs any app it is sent"
+        )
 
 
 def enrolment_files(folder: Path, device: str) -> tuple[Path, Path, Path]:

@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from client import client_app
-from client.device import FLOAT_BASE_ENV, TRUST_ENV
+from client.device import FLOAT_BASE_ENV, PINNED_ENV, TRUST_ENV
 from shared.adapter import adapter_state, attach_lora
 from shared.config import FleetConfig
 from shared.model import load_model, model_digest
@@ -120,6 +120,20 @@ def test_the_device_trusts_only_its_own_list(fleet, tiny_model_dir, monkeypatch)
     assert refused and "not in the trust list" in refused
     refused, reply = _train(fleet, tiny_model_dir, "honest", **{"allow-float-base": True})
     assert refused is None and "arrays" in reply.content  # the honest release installs and trains
+
+
+def test_a_device_with_app_pins_not_started_by_the_pin_refuses_to_run(fleet, tiny_model_dir, monkeypatch):
+    """The fleet's own app catches a SuperNode started without the pin's flwr-clientapp (it would run any app)."""
+    monkeypatch.setenv(TRUST_ENV, str(fleet / "honest.key.pub"))
+    monkeypatch.delenv(PINNED_ENV, raising=False)
+    node = {"allow-float-base": True, "app-pins": str(fleet / "app-pins")}
+    refused, _ = _train(fleet, tiny_model_dir, "honest", **node)
+    assert refused and "not started by the pin" in refused and "flwr-clientapp" in refused
+    monkeypatch.setenv(PINNED_ENV, "1")  # what client/app_pin.py sets before it runs Flower's ClientApp process
+    refused, reply = _train(fleet, tiny_model_dir, "honest", **node)
+    assert refused is None and "arrays" in reply.content
+    pin_script = (Path(client_app.__file__).parent / "app_pin.py").read_text()
+    assert f'PINNED_ENV = "{PINNED_ENV}"' in pin_script  # the pin sets the very variable the device checks
 
 
 def test_a_run_config_cannot_switch_base_verification_off(fleet, tiny_model_dir, monkeypatch):
