@@ -6,7 +6,8 @@ enrolled round (setup, share keys, confirm, collect, consistency, unmask) is a m
 the SuperLink to a SuperNode, a fresh ClientApp process per message, the device's SecAgg+ state
 carried between them in its Flower context, its identity and enrolment named by its node config
 (``server/fleet.py`` enrols every device). The devices run the product's ClientApp behind a
-recording mod (``tests/recording_app.py``): what each one sent, and its delta before masking. A
+recording mod (``tests/recording_app.py``), pinned to it (``client/app_pin.py``): what each one
+sent, and its delta before masking. A
 fourth device, admitted to the SuperLink but enrolled by another authority, gets no shares: the
 trust lists in the node configs are what the devices check.
 """
@@ -20,7 +21,7 @@ import pytest
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from client.device import secagg_enrolment
-from server.fleet import LocalFleet, topic_devices
+from server.fleet import LocalFleet, app_hash, topic_devices
 from server.report import clients_by_name
 from shared.enrolment import enrol_identity
 from shared.secagg_stages import IDENTITY, STORY_SIGNATURE
@@ -68,11 +69,14 @@ def test_an_enrolled_fleet_sums_a_secure_round_over_the_superlink_and_only_maske
         "aggregation.secure": True,
     }
     app = recording_project(tmp_path / "project")
+    pins = tmp_path / "app-pins"  # the devices run only this app (client/app_pin.py; tests/server/test_fleet_pin.py)
+    pins.write_text(f"{app_hash(app)}\n")
     devices = topic_devices(DATA, [*TOPICS, OUTSIDER], len(TOPICS) + 1)
-    with _FleetWithOutsider(tmp_path / "fleet", devices, app_dir=app) as fleet:
+    with _FleetWithOutsider(tmp_path / "fleet", devices, app_dir=app, app_pins=pins) as fleet:
         data = fleet.run(overrides, timeout=RUN_TIMEOUT)
         identities = {name: fleet.identity(name)[0] for name in TOPICS}
         node_ids = dict(fleet.node_ids)
+        pinned = {p.stem: p.read_text(errors="replace").count("[app pin]") for p in (fleet.folder / "logs").glob("d*")}
     assert not processes_with_env("FLEETLORA_CACHE", str(tmp_path / "cache")), "a fleet process outlived the test"
     rounds = {r["round"]: r for r in data["rounds"]}
     secure = rounds[1]["secure"]
@@ -82,6 +86,7 @@ def test_an_enrolled_fleet_sums_a_secure_round_over_the_superlink_and_only_maske
 
     recorded = [m for m in read_recordings(tmp_path / "sent") if m.received["message_type"] == "train"]
     received = [m for m in recorded if m.node_id != node_ids[OUTSIDER]]
+    assert all(pinned[f"device-{name}"] == 6 for name in TOPICS), pinned  # every task ran the pinned app
     assert len(received) == 6 * 3 and not [m.error for m in received if m.error]  # six exchanges, three devices
     # the outsider's keys got no shares from the enrolled devices (their trust lists name only the fleet's
     # authority): it never reached collect, and nothing it could have masked is in the sum
