@@ -24,7 +24,6 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client import device
 from client.capability import DeviceTraining, device_training
-from client.device import check_app_pinned
 from client.fetch import FetchError, fetch_links, fetch_release
 from client.partition import Partition, partition_for
 from client.privacy import clip_and_pack
@@ -69,7 +68,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 def _answer(msg: Message, context: Context, handler: Any) -> Message:
     """Run ``handler``; a failure of :data:`REFUSALS` is this device's refusal of the round, not an exception."""
     try:
-        check_app_pinned(context.node_config)
+        device.check_app_pinned(context.node_config)
         return handler(msg, context)
     except REFUSALS as exc:
         return _refuse(msg, _name(context), _claimed_round(msg), exc)

@@ -125,10 +125,12 @@ def test_a_secure_round_shows_its_survivors_the_devices_recovered_and_the_enroll
         {"round": 2, "clients": {}, "secure": {"survivors": "5; DROP TABLE", "recovered": 0}},
         {"round": 3, "clients": {}, "secure": {"survivors": 4, "recovered": 0, "enrolled": 4}},
         {"round": 4, "clients": {}, "secure": {"survivors": 4, "recovered": 2, "enrolled": True}},
+        {"round": 5, "clients": {}, "secure": {"survivors": 4, "enrolled": 9}},  # more than the sum: a damaged log
     ]
     table = format_table({"run": {}, "rounds": rounds})
-    header, _, before, one, two, three, four = table.splitlines()[:7]
+    header, _, before, one, two, three, four, five = table.splitlines()[:8]
     assert "secure sum" in header
     assert "5 (1 recovered)" in one and "recovered" not in two and "DROP" not in table
     assert "4 (4 enrolled)" in three and "4 (2 recovered)" in four  # a count, not a flag
+    assert "enrolled" not in five and " 4 " in five
     assert "secure sum" not in format_table({"run": {}, "rounds": rounds[:1]})
