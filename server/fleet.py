@@ -57,7 +57,7 @@ from shared.certs import FleetCerts, make_fleet_certs
 from shared.cli import python_module
 from shared.enrolment import enrol_identity
 from shared.files import read_bounded
-from shared.sign import generate_key, load_private_key, write_trust_line
+from shared.sign import generate_key, load_or_generate_key, write_trust_line
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (pyproject.toml): this checkout
 CONNECTION = "fleet"
@@ -147,10 +147,9 @@ class LocalFleet:
         a device's SecAgg+ identity.
         """
         make_fleet_certs(self.certs.folder, list(self.devices))
-        for key in (self.signing_key, self.authority_key):
-            if not key.exists():
-                generate_key(key)
-        authority = load_private_key(self.authority_key)
+        if not self.signing_key.exists():
+            generate_key(self.signing_key)
+        authority = load_or_generate_key(self.authority_key)
         write_trust_line(f"{self.authority_key}.pub", authority)  # the devices' list names the key that enrols them
         for name in self.devices:
             enrol_identity(authority, *self.identity(name))
@@ -204,6 +203,7 @@ class LocalFleet:
     def node_config(self, name: str) -> dict[str, str]:
         """Return device ``name``'s node config: its data, cache, state, trust lists, TLS files and enrolment."""
         device, home = self.devices[name], self.folder / "nodes" / name
+        identity, enrolment = self.identity(name)
         return {
             "name": name,
             "train-file": str(device.train_file.resolve()),
@@ -214,8 +214,8 @@ class LocalFleet:
             "ca-file": str(self.certs.ca),
             "cert-file": str(self.certs.node_cert(name)),
             "key-file": str(self.certs.node_tls_key(name)),
-            "secagg-identity-key": str(self.identity(name)[0]),
-            "secagg-enrolment": str(self.identity(name)[1]),
+            "secagg-identity-key": str(identity),
+            "secagg-enrolment": str(enrolment),
             "secagg-enrolment-trust": f"{self.authority_key}.pub",
             **({"app-pins": str(self.app_pins)} if self.app_pins is not None else {}),
         }
@@ -231,14 +231,11 @@ class LocalFleet:
         ]
         self._start(f"device-{name}", cmd, home / "flwr", None, pinned=self.app_pins is not None)
 
-    def _pin_shim(self) -> Path:
-        return write_pin_shim(self.folder / "pin-bin")
-
     def _start(self, name: str, cmd: list[str], home: Path, address: str | None, pinned: bool = False) -> None:
         log_file = self.folder / "logs" / f"{name}.log"
         env = flower_env(home, {"PYTHONPATH": str(self.app_dir)})
         if pinned:
-            env["PATH"] = f"{self._pin_shim()}{os.pathsep}{env['PATH']}"
+            env["PATH"] = f"{write_pin_shim(self.folder / 'pin-bin')}{os.pathsep}{env['PATH']}"
         self.procs[name] = start(cmd, env, log_file, cwd=self.app_dir)
         self._save_state()
         if address is not None:

@@ -3,11 +3,11 @@
 ``up`` starts the SuperLink (TLS, SuperNode authentication), one SuperNode per device (each on
 its own topic partition, with its own identity key, TLS client certificate, cache and state, and a
 SecAgg+ identity the fleet's enrolment authority enrolled, and running only this checkout's app:
-``<dir>/app-pins``), and the artifact service (mutual TLS:
-the fleet's devices only); runs ``flwr run . fleet`` to the end;
-prints the round table; and stops every process it started. ``--keep`` leaves the fleet running
-after the run, for ``flwr`` commands against it (``FLWR_HOME=<dir>/cli flwr supernode list fleet``);
-``down`` then stops it by the PIDs in ``<dir>/fleet.json``.
+``<dir>/app-pins``), and the artifact service (mutual TLS: the fleet's devices only); runs
+``flwr run . fleet`` to the end; prints the round table; and stops every process it started.
+``--keep`` leaves the fleet running after the run, for ``flwr`` commands against it
+(``FLWR_HOME=<dir>/cli flwr supernode list fleet``); ``down`` then stops it by the PIDs in
+``<dir>/fleet.json``.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from shared.sign import (
     SIGNATURE_BYTES,
     SignatureError,
     TrustList,
-    generate_key,
+    load_or_generate_key,
     load_private_key,
     raw_key_id,
     verify_raw,
@@ -95,7 +95,7 @@ def enrol_identity(authority: Ed25519PrivateKey, key_path: Path, enrolment_path:
     For whoever holds both (a local fleet, the demo's virtual devices); a real device keeps its key
     and sends only its ``.pub`` to be enrolled (``fleetlora keys enrol``). Returns the raw identity.
     """
-    key = load_private_key(key_path) if key_path.exists() else generate_key(key_path)
+    key = load_or_generate_key(key_path)
     public = key.public_key().public_bytes_raw()
     write_enrolment(enrolment_path, public, enrol(authority, public))
     return public

@@ -86,6 +86,11 @@ def generate_key(path: str | Path, force: bool = False) -> Ed25519PrivateKey:
     return key
 
 
+def load_or_generate_key(path: Path) -> Ed25519PrivateKey:
+    """Load the key at ``path``, or make it (and its ``.pub``) there if there is none."""
+    return load_private_key(path) if path.exists() else generate_key(path)
+
+
 def write_trust_line(path: str | Path, key: Ed25519PrivateKey) -> None:
     """Write ``path``: a trust list of one line, ``key``'s public key (what ``generate_key`` writes as ``.pub``)."""
     line = public_line(key.public_key(), f"fleetlora {key_id(key.public_key())}")

@@ -34,7 +34,7 @@ from shared.atomic import write_atomic
 from shared.config import ConfigError, FleetConfig
 from shared.enrolment import enrol_identity
 from shared.model import cache_dir
-from shared.sign import generate_key, key_id, load_private_key, write_trust_line
+from shared.sign import generate_key, key_id, load_or_generate_key, write_trust_line
 from simulations.demo_infer import answer_per_domain
 from simulations.flower_local import ROOT, free_port, local_superlink, run_app
 
@@ -165,8 +165,7 @@ def enrol_devices(folder: Path, num_supernodes: int) -> Path:
     ``<folder>/devices`` as ``partition-<i>.key`` / ``.enrolment``, beside ``trust.pub`` (the
     authority), which it finds through ``FLEETLORA_SECAGG_ENROLMENT_DIR`` (``client/device.py``).
     """
-    authority_key = folder / "authority.key"
-    authority = load_private_key(authority_key) if authority_key.exists() else generate_key(authority_key)
+    authority = load_or_generate_key(folder / "authority.key")
     devices = folder / "devices"
     for pid in range(num_supernodes):
         enrol_identity(authority, *enrolment_files(devices, f"partition-{pid}")[:2])
