@@ -1,29 +1,34 @@
 """Device-side app pin: a ``flwr-clientapp`` that runs only a FAB its device's operator approved.
 
 Flower's SuperExec starts ``flwr-clientapp`` by name from PATH for every task; a device puts this
-script first on its SuperNode's PATH (``server/fleet.py`` writes the shim), so every ClientApp
-process of the device runs it instead. It wraps two globals of
+script first on its SuperNode's PATH (``fleetlora device`` does; ``shared/app_signing.py`` writes the
+shim), so every ClientApp process of the device runs it instead. It wraps two globals of
 ``flwr.supernode.runtime.run_clientapp`` (Flower 1.41) and then runs Flower's own ``flwr_clientapp()``:
 
 * ``pull_task_input``: remembers the (message, context, run, fab) it pulled from the SuperNode;
-* ``install_from_fab``: before anything of the FAB is written or imported, checks that
-  sha256(FAB bytes) is one line of the file the device's own node config names (``app-pins``),
-  that the SuperLink's claimed hashes (``run.fab_hash``, ``fab.hash_str``) are that digest, and,
+* ``install_from_fab``: before anything of the FAB is written or imported, checks that the
+  SuperLink's claimed hashes (``run.fab_hash``, ``fab.hash_str``) are sha256(FAB bytes), and that the
+  device approved that FAB: its digest is a line of the file the node config names (``app-pins``),
+  or the run's ``app-signature`` holds a valid signature over it by a key of the node config's
+  ``app-trust`` file (Flower's trusted-entities YAML and signature scheme: ``shared/app_signing.py``);
   after installing, that the directory Flower will import from holds exactly the FAB's files.
 
 A refusal raises inside Flower's ``run_clientapp`` try block, so Flower replies an ``Error`` to the
 message (the ServerApp counts a failed reply) and the process exits; no code of the FAB runs.
-A device without ``app-pins`` refuses every app (fail closed).
+A device with neither ``app-pins`` nor ``app-trust`` refuses every app (fail closed).
 
 Run it as a script (``python -P app_pin.py``), never as ``client.app_pin``: importing the ``client``
 package here would put the device's own ``client`` in ``sys.modules``, and Flower's loader would then
-import the ClientApp from it instead of from the FAB. So: stdlib and flwr only.
+import the ClientApp from it instead of from the FAB. So: stdlib and flwr (with its own dependencies,
+``cryptography`` and ``PyYAML``) only.
 """
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import io
+import json
 import os
 import re
 import zipfile
@@ -32,13 +37,25 @@ from pathlib import Path
 from typing import Any
 
 import flwr.supernode.runtime.run_clientapp as rc
+import yaml
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 from flwr.common.config import get_project_dir
 from flwr.supercore import log
+from flwr.supercore.primitives.asymmetric_ed25519 import create_message_to_sign, decode_base64url, verify_signature
 from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
 PINNED_ENV = "FLEETLORA_APP_PINNED"  # = client.device.PINNED_ENV: the product's ClientApp refuses to run without it
 PIN_KEY = "app-pins"  # node config key: a file of sha256 hex digests of approved FABs, one a line (# comments)
+TRUST_KEY = "app-trust"  # node config key: Flower's trusted-entities YAML of the app-signing keys it trusts
+SIGNATURE_KEY = "app-signature"  # run-config key: {key id: {"signature": base64url, "signed_at": int}} as JSON
 MAX_PINS_BYTES = 1 << 16
+MAX_TRUST_BYTES = 1 << 16
+MAX_SIGNATURE_CHARS = 4096  # a record is ~130 characters
+MAX_SIGNERS = 8
+MAX_KEY_ID_CHARS = 128
+SIGNATURE_BYTES = 64
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
 _pulled: dict[str, Any] = {}
@@ -52,10 +69,7 @@ class AppNotPinnedError(Exception):
 
 def read_pins(path: str) -> set[str]:
     """Return the sha256 digests the pin file lists (one a line, ``#`` comments); refuse anything else in it."""
-    with open(path, "rb") as f:  # noqa: PTH123 (bounded read: a pin file is a few lines)
-        data = f.read(MAX_PINS_BYTES + 1)
-    if len(data) > MAX_PINS_BYTES:
-        raise AppNotPinnedError(f"pin file {path} is larger than {MAX_PINS_BYTES} bytes")
+    data = _read(path, MAX_PINS_BYTES, "pin file")
     pins = set()
     for raw in data.decode(errors="replace").splitlines():
         line = raw.split("#", 1)[0].strip().lower()
@@ -66,19 +80,95 @@ def read_pins(path: str) -> set[str]:
     return pins
 
 
+def _read(path: str, limit: int, what: str) -> bytes:
+    with open(path, "rb") as f:  # noqa: PTH123 (bounded read: a few lines)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise AppNotPinnedError(f"{what} {path} is larger than {limit} bytes")
+    return data
+
+
+def read_trusted(path: str) -> dict[str, Ed25519PublicKey]:
+    """Return the app-signing keys a trust file (Flower's trusted-entities YAML) names, by key id."""
+    try:
+        entries = yaml.safe_load(_read(path, MAX_TRUST_BYTES, "trust file"))
+    except yaml.YAMLError as e:
+        raise AppNotPinnedError(f"trust file {path} is not YAML: {str(e)[:200]}") from None
+    if not isinstance(entries, dict) or not entries:
+        raise AppNotPinnedError(f"trust file {path} must map key ids to OpenSSH Ed25519 public keys")
+    trusted = {}
+    for key_id, line in entries.items():
+        if not isinstance(key_id, str) or not 0 < len(key_id) <= MAX_KEY_ID_CHARS or not isinstance(line, str):
+            raise AppNotPinnedError(f"trust file {path}: entry {str(key_id)[:70]!r} is not '<key id>: <public key>'")
+        try:
+            public = load_ssh_public_key(line.encode())
+        except (ValueError, UnsupportedAlgorithm) as e:
+            raise AppNotPinnedError(f"trust file {path}: key {key_id!r} is not an OpenSSH public key ({e})") from None
+        if not isinstance(public, Ed25519PublicKey):
+            raise AppNotPinnedError(f"trust file {path}: key {key_id!r} is not Ed25519")
+        trusted[key_id] = public
+    return trusted
+
+
+def signed_by(content: bytes, record: object, trusted: dict[str, Ed25519PublicKey]) -> str:
+    """Return the id of a trusted key whose signature in ``record`` (``app-signature``) is over this FAB.
+
+    Raises AppNotPinnedError naming what was wrong: no record, a malformed one, no trusted signer, a bad signature.
+    """
+    if not isinstance(record, str) or not record:
+        raise AppNotPinnedError(f"the run carries no {SIGNATURE_KEY}")
+    if len(record) > MAX_SIGNATURE_CHARS:
+        raise AppNotPinnedError(f"{SIGNATURE_KEY} is longer than {MAX_SIGNATURE_CHARS} characters")
+    try:
+        signers = json.loads(record)
+    except ValueError:
+        raise AppNotPinnedError(f"{SIGNATURE_KEY} is not JSON") from None
+    if not isinstance(signers, dict) or not 0 < len(signers) <= MAX_SIGNERS:
+        raise AppNotPinnedError(f"{SIGNATURE_KEY} must map 1 to {MAX_SIGNERS} key ids to signatures")
+    digest = hashlib.sha256(content).digest()
+    invalid = []
+    for key_id, entry in signers.items():
+        if key_id not in trusted:
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("signature"), str):
+            raise AppNotPinnedError(f"{SIGNATURE_KEY}: {key_id!r} has no signature string")
+        signed_at = entry.get("signed_at")
+        if type(signed_at) is not int or not 0 <= signed_at < 1 << 63:
+            raise AppNotPinnedError(f"{SIGNATURE_KEY}: {key_id!r} has no signed_at (Unix seconds)")
+        try:
+            signature = decode_base64url(entry["signature"][: 2 * SIGNATURE_BYTES])
+        except (ValueError, binascii.Error):
+            signature = b""
+        message = create_message_to_sign(digest, signed_at)
+        if len(signature) == SIGNATURE_BYTES and verify_signature(trusted[key_id], message, signature):
+            return key_id
+        invalid.append(key_id)
+    if invalid:
+        raise AppNotPinnedError(f"the signature of {invalid[0]!r} in {SIGNATURE_KEY} is not over this FAB")
+    named = ", ".join(repr(k[:40]) for k in list(signers)[:MAX_SIGNERS])
+    raise AppNotPinnedError(f"signed by {named}, none of them a key of this device's {TRUST_KEY}")
+
+
 def check_fab(node_config: dict[str, Any], run: Any, fab: Any) -> str:
-    """Return sha256(FAB) if the device pins it; raise AppNotPinnedError otherwise."""
+    """Return how this device approved the FAB (pinned, or signed by a key id); raise AppNotPinnedError otherwise."""
     digest = hashlib.sha256(fab.content).hexdigest()
-    pins_file = node_config.get(PIN_KEY)
-    if not isinstance(pins_file, str) or not pins_file:
-        raise AppNotPinnedError(f"no {PIN_KEY} in this device's node config: it runs no app")
-    if digest not in read_pins(pins_file):
-        raise AppNotPinnedError(f"app {run.fab_id!r:.60} {run.fab_version!r:.20} (sha256 {digest}) is not pinned")
+    pins_file, trust_file = (v if isinstance(v := node_config.get(k), str) else "" for k in (PIN_KEY, TRUST_KEY))
+    if not pins_file and not trust_file:
+        raise AppNotPinnedError(f"no {PIN_KEY} and no {TRUST_KEY} in this device's node config: it runs no app")
     if fab.hash_str != digest or run.fab_hash != digest:
         raise AppNotPinnedError(
             f"the SuperLink names this FAB {run.fab_hash[:16]}/{fab.hash_str[:16]}, not {digest[:16]}"
         )
-    return digest
+    app = f"app {run.fab_id!r:.60} {run.fab_version!r:.20} (sha256 {digest})"
+    if pins_file and digest in read_pins(pins_file):
+        return "pinned"
+    if not trust_file:
+        raise AppNotPinnedError(f"{app} is not pinned: not in {PIN_KEY}")
+    try:
+        key_id = signed_by(fab.content, run.override_config.get(SIGNATURE_KEY), read_trusted(trust_file))
+    except AppNotPinnedError as e:
+        raise AppNotPinnedError(f"{app} is not pinned: {'not in ' + PIN_KEY + ', ' if pins_file else ''}{e}") from None
+    return f"signed by {key_id!r}"
 
 
 def _fab_files(content: bytes) -> dict[str, bytes]:
@@ -110,7 +200,7 @@ def install_from_fab(fab_file: Any, *args: Any, **kwargs: Any) -> Path:
     _message, context, run, fab = _pulled["task"]
     if fab_file is not fab.content:
         raise AppNotPinnedError("asked to install another FAB than the one pulled")
-    check_fab(context.node_config, run, fab)
+    approved = check_fab(context.node_config, run, fab)
     installed = Path(_real_install(fab_file, *args, **kwargs))
     # Flower skips the install if <FLWR_HOME>/apps/<publisher>.<name>.<version>.<hash[:8]> exists and imports
     # from the folder it derives from run.fab_id/fab_version: both must be exactly this FAB's files.
@@ -118,7 +208,7 @@ def install_from_fab(fab_file: Any, *args: Any, **kwargs: Any) -> Path:
         raise AppNotPinnedError(f"run names app {run.fab_id!r:.60} {run.fab_version!r:.20}, the FAB another")
     if _installed_files(installed) != _fab_files(fab.content):
         raise AppNotPinnedError(f"{installed} does not hold exactly the pinned FAB's files")
-    log(INFO, "[app pin] FAB sha256 %s is pinned; loading it from %s", fab.hash_str, installed)
+    log(INFO, "[app pin] FAB sha256 %s is %s; loading it from %s", fab.hash_str, approved, installed)
     return installed
 
 

@@ -139,7 +139,7 @@ def secagg_enrolment(node_config: Mapping[str, Any]) -> tuple[Identity | None, T
 
 
 def check_app_pinned(node_config: Mapping[str, Any]) -> None:
-    """Refuse to run when the node config names ``app-pins`` but this process was not started by the pin.
+    """Refuse to run when the node config names ``app-pins`` or ``app-trust`` but the pin did not start this process.
 
     Only the fleet's own app makes this check (another app would not): it catches a SuperNode started
     without the pin's ``flwr-clientapp`` first on its PATH, which runs whatever app it is sent.
@@ -147,13 +147,14 @@ def check_app_pinned(node_config: Mapping[str, Any]) -> None:
     Raises
     ------
     DeviceConfigError
-        ``app-pins`` is set and ``client/app_pin.py`` did not start this ClientApp.
+        ``app-pins`` or ``app-trust`` is set and ``client/app_pin.py`` did not start this ClientApp.
     """
-    if "app-pins" in node_config and os.environ.get(PINNED_ENV) != "1":
+    named = [k for k in ("app-pins", "app-trust") if k in node_config]
+    if named and os.environ.get(PINNED_ENV) != "1":
         raise DeviceConfigError(
-            "this device's node config names app-pins, but its ClientApp was not started by the pin: put a folder "
-            "holding the pin's flwr-clientapp (server.fleet.write_pin_shim) first on the SuperNode's PATH; without "
-            "it the SuperNode runs any app it is sent"
+            f"this device's node config names {named[0]}, but its ClientApp was not started by the pin: start the "
+            "SuperNode with `fleetlora device -- <flower-supernode arguments>`, which puts the pin's flwr-clientapp "
+            "first on its PATH; without it the SuperNode runs any app it is sent"
         )
 
 

@@ -14,6 +14,8 @@
     store/                 the artifact store, served by ``fleetlora serve-artifacts`` over mutual TLS
     nodes/<name>/          one SuperNode each: its Flower home, release cache and state, and its SecAgg+
                            identity key with the authority's enrolment of it (``identity.key``, ``.enrolment``)
+    app-signing.key        the fleet's app-signing key (OpenSSH Ed25519; ``shared/app_signing.py``), when pinned;
+    app-trust.yaml         its public half, every device's ``app-trust``;  pin-bin/  the pin's ``flwr-clientapp``
     outputs/<run-name>/    round log and final adapter;  logs/  one log file per process
     fleet.json             what runs: every process's PID (``fleetlora fleet down`` reads it)
 
@@ -27,22 +29,22 @@ Every device is enrolled (node config ``secagg-identity-key``, ``secagg-enrolmen
 ``secagg-enrolment-trust``: ``client/device.secagg_enrolment``), so a run with
 ``aggregation.secure = true`` runs SecAgg+ against a coordinator that sends other messages than the
 protocol's too (signed keys, one survivor story); rounds without secure aggregation do not use them.
-With ``app_pins`` (``fleetlora fleet up`` sets it to the checkout's own app) every device runs only
-the app code whose FAB sha256 that file lists (``client/app_pin.py``, first on the SuperNode's PATH):
-an app submitted by anyone else, or handed over by a hostile SuperLink, is refused before any of its
-code runs (README, threat model).
+With ``app_key`` (``fleetlora fleet up`` sets it: ``app-signing.key``, made if missing) every device
+trusts that app-signing key (node config ``app-trust``: ``app-trust.yaml``), each run carries its
+signature over the FAB it sends (run config ``app-signature``), and each SuperNode is started by
+``fleetlora device`` (the app pin's ``flwr-clientapp`` first on its PATH: ``client/app_pin.py``); with
+``app_pins``, a file of FAB digests, the same for the FABs it lists. An app submitted by anyone
+without the key, or handed over by a hostile SuperLink, is refused before any of its code runs
+(README, threat model).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,7 @@ import psutil
 
 from server.processes import config_arg, flower_env, free_port, signal_tree, start, stop_pid, wait_for_port
 from server.resume import MAX_ROUND_LOG_BYTES
+from shared.app_signing import build_app, generate_app_key, load_app_key, sign_app, write_trust_file
 from shared.atomic import write_atomic
 from shared.certs import FleetCerts, make_fleet_certs
 from shared.cli import python_module
@@ -61,6 +64,7 @@ from shared.sign import generate_key, load_or_generate_key, write_trust_line
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (pyproject.toml): this checkout
 CONNECTION = "fleet"
+APP_KEY_ID = "fleet"  # the id of the fleet's app-signing key in the devices' app-trust file
 MAX_FLEET_FILE_BYTES = 1 << 20  # fleet.json: a few processes' pids and start times
 
 
@@ -100,9 +104,12 @@ class LocalFleet:
         app_dir: Path = APP_DIR,
         persistent: bool = False,
         app_pins: Path | None = None,
+        app_key: Path | None = None,
     ) -> None:
         self.folder = Path(folder).resolve()
-        self.app_pins = app_pins  # set: every device runs only FABs whose sha256 this file lists (client/app_pin.py)
+        self.app_pins = app_pins  # set: every device runs the FABs whose sha256 this file lists (client/app_pin.py)
+        self.app_key = app_key  # set: every device runs the FABs this key signed; every run is signed with it
+        self.app_trust = self.folder / "app-trust.yaml"
         self.persistent = persistent
         self.devices = {d.name: d for d in devices}
         self.app_dir = app_dir
@@ -153,6 +160,9 @@ class LocalFleet:
         write_trust_line(f"{self.authority_key}.pub", authority)  # the devices' list names the key that enrols them
         for name in self.devices:
             enrol_identity(authority, *self.identity(name))
+        if self.app_key is not None:
+            key = load_app_key(self.app_key) if self.app_key.exists() else generate_app_key(self.app_key, APP_KEY_ID)
+            write_trust_file(self.app_trust, {APP_KEY_ID: key})
 
     def identity(self, name: str) -> tuple[Path, Path]:
         """Return device ``name``'s SecAgg+ identity key file and its enrolment file."""
@@ -218,24 +228,30 @@ class LocalFleet:
             "secagg-enrolment": str(enrolment),
             "secagg-enrolment-trust": f"{self.authority_key}.pub",
             **({"app-pins": str(self.app_pins)} if self.app_pins is not None else {}),
+            **({"app-trust": str(self.app_trust)} if self.app_key is not None else {}),
         }
 
     def start_device(self, name: str) -> None:
-        """Start (or restart) device ``name``'s SuperNode with its key, data, cache and state."""
+        """Start (or restart) device ``name``'s SuperNode with its key, data, cache and state.
+
+        With ``app_pins`` or ``app_key``, through ``fleetlora device``, which starts it with the app pin's
+        ``flwr-clientapp`` first on its PATH (and refuses a node config that names no approval).
+        """
         home, node_config = self.folder / "nodes" / name, self.node_config(name)
-        cmd = [
-            "flower-supernode",
+        args = [
             *("--superlink", self.superlink_address, "--root-certificates", str(self.certs.ca)),
             *("--auth-supernode-private-key", str(self.certs.node_key(name))),
             *("--port", str(free_port()), "--node-config", config_arg(node_config)),
         ]
-        self._start(f"device-{name}", cmd, home / "flwr", None, pinned=self.app_pins is not None)
+        if self.app_pins is not None or self.app_key is not None:
+            cmd = python_module("shared.cli", "device", "--pin-dir", str(self.folder / "pin-bin"), "--", *args)
+        else:
+            cmd = ["flower-supernode", *args]
+        self._start(f"device-{name}", cmd, home / "flwr", None)
 
-    def _start(self, name: str, cmd: list[str], home: Path, address: str | None, pinned: bool = False) -> None:
+    def _start(self, name: str, cmd: list[str], home: Path, address: str | None) -> None:
         log_file = self.folder / "logs" / f"{name}.log"
         env = flower_env(home, {"PYTHONPATH": str(self.app_dir)})
-        if pinned:
-            env["PATH"] = f"{write_pin_shim(self.folder / 'pin-bin')}{os.pathsep}{env['PATH']}"
         self.procs[name] = start(cmd, env, log_file, cwd=self.app_dir)
         self._save_state()
         if address is not None:
@@ -252,8 +268,14 @@ class LocalFleet:
             "base.address": self.artifact_address,
             "signing.key": str(self.signing_key),
             "signing.trust-file": f"{self.signing_key}.pub",
+            **({"app-signature": self._app_signature()} if self.app_key is not None else {}),
             **overrides,
         }
+
+    def _app_signature(self) -> str:
+        """Sign the FAB ``flwr run`` will send of ``app_dir`` with the fleet's app-signing key."""
+        assert self.app_key is not None
+        return sign_app(build_app(self.app_dir), load_app_key(self.app_key), APP_KEY_ID)
 
     def start_run(self, overrides: Mapping[str, Any], log_file: Path | None = None) -> subprocess.Popen[bytes]:
         """Start ``flwr run <app> fleet --stream`` (returns at once); its output goes to ``log_file``."""
@@ -347,31 +369,6 @@ class LocalFleet:
         state = {"superlink": self.superlink_address, "artifacts": self.artifact_address, "processes": procs}
         self.folder.mkdir(parents=True, exist_ok=True)
         write_atomic(self.folder / "fleet.json", json.dumps(state, indent=1).encode())  # `fleet down` relies on it
-
-
-def write_pin_shim(folder: Path) -> Path:
-    """Write ``folder/flwr-clientapp``, which runs ``client/app_pin.py``; return ``folder``, to go first on PATH.
-
-    A SuperNode whose PATH starts with it runs only the FABs its node config's ``app-pins`` file lists;
-    the script is this checkout's, the device's own, never the FAB's.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    script = Path(__file__).resolve().parents[1] / "client" / "app_pin.py"
-    shim = folder / "flwr-clientapp"
-    write_atomic(shim, f'#!/bin/sh\nexec "{sys.executable}" -P "{script}" "$@"\n'.encode(), mode=0o755)
-    return folder
-
-
-def app_hash(app_dir: Path = APP_DIR) -> str:
-    """Return the sha256 of the FAB ``flwr run <app_dir>`` sends (Flower builds it reproducibly: fixed dates).
-
-    Any file Flower packs (``*.py``, ``*.md``, ``*.toml``, ... not ignored by ``.gitignore``) changes it.
-    """
-    from flwr.cli.build import build_fab_from_disk
-
-    with warnings.catch_warnings():  # Flower's build matches .gitignore with pathspec's deprecated 'gitwildmatch'
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        return hashlib.sha256(build_fab_from_disk(app_dir)).hexdigest()
 
 
 def stop_recorded(folder: str | Path) -> list[str]:

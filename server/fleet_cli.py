@@ -2,9 +2,10 @@
 
 ``up`` starts the SuperLink (TLS, SuperNode authentication), one SuperNode per device (each on
 its own topic partition, with its own identity key, TLS client certificate, cache and state, and a
-SecAgg+ identity the fleet's enrolment authority enrolled, and running only this checkout's app:
-``<dir>/app-pins``), and the artifact service (mutual TLS: the fleet's devices only); runs
-``flwr run . fleet`` to the end; prints the round table; and stops every process it started.
+SecAgg+ identity the fleet's enrolment authority enrolled, and running only apps the fleet's
+app-signing key ``<dir>/app-signing.key`` signed: each run signs this checkout's), and the artifact
+service (mutual TLS: the fleet's devices only); runs ``flwr run . fleet`` to the end; prints the
+round table; and stops every process it started.
 ``--keep`` leaves the fleet running after the run, for ``flwr`` commands against it
 (``FLWR_HOME=<dir>/cli flwr supernode list fleet``); ``down`` then stops it by the PIDs in
 ``<dir>/fleet.json``.
@@ -21,9 +22,8 @@ from typing import Any
 
 from flwr.common.config import flatten_dict
 
-from server.fleet import APP_DIR, LocalFleet, app_hash, stop_recorded, topic_devices
+from server.fleet import APP_DIR, LocalFleet, stop_recorded, topic_devices
 from server.report import format_table
-from shared.atomic import write_atomic
 from shared.config import FleetConfig
 
 DEFAULT_DIR = Path("outputs/fleet")
@@ -69,10 +69,8 @@ def _up(args: argparse.Namespace) -> int:
         shutil.rmtree(args.dir, ignore_errors=True)
     devices = topic_devices((APP_DIR / cfg.data_dir).resolve(), list(cfg.topics), args.nodes)
     t0 = time.time()
-    pins = args.dir.resolve() / "app-pins"  # the devices run only this checkout's app, as it is now
-    args.dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(pins, f"# fleetlora fleet up: the FAB of {APP_DIR}\n{app_hash(APP_DIR)}\n".encode())
-    fleet = LocalFleet(args.dir, devices, app_pins=pins)
+    # the devices run only apps the fleet's app-signing key signed: each run signs this checkout's, as it is now
+    fleet = LocalFleet(args.dir, devices, app_key=args.dir.resolve() / "app-signing.key")
     with fleet:
         print(
             f"fleet: SuperLink on {fleet.superlink_address} (TLS, SuperNode auth), {args.nodes} SuperNodes, "

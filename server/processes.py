@@ -179,7 +179,13 @@ def toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+    text = str(value)
+    if '"' not in text:
+        return json.dumps(text)  # a JSON string is a valid TOML basic string
+    # Flower splits the argument with '"[^"]*"' before parsing TOML: an escaped quote would end the value
+    if "'" in text or "\n" in text:
+        raise ValueError(f"a config value cannot hold both quote kinds or a newline: {text[:70]!r}")
+    return f"'{text}'"  # a TOML literal string: no escapes
 
 
 def config_arg(values: Mapping[str, Any]) -> str:

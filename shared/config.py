@@ -73,6 +73,7 @@ MAX_SLOWDOWN = 100
 MAX_TRAIN_STEPS = 100_000  # local steps a round may ask of a device (the demo's are 30); more is not a round
 MAX_SERVER_ROUNDS = 100_000  # 10^15 was accepted: a DP run's start then projected epsilon round count by count
 MAX_ROUND_TIMEOUT = 7 * 24 * 3600.0  # a week: a phase that waits longer for a silent device is stopped by it
+MAX_APP_SIGNATURE_CHARS = 4096  # = client/app_pin.py MAX_SIGNATURE_CHARS: a signature record is ~130
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,9 @@ class FleetConfig:
     """Federated rounds."""
     min_clients: int = 4
     """A round waits for this many connected clients and fails with fewer."""
+    app_signature: str = ""  # at most MAX_APP_SIGNATURE_CHARS
+    """A signature over the app this run ships, for devices that run only signed apps (``fleetlora app
+    sign``; read by each device's app pin, ``client/app_pin.py``; the coordinator ignores it)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -248,6 +252,8 @@ class FleetConfig:
         _check(0 < self.fraction_train <= 1, "fraction-train", self.fraction_train, "must be in (0, 1]")
         _check(0 <= self.fraction_evaluate <= 1, "fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
         _check(all(c.isalnum() or c in "._-" for c in self.run_id), "run-id", self.run_id, "must be [A-Za-z0-9._-]")
+        why = f"must be at most {MAX_APP_SIGNATURE_CHARS} characters"
+        _check(len(self.app_signature) <= MAX_APP_SIGNATURE_CHARS, "app-signature", len(self.app_signature), why)
         _check(len(self.topics) >= 1, "topics", self.topics, "must name at least one topic")
         plain = all(FOLDER_NAME.fullmatch(t) for t in self.topics)  # each names a folder of data-dir
         _check(plain, "topics", ",".join(self.topics)[:80], "must be plain folder names ([A-Za-z0-9._-], no '/')")

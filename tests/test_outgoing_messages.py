@@ -71,6 +71,7 @@ def recording_project(dest: Path) -> Path:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     pyproject["project"].pop("readme", None)  # not copied
     pyproject["tool"]["flwr"]["app"]["components"]["clientapp"] = "tests.recording_app:app"
+    pyproject["tool"]["flwr"]["app"]["fab-include"].append("tests/**")
     (dest / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
     return dest
 

@@ -122,13 +122,14 @@ def test_the_device_trusts_only_its_own_list(fleet, tiny_model_dir, monkeypatch)
     assert refused is None and "arrays" in reply.content  # the honest release installs and trains
 
 
-def test_a_device_with_app_pins_not_started_by_the_pin_refuses_to_run(fleet, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("approval", ["app-pins", "app-trust"])
+def test_a_device_with_app_pins_not_started_by_the_pin_refuses_to_run(fleet, tiny_model_dir, monkeypatch, approval):
     """The fleet's own app catches a SuperNode started without the pin's flwr-clientapp (it would run any app)."""
     monkeypatch.setenv(TRUST_ENV, str(fleet / "honest.key.pub"))
     monkeypatch.delenv(PINNED_ENV, raising=False)
-    node = {"allow-float-base": True, "app-pins": str(fleet / "app-pins")}
+    node = {"allow-float-base": True, approval: str(fleet / approval)}
     refused, _ = _train(fleet, tiny_model_dir, "honest", **node)
-    assert refused and "not started by the pin" in refused and "flwr-clientapp" in refused
+    assert refused and "not started by the pin" in refused and "fleetlora device" in refused
     monkeypatch.setenv(PINNED_ENV, "1")  # what client/app_pin.py sets before it runs Flower's ClientApp process
     refused, reply = _train(fleet, tiny_model_dir, "honest", **node)
     assert refused is None and "arrays" in reply.content

@@ -6,8 +6,8 @@ enrolled round (setup, share keys, confirm, collect, consistency, unmask) is a m
 the SuperLink to a SuperNode, a fresh ClientApp process per message, the device's SecAgg+ state
 carried between them in its Flower context, its identity and enrolment named by its node config
 (``server/fleet.py`` enrols every device). The devices run the product's ClientApp behind a
-recording mod (``tests/recording_app.py``), pinned to it (``client/app_pin.py``): what each one
-sent, and its delta before masking. A
+recording mod (``tests/recording_app.py``): what each one sent, and its delta before masking. Each
+runs it only because the run carries the fleet's app-signing key's signature of it (``client/app_pin.py``). A
 fourth device, admitted to the SuperLink but enrolled by another authority, gets no shares: the
 trust lists in the node configs are what the devices check.
 """
@@ -21,7 +21,7 @@ import pytest
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from client.device import secagg_enrolment
-from server.fleet import LocalFleet, app_hash, topic_devices
+from server.fleet import LocalFleet, topic_devices
 from server.report import clients_by_name
 from shared.enrolment import enrol_identity
 from shared.secagg_stages import IDENTITY, STORY_SIGNATURE
@@ -69,14 +69,15 @@ def test_an_enrolled_fleet_sums_a_secure_round_over_the_superlink_and_only_maske
         "aggregation.secure": True,
     }
     app = recording_project(tmp_path / "project")
-    pins = tmp_path / "app-pins"  # the devices run only this app (client/app_pin.py; tests/server/test_fleet_pin.py)
-    pins.write_text(f"{app_hash(app)}\n")
     devices = topic_devices(DATA, [*TOPICS, OUTSIDER], len(TOPICS) + 1)
-    with _FleetWithOutsider(tmp_path / "fleet", devices, app_dir=app, app_pins=pins) as fleet:
+    # the devices run only apps the fleet's app-signing key signed; the run carries its signature of this one
+    # (client/app_pin.py; tests/server/test_fleet_pin.py)
+    with _FleetWithOutsider(tmp_path / "fleet", devices, app_dir=app, app_key=tmp_path / "app.key") as fleet:
         data = fleet.run(overrides, timeout=RUN_TIMEOUT)
         identities = {name: fleet.identity(name)[0] for name in TOPICS}
         node_ids = dict(fleet.node_ids)
-        pinned = {p.stem: p.read_text(errors="replace").count("[app pin]") for p in (fleet.folder / "logs").glob("d*")}
+        logs = (fleet.folder / "logs").glob("device-*")
+        pinned = {p.stem: p.read_text(errors="replace").count("is signed by 'fleet'; loading it") for p in logs}
     assert not processes_with_env("FLEETLORA_CACHE", str(tmp_path / "cache")), "a fleet process outlived the test"
     rounds = {r["round"]: r for r in data["rounds"]}
     secure = rounds[1]["secure"]

@@ -1,0 +1,75 @@
+r"""``fleetlora device``: start this device's SuperNode so that it runs only the app its operator approved.
+
+A SuperNode runs whatever ClientApp each run ships unless the app pin's ``flwr-clientapp`` comes
+first on its PATH (``client/app_pin.py``). Starting ``flower-supernode`` by hand, one forgotten
+PATH entry runs any app; this command cannot forget it: it checks that the node config names
+``app-pins`` or ``app-trust`` (and that the file reads), writes the shim, puts it first on PATH and
+replaces itself with ``flower-supernode`` and the arguments given after ``--`` (same PID: a service
+manager that started this command stops the SuperNode)::
+
+    fleetlora device -- --superlink coordinator:8000 --root-certificates ca.pem \
+        --auth-supernode-private-key device.key --node-config "app-trust='app-trust.yaml' ..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from shared.app_signing import write_pin_shim
+from shared.files import read_bounded
+
+PIN_KEYS = ("app-pins", "app-trust")  # = client/app_pin.py PIN_KEY, TRUST_KEY
+MAX_APPROVAL_FILE_BYTES = 1 << 16  # = client/app_pin.py MAX_PINS_BYTES, MAX_TRUST_BYTES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``device`` subcommand."""
+    p = sub.add_parser("device", help="start this device's SuperNode running only approved apps (the app pin)")
+    p.add_argument(
+        "--pin-dir", type=Path, default=None, help="folder for the pin's flwr-clientapp (default <state-dir>/pin-bin)"
+    )
+    p.add_argument("supernode_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
+    p.set_defaults(func=_device)
+
+
+def supernode_command(args: list[str], pin_dir: Path | None) -> tuple[list[str], dict[str, str]]:
+    """Return the ``flower-supernode`` command and environment that run only approved apps; refuse otherwise."""
+    from click import ClickException
+    from flwr.common.config import parse_config_args
+
+    if args and args[0] == "--":
+        args = args[1:]
+    values = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--node-config"]
+    values += [a.split("=", 1)[1] for a in args if a.startswith("--node-config=")]
+    if len(values) != 1:
+        raise ValueError("give flower-supernode exactly one --node-config, naming app-pins or app-trust")
+    try:
+        node_config = parse_config_args(values)
+    except (ValueError, TypeError, OSError, ClickException) as e:
+        raise ValueError(f"--node-config does not parse: {e}") from None
+    named = {k: v for k in PIN_KEYS if isinstance(v := node_config.get(k), str) and v}
+    if not named:
+        raise ValueError(f"the node config names neither {' nor '.join(PIN_KEYS)}: this device would run no app")
+    for path in named.values():
+        read_bounded(path, MAX_APPROVAL_FILE_BYTES)  # a missing or oversized file fails here, not at the first round
+    state_dir = node_config.get("state-dir")
+    folder = pin_dir or (Path(state_dir) / "pin-bin" if isinstance(state_dir, str) and state_dir else None)
+    if folder is None:
+        raise ValueError("give --pin-dir, or a state-dir in the node config (the pin's flwr-clientapp goes there)")
+    # this interpreter's (its venv's bin: flower-supernode, and the flower-superexec it starts by name), then PATH
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    exe = shutil.which("flower-supernode", path=path)
+    if exe is None:
+        raise RuntimeError("flower-supernode is not installed here (pip install 'fleetlora[device]')")
+    env = dict(os.environ)
+    env["PATH"] = f"{write_pin_shim(folder.resolve())}{os.pathsep}{path}"
+    return [exe, *args], env
+
+
+def _device(args: argparse.Namespace) -> int:
+    cmd, env = supernode_command(list(args.supernode_args), args.pin_dir)
+    os.execve(cmd[0], cmd, env)  # noqa: S606 (the SuperNode replaces this process: same PID)
