@@ -14,7 +14,7 @@ import argparse
 import re
 from pathlib import Path
 
-from server.processes import toml_value
+from server.config_args import toml_value
 from shared.app_signing import APP_DIR, SIGNATURE_KEY, app_hash, build_app, generate_app_key, load_app_key, sign_app
 from shared.atomic import write_atomic
 

@@ -52,7 +52,8 @@ from typing import Any
 
 import psutil
 
-from server.processes import config_arg, flower_env, free_port, signal_tree, start, stop_pid, wait_for_port
+from server.config_args import config_arg
+from server.processes import flower_env, free_port, signal_tree, start, stop_pid, wait_for_port
 from server.resume import MAX_ROUND_LOG_BYTES
 from shared.app_signing import build_app, generate_app_key, load_app_key, sign_app, write_trust_file
 from shared.atomic import write_atomic

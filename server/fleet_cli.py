@@ -22,6 +22,7 @@ from typing import Any
 
 from flwr.common.config import flatten_dict
 
+from server.config_args import parse_overrides
 from server.fleet import APP_DIR, LocalFleet, stop_recorded, topic_devices
 from server.report import format_table
 from shared.config import FleetConfig
@@ -59,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _up(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         raise ValueError("--nodes must be >= 1")
-    overrides = {**FLEET_DEFAULTS, **_parse(args.run_config)}
+    overrides = {**FLEET_DEFAULTS, **parse_overrides(args.run_config)}
     defaults = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     cfg = FleetConfig.from_run_config(flatten_dict(defaults) | overrides)  # a bad key fails before anything starts
     if cfg.min_clients > args.nodes:
@@ -93,16 +94,3 @@ def _down(args: argparse.Namespace) -> int:
     stopped = stop_recorded(args.dir)
     print(f"fleet: stopped {', '.join(stopped)}" if stopped else f"fleet: nothing of {args.dir} was running")
     return 0
-
-
-def _parse(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--run-config '{item}' is not KEY=VALUE")
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = raw
-    return out

@@ -22,7 +22,6 @@ as it is; ``FLEETLORA_ALLOCATOR=glibc`` keeps the system's.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -31,7 +30,6 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import psutil
 
@@ -171,23 +169,3 @@ def stop_process_tree(proc: subprocess.Popen[bytes], grace: float = 15.0) -> Non
     stop_pid(proc.pid, grace)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
-
-
-def toml_value(value: Any) -> str:
-    """Format a value as Flower's ``--run-config`` parser (TOML) reads it."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    text = str(value)
-    if '"' not in text:
-        return json.dumps(text)  # a JSON string is a valid TOML basic string
-    # Flower splits the argument with '"[^"]*"' before parsing TOML: an escaped quote would end the value
-    if "'" in text or "\n" in text:
-        raise ValueError(f"a config value cannot hold both quote kinds or a newline: {text[:70]!r}")
-    return f"'{text}'"  # a TOML literal string: no escapes
-
-
-def config_arg(values: Mapping[str, Any]) -> str:
-    """One ``--run-config`` / ``--node-config`` argument: space-separated ``key=value`` pairs."""
-    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())

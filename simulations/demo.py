@@ -28,6 +28,7 @@ from client.device import (
     TRUST_ENV,
     enrolment_files,
 )
+from server.config_args import parse_overrides
 from server.dashboard.cli import Dashboard, read_token, start
 from server.report import format_table
 from shared.atomic import write_atomic
@@ -57,20 +58,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> Any:
             yield from _flatten(v, f"{prefix}{k}.")
         else:
             yield f"{prefix}{k}", v
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs; values are TOML scalars (``5``, ``1e-3``, ``"text"``) or bare strings."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--run-config '{item}' is not KEY=VALUE")
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = raw
-    return out
 
 
 def run_demo(

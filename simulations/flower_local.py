@@ -19,7 +19,8 @@ from typing import Any
 
 import tomli_w
 
-from server.processes import flower_env, free_port, stop_process_tree, toml_value, wait_for_port
+from server.config_args import toml_value
+from server.processes import flower_env, free_port, stop_process_tree, wait_for_port
 
 __all__ = ["flower_env", "free_port", "local_superlink", "run_app", "stop_process_tree", "toml_value"]
 

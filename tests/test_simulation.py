@@ -10,7 +10,8 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from server.processes import config_arg, free_port, stop_pid
+from server.config_args import config_arg
+from server.processes import free_port, stop_pid
 from server.report import clients_by_name
 from server.state import StateStore
 from server.state.queries import run_view

@@ -28,7 +28,7 @@ from flwr.supernode.start_client_internal import _verify_fab
 
 from client.app_pin import AppNotPinnedError, check_fab
 from client.device_cli import supernode_command
-from server.processes import config_arg
+from server.config_args import config_arg
 from shared.app_signing import APP_DIR, app_hash, build_app, generate_app_key, load_app_key, sign_app
 from shared.cli import python_module
 
@@ -196,7 +196,7 @@ def test_the_cli_signs_the_fab_flwr_run_sends_as_one_run_config_pair(keys, tmp_p
     record = parse_config_args([f"num-server-rounds=2 {pair}"])["app-signature"]  # Flower's own --run-config parser
     fab = build_app(app)
     assert check_fab({"app-trust": str(keys.trust)}, *_task(fab, record)) == "signed by 'fleet'"
-    # the fleet's processes pass it the same way (server.processes.config_arg)
+    # the fleet's processes pass it the same way (server.config_args.config_arg)
     assert parse_config_args([config_arg({"app-signature": record, "run-name": "a b"})])["app-signature"] == record
 
 
