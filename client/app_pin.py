@@ -10,7 +10,8 @@ shim), so every ClientApp process of the device runs it instead. It wraps two gl
   SuperLink's claimed hashes (``run.fab_hash``, ``fab.hash_str``) are sha256(FAB bytes), and that the
   device approved that FAB: its digest is a line of the file the node config names (``app-pins``),
   or the run's ``app-signature`` holds a valid signature over it by a key of the node config's
-  ``app-trust`` file (Flower's trusted-entities YAML and signature scheme: ``shared/app_signing.py``);
+  ``app-trust`` file (Flower's trusted-entities YAML and signature scheme: ``shared/app_signing.py``),
+  made no earlier than the node config's ``app-signed-after`` (Unix seconds, default 0);
   after installing, that the directory Flower will import from holds exactly the FAB's files.
 
 A refusal raises inside Flower's ``run_clientapp`` try block, so Flower replies an ``Error`` to the
@@ -50,6 +51,7 @@ PINNED_ENV = "FLEETLORA_APP_PINNED"  # = client.device.PINNED_ENV: the product's
 PIN_KEY = "app-pins"  # node config key: a file of sha256 hex digests of approved FABs, one a line (# comments)
 TRUST_KEY = "app-trust"  # node config key: Flower's trusted-entities YAML of the app-signing keys it trusts
 SIGNATURE_KEY = "app-signature"  # run-config key: {key id: {"signature": base64url, "signed_at": int}} as JSON
+SIGNED_AFTER_KEY = "app-signed-after"  # node config key: Unix seconds; a signature made before it is refused
 MAX_PINS_BYTES = 1 << 16
 MAX_TRUST_BYTES = 1 << 16
 MAX_SIGNATURE_CHARS = 4096  # a record is ~130 characters
@@ -92,7 +94,7 @@ def read_trusted(path: str) -> dict[str, Ed25519PublicKey]:
     """Return the app-signing keys a trust file (Flower's trusted-entities YAML) names, by key id."""
     try:
         entries = yaml.safe_load(_read(path, MAX_TRUST_BYTES, "trust file"))
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, RecursionError) as e:
         raise AppNotPinnedError(f"trust file {path} is not YAML: {str(e)[:200]}") from None
     if not isinstance(entries, dict) or not entries:
         raise AppNotPinnedError(f"trust file {path} must map key ids to OpenSSH Ed25519 public keys")
@@ -110,8 +112,11 @@ def read_trusted(path: str) -> dict[str, Ed25519PublicKey]:
     return trusted
 
 
-def signed_by(content: bytes, record: object, trusted: dict[str, Ed25519PublicKey]) -> str:
+def signed_by(content: bytes, record: object, trusted: dict[str, Ed25519PublicKey], signed_after: int = 0) -> str:
     """Return the id of a trusted key whose signature in ``record`` (``app-signature``) is over this FAB.
+
+    A signature made before ``signed_after`` (Unix seconds) does not count: the device's way to withdraw
+    every app signed before a date (a version found unsafe) without replacing the key.
 
     Raises AppNotPinnedError naming what was wrong: no record, a malformed one, no trusted signer, a bad signature.
     """
@@ -121,12 +126,15 @@ def signed_by(content: bytes, record: object, trusted: dict[str, Ed25519PublicKe
         raise AppNotPinnedError(f"{SIGNATURE_KEY} is longer than {MAX_SIGNATURE_CHARS} characters")
     try:
         signers = json.loads(record)
-    except ValueError:
-        raise AppNotPinnedError(f"{SIGNATURE_KEY} is not JSON") from None
+    except (ValueError, RecursionError):
+        stripped = record.startswith("{") and '"' not in record
+        hint = ' (a shell stripped its double quotes? pass it as --run-config "$(fleetlora app sign ...)")'
+        raise AppNotPinnedError(f"{SIGNATURE_KEY} is not JSON{hint if stripped else ''}") from None
     if not isinstance(signers, dict) or not 0 < len(signers) <= MAX_SIGNERS:
         raise AppNotPinnedError(f"{SIGNATURE_KEY} must map 1 to {MAX_SIGNERS} key ids to signatures")
     digest = hashlib.sha256(content).digest()
-    invalid = []
+    invalid: list[str] = []
+    stale: list[tuple[str, int]] = []
     for key_id, entry in signers.items():
         if key_id not in trusted:
             continue
@@ -141,10 +149,18 @@ def signed_by(content: bytes, record: object, trusted: dict[str, Ed25519PublicKe
             signature = b""
         message = create_message_to_sign(digest, signed_at)
         if len(signature) == SIGNATURE_BYTES and verify_signature(trusted[key_id], message, signature):
-            return key_id
+            if signed_at >= signed_after:
+                return key_id
+            stale.append((key_id, signed_at))
+            continue
         invalid.append(key_id)
     if invalid:
         raise AppNotPinnedError(f"the signature of {invalid[0]!r} in {SIGNATURE_KEY} is not over this FAB")
+    if stale:
+        key_id, when = stale[0]
+        raise AppNotPinnedError(
+            f"{key_id!r} signed it at {when}, before this device's {SIGNED_AFTER_KEY} {signed_after}"
+        )
     named = ", ".join(repr(k[:40]) for k in list(signers)[:MAX_SIGNERS])
     raise AppNotPinnedError(f"signed by {named}, none of them a key of this device's {TRUST_KEY}")
 
@@ -164,8 +180,11 @@ def check_fab(node_config: dict[str, Any], run: Any, fab: Any) -> str:
         return "pinned"
     if not trust_file:
         raise AppNotPinnedError(f"{app} is not pinned: not in {PIN_KEY}")
+    signed_after = node_config.get(SIGNED_AFTER_KEY, 0)
+    if type(signed_after) is not int or signed_after < 0:  # fail closed: a floor that does not parse withdraws all
+        raise AppNotPinnedError(f"{SIGNED_AFTER_KEY} in the node config must be Unix seconds, got {signed_after!r:.40}")
     try:
-        key_id = signed_by(fab.content, run.override_config.get(SIGNATURE_KEY), read_trusted(trust_file))
+        key_id = signed_by(fab.content, run.override_config.get(SIGNATURE_KEY), read_trusted(trust_file), signed_after)
     except AppNotPinnedError as e:
         raise AppNotPinnedError(f"{app} is not pinned: {'not in ' + PIN_KEY + ', ' if pins_file else ''}{e}") from None
     return f"signed by {key_id!r}"

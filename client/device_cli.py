@@ -5,7 +5,8 @@ first on its PATH (``client/app_pin.py``). Starting ``flower-supernode`` by hand
 PATH entry runs any app; this command cannot forget it: it checks that the node config names
 ``app-pins`` or ``app-trust`` (and that the file reads), writes the shim, puts it first on PATH and
 replaces itself with ``flower-supernode`` and the arguments given after ``--`` (same PID: a service
-manager that started this command stops the SuperNode)::
+manager that started this command stops the SuperNode). It refuses ``--isolation process`` (the
+SuperNode then starts no ClientApp process of its own, so no pin would check what runs)::
 
     fleetlora device -- --superlink coordinator:8000 --root-certificates ca.pem \
         --auth-supernode-private-key device.key --node-config "app-trust='app-trust.yaml' ..."
@@ -18,6 +19,9 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import NoReturn
+
+from click import ClickException
 
 from shared.app_signing import write_pin_shim
 from shared.files import read_bounded
@@ -37,18 +41,32 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def supernode_command(args: list[str], pin_dir: Path | None) -> tuple[list[str], dict[str, str]]:
-    """Return the ``flower-supernode`` command and environment that run only approved apps; refuse otherwise."""
-    from click import ClickException
+    """Return the ``flower-supernode`` command and environment that run only approved apps; refuse otherwise.
+
+    The arguments are read by ``flower-supernode``'s own parser (prefixes, repeats and all), so the node
+    config checked here is the one the SuperNode uses.
+    """
     from flwr.common.config import parse_config_args
+    from flwr.common.constant import ISOLATION_MODE_SUBPROCESS
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
     if args and args[0] == "--":
         args = args[1:]
-    values = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--node-config"]
-    values += [a.split("=", 1)[1] for a in args if a.startswith("--node-config=")]
-    if len(values) != 1:
-        raise ValueError("give flower-supernode exactly one --node-config, naming app-pins or app-trust")
+    parser = _parse_args_run_supernode()
+    parser.prog = "flower-supernode"
+
+    def refuse(message: str) -> NoReturn:
+        raise ValueError(f"flower-supernode's arguments: {message}")
+
+    parser.error = refuse  # type: ignore[method-assign]  # a refusal names it; argparse would exit
+    parsed = parser.parse_args(args)
+    if parsed.isolation != ISOLATION_MODE_SUBPROCESS:
+        raise ValueError(
+            f"--isolation {parsed.isolation}: the SuperNode would start no flwr-clientapp of its own (an outside "
+            "process serves its tasks), so the pin could not check them; run it in subprocess isolation (the default)"
+        )
     try:
-        node_config = parse_config_args(values)
+        node_config = parse_config_args([parsed.node_config] if parsed.node_config else None)
     except (ValueError, TypeError, OSError, ClickException) as e:
         raise ValueError(f"--node-config does not parse: {e}") from None
     named = {k: v for k in PIN_KEYS if isinstance(v := node_config.get(k), str) and v}

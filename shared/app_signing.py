@@ -107,9 +107,17 @@ def write_pin_shim(folder: Path) -> Path:
     """Write ``folder/flwr-clientapp``, which runs ``client/app_pin.py``; return ``folder``, to go first on PATH.
 
     A SuperNode whose PATH starts with it runs only the FABs its node config's ``app-pins`` lists or
-    a key of its ``app-trust`` signed; the script is this checkout's, the device's own, never the FAB's.
+    a key of its ``app-trust`` signed, and only as ClientApps (every other process Flower starts for a
+    task refuses); the script is this checkout's, the device's own, never the FAB's.
     """
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+
     folder.mkdir(parents=True, exist_ok=True)
     shim = folder / "flwr-clientapp"
     write_atomic(shim, f'#!/bin/sh\nexec "{sys.executable}" -P "{PIN_SCRIPT}" "$@"\n'.encode(), mode=0o755)
+    # SuperExec starts the process of each task type by name: a run whose FAB declares another component (an
+    # AgentApp: any submitter's) would run Flower's own flwr-agentapp, unchecked. A device runs ClientApps only.
+    for command in sorted(set(TASK_TYPE_TO_COMMAND.values()) - {shim.name}):
+        refuse = f'#!/bin/sh\necho "[app pin] this device runs ClientApps only: refused {command}" >&2\nexit 1\n'
+        write_atomic(folder / command, refuse.encode(), mode=0o755)
     return folder

@@ -29,7 +29,7 @@ from flwr.supernode.start_client_internal import _verify_fab
 from client.app_pin import AppNotPinnedError, check_fab
 from client.device_cli import supernode_command
 from server.config_args import config_arg
-from shared.app_signing import APP_DIR, app_hash, build_app, generate_app_key, load_app_key, sign_app
+from shared.app_signing import APP_DIR, app_hash, build_app, generate_app_key, load_app_key, sign_app, write_pin_shim
 from shared.cli import python_module
 
 FAB = b"PK\x03\x04 the fleet's app"
@@ -95,6 +95,8 @@ def _tampered(record: str, **entry: object) -> str:
         (lambda r: _tampered(r, signature="%%%"), "not over this FAB"),
         (lambda r: _tampered(r, signature=json.loads(r)["fleet"]["signature"][:-4]), "not over this FAB"),
         (lambda r: _tampered(r, signature="A" * 200), "not over this FAB"),
+        (lambda r: "[" * 2000 + "]" * 2000, "not JSON"),  # nesting that overflows the parser's recursion
+        (lambda r: r.replace('"', ""), "a shell stripped its double quotes"),
     ],
 )
 def test_a_malformed_signature_record_is_a_refusal_that_says_what_is_wrong(keys, make, why):
@@ -114,6 +116,7 @@ def test_a_malformed_trust_file_refuses_every_app(keys, tmp_path):
         f"fleet: {ssh_ec}\n": "is not Ed25519",
         "fleet: 7\n": "is not '<key id>: <public key>'",
         "x" * 70_000: "larger than",
+        "[" * 20_000: "not YAML",  # nesting that overflows the parser's recursion
     }
     for i, (text, why) in enumerate(cases.items()):
         path = tmp_path / f"trust-{i}.yaml"
@@ -130,6 +133,15 @@ def test_pins_and_signatures_each_approve_and_neither_refuses(keys, tmp_path):
     assert check_fab(both, *_task(OTHER, sign_app(OTHER, keys.fleet, "fleet"))) == "signed by 'fleet'"
     assert "not in app-pins, signed by 'other'" in _refusal(both, OTHER, sign_app(OTHER, keys.other, "other"))
     assert "it runs no app" in _refusal({}, FAB, sign_app(FAB, keys.fleet, "fleet"))
+
+
+def test_a_device_withdraws_every_app_signed_before_its_floor(keys):
+    node = {"app-trust": str(keys.trust), "app-signed-after": 2_000_000_000}
+    old, new = (sign_app(FAB, keys.fleet, "fleet", signed_at=t) for t in (1_999_999_999, 2_000_000_000))
+    assert "signed it at 1999999999, before this device's app-signed-after" in _refusal(node, FAB, old)
+    assert check_fab(node, *_task(FAB, new)) == "signed by 'fleet'"
+    for floor in ("2000000000", -1, 1.5):  # a floor that does not parse withdraws every app
+        assert "must be Unix seconds" in _refusal({**node, "app-signed-after": floor}, FAB, new)
 
 
 def test_a_signed_fab_the_superlink_names_by_another_hash_is_refused(keys):
@@ -210,10 +222,26 @@ def test_the_device_launcher_starts_the_supernode_with_the_pin_first_on_path_or_
     assert os.access(first / "flwr-clientapp", os.X_OK)
     refused = {
         "neither app-pins nor app-trust": ["--node-config", f"state-dir='{state}'"],
-        "exactly one --node-config": ["--insecure"],
         "No such file": ["--node-config", f"app-trust='{tmp_path / 'missing.yaml'}' state-dir='{state}'"],
         "give --pin-dir": ["--node-config", f"app-trust='{keys.trust}'"],
+        # the SuperNode would start no ClientApp process of its own: nothing for the pin to check
+        "--isolation process": ["--iso", "process", "--node-config", f"app-trust='{keys.trust}' state-dir='{state}'"],
+        # read as flower-supernode reads them: the last --node-config (here by a prefix of its name) is the one used
+        "neither": ["--node-config", f"app-trust='{keys.trust}' state-dir='{state}'", "--node-conf", "x=1"],
+        "unrecognized arguments": ["--node-config", f"app-trust='{keys.trust}' state-dir='{state}'", "--bogus"],
     }
     for why, bad in refused.items():
         with pytest.raises((ValueError, OSError), match=why):
             supernode_command(bad, None)
+
+
+def test_the_pin_folder_refuses_every_other_process_flower_starts_for_a_task(tmp_path):
+    """An AgentApp run (any submitter's FAB may declare one) would start Flower's own flwr-agentapp, unchecked."""
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+
+    folder = write_pin_shim(tmp_path / "pin-bin")
+    others = set(TASK_TYPE_TO_COMMAND.values()) - {"flwr-clientapp"}
+    assert "flwr-agentapp" in others and {p.name for p in folder.iterdir()} == {*others, "flwr-clientapp"}
+    for command in others:
+        out = subprocess.run([str(folder / command), "--any"], capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0 and "runs ClientApps only" in out.stderr, command

@@ -7,20 +7,23 @@ key), started by ``fleetlora device`` (the pin's ``flwr-clientapp`` first on its
 another app before any of its code runs, even when the run carries the fleet key's signature of the
 fleet's app (that devices run the signed fleet app, six tasks each: ``tests/server/test_fleet_secure.py``).
 The other app here is the product's packages plus a ClientApp that reads the device's training file
-and leaves a marker, at import and when called.
+and leaves a marker, at import and when called; then an AgentApp run, whose process (Flower's own
+``flwr-agentapp``) a device refuses to start at all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import time
 import tomllib
 from pathlib import Path
 
 import pytest
 import tomli_w
 
-from server.fleet import APP_DIR, LocalFleet, topic_devices
+from server.fleet import APP_DIR, CONNECTION, LocalFleet, topic_devices
 from shared.app_signing import app_hash, build_app, generate_app_key, sign_app
 from tests.processes import processes_with_env
 
@@ -42,6 +45,51 @@ def train(msg, context):
     (MARK / f"read-{os.getpid()}").write_text(data)
     return Message(RecordDict({"leak": ConfigRecord({"data": data})}), reply_to=msg)
 """
+
+
+# An AgentApp: any submitter's FAB may declare one; on the SuperLink its main tells every SuperNode to start it
+AGENT = """
+import json, os, pathlib, time
+MARK = pathlib.Path(os.environ["PIN_MARK_DIR"])
+(MARK / f"agent-{os.getpid()}").write_text(os.environ.get("FLWR_HOME", ""))
+from flwr.agentapp import AgentApp
+app = AgentApp()
+
+@app.main()
+def main(agent, context):
+    (MARK / f"agent-main-{os.getpid()}").write_text(os.environ.get("FLWR_HOME", ""))
+    try:
+        out = agent.grid.call({"name": "get_nodes", "call_id": "a", "arguments": {}})
+        nodes = json.loads(out["output"])["nodes"]
+        messages = [{"dst_node_id": n["id"], "payload": "hi"} for n in nodes]
+        agent.grid.call({"name": "push_messages", "call_id": "b", "arguments": {"messages": messages}})
+        time.sleep(60)
+    except Exception:  # on a SuperNode its grid has other tools; what matters is that it ran there
+        pass
+"""
+
+
+def _agent_project(dest: Path) -> Path:
+    dest.mkdir()
+    (dest / "agent.py").write_text(AGENT)
+    (dest / "pyproject.toml").write_text(
+        '[project]\nname = "other-agent"\nversion = "1.0.0"\ndependencies = []\n\n[tool.flwr.app]\n'
+        'publisher = "other"\n\n[tool.flwr.app.components]\nagentapp = "agent:app"\n\n[tool.flwr.app.config]\n'
+    )
+    return dest
+
+
+def _start_agent_run(fleet: LocalFleet, app: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Submit an AgentApp run to the fleet's SuperLink through Flower's Control API (as `flwr` would)."""
+    from flwr.cli.flower_config import read_superlink_connection
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.proto.control_pb2 import StartRunRequest
+    from flwr.proto.fab_pb2 import Fab
+
+    monkeypatch.setenv("FLWR_HOME", str(fleet.folder / "cli"))
+    fab = build_app(app)
+    stub = init_http_client_from_connection(read_superlink_connection(CONNECTION))
+    stub.StartRun(StartRunRequest(user_prompt="hello", fab=Fab(hash_str=hashlib.sha256(fab).hexdigest(), content=fab)))
 
 
 def _hostile_project(dest: Path) -> Path:
@@ -94,10 +142,23 @@ def test_pinned_devices_refuse_another_app_before_any_of_its_code_runs(tmp_path,
             run.wait(timeout=RUN_TIMEOUT)  # a refused app ends the run, it does not hang it
         finally:
             fleet.stop(f"run-{run.pid}")
+        # then an AgentApp run (no signature at all): each device must refuse to start Flower's flwr-agentapp
+        _start_agent_run(fleet, _agent_project(tmp_path / "agent"), monkeypatch)
+        device_logs = [fleet.folder / "logs" / f"device-{name}.log" for name in TOPICS]
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not all("refused flwr-agentapp" in p.read_text(errors="replace") for p in device_logs):
+            if any("/nodes/" in p.read_text() for p in marks.glob("agent*")):
+                break  # it ran on a device: asserted below
+            assert time.monotonic() < deadline, "a device never refused the AgentApp run"
+            time.sleep(1)
         logs = {p.name: p.read_text(errors="replace") for p in (fleet.folder / "logs").glob("*.log")}
         apps = fleet.folder / "nodes" / TOPICS[0] / "flwr" / "apps"
         installed = sorted(p.name for p in apps.iterdir()) if apps.is_dir() else []
-    assert not list(marks.iterdir()), f"the other app's code ran on a device: {sorted(marks.iterdir())}"
+    ran = {p.name: p.read_text() for p in marks.iterdir()}
+    # the AgentApp's main runs on the SuperLink (the coordinator's side, FLWR_HOME superlink/); never on a device
+    assert any(name.startswith("agent-main") for name in ran), "the AgentApp run never started: nothing was tested"
+    on_devices = {name: home for name, home in ran.items() if not name.startswith("agent") or "/nodes/" in home}
+    assert not on_devices, f"the other apps' code ran on a device: {on_devices}"
     refusals = [line for name, text in logs.items() if name.startswith("device-") for line in text.splitlines()
                 if "is not pinned: not in app-pins, the signature of 'fleet'" in line]  # fmt: skip
     assert refusals, "no device said why it refused the other app"
