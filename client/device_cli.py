@@ -6,7 +6,8 @@ PATH entry runs any app; this command cannot forget it: it checks that the node 
 ``app-pins`` or ``app-trust`` (and that the file reads), writes the shim, puts it first on PATH and
 replaces itself with ``flower-supernode`` and the arguments given after ``--`` (same PID: a service
 manager that started this command stops the SuperNode). It refuses ``--isolation process`` (the
-SuperNode then starts no ClientApp process of its own, so no pin would check what runs)::
+SuperNode then starts no ClientApp process of its own, so no pin would check what runs) and a
+Runtime API ``--host`` off loopback (whoever connects gets the device's tasks)::
 
     fleetlora device -- --superlink coordinator:8000 --root-certificates ca.pem \
         --auth-supernode-private-key device.key --node-config "app-trust='app-trust.yaml' ..."
@@ -27,7 +28,8 @@ from shared.app_signing import write_pin_shim
 from shared.files import read_bounded
 
 PIN_KEYS = ("app-pins", "app-trust")  # = client/app_pin.py PIN_KEY, TRUST_KEY
-MAX_APPROVAL_FILE_BYTES = 1 << 16  # = client/app_pin.py MAX_PINS_BYTES, MAX_TRUST_BYTES
+MAX_APPROVAL_FILE_BYTES = 1 << 16
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # = client/app_pin.py MAX_PINS_BYTES, MAX_TRUST_BYTES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,6 +66,11 @@ def supernode_command(args: list[str], pin_dir: Path | None) -> tuple[list[str],
         raise ValueError(
             f"--isolation {parsed.isolation}: the SuperNode would start no flwr-clientapp of its own (an outside "
             "process serves its tasks), so the pin could not check them; run it in subprocess isolation (the default)"
+        )
+    if parsed.host not in LOOPBACK:
+        raise ValueError(
+            f"--host {parsed.host}: the SuperNode's Runtime API hands this device's tasks (its node config, each run's "
+            "FAB) to any process that connects and takes replies in its name; keep it on loopback (the default)"
         )
     try:
         node_config = parse_config_args([parsed.node_config] if parsed.node_config else None)

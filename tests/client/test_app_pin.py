@@ -228,6 +228,7 @@ def test_the_device_launcher_starts_the_supernode_with_the_pin_first_on_path_or_
         "--isolation process": ["--iso", "process", "--node-config", f"app-trust='{keys.trust}' state-dir='{state}'"],
         # read as flower-supernode reads them: the last --node-config (here by a prefix of its name) is the one used
         "neither": ["--node-config", f"app-trust='{keys.trust}' state-dir='{state}'", "--node-conf", "x=1"],
+        "--host 0.0.0.0": ["--host", "0.0.0.0", "--node-config", f"app-trust='{keys.trust}' state-dir='{state}'"],
         "unrecognized arguments": ["--node-config", f"app-trust='{keys.trust}' state-dir='{state}'", "--bogus"],
     }
     for why, bad in refused.items():
