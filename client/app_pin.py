@@ -61,6 +61,7 @@ SIGNATURE_BYTES = 64
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
 _pulled: dict[str, Any] = {}
+_runtime_installs: list[bool] = []  # main(): this process was told to `uv sync` the app's dependencies
 _real_pull = rc.pull_task_input
 _real_install = rc.install_from_fab
 
@@ -217,6 +218,11 @@ def pull_task_input(client: Any) -> Any:
 def install_from_fab(fab_file: Any, *args: Any, **kwargs: Any) -> Path:
     """Check the pulled FAB against the device's pins, then Flower's ``install_from_fab``, then what it installed."""
     _message, context, run, fab = _pulled["task"]
+    if any(_runtime_installs):  # Flower would `uv sync` from a package index and import that before the app
+        raise AppNotPinnedError(
+            "this SuperNode allows runtime dependency installation: the pin approves a FAB's bytes, not what a "
+            "package index serves; start it without --allow-runtime-dependency-installation (fleetlora device)"
+        )
     if fab_file is not fab.content:
         raise AppNotPinnedError("asked to install another FAB than the one pulled")
     approved = check_fab(context.node_config, run, fab)
@@ -233,6 +239,9 @@ def install_from_fab(fab_file: Any, *args: Any, **kwargs: Any) -> Path:
 
 def main() -> None:
     """Run Flower's ``flwr-clientapp`` with the two hooks in place."""
+    from flwr.supernode.cli.flwr_clientapp import _parse_args_run_flwr_clientapp
+
+    _runtime_installs.append(bool(_parse_args_run_flwr_clientapp().parse_known_args()[0].runtime_dependency_install))
     rc.pull_task_input = pull_task_input  # run_clientapp() looks both up in its module's globals
     rc.install_from_fab = install_from_fab
     os.environ[PINNED_ENV] = "1"

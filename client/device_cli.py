@@ -6,8 +6,9 @@ PATH entry runs any app; this command cannot forget it: it checks that the node 
 ``app-pins`` or ``app-trust`` (and that the file reads), writes the shim, puts it first on PATH and
 replaces itself with ``flower-supernode`` and the arguments given after ``--`` (same PID: a service
 manager that started this command stops the SuperNode). It refuses ``--isolation process`` (the
-SuperNode then starts no ClientApp process of its own, so no pin would check what runs) and a
-Runtime API ``--host`` off loopback (whoever connects gets the device's tasks)::
+SuperNode then starts no ClientApp process of its own, so no pin would check what runs), a
+Runtime API ``--host`` off loopback (whoever connects gets the device's tasks) and
+``--allow-runtime-dependency-installation`` (dependencies from a package index, unpinned)::
 
     fleetlora device -- --superlink coordinator:8000 --root-certificates ca.pem \
         --auth-supernode-private-key device.key --node-config "app-trust='app-trust.yaml' ..."
@@ -28,8 +29,9 @@ from shared.app_signing import write_pin_shim
 from shared.files import read_bounded
 
 PIN_KEYS = ("app-pins", "app-trust")  # = client/app_pin.py PIN_KEY, TRUST_KEY
-MAX_APPROVAL_FILE_BYTES = 1 << 16
-LOOPBACK = ("127.0.0.1", "localhost", "::1")  # = client/app_pin.py MAX_PINS_BYTES, MAX_TRUST_BYTES
+MAX_APPROVAL_FILE_BYTES = 1 << 16  # = client/app_pin.py MAX_PINS_BYTES, MAX_TRUST_BYTES
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PINNED_ENV = "FLEETLORA_APP_PINNED"  # = client/app_pin.py, client/device.py
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,6 +69,12 @@ def supernode_command(args: list[str], pin_dir: Path | None) -> tuple[list[str],
             f"--isolation {parsed.isolation}: the SuperNode would start no flwr-clientapp of its own (an outside "
             "process serves its tasks), so the pin could not check them; run it in subprocess isolation (the default)"
         )
+    if parsed.runtime_dependency_install:
+        raise ValueError(
+            "--allow-runtime-dependency-installation: each task would `uv sync` the app's dependencies from a package "
+            "index and import them before the app (the pin approves the FAB's bytes, not what an index serves), and "
+            "the lock file it writes into the app's folder makes the pin refuse every later task"
+        )
     if parsed.host not in LOOPBACK:
         raise ValueError(
             f"--host {parsed.host}: the SuperNode's Runtime API hands this device's tasks (its node config, each run's "
@@ -90,7 +98,7 @@ def supernode_command(args: list[str], pin_dir: Path | None) -> tuple[list[str],
     exe = shutil.which("flower-supernode", path=path)
     if exe is None:
         raise RuntimeError("flower-supernode is not installed here (pip install 'fleetlora[device]')")
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != PINNED_ENV}  # only the pin's own process sets it
     env["PATH"] = f"{write_pin_shim(folder.resolve())}{os.pathsep}{path}"
     return [exe, *args], env
 

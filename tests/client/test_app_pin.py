@@ -212,10 +212,12 @@ def test_the_cli_signs_the_fab_flwr_run_sends_as_one_run_config_pair(keys, tmp_p
     assert parse_config_args([config_arg({"app-signature": record, "run-name": "a b"})])["app-signature"] == record
 
 
-def test_the_device_launcher_starts_the_supernode_with_the_pin_first_on_path_or_not_at_all(keys, tmp_path):
+def test_the_device_launcher_starts_the_supernode_with_the_pin_first_on_path_or_not_at_all(keys, tmp_path, monkeypatch):
     state = tmp_path / "state"
     args = ["--", "--insecure", "--node-config", f"app-trust='{keys.trust}' state-dir='{state}'"]
+    monkeypatch.setenv("FLEETLORA_APP_PINNED", "1")  # set by hand on the device: not passed on (only the pin sets it)
     cmd, env = supernode_command(args, None)
+    assert "FLEETLORA_APP_PINNED" not in env
     assert Path(cmd[0]).name == "flower-supernode" and cmd[1:] == args[1:]
     first = Path(env["PATH"].split(os.pathsep)[0])
     assert first == (state / "pin-bin").resolve() and "app_pin.py" in (first / "flwr-clientapp").read_text()
@@ -229,6 +231,11 @@ def test_the_device_launcher_starts_the_supernode_with_the_pin_first_on_path_or_
         # read as flower-supernode reads them: the last --node-config (here by a prefix of its name) is the one used
         "neither": ["--node-config", f"app-trust='{keys.trust}' state-dir='{state}'", "--node-conf", "x=1"],
         "--host 0.0.0.0": ["--host", "0.0.0.0", "--node-config", f"app-trust='{keys.trust}' state-dir='{state}'"],
+        "--allow-runtime-dependency-installation": [
+            "--allow-runtime",  # a prefix argparse takes for the flag
+            "--node-config",
+            f"app-trust='{keys.trust}' state-dir='{state}'",
+        ],
         "unrecognized arguments": ["--node-config", f"app-trust='{keys.trust}' state-dir='{state}'", "--bogus"],
     }
     for why, bad in refused.items():
@@ -246,3 +253,15 @@ def test_the_pin_folder_refuses_every_other_process_flower_starts_for_a_task(tmp
     for command in others:
         out = subprocess.run([str(folder / command), "--any"], capture_output=True, text=True, timeout=60)
         assert out.returncode != 0 and "runs ClientApps only" in out.stderr, command
+
+
+def test_the_pin_refuses_every_app_when_its_supernode_would_install_dependencies_at_run_time(keys, monkeypatch):
+    """A SuperNode started by hand with --allow-runtime-dependency-installation: `uv sync` from an index, unpinned."""
+    from client import app_pin
+
+    run, fab = _task(FAB, sign_app(FAB, keys.fleet, "fleet"))
+    context = SimpleNamespace(node_config={"app-trust": str(keys.trust)})
+    monkeypatch.setitem(app_pin._pulled, "task", (None, context, run, fab))
+    monkeypatch.setattr(app_pin, "_runtime_installs", [True])
+    with pytest.raises(AppNotPinnedError, match="allows runtime dependency installation"):
+        app_pin.install_from_fab(fab.content)
