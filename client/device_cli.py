@@ -8,7 +8,9 @@ replaces itself with ``flower-supernode`` and the arguments given after ``--`` (
 manager that started this command stops the SuperNode). It refuses ``--isolation process`` (the
 SuperNode then starts no ClientApp process of its own, so no pin would check what runs), a
 Runtime API ``--host`` off loopback (whoever connects gets the device's tasks) and
-``--allow-runtime-dependency-installation`` (dependencies from a package index, unpinned)::
+``--allow-runtime-dependency-installation`` (dependencies from a package index, unpinned); unless
+given its own, it serves the Runtime API over TLS with a certificate for loopback from a CA of the
+device's (``runtime-tls/`` beside the pin's folder)::
 
     fleetlora device -- --superlink coordinator:8000 --root-certificates ca.pem \
         --auth-supernode-private-key device.key --node-config "app-trust='app-trust.yaml' ..."
@@ -26,11 +28,13 @@ from typing import NoReturn
 from click import ClickException
 
 from shared.app_signing import write_pin_shim
+from shared.certs import make_fleet_certs
 from shared.files import read_bounded
 
 PIN_KEYS = ("app-pins", "app-trust")  # = client/app_pin.py PIN_KEY, TRUST_KEY
 MAX_APPROVAL_FILE_BYTES = 1 << 16  # = client/app_pin.py MAX_PINS_BYTES, MAX_TRUST_BYTES
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_SANS = ("127.0.0.1", "localhost")  # the Runtime API's certificate: where SuperExec dials it
 PINNED_ENV = "FLEETLORA_APP_PINNED"  # = client/app_pin.py, client/device.py
 
 
@@ -38,7 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``device`` subcommand."""
     p = sub.add_parser("device", help="start this device's SuperNode running only approved apps (the app pin)")
     p.add_argument(
-        "--pin-dir", type=Path, default=None, help="folder for the pin's flwr-clientapp (default <state-dir>/pin-bin)"
+        "--pin-dir",
+        type=Path,
+        default=None,
+        help="this SuperNode's own folder for the pin's flwr-clientapp (default <state-dir>/pin-bin)",
     )
     p.add_argument("supernode_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
     p.set_defaults(func=_device)
@@ -100,7 +107,15 @@ def supernode_command(args: list[str], pin_dir: Path | None) -> tuple[list[str],
         raise RuntimeError("flower-supernode is not installed here (pip install 'fleetlora[device]')")
     env = {k: v for k, v in os.environ.items() if k != PINNED_ENV}  # only the pin's own process sets it
     env["PATH"] = f"{write_pin_shim(folder.resolve())}{os.pathsep}{path}"
-    return [exe, *args], env
+    tls: list[str] = []
+    if not (parsed.ssl_certfile or parsed.ssl_keyfile or parsed.ssl_ca_certfile):
+        # The Runtime API checks no Host header: in plaintext a web page in a browser on the device could reach it by
+        # DNS rebinding and take a task or answer in the device's name; over TLS with a certificate for loopback
+        # only, the browser refuses. The device's own CA, beside the pin (made once, renewed when due).
+        certs = make_fleet_certs(folder.resolve().parent / "runtime-tls", [], sans=LOOPBACK_SANS)
+        tls = ["--ssl-certfile", str(certs.server_cert), "--ssl-keyfile", str(certs.server_key)]
+        tls += ["--ssl-ca-certfile", str(certs.ca)]
+    return [exe, *args, *tls], env
 
 
 def _device(args: argparse.Namespace) -> int:

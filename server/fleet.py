@@ -13,9 +13,10 @@
     cli/                   the operator's Flower home: one connection, "fleet", to the SuperLink (TLS)
     store/                 the artifact store, served by ``fleetlora serve-artifacts`` over mutual TLS
     nodes/<name>/          one SuperNode each: its Flower home, release cache and state, and its SecAgg+
-                           identity key with the authority's enrolment of it (``identity.key``, ``.enrolment``)
+                           identity key with the authority's enrolment of it (``identity.key``, ``.enrolment``);
+                           when pinned, ``pin-bin/`` (the pin's ``flwr-clientapp``) and ``runtime-tls/``
     app-signing.key        the fleet's app-signing key (OpenSSH Ed25519; ``shared/app_signing.py``), when pinned;
-    app-trust.yaml         its public half, every device's ``app-trust``;  pin-bin/  the pin's ``flwr-clientapp``
+    app-trust.yaml         its public half, every device's ``app-trust``
     outputs/<run-name>/    round log and final adapter;  logs/  one log file per process
     fleet.json             what runs: every process's PID (``fleetlora fleet down`` reads it)
 
@@ -245,7 +246,7 @@ class LocalFleet:
             *("--port", str(free_port()), "--node-config", config_arg(node_config)),
         ]
         if self.app_pins is not None or self.app_key is not None:
-            cmd = python_module("shared.cli", "device", "--pin-dir", str(self.folder / "pin-bin"), "--", *args)
+            cmd = python_module("shared.cli", "device", "--pin-dir", str(home / "pin-bin"), "--", *args)
         else:
             cmd = ["flower-supernode", *args]
         self._start(f"device-{name}", cmd, home / "flwr", None)

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.common.config import parse_config_args
@@ -218,7 +219,16 @@ def test_the_device_launcher_starts_the_supernode_with_the_pin_first_on_path_or_
     monkeypatch.setenv("FLEETLORA_APP_PINNED", "1")  # set by hand on the device: not passed on (only the pin sets it)
     cmd, env = supernode_command(args, None)
     assert "FLEETLORA_APP_PINNED" not in env
-    assert Path(cmd[0]).name == "flower-supernode" and cmd[1:] == args[1:]
+    assert Path(cmd[0]).name == "flower-supernode" and cmd[1 : len(args)] == args[1:]
+    # the Runtime API over TLS, a certificate for loopback only (a DNS-rebinding page gets a certificate error)
+    tls = dict(zip(cmd[len(args) :: 2], cmd[len(args) + 1 :: 2], strict=True))
+    assert set(tls) == {"--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile"}
+    cert = x509.load_pem_x509_certificate(Path(tls["--ssl-certfile"]).read_bytes())
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(Path(tls["--ssl-ca-certfile"]).read_bytes()))
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(n.value) for n in sans} == {"127.0.0.1", "localhost"}
+    own = [*args, "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem", "--ssl-ca-certfile", "ca.pem"]
+    assert supernode_command(own, None)[0][1:] == own[1:]  # an operator's own certificates are kept
     first = Path(env["PATH"].split(os.pathsep)[0])
     assert first == (state / "pin-bin").resolve() and "app_pin.py" in (first / "flwr-clientapp").read_text()
     assert os.access(first / "flwr-clientapp", os.X_OK)
