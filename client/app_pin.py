@@ -32,6 +32,7 @@ import io
 import json
 import os
 import re
+import stat
 import zipfile
 from logging import INFO
 from pathlib import Path
@@ -84,8 +85,15 @@ def read_pins(path: str) -> set[str]:
 
 
 def _read(path: str, limit: int, what: str) -> bytes:
-    with open(path, "rb") as f:  # noqa: PTH123 (bounded read: a few lines)
-        data = f.read(limit + 1)
+    """Return a regular file's bytes, at most ``limit`` (non-blocking open: a FIFO in its place never hangs us)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise AppNotPinnedError(f"{what} {path} is not a regular file")
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise AppNotPinnedError(f"{what} {path}: {e.strerror or e}") from None
     if len(data) > limit:
         raise AppNotPinnedError(f"{what} {path} is larger than {limit} bytes")
     return data
@@ -121,8 +129,10 @@ def signed_by(content: bytes, record: object, trusted: dict[str, Ed25519PublicKe
 
     Raises AppNotPinnedError naming what was wrong: no record, a malformed one, no trusted signer, a bad signature.
     """
-    if not isinstance(record, str) or not record:
+    if record is None or record == "":
         raise AppNotPinnedError(f"the run carries no {SIGNATURE_KEY}")
+    if not isinstance(record, str):
+        raise AppNotPinnedError(f"{SIGNATURE_KEY} is a {type(record).__name__}, not a string")
     if len(record) > MAX_SIGNATURE_CHARS:
         raise AppNotPinnedError(f"{SIGNATURE_KEY} is longer than {MAX_SIGNATURE_CHARS} characters")
     try:
@@ -172,20 +182,21 @@ def check_fab(node_config: dict[str, Any], run: Any, fab: Any) -> str:
     pins_file, trust_file = (v if isinstance(v := node_config.get(k), str) else "" for k in (PIN_KEY, TRUST_KEY))
     if not pins_file and not trust_file:
         raise AppNotPinnedError(f"no {PIN_KEY} and no {TRUST_KEY} in this device's node config: it runs no app")
-    if fab.hash_str != digest or run.fab_hash != digest:
-        raise AppNotPinnedError(
-            f"the SuperLink names this FAB {run.fab_hash[:16]}/{fab.hash_str[:16]}, not {digest[:16]}"
-        )
+    claimed = (run.fab_hash, fab.hash_str)
+    if any(c != digest for c in claimed):
+        names = "/".join(str(c)[:16] for c in claimed)
+        raise AppNotPinnedError(f"the SuperLink names this FAB {names}, not {digest[:16]}")
     app = f"app {run.fab_id!r:.60} {run.fab_version!r:.20} (sha256 {digest})"
     if pins_file and digest in read_pins(pins_file):
         return "pinned"
     if not trust_file:
         raise AppNotPinnedError(f"{app} is not pinned: not in {PIN_KEY}")
+    overrides = run.override_config if isinstance(run.override_config, dict) else {}
     signed_after = node_config.get(SIGNED_AFTER_KEY, 0)
     if type(signed_after) is not int or signed_after < 0:  # fail closed: a floor that does not parse withdraws all
         raise AppNotPinnedError(f"{SIGNED_AFTER_KEY} in the node config must be Unix seconds, got {signed_after!r:.40}")
     try:
-        key_id = signed_by(fab.content, run.override_config.get(SIGNATURE_KEY), read_trusted(trust_file), signed_after)
+        key_id = signed_by(fab.content, overrides.get(SIGNATURE_KEY), read_trusted(trust_file), signed_after)
     except AppNotPinnedError as e:
         raise AppNotPinnedError(f"{app} is not pinned: {'not in ' + PIN_KEY + ', ' if pins_file else ''}{e}") from None
     return f"signed by {key_id!r}"

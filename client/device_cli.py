@@ -10,7 +10,7 @@ SuperNode then starts no ClientApp process of its own, so no pin would check wha
 Runtime API ``--host`` off loopback (whoever connects gets the device's tasks) and
 ``--allow-runtime-dependency-installation`` (dependencies from a package index, unpinned); unless
 given its own, it serves the Runtime API over TLS with a certificate for loopback from a CA of the
-device's (``runtime-tls/`` beside the pin's folder)::
+device's, made anew at every start (``runtime-tls/`` beside the pin's folder, this user's alone)::
 
     fleetlora device -- --superlink coordinator:8000 --root-certificates ca.pem \
         --auth-supernode-private-key device.key --node-config "app-trust='app-trust.yaml' ..."
@@ -21,33 +21,37 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import stat
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from click import ClickException
 
 from shared.app_signing import write_pin_shim
 from shared.certs import make_fleet_certs
-from shared.files import read_bounded
 
 PIN_KEYS = ("app-pins", "app-trust")  # = client/app_pin.py PIN_KEY, TRUST_KEY
-MAX_APPROVAL_FILE_BYTES = 1 << 16  # = client/app_pin.py MAX_PINS_BYTES, MAX_TRUST_BYTES
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-LOOPBACK_SANS = ("127.0.0.1", "localhost")  # the Runtime API's certificate: where SuperExec dials it
+LOOPBACK_SANS = ("127.0.0.1", "localhost", "::1")  # the Runtime API's certificate: where SuperExec dials it
 PINNED_ENV = "FLEETLORA_APP_PINNED"  # = client/app_pin.py, client/device.py
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``device`` subcommand."""
-    p = sub.add_parser("device", help="start this device's SuperNode running only approved apps (the app pin)")
+    p = sub.add_parser(
+        "device",
+        help="start this device's SuperNode running only approved apps (the app pin)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "--pin-dir",
         type=Path,
         default=None,
         help="this SuperNode's own folder for the pin's flwr-clientapp (default <state-dir>/pin-bin)",
     )
-    p.add_argument("supernode_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
+    p.add_argument("supernode_args", nargs=argparse.REMAINDER, help="--, then flower-supernode's own arguments")
     p.set_defaults(func=_device)
 
 
@@ -94,12 +98,11 @@ def supernode_command(args: list[str], pin_dir: Path | None) -> tuple[list[str],
     named = {k: v for k in PIN_KEYS if isinstance(v := node_config.get(k), str) and v}
     if not named:
         raise ValueError(f"the node config names neither {' nor '.join(PIN_KEYS)}: this device would run no app")
-    for path in named.values():
-        read_bounded(path, MAX_APPROVAL_FILE_BYTES)  # a missing or oversized file fails here, not at the first round
+    check_approvals(node_config)  # a file that will refuse every app fails here, not at the first round
     state_dir = node_config.get("state-dir")
     folder = pin_dir or (Path(state_dir) / "pin-bin" if isinstance(state_dir, str) and state_dir else None)
     if folder is None:
-        raise ValueError("give --pin-dir, or a state-dir in the node config (the pin's flwr-clientapp goes there)")
+        raise ValueError("give --pin-dir, or a state-dir (a path string) in the node config: the pin's folder")
     # this interpreter's (its venv's bin: flower-supernode, and the flower-superexec it starts by name), then PATH
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     exe = shutil.which("flower-supernode", path=path)
@@ -111,11 +114,37 @@ def supernode_command(args: list[str], pin_dir: Path | None) -> tuple[list[str],
     if not (parsed.ssl_certfile or parsed.ssl_keyfile or parsed.ssl_ca_certfile):
         # The Runtime API checks no Host header: in plaintext a web page in a browser on the device could reach it by
         # DNS rebinding and take a task or answer in the device's name; over TLS with a certificate for loopback
-        # only, the browser refuses. The device's own CA, beside the pin (made once, renewed when due).
-        certs = make_fleet_certs(folder.resolve().parent / "runtime-tls", [], sans=LOOPBACK_SANS)
+        # only, the browser refuses. Only this SuperNode trusts the CA, given by path at its start: made anew at every
+        # start (nothing to renew, nothing planted or stale to trust), in a folder of this user's alone.
+        certs = make_fleet_certs(_private_folder(folder.resolve().parent / "runtime-tls"), [], LOOPBACK_SANS, True)
         tls = ["--ssl-certfile", str(certs.server_cert), "--ssl-keyfile", str(certs.server_key)]
         tls += ["--ssl-ca-certfile", str(certs.ca)]
     return [exe, *args, *tls], env
+
+
+def check_approvals(node_config: dict[str, Any]) -> None:
+    """Refuse approvals the pin would refuse every app for: unreadable or malformed files, a bad signing floor."""
+    from client.app_pin import SIGNED_AFTER_KEY, AppNotPinnedError, read_pins, read_trusted
+
+    try:
+        if isinstance(pins := node_config.get(PIN_KEYS[0]), str) and pins:
+            read_pins(pins)
+        if isinstance(trust := node_config.get(PIN_KEYS[1]), str) and trust:
+            read_trusted(trust)
+    except AppNotPinnedError as e:
+        raise ValueError(f"node config: {e}") from None
+    floor = node_config.get(SIGNED_AFTER_KEY, 0)
+    if type(floor) is not int or floor < 0:
+        raise ValueError(f"node config {SIGNED_AFTER_KEY} must be Unix seconds (an integer), got {floor!r:.40}")
+
+
+def _private_folder(path: Path) -> Path:
+    """Make ``path`` (mode 0700) or check that it is this user's alone: what it holds decides whom SuperExec trusts."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise ValueError(f"{path} must be a folder of this user's that no one else can write to")
+    return path
 
 
 def _device(args: argparse.Namespace) -> int:

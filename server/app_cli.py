@@ -15,7 +15,16 @@ import re
 from pathlib import Path
 
 from server.config_args import toml_value
-from shared.app_signing import APP_DIR, SIGNATURE_KEY, app_hash, build_app, generate_app_key, load_app_key, sign_app
+from shared.app_signing import (
+    APP_DIR,
+    SIGNATURE_KEY,
+    app_hash,
+    build_app,
+    generate_app_key,
+    load_app_key,
+    sign_app,
+    trusted_key_id,
+)
 from shared.atomic import write_atomic
 
 KEY_ID = re.compile(r"[A-Za-z0-9._@-]{1,64}")
@@ -32,7 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     sign = verbs.add_parser("sign", help="sign the FAB `flwr run <app>` sends; print its --run-config")
     sign.add_argument("app", type=Path, nargs="?", default=APP_DIR, help=f"the app folder (default {APP_DIR})")
     sign.add_argument("--key", type=Path, required=True, help="the app-signing key")
-    sign.add_argument("--id", default="fleetlora", help="the key's id in the devices' app-trust file")
+    sign.add_argument(
+        "--id",
+        default=None,
+        help="the key's id in the devices' app-trust file (default: the one <key>.trust.yaml gives it)",
+    )
     sign.add_argument("--out", type=Path, default=None, help="write a TOML file for `flwr run --run-config FILE`")
     sign.set_defaults(func=_sign)
     digest = verbs.add_parser("hash", help="print the SHA-256 of the FAB `flwr run <app>` sends (an app-pins line)")
@@ -47,16 +60,23 @@ def _key_id(value: str) -> str:
 
 
 def _key(args: argparse.Namespace) -> int:
-    if args.key.exists():
-        raise ValueError(f"{args.key} exists; an app-signing key is never overwritten")
+    for path in (args.key, Path(f"{args.key}.trust.yaml")):
+        if path.exists():
+            raise ValueError(f"{path} exists; an app-signing key and its trust file are never overwritten")
     generate_app_key(args.key, _key_id(args.id))
     print(f"app-signing key {args.key}; devices trust it with node config app-trust='{args.key}.trust.yaml'")
     return 0
 
 
 def _sign(args: argparse.Namespace) -> int:
+    key = load_app_key(args.key)
+    known = trusted_key_id(args.key, key)
+    if args.id is None and known is None:
+        raise ValueError(f"give --id: no {args.key}.trust.yaml names this key (devices find a signature by its id)")
+    if args.id is not None and known is not None and args.id != known:
+        raise ValueError(f"--id {args.id!r}: {args.key}.trust.yaml names this key {known!r}, which devices look up")
     fab = build_app(args.app)
-    value = sign_app(fab, load_app_key(args.key), _key_id(args.id))
+    value = sign_app(fab, key, _key_id(str(args.id or known)))
     if args.out is None:
         print(f"{SIGNATURE_KEY}={toml_value(value)}")  # one --run-config pair; it holds no space
     else:

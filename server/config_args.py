@@ -8,6 +8,7 @@ escaped quote inside ``"..."`` ends it) and parses each value as TOML
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from collections.abc import Mapping
 from typing import Any
@@ -16,12 +17,18 @@ from shared.config_checks import ConfigError
 
 
 def toml_value(value: Any) -> str:
-    """Format a value as Flower's ``--run-config`` parser (TOML) reads it."""
+    """Format a value as Flower's ``--run-config`` parser (TOML) reads it: a bool, an int64, a float or a string."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise ValueError(f"a config integer must fit in 64 bits (Flower's config values), got {value}")
     if isinstance(value, int | float):
         return repr(value)
-    text = str(value)
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):  # a list or None would travel as its repr, a string the app never asked for
+        raise ValueError(f"a config value is a bool, an integer, a float or a string, not {type(value).__name__}")
+    text = value
     if '"' not in text:
         # a JSON string is a TOML basic string, given the characters as they are (TOML refuses JSON's surrogate
         # pairs) and DEL escaped (JSON leaves it, TOML refuses it raw)
@@ -49,7 +56,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep:
             raise ConfigError(f"--run-config '{item}' is not KEY=VALUE")
         try:
-            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+            value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
-            out[key.strip()] = raw
+            value = raw
+        # a TOML date, array or table is not a config value: the words as they are (the config check says more)
+        out[key.strip()] = value if isinstance(value, bool | int | float | str) else raw
     return out

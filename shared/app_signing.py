@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import shlex
 import sys
 import time
 import warnings
@@ -71,6 +72,20 @@ def generate_app_key(path: Path, key_id: str) -> Ed25519PrivateKey:
     return key
 
 
+def trusted_key_id(path: Path, key: Ed25519PrivateKey) -> str | None:
+    """Return the id ``<key>.trust.yaml`` (what ``generate_app_key`` wrote beside it) gives ``key``, if it names it."""
+    import yaml
+    from cryptography.hazmat.primitives import serialization
+
+    trust = Path(f"{path}.trust.yaml")
+    if not trust.is_file():
+        return None
+    entries = yaml.safe_load(read_bounded(trust, MAX_PEM_BYTES * 16))
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    named = [k for k, v in (entries or {}).items() if isinstance(v, str) and v.split()[:2] == public.decode().split()]
+    return str(named[0]) if named else None
+
+
 def load_app_key(path: Path) -> Ed25519PrivateKey:
     """Load an OpenSSH Ed25519 private key (refused if others can read it, or if it is another kind of key)."""
     from cryptography.hazmat.primitives import serialization
@@ -114,7 +129,8 @@ def write_pin_shim(folder: Path) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     shim = folder / "flwr-clientapp"
-    write_atomic(shim, f'#!/bin/sh\nexec "{sys.executable}" -P "{PIN_SCRIPT}" "$@"\n'.encode(), mode=0o755)
+    run = f"exec {shlex.quote(sys.executable)} -P {shlex.quote(str(PIN_SCRIPT))}"  # a `$` in a path stays a `$`
+    write_atomic(shim, f'#!/bin/sh\n{run} "$@"\n'.encode(), mode=0o755)
     # SuperExec starts the process of each task type by name: a run whose FAB declares another component (an
     # AgentApp: any submitter's) would run Flower's own flwr-agentapp, unchecked. A device runs ClientApps only.
     for command in sorted(set(TASK_TYPE_TO_COMMAND.values()) - {shim.name}):

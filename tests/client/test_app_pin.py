@@ -14,6 +14,7 @@ import os
 import shutil
 import stat
 import subprocess
+import threading
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -226,7 +227,7 @@ def test_the_device_launcher_starts_the_supernode_with_the_pin_first_on_path_or_
     cert = x509.load_pem_x509_certificate(Path(tls["--ssl-certfile"]).read_bytes())
     cert.verify_directly_issued_by(x509.load_pem_x509_certificate(Path(tls["--ssl-ca-certfile"]).read_bytes()))
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert {str(n.value) for n in sans} == {"127.0.0.1", "localhost"}
+    assert {str(n.value) for n in sans} == {"127.0.0.1", "localhost", "::1"}
     own = [*args, "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem", "--ssl-ca-certfile", "ca.pem"]
     assert supernode_command(own, None)[0][1:] == own[1:]  # an operator's own certificates are kept
     first = Path(env["PATH"].split(os.pathsep)[0])
@@ -275,3 +276,86 @@ def test_the_pin_refuses_every_app_when_its_supernode_would_install_dependencies
     monkeypatch.setattr(app_pin, "_runtime_installs", [True])
     with pytest.raises(AppNotPinnedError, match="allows runtime dependency installation"):
         app_pin.install_from_fab(fab.content)
+
+
+def test_the_launcher_refuses_approvals_the_pin_would_refuse_every_app_for(keys, tmp_path):
+    state = tmp_path / "state"
+    bad_pins = tmp_path / "pins"
+    bad_pins.write_text("not a digest\n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    cases = {
+        "is not a sha256 hex digest": f"app-pins='{bad_pins}'",
+        "must map key ids": f"app-trust='{bad_pins}'",
+        "not a regular file": f"app-pins='{fifo}'",  # refused at once, not read forever
+        "No such file": f"app-trust='{tmp_path / 'missing.yaml'}'",
+        "app-signed-after must be Unix seconds": f"app-trust='{keys.trust}' app-signed-after='1700000000'",
+    }
+    for why, approval in cases.items():
+        with pytest.raises(ValueError, match=why):
+            supernode_command(["--node-config", f"{approval} state-dir='{state}'"], None)
+
+
+def test_the_runtime_api_certificates_are_made_anew_at_each_start_in_a_folder_of_this_users_alone(keys, tmp_path):
+    args = ["--node-config", f"app-trust='{keys.trust}' state-dir='{tmp_path / 'state'}'"]
+    cas = [dict(zip(c[len(args) + 1 :: 2], c[len(args) + 2 :: 2], strict=True))["--ssl-ca-certfile"] for c in
+           (supernode_command(args, None)[0] for _ in range(2))]  # fmt: skip
+    assert cas[0] == cas[1] and stat.S_IMODE(Path(cas[0]).parent.stat().st_mode) == 0o700
+    first = Path(cas[0]).read_bytes()
+    supernode_command(args, None)
+    assert Path(cas[0]).read_bytes() != first  # a new CA: nothing stale, planted or expiring is trusted
+    Path(cas[0]).parent.chmod(0o777)
+    with pytest.raises(ValueError, match="no one else can write to"):
+        supernode_command(args, None)
+
+
+def test_the_pin_refuses_files_it_cannot_read_and_odd_run_values_by_name_and_never_hangs(keys, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    record = sign_app(FAB, keys.fleet, "fleet")
+    result: list[str] = []
+    worker = threading.Thread(target=lambda: result.append(_refusal({"app-pins": str(fifo)}, FAB, record)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert result and "not a regular file" in result[0]
+    assert "No such file" in _refusal({"app-trust": str(tmp_path / "missing.yaml")}, FAB, record)
+    run, fab = _task(FAB, None)
+    run.override_config = None  # not a mapping: no signature
+    with pytest.raises(AppNotPinnedError, match="carries no app-signature"):
+        check_fab({"app-trust": str(keys.trust)}, run, fab)
+    assert "is a bytes, not a string" in _refusal({"app-trust": str(keys.trust)}, FAB, record.encode())  # type: ignore[arg-type]
+
+
+def test_app_sign_files_the_signature_under_the_id_the_keys_trust_file_gives_it(keys, tmp_path):
+    app = _app_copy(tmp_path / "app")
+
+    def sign(*extra: str) -> subprocess.CompletedProcess[str]:
+        cmd = python_module("shared.cli", "app", "sign", str(app), "--key", str(tmp_path / "fleet.key"), *extra)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    out = sign()
+    record = parse_config_args([out.stdout.strip()])["app-signature"]
+    assert list(json.loads(record)) == ["fleet"]  # from fleet.key.trust.yaml, no --id needed
+    mismatch = sign("--id", "fleetlora")
+    assert mismatch.returncode == 2 and "names this key 'fleet'" in mismatch.stderr
+    again = subprocess.run(python_module("shared.cli", "app", "key", str(tmp_path / "new.key")), timeout=120)
+    assert again.returncode == 0
+    (tmp_path / "other2.key.trust.yaml").write_text("# an operator's own list\n")
+    kept = subprocess.run(
+        python_module("shared.cli", "app", "key", str(tmp_path / "other2.key")), capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert kept.returncode == 2 and "never overwritten" in kept.stderr
+    assert (tmp_path / "other2.key.trust.yaml").read_text() == "# an operator's own list\n"
+
+
+def test_the_pin_shim_runs_the_pin_from_a_path_the_shell_would_expand(tmp_path, monkeypatch):
+    from shared import app_signing
+
+    script = tmp_path / "q$HOME`x`" / "app_pin.py"
+    script.parent.mkdir()
+    script.write_text("print('the pin ran')\n")
+    monkeypatch.setattr(app_signing, "PIN_SCRIPT", script)
+    folder = write_pin_shim(tmp_path / "pin-bin")
+    out = subprocess.run([str(folder / "flwr-clientapp")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "the pin ran", out.stderr

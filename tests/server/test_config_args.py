@@ -38,6 +38,9 @@ def test_a_value_with_both_quote_kinds_is_refused_not_mangled():
     for bad in ("""it's "quoted" """, '{"a": "line\nbreak"}', '"\x7f"'):
         with pytest.raises(ValueError, match="both quote kinds or a control character"):
             config_arg({"a": bad})
+    for other, why in ((None, "not NoneType"), ([1, 2], "not list"), (2**63, "64 bits")):
+        with pytest.raises(ValueError, match=why):
+            config_arg({"a": other})
 
 
 def test_our_own_run_config_pairs_take_toml_scalars_or_bare_words():
@@ -47,5 +50,6 @@ def test_our_own_run_config_pairs_take_toml_scalars_or_bare_words():
         "run-name": "a b",
         "x": 1e-3,
     }
+    assert parse_overrides(["a=1979-05-27", "b=[1, 2]"]) == {"a": "1979-05-27", "b": "[1, 2]"}  # not a date, a list
     with pytest.raises(ConfigError, match="is not KEY=VALUE"):
         parse_overrides(["train.steps"])
