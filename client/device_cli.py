@@ -32,8 +32,7 @@ from shared.app_signing import write_pin_shim
 from shared.certs import make_fleet_certs
 
 PIN_KEYS = ("app-pins", "app-trust")  # = client/app_pin.py PIN_KEY, TRUST_KEY
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-LOOPBACK_SANS = ("127.0.0.1", "localhost", "::1")  # the Runtime API's certificate: where SuperExec dials it
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # the Runtime API's --host, and its certificate's names
 PINNED_ENV = "FLEETLORA_APP_PINNED"  # = client/app_pin.py, client/device.py
 
 
@@ -116,7 +115,7 @@ def supernode_command(args: list[str], pin_dir: Path | None) -> tuple[list[str],
         # DNS rebinding and take a task or answer in the device's name; over TLS with a certificate for loopback
         # only, the browser refuses. Only this SuperNode trusts the CA, given by path at its start: made anew at every
         # start (nothing to renew, nothing planted or stale to trust), in a folder of this user's alone.
-        certs = make_fleet_certs(_private_folder(folder.resolve().parent / "runtime-tls"), [], LOOPBACK_SANS, True)
+        certs = make_fleet_certs(_private_folder(folder.resolve().parent / "runtime-tls"), [], LOOPBACK, True)
         tls = ["--ssl-certfile", str(certs.server_cert), "--ssl-keyfile", str(certs.server_key)]
         tls += ["--ssl-ca-certfile", str(certs.ca)]
     return [exe, *args, *tls], env

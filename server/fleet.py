@@ -270,7 +270,6 @@ class LocalFleet:
             "base.address": self.artifact_address,
             "signing.key": str(self.signing_key),
             "signing.trust-file": f"{self.signing_key}.pub",
-            **({"app-signature": self._app_signature()} if self.app_key is not None else {}),
             **overrides,
         }
 
@@ -282,7 +281,10 @@ class LocalFleet:
     def start_run(self, overrides: Mapping[str, Any], log_file: Path | None = None) -> subprocess.Popen[bytes]:
         """Start ``flwr run <app> fleet --stream`` (returns at once); its output goes to ``log_file``."""
         cmd = ["flwr", "run", str(self.app_dir), CONNECTION, "--stream"]
-        cmd += ["--run-config", config_arg(self.run_config(overrides))]
+        config = self.run_config(overrides)
+        if self.app_key is not None and "app-signature" not in overrides:  # signed here, not by every run_config()
+            config["app-signature"] = self._app_signature()
+        cmd += ["--run-config", config_arg(config)]
         log_file = log_file or self.folder / "logs" / "run.log"
         env = flower_env(self.folder / "cli")
         proc = start(cmd, env, log_file, cwd=self.app_dir)
